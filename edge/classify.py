@@ -20,6 +20,7 @@ import numpy as np
 from scipy.spatial import cKDTree
 
 from edge.columns import ColumnTable
+from edge.neighbours import GridIndex
 
 MOS2_CLASSES = ("Mo", "S2", "S1", "vacancy")
 GENERIC_CLASSES = ("column",)
@@ -66,11 +67,11 @@ def bond_vectors(metal_xy: np.ndarray, chalcogen_xy: np.ndarray, spacing_px: flo
     """
     if len(metal_xy) == 0 or len(chalcogen_xy) == 0:
         return None
-    d, j = cKDTree(chalcogen_xy).query(metal_xy, k=3, distance_upper_bound=1.3 * spacing_px)
-    ok = np.isfinite(d)
-    if ok.sum() < 3:
+    r = 1.3 * spacing_px
+    mi, ci = GridIndex(chalcogen_xy, r).pairs_within(metal_xy, r)
+    if len(mi) < 3:
         return None
-    vec = chalcogen_xy[j[ok]] - np.repeat(metal_xy, 3, axis=0).reshape(-1, 3, 2)[ok]
+    vec = chalcogen_xy[ci] - metal_xy[mi]
     ang = np.arctan2(vec[:, 1], vec[:, 0])
     phi = math.atan2(np.sin(3 * ang).mean(), np.cos(3 * ang).mean()) / 3
     length = float(np.median(np.hypot(vec[:, 0], vec[:, 1])))
@@ -161,7 +162,7 @@ class MoS2Classifier:
         tol = self.match_tolerance * self.spacing_px
         if len(pred) == 0:
             return ColumnTable.empty(MOS2_CLASSES)
-        d, _ = cKDTree(xy).query(pred, distance_upper_bound=tol)
+        _, d = GridIndex(xy, tol).nearest(pred, tol)
         empty = pred[~np.isfinite(d)]
         if len(empty) == 0:
             return ColumnTable.empty(MOS2_CLASSES)

@@ -58,6 +58,9 @@ DTYPES: dict[str, np.dtype] = {
 }
 """Pixel types a series may announce (``image_dtype``), little-endian as in Stream V2."""
 
+DEFAULT_CHANNEL = "haadf"
+"""Channel name of single-detector series."""
+
 ENCODINGS = ("raw", "lz4")
 """Blob encodings understood by :func:`decode_blob_into`."""
 

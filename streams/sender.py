@@ -150,7 +150,9 @@ class FrameSender:
         image_id : int, optional
             Defaults to the next id (0, 1, 2, ...); pass one to resend or skip ids.
         exposure_ns : int, optional
-            Counting time of this frame; defaults to the series' ``count_time``.
+            Counting time of this frame; defaults to the series' ``count_time``. ``stop_time`` is when
+            the message leaves and ``start_time`` that minus the exposure, never before the series was
+            armed (the start message).
         track : bool
             Return a :class:`zmq.MessageTracker` that is done once ZeroMQ no longer needs the buffers.
 

@@ -1,0 +1,38 @@
+# beamloop: `make run` (the main job on the simulated microscope) and `make test` set everything up.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+OUT ?= out/run
+# pytest: -n for parallel needs pytest-xdist; keep it simple and serial
+PYTEST_ARGS ?=
+
+.PHONY: install run test test-all clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+
+# Runtime only (what `beamloop run` needs).
+$(VENV)/.installed-runtime: pyproject.toml | $(PY)
+	$(PIP) install -e .
+	touch $@
+
+# Everything the tests need (runtime + the test extra).
+$(VENV)/.installed-test: pyproject.toml | $(PY)
+	$(PIP) install -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed-runtime
+
+run: $(VENV)/.installed-runtime
+	$(VENV)/bin/beamloop run --out $(OUT)
+
+test: $(VENV)/.installed-test
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-all: $(VENV)/.installed-test
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) out build *.egg-info .pytest_cache
