@@ -7,7 +7,7 @@ OUT ?= out/run
 # pytest: -n for parallel needs pytest-xdist; keep it simple and serial
 PYTEST_ARGS ?=
 
-.PHONY: install run test test-all clean
+.PHONY: install run test test-all bench bench-quick clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -18,9 +18,10 @@ $(VENV)/.installed-runtime: pyproject.toml | $(PY)
 	$(PIP) install -e .
 	touch $@
 
-# Everything the tests need (runtime + the test extra).
+# Everything the tests need: runtime and every feature's extra (torch is pinned to the local CPU wheel).
+EXTRAS ?= test,detector,train,quant,fpga,bench,safety
 $(VENV)/.installed-test: pyproject.toml | $(PY)
-	$(PIP) install -e ".[test]"
+	$(PIP) install -e ".[$(EXTRAS)]"
 	touch $@
 
 install: $(VENV)/.installed-runtime
@@ -33,6 +34,12 @@ test: $(VENV)/.installed-test
 
 test-all: $(VENV)/.installed-test
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: $(VENV)/.installed-test
+	$(VENV)/bin/beamloop bench
+
+bench-quick: $(VENV)/.installed-test
+	$(VENV)/bin/beamloop bench --quick
 
 clean:
 	rm -rf $(VENV) out build *.egg-info .pytest_cache

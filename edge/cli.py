@@ -1,8 +1,11 @@
 """The ``beamloop`` command line.
 
-Subcommands: ``run`` (the main job on the simulated microscope), ``sim`` (the simulated microscope),
-``serve`` (the edge service), ``find`` (atomic columns in image files), ``replay`` (stream recorded
-frames to a service).
+Subcommands defined here: ``run`` (the main job on the simulated microscope), ``sim`` (the simulated
+microscope), ``serve`` (the edge service), ``find`` (atomic columns in image files), ``replay`` (stream
+recorded frames to a service). Other features add their subcommands from their own modules
+(:data:`COMMAND_MODULES`): each exposes ``register(subparsers)``, which adds parsers whose ``func``
+takes the parsed arguments and returns an exit status. Such modules import heavy optional packages
+(torch, brevitas, hls4ml) inside their command functions, never at import time.
 """
 
 from __future__ import annotations
@@ -13,7 +16,19 @@ import logging
 import sys
 from pathlib import Path
 
+import importlib
+
 from edge import __version__
+
+COMMAND_MODULES = (
+    "streams.cli",      # detector streams: receive, record, stream (DECTRIS SIMPLON v1 / Stream V2)
+    "edge.learn.cli",   # segmentation network: train, export
+    "quantize.cli",     # trigger models: quantization-aware training, evaluation, export
+    "fpga.cli",         # trigger logic: hls4ml and open RTL flows, simulation, bitstreams
+    "bench.cli",        # the benchmark suite
+    "edge.keys",        # key pairs for the CURVE-secured bridge
+)
+"""Modules that add subcommands (skipped while a module does not exist yet)."""
 
 
 def _shape(text: str) -> tuple[int, int]:
@@ -222,6 +237,15 @@ def build_parser() -> argparse.ArgumentParser:
     y.add_argument("--encoding", choices=("raw", "lz4"), default="raw")
     y.add_argument("--bind", action="store_true", help="bind instead of connecting")
     y.set_defaults(func=cmd_replay)
+
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name is not None and name.startswith(exc.name):
+                continue  # that feature is not part of this installation
+            raise
+        module.register(sub)
     return p
 
 
