@@ -100,6 +100,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
     policy = VacancyLinePolicy(a.targets) if a.experiment == "vacancy-line" else None
     pipeline = FramePipeline(a.material, policy, latency, fixed)
     out = Path(a.out)
+    _warm_up_kernels()
     with FrameReceiver(a.frames, bind=a.bind) as rx:
         bridge = BridgeClient(a.bridge, timeout_ms=a.bridge_timeout_ms) if a.bridge else None
         service = EdgeService(rx, pipeline, bridge, trigger=a.trigger, latency=latency)
@@ -140,6 +141,20 @@ def cmd_serve(a: argparse.Namespace) -> int:
         print(f"stream: {c.frames} frames, {c.rejected} rejected ({c.last_error or 'no errors'}), "
               f"{c.gaps} gaps / {c.missing_frames} missing frames; wrote {out / 'serve.h5'}")
     return 0
+
+
+def _warm_up_kernels() -> None:
+    """Compile (or load from numba's cache) the finder's kernels for the frame types streams carry, so
+    the first real frame is not delayed by it."""
+    import numpy as np
+
+    from edge.pipeline import FramePipeline
+    from edge.sim.frames import mos2_frame
+
+    counts = mos2_frame(shape=(96, 96), seed=1).counts
+    pipeline = FramePipeline("MoS2")
+    for frame in (counts, counts.astype(np.float32), counts.astype(np.uint8), counts.astype(np.uint32)):
+        pipeline.process(frame, 0.15)
 
 
 def cmd_find(a: argparse.Namespace) -> int:

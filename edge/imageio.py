@@ -133,6 +133,8 @@ def read_image(path: str | Path) -> Image:
     if img.data.ndim not in (2, 3) or img.data.dtype.kind not in "uif" or min(img.data.shape) == 0:
         raise ImageReadError(f"{path}: holds {img.data.dtype} data of shape {img.data.shape}; need a 2-D frame or a "
                              "3-D stack of real numbers")
+    if img.data.dtype == np.float16:  # half floats (e.g. HyperSpy files) widen exactly to float32
+        img.data = img.data.astype(np.float32)
     return img
 
 

@@ -168,8 +168,8 @@ class Preprocessor:
             raise FrameError(f"frame must be 2-D (rows, cols), got shape {frame.shape}")
         if min(frame.shape) < self.kernel.shape[0] // 2 + 1:
             raise FrameError(f"frame {frame.shape} is smaller than the smoothing kernel ({self.kernel.shape[0]} px)")
-        if frame.dtype.kind not in "uif" or frame.dtype.itemsize > 8:
-            raise FrameError(f"frame dtype {frame.dtype} is not a real number type")
+        if frame.dtype.kind not in "uif" or frame.dtype.itemsize > 8 or frame.dtype == np.float16:
+            raise FrameError(f"frame dtype {frame.dtype} is not supported: use an integer type, float32 or float64")
         if frame.dtype.kind == "f":
             bad = _count_nonfinite(frame)
             if bad:

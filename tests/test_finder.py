@@ -90,6 +90,8 @@ def test_bad_frames_raise_clear_errors():
         pre.run(np.zeros((4, 4), np.uint16))
     with pytest.raises(FrameError, match="dtype"):
         pre.run(np.zeros((32, 32), np.complex64))
+    with pytest.raises(FrameError, match="float16 is not supported"):
+        pre.run(np.zeros((32, 32), np.float16))
     with pytest.raises(ValueError, match="too small"):
         FinderConfig.for_spacing(2.0)
 

@@ -35,7 +35,7 @@ def test_read_formats_and_pixel_sizes(tmp_path):
     tifffile.imwrite(tmp_path / "a.tif", img, imagej=True, resolution=(1 / 0.015, 1 / 0.015), metadata={"unit": "nm"})
     PILImage.fromarray(img.astype(np.uint8)).save(tmp_path / "a.png")
     PILImage.fromarray(np.stack([img.astype(np.uint8)] * 3, -1)).save(tmp_path / "rgb.png")
-    write_hspy(tmp_path / "a.hspy", img.astype(np.float32), 0.0093, "nm")
+    write_hspy(tmp_path / "a.hspy", img.astype(np.float16), 0.0093, "nm")
     write_hspy(tmp_path / "nounits.hdf5", img.astype(np.float32), 0.0093, None)
     write_hspy(tmp_path / "stack.hspy", np.stack([img, img + 1]).astype(np.float32), 0.02, "nm")
 
@@ -46,6 +46,7 @@ def test_read_formats_and_pixel_sizes(tmp_path):
     assert np.array_equal(read_image(tmp_path / "rgb.png").data, img.astype(np.uint8))
     h = read_image(tmp_path / "a.hspy")
     assert h.pixel_size_A == pytest.approx(0.093) and h.data.shape == (48, 40)
+    assert h.data.dtype == np.float32 and np.array_equal(h.data, img.astype(np.float16).astype(np.float32))
     assert read_image(tmp_path / "nounits.hdf5").pixel_size_A is None  # no units: no guess
     s = read_image(tmp_path / "stack.hspy")
     assert s.frames.shape == (2, 48, 40) and s.pixel_size_A == pytest.approx(0.2)
