@@ -2,8 +2,8 @@
 
 For every probe position the expected signal is the sum, over columns within the profile's reach, of
 each column's atoms times their element's blurred radial response (:mod:`edge.sim.profiles`). Columns
-are binned into square cells of the reach's size so that each probe position only visits the 3x3 cells
-around it.
+are binned into square cells of the reach's size (:class:`edge.neighbours.GridIndex`) so that each
+probe position only visits the 3x3 cells around it.
 """
 
 from __future__ import annotations
@@ -11,12 +11,13 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from edge.neighbours import GridIndex
 from edge.sim.lattice import Specimen
 from edge.sim.profiles import ProfileTable
 
 
 @numba.njit(cache=True, nogil=True)
-def _render_kernel(px, py, col_x, col_y, coef, cell_start, cell_cols, x0, y0, cell, ncx, ncy, table, dr, out):
+def _render_kernel(px, py, col_xy, coef, cell_start, cell_cols, x0, y0, cell, ncx, ncy, table, dr, out):
     rows, cols = px.shape
     n_el = table.shape[0]
     nr = table.shape[1]
@@ -37,7 +38,7 @@ def _render_kernel(px, py, col_x, col_y, coef, cell_start, cell_cols, x0, y0, ce
                     g = gy * ncx + gx
                     for k in range(cell_start[g], cell_start[g + 1]):
                         c = cell_cols[k]
-                        d = np.hypot(x - col_x[c], y - col_y[c])
+                        d = np.hypot(x - col_xy[c, 0], y - col_xy[c, 1])
                         if d >= r_max:
                             continue
                         t = d / dr
@@ -71,20 +72,7 @@ class ColumnRenderer:
         self.profiles = profiles
         rows = [profiles.index(el) for el in specimen.elements]
         self._table = np.ascontiguousarray(profiles.table[rows])
-        xy = specimen.xy
-        self._cell = profiles.r_max
-        self._x0 = float(xy[:, 0].min()) - self._cell
-        self._y0 = float(xy[:, 1].min()) - self._cell
-        self._ncx = int((xy[:, 0].max() - self._x0) / self._cell) + 2
-        self._ncy = int((xy[:, 1].max() - self._y0) / self._cell) + 2
-        cx = ((xy[:, 0] - self._x0) / self._cell).astype(np.int64)
-        cy = ((xy[:, 1] - self._y0) / self._cell).astype(np.int64)
-        cell_of = cy * self._ncx + cx
-        order = np.argsort(cell_of, kind="stable")
-        self._cell_cols = order.astype(np.int64)
-        self._cell_start = np.searchsorted(cell_of[order], np.arange(self._ncx * self._ncy + 1)).astype(np.int64)
-        self._col_x = np.ascontiguousarray(xy[:, 0])
-        self._col_y = np.ascontiguousarray(xy[:, 1])
+        self._grid = GridIndex(specimen.xy, profiles.r_max)
 
     def expected(self, x_A: np.ndarray, y_A: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """Fraction of probe electrons reaching the HAADF detector at each probe position.
@@ -106,8 +94,9 @@ class ColumnRenderer:
         if out is None:
             out = np.empty(x_A.shape, np.float64)
         coef = self.specimen.counts.astype(np.float64)
-        _render_kernel(x_A, y_A, self._col_x, self._col_y, coef, self._cell_start, self._cell_cols,
-                       self._x0, self._y0, self._cell, self._ncx, self._ncy, self._table, self.profiles.dr, out)
+        g = self._grid
+        _render_kernel(x_A, y_A, g.xy, coef, g.start, g.order, g.x0, g.y0, g.cell, g.ncx, g.ncy, self._table,
+                       self.profiles.dr, out)
         return out
 
 
