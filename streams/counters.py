@@ -29,6 +29,13 @@ class StreamCounters:
         Messages rejected, by :attr:`streams.errors.ProtocolError.kind`.
     dropped : int
         Frames the receiver discarded on purpose (latest-frame mode).
+    decoded : int
+        Frames decompressed into a frame buffer (detector receivers; a receiver that only stores the
+        compressed blobs, such as the recorder's, leaves it at 0).
+    saturated : int
+        Frame stacks that filled up without the socket ever running empty: the receiver was behind the
+        sender for that whole stack (lossless mode applies back-pressure then; a real detector that
+        cannot wait loses frames, which show up as ``gaps``).
     last_error : str
         Text of the most recent rejection, empty when none.
     """
@@ -47,6 +54,8 @@ class StreamCounters:
     unexpected: int = 0
     mismatch: int = 0
     dropped: int = 0
+    decoded: int = 0
+    saturated: int = 0
     last_error: str = field(default="")
 
     @property

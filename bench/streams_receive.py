@@ -1,0 +1,223 @@
+"""Benchmark: receiving a DECTRIS SIMPLON v1 bitshuffle-LZ4 stream, beamloop against LiberTEM.
+
+One run on one machine, the same stream for every receiver: LiberTEM's native simulator
+(``libertem_dectris.DectrisSim``, Rust) replays a dump of simulated 4D-STEM diffraction patterns
+(:mod:`edge.sim.fourd`; 256 distinct frames cycled) as fast as the receiver takes them, from its own
+process. Receivers, each in turn (order rotated between trials):
+
+- ``pyzmq_raw``: a plain pyzmq PULL loop that receives every message and does nothing (the ceiling of
+  receiving in Python on this machine);
+- ``beamloop``: :class:`streams.detector.DetectorReceiver` (receive, validate, decode into frame stacks);
+- ``beamloop_adf``: the same plus a virtual ADF detector on every frame (:func:`edge.fourd.virtual_stack`);
+- ``libertem``: libertem-dectris' ``DectrisConnection`` + ``CamClient.decode_range_into_buffer``.
+
+Frames per second are counted from the first to the last image at the receiver; CPU time per frame is the
+receiver process's (its ZeroMQ I/O thread included). The machine has 2 cores shared by the sender, the
+receiver and whatever else runs: results are noisy (the JSON records the load average).
+
+Usage: ``python bench/streams_receive.py [--quick]``; writes ``bench/results/streams_receive.json`` and
+``bench/results/streams_receive.png``. ``run(quick)`` returns the same dict.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+RESULTS = Path(__file__).resolve().parent / "results"
+NAME = "streams_receive"
+RECEIVERS = ("pyzmq_raw", "beamloop", "beamloop_adf", "libertem")
+
+
+def run_dectrissim(dump: str, q, go) -> None:
+    """Child process: DectrisSim replaying ``dump`` on a free port (reported through ``q``) once ``go`` is set."""
+    import libertem_dectris
+
+    sim = libertem_dectris.DectrisSim("tcp://127.0.0.1", dump, None, True)
+    q.put(sim.get_uri())
+    if not go.wait(60):
+        return
+    sim.send_headers()
+    sim.send_frames()
+    sim.send_footer()
+    time.sleep(1.0)
+
+
+def make_patterns(det: int, count: int = 256, seed: int = 0) -> np.ndarray:
+    """``count`` simulated MoS2 4D-STEM patterns (det x det, uint16) at random probe positions."""
+    from edge.sim import lattice
+    from edge.sim.fourd import FourDConfig, FourDMicroscope
+
+    rng = np.random.default_rng(seed)
+    spec = lattice.mos2((-10, 10, -10, 10))
+    cfg = FourDConfig(detector_shape=(det, det), disk_radius_px=det / 6, df_width_px=det / 4)
+    pos = rng.uniform(-5, 5, (count, 2))
+    return FourDMicroscope(spec, cfg).patterns(pos[:, 0], pos[:, 1], 20000.0, rng)
+
+
+def _recv_raw(uri: str, n: int) -> tuple[float, float]:
+    import zmq
+
+    s = zmq.Context.instance().socket(zmq.PULL)
+    s.connect(uri)
+    got, t0 = 0, None
+    try:
+        while got < n:
+            parts = s.recv_multipart(copy=False)
+            if len(parts) == 4:
+                if t0 is None:
+                    t0, c0 = time.perf_counter(), time.process_time()
+                got += 1
+        return time.perf_counter() - t0, time.process_time() - c0
+    finally:
+        s.close(linger=0)
+
+
+def _recv_beamloop(uri: str, n: int, adf: bool) -> tuple[float, float]:
+    from edge import fourd
+    from streams.detector import DetectorReceiver, FrameStack, SeriesStart
+
+    got, t0, masks, total = 0, None, None, 0.0
+    with DetectorReceiver(uri, stack_size=64) as rx:
+        while got < n:
+            ev = rx.recv(20_000)
+            if ev is None:
+                raise RuntimeError(f"beamloop: timed out after {got} of {n} frames")
+            if isinstance(ev, SeriesStart) and adf:
+                det = ev.series.shape
+                masks = fourd.SparseMasks.from_dense({"adf": fourd.annulus_mask(det, det[0] / 5, det[0] / 2)})
+                fourd.virtual_stack(np.zeros((1, *det), ev.series.dtype), masks)  # compile before the clock
+            elif isinstance(ev, FrameStack):
+                if t0 is None:
+                    t0, c0 = time.perf_counter(), time.process_time()
+                if masks is not None:
+                    total += float(fourd.virtual_stack(ev.frames, masks)[:, 0].sum())
+                got += len(ev)
+        return time.perf_counter() - t0, time.process_time() - c0
+
+
+def _recv_libertem(uri: str, n: int, det: int, workdir: str) -> tuple[float, float]:
+    import libertem_dectris as ld
+
+    conn = ld.DectrisConnection(uri=uri, frame_stack_size=64, handle_path=os.path.join(workdir, "lt.sock"),
+                                num_slots=4000, bytes_per_frame=det * det * 2, huge=False)
+    cam = ld.CamClient(conn.get_socket_path())
+    buf = np.zeros((64, det, det), np.uint16)
+    try:
+        conn.start_passive(20_000)
+        if conn.wait_for_arm(20.0) is None:
+            raise RuntimeError("libertem: never armed")
+        got, t0 = 0, None
+        while got < n:
+            stack = conn.get_next_stack(64)
+            if stack is None:
+                raise RuntimeError(f"libertem: stream ended after {got} of {n} frames")
+            if t0 is None:
+                t0, c0 = time.perf_counter(), time.process_time()
+            k = len(stack)
+            cam.decode_range_into_buffer(stack, buf[:k], 0, k)
+            cam.done(stack)
+            got += k
+        return time.perf_counter() - t0, time.process_time() - c0
+    finally:
+        conn.close()
+        cam.close()
+
+
+def _one(receiver: str, dump: str, n: int, det: int, workdir: str) -> dict:
+    ctx = mp.get_context("spawn")
+    q, go = ctx.Queue(), ctx.Event()
+    proc = ctx.Process(target=run_dectrissim, args=(dump, q, go), daemon=True)
+    proc.start()
+    uri = q.get(timeout=60)
+    try:
+        if receiver == "libertem":
+            import threading
+
+            threading.Timer(0.5, go.set).start()  # LiberTEM connects inside its call
+            wall, cpu = _recv_libertem(uri, n, det, workdir)
+        else:
+            threading_go = __import__("threading").Timer(0.3, go.set)
+            threading_go.start()
+            if receiver == "pyzmq_raw":
+                wall, cpu = _recv_raw(uri, n)
+            else:
+                wall, cpu = _recv_beamloop(uri, n, adf=receiver == "beamloop_adf")
+    finally:
+        proc.join(30)
+        if proc.is_alive():
+            proc.kill()
+    # the first frame starts the clock: n - 1 intervals
+    return {"frames_per_s": (n - 1) / wall, "cpu_us_per_frame": 1e6 * cpu / n}
+
+
+def run(quick: bool = False) -> dict:
+    """Run the benchmark; returns (and writes) the results dict. ``quick``: fewer frames, one trial."""
+    from streams.simplon import series_messages, write_dump
+
+    sizes = {96: 20_000 if quick else 100_000, 256: 4_000 if quick else 20_000}
+    trials = 1 if quick else 3
+    out = {"name": NAME, "quick": quick, "machine": {"nproc": os.cpu_count(), "load_before": os.getloadavg()},
+           "note": "2 cores shared by sender (DectrisSim, own process), receiver and other work; noisy",
+           "stream": "SIMPLON v1, bs16-lz4<, uint16, simulated MoS2 4D-STEM patterns (edge.sim.fourd)",
+           "sizes": {}}
+    with tempfile.TemporaryDirectory() as work:
+        for det, n in sizes.items():
+            pats = make_patterns(det)
+            dump = os.path.join(work, f"dump_{det}.bin")
+            write_dump(dump, series_messages(pats[np.arange(n) % len(pats)], series=1))
+            blob_mean = os.path.getsize(dump) / n
+            runs = {r: [] for r in RECEIVERS}
+            for t in range(trials):
+                order = RECEIVERS[t % len(RECEIVERS):] + RECEIVERS[:t % len(RECEIVERS)]
+                for r in order:
+                    runs[r].append(_one(r, dump, n, det, work))
+                    print(f"{det}x{det} trial {t} {r}: {runs[r][-1]['frames_per_s']:.0f} frames/s", file=sys.stderr)
+            med = {r: float(np.median([x["frames_per_s"] for x in v])) for r, v in runs.items()}
+            cpu = {r: float(np.median([x["cpu_us_per_frame"] for x in v])) for r, v in runs.items()}
+            out["sizes"][f"{det}x{det}"] = {
+                "frames": n, "bytes_per_frame_on_wire": blob_mean,
+                "frames_per_s_median": med, "cpu_us_per_frame_median": cpu, "runs": runs,
+                "ratio_beamloop_to_libertem": med["beamloop"] / med["libertem"],
+                "ratio_beamloop_adf_to_libertem": med["beamloop_adf"] / med["libertem"],
+                "ratio_beamloop_to_pyzmq_raw": med["beamloop"] / med["pyzmq_raw"],
+            }
+    out["machine"]["load_after"] = os.getloadavg()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{NAME}.json").write_text(json.dumps(out, indent=1))
+    _plot(out)
+    return out
+
+
+def _plot(out: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(out["sizes"]), figsize=(5 * len(out["sizes"]), 3.6))
+    for ax, (size, r) in zip(np.atleast_1d(axes), out["sizes"].items()):
+        med = r["frames_per_s_median"]
+        ax.bar(list(med), [v / 1e3 for v in med.values()], color=["grey", "tab:blue", "tab:cyan", "tab:orange"])
+        ax.set_title(f"{size} bs16-lz4 (beamloop/LiberTEM {r['ratio_beamloop_to_libertem']:.2f})")
+        ax.set_ylabel("thousand frames / s")
+        ax.tick_params(axis="x", rotation=20)
+    fig.suptitle("receive + decode, DectrisSim sender, 2 shared cores")
+    fig.tight_layout()
+    fig.savefig(RESULTS / f"{NAME}.png", dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    res = run(quick="--quick" in sys.argv)
+    for size, r in res["sizes"].items():
+        print(size, {k: round(v) for k, v in r["frames_per_s_median"].items()},
+              f"beamloop/libertem {r['ratio_beamloop_to_libertem']:.2f}",
+              f"(+ADF {r['ratio_beamloop_adf_to_libertem']:.2f})")

@@ -1,0 +1,279 @@
+"""Fuzzing the native frame stream (streams/native.py, streams/receiver.py) with hypothesis.
+
+Properties: ``decode_header`` raises nothing but :class:`MalformedMessage`; the receiver, fed any
+sequence of multipart messages over a real socket, raises nothing but :class:`ProtocolError`, counts
+every message and every rejection, and afterwards receives a good series bit-exact; the service goes on
+and processes the next good frame. The default runs are short (a few hundred examples); the ``_long``
+variants (``-m slow``) run 20,000.
+"""
+
+import time
+
+import cbor2
+import lz4.block
+import numpy as np
+import pytest
+import zmq
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from streams import native
+from streams.errors import MalformedMessage, ProtocolError
+from streams.receiver import Frame, FrameReceiver, StreamEnd, StreamStart
+
+FAST = settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+LONG = settings(max_examples=20_000, deadline=None, suppress_health_check=list(HealthCheck))
+RING = 4
+MAX_RING_BYTES = 64 << 20
+"""Start messages announcing more than this (ring x frame) are kept out of the end-to-end runs: see
+test_huge_frame_announcement_is_a_protocol_error."""
+
+cbor_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=12)
+    | st.binary(max_size=24),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=8)
+
+SERIES = native.new_series(3, ["haadf"], (4, 6), np.uint16, number_of_images=2, user_data={"kind": "frame"})
+SERIES2 = native.new_series(4, ["haadf", "bf"], (2, 3), np.uint8)
+
+
+def _as_map(buf: bytes) -> dict:
+    return dict(cbor2.loads(buf[3:]))
+
+
+def valid_maps():
+    """Decoded maps of good start / image / end messages of SERIES and SERIES2."""
+    out = []
+    for s in (SERIES, SERIES2):
+        out.append(_as_map(native.encode_start(s)))
+        out.append(_as_map(native.encode_image_header(s, 1, [("raw", s.frame_nbytes)] * len(s.channels),
+                                                      user_data={"sent_ns": 5})))
+        out.append(_as_map(native.encode_image_header(s, 0, [("lz4", 9)] * len(s.channels))))
+        out.append(_as_map(native.encode_end(s)))
+    return out
+
+
+@st.composite
+def mutated_map(draw):
+    """A good message map with fields removed, replaced or added."""
+    msg = dict(draw(st.sampled_from(valid_maps())))
+    for _ in range(draw(st.integers(0, 3))):
+        op = draw(st.sampled_from(["drop", "set", "add", "nested"]))
+        keys = sorted(msg)
+        if op == "drop" and keys:
+            msg.pop(draw(st.sampled_from(keys)))
+        elif op == "set" and keys:
+            msg[draw(st.sampled_from(keys))] = draw(cbor_values)
+        elif op == "add":
+            msg[draw(st.text(max_size=8))] = draw(cbor_values)
+        elif op == "nested" and isinstance(msg.get("data"), dict) and msg["data"]:
+            ch = draw(st.sampled_from(sorted(msg["data"])))
+            msg["data"] = {**msg["data"], ch: draw(cbor_values | st.fixed_dictionaries(
+                {"encoding": st.sampled_from(["raw", "lz4", "bslz4", ""]), "size": cbor_values}))}
+    return msg
+
+
+@st.composite
+def header_bytes(draw):
+    """Part 0 of a message: arbitrary bytes, CBOR after the tag, or a mutated good message."""
+    kind = draw(st.sampled_from(["bytes", "tagged bytes", "tagged value", "mutated", "untagged", "truncated"]))
+    if kind == "bytes":
+        return draw(st.binary(max_size=300))
+    if kind == "tagged bytes":
+        return native.SELF_DESCRIBE_PREFIX + draw(st.binary(max_size=300))
+    if kind == "tagged value":
+        return cbor2.dumps(cbor2.CBORTag(native.SELF_DESCRIBE_TAG, draw(cbor_values)))
+    buf = cbor2.dumps(cbor2.CBORTag(native.SELF_DESCRIBE_TAG, draw(mutated_map())))
+    if kind == "untagged":
+        return buf[3:]
+    if kind == "truncated":
+        return buf[: draw(st.integers(0, max(len(buf) - 1, 0)))]
+    return buf
+
+
+def check_decode_header(buf):
+    try:
+        h = native.decode_header(buf)
+    except MalformedMessage as exc:
+        assert str(exc)  # names what was wrong
+        return
+    assert isinstance(h, (native.SeriesHeader, native.ImageHeader, native.EndHeader))
+    if isinstance(h, native.SeriesHeader):
+        assert 0 < h.shape[0] <= 1 << 16 and 0 < h.shape[1] <= 1 << 20 and h.dtype in native.DTYPES.values()
+    if isinstance(h, native.ImageHeader):
+        assert h.image_id >= 0 and all(b.size >= 0 and b.encoding in native.ENCODINGS for b in h.blobs)
+
+
+test_decode_header = FAST(given(header_bytes())(check_decode_header))
+test_decode_header_long = pytest.mark.slow(LONG(given(header_bytes())(check_decode_header)))
+
+
+# the receiver, end to end over a socket --------------------------------------------------------------------
+@st.composite
+def message(draw):
+    """One multipart message: a header (good, mutated or garbage) and 0-3 further parts."""
+    kind = draw(st.sampled_from(["garbage", "start", "image", "image", "end"]))
+    s = draw(st.sampled_from([SERIES, SERIES2]))
+    if kind == "start":
+        parts = [native.encode_start(s)]
+    elif kind == "end":
+        parts = [native.encode_end(s)]
+    elif kind == "image":
+        enc = draw(st.sampled_from(["raw", "lz4"]))
+        blobs = []
+        for _ in s.channels:
+            px = draw(st.binary(min_size=s.frame_nbytes, max_size=s.frame_nbytes))
+            blob = px if enc == "raw" else lz4.block.compress(px, store_size=False)
+            if draw(st.booleans()):  # damage it
+                blob = draw(st.sampled_from([blob[:-1], blob + b"\0", b"", blob[::-1], draw(st.binary(max_size=64))]))
+            blobs.append(blob)
+        sizes = [(enc, len(b)) for b in blobs]
+        if draw(st.booleans()):
+            sizes = [(enc, draw(st.integers(0, 200))) for _ in sizes]
+        parts = [native.encode_image_header(s, draw(st.integers(0, 5)), sizes), *blobs]
+        if draw(st.integers(0, 3)) == 0:
+            parts = parts[: draw(st.integers(1, len(parts)))]
+    else:
+        parts = [draw(header_bytes())]
+    if kind == "garbage" or draw(st.integers(0, 4)) == 0:  # parts nobody announced
+        parts += draw(st.lists(st.binary(max_size=64), max_size=2))
+    return parts
+
+
+def too_big(part0: bytes) -> bool:
+    try:
+        h = native.decode_header(part0)
+    except MalformedMessage:
+        return False
+    return isinstance(h, native.SeriesHeader) and RING * h.max_blob_nbytes * len(h.channels) > MAX_RING_BYTES
+
+
+@pytest.fixture(scope="module")
+def link():
+    ctx = zmq.Context.instance()
+    rx = FrameReceiver("tcp://127.0.0.1:0", bind=True, ring=RING)
+    tx = ctx.socket(zmq.PUSH)
+    tx.setsockopt(zmq.LINGER, 0)
+    tx.connect(rx.endpoint)
+    time.sleep(0.05)
+    yield tx, rx
+    tx.close()
+    rx.close()
+
+
+def good_series(tx, rng):
+    """Send a good series (start, one frame, end) and return the frame sent."""
+    s = native.new_series(9, ["haadf"], (5, 7), np.uint16)
+    frame = rng.integers(0, 65535, (5, 7), dtype=np.uint16)
+    tx.send(native.encode_start(s))
+    tx.send_multipart([native.encode_image_header(s, 0, [("raw", frame.nbytes)]), frame])
+    tx.send(native.encode_end(s))
+    return frame
+
+
+def expect_good_series(rx, frame):
+    assert isinstance(rx.recv(3000), StreamStart)
+    ev = rx.recv(3000)
+    assert isinstance(ev, Frame) and ev.data["haadf"].tobytes() == frame.tobytes()
+    assert isinstance(rx.recv(3000), StreamEnd)
+
+
+def check_receiver(link, messages):
+    tx, rx = link
+    messages = [m for m in messages if not too_big(m[0])]
+    c = rx.counters
+    before_msgs, before_rejected = c.messages, c.rejected
+    raised = 0
+    for parts in messages:
+        tx.send_multipart(parts)
+        try:
+            ev = rx.recv(3000)
+        except ProtocolError as exc:
+            raised += 1
+            assert c.last_error.endswith(str(exc))
+            continue
+        assert ev is not None, "a message was lost"
+    assert c.messages - before_msgs == len(messages)
+    assert c.rejected - before_rejected >= raised
+    # nothing else was lost: a good series right after arrives intact
+    expect_good_series(rx, good_series(tx, np.random.default_rng(len(messages))))
+
+
+_messages = st.lists(message(), min_size=1, max_size=8)
+test_receiver_end_to_end = FAST(given(messages=_messages)(check_receiver))
+test_receiver_end_to_end_long = pytest.mark.slow(LONG(given(messages=_messages)(check_receiver)))
+
+
+def test_fuzzed_receiver_counts_add_up(link):
+    """After the fuzz runs above, the counters still describe a consistent stream."""
+    tx, rx = link
+    c = rx.counters
+    assert c.messages >= c.frames + c.series_started + c.series_ended
+    assert c.rejected == c.malformed + c.truncated + c.oversized + c.unexpected + c.mismatch
+
+
+@pytest.mark.xfail(strict=True, raises=MemoryError, reason=(
+    "finding for streams/receiver.py (not this test's to fix): a 201-byte start message announcing "
+    "65536x1048576 uint32 frames makes FrameReceiver._allocate raise MemoryError (np.zeros of 2 TiB), which is "
+    "no ProtocolError, is not counted and ends EdgeService; an 8192x8192 uint32 announcement allocates a "
+    "256 MiB scratch buffer and 2 GiB of ring. Fix: a max_frame_bytes bound (e.g. 256 MiB for ring x frame) "
+    "checked in FrameReceiver._start before _allocate, raising OversizedMessage"))
+def test_huge_frame_announcement_is_a_protocol_error():
+    msg = _as_map(native.encode_start(SERIES))
+    msg.update(image_size_x=1 << 20, image_size_y=1 << 16, image_dtype="uint32")
+    ctx = zmq.Context.instance()
+    with FrameReceiver("tcp://127.0.0.1:0", bind=True) as rx:
+        tx = ctx.socket(zmq.PUSH)
+        tx.setsockopt(zmq.LINGER, 0)
+        tx.connect(rx.endpoint)
+        tx.send(cbor2.dumps(cbor2.CBORTag(native.SELF_DESCRIBE_TAG, msg)))
+        try:
+            with pytest.raises(ProtocolError):
+                rx.recv(3000)
+            assert rx.counters.oversized == 1
+        finally:
+            tx.close()
+
+
+# the service keeps running -----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def service():
+    from edge.pipeline import FramePipeline
+    from edge.service import EdgeService
+
+    ctx = zmq.Context.instance()
+    rx = FrameReceiver("tcp://127.0.0.1:0", bind=True, ring=RING)
+    tx = ctx.socket(zmq.PUSH)
+    tx.setsockopt(zmq.LINGER, 0)
+    tx.connect(rx.endpoint)
+    time.sleep(0.05)
+    yield tx, EdgeService(rx, FramePipeline("generic"))
+    tx.close()
+    rx.close()
+
+
+@settings(FAST, max_examples=40)
+@given(messages=st.lists(message(), min_size=1, max_size=6))
+def test_service_goes_on_after_bad_messages(service, messages):
+    from edge.sim.frames import mos2_frame
+
+    tx, svc = service
+    for parts in messages:
+        if not too_big(parts[0]):
+            tx.send_multipart(parts)
+    image = mos2_frame(shape=(48, 48), seed=2).counts.astype(np.uint16)
+    s = native.new_series(1, ["haadf"], image.shape, np.uint16, user_data={"kind": "frame", "pixel_size_A": 0.15})
+    tx.send(native.encode_start(s))
+    tx.send_multipart([native.encode_image_header(s, 0, [("raw", image.nbytes)]), image])
+    rejected = svc.receiver.counters.rejected
+    for _ in range(len(messages) + 1):  # fuzzed frames of other series may come first (processed or rejected)
+        got = svc.next_frame(5000)
+        assert got is not None, "the good frame did not come through"
+        if got[0].series.series_unique_id == s.series_unique_id:
+            break
+    ev, result, _ = got
+    assert ev.series.series_unique_id == s.series_unique_id and ev.data["haadf"].tobytes() == image.tobytes()
+    assert len(result.columns) > 0
+    assert svc.stats.protocol_errors <= svc.receiver.counters.rejected
+    assert svc.receiver.counters.rejected >= rejected

@@ -1,0 +1,173 @@
+"""The lossless recorder: bit-exact HDF5 in the DECTRIS layout, replay, and crash safety under SIGKILL."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from streams import codecs
+from streams.detector import DetectorReceiver, FrameStack, SeriesEnd, SeriesStart
+from streams.recorder import Recorder, data_files, iter_chunks, read_frames, record, recording_info
+from streams.simplon import SimplonSender
+from streams.stream_v2 import Stream2Sender
+
+pytest.importorskip("hdf5plugin", reason="hdf5plugin not installed (pip install '.[detector]')")
+
+SHAPE = (32, 40)
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_frames(n, dtype=np.uint16, seed=0):
+    return np.random.default_rng(seed).poisson(3.0, (n, *SHAPE)).astype(dtype)
+
+
+def record_series(tmp_path, sender, frames, ids=None, **rec_kw):
+    """Send ``frames`` through ``sender`` and record them with a receiver that does not decode."""
+    flushes = []
+    with DetectorReceiver(sender.endpoint, protocol="stream2" if isinstance(sender, Stream2Sender) else "simplon1",
+                          decode=False, stack_size=8) as rx:
+        time.sleep(0.05)
+        sender.start_series(SHAPE, frames.dtype, len(frames))
+        for k, f in enumerate(frames):
+            if isinstance(sender, Stream2Sender):
+                sender.send_frame(f, image_id=None if ids is None else ids[k])
+            else:
+                sender.send_frame(f, frame_id=None if ids is None else ids[k])
+        sender.end_series()
+        masters = record(rx, lambda s: Recorder(tmp_path, "scan", on_flush=lambda n, i: flushes.append(n),
+                                                **rec_kw), idle_ms=100)
+    return masters, flushes
+
+
+@pytest.mark.parametrize("encoding", ["bslz4", "lz4<", "<"])
+def test_simplon_series_recorded_bit_exact(tmp_path, encoding):
+    frames = make_frames(53)
+    with SimplonSender("tcp://127.0.0.1:0", encoding=encoding) as tx:
+        masters, flushes = record_series(tmp_path, tx, frames, frames_per_file=20)
+    assert masters == [tmp_path / "scan_master.h5"]
+    got, ids = read_frames(masters[0])
+    assert np.array_equal(got, frames) and np.array_equal(ids, np.arange(53))
+    assert flushes == [20, 40, 53]
+    info = recording_info(masters[0])
+    assert info["shape"] == SHAPE and info["dtype"] == np.uint16 and info["complete"] and info["nimages"] == 53
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scan_data_000001.h5", "scan_data_000002.h5",
+                                                          "scan_data_000003.h5", "scan_master.h5"]
+
+
+def test_layout_a_dectris_user_recognises_and_chunks_are_the_stream_blobs(tmp_path):
+    frames = make_frames(12, np.uint32)
+    with Stream2Sender("tcp://127.0.0.1:0", compression="bslz4") as tx:
+        masters, _ = record_series(tmp_path, tx, frames, ids=[0, 1, 2, 3, 4, 7, 8, 9, 10, 11, 12, 13],
+                                   frames_per_file=5)
+    master = masters[0]
+    with h5py.File(master, "r") as f:
+        assert f["entry"].attrs["NX_class"] == "NXentry"
+        assert f["entry/data"].attrs["NX_class"] == "NXdata"
+        det = f["entry/instrument/detector"]
+        assert det.attrs["NX_class"] == "NXdetector" and det["bit_depth_image"][()] == 32
+        assert det["detectorSpecific/x_pixels_in_detector"][()] == SHAPE[1]
+        assert det["detectorSpecific/y_pixels_in_detector"][()] == SHAPE[0]
+        links = sorted(k for k in f["entry/data"])
+        assert links == ["data_000001", "data_000002", "data_000003"]
+        assert isinstance(f["entry/data"].get("data_000002", getlink=True), h5py.ExternalLink)
+        d2 = f["entry/data/data_000002"]  # resolves through the external link, as DECTRIS masters do
+        assert d2.shape == (5, *SHAPE) and d2.attrs["image_nr_low"] == 6 and d2.attrs["image_nr_high"] == 10
+        assert d2.chunks == (1, *SHAPE)
+        flt = d2.id.get_create_plist().get_filter(0)
+        assert flt[0] == 32008 and flt[2][-1] == 2  # bitshuffle, LZ4 mode
+    got, ids = read_frames(master)
+    assert np.array_equal(got, frames) and ids.tolist() == [0, 1, 2, 3, 4, 7, 8, 9, 10, 11, 12, 13]
+    # bslz4 frames are stored as the very bytes that were streamed
+    codec = codecs.Codec(codecs.BSLZ4, 4)
+    for (iid, blob), f in zip(iter_chunks(master), frames):
+        assert blob == codecs.encode(f, codec)
+
+
+def test_replay_of_a_recording_is_bit_exact(tmp_path):
+    frames = make_frames(30)
+    with SimplonSender("tcp://127.0.0.1:0") as tx:
+        masters, _ = record_series(tmp_path / "a", tx, frames)
+    # replay the stored chunks as a Stream V2 series and record that again
+    with Stream2Sender("tcp://127.0.0.1:0") as tx2, DetectorReceiver(tx2.endpoint, protocol="stream2") as rx:
+        time.sleep(0.05)
+        tx2.start_series(SHAPE, np.uint16, 30)
+        for _, blob in iter_chunks(masters[0]):
+            tx2.send_blobs({"threshold_1": blob})
+        tx2.end_series()
+        got = []
+        while True:
+            ev = rx.recv(2000)
+            assert ev is not None
+            if isinstance(ev, FrameStack):
+                got.append(ev.frames.copy())
+            if isinstance(ev, SeriesEnd):
+                break
+    assert np.array_equal(np.concatenate(got), frames)
+
+
+def test_recorder_refuses_to_overwrite(tmp_path):
+    (tmp_path / "scan_master.h5").write_bytes(b"")
+    with pytest.raises(FileExistsError):
+        Recorder(tmp_path, "scan")
+
+
+def _beamloop(*args):
+    code = "import sys; from edge.cli import main; sys.exit(main(sys.argv[1:]))"
+    return [sys.executable, "-c", code, *args]
+
+
+def test_sigkill_mid_series_leaves_every_flushed_frame_intact(tmp_path):
+    """Kill `beamloop record` with SIGKILL in the middle of a series: every frame it reported as flushed is
+    readable from the master and bit-exact."""
+    n = 4000
+    frames = np.random.default_rng(7).poisson(3.0, (n, 64, 64)).astype(np.uint16)
+    out = tmp_path / "rec"
+    with SimplonSender("tcp://127.0.0.1:0", sndhwm=100000) as tx:
+        proc = subprocess.Popen(_beamloop("record", tx.endpoint, "--out", str(out), "--frames-per-file", "37",
+                                          "--max-file-seconds", "0.05"),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+        reported = []
+        listening = threading.Event()
+
+        def read_lines():
+            for line in proc.stdout:
+                ev = json.loads(line)
+                if ev["event"] == "listening":
+                    listening.set()
+                if ev["event"] == "flushed":
+                    reported.append(ev["frames"])
+
+        reader = threading.Thread(target=read_lines, daemon=True)
+        reader.start()
+        assert listening.wait(30), proc.stderr.read() if proc.poll() is not None else "recorder did not start"
+        time.sleep(0.3)
+        tx.start_series((64, 64), np.uint16, n)
+        killed_at = None
+        for i, f in enumerate(frames):
+            tx.send_frame(f)
+            if i % 50 == 0:
+                time.sleep(0.01)  # a steady stream, so files roll over while frames keep coming
+            if killed_at is None and reported and reported[-1] >= 300:
+                os.kill(proc.pid, signal.SIGKILL)
+                killed_at = i
+                break
+        proc.wait(30)
+        reader.join(5)
+    assert killed_at is not None and killed_at < n - 1, "the recorder was not killed mid-series"
+    assert proc.returncode == -signal.SIGKILL
+    flushed = reported[-1]
+    got, ids = read_frames(out / "series_master.h5")
+    assert len(got) >= flushed
+    assert np.array_equal(ids, np.arange(len(got)))
+    assert np.array_equal(got, frames[:len(got)])  # every frame the master lists is intact, not only the reported
+    info = recording_info(out / "series_master.h5")
+    assert not info["complete"] and info["frames_recorded"] == len(got)
+    assert all(p.suffix == ".h5" for p in data_files(out / "series_master.h5"))
