@@ -8,6 +8,7 @@ receive        read the message from the detector stream into a       :class:`st
 decode         validate the header, decompress LZ4 blobs              :mod:`streams.native`
 preprocess     float32 conversion, Gaussian smoothing, noise sigma    :class:`edge.preprocess.Preprocessor`
 find           local maxima, minimum separation, sub-pixel centres    :class:`edge.find.ColumnFinder`
+               (or the U-Net ensemble on ONNX Runtime, ``method="unet"``)  :class:`edge.segment.UNetFinder`
 classify       Mo / S2 / S1 / vacancy site (MoS2), or "column"        :mod:`edge.classify`
 policy         choose beam targets (e.g. S2 columns along a line)     :class:`edge.policy.VacancyLinePolicy`
 bridge         park the probe, unblank, blank (request/reply)         :class:`edge.bridge.BridgeClient`
@@ -31,10 +32,14 @@ from edge.columns import ColumnTable
 from edge.find import ColumnFinder, FinderConfig
 from edge.latency import LatencyRecorder
 from edge.policy import Target, VacancyLinePolicy
+from edge.preprocess import FrameError
 from edge.scanframe import ScanFrame
 
 MOS2_SPACING_A = 1.824
 """Projected Mo-S distance of MoS2, Angstrom (a / sqrt(3), a = 3.16 Angstrom)."""
+
+METHODS = ("classical", "unet")
+"""Column finders the pipeline (and ``beamloop find --method``) offers."""
 
 
 @dataclass
@@ -51,12 +56,16 @@ class FrameResult:
         Mo-S bond vectors in pixels (MoS2 only).
     timings_ns : dict
         Duration of each stage run here.
+    segment : edge.segment.SegmentResult or None
+        With ``method="unet"``: heat maps, per-pixel and per-column uncertainty (rows of ``segment.columns``
+        are the first rows of ``columns``; inferred vacancy sites follow them).
     """
 
     columns: ColumnTable
     targets: list[Target] = field(default_factory=list)
     bonds: np.ndarray | None = None
     timings_ns: dict = field(default_factory=dict)
+    segment: object | None = None
 
 
 class FramePipeline:
@@ -71,25 +80,49 @@ class FramePipeline:
     latency : LatencyRecorder, optional
         Receives the stage durations.
     finder_config : FinderConfig, optional
-        Fixed finder parameters; by default they follow the pixel size (MoS2 scale) or the given
-        column spacing.
+        Fixed finder parameters; by default they follow the pixel size (MoS2 scale), or, for frames
+        without one, the lattice period and column size estimated from the first such frame.
+    method : {"classical", "unet"}
+        ``classical``: :class:`edge.find.ColumnFinder` and the intensity classifier. ``unet``: the U-Net
+        ensemble (:class:`edge.segment.UNetFinder`) finds and classifies; vacancy sites (MoS2) are still
+        inferred from the lattice.
+    unet : edge.segment.UNetFinder, optional
+        The learned finder to use (``method="unet"``); by default the shipped FP32 model on the best device.
     """
 
     def __init__(self, material: str = "MoS2", policy: VacancyLinePolicy | None = None,
-                 latency: LatencyRecorder | None = None, finder_config: FinderConfig | None = None) -> None:
+                 latency: LatencyRecorder | None = None, finder_config: FinderConfig | None = None,
+                 method: str = "classical", unet=None) -> None:
         if material not in ("MoS2", "generic"):
             raise ValueError(f"material must be 'MoS2' or 'generic', got {material!r}")
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         self.material = material
         self.policy = policy
         self.latency = latency
+        self.method = method
         self._fixed = finder_config
         self._finders: dict[float, ColumnFinder] = {}
         self._classifiers: dict[float, object] = {}
+        self.unet = unet
+        if method == "unet" and unet is None:
+            from edge.segment import UNetFinder
 
-    def finder_for(self, pixel_size_A: float | None) -> ColumnFinder:
+            self.unet = UNetFinder()
+
+    def finder_for(self, pixel_size_A: float | None, image: np.ndarray | None = None) -> ColumnFinder:
         """The finder for frames of this pixel size (cached; MoS2 scale unless a config was given).
 
-        Raises ``ValueError`` when neither a pixel size nor a fixed configuration is available.
+        Frames with no pixel size and no fixed configuration: the lattice period and column size are
+        estimated from ``image`` (:func:`edge.findfiles.finder_config`), and that finder serves all later
+        frames without a pixel size.
+
+        Raises
+        ------
+        edge.preprocess.FrameError
+            The scale of ``image`` cannot be estimated (flat, too small, no lattice period).
+        ValueError
+            No pixel size, no fixed configuration and no image.
         """
         key = float(pixel_size_A) if pixel_size_A else 0.0
         f = self._finders.get(key)
@@ -98,6 +131,14 @@ class FramePipeline:
                 cfg = self._fixed
             elif pixel_size_A and math.isfinite(pixel_size_A):
                 cfg = FinderConfig.for_pixel_size(pixel_size_A, spacing_A=MOS2_SPACING_A)
+            elif image is not None:
+                from edge.findfiles import finder_config
+
+                try:
+                    cfg = finder_config(image, None, self.material)
+                except ValueError as exc:
+                    raise FrameError(f"frame has no pixel size and its lattice scale cannot be estimated: {exc}"
+                                     ) from None
             else:
                 raise ValueError("frame has no pixel size; pass a finder configuration (column spacing)")
             f = self._finders[key] = ColumnFinder(cfg)
@@ -130,9 +171,11 @@ class FramePipeline:
         Raises
         ------
         edge.preprocess.FrameError
-            Bad frame (not 2-D, too small, non-finite pixels).
+            Bad frame (not 2-D, too small, non-finite pixels), or no pixel size and no estimable scale.
         """
-        finder = self.finder_for(pixel_size_A)
+        if self.method == "unet":
+            return self._process_unet(image, pixel_size_A, scan)
+        finder = self.finder_for(pixel_size_A, image)
         clf = self._classifier(pixel_size_A, finder)
         t = [time.perf_counter_ns()]
         smooth, noise = finder.preprocessor.run(image)
@@ -144,8 +187,37 @@ class FramePipeline:
         bonds = getattr(clf, "last_bonds", None)
         targets = self.policy.select(cols, scan, bonds) if (self.policy is not None and scan is not None) else []
         t.append(time.perf_counter_ns())
-        timings = dict(zip(("preprocess", "find", "classify", "policy"), np.diff(t).tolist()))
+        return self._result(cols, targets, bonds, dict(zip(("preprocess", "find", "classify", "policy"),
+                                                            np.diff(t).tolist())))
+
+    def _result(self, cols: ColumnTable, targets, bonds, timings: dict, segment=None) -> FrameResult:
         if self.latency is not None:
             for stage, ns in timings.items():
                 self.latency.add(stage, ns)
-        return FrameResult(cols, targets, bonds, timings)
+        return FrameResult(cols, targets, bonds, timings, segment)
+
+    def _process_unet(self, image: np.ndarray, pixel_size_A: float | None, scan: ScanFrame | None) -> FrameResult:
+        """The learned path: U-Net find and classify, then (MoS2) vacancy sites from the lattice, then policy."""
+        seg = self.unet.find(image, self.material)
+        t = [time.perf_counter_ns()]
+        cols, bonds = seg.columns, None
+        if self.material == "MoS2" and len(cols) >= 4:
+            spacing = MOS2_SPACING_A / pixel_size_A if pixel_size_A else _median_neighbour_px(cols.xy)
+            clf = MoS2Classifier(spacing)
+            cols = cols.concat(clf._vacancy_sites(cols, image))
+            bonds = clf.last_bonds
+        t.append(time.perf_counter_ns())
+        targets = self.policy.select(cols, scan, bonds) if (self.policy is not None and scan is not None) else []
+        t.append(time.perf_counter_ns())
+        st = seg.timings_ns
+        timings = {"preprocess": st["normalise"], "find": st["network"] + st["extract"],
+                   "classify": t[1] - t[0], "policy": t[2] - t[1]}
+        return self._result(cols, targets, bonds, timings, seg)
+
+
+def _median_neighbour_px(xy: np.ndarray) -> float:
+    """Median nearest-neighbour distance of points (n >= 2, shape (n, 2)), pixels."""
+    from scipy.spatial import cKDTree
+
+    d, _ = cKDTree(xy).query(xy, k=2)
+    return float(np.median(d[:, 1]))

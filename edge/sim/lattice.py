@@ -67,17 +67,47 @@ class Specimen:
         return cls
 
 
-def _hex_points(a: float, basis: np.ndarray, extent: tuple[float, float, float, float], rotation_deg: float,
-                origin: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
-    """Points of a hexagonal lattice (constant ``a``) with ``basis`` (fractional), inside ``extent``."""
+def bravais_points(a1, a2, basis: np.ndarray, extent: tuple[float, float, float, float], rotation_deg: float,
+                   origin: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
+    """Points of a 2-D lattice with cell vectors ``a1``, ``a2`` and a basis, inside a rectangle.
+
+    Parameters
+    ----------
+    a1, a2 : array-like, shape (2,)
+        Cell vectors before rotation, Angstrom.
+    basis : ndarray, shape (k, 2)
+        Basis positions as fractions of ``(a1, a2)``.
+    extent : (x0, x1, y0, y1)
+        Rectangle to fill, Angstrom.
+    rotation_deg : float
+        Rotation of the lattice about the rectangle's centre, degrees counter-clockwise.
+    origin : (x, y)
+        Shift of the lattice origin from the rectangle's centre, Angstrom.
+
+    Returns
+    -------
+    xy : ndarray, shape (n, 2), float64
+        Positions inside the rectangle (edges included), Angstrom; basis site by basis site.
+    site : ndarray, shape (n,), int8
+        Basis index of each point.
+
+    Raises
+    ------
+    ValueError
+        Degenerate (parallel or zero) cell vectors.
+    """
+    a1 = np.asarray(a1, float)
+    a2 = np.asarray(a2, float)
+    area = abs(a1[0] * a2[1] - a1[1] * a2[0])
+    if not area > 0:
+        raise ValueError(f"cell vectors {a1}, {a2} are degenerate")
     x0, x1, y0, y1 = extent
-    a1 = np.array([a, 0.0])
-    a2 = np.array([a / 2, a * math.sqrt(3) / 2])
     c, s = math.cos(math.radians(rotation_deg)), math.sin(math.radians(rotation_deg))
     rot = np.array([[c, -s], [s, c]])
-    radius = math.hypot(x1 - x0, y1 - y0) / 2 + 2 * a
+    longest = max(math.hypot(*a1), math.hypot(*a2))
+    radius = math.hypot(x1 - x0, y1 - y0) / 2 + 2 * longest
     centre = np.array([(x0 + x1) / 2, (y0 + y1) / 2])
-    n = int(radius / (a * math.sqrt(3) / 2)) + 2
+    n = int(radius / (area / longest)) + 2
     i, j = np.meshgrid(np.arange(-n, n + 1), np.arange(-n, n + 1), indexing="ij")
     pts, sites = [], []
     # lattice centred near the middle of the extent, shifted by origin
@@ -91,6 +121,12 @@ def _hex_points(a: float, basis: np.ndarray, extent: tuple[float, float, float, 
     sites = np.concatenate(sites)
     keep = (pts[:, 0] >= x0) & (pts[:, 0] <= x1) & (pts[:, 1] >= y0) & (pts[:, 1] <= y1)
     return pts[keep], sites[keep]
+
+
+def _hex_points(a: float, basis: np.ndarray, extent: tuple[float, float, float, float], rotation_deg: float,
+                origin: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
+    """Points of a hexagonal lattice (constant ``a``) with ``basis`` (fractional), inside ``extent``."""
+    return bravais_points((a, 0.0), (a / 2, a * math.sqrt(3) / 2), basis, extent, rotation_deg, origin)
 
 
 def mos2(extent_A: tuple[float, float, float, float], *, rotation_deg: float = 0.0,

@@ -1,0 +1,66 @@
+"""``beamloop train`` and ``beamloop export``: the segmentation network's commands (torch imported inside only)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+DEFAULT_WORK = "out/unet"
+"""Where ``train`` writes weights, tiles and curves, and ``export`` reads them."""
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    from edge.learn.train import TrainConfig, train
+
+    cfg = TrainConfig(members=a.members, steps=a.steps, batch=a.batch, tiles=a.tiles, tile=a.tile, lr=a.lr,
+                      seed=a.seed, threads=a.threads)
+    info = train(Path(a.out), cfg, progress=not a.quiet)
+    print(f"trained {cfg.members} members in {info['total_seconds']:.0f} s (tiles {info['data_seconds']:.0f} s, "
+          f"members {info['member_seconds']} s); held-out loss {info['final_val_loss']}; "
+          f"curve {Path(a.out) / 'training_curve.png'}")
+    if not a.no_export:
+        return cmd_export(argparse.Namespace(work=a.out, to=a.to, quick=a.quick_eval, quiet=a.quiet))
+    return 0
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    from edge.learn.export import export_all
+
+    manifest = export_all(Path(a.work), Path(a.to) if a.to else None, quick=a.quick, progress=not a.quiet)
+    print(json.dumps({k: manifest[k] for k in ("files", "metrics") if k in manifest}, indent=1))
+    return 0
+
+
+def register(sub) -> None:
+    """Add ``train`` and ``export`` to the ``beamloop`` sub-parsers (see :mod:`edge.cli`)."""
+    t = sub.add_parser("train", help="train the U-Net ensemble on simulated frames (needs the 'train' extra)")
+    t.add_argument("--out", default=DEFAULT_WORK, help="work folder: tiles, weights, history, training curve")
+    t.add_argument("--members", type=int, default=3, help="ensemble members (>= 3 for the shipped model)")
+    t.add_argument("--steps", type=int, default=1500, help="optimiser steps per member")
+    t.add_argument("--batch", type=int, default=10)
+    t.add_argument("--tiles", type=int, default=3000, help="simulated noise-free tiles")
+    t.add_argument("--tile", type=int, default=128, help="tile side, pixels (divisible by 8)")
+    t.add_argument("--lr", type=float, default=3e-3)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--threads", type=int, default=2, help="CPU threads for torch")
+    t.add_argument("--to", default=None, help="export folder (default: the package's edge/models/unet)")
+    t.add_argument("--no-export", action="store_true", help="train only")
+    t.add_argument("--quick-eval", action="store_true", help="fewer held-out frames in the manifest's metrics")
+    t.add_argument("--quiet", action="store_true")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("export", help="export trained members to ONNX FP32/FP16/INT8 with a manifest")
+    e.add_argument("--work", default=DEFAULT_WORK, help="folder written by `beamloop train`")
+    e.add_argument("--to", default=None, help="export folder (default: the package's edge/models/unet)")
+    e.add_argument("--quick", action="store_true", help="fewer held-out frames in the manifest's metrics")
+    e.add_argument("--quiet", action="store_true")
+    e.set_defaults(func=cmd_export)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    p = argparse.ArgumentParser()
+    register(p.add_subparsers(dest="command", required=True))
+    args = p.parse_args()
+    sys.exit(args.func(args))
