@@ -205,8 +205,14 @@ class WindowTrigger(_BaselineTrigger):
 
 
 def make_trigger(kind: str, **kw) -> _BaselineTrigger:
-    """A trigger by name: ``"cusum"`` or ``"window"``; raises ``ValueError`` for another name."""
+    """A trigger by name: ``"cusum"``, ``"window"`` or ``"model"`` (the quantized ejection model shipped in
+    ``edge/models/trigger/``, :class:`edge.trigger_model.ModelTrigger`); raises ``ValueError`` for another
+    name, ``FileNotFoundError`` when the model files are missing."""
+    if kind == "model":
+        from edge.trigger_model import ModelTrigger
+
+        return ModelTrigger(**kw)
     kinds = {"cusum": CusumTrigger, "window": WindowTrigger}
     if kind not in kinds:
-        raise ValueError(f"unknown trigger {kind!r}; expected one of {sorted(kinds)}")
+        raise ValueError(f"unknown trigger {kind!r}; expected one of {sorted(kinds) + ['model']}")
     return kinds[kind](**kw)

@@ -1,0 +1,159 @@
+"""The service-side integer trigger model (edge/trigger_model.py): features, integer arithmetic, streaming,
+bit-exactness of the shipped model with its plain-ONNX graph, and the trigger interface."""
+
+import json
+
+import numpy as np
+import pytest
+
+from edge.trigger import make_trigger
+from edge.trigger_model import MODEL_DIR, FeatureSpec, IntegerMLP, ModelTrigger, load_manifest, window_features
+
+
+def test_features_by_hand():
+    spec = FeatureSpec(window=3, blocks=2, block=2, shift=1, input_bits=4)
+    x = np.array([1, 2, 3, 4, 5, 6, 20, 8], np.uint16)  # history = 3 + 2 * 2 = 7
+    f = window_features(x, spec)
+    # decision at sample 6: window x[4..6] = 5, 6, 20 -> 20 saturates at 15; blocks x[0..1], x[2..3] -> 3>>1, 7>>1
+    # decision at sample 7: window 6, 20, 8 -> 6, 15, 8; blocks x[1..2] = 5 -> 2, x[3..4] = 9 -> 4
+    assert f.tolist() == [[5, 6, 15, 1, 3], [6, 15, 8, 2, 4]]
+    assert window_features(x, spec, np.array([7])).tolist() == [[6, 15, 8, 2, 4]]
+    with pytest.raises(ValueError, match="history"):
+        window_features(x, spec, np.array([5]))
+    with pytest.raises(ValueError, match="integer"):
+        window_features(x.astype(float), spec)
+
+
+def _tiny(tmp_path, spec: FeatureSpec, seed: int = 0, threshold: int = 0):
+    """A random integer network in its own model folder (no training needed for arithmetic tests)."""
+    rng = np.random.default_rng(seed)
+    n = spec.n_features
+    mlp = IntegerMLP([rng.integers(-31, 32, (6, n)), rng.integers(-31, 32, (4, 6)), rng.integers(-31, 32, (1, 4))],
+                     [rng.integers(-500, 500, 6), rng.integers(-500, 500, 4), rng.integers(-500, 500, 1)],
+                     np.array([-4, -3]), np.array([255, 63]), 2.0 ** -7, spec.input_max)
+    mlp.save(tmp_path / "tiny_int.npz")
+    manifest = {"format": 1, "models": {"tiny": {"files": {"integer": "tiny_int.npz"}, "features": spec.as_dict(),
+                                                  "threshold": {"score": threshold}}}}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    return mlp
+
+
+def test_integer_mlp_by_hand():
+    # 2 inputs (0..15) -> 2 hidden (shift -1, 3-bit activations) -> 1 output
+    mlp = IntegerMLP([np.array([[3, -1], [1, 1]]), np.array([[2, -5]])], [np.array([1, -20]), np.array([7])],
+                     np.array([-1]), np.array([7]), 0.25, 15)
+    x = np.array([[4, 2], [10, 0], [0, 9], [4, 40]])
+    # [4,2]: acc = 11, -14 -> a = 5, 0 -> 2*5 + 7 = 17; [10,0]: 31 -> 15 saturates at 7, -10 -> 0 -> 21;
+    # [0,9]: -8 -> 0, -11 -> 0 -> 7; [4,40] is read as [4,15]: -2 -> 0, -1 -> 0 -> 7
+    assert mlp.scores(x).tolist() == [17, 21, 7, 7]
+    with pytest.raises(ValueError, match="length 2"):
+        mlp.scores(np.zeros((1, 3)))
+    with pytest.raises(ValueError, match="chain"):
+        IntegerMLP([np.zeros((2, 2)), np.zeros((1, 3))], [np.zeros(2), np.zeros(1)], np.array([0]), np.array([1]), 1.0,
+                   15)
+
+
+def test_streaming_equals_batch_and_block_splitting(tmp_path):
+    spec = FeatureSpec(window=8, blocks=3, block=4, shift=1)
+    mlp = _tiny(tmp_path, spec)
+    rng = np.random.default_rng(3)
+    x = rng.poisson(9, 3000).astype(np.uint16)
+    t = ModelTrigger("tiny", model_dir=tmp_path)
+    scores = t.stream_scores(x)
+    ref = mlp.scores(window_features(x, spec))
+    assert np.array_equal(scores[spec.history - 1:], ref)
+    assert np.all(scores[:spec.history - 1] < -(2 ** 61))
+    # the trigger fires at the first score >= threshold, however the samples are split into blocks
+    thr = int(np.sort(ref)[-20])
+    expect = int(np.flatnonzero(ref >= thr)[0]) + spec.history - 1
+    for block in (1, 7, 100, 3000):
+        t = ModelTrigger("tiny", model_dir=tmp_path, threshold=thr)
+        fired = [k for k in (t.update(x[a:a + block]) for a in range(0, len(x), block)) if k >= 0]
+        assert len(fired) == 1 and t.trigger_sample == expect and t.triggered
+    assert t.lam0 == pytest.approx(x[:spec.history].mean())
+
+
+def test_expected_rate_prefills_history(tmp_path):
+    spec = FeatureSpec(window=8, blocks=3, block=4, shift=0)
+    _tiny(tmp_path, spec, threshold=-(2 ** 40))  # fires on the first decided sample
+    t = ModelTrigger("tiny", model_dir=tmp_path)
+    t.start(expected_rate=2.5)
+    assert t.lam0 == 2.5
+    assert int(t._ring[:spec.history].sum()) == int(np.floor(spec.history * 2.5))  # running sum follows the rate
+    assert t.update(np.array([3, 3], np.uint16)) == 0 and t.trigger_sample == 0
+    t.start()
+    assert t.update(np.full(spec.history - 1, 3, np.uint16)) == -1  # not enough history yet
+    assert t.update(np.array([3], np.uint16)) == 0 and t.trigger_sample == spec.history - 1
+
+
+def test_bad_input(tmp_path):
+    _tiny(tmp_path, FeatureSpec(window=4, blocks=0))
+    t = ModelTrigger("tiny", model_dir=tmp_path)
+    with pytest.raises(ValueError, match="non-finite"):
+        t.update(np.array([1.0, np.nan]))
+    with pytest.raises(ValueError, match="negative"):
+        t.update(np.array([1, -2]))
+    with pytest.raises(ValueError, match="positive"):
+        t.start(expected_rate=0.0)
+    with pytest.raises(FileNotFoundError, match="manifest"):
+        ModelTrigger(model_dir=tmp_path / "nowhere")
+    with pytest.raises(KeyError):
+        ModelTrigger("absent", model_dir=tmp_path)
+
+
+# the shipped model -------------------------------------------------------------------------------------------
+
+def _shipped_inputs(n_sim: int = 3000, n_random: int = 2000):
+    from quantize.streams import StreamConditions, training_segments
+
+    entry = load_manifest()["models"]["ejection"]
+    spec = FeatureSpec(**entry["features"])
+    segs = training_segments(60, spec.history + 64, (spec.history - 40, spec.history + 64), 0.5, StreamConditions(), 7)
+    sim = np.concatenate([window_features(c, spec) for c in segs.counts])[:n_sim]
+    rnd = np.random.default_rng(8).integers(0, spec.input_max + 1, (n_random, spec.n_features))
+    return entry, np.concatenate([sim, rnd]).astype(np.int64)
+
+
+def test_shipped_model_is_bit_exact_with_its_plain_onnx_graph():
+    import onnxruntime as ort
+
+    entry, x = _shipped_inputs()
+    mlp = IntegerMLP.load(MODEL_DIR / entry["files"]["integer"])
+    sess = ort.InferenceSession(str(MODEL_DIR / entry["files"]["plain_onnx"]), providers=["CPUExecutionProvider"])
+    y = sess.run(None, {sess.get_inputs()[0].name: x.astype(np.float32)})[0].reshape(-1)
+    ref = mlp.scores(x).astype(np.float64) * mlp.output_scale
+    assert len(x) == 5000 and np.array_equal(y.astype(np.float64), ref)
+
+
+def test_shipped_model_detects_an_ejection_on_the_main_jobs_stream():
+    from quantize.streams import StreamConditions, dwell_streams
+
+    st = dwell_streams(20, StreamConditions.clean(), seed=31)
+    t = make_trigger("model")
+    assert isinstance(t, ModelTrigger) and t.name == "model"
+    fired = 0
+    for counts, ev in zip(st.counts, st.event):
+        t.start()
+        for a in range(0, len(counts), 100):  # blocks of 100 samples, as the microscope sends them
+            if t.update(counts[a:a + 100]) >= 0:
+                break
+        assert t.triggered and t.trigger_sample >= ev, "false trigger before the ejection"
+        assert t.trigger_sample - ev < 100
+        assert t.lam0 == pytest.approx(7.5, rel=0.1)
+        fired += 1
+    assert fired == 20
+
+
+def test_shipped_4d_stem_trigger_is_bit_exact_with_its_plain_onnx_graph():
+    import onnxruntime as ort
+
+    from quantize.fourd import exactness_inputs
+
+    entry = load_manifest()["models"]["fourd_column"]
+    x = exactness_inputs(entry["input"]["shape"][0], entry["input"]["input_bits"], seed=21)
+    mlp = IntegerMLP.load(MODEL_DIR / entry["files"]["integer"])
+    sess = ort.InferenceSession(str(MODEL_DIR / entry["files"]["plain_onnx"]), providers=["CPUExecutionProvider"])
+    y = sess.run(None, {sess.get_inputs()[0].name: x.astype(np.float32)})[0].reshape(-1)
+    scores = mlp.scores(x)
+    assert len(x) >= 4000 and np.array_equal(y.astype(np.float64), scores * mlp.output_scale)
+    assert 0.05 < np.mean(scores >= entry["threshold"]["score"]) < 0.95  # it does tell patterns apart
