@@ -10,20 +10,26 @@ Gatan DigiScan, JEOL PyJEM and the Open Beam Interface):
                        frame; its id names the frame that later positions refer to
 ``set_probe``          ``x``, ``y`` (fractions of the frame), ``frame_id``: park the probe there
 ``blank``              ``on``: blank (true) or unblank (false) the beam
+``heartbeat``          no arguments: the client is alive (feeds the controller's watchdog)
 ``queue_points``       ``points [[x, y], ...]``, ``dwell_us``, ``signal``, ``blank_between``: visit
                        points one after another; ``fetch_points`` / ``abort_points`` by ``queue_id``
 =====================  ==========================================================================
 
 Wire format: every request is one ZeroMQ message holding the CBOR map ``{"call": name, "seq": n,
-"args": {...}}``; every reply is ``{"seq": n, "ok": true, "result": {...}}`` or ``{"seq": n, "ok":
+"args": {...}, "client": id}`` (``client``, optional, is the client's random id: with ``seq`` it lets the
+server apply a retried request once); every reply is ``{"seq": n, "ok": true, "result": {...}}`` or ``{"seq": n, "ok":
 false, "error": code, "message": text}``. Replies echo what was applied (e.g. the position the probe was
 actually parked at). Error codes: ``out_of_range`` (a position or parameter outside its limits),
 ``stale_frame`` (a position refers to a frame that is no longer current), ``busy`` (the controller is
 doing something that this call would disturb), ``bad_request`` (malformed), ``unknown_call``,
-``internal``; the client adds ``timeout``.
+``internal``, ``rate_limited`` (too many requests per second), ``stale_seq`` (a sequence number older
+than one already applied); the client adds ``timeout``.
 
 Safety: :class:`BridgeClient` validates every beam position before sending it (finite, inside the
-frame, frame id current) and never sends one that fails; the server validates again.
+frame, frame id current) and never sends one that fails; the server validates again, and enforces the
+rules of :mod:`edge.safety` (dwell and dose limits, rate limit, sequence numbers, watchdog) before any
+handler runs. Security: with keys (:mod:`edge.keys`) both ends use CURVE authentication and
+encryption; a server without keys binds only to loopback or host-local endpoints.
 """
 
 from __future__ import annotations
@@ -31,14 +37,23 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
+import uuid
 
 import cbor2
 import zmq
 
+from edge.keys import Authenticator, ClientKeys, ServerKeys, check_bind, secure_client_socket, secure_server_socket
 from edge.scanframe import BeamPositionError, ScanFrame, check_fraction
 
-ERROR_CODES = ("out_of_range", "stale_frame", "busy", "bad_request", "unknown_call", "internal", "timeout")
+if TYPE_CHECKING:
+    from edge.safety import BeamSafety
+
+ERROR_CODES = ("out_of_range", "stale_frame", "busy", "bad_request", "unknown_call", "internal", "rate_limited",
+               "stale_seq", "timeout")
+
+MAX_CLIENT_ID = 64
+"""Longest client id (characters) a request may carry."""
 
 
 class BridgeError(RuntimeError):
@@ -66,18 +81,33 @@ class BridgeTimeout(BridgeError):
         super().__init__("timeout", f"no reply within {timeout_ms} ms", call)
 
 
-def encode_request(call: str, seq: int, args: Mapping) -> bytes:
-    """CBOR bytes of a request."""
-    return cbor2.dumps({"call": call, "seq": int(seq), "args": dict(args)})
+def encode_request(call: str, seq: int, args: Mapping, client: str | None = None) -> bytes:
+    """CBOR bytes of a request (``client``: the sender's id, see the module docstring)."""
+    msg = {"call": call, "seq": int(seq), "args": dict(args)}
+    if client is not None:
+        msg["client"] = str(client)
+    return cbor2.dumps(msg)
 
 
-def decode_request(buf: bytes) -> tuple[str, int, dict]:
-    """Decode a request into ``(call, seq, args)``.
+@dataclass(frozen=True)
+class Request:
+    """A decoded request: ``call`` name, sequence number ``seq``, ``args`` map, sender id ``client``
+    (None when the request carries none)."""
+
+    call: str
+    seq: int
+    args: dict
+    client: str | None = None
+
+
+def decode_envelope(buf: bytes) -> Request:
+    """Decode a request with every field.
 
     Raises
     ------
     BridgeError
-        (``bad_request``) not CBOR, not a map, or ``call`` / ``seq`` / ``args`` missing or mistyped.
+        (``bad_request``) not CBOR, not a map, ``call`` / ``seq`` / ``args`` missing or mistyped, or a
+        ``client`` that is not text of at most :data:`MAX_CLIENT_ID` characters.
     """
     try:
         msg = cbor2.loads(buf, max_depth=16, allow_duplicate_keys=False)
@@ -85,10 +115,24 @@ def decode_request(buf: bytes) -> tuple[str, int, dict]:
         raise BridgeError("bad_request", f"request is not valid CBOR ({type(exc).__name__}: {exc})") from None
     if not isinstance(msg, dict):
         raise BridgeError("bad_request", f"request is a {type(msg).__name__}, expected a map")
-    call, seq, args = msg.get("call"), msg.get("seq"), msg.get("args", {})
+    call, seq, args, client = msg.get("call"), msg.get("seq"), msg.get("args", {}), msg.get("client")
     if not isinstance(call, str) or not isinstance(seq, int) or isinstance(seq, bool) or not isinstance(args, dict):
         raise BridgeError("bad_request", "request needs call (text), seq (integer) and args (map)")
-    return call, seq, args
+    if client is not None and not (isinstance(client, str) and 0 < len(client) <= MAX_CLIENT_ID):
+        raise BridgeError("bad_request", f"request client id must be text of 1 to {MAX_CLIENT_ID} characters")
+    return Request(call, seq, args, client)
+
+
+def decode_request(buf: bytes) -> tuple[str, int, dict]:
+    """Decode a request into ``(call, seq, args)`` (:func:`decode_envelope` without the client id).
+
+    Raises
+    ------
+    BridgeError
+        (``bad_request``) as :func:`decode_envelope`.
+    """
+    req = decode_envelope(buf)
+    return req.call, req.seq, req.args
 
 
 def encode_reply(seq: int, result: Mapping | None = None, error: BridgeError | None = None) -> bytes:
@@ -107,9 +151,9 @@ def decode_reply(buf: bytes, call: str) -> tuple[int, dict]:
         The reply carries an error (its code), or is malformed (``bad_request``).
     """
     try:
-        msg = cbor2.loads(buf)
+        msg = cbor2.loads(buf, max_depth=16)
     except Exception as exc:
-        raise BridgeError("bad_request", f"reply is not valid CBOR ({exc})", call) from None
+        raise BridgeError("bad_request", f"reply is not valid CBOR ({type(exc).__name__}: {exc})", call) from None
     if not isinstance(msg, dict) or not isinstance(msg.get("seq"), int) or not isinstance(msg.get("ok"), bool):
         raise BridgeError("bad_request", "reply needs seq (integer) and ok (boolean)", call)
     if not msg["ok"]:
@@ -142,12 +186,15 @@ class BeamLogEntry:
 
 @dataclass
 class BridgeCounters:
-    """Calls made, refused by the client before sending, refused by the server, and timed out."""
+    """Calls made, refused by the client before sending, refused by the server, timed out, resent after a
+    timeout (``retries``), and heartbeats sent (not in ``calls`` nor in the log)."""
 
     calls: int = 0
     rejected_before_send: int = 0
     errors: int = 0
     timeouts: int = 0
+    retries: int = 0
+    heartbeats: int = 0
 
 
 class BridgeClient:
@@ -163,6 +210,11 @@ class BridgeClient:
     context : zmq.Context, optional
     on_round_trip : callable(call, rtt_ns), optional
         Called after every answered call (for latency statistics).
+    retries : int
+        Times a call that timed out is sent again, with the same sequence number, on the reopened
+        socket; the server applies it once (:mod:`edge.safety`). 0: a timeout raises at once.
+    keys : ClientKeys, optional
+        CURVE keys (:mod:`edge.keys`); required by a server that has keys.
 
     Attributes
     ----------
@@ -171,12 +223,21 @@ class BridgeClient:
     log : list of BeamLogEntry
         Every call, including those refused before sending.
     counters : BridgeCounters
+    client_id : str
+        Random id sent with every request (for the server's sequence numbers and watchdog).
+    last_sent : float
+        ``time.monotonic()`` of the last request sent (0 before the first).
     """
 
     def __init__(self, endpoint: str, *, timeout_ms: int = 2000, context: zmq.Context | None = None,
-                 on_round_trip: Callable[[str, int], None] | None = None) -> None:
+                 on_round_trip: Callable[[str, int], None] | None = None, retries: int = 0,
+                 keys: ClientKeys | None = None) -> None:
         self.endpoint = endpoint
         self.timeout_ms = int(timeout_ms)
+        self.retries = max(int(retries), 0)
+        self.keys = keys
+        self.client_id = uuid.uuid4().hex
+        self.last_sent = 0.0
         self._ctx = context or zmq.Context.instance()
         self._sock: zmq.Socket | None = None
         self._seq = 0
@@ -191,6 +252,8 @@ class BridgeClient:
             self._sock.close(linger=0)
         self._sock = self._ctx.socket(zmq.REQ)
         self._sock.setsockopt(zmq.LINGER, 0)
+        if self.keys is not None:
+            secure_client_socket(self._sock, self.keys)
         self._sock.connect(self.endpoint)
 
     def close(self) -> None:
@@ -212,20 +275,39 @@ class BridgeClient:
         Raises
         ------
         BridgeTimeout
-            No reply within ``timeout_ms`` (the socket is reopened; the call may or may not have run).
+            No reply within ``timeout_ms``, after ``retries`` resends (the socket is reopened; the call
+            may or may not have run, and ran at most once).
         BridgeError
             The server refused the call (its error code) or replied with garbage.
         """
-        self._seq += 1
-        seq = self._seq
         entry = BeamLogEntry(time.monotonic_ns(), call, dict(args), True, False)
         self.log.append(entry)
         self.counters.calls += 1
+        return self._exchange(call, args, entry)
+
+    def heartbeat(self) -> dict:
+        """Tell the scan controller's watchdog that this client is alive; returns ``{"watchdog_s", "armed"}``.
+
+        Not written to :attr:`log`; counted in ``counters.heartbeats``. Raises as :meth:`call`.
+        """
+        self.counters.heartbeats += 1
+        return self._exchange("heartbeat", {}, BeamLogEntry(time.monotonic_ns(), "heartbeat", {}, True, False))
+
+    def _exchange(self, call: str, args: dict, entry: BeamLogEntry) -> dict:
+        self._seq += 1
+        seq = self._seq
+        request = encode_request(call, seq, args, self.client_id)
         t0 = time.perf_counter_ns()
-        self._sock.send(encode_request(call, seq, args))
-        if not self._sock.poll(self.timeout_ms, zmq.POLLIN):
+        for attempt in range(self.retries + 1):
+            if attempt:
+                self.counters.retries += 1
+            self.last_sent = time.monotonic()
+            self._sock.send(request)
+            if self._sock.poll(self.timeout_ms, zmq.POLLIN):
+                break
             self.counters.timeouts += 1
             self._connect()
+        else:
             entry.error, entry.message = "timeout", f"no reply within {self.timeout_ms} ms"
             raise BridgeTimeout(call, self.timeout_ms)
         buf = self._sock.recv()
@@ -300,7 +382,8 @@ class BridgeClient:
         return self.call("set_probe", x=fx, y=fy, frame_id=int(frame_id))
 
     def blank(self, on: bool) -> dict:
-        """Blank (``True``) or unblank (``False``) the beam; returns ``{"blanked": bool}``."""
+        """Blank (``True``) or unblank (``False``) the beam; returns ``{"blanked": bool}`` (and what else the
+        controller reports)."""
         return self.call("blank", on=bool(on))
 
     def queue_points(self, points, dwell_us: float, frame_id: int, signal: str = "haadf",
@@ -334,56 +417,103 @@ class BridgeClient:
 class BridgeServer:
     """Server side of the control bridge: a REP socket dispatching calls to handler functions.
 
+    Every request passes :class:`edge.safety.BeamSafety` first (positions, dwell and dose limits, rate
+    limit, sequence numbers); a retried request gets its first reply again without running twice.
+    Every call of :meth:`handle_one` also runs the watchdog and the parked-beam time limit.
+
     Parameters
     ----------
     endpoint : str
-        Endpoint to bind.
+        Endpoint to bind. Without ``keys`` only local endpoints are allowed (:func:`edge.keys.check_bind`).
     handlers : mapping call name -> callable(args: dict) -> dict
         A handler returns the result map or raises :class:`BridgeError` (or
         :class:`~edge.scanframe.BeamPositionError`, mapped to its code); any other exception becomes
-        an ``internal`` error reply and the server goes on.
+        an ``internal`` error reply and the server goes on. ``heartbeat`` is added when absent.
     context : zmq.Context, optional
+        Ignored with ``keys``: a secured server has a context of its own (one authenticator per context).
+    safety : BeamSafety, optional
+        The controller's safety rules; by default :class:`~edge.safety.BeamSafety` with default limits
+        and no way to blank (so no watchdog action): controllers pass their own.
+    keys : ServerKeys, optional
+        CURVE keys; clients must present a public key from ``keys.authorized_dir``.
+
+    Raises
+    ------
+    edge.keys.InsecureBindError
+        A network-reachable endpoint without keys.
+    zmq.ZMQError
+        The endpoint cannot be bound.
     """
 
     def __init__(self, endpoint: str, handlers: Mapping[str, Callable[[dict], dict]],
-                 context: zmq.Context | None = None) -> None:
-        self._ctx = context or zmq.Context.instance()
+                 context: zmq.Context | None = None, *, safety: "BeamSafety | None" = None,
+                 keys: ServerKeys | None = None) -> None:
+        from edge.safety import BeamSafety
+
+        check_bind(endpoint, keys)
+        self._own_ctx = keys is not None
+        self._ctx = zmq.Context() if keys is not None else (context or zmq.Context.instance())
+        self._auth = Authenticator(self._ctx, keys) if keys is not None else None
         self.socket = self._ctx.socket(zmq.REP)
         self.socket.setsockopt(zmq.LINGER, 0)
+        if keys is not None:
+            secure_server_socket(self.socket, keys)
         self.socket.bind(endpoint)
         self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.keys = keys
+        self.safety = safety or BeamSafety()
         self.handlers = dict(handlers)
+        self.handlers.setdefault("heartbeat", self.safety.heartbeat)
         self.requests = 0
         self.errors = 0
         self.last_error = ""
 
     def close(self) -> None:
-        """Close the socket."""
+        """Close the socket (and the authenticator and context of a secured server)."""
         self.socket.close(linger=0)
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
+        if self._own_ctx:
+            self._ctx.term()
+            self._own_ctx = False
 
     def handle_one(self, timeout_ms: int = 0) -> bool:
-        """Serve one request if one arrives within ``timeout_ms``; return whether one was served."""
+        """Serve one request if one arrives within ``timeout_ms``; return whether one was served.
+
+        The watchdog and the parked-beam time limit run first, whether a request comes or not.
+        """
+        self.safety.poll()
         if not self.socket.poll(timeout_ms, zmq.POLLIN):
             return False
         buf = self.socket.recv()
         self.requests += 1
-        seq = -1
+        req = None
         try:
-            call, seq, args = decode_request(buf)
-            handler = self.handlers.get(call)
-            if handler is None:
-                raise BridgeError("unknown_call", f"no call named {call!r}; known: {sorted(self.handlers)}", call)
-            reply = encode_reply(seq, handler(args))
+            req = decode_envelope(buf)
+            reply = self.safety.admit(req.client, req.seq, req.call, req.args)
+            if reply is None:
+                handler = self.handlers.get(req.call)
+                if handler is None:
+                    raise BridgeError("unknown_call", f"no call named {req.call!r}; known: {sorted(self.handlers)}",
+                                      req.call)
+                result = handler(req.args)
+                reply = encode_reply(req.seq, result)
+                self.safety.applied(req.client, req.call, req.args, result)
+                self.safety.remember(req.client, req.seq, reply)
         except BridgeError as exc:
-            reply = self._error(seq, exc)
+            reply = self._error(req, exc)
         except BeamPositionError as exc:
-            reply = self._error(seq, BridgeError(exc.code, str(exc)))
+            reply = self._error(req, BridgeError(exc.code, str(exc)))
         except Exception as exc:  # a handler bug must not take the scan controller down
-            reply = self._error(seq, BridgeError("internal", f"{type(exc).__name__}: {exc}"))
+            reply = self._error(req, BridgeError("internal", f"{type(exc).__name__}: {exc}"))
         self.socket.send(reply)
         return True
 
-    def _error(self, seq: int, exc: BridgeError) -> bytes:
+    def _error(self, req: Request | None, exc: BridgeError) -> bytes:
         self.errors += 1
         self.last_error = str(exc)
-        return encode_reply(seq, error=exc)
+        reply = encode_reply(-1 if req is None else req.seq, error=exc)
+        if req is not None and exc.code != "stale_seq":
+            self.safety.remember(req.client, req.seq, reply)
+        return reply

@@ -224,6 +224,7 @@ def run(out: Path, *, rounds: int = 3, shape: tuple[int, int] = (256, 256), pixe
                 except BridgeError as exc:
                     service.stats.note(f"no ground truth for frame {rec.scan.frame_id}: {exc}")
             events = bridge.call("sim_events")["events"]
+            safety = bridge.get_state().get("safety", {})
             try:
                 bridge.blank(True)
                 bridge.call("shutdown")
@@ -259,6 +260,7 @@ def run(out: Path, *, rounds: int = 3, shape: tuple[int, int] = (256, 256), pixe
                           "scan": sum(e["type"] == "ejection" and e.get("cause") == "scan" for e in events)},
         "stream_counters": counters,
         "bridge_counters": asdict(bridge.counters),
+        "safety": safety,
         "service": {"frame_errors": service.stats.frame_errors, "protocol_errors": service.stats.protocol_errors,
                     "errors": service.stats.errors[-10:]},
     }
@@ -279,4 +281,8 @@ def run(out: Path, *, rounds: int = 3, shape: tuple[int, int] = (256, 256), pixe
     (out / "report.json").write_text(json.dumps(report, indent=2, default=float))
     if not quiet:
         print_report(latency, accuracy, per_frame, trig, verify, events, counters, service.stats, out)
+        sc = safety.get("counters", {})
+        print(f"beam safety: {bridge.counters.heartbeats} heartbeats sent, watchdog trips {sc.get('watchdog_trips')}, "
+              f"dwell-limit blanks {sc.get('dwell_limit_blanks')}, refused positions "
+              f"{sc.get('refused_position', 0) + sc.get('refused_stale_frame', 0)}, rate limited {sc.get('rate_limited')}")
     return report

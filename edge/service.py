@@ -3,11 +3,16 @@
 :class:`EdgeService` owns the receiver, the frame pipeline (:mod:`edge.pipeline`), the bridge client and
 the trigger. :meth:`EdgeService.next_frame` is receive -> decode -> pipeline; :meth:`EdgeService.dwell`
 is bridge -> trigger for one target. Experiments (:mod:`edge.experiment`) combine the two.
+
+While it waits for messages the service sends the scan controller a ``heartbeat`` whenever the bridge
+has been silent for ``heartbeat_s``, so that the controller's watchdog (:mod:`edge.safety`) blanks the
+beam only when the service has really stopped.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -70,6 +75,7 @@ class ServiceStats:
     frame_errors: int = 0
     protocol_errors: int = 0
     skipped_messages: int = 0
+    heartbeat_errors: int = 0
     errors: list = field(default_factory=list)
 
     def note(self, text: str) -> None:
@@ -93,14 +99,20 @@ class EdgeService:
     trigger_options : dict, optional
     latency : LatencyRecorder, optional
         Shared with the pipeline; a new one by default.
+    heartbeat_s : float or None
+        Send a ``heartbeat`` when the bridge has been silent this long, seconds (checked while waiting
+        for messages); None: never. Keep it well below the controller's watchdog period (1 s for the
+        simulated microscope). A controller that does not know the call turns heartbeats off.
     """
 
     def __init__(self, receiver: FrameReceiver, pipeline: FramePipeline, bridge: BridgeClient | None = None,
                  trigger: str = "cusum", trigger_options: dict | None = None,
-                 latency: LatencyRecorder | None = None) -> None:
+                 latency: LatencyRecorder | None = None, heartbeat_s: float | None = 0.25) -> None:
         self.receiver = receiver
         self.pipeline = pipeline
         self.bridge = bridge
+        self.heartbeat_s = heartbeat_s if bridge is not None else None
+        self._no_beat_before = 0.0
         self.latency = latency or pipeline.latency or LatencyRecorder()
         pipeline.latency = self.latency
         self.trigger = make_trigger(trigger, **(trigger_options or {}))
@@ -111,8 +123,31 @@ class EdgeService:
     def _record_round_trip(self, call: str, ns: int) -> None:
         self.latency.add("bridge" if call in BEAM_CALLS else f"bridge:{call}", ns)
 
+    # heartbeats ------------------------------------------------------------------------------------
+    def _next_beat(self) -> float:
+        """``time.monotonic()`` when the next heartbeat is due."""
+        return max(self.bridge.last_sent + self.heartbeat_s, self._no_beat_before)
+
+    def beat_if_due(self) -> None:
+        """Send a heartbeat if the bridge has been silent for ``heartbeat_s``; never raises.
+
+        A failed heartbeat is counted (``stats.heartbeat_errors``) and the next is tried ``heartbeat_s``
+        later; ``unknown_call`` turns heartbeats off (a controller without a watchdog).
+        """
+        if self.heartbeat_s is None or time.monotonic() < self._next_beat():
+            return
+        try:
+            self.bridge.heartbeat()
+        except BridgeError as exc:
+            self.stats.heartbeat_errors += 1
+            self.stats.note(f"heartbeat failed: {exc}")
+            self._no_beat_before = time.monotonic() + self.heartbeat_s
+            if exc.code == "unknown_call":
+                log.warning("the scan controller has no heartbeat call (no watchdog); heartbeats off")
+                self.heartbeat_s = None
+
     # receive -> pipeline -------------------------------------------------------------------------
-    def _recv(self, timeout_ms: int):
+    def _recv_once(self, timeout_ms: int):
         try:
             return self.receiver.recv(timeout_ms)
         except ProtocolError as exc:
@@ -120,6 +155,20 @@ class EdgeService:
             self.stats.note(str(exc))
             log.warning("stream: %s", exc)
             return False
+
+    def _recv(self, timeout_ms: int):
+        """Next message within ``timeout_ms`` (None when none; False for a rejected one), sending
+        heartbeats while waiting."""
+        deadline = time.monotonic() + timeout_ms / 1000
+        while True:
+            self.beat_if_due()
+            now = time.monotonic()
+            wait = deadline - now
+            if self.heartbeat_s is not None:
+                wait = min(wait, self._next_beat() - now)
+            ev = self._recv_once(max(math.ceil(wait * 1000), 0))
+            if ev is not None or time.monotonic() >= deadline:
+                return ev
 
     def next_frame(self, timeout_ms: int = 5000) -> tuple[Frame, FrameResult, ScanFrame | None] | None:
         """Receive the next scanned frame and run the pipeline on it.

@@ -14,7 +14,8 @@ the specimen too: each S atom survives a frame with probability ``exp(-sigma * d
 is a model parameter (default 1 barn), not a measured value.
 
 Ground truth (column positions and classes of every frame, every ejection with its sample index) is
-available through the simulator-only calls ``sim_ground_truth`` and ``sim_events``.
+available through the simulator-only calls ``sim_ground_truth`` and ``sim_events``; ``sim_fresh_area``
+puts back every atom removed so far (as moving to a fresh area of the same crystal, for long runs).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ import numpy as np
 import zmq
 
 from edge.bridge import BridgeError, BridgeServer
+from edge.keys import ServerKeys
+from edge.safety import BeamSafety, SafetyLimits
 from edge.scanframe import BeamPositionError, ScanFrame, check_fraction
 from edge.sim import distortion as dist
 from edge.sim import lattice
@@ -73,7 +76,18 @@ class MicroscopeConfig:
     probe_sigma_A : float
         Standard deviation of the probe's current density, Angstrom.
     max_park_s : float
-        The beam is blanked after this long unblanked at one position (a safety limit).
+        The beam is blanked after this long unblanked at one position, and no queued point may dwell
+        longer (:class:`edge.safety.SafetyLimits` ``max_point_dwell_s``).
+    max_point_electrons : float or None
+        Dose limit per probe position, electrons (None: none).
+    watchdog_s : float or None
+        The bridge's watchdog: once a client has moved or unblanked the beam, silence for this long
+        blanks it (or parks it, ``on_watchdog="park"``, at ``safe_position``). None disables it.
+    on_watchdog : {"blank", "park"}
+    safe_position : (x, y)
+        Fractions of the current frame for ``on_watchdog="park"``.
+    keys : ServerKeys or None
+        CURVE keys of the bridge (:mod:`edge.keys`); needed to bind it to a non-loopback address.
     scan_damage : bool
         Whether scanning a frame ejects atoms.
     encoding : {"raw", "lz4"}
@@ -97,6 +111,11 @@ class MicroscopeConfig:
     cross_section_barn: float = 1.0
     probe_sigma_A: float = 0.35
     max_park_s: float = 10.0
+    max_point_electrons: float | None = None
+    watchdog_s: float | None = 1.0
+    on_watchdog: str = "blank"
+    safe_position: tuple[float, float] = (0.0, 0.0)
+    keys: ServerKeys | None = None
     scan_damage: bool = True
     encoding: str = "raw"
 
@@ -142,6 +161,7 @@ class SimulatedMicroscope:
         self.specimen = lattice.mos2((-half, half, -half, half), rotation_deg=rot,
                                      origin_A=tuple(self.rng.uniform(-1, 1, 2)))
         lattice.add_point_defects(self.specimen, self.rng, s_mono=cfg.s_mono, s_di=cfg.s_di, mo_vacancy=cfg.mo_vacancy)
+        self._initial_counts = self.specimen.counts.copy()
         self.imager = FrameSimulator(self.specimen, self.rng, blur_sigma_A=cfg.blur_sigma_A,
                                      background_fraction=cfg.background_fraction,
                                      distortion_scale=cfg.distortion_scale)
@@ -150,6 +170,11 @@ class SimulatedMicroscope:
         self.sender = FrameSender(cfg.frames, bind=True, encoding=cfg.encoding, context=self._ctx,
                                   send_timeout_ms=200)
         self.dropped_messages = 0
+        limits = SafetyLimits(max_point_dwell_s=cfg.max_park_s, max_point_electrons=cfg.max_point_electrons,
+                              current_pA=cfg.current_pA, max_pixel_dwell_us=cfg.LIMITS["dwell_us"][1],
+                              watchdog_s=cfg.watchdog_s, on_watchdog=cfg.on_watchdog,
+                              safe_position=tuple(cfg.safe_position))
+        self.safety = BeamSafety(limits, blank=self._safety_blank, park=self._safety_park)
         self.server = BridgeServer(cfg.control, {
             "get_capabilities": self._get_capabilities,
             "get_state": self._get_state,
@@ -161,8 +186,9 @@ class SimulatedMicroscope:
             "abort_points": self._abort_points,
             "sim_ground_truth": self._sim_ground_truth,
             "sim_events": self._sim_events,
+            "sim_fresh_area": self._sim_fresh_area,
             "shutdown": self._shutdown,
-        }, context=self._ctx)
+        }, context=self._ctx, safety=self.safety, keys=cfg.keys)
         self.frames_endpoint = self.sender.endpoint
         self.control_endpoint = self.server.endpoint
         self.electrons_per_s = electrons_per_second(cfg.current_pA)
@@ -225,6 +251,7 @@ class SimulatedMicroscope:
             "parked_stream": {"sample_time_us": self.config.sample_time_us,
                               "block_samples": self.config.block_samples},
             "current_pA": self.config.current_pA,
+            "safety": self.safety.state()["limits"],
             "simulated": True,
         }
 
@@ -236,6 +263,7 @@ class SimulatedMicroscope:
             "blanked": self.blanked,
             "probe_position": None if self.park is None else [self.park[2], self.park[3]],
             "queue_id": None if self.queue is None else self.queue["id"],
+            "safety": self.safety.state(),
         }
 
     def _check_idle(self) -> None:
@@ -251,7 +279,7 @@ class SimulatedMicroscope:
             fov = tuple(float(v) for v in args["fov_nm"])
             dwell = float(args.get("dwell_us", 10.0))
             channels = list(args.get("channels", ["haadf"]))
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise BridgeError("bad_request", f"acquire_frame needs shape [rows, cols], fov_nm [h, w], dwell_us: {exc}")
         if not (lo <= rows <= hi and lo <= cols <= hi):
             raise BridgeError("out_of_range", f"frame size {rows}x{cols} outside [{lo}, {hi}]")
@@ -358,8 +386,7 @@ class SimulatedMicroscope:
             raise BridgeError("bad_request", f"queue_points needs points, dwell_us and frame_id: {exc}")
         if not pts:
             raise BridgeError("bad_request", "queue_points got no points")
-        if not (math.isfinite(dwell_us) and 0 < dwell_us <= self.config.max_park_s * 1e6):
-            raise BridgeError("out_of_range", f"dwell {dwell_us} us outside (0, {self.config.max_park_s * 1e6:g}]")
+        # the dwell and dose per point were checked by self.safety before this handler ran
         checked = [self._check_position({"x": x, "y": y, "frame_id": fid})[:2] for x, y in pts]
         qid = len(self._queues) + 1
         n = max(int(round(dwell_us / self.config.sample_time_us)), 1)
@@ -371,6 +398,8 @@ class SimulatedMicroscope:
         return {"queue_id": qid, "points": len(checked), "samples_per_point": n}
 
     def _queue_state(self, qid) -> dict:
+        if not isinstance(qid, int) or isinstance(qid, bool):
+            raise BridgeError("bad_request", f"queue_id must be an integer, got {qid!r}")
         q = self._queues.get(qid)
         if q is None:
             raise BridgeError("out_of_range", f"no point queue {qid!r}")
@@ -389,6 +418,8 @@ class SimulatedMicroscope:
 
     def _sim_ground_truth(self, args: dict) -> dict:
         fid = args.get("frame_id")
+        if not isinstance(fid, int) or isinstance(fid, bool):
+            raise BridgeError("bad_request", f"sim_ground_truth needs frame_id (integer), got {fid!r}")
         if self._pending_scan is not None and self._pending_scan.frame_id == fid:
             self._scan(self._pending_scan)
             self._pending_scan = None
@@ -401,8 +432,15 @@ class SimulatedMicroscope:
                 "dose_e_per_A2": fr.dose_e_per_A2, "distortion": asdict(fr.distortion)}
 
     def _sim_events(self, args: dict) -> dict:
-        since = int(args.get("since", 0))
+        since = args.get("since", 0)
+        if not isinstance(since, int) or isinstance(since, bool):
+            raise BridgeError("bad_request", f"sim_events: since must be an integer, got {since!r}")
         return {"events": self.events[since:], "next": len(self.events)}
+
+    def _sim_fresh_area(self, args: dict) -> dict:
+        restored = int((self._initial_counts - self.specimen.counts).sum())
+        self.specimen.counts[:] = self._initial_counts
+        return {"restored_atoms": restored}
 
     def _shutdown(self, args: dict) -> dict:
         self._running = False
@@ -472,9 +510,6 @@ class SimulatedMicroscope:
             self._next_block += block_s
             if d.max_samples is not None and d.samples >= d.max_samples:
                 self._end_point()
-            elif time.monotonic() - d.started > cfg.max_park_s:
-                self._end_dwell("max_park_time")
-                self.blanked = True
 
     def _parked_samples(self, d: _Dwell, n: int) -> np.ndarray:
         """``n`` samples of detector counts at the parked probe, with ejections along the way."""
@@ -515,6 +550,33 @@ class SimulatedMicroscope:
         d.samples += n
         d.counts_sum += int(counts.sum())
         return counts
+
+    # safety actions (called by self.safety: watchdog, parked-beam time limit) ----------------------
+    def _safety_blank(self, reason: str) -> None:
+        """Blank the beam now, ending a running point queue or parked series (``reason`` in the event)."""
+        if self.queue is not None and self.queue["state"] == "running":
+            self._finish_queue(reason)
+        self._end_dwell(reason)
+        self.blanked = True
+        self.events.append({"type": "safety", "action": "blank", "reason": reason, "t_ns": time.monotonic_ns()})
+
+    def _safety_park(self, fx: float, fy: float) -> None:
+        """Park the probe at fractions ``(fx, fy)`` of the current frame, keeping the blanker as it is
+        (a scanned-but-not-yet-rendered frame is rendered first)."""
+        if self._pending_scan is not None:
+            self._scan(self._pending_scan)
+            self._pending_scan = None
+        if self.queue is not None and self.queue["state"] == "running":
+            was_blanked = self.blanked
+            self._finish_queue("watchdog")
+            self.blanked = was_blanked
+        self._end_dwell("watchdog")
+        fid = self.frame.frame_id
+        x, y = self._position(fx, fy, fid)
+        self.park = (x, y, fx, fy, fid)
+        if not self.blanked:
+            self._start_dwell(None)
+        self.events.append({"type": "safety", "action": "park", "position": [fx, fy], "t_ns": time.monotonic_ns()})
 
     # point queues --------------------------------------------------------------------------------
     def _next_queue_point(self) -> None:

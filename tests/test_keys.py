@@ -1,0 +1,111 @@
+"""CURVE keys for the control bridge (edge/keys.py): key files, the bind rule, authenticated and encrypted calls."""
+
+import stat
+import threading
+
+import pytest
+import zmq
+
+from edge.bridge import BridgeClient, BridgeServer, BridgeTimeout
+from edge.cli import main
+from edge.keys import (ClientKeys, InsecureBindError, KeyFileError, ServerKeys, authorize, check_bind,
+                       create_key_pair, is_local_endpoint)
+from edge.scanframe import ScanFrame
+
+pytestmark = pytest.mark.skipif(not zmq.has("curve"), reason="this libzmq has no CURVE support")
+
+
+@pytest.fixture
+def keydir(tmp_path):
+    assert main(["keys", "create", "server", "client", "intruder", "--dir", str(tmp_path)]) == 0
+    assert main(["keys", "authorize", str(tmp_path / "client.key"), "--dir", str(tmp_path / "authorized")]) == 0
+    return tmp_path
+
+
+def test_key_files(keydir):
+    for name in ("server", "client", "intruder"):
+        assert stat.S_IMODE((keydir / f"{name}.key_secret").stat().st_mode) == 0o600
+        pub = (keydir / f"{name}.key").read_text()
+        assert "secret-key" not in pub and "public-key" in pub
+    assert sorted(p.name for p in (keydir / "authorized").iterdir()) == ["client.key"]
+    s = ServerKeys.load(keydir / "server.key_secret", keydir / "authorized")
+    c = ClientKeys.load(keydir / "client.key_secret", keydir / "server.key")
+    assert c.server_public == s.public and len(s.secret) == 40 and c.public != s.public
+    # what must not happen
+    with pytest.raises(KeyFileError, match="exists already"):
+        create_key_pair(keydir, "server")
+    with pytest.raises(KeyFileError, match="secret key file"):
+        authorize(keydir / "client.key_secret", keydir / "authorized")
+    with pytest.raises(KeyFileError, match="no secret"):
+        ClientKeys.load(keydir / "client.key", keydir / "server.key")
+    with pytest.raises(KeyFileError, match="no such key file"):
+        ServerKeys.load(keydir / "nobody.key_secret", keydir / "authorized")
+    with pytest.raises(KeyFileError, match="authorized"):
+        ServerKeys.load(keydir / "server.key_secret", keydir / "empty")
+    with pytest.raises(KeyFileError, match="plain file name"):
+        create_key_pair(keydir, "../x")
+    (keydir / "junk.key").write_text("not a certificate")
+    with pytest.raises(KeyFileError):
+        ClientKeys.load(keydir / "client.key_secret", keydir / "junk.key")
+
+
+@pytest.mark.parametrize("endpoint, local", [
+    ("tcp://127.0.0.1:5556", True), ("tcp://127.3.2.1:*", True), ("tcp://localhost:0", True),
+    ("tcp://[::1]:5556", True), ("ipc:///tmp/beamloop-bridge", True), ("inproc://bridge", True),
+    ("tcp://*:5556", False), ("tcp://0.0.0.0:5556", False), ("tcp://192.168.1.20:5556", False),
+    ("tcp://eth0:5556", False), ("tcp://[::]:5556", False), ("udp://127.0.0.1:5556", False), ("127.0.0.1", False),
+])
+def test_local_endpoints(endpoint, local):
+    assert is_local_endpoint(endpoint) is local
+
+
+def test_binding_to_the_network_without_keys_is_refused(keydir):
+    with pytest.raises(InsecureBindError, match="without CURVE keys") as err:
+        BridgeServer("tcp://0.0.0.0:0", {})
+    assert "beamloop keys create" in str(err.value)
+    with pytest.raises(InsecureBindError):
+        BridgeServer("tcp://*:0", {})
+    check_bind("tcp://0.0.0.0:5556", ServerKeys.load(keydir / "server.key_secret", keydir / "authorized"))
+
+
+@pytest.fixture
+def secured(keydir):
+    frames = []
+
+    def acquire(args):
+        frames.append(args)
+        return {"scan": ScanFrame(len(frames), (64, 64), (1.0, 1.0)).as_dict()}
+
+    keys = ServerKeys.load(keydir / "server.key_secret", keydir / "authorized")
+    server = BridgeServer("tcp://127.0.0.1:0", {"acquire_frame": acquire}, keys=keys)
+    stop = threading.Event()
+    th = threading.Thread(target=lambda: [server.handle_one(10) for _ in iter(stop.is_set, True)], daemon=True)
+    th.start()
+    yield server, frames, keydir
+    stop.set()
+    th.join()
+    server.close()
+
+
+def test_authorized_client_is_served(secured):
+    server, frames, keydir = secured
+    with BridgeClient(server.endpoint, keys=ClientKeys.load(keydir / "client.key_secret", keydir / "server.key"),
+                      timeout_ms=3000) as client:
+        assert client.acquire_frame((64, 64), (1.0, 1.0), 2.0).frame_id == 1
+        assert client.heartbeat()["watchdog_s"] == 1.0
+    assert len(frames) == 1
+
+
+@pytest.mark.parametrize("who", ["intruder", "no keys", "wrong server key"])
+def test_unauthorized_clients_reach_nothing(secured, who):
+    server, frames, keydir = secured
+    if who == "intruder":  # a valid key pair the server does not know
+        keys = ClientKeys.load(keydir / "intruder.key_secret", keydir / "server.key")
+    elif who == "wrong server key":  # an authorized client talking to an impostor's key
+        keys = ClientKeys.load(keydir / "client.key_secret", keydir / "intruder.key")
+    else:
+        keys = None
+    with BridgeClient(server.endpoint, keys=keys, timeout_ms=300) as client:
+        with pytest.raises(BridgeTimeout):
+            client.acquire_frame((64, 64), (1.0, 1.0), 2.0)
+    assert frames == [] and server.requests == 0
