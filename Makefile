@@ -7,7 +7,16 @@ OUT ?= out/run
 # pytest: -n for parallel needs pytest-xdist; keep it simple and serial
 PYTEST_ARGS ?=
 
-.PHONY: install run test test-all bench bench-quick clean
+.PHONY: install system-deps run test test-all train bench bench-quick clean
+
+# System tools the FPGA tests need (Icarus Verilog for the cycle-accurate RTL simulation); the
+# rest of the RTL flow (yosys, nextpnr-ecp5, ecppack) comes from PyPI as WebAssembly (yowasp).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+system-deps:
+	@command -v iverilog >/dev/null 2>&1 || { \
+	  echo "installing iverilog (apt-get)"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq iverilog; \
+	} || echo "warning: could not install iverilog; the RTL simulation tests will be skipped" 
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +29,7 @@ $(VENV)/.installed-runtime: pyproject.toml | $(PY)
 
 # Everything the tests need: runtime and every feature's extra (torch is pinned to the local CPU wheel).
 EXTRAS ?= test,detector,train,quant,fpga,bench,safety
-$(VENV)/.installed-test: pyproject.toml | $(PY)
+$(VENV)/.installed-test: pyproject.toml | $(PY) system-deps
 	$(PIP) install -e ".[$(EXTRAS)]"
 	touch $@
 
@@ -34,6 +43,10 @@ test: $(VENV)/.installed-test
 
 test-all: $(VENV)/.installed-test
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Train the U-Net ensemble on simulated frames and ship it (edge/models/unet); ~20 min on 2 cores.
+train: $(VENV)/.installed-test
+	$(VENV)/bin/beamloop train
 
 bench: $(VENV)/.installed-test
 	$(VENV)/bin/beamloop bench

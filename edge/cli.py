@@ -98,7 +98,12 @@ def cmd_serve(a: argparse.Namespace) -> int:
     if a.spacing_px:
         fixed = FinderConfig.for_spacing(a.spacing_px)
     policy = VacancyLinePolicy(a.targets) if a.experiment == "vacancy-line" else None
-    pipeline = FramePipeline(a.material, policy, latency, fixed)
+    unet = None
+    if a.method == "unet":
+        from edge.segment import UNetFinder
+
+        unet = UNetFinder(precision=a.precision, device=a.device)
+    pipeline = FramePipeline(a.material, policy, latency, fixed, method=a.method, unet=unet)
     out = Path(a.out)
     _warm_up_kernels()
     with FrameReceiver(a.frames, bind=a.bind) as rx:
@@ -161,7 +166,8 @@ def cmd_find(a: argparse.Namespace) -> int:
     from edge.findfiles import find_files
     from edge.imageio import image_files
 
-    outcomes = find_files(image_files(a.images), Path(a.out), a.pixel_size, a.method, a.material, a.spacing_px)
+    outcomes = find_files(image_files(a.images), Path(a.out), a.pixel_size, a.method, a.material, a.spacing_px,
+                          device=a.device, precision=a.precision)
     bad = 0
     for o in outcomes:
         if o.error:
@@ -180,6 +186,19 @@ def cmd_replay(a: argparse.Namespace) -> int:
     return 0
 
 
+TRIGGERS = ("cusum", "window", "model")
+"""Trigger stages (:func:`edge.trigger.make_trigger`)."""
+FINDERS = ("classical", "unet")
+"""Column finders (:data:`edge.pipeline.METHODS`)."""
+
+
+def _add_unet_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", choices=("auto", "cpu", "cuda", "tensorrt"), default="auto",
+                   help="ONNX Runtime provider for --method unet (auto: TensorRT, then CUDA, then CPU)")
+    p.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32",
+                   help="which shipped U-Net export --method unet runs")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``beamloop`` command."""
     p = argparse.ArgumentParser(prog="beamloop", description=__doc__.splitlines()[0])
@@ -196,7 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--targets", type=int, default=4, help="beam targets per frame")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--current-pA", type=_positive, default=50.0, help="probe current, picoampere")
-    r.add_argument("--trigger", choices=("cusum", "window"), default="cusum")
+    r.add_argument("--trigger", choices=TRIGGERS, default="cusum",
+                   help="model: the shipped quantized ejection model (integer, bit-exact with its QONNX graph)")
     r.add_argument("--max-dwell", type=_positive, default=2.0, help="longest dwell per target, seconds")
     r.add_argument("--quiet", action="store_true", help="no progress bar or report")
     r.set_defaults(func=cmd_run)
@@ -224,7 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--experiment", choices=("none", "vacancy-line"), default="none")
     v.add_argument("--rounds", type=int, default=3)
     v.add_argument("--targets", type=int, default=4)
-    v.add_argument("--trigger", choices=("cusum", "window"), default="cusum")
+    v.add_argument("--trigger", choices=TRIGGERS, default="cusum")
+    v.add_argument("--method", choices=FINDERS, default="classical", help="column finder")
+    _add_unet_arguments(v)
     v.add_argument("--material", choices=("MoS2", "generic"), default="MoS2")
     v.add_argument("--spacing-px", type=_positive, default=None, help="column spacing in pixels (frames with no "
                    "pixel size)")
@@ -238,7 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("images", nargs="+", help="image files or folders")
     f.add_argument("--out", required=True, help="output folder")
     f.add_argument("--pixel-size", type=_positive, default=None, help="Angstrom per pixel (overrides the file)")
-    f.add_argument("--method", choices=("classical",), default="classical")
+    f.add_argument("--method", choices=FINDERS, default="classical",
+                   help="classical (numba local maxima) or unet (the shipped U-Net ensemble on ONNX Runtime)")
+    _add_unet_arguments(f)
     f.add_argument("--material", choices=("generic", "MoS2"), default="generic")
     f.add_argument("--spacing-px", type=_positive, default=None, help="lattice period in pixels (default: estimated)")
     f.set_defaults(func=cmd_find)
