@@ -11,6 +11,7 @@ so the beam keeps working. Every ``window_s`` it samples:
   (both keep everything of a run by design);
 - latency per stage in that window (p50, p99, microseconds): find, classify, bridge (set_probe / blank round
   trips), trigger, end to end (frame leaves the detector -> probe parked);
+- the machine's 1-minute load average (other work on the shared cores shows up as latency);
 - counters: frames, dwells by how they ended, stream rejections, bridge timeouts and errors, heartbeats,
   and the controller's safety counters (watchdog trips, dwell-limit blanks, refused positions).
 
@@ -152,6 +153,7 @@ def run(quick: bool = False, duration_s: float | None = None, window_s: float | 
                 gc.collect()
                 w = {"t_s": time.monotonic() - t0, "rss_service_mib": rss_mib(), "rss_simulator_mib": rss_mib(proc.pid),
                      "python_objects": len(gc.get_objects()), "bridge_log_entries": len(bridge.log),
+                     "load_1min": os.getloadavg()[0],
                      "latency_samples": int(sum(len(latency.samples(s)) for s in latency.summary())),
                      "latency": _window_latency(latency, marks), "frames": totals["frames"],
                      "dwells": dict(reasons), "stream_rejected": rx.counters.rejected,
@@ -161,7 +163,8 @@ def run(quick: bool = False, duration_s: float | None = None, window_s: float | 
                     lat = w["latency"]["end_to_end"]["p50_us"]
                     print(f"soak {w['t_s']:7.1f} s: service {w['rss_service_mib']:.1f} MiB, simulator "
                           f"{w['rss_simulator_mib']:.1f} MiB, frames {w['frames']}, dwells {sum(reasons.values())}, "
-                          f"end-to-end p50 {lat:.0f} us", flush=True)
+                          f"end-to-end p50 {lat:.0f} us, load {w['load_1min']:.1f}, watchdog trips "
+                          f"{w['safety'].get('watchdog_trips')}", flush=True)
 
             sample()  # the state after warm-up
             while time.monotonic() - t0 < duration_s:
@@ -188,7 +191,10 @@ def run(quick: bool = False, duration_s: float | None = None, window_s: float | 
                                     "heartbeat_errors": service.stats.heartbeat_errors,
                                     "errors": service.stats.errors[-10:]},
                         "safety": bridge.get_state().get("safety", {}).get("counters", {}),
-                        "sim_events": len(bridge.call("sim_events", since=0)["events"])}
+                        "sim_events": {}}
+            events = bridge.call("sim_events", since=0)["events"]
+            counters["sim_events"] = dict(Counter(e.get("type", "?") for e in events))
+            counters["sim_safety_events"] = [e for e in events if e.get("type") in ("safety", "dropped")][-20:]
             try:
                 bridge.blank(True)
                 bridge.call("shutdown")

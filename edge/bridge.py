@@ -481,9 +481,16 @@ class BridgeServer:
     def handle_one(self, timeout_ms: int = 0) -> bool:
         """Serve one request if one arrives within ``timeout_ms``; return whether one was served.
 
-        The watchdog and the parked-beam time limit run first, whether a request comes or not.
+        The watchdog and the parked-beam time limit run after that, whether a request came or not. A
+        request that was waiting is served before the watchdog judges the silence: a heartbeat that
+        arrived while the controller was busy elsewhere (rendering a frame, or starved of CPU) proves the
+        client alive, and must not let the watchdog blank the beam under a working service.
         """
+        served = self._serve(timeout_ms)
         self.safety.poll()
+        return served
+
+    def _serve(self, timeout_ms: int) -> bool:
         if not self.socket.poll(timeout_ms, zmq.POLLIN):
             return False
         buf = self.socket.recv()

@@ -63,12 +63,14 @@ def cmd_run(a: argparse.Namespace) -> int:
 
 
 def cmd_sim(a: argparse.Namespace) -> int:
+    from edge.keys import server_keys_from_args
+    from edge.safety import safety_options
     from edge.sim.microscope import MicroscopeConfig, SimulatedMicroscope
 
     cfg = MicroscopeConfig(frames=a.frames, control=a.control, seed=a.seed, current_pA=a.current_pA,
                            cross_section_barn=a.cross_section_barn, sample_time_us=a.sample_time_us,
                            block_samples=a.block_samples, distortion_scale=a.distortion_scale, encoding=a.encoding,
-                           max_park_s=a.max_park)
+                           max_park_s=a.max_park, keys=server_keys_from_args(a), **safety_options(a))
     with SimulatedMicroscope(cfg) as mic:
         info = {"frames": mic.frames_endpoint, "control": mic.control_endpoint}
         if a.announce:
@@ -86,6 +88,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from edge.bridge import BridgeClient
     from edge.experiment import ExperimentConfig, vacancy_line
     from edge.find import FinderConfig
+    from edge.keys import client_keys_from_args
     from edge.latency import LatencyRecorder
     from edge.pipeline import FramePipeline
     from edge.policy import VacancyLinePolicy
@@ -107,7 +110,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
     out = Path(a.out)
     _warm_up_kernels()
     with FrameReceiver(a.frames, bind=a.bind) as rx:
-        bridge = BridgeClient(a.bridge, timeout_ms=a.bridge_timeout_ms) if a.bridge else None
+        bridge = (BridgeClient(a.bridge, timeout_ms=a.bridge_timeout_ms, keys=client_keys_from_args(a))
+                  if a.bridge else None)
         service = EdgeService(rx, pipeline, bridge, trigger=a.trigger, latency=latency)
         print(f"beamloop serve: frames from {rx.endpoint}" + (f", bridge {a.bridge}" if a.bridge else ""), flush=True)
         with RunLog(out / "serve.h5", vars(a)) as rl:
@@ -201,6 +205,9 @@ def _add_unet_arguments(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``beamloop`` command."""
+    from edge.keys import add_client_key_arguments, add_server_key_arguments
+    from edge.safety import add_safety_arguments
+
     p = argparse.ArgumentParser(prog="beamloop", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"beamloop {__version__}")
     p.add_argument("--log-level", default="WARNING", help="logging level (DEBUG, INFO, WARNING, ERROR)")
@@ -234,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-park", type=_positive, default=10.0, help="blank after this long at one position, s")
     s.add_argument("--duration", type=_positive, default=None, help="stop after this many seconds")
     s.add_argument("--announce", action="store_true", help="print the endpoints as one JSON line and serve")
+    add_server_key_arguments(s)
+    add_safety_arguments(s)
     s.set_defaults(func=cmd_sim)
 
     v = sub.add_parser("serve", help="the edge service: receive frames, find columns, drive the beam")
@@ -254,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--idle-timeout", type=_positive, default=30.0, help="stop after this many seconds without frames")
     v.add_argument("--out", default="out/serve")
     v.add_argument("--verbose", action="store_true")
+    add_client_key_arguments(v)
     v.set_defaults(func=cmd_serve)
 
     f = sub.add_parser("find", help="find atomic columns in image files (.tif .png .npy .hspy .hdf5)")

@@ -198,7 +198,8 @@ def check_bind(endpoint: str, keys: ServerKeys | None) -> None:
             f"refusing to bind the control bridge to {endpoint} without CURVE keys: anyone who can reach this "
             "address could move the electron beam. Bind to tcp://127.0.0.1 (or ipc://) for a service on this "
             "host, or create keys with `beamloop keys create server client --dir keys/`, authorize the client "
-            "with `beamloop keys authorize keys/client.key --dir keys/authorized/` and give the server its keys")
+            "with `beamloop keys authorize keys/client.key --dir keys/authorized/` and give the server its keys "
+            "(`--keys keys/server.key_secret --authorized keys/authorized/`)")
 
 
 def secure_server_socket(sock: zmq.Socket, keys: ServerKeys) -> None:
@@ -238,6 +239,62 @@ class Authenticator:
     def stop(self) -> None:
         """Stop the handler thread."""
         self._auth.stop()
+
+
+# options of commands that run a bridge end ----------------------------------------------------------------
+def add_server_key_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--keys SECRET`` and ``--authorized FOLDER`` (the scan controller's side) to a command's parser;
+    read them back with :func:`server_keys_from_args`."""
+    g = parser.add_argument_group("bridge security (CURVE)")
+    g.add_argument("--keys", default=None, metavar="NAME.key_secret",
+                   help="the bridge's secret key file (`beamloop keys create`); required to bind a non-loopback "
+                        "address")
+    g.add_argument("--authorized", default=None, metavar="FOLDER",
+                   help="folder of the public keys of the clients let in (`beamloop keys authorize`)")
+
+
+def server_keys_from_args(a: argparse.Namespace) -> ServerKeys | None:
+    """The :class:`ServerKeys` named by ``--keys`` / ``--authorized``, or None when neither is given.
+
+    Raises
+    ------
+    KeyFileError
+        Only one of the two is given, or the files are not usable (:meth:`ServerKeys.load`).
+    """
+    secret, folder = getattr(a, "keys", None), getattr(a, "authorized", None)
+    if secret is None and folder is None:
+        return None
+    if secret is None or folder is None:
+        raise KeyFileError("a secured bridge needs both --keys (its secret key file) and --authorized (the folder "
+                           "of the clients' public keys)")
+    return ServerKeys.load(secret, folder)
+
+
+def add_client_key_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--keys SECRET`` and ``--server-key PUBLIC`` (a bridge client's side) to a command's parser;
+    read them back with :func:`client_keys_from_args`."""
+    g = parser.add_argument_group("bridge security (CURVE)")
+    g.add_argument("--keys", default=None, metavar="NAME.key_secret",
+                   help="this client's secret key file (its public key must be authorized by the bridge)")
+    g.add_argument("--server-key", default=None, metavar="SERVER.key",
+                   help="the bridge's public key file")
+
+
+def client_keys_from_args(a: argparse.Namespace) -> ClientKeys | None:
+    """The :class:`ClientKeys` named by ``--keys`` / ``--server-key``, or None when neither is given.
+
+    Raises
+    ------
+    KeyFileError
+        Only one of the two is given, or the files are not usable (:meth:`ClientKeys.load`).
+    """
+    secret, server = getattr(a, "keys", None), getattr(a, "server_key", None)
+    if secret is None and server is None:
+        return None
+    if secret is None or server is None:
+        raise KeyFileError("a client of a secured bridge needs both --keys (its secret key file) and --server-key "
+                           "(the bridge's public key file)")
+    return ClientKeys.load(secret, server)
 
 
 # command line ------------------------------------------------------------------------------------------

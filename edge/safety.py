@@ -31,6 +31,7 @@ controllers that include :meth:`BeamSafety.state`.
 
 from __future__ import annotations
 
+import argparse
 import math
 import time
 from collections import OrderedDict
@@ -330,8 +331,14 @@ class BeamSafety:
                                                   f"{lim.max_point_electrons:.4g}", "queue_points")
 
     def _check_pixel_dwell(self, args: dict) -> None:
-        d = args.get("dwell_us", 0.0)
-        if isinstance(d, (int, float)) and not isinstance(d, bool) and d > self.limits.max_pixel_dwell_us:
+        if "dwell_us" not in args:
+            return  # the controller's default dwell
+        d = args["dwell_us"]
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not (math.isfinite(d) and d > 0):
+            # not left to the controller: text such as "1e9" would pass many a float() in a handler
+            self.counters.refused_dwell += 1
+            raise BridgeError("out_of_range", f"pixel dwell {d!r} us is not a positive number", "acquire_frame")
+        if d > self.limits.max_pixel_dwell_us:
             self.counters.refused_dwell += 1
             raise BridgeError("out_of_range", f"pixel dwell {d:g} us exceeds the limit "
                                               f"{self.limits.max_pixel_dwell_us:g} us", "acquire_frame")
@@ -413,3 +420,46 @@ class BeamSafety:
                 "counters": asdict(self.counters), "watchdog_armed": self._armed, "last_action": self.last_action,
                 "frame_id": None if self.frame is None else self.frame.frame_id}
 
+
+
+# options of commands that run a scan controller ------------------------------------------------------------
+def _fraction_pair(text: str) -> tuple[float, float]:
+    try:
+        x, y = (float(v) for v in text.split(","))
+        return check_fraction(x, y)
+    except (ValueError, BeamPositionError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not X,Y with fractions of the frame in [0, 1]") from None
+
+
+def _nonnegative(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(v) and v >= 0):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number >= 0")
+    return v
+
+
+def add_safety_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the watchdog and dose options of a scan controller (``--watchdog``, ``--on-watchdog``,
+    ``--safe-position``, ``--max-point-electrons``) to a command's parser; read them back with
+    :func:`safety_options`."""
+    g = parser.add_argument_group("beam safety")
+    g.add_argument("--watchdog", type=_nonnegative, default=1.0, metavar="S",
+                   help="blank (or park) the beam when the client driving it is silent this long, seconds "
+                        "(0: no watchdog)")
+    g.add_argument("--on-watchdog", choices=("blank", "park"), default="blank",
+                   help="what the watchdog does: blank the beam, or park it at --safe-position")
+    g.add_argument("--safe-position", type=_fraction_pair, default=(0.0, 0.0), metavar="X,Y",
+                   help="where the watchdog parks the probe, fractions of the current frame")
+    g.add_argument("--max-point-electrons", type=_nonnegative, default=None, metavar="N",
+                   help="dose limit per probe position, electrons (default: none)")
+
+
+def safety_options(a: argparse.Namespace) -> dict:
+    """``watchdog_s``, ``on_watchdog``, ``safe_position``, ``max_point_electrons`` from the options of
+    :func:`add_safety_arguments` (names shared by :class:`SafetyLimits` and
+    :class:`edge.sim.microscope.MicroscopeConfig`)."""
+    return {"watchdog_s": a.watchdog or None, "on_watchdog": a.on_watchdog, "safe_position": tuple(a.safe_position),
+            "max_point_electrons": a.max_point_electrons or None}

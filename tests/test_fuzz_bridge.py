@@ -8,6 +8,7 @@ frame, and keeps serving. Default runs are short; ``_long`` variants (``-m slow`
 """
 
 import math
+import os
 import threading
 import time
 
@@ -22,7 +23,10 @@ from edge.sim.microscope import MicroscopeConfig, SimulatedMicroscope
 from streams.receiver import FrameReceiver
 
 FAST = settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
-LONG = settings(max_examples=20_000, deadline=None, suppress_health_check=list(HealthCheck))
+LONG = settings(max_examples=int(os.environ.get("BEAMLOOP_FUZZ_EXAMPLES", "20000")), deadline=None,
+                suppress_health_check=list(HealthCheck))
+"""The ``_long`` runs: 20_000 examples, or ``BEAMLOOP_FUZZ_EXAMPLES`` when set (counts are printed by pytest's
+``--hypothesis-show-statistics``)."""
 
 numbers = st.sampled_from([0, 1, -1, 0.5, 1.0, 1.0000001, -0.0, 1e-320, 16, 17, 64, 96, 97, 2**31, 2**63, 2**64,
                            -(2**64), math.nan, math.inf, -math.inf, 1e308, 5.0, 1000.0, 1000.5, 10_000_000.0])

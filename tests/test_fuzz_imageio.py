@@ -9,6 +9,7 @@ variants (``-m slow``) run 5,000 examples per format.
 """
 
 import io
+import os
 import subprocess
 import sys
 import tempfile
@@ -22,7 +23,10 @@ from hypothesis import strategies as st
 from edge.imageio import ImageReadError, read_image
 
 FAST = settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
-LONG = settings(max_examples=5_000, deadline=None, suppress_health_check=list(HealthCheck))
+LONG = settings(max_examples=int(os.environ.get("BEAMLOOP_FUZZ_EXAMPLES", "5000")), deadline=None,
+                suppress_health_check=list(HealthCheck))
+"""The ``_long`` runs: 5_000 examples, or ``BEAMLOOP_FUZZ_EXAMPLES`` when set (counts are printed by pytest's
+``--hypothesis-show-statistics``)."""
 FRAME = (np.arange(24 * 20, dtype=np.uint16).reshape(24, 20) * 37) % 4099
 
 
@@ -87,7 +91,12 @@ def damaged(draw, suffix):
     return bytes(data)
 
 
+CHECKED: dict[str, int] = {}
+"""Files read per suffix in this process (the HDF5 child reports its count)."""
+
+
 def check_read(suffix: str, payload: bytes) -> None:
+    CHECKED[suffix] = CHECKED.get(suffix, 0) + 1
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / f"fuzz{suffix}"
         path.write_bytes(payload)
@@ -119,13 +128,17 @@ def _in_process(suffix, n):
 
 @pytest.mark.parametrize("suffix", [".tif", ".png", ".npy"])
 def test_read_image_fuzz(suffix):
+    before = CHECKED.get(suffix, 0)
     _in_process(suffix, "fast")()
+    print(f"{suffix}: {CHECKED[suffix] - before} files read")  # shown with pytest -s
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("suffix", [".tif", ".png", ".npy"])
 def test_read_image_fuzz_long(suffix):
+    before = CHECKED.get(suffix, 0)
     _in_process(suffix, "long")()
+    print(f"{suffix}: {CHECKED[suffix] - before} files read")
 
 
 CHILD = """
@@ -133,7 +146,7 @@ import sys
 sys.path.insert(0, {tests!r})
 import test_fuzz_imageio as t
 t._in_process(".hspy", {n!r})()
-print("SURVIVED")
+print("SURVIVED", t.CHECKED.get(".hspy", 0))
 """
 
 
@@ -142,6 +155,7 @@ def _hdf5_in_child(n: str) -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0 and "SURVIVED" in proc.stdout, (
         f"the HDF5 fuzz child ended with status {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    print(proc.stdout.strip().splitlines()[-1], "HDF5 files read")  # shown with pytest -s
 
 
 def test_read_image_fuzz_hdf5():

@@ -1,5 +1,6 @@
 """CURVE keys for the control bridge (edge/keys.py): key files, the bind rule, authenticated and encrypted calls."""
 
+import argparse
 import stat
 import threading
 
@@ -8,8 +9,9 @@ import zmq
 
 from edge.bridge import BridgeClient, BridgeServer, BridgeTimeout
 from edge.cli import main
-from edge.keys import (ClientKeys, InsecureBindError, KeyFileError, ServerKeys, authorize, check_bind,
-                       create_key_pair, is_local_endpoint)
+from edge.keys import (ClientKeys, InsecureBindError, KeyFileError, ServerKeys, add_client_key_arguments,
+                       add_server_key_arguments, authorize, check_bind, client_keys_from_args, create_key_pair,
+                       is_local_endpoint, server_keys_from_args)
 from edge.scanframe import ScanFrame
 
 pytestmark = pytest.mark.skipif(not zmq.has("curve"), reason="this libzmq has no CURVE support")
@@ -93,6 +95,9 @@ def test_authorized_client_is_served(secured):
                       timeout_ms=3000) as client:
         assert client.acquire_frame((64, 64), (1.0, 1.0), 2.0).frame_id == 1
         assert client.heartbeat()["watchdog_s"] == 1.0
+        # both ends speak CURVE (authenticated, encrypted), not the NULL mechanism of a plain socket
+        assert client._sock.getsockopt(zmq.MECHANISM) == zmq.CURVE
+        assert server.socket.getsockopt(zmq.MECHANISM) == zmq.CURVE and server.socket.getsockopt(zmq.CURVE_SERVER)
     assert len(frames) == 1
 
 
@@ -109,3 +114,20 @@ def test_unauthorized_clients_reach_nothing(secured, who):
         with pytest.raises(BridgeTimeout):
             client.acquire_frame((64, 64), (1.0, 1.0), 2.0)
     assert frames == [] and server.requests == 0
+
+
+def test_command_options_name_the_keys(keydir):
+    """The options a command that runs a bridge end adds (edge.keys.add_*_key_arguments) load the same keys."""
+    sp, cp = argparse.ArgumentParser(), argparse.ArgumentParser()
+    add_server_key_arguments(sp)
+    add_client_key_arguments(cp)
+    assert server_keys_from_args(sp.parse_args([])) is None and client_keys_from_args(cp.parse_args([])) is None
+    s = server_keys_from_args(sp.parse_args(["--keys", str(keydir / "server.key_secret"),
+                                             "--authorized", str(keydir / "authorized")]))
+    c = client_keys_from_args(cp.parse_args(["--keys", str(keydir / "client.key_secret"),
+                                             "--server-key", str(keydir / "server.key")]))
+    assert c.server_public == s.public and s.authorized_dir == keydir / "authorized"
+    with pytest.raises(KeyFileError, match="--authorized"):
+        server_keys_from_args(sp.parse_args(["--keys", str(keydir / "server.key_secret")]))
+    with pytest.raises(KeyFileError, match="--keys"):
+        client_keys_from_args(cp.parse_args(["--server-key", str(keydir / "server.key")]))

@@ -1,6 +1,7 @@
 """Beam safety rules (edge/safety.py): one test per rule, on the rules themselves (a clock the test moves)
 and on the simulated microscope's bridge (the scan-controller side, live)."""
 
+import argparse
 import math
 import threading
 import time
@@ -11,7 +12,7 @@ import zmq
 
 from edge.bridge import BridgeClient, BridgeError, BridgeServer, encode_request
 from edge.pipeline import FramePipeline
-from edge.safety import BeamSafety, RateLimiter, SafetyLimits, SequenceTracker
+from edge.safety import BeamSafety, RateLimiter, SafetyLimits, SequenceTracker, add_safety_arguments, safety_options
 from edge.scanframe import ScanFrame
 from edge.service import EdgeService
 from edge.sim.microscope import MicroscopeConfig, SimulatedMicroscope
@@ -134,7 +135,11 @@ def test_dose_per_point_is_limited():
 def test_frame_pixel_dwell_is_limited():
     g, _, _ = guard(max_pixel_dwell_us=100.0)
     refused(g, "out_of_range", "c", 2, "acquire_frame", {"shape": [64, 64], "fov_nm": [1, 1], "dwell_us": 100.5})
+    for bad in ("1e9", math.nan, math.inf, -1.0, 0, True, None, [5.0]):  # never left to a handler's float()
+        refused(g, "out_of_range", "c", 2, "acquire_frame", {"shape": [64, 64], "fov_nm": [1, 1], "dwell_us": bad})
+    assert g.counters.refused_dwell == 9
     assert g.admit("c", 3, "acquire_frame", {"shape": [64, 64], "fov_nm": [1, 1], "dwell_us": 100.0}) is None
+    assert g.admit("c", 4, "acquire_frame", {"shape": [64, 64], "fov_nm": [1, 1]}) is None  # controller's default
 
 
 # rate limit -------------------------------------------------------------------------------------------------
@@ -301,6 +306,32 @@ def test_watchdog_parks_at_the_safe_position():
         SafetyLimits(safe_position=(1.5, 0.5))
 
 
+def test_heartbeat_that_waited_while_the_controller_was_busy_counts():
+    """The soak found this: a controller busy for longer than the watchdog period (rendering a frame on a loaded
+    machine) must serve the heartbeats that arrived meanwhile before the watchdog judges the silence."""
+    clock, acts = Clock(), Actions()
+    safety = BeamSafety(SafetyLimits(watchdog_s=1.0), blank=acts.blank, clock=clock)
+    server = BridgeServer("tcp://127.0.0.1:0", {"blank": lambda a: {"blanked": a["on"]}}, safety=safety)
+    s = zmq.Context.instance().socket(zmq.REQ)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(server.endpoint)
+    try:
+        s.send(encode_request("blank", 1, {"on": False}, "svc"))
+        assert server.handle_one(3000) and cbor2.loads(s.recv())["result"] == {"blanked": False}
+        clock.t += 0.9
+        s.send(encode_request("heartbeat", 2, {}, "svc"))  # sent in time...
+        assert server.socket.poll(3000)
+        clock.t += 0.6  # ...but the controller was busy: 1.5 s since it last served this client
+        assert server.handle_one(0) and cbor2.loads(s.recv())["ok"] is True
+        assert acts.blanks == [] and safety.counters.watchdog_trips == 0 and safety.counters.heartbeats == 1
+        clock.t += 1.1  # and real silence still trips it, without any request
+        assert server.handle_one(0) is False
+        assert acts.blanks == ["watchdog"] and safety.counters.watchdog_trips == 1
+    finally:
+        s.close()
+        server.close()
+
+
 @pytest.fixture
 def microscope(request):
     opts = dict(frames="tcp://127.0.0.1:*", control="tcp://127.0.0.1:*", seed=4, specimen_size_A=60.0)
@@ -397,3 +428,20 @@ def test_service_turns_heartbeats_off_for_a_controller_without_them():
     th.join()
     server.close()
     rx.close()
+
+
+def test_command_options_give_valid_limits():
+    p = argparse.ArgumentParser()
+    add_safety_arguments(p)
+    d = safety_options(p.parse_args([]))
+    assert d == {"watchdog_s": 1.0, "on_watchdog": "blank", "safe_position": (0.0, 0.0), "max_point_electrons": None}
+    d = safety_options(p.parse_args(["--watchdog", "0", "--on-watchdog", "park", "--safe-position", "0.25,1",
+                                     "--max-point-electrons", "5e5"]))
+    assert d == {"watchdog_s": None, "on_watchdog": "park", "safe_position": (0.25, 1.0), "max_point_electrons": 5e5}
+    lim = SafetyLimits(current_pA=50.0, **d)
+    assert lim.watchdog_s is None and lim.point_time_limit_s == pytest.approx(5e5 / 3.12075e8, rel=1e-5)
+    MicroscopeConfig(**d)
+    for bad in (["--safe-position", "1.5,0"], ["--safe-position", "nan,0"], ["--safe-position", "0.5"],
+                ["--watchdog", "-1"], ["--on-watchdog", "ignore"]):
+        with pytest.raises(SystemExit):
+            p.parse_args(bad)
