@@ -105,9 +105,23 @@ def real_images(finder, out_public: Path, out_private: Path) -> dict:
         res = finder.find(img, "generic")
         u = res.uncertainty
         out[path.name] = {"shape": list(img.shape), "classical_columns": n_classical, "unet_columns": len(res.columns),
+                          "unet_threshold": round(res.threshold, 3), "unet_min_distance_px": round(res.min_distance_px, 2),
                           "unet_uncertainty_median": round(float(np.median(u)), 3) if len(u) else None,
                           "unet_uncertainty_p90": round(float(np.percentile(u, 90)), 3) if len(u) else None,
                           "unet_pixel_std_max": round(float(res.heat_map_std.max()), 3)}
+        if ccols is not None and len(ccols) and len(res.columns):
+            # no ground truth on real images: U-Net columns that the classical finder also has (within 4 px)
+            # against the extra ones, and how uncertain each group is
+            from edge.scoring import match
+
+            fi, _, _ = match(res.columns.xy, ccols.xy, 4.0)
+            both = np.zeros(len(res.columns), bool)
+            both[fi] = True
+            out[path.name].update({
+                "unet_also_classical": int(both.sum()), "unet_only": int((~both).sum()),
+                "classical_only": int(len(ccols) - both.sum()),
+                "uncertainty_median_also_classical": round(float(np.median(u[both])), 3) if both.any() else None,
+                "uncertainty_median_unet_only": round(float(np.median(u[~both])), 3) if (~both).any() else None})
         lo, hi = np.percentile(img, [0.5, 99.8])
         fig, axes = plt.subplots(1, 3, figsize=(17, 6))
         for ax, cols, title in ((axes[0], ccols, f"classical ({n_classical})"),

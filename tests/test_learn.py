@@ -144,3 +144,18 @@ def test_train_and_export_smoke(tmp_path):
     man = json.loads((tmp_path / "m" / "manifest.json").read_text())
     assert man["members"] == 2 and set(man["files"]) == {"fp32", "fp16", "int8"}
     assert set(man["metrics"]) == {"fp32", "fp16", "int8", "classical"}
+
+
+def test_cramer_rao_bound_of_a_gaussian_spot():
+    """Poisson counts of a Gaussian spot of N electrons and width sigma: the Fisher information on a shift is
+    N / sigma^2 per axis, so the 2-D bound is sqrt(2) sigma / sqrt(N); background only adds noise."""
+    from edge.learn.evaluate import cramer_rao_rms_px
+
+    sigma, n = 1.5, 400.0
+    yy, xx = np.mgrid[0:41, 0:41]
+    spot = n * np.exp(-((xx - 20.3) ** 2 + (yy - 19.8) ** 2) / (2 * sigma**2)) / (2 * np.pi * sigma**2)
+    b = cramer_rao_rms_px(spot + 1e-9, np.array([[20.3, 19.8]]), radius_px=9)
+    assert b[0] == pytest.approx(np.sqrt(2) * sigma / np.sqrt(n), rel=0.05)
+    worse = cramer_rao_rms_px(spot + 5.0, np.array([[20.3, 19.8]]), radius_px=9)
+    assert worse[0] > 1.2 * b[0]
+    assert np.isinf(cramer_rao_rms_px(np.full((41, 41), 3.0), np.array([[20.0, 20.0]])))[0]

@@ -26,9 +26,12 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 
 def cmd_export(a: argparse.Namespace) -> int:
-    from edge.learn.export import export_all
+    from edge.learn.export import export_all, write_metrics
 
-    manifest = export_all(Path(a.work), Path(a.to) if a.to else None, quick=a.quick, progress=not a.quiet)
+    if getattr(a, "metrics_only", False):
+        manifest = write_metrics(Path(a.to) if a.to else None, quick=a.quick, progress=not a.quiet)
+    else:
+        manifest = export_all(Path(a.work), Path(a.to) if a.to else None, quick=a.quick, progress=not a.quiet)
     print(json.dumps({k: manifest[k] for k in ("files", "metrics") if k in manifest}, indent=1))
     return 0
 
@@ -55,6 +58,9 @@ def register(sub) -> None:
     e.add_argument("--work", default=DEFAULT_WORK, help="folder written by `beamloop train`")
     e.add_argument("--to", default=None, help="export folder (default: the package's edge/models/unet)")
     e.add_argument("--quick", action="store_true", help="fewer held-out frames in the manifest's metrics")
+    e.add_argument("--metrics-only", action="store_true",
+                   help="re-evaluate the model already in the export folder (after a change to the serving code) "
+                        "and rewrite the manifest's metrics")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=cmd_export)
 

@@ -11,6 +11,7 @@ fainter ones are left out of the count, as the training loss leaves them out.
 
 from __future__ import annotations
 
+import math
 import zlib
 from dataclasses import dataclass
 
@@ -143,3 +144,78 @@ def classical_find():
 def evaluate(find, sets: dict[str, list[EvalFrame]]) -> dict[str, dict]:
     """:func:`summary` of :func:`score` per held-out set."""
     return {name: summary(score(frames, find)) for name, frames in sets.items()}
+
+
+def cramer_rao_rms_px(expected: np.ndarray, truth_xy: np.ndarray, radius_px: int = 5) -> np.ndarray:
+    """Cramer-Rao lower bound on each column's 2-D position error under Poisson noise, pixels.
+
+    For Poisson counts of mean ``lambda`` the Fisher information on a shift along x is
+    ``sum (d lambda / dx)^2 / lambda`` over the pixels that see the column (here the square of half-width
+    ``radius_px`` around it, small enough to leave the neighbours out on lattices of >= 2 radius spacing);
+    the bound on the RMS error is ``sqrt(1 / I_xx + 1 / I_yy)``. Amplitude and background taken as known,
+    so a true lower bound (see e.g. A. J. den Dekker et al., Ultramicroscopy 104, 83 (2005) for STEM
+    column positions).
+
+    Parameters
+    ----------
+    expected : ndarray (rows, cols), float
+        Mean counts per pixel at the dose of interest (noise-free, or a frame at a dose so high that its
+        own noise is negligible, scaled to that dose).
+    truth_xy : ndarray (n, 2), pixels
+        Column centres (x, y).
+    radius_px : int
+
+    Returns
+    -------
+    ndarray (n,) float64, pixels; ``inf`` where a column sees no signal.
+    """
+    lam = np.maximum(np.asarray(expected, np.float64), 1e-12)
+    gy, gx = np.gradient(lam)
+    ix, iy = gx * gx / lam, gy * gy / lam
+    rows, cols = lam.shape
+    out = np.empty(len(truth_xy))
+    for k, (x, y) in enumerate(np.asarray(truth_xy, float)):
+        i, j = int(round(y)), int(round(x))
+        sl = (slice(max(i - radius_px, 0), min(i + radius_px + 1, rows)),
+              slice(max(j - radius_px, 0), min(j + radius_px + 1, cols)))
+        fx, fy = ix[sl].sum(), iy[sl].sum()
+        out[k] = math.sqrt(1.0 / fx + 1.0 / fy) if fx > 0 and fy > 0 else math.inf
+    return out
+
+
+def position_error_floor(dose: float, n: int = 2, seed: int = 200_000, floor_dose: float = 1e7) -> dict:
+    """What any per-column finder can reach on held-out MoS2 frames (256 x 256, 0.15 A/px) at ``dose``.
+
+    - ``cramer_rao_pm``: RMS over the frames' columns of :func:`cramer_rao_rms_px` (photon noise alone);
+      the mean counts come from the same frames (same seeds: same lattice, defects and scan distortion)
+      simulated at ``floor_dose``, scaled to ``dose``.
+    - ``distortion_floor_pm``: RMS error of the classical finder on those ``floor_dose`` frames: the part of
+      the error that photon noise does not explain: the truth follows the smooth drift and wobble at each
+      column's centre (:func:`edge.sim.distortion.apparent_positions`), while the column's image is also moved
+      by per-line jitter and by the 50 Hz wobble changing across its lines (about 3.8 pm each on the typical
+      distortion; bench/unet_diagnose.py).
+    - ``bound_pm``: ``sqrt(cramer_rao_pm^2 + distortion_floor_pm^2)``.
+
+    Returns a dict of floats, picometres.
+    """
+    from edge.find import ColumnFinder, FinderConfig
+
+    crlb, floors = [], []
+    for k in range(n):
+        f = mos2_frame(dose_e_per_A2=floor_dose, seed=seed + k)
+        sel = (f.truth_cls < 3) & _inside_margin(f)
+        crlb.append(cramer_rao_rms_px(f.counts * (dose / floor_dose), f.truth_xy[sel]) * f.pixel_size_A * 100)
+        cols = ColumnFinder(FinderConfig.for_pixel_size(f.pixel_size_A)).find(f.counts)
+        floors.append(score_frame(cols.xy, np.zeros(len(cols), np.int8), f.truth_xy[sel],
+                                  np.zeros(int(sel.sum()), np.int8), ("column",), f.pixel_size_A,
+                                  frame_shape=f.counts.shape))
+    c = float(np.sqrt(np.mean(np.concatenate(crlb) ** 2)))
+    fl = combine(floors).rms_pm
+    return {"cramer_rao_pm": c, "distortion_floor_pm": fl, "bound_pm": math.hypot(c, fl)}
+
+
+def _inside_margin(f, margin_A: float = 0.5) -> np.ndarray:
+    m = margin_A / f.pixel_size_A
+    rows, cols = f.counts.shape
+    x, y = f.truth_xy[:, 0], f.truth_xy[:, 1]
+    return (x >= m - 0.5) & (x <= cols - 0.5 - m) & (y >= m - 0.5) & (y <= rows - 0.5 - m)

@@ -163,9 +163,27 @@ def export_all(work: Path, to: Path | None = None, quick: bool = False, progress
         "export_seconds": round(t_export, 1),
     }
     (to / "manifest.json").write_text(json.dumps(manifest, indent=1))  # the finder reads it; metrics follow
+    return write_metrics(to, quick, progress)
+
+
+def write_metrics(to: Path | None = None, quick: bool = False, progress: bool = True) -> dict:
+    """Evaluate every precision of the model in ``to`` (default: the shipped folder) and the classical finder on
+    the held-out sets (:func:`edge.learn.evaluate.held_out_sets`) with the current serving code (column
+    extraction included), and store the figures in the manifest's ``metrics``. Returns the manifest.
+
+    Raises
+    ------
+    edge.segment.ModelError
+        No manifest or model files in ``to``.
+    """
+    from edge.learn import evaluate
+    from edge.segment import UNetFinder, default_model_dir, load_manifest
+
+    to = Path(to) if to else default_model_dir()
+    manifest = load_manifest(to)
     sets = evaluate.held_out_sets(quick)
     metrics = {}
-    for prec in FILES:
+    for prec in manifest["files"]:
         finder = UNetFinder(to, prec, device="cpu")
         metrics[prec] = evaluate.evaluate(evaluate.unet_find(finder), sets)
         if progress:
@@ -175,5 +193,6 @@ def export_all(work: Path, to: Path | None = None, quick: bool = False, progress
     manifest["metrics"] = metrics
     manifest["metrics_note"] = ("held-out simulated frames (edge.learn.evaluate): recall / precision / RMS pm, "
                                 "0.5 A matching and edge margin; MoS2 256x256 at 0.15 A/px")
+    manifest["metrics_date"] = time.strftime("%Y-%m-%d")
     (to / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return manifest
