@@ -465,6 +465,7 @@ class UNetFinder:
         self._cls = np.zeros((len(SEG_CLASSES), rows, cols), np.float32)
         self._mean = np.empty(shape, np.float32)
         self._std = np.empty(shape, np.float32)
+        self._rmax = np.empty(shape, np.float32)
         cap = rows * cols // 4 + 16
         self._ci = np.empty(cap, np.int64)
         self._cj = np.empty(cap, np.int64)
@@ -550,7 +551,7 @@ class UNetFinder:
     def _extract(self, frame: np.ndarray, material: str) -> SegmentResult:
         mean, std, heat = self._mean, self._std, self._heat
         _member_stats(heat, mean, std)
-        n = _candidates(mean, 0, self._ci, self._cj, self._cv)
+        n = _candidates(mean, 0, self._rmax, self._ci, self._cj, self._cv)
         n = min(n, len(self._ci))
         cv = self._cv[:n]
         thr = self.threshold
