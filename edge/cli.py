@@ -222,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--targets", type=int, default=4, help="beam targets per frame")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--current-pA", type=_positive, default=50.0, help="probe current, picoampere")
-    r.add_argument("--trigger", choices=TRIGGERS, default="cusum",
+    r.add_argument("--trigger", choices=TRIGGERS, default="model",
                    help="model: the shipped quantized ejection model (integer, bit-exact with its QONNX graph)")
     r.add_argument("--max-dwell", type=_positive, default=2.0, help="longest dwell per target, seconds")
     r.add_argument("--quiet", action="store_true", help="no progress bar or report")
@@ -253,7 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--experiment", choices=("none", "vacancy-line"), default="none")
     v.add_argument("--rounds", type=int, default=3)
     v.add_argument("--targets", type=int, default=4)
-    v.add_argument("--trigger", choices=TRIGGERS, default="cusum")
+    v.add_argument("--trigger", choices=TRIGGERS, default="model",
+                   help="model: the shipped quantized ejection model; cusum, window: classical baselines")
     v.add_argument("--method", choices=FINDERS, default="classical", help="column finder")
     _add_unet_arguments(v)
     v.add_argument("--material", choices=("MoS2", "generic"), default="MoS2")

@@ -164,7 +164,7 @@ def print_report(latency: LatencyRecorder, accuracy, per_frame: list, trig: dict
 
 def run(out: Path, *, rounds: int = 3, shape: tuple[int, int] = (256, 256), pixel_size_A: float = 0.15,
         dose_e_per_A2: float = 1e5, targets_per_frame: int = 4, seed: int = 0, current_pA: float = 50.0,
-        trigger: str = "cusum", max_dwell_s: float = 2.0, quiet: bool = False) -> dict:
+        trigger: str = "model", max_dwell_s: float = 2.0, quiet: bool = False) -> dict:
     """Run the main job and return the report (also written to ``out/report.json``).
 
     Parameters
@@ -184,7 +184,9 @@ def run(out: Path, *, rounds: int = 3, shape: tuple[int, int] = (256, 256), pixe
         Simulator seed.
     current_pA : float
         Probe current.
-    trigger : {"cusum", "window"}
+    trigger : {"model", "cusum", "window"}
+        Ejection trigger (:func:`edge.trigger.make_trigger`); ``"model"`` is the quantized network shipped in
+        ``edge/models/trigger/`` (integer arithmetic, bit-exact with its QONNX graph).
     max_dwell_s : float
         Longest dwell per target.
 

@@ -95,7 +95,8 @@ class EdgeService:
     bridge : BridgeClient, optional
         Connected to the scan controller; without it the service only processes frames.
     trigger : str
-        Trigger kind for dwells (:func:`edge.trigger.make_trigger`).
+        Trigger kind for dwells (:func:`edge.trigger.make_trigger`): ``"model"`` (the shipped quantized
+        ejection model, default), ``"cusum"`` or ``"window"``.
     trigger_options : dict, optional
     latency : LatencyRecorder, optional
         Shared with the pipeline; a new one by default.
@@ -106,7 +107,7 @@ class EdgeService:
     """
 
     def __init__(self, receiver: FrameReceiver, pipeline: FramePipeline, bridge: BridgeClient | None = None,
-                 trigger: str = "cusum", trigger_options: dict | None = None,
+                 trigger: str = "model", trigger_options: dict | None = None,
                  latency: LatencyRecorder | None = None, heartbeat_s: float | None = 0.25) -> None:
         self.receiver = receiver
         self.pipeline = pipeline

@@ -149,6 +149,11 @@ class IntegerMLP:
     input_max : int
         The input quantiser's largest value, ``2**input_bits - 1``: inputs are clipped to
         ``[0, input_max]`` first, as the graph's input ``Quant`` node does.
+
+    The kernels run in int32 when no accumulator can leave the int32 range (``acc_bound``: bias plus the
+    sum of ``|w| * largest input`` per output, the same bound as the manifest's ``acc_bits``), else in int64;
+    both give the same integers. Weights are kept transposed (``in x out``, one contiguous row per input)
+    and the kernels run each layer as multiply-adds along a tile of :data:`TILE` decisions (vectorised).
     """
 
     weights: list
@@ -166,12 +171,24 @@ class IntegerMLP:
                 raise ValueError(f"integer MLP: layer {k} has weights {w.shape} and bias {b.shape} that do not chain")
         if self.weights[-1].shape[0] != 1:
             raise ValueError("integer MLP: the last layer must have one output (the score)")
-        dims = [self.weights[0].shape[1]] + [w.shape[0] for w in self.weights]
-        self.dims = np.array(dims, np.int64)
-        self.w_flat = np.concatenate([w.astype(np.int64).ravel() for w in self.weights])
-        self.b_flat = np.concatenate([b.astype(np.int64) for b in self.biases])
+        self.weights = [np.asarray(w, np.int64) for w in self.weights]
+        self.biases = [np.asarray(b, np.int64) for b in self.biases]
         self.shifts = np.asarray(self.shifts, np.int64)
         self.act_max = np.asarray(self.act_max, np.int64)
+        dims = [self.weights[0].shape[1]] + [w.shape[0] for w in self.weights]
+        self.dims = np.array(dims, np.int64)
+        in_max = [int(self.input_max)] + [int(m) for m in self.act_max]
+        self.acc_bound = max(int(np.max(np.abs(b) + np.abs(w) @ np.full(w.shape[1], m, np.int64)))
+                             for w, b, m in zip(self.weights, self.biases, in_max))
+        self.dtype = np.dtype(np.int32 if self.acc_bound < 2 ** 31 - 1 else np.int64)
+        n = len(self.weights)
+        w_off = np.cumsum([0] + [w.size for w in self.weights])
+        b_off = w_off[-1] + np.cumsum([0] + [b.size for b in self.biases])
+        # params: transposed weights of every layer, then every bias; meta: layer count, dims, offsets, shifts,
+        # activation limits, input limit (layout read by _layers)
+        self.params = np.concatenate([w.T.ravel() for w in self.weights] + self.biases).astype(self.dtype)
+        self.meta = np.concatenate([[n], self.dims, w_off[:n], b_off[:n], self.shifts, self.act_max,
+                                    [self.input_max]]).astype(np.int64)
 
     @classmethod
     def load(cls, path: Path) -> "IntegerMLP":
@@ -189,12 +206,19 @@ class IntegerMLP:
         np.savez(path, layers=len(self.weights), shifts=self.shifts, act_max=self.act_max,
                  output_scale=np.float64(self.output_scale), input_max=np.int64(self.input_max), **arrays)
 
+    def work_buffers(self) -> tuple[np.ndarray, np.ndarray]:
+        """Scratch arrays for the kernels: activations and accumulators, each (widest layer, :data:`TILE`),
+        in :attr:`dtype`."""
+        shape = (int(self.dims.max()), TILE)
+        return np.zeros(shape, self.dtype), np.zeros(shape, self.dtype)
+
     def scores(self, features: np.ndarray) -> np.ndarray:
         """Integer scores of input vectors.
 
         Parameters
         ----------
-        features : ndarray, shape (n, n_in), integer, on the input grid
+        features : ndarray, shape (n, n_in), integer, on the input grid (values outside ``[0, input_max]``
+            are clipped, as the input quantiser does)
 
         Returns
         -------
@@ -209,106 +233,140 @@ class IntegerMLP:
         if f.ndim != 2 or f.shape[1] != self.dims[0]:
             raise ValueError(f"expected input vectors of length {self.dims[0]}, got shape {f.shape}")
         out = np.empty(len(f), np.int64)
-        _mlp_batch(f, self.w_flat, self.b_flat, self.dims, self.shifts, self.act_max, self.input_max, out)
+        _mlp_batch(f, self.params, self.meta, *self.work_buffers(), out)
         return out
 
 
+TILE = 128
+"""Decisions computed together per kernel pass: activations are held as (features x TILE) so that every
+multiply-add runs along the samples (a long, contiguous, vectorisable loop)."""
+
+
 @numba.njit(cache=True, nogil=True)
-def _mlp_forward(feat, w, b, dims, shifts, act_max, in_max, a, z):
-    """One integer forward pass of ``feat`` (int64, dims[0]), inputs clipped to ``[0, in_max]``; ``a``, ``z``
-    are work buffers."""
-    n_layers = dims.shape[0] - 1
-    for i in range(dims[0]):
-        v = feat[i]
-        a[i] = 0 if v < 0 else (in_max if v > in_max else v)
-    wo = 0
-    bo = 0
-    for l in range(n_layers):
-        n_in = dims[l]
-        n_out = dims[l + 1]
+def _layers_tile(p, meta, act, acc, m):
+    """The integer forward pass of ``m`` input vectors held as columns of ``act[:, :m]`` (on the input grid).
+
+    ``p`` and ``meta`` as built by :class:`IntegerMLP`; ``act`` and ``acc`` are (width, TILE) scratch arrays of
+    the network's dtype. Leaves the scores (last accumulators) in ``acc[0, :m]``."""
+    n = meta[0]
+    for l in range(n):
+        n_in = meta[1 + l]
+        n_out = meta[2 + l]
+        wo = meta[2 + n + l]
+        bo = meta[2 + 2 * n + l]
         for o in range(n_out):
-            acc = b[bo + o]
-            row = wo + o * n_in
+            zo = acc[o]
+            bias = p[bo + o]
+            for k in range(m):
+                zo[k] = bias
             for i in range(n_in):
-                acc += w[row + i] * a[i]
-            z[o] = acc
-        wo += n_in * n_out
-        bo += n_out
-        if l == n_layers - 1:
-            return z[0]
-        e = shifts[l]
-        m = act_max[l]
+                w = p[wo + i * n_out + o]
+                if w == 0:
+                    continue
+                ai = act[i]
+                for k in range(m):
+                    zo[k] += w * ai[k]
+        if l == n - 1:
+            return
+        e = meta[2 + 3 * n + l]
+        top = meta[1 + 4 * n + l]
         for o in range(n_out):
-            v = z[o]
-            if v < 0:
-                v = 0
+            zo = acc[o]
+            ao = act[o]
             if e >= 0:
-                v = v << e
+                for k in range(m):
+                    v = zo[k] << e if zo[k] > 0 else 0
+                    ao[k] = top if v > top else v
             else:
-                v = v >> (-e)
-            if v > m:
-                v = m
-            a[o] = v
-    return 0
+                r = -e
+                for k in range(m):
+                    v = zo[k] >> r if zo[k] > 0 else 0
+                    ao[k] = top if v > top else v
 
 
 @numba.njit(cache=True, nogil=True)
-def _mlp_batch(f, w, b, dims, shifts, act_max, in_max, out):
-    width = 0
-    for d in dims:
-        width = max(width, d)
-    a = np.empty(width, np.int64)
-    z = np.empty(width, np.int64)
-    for k in range(f.shape[0]):
-        out[k] = _mlp_forward(f[k], w, b, dims, shifts, act_max, in_max, a, z)
+def _mlp_batch(f, p, meta, act, acc, out):
+    """Scores of feature rows ``f`` (n, n_in), int64, clipped to ``[0, input_max]`` first."""
+    in_max = meta[meta.shape[0] - 1]
+    tile = act.shape[1]
+    for t0 in range(0, f.shape[0], tile):
+        m = min(tile, f.shape[0] - t0)
+        for i in range(f.shape[1]):
+            ai = act[i]
+            for k in range(m):
+                v = f[t0 + k, i]
+                ai[k] = 0 if v < 0 else (in_max if v > in_max else v)
+        _layers_tile(p, meta, act, acc, m)
+        for k in range(m):
+            out[t0 + k] = acc[0, k]
 
 
 @numba.njit(cache=True, nogil=True)
-def _stream(x, ring, state, window, blocks, block, shift, in_max, w, b, dims, shifts, act_max, feat, a, z,
-            threshold, scores, stop):
-    """Push counts ``x`` through the history and decide on every sample once ``h`` samples are in.
+def _decide(x, hist, state, spec, p, meta, act, acc, cs, threshold, scores, stop):
+    """Push a block of counts ``x`` through the history and decide on every sample with a full history.
 
-    ``ring`` (2h) holds every sample twice (at ``p`` and ``p + h``) so that the last ``h`` samples are the
-    contiguous slice ``ring[p + 1 : p + 1 + h]`` after a write at ``p``, oldest first; ``state = [p_next,
-    filled]``. ``scores`` (len(x) or 0) receives every score (``-2**62`` before the history is full).
-    Returns the index of the first sample whose score reaches ``threshold`` (and stops there if ``stop``),
-    or -1.
+    ``hist`` holds the last ``min(state[0], h - 1)`` samples (``h = spec.history``) followed by room for the
+    block; ``state = [held samples]``; ``spec = [window, blocks, block, shift, input_max, sample_clip]``.
+    Samples are clipped at ``sample_clip = max(input_max, (input_max + 1) << shift)`` on the way in, which
+    changes no feature (a clipped sample saturates its window entry and its context sum either way).
+    ``cs`` (int64, >= held + len(x) + 1) receives prefix sums; ``act``, ``acc`` as for :func:`_layers_tile`.
+    ``scores`` (len(x) or 0) receives every score (``-2**62`` before the history is full). Returns the
+    block index of the first score ``>= threshold`` (deciding no further tile if ``stop``), -1 if none, or
+    -2 (state untouched) if ``x`` holds a negative value.
     """
-    h = ring.shape[0] // 2
-    pos = state[0]
-    filled = state[1]
-    record = scores.shape[0] == x.shape[0]
+    n = x.shape[0]
+    for k in range(n):
+        if x[k] < 0:
+            return -2
+    window = spec[0]
+    blocks = spec[1]
+    block = spec[2]
+    shift = spec[3]
+    in_max = spec[4]
+    clip = spec[5]
+    h = window + blocks * block
+    held = state[0]
+    total = held + n
+    for k in range(n):
+        v = np.int64(x[k])
+        hist[held + k] = clip if v > clip else v
+    cs[0] = 0
+    for t in range(total):
+        cs[t + 1] = cs[t] + hist[t]
+    record = scores.shape[0] == n
+    if record:
+        for k in range(min(n, h - 1 - held)):
+            scores[k] = -(1 << 62)
     first = -1
-    for k in range(x.shape[0]):
-        v = x[k]
-        ring[pos] = v
-        ring[pos + h] = v
-        o = pos + 1  # oldest sample of the history
-        pos = 0 if pos == h - 1 else pos + 1
-        if filled < h:
-            filled += 1
-            if filled < h:
-                if record:
-                    scores[k] = -(1 << 62)
-                continue
-        base = o + h - window
+    tile = act.shape[1]
+    for t0 in range(max(held, h - 1), total, tile):
+        m = min(tile, total - t0)
         for i in range(window):
-            feat[i] = ring[base + i]
+            ai = act[i]
+            base = t0 - window + 1 + i
+            for k in range(m):
+                v = hist[base + k]
+                ai[k] = in_max if v > in_max else v
         for j in range(blocks):
-            t = 0
-            start = o + j * block
-            for i in range(block):
-                t += ring[start + i]
-            feat[window + j] = t >> shift
-        sc = _mlp_forward(feat, w, b, dims, shifts, act_max, in_max, a, z)
-        if record:
-            scores[k] = sc
-        if sc >= threshold and first < 0:
-            first = k
-            if stop:
-                break
-    state[0] = pos
-    state[1] = filled
+            aj = act[window + j]
+            lo = t0 - h + 1 + j * block
+            for k in range(m):
+                s = (cs[lo + k + block] - cs[lo + k]) >> shift
+                aj[k] = in_max if s > in_max else s
+        _layers_tile(p, meta, act, acc, m)
+        z = acc[0]
+        for k in range(m):
+            sc = np.int64(z[k])
+            if record:
+                scores[t0 - held + k] = sc
+            if sc >= threshold and first < 0:
+                first = t0 - held + k
+        if first >= 0 and stop:
+            break
+    keep = min(total, h - 1)
+    for i in range(keep):
+        hist[i] = hist[total - keep + i]
+    state[0] = keep
     return first
 
 
@@ -329,6 +387,10 @@ def load_manifest(model_dir: Path | None = None) -> dict:
 class ModelTrigger:
     """The quantized ejection trigger with the interface of :mod:`edge.trigger`'s triggers.
 
+    One :meth:`update` is one numba call for the whole block (no per-sample Python, no allocation); per
+    tile of up to :data:`TILE` samples it builds the features from a history buffer and prefix sums and runs
+    the integer network (int32 multiply-adds vectorised along the samples). ``bench/trigger_decision.py`` times it.
+
     Parameters
     ----------
     model : str
@@ -337,6 +399,8 @@ class ModelTrigger:
         Alarm threshold on the integer score; default the manifest's operating point.
     model_dir : path, optional
         Folder holding ``manifest.json`` and the model files (default :data:`MODEL_DIR`).
+    max_block : int
+        Samples the history buffer takes per kernel call; longer blocks are split into calls of this size.
 
     Raises
     ------
@@ -350,7 +414,8 @@ class ModelTrigger:
 
     name = "model"
 
-    def __init__(self, model: str = "ejection", threshold: int | None = None, model_dir: Path | None = None) -> None:
+    def __init__(self, model: str = "ejection", threshold: int | None = None, model_dir: Path | None = None,
+                 max_block: int = 4096) -> None:
         d = Path(model_dir or MODEL_DIR)
         entry = load_manifest(d)["models"][model]
         self.model_name = model
@@ -361,12 +426,14 @@ class ModelTrigger:
                              f"features give {self.spec.n_features} up to {self.spec.input_max}")
         self.threshold = int(entry["threshold"]["score"] if threshold is None else threshold)
         self.sample_time_us = float(entry.get("sample_time_us", 10.0))
-        width = int(self.mlp.dims.max())
-        self._ring = np.zeros(2 * self.spec.history, np.int64)
-        self._state = np.zeros(2, np.int64)
-        self._feat = np.zeros(self.spec.n_features, np.int64)
-        self._a = np.zeros(width, np.int64)
-        self._z = np.zeros(width, np.int64)
+        s = self.spec
+        clip = max(s.input_max, (s.input_max + 1) << s.shift)
+        self._spec = np.array([s.window, s.blocks, s.block, s.shift, s.input_max, clip], np.int64)
+        self._max_block = int(max_block)
+        self._hist = np.zeros(s.history - 1 + self._max_block, np.int64)
+        self._cs = np.zeros(len(self._hist) + 1, np.int64)
+        self._state = np.zeros(1, np.int64)
+        self._act, self._acc = self.mlp.work_buffers()
         self._no_scores = np.zeros(0, np.int64)
         self.start()
 
@@ -392,16 +459,18 @@ class ModelTrigger:
         self.trigger_sample = -1
         self.lam0 = math.nan
         self._base_sum = 0.0
-        self._state[:] = 0
-        self._ring[:] = 0
+        self._state[0] = 0
         if expected_rate is not None:
             h = self.spec.history
-            k = np.arange(h + 1)
-            seq = np.diff(np.floor(k * float(expected_rate))).astype(np.int64)
-            self._ring[:h] = seq
-            self._ring[h:] = seq
-            self._state[1] = h
+            seq = np.diff(np.floor(np.arange(h + 1) * float(expected_rate))).astype(np.int64)
+            self._hist[:h - 1] = seq[1:]  # the last h - 1 samples of a history of h
+            self._state[0] = h - 1
             self.lam0 = float(expected_rate)
+
+    def history(self) -> np.ndarray:
+        """Copy of the samples held for the next decision (up to ``spec.history - 1``, oldest first, clipped
+        as described in :func:`_decide`)."""
+        return self._hist[:int(self._state[0])].copy()
 
     def update(self, samples: np.ndarray) -> int:
         """Feed a block of counts; return the index within it of the alarm, or -1.
@@ -414,35 +483,55 @@ class ModelTrigger:
         Raises
         ------
         ValueError
-            Negative or non-finite values.
+            Negative or non-finite values (the trigger's state is left as it was).
         """
-        x = np.asarray(samples).reshape(-1)
-        if x.dtype.kind == "f":
-            if not np.all(np.isfinite(x)):
+        x = samples if type(samples) is np.ndarray and samples.ndim == 1 else np.asarray(samples).reshape(-1)
+        if x.dtype.kind not in "iu":
+            if x.dtype.kind != "f" or not np.all(np.isfinite(x)) or np.any(x < 0):
                 raise ValueError("trigger input has negative or non-finite counts")
-        if x.size and x.min() < 0:
-            raise ValueError("trigger input has negative or non-finite counts")
-        if self.triggered:
+            x = x.astype(np.int64)  # integer blocks (uint16 from the detector) go to the kernel as they are
+        if self.trigger_sample >= 0:
             self.samples_seen += len(x)
             return -1
-        if x.dtype.kind not in "iu":
-            x = x.astype(np.int64)  # integer blocks (uint16 from the detector) go to the kernel as they are
-        if math.isnan(self.lam0):
+        baseline = self.samples_seen < self.spec.history and math.isnan(self.lam0)
+        if baseline:
             take = min(self.spec.history - self.samples_seen, len(x))
-            self._base_sum += float(x[:take].sum())
+            base_sum = self._base_sum + float(x[:take].sum())
+        if len(x) <= self._max_block:
+            m = self.mlp
+            k = int(_decide(x, self._hist, self._state, self._spec, m.params, m.meta, self._act, self._acc, self._cs,
+                            self.threshold, self._no_scores, True))
+            if k == -2:
+                raise ValueError("trigger input has negative or non-finite counts")
+        else:
+            k = self._run(x, self._no_scores, True)
+        if baseline:
+            self._base_sum = base_sum
             if self.samples_seen + take == self.spec.history:
                 self.lam0 = self._base_sum / self.spec.history
-        k = self._run(x, self._no_scores, True)
         if k >= 0:
             self.trigger_sample = self.samples_seen + k
         self.samples_seen += len(x)
         return k
 
     def _run(self, x: np.ndarray, scores: np.ndarray, stop: bool) -> int:
-        s, m = self.spec, self.mlp
-        return int(_stream(x, self._ring, self._state, s.window, s.blocks, s.block, s.shift, s.input_max, m.w_flat,
-                           m.b_flat, m.dims, m.shifts, m.act_max, self._feat, self._a, self._z, self.threshold,
-                           scores, stop))
+        """Run the kernel over ``x`` in calls of at most ``max_block`` samples; returns the index of the first
+        score ``>= threshold`` or -1 (stopping there if ``stop``); raises ``ValueError`` for a negative count."""
+        m = self.mlp
+        step = self._max_block
+        first = -1
+        for a in range(0, max(len(x), 1), step):
+            xs = x[a:a + step]
+            sc = scores[a:a + step] if len(scores) else scores
+            k = int(_decide(xs, self._hist, self._state, self._spec, m.params, m.meta, self._act, self._acc, self._cs,
+                            self.threshold, sc, stop))
+            if k == -2:
+                raise ValueError("trigger input has negative or non-finite counts")
+            if k >= 0 and first < 0:
+                first = a + k
+                if stop:
+                    break
+        return first
 
     def stream_scores(self, counts: np.ndarray) -> np.ndarray:
         """Scores of every sample of a whole stream from a fresh history (for evaluation).
@@ -456,7 +545,9 @@ class ModelTrigger:
         ndarray, shape (n,), int64; ``-2**62`` for the first ``spec.history - 1`` samples (no decision).
         Leaves the trigger started afresh.
         """
-        x = np.ascontiguousarray(counts, np.int64).reshape(-1)
+        x = np.ascontiguousarray(counts).reshape(-1)
+        if x.dtype.kind not in "iu":
+            x = x.astype(np.int64)
         self.start()
         out = np.empty(len(x), np.int64)
         self._run(x, out, False)

@@ -70,7 +70,8 @@ def cmd_train_fourd(a: argparse.Namespace) -> int:
 
     cfg = FourDTrainConfig(seed=a.seed)
     if a.quick:
-        cfg.train, cfg.val, cfg.chunk, cfg.float_epochs, cfg.qat_epochs = 3000, 1000, 1000, 3, 2
+        # small batches so that the few patterns still give a few hundred optimiser steps
+        cfg.train, cfg.val, cfg.chunk, cfg.float_epochs, cfg.qat_epochs, cfg.batch = 3000, 1000, 1000, 8, 3, 128
     result = train_fourd(cfg)
     ckpt = Path(a.out) / f"{a.name}.pt"
     _save_checkpoint(ckpt, result, cfg)

@@ -13,8 +13,9 @@ dwells with known event samples this gives, for any threshold:
 
 Thresholds are calibrated on one set of dwells for a target false-trigger rate (the smallest threshold
 whose rate does not exceed it) and the figures are reported on another set ("equal false-trigger
-rate"). The ROC compares single decisions: positives ``roc_delay`` samples after the event, negatives
-every pre-event decision.
+rate"). Each method is also reported at the threshold the service uses by default
+(:func:`service_thresholds`). The ROC compares single decisions: positives ``roc_delay`` samples after
+the event, negatives every pre-event decision.
 """
 
 from __future__ import annotations
@@ -262,6 +263,24 @@ def plot(path: Path, curves: dict, rocs: dict, title: str, roc_delay: int, targe
     plt.close(fig)
 
 
+def _json_number(v: float) -> float | None:
+    """``v``, or None (JSON null) where it is NaN (no threshold reaches that false-trigger rate)."""
+    return None if np.isnan(v) else v
+
+
+def service_thresholds(trig: ModelTrigger) -> dict:
+    """Each method's default threshold in the service, on the scale of :func:`method_scores`.
+
+    The model: the manifest's integer score threshold (``score >= threshold`` fires). CUSUM and the moving
+    window fire when their statistic is strictly above ``h`` / ``1 - fraction`` (:mod:`edge.trigger`
+    defaults), hence the next float up. The float twin has no service threshold."""
+    from edge.trigger import CusumTrigger, WindowTrigger
+
+    c, w = CusumTrigger(), WindowTrigger()
+    return {"model": float(trig.threshold), "cusum": float(np.nextafter(c.h, np.inf)),
+            "window": float(np.nextafter(1.0 - w.fraction, np.inf))}
+
+
 def evaluate(out: Path, model_dir: Path | None = None, model: str = "ejection", dwells: int = 1500,
              seed: int = 100, target_fa_per_s: float = 0.05, roc_delay: int = 16,
              conditions: dict | None = None, update_manifest: bool = False, progress=print) -> dict:
@@ -316,10 +335,14 @@ def evaluate(out: Path, model_dir: Path | None = None, model: str = "ejection", 
             sw = sweep(sc, test.event, candidate_thresholds(sc, test.event), test.sample_time_us)
             at = sweep(sc, test.event, np.array([thr]), test.sample_time_us).at(0)
             res["methods"][m] = {"calibrated": at,
-                                 "delay_p50_at_fa": {str(f): delay_at_fa(sw, f) for f in (0.01, 0.05, 0.2, 1.0)}}
+                                 "delay_p50_at_fa": {str(f): _json_number(delay_at_fa(sw, f))
+                                                     for f in (0.01, 0.05, 0.2, 1.0)}}
             curves[name][m] = sw
             rocs[name][m] = roc(sc, test.event, roc_delay)
             res["methods"][m]["roc_auc"] = rocs[name][m][2]
+            op = service_thresholds(trig).get(m)
+            if op is not None:  # where the service's default threshold puts this method on these dwells
+                res["methods"][m]["service_default"] = sweep(sc, test.event, np.array([op]), test.sample_time_us).at(0)
         res["seconds"] = time.perf_counter() - t0
         report["conditions"][name] = res
         progress(format_condition(name, res))
@@ -342,6 +365,12 @@ def format_condition(name: str, res: dict) -> str:
         lines.append(f"  {m:<8}{c['threshold']:>12.4g}{c['fa_per_s']:>8.3f}{c['false_triggers']:>7d}"
                      f"{c['delay_p50']:>11.1f}{c['delay_mean']:>7.1f}{c['delay_p90']:>6.0f}{c['missed']:>8.4f}"
                      f"{r['roc_auc']:>8.4f}")
+    lines.append("  at the service's default thresholds:")
+    for m, r in res["methods"].items():
+        c = r.get("service_default")
+        if c:
+            lines.append(f"  {m:<8}{c['threshold']:>12.4g}{c['fa_per_s']:>8.3f}{c['false_triggers']:>7d}"
+                         f"{c['delay_p50']:>11.1f}{c['delay_mean']:>7.1f}{c['delay_p90']:>6.0f}{c['missed']:>8.4f}")
     return "\n".join(lines)
 
 

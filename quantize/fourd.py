@@ -146,6 +146,7 @@ def train_fourd(cfg: FourDTrainConfig, progress=print) -> dict:
     xv, yv, _ = patterns(cfg.val, cfg, cfg.seed + 500)
     progress(f"simulated {len(y)} + {len(yv)} patterns ({y.mean():.2f} over a column) in {time.perf_counter() - t0:.0f} s")
     n_in = x.shape[1]
+    torch.manual_seed(cfg.seed)  # the initial weights too depend on the seed only
     fm = float_mlp(n_in, tuple(cfg.hidden))
     hf = _fit(fm, x, y, cfg.float_epochs, cfg.lr_float, cfg.batch, cfg.seed, "4d-float", xv, yv)
     qm = quant_mlp(n_in, tuple(cfg.hidden), cfg.input_bits, Bits(cfg.weight_bits, cfg.act_bits, cfg.bias_bits))
@@ -182,8 +183,9 @@ def export_fourd(result: dict, cfg: FourDTrainConfig, model_dir: Path, name: str
     mlp.save(model_dir / files["integer"])
     plain_onnx(m, model_dir / files["plain_onnx"])
     save_float(result["float_model"], model_dir / files["float"])
-    check = np.concatenate([xv[:2000], exactness_inputs(cfg.detector_px, cfg.input_bits, cfg.seed, n_random=2000,
-                                                        n_simulated=0)])
+    held = xv[:2000]  # with fewer validation patterns (--quick), more random ones: at least 5000 inputs in all
+    check = np.concatenate([held, exactness_inputs(cfg.detector_px, cfg.input_bits, cfg.seed,
+                                                   n_random=4000 - len(held), n_simulated=0)])
     agree = agreement(check, mlp, model_dir / files["qonnx"], model_dir / files["plain_onnx"], qm)
     if any(v != agree["inputs"] for k, v in agree.items() if k != "inputs"):
         raise ExportError(f"4D-STEM trigger exports disagree with the integer runtime: {agree}")

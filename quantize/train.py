@@ -236,6 +236,7 @@ def train(cfg: TrainConfig, progress=print) -> dict:
     va = dataset(cfg, max(cfg.segments // 5, 100), cfg.seed + 1000)
     progress(f"simulated {cfg.segments} + {max(cfg.segments // 5, 100)} segments -> {len(tr.y)} training and "
              f"{len(va.y)} validation windows ({tr.y.mean():.2f} positive) in {time.perf_counter() - t0:.0f} s")
+    torch.manual_seed(cfg.seed)  # the initial weights too depend on the seed only
     fm = float_mlp(cfg.spec.n_features, tuple(cfg.hidden))
     hf = _fit(fm, tr.x, tr.y, cfg.float_epochs, cfg.lr_float, cfg.batch, cfg.seed, "float", va.x, va.y)
     progress(f"float network: validation loss {hf[-1]['val_loss']:.4f}")

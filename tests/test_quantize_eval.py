@@ -80,3 +80,24 @@ def test_roc_of_a_perfect_and_a_useless_score():
     bad = [rng.random(150) for _ in events]
     assert roc(good, events, 5)[2] == pytest.approx(1.0)
     assert roc(bad, events, 5)[2] == pytest.approx(0.5, abs=0.1)
+
+
+def test_service_thresholds_fire_where_the_service_triggers_fire():
+    from edge.trigger import make_trigger
+    from edge.trigger_model import ModelTrigger
+    from quantize.evaluate import method_scores, service_thresholds
+
+    model = ModelTrigger()
+    thr = service_thresholds(model)
+    st = dwell_streams(12, StreamConditions(), seed=77)
+    checked = 0
+    for m in ("model", "cusum", "window"):
+        scores = method_scores(st, m, trigger=model)
+        for counts, s in zip(st.counts, scores):
+            t = make_trigger(m)
+            t.start()
+            t.update(counts)
+            hit = np.flatnonzero(s >= thr[m])
+            assert t.trigger_sample == (int(hit[0]) if hit.size else -1)
+            checked += t.trigger_sample >= 0
+    assert checked >= 30

@@ -73,13 +73,55 @@ def test_streaming_equals_batch_and_block_splitting(tmp_path):
     assert t.lam0 == pytest.approx(x[:spec.history].mean())
 
 
+def _numpy_scores(mlp: IntegerMLP, x: np.ndarray) -> np.ndarray:
+    """Reference: the integer arithmetic of the module docstring with numpy int64 matrix products."""
+    a = np.clip(x.astype(np.int64), 0, mlp.input_max)
+    for k, (w, b) in enumerate(zip(mlp.weights, mlp.biases)):
+        z = a @ w.T + b
+        if k == len(mlp.weights) - 1:
+            return z[:, 0]
+        e = int(mlp.shifts[k])
+        z = np.maximum(z, 0)
+        a = np.minimum(z << e if e >= 0 else z >> -e, mlp.act_max[k])
+
+
+@pytest.mark.parametrize("big", [False, True])
+def test_int32_and_int64_kernels_match_numpy(big):
+    # 12-bit inputs, 10-bit activations; big biases push the accumulator bound past int32 -> the int64 kernel
+    rng = np.random.default_rng(5 if big else 6)
+    w = [rng.integers(-511, 512, (20, 40)), rng.integers(-3, 4, (7, 20)), rng.integers(-511, 512, (1, 7))]
+    b = [rng.integers(-5000, 5000, 20), rng.integers(-500, 500, 7), np.array([2 ** 31 - 5 if big else -123])]
+    # layer 0: floor(acc / 2**14) into 10 bits; layer 1: acc * 2 into 16 bits (both shift directions)
+    mlp = IntegerMLP(w, b, np.array([-14, 1]), np.array([1023, 65535]), 1.0, 4095)
+    assert mlp.dtype == (np.int64 if big else np.int32) and (mlp.acc_bound >= 2 ** 31) == big
+    x = rng.integers(-100, 5000, (3000, 40))  # out-of-range values are clipped as the input quantiser does
+    ref = _numpy_scores(mlp, x)
+    assert np.array_equal(mlp.scores(x), ref) and len(np.unique(ref)) > 1000
+
+
+def test_huge_counts_and_negative_blocks(tmp_path):
+    spec = FeatureSpec(window=8, blocks=3, block=4, shift=2)
+    mlp = _tiny(tmp_path, spec)
+    rng = np.random.default_rng(9)
+    x = rng.integers(0, 65536, 2000).astype(np.uint16)  # far above the input range: features saturate exactly
+    t = ModelTrigger("tiny", model_dir=tmp_path, threshold=2 ** 40)
+    assert np.array_equal(t.stream_scores(x)[spec.history - 1:], mlp.scores(window_features(x, spec)))
+    t.update(x[:50].astype(np.int32))
+    before = t.history()
+    with pytest.raises(ValueError, match="negative"):
+        t.update(np.array([3, -1, 4], np.int32))
+    assert np.array_equal(t.history(), before) and t.samples_seen == 50  # the bad block changed nothing
+
+
 def test_expected_rate_prefills_history(tmp_path):
     spec = FeatureSpec(window=8, blocks=3, block=4, shift=0)
     _tiny(tmp_path, spec, threshold=-(2 ** 40))  # fires on the first decided sample
     t = ModelTrigger("tiny", model_dir=tmp_path)
     t.start(expected_rate=2.5)
     assert t.lam0 == 2.5
-    assert int(t._ring[:spec.history].sum()) == int(np.floor(spec.history * 2.5))  # running sum follows the rate
+    hist = t.history()  # the h - 1 samples before the first decision; their running sum follows the rate
+    assert len(hist) == spec.history - 1
+    assert np.array_equal(np.cumsum(hist), np.floor(np.arange(2, spec.history + 1) * 2.5) - 2)
     assert t.update(np.array([3, 3], np.uint16)) == 0 and t.trigger_sample == 0
     t.start()
     assert t.update(np.full(spec.history - 1, 3, np.uint16)) == -1  # not enough history yet
