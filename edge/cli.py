@@ -1,4 +1,4 @@
-"""The ``beamloop`` command line.
+"""The beamloop command line: closed-loop edge inference for STEM.
 
 Subcommands defined here: ``run`` (the main job on the simulated microscope), ``sim`` (the simulated
 microscope), ``serve`` (the edge service), ``find`` (atomic columns in image files), ``replay`` (stream
