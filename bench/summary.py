@@ -78,8 +78,8 @@ def _budget_md(b: list[dict]) -> list[str]:
                      fits, fmt(s["leftover_us"]), fmt(s["max_frame_rate_hz"]), "; ".join(notes)])
     lines += table(["scenario", "frame time us", "frame path p50 us", "p99 us", "stages that fit", "leftover us",
                     "max frames/s", "beam"], rows)
-    lines += ["", "Plot: `budget.png`. Your own: `beamloop bench --budget-only --frame-size 512x512 "
-              "--frame-rate 2000` (or `--dwell-us 1`).", ""]
+    lines += ["", "Plot: `budget.png`. Your own detector or scan: `beamloop bench budget --frame 512 "
+              "--frame-rate 2000` or `beamloop bench budget --frame 512 --dwell-us 10`.", ""]
     return lines
 
 
@@ -150,7 +150,10 @@ def _atoms_md(res: dict) -> list[str]:
                              v["n_found"], f"{fmt(ag.get('of_ref'))} / {fmt(ag.get('of_own'))}" if ag else "(reference)",
                              fmt(ag.get("rms_px")) if ag else ""])
         lines += table(["image", "method", "ms p50", "x", "columns", "matched: of classical / of own", "RMS px"], rows)
-        lines += ["", "Overlays: `real_<image>.png`. Images are read in place from the shared folder, never copied.", ""]
+        private = [n for n, r in res["real"]["images"].items() if "overlay_private" in r]
+        lines += ["", "Overlays: `real_<image>.png`. Images are read in place from the shared folder, never copied"
+                  + (f"; no overlay of {', '.join(private)} in the results (copyleft or no licence notice beside it:"
+                     " drawn into out/bench_private/ only)" if private else "") + ".", ""]
     lines += ["Plot: `atom_finding_accuracy_vs_speed.png`.", ""]
     return lines
 
@@ -196,7 +199,10 @@ def _peers_md(res: dict) -> list[str]:
         if st != "ok":
             lines.append(head + f": {r.get('error', '')}")
             continue
-        lines.append(head + f"; results in `{name}.json`")
+        files = r.get("files")
+        lines.append(head + ("; wrote " + ", ".join(f"`{f}`" for f in files) if files else
+                             "; wrote no file in bench/results")
+                     + (f" ({r['note']})" if r.get("note") else ""))
         if r.get("summary_md"):
             lines += ["", r["summary_md"], ""]
         else:
@@ -218,7 +224,8 @@ def write_summary(path: Path, index: dict, results: dict) -> Path:
              "work, so timings are noisy (tails most of all); re-run on a quiet machine for reference figures.",
              "", "| section | status | wall s |", "|---|---|---|"]
     for name, s in index["sections"].items():
-        lines.append(f"| {name} | {s['status']}{': ' + s['error'] if 'error' in s else ''} | {s['wall_s']:.0f} |")
+        lines.append(f"| {name} | {s['status']}{': ' + s['error'] if 'error' in s else ''}"
+                     f"{' (' + s['note'] + ')' if s.get('note') else ''} | {s['wall_s']:.0f} |")
     lines += [f"\nTotal {index.get('wall_s', float('nan')):.0f} s.", ""]
     if "stages" in results:
         lines += _stages_md(results["stages"])

@@ -92,3 +92,19 @@ def test_goal_met_and_not_met():
     g = goal(_cell(10.0, 8.0, 60.0, (r, 1.0, 6.0), (1.0, 1.0, 7.0)))
     assert g["met"] and not g["accuracy_equal_or_better_strict"]
     assert "skipped" in goal({})
+
+
+def test_time_method_repeats_fast_methods_and_not_slow_ones(monkeypatch):
+    from bench import atomfinding
+    from bench.atomfinding import Method, time_method
+
+    calls = []
+    m = Method("fake", lambda im: calls.append(im) or (np.zeros((0, 2)), None, None))
+    images = [1, 2, 3]
+    monkeypatch.setattr(atomfinding, "SLOW_CALL_S", float("inf"))  # every call fast: all repeats
+    got = time_method(m, images, repeats=4, budget_s=1e9)
+    assert calls == [1] * 4 + [2] * 4 + [3] * 4 and len(got["times_s"]) == 12 and len(got["outputs"]) == 3
+    calls.clear()
+    monkeypatch.setattr(atomfinding, "SLOW_CALL_S", -1.0)  # every call slow: once per frame
+    got = time_method(m, images, repeats=4, budget_s=1e9)
+    assert calls == [1, 2, 3] and len(got["outputs"]) == 3

@@ -58,7 +58,8 @@ def fake_peers(tmp_path, monkeypatch):
     (tmp_path / "fakepeer_ok.py").write_text(
         "import numpy as np\n"
         "def run(quick):\n    return {'quick': quick, 'p50_us': np.float64(2.5), 'rows': np.arange(3)}\n"
-        "def summarize(res):\n    return f\"fake p50 {res['p50_us']} us\"\n")
+        "def bench_summary_md(res):\n    return f\"fake p50 {res['p50_us']} us\"\n"
+        "def summarize(windows):\n    return windows[1:]\n")  # a module's own summarize is not the hook
     (tmp_path / "fakepeer_boom.py").write_text("def run(quick):\n    raise RuntimeError('no detector')\n")
     (tmp_path / "fakepeer_norun.py").write_text("X = 1\n")
     yield tmp_path
@@ -141,6 +142,52 @@ def test_cli_budget_only(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.startswith("detector 512x512 at 1000 Hz: frame time 1000 us")
     assert main(["bench", "--budget-only", "--out", str(tmp_path), "--frame-rate", "1000"]) == 1  # no size
+
+
+def test_cli_budget_action_for_a_scan(tmp_path, capsys):
+    from edge.cli import main
+
+    (tmp_path / "stage_latency.json").write_text(json.dumps(_stage_results()))
+    assert main(["bench", "budget", "--dwell-us", "10", "--frame", "512", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    # 512 x 512 probe positions x 10 us = 2621440 us per frame; p99 frame path 2 * 0.0173 us/px * 512^2
+    assert out.startswith("scan 512x512, 10 us dwell: frame time 2.62e+06 us")
+    assert "leftover 2.61e+06 us" in out and "probe_positions_per_beam_move_p99: 60.0" in out
+    assert main(["bench", "budget", "--dwell-us", "10", "--frame-rate", "5", "--frame", "512",
+                 "--out", str(tmp_path)]) == 1  # a scan or a detector, not both
+
+
+def test_soak_runs_in_its_quick_form_in_a_full_run(monkeypatch, tmp_path):
+    calls = []
+    shared = tmp_path / "shared_results"
+    shared.mkdir()
+    (shared / "unet_x.json").write_text("{}")  # an older result of another group
+
+    def fake_call(name, quick, timeout_s):
+        calls.append((name, quick))
+        (shared / f"{name}{'_quick' if quick else ''}.json").write_text("{}")
+        if name == "soak":
+            os.utime(shared / "unet_x.json", ns=(1, 1))  # someone else's run touches another group's file
+        return {"status": "ok", "result": {}}
+
+    monkeypatch.setattr(suite, "RESULTS", shared)
+    monkeypatch.setattr(suite, "discover_peers", lambda: {"soak": ["soak"], "unet_": ["unet_x"]})
+    monkeypatch.setattr(suite, "call_peer", fake_call)
+    suite.run_suite(tmp_path, quick=False, sections=("peers",), progress=False)
+    assert sorted(calls) == [("soak", True), ("unet_x", False)]
+    got = json.loads((tmp_path / "peers.json").read_text())
+    assert "quick form" in got["soak"]["note"] and "note" not in got["unet_x"]
+    assert got["soak"]["files"] == ["soak_quick.json"] and got["unet_x"]["files"] == ["unet_x.json"]
+
+
+def test_real_image_overlays_only_for_permissive_licences(tmp_path):
+    from bench.atomfinding import may_publish
+
+    (tmp_path / "LICENSE-mit.txt").write_text("The file a_mit.png comes from X.\n\nMIT License\n\nPermission ...")
+    (tmp_path / "LICENSE-gpl.txt").write_text("b_gpl.hdf5 is part of atomap.\nGNU GENERAL PUBLIC LICENSE v3")
+    assert may_publish(tmp_path / "a_mit.png")
+    assert not may_publish(tmp_path / "b_gpl.hdf5")
+    assert not may_publish(tmp_path / "c_unknown.tif")  # no notice: never into the repository
 
 
 def test_frame_cache_renders_then_cycles():
