@@ -16,7 +16,8 @@ receiver process's (its ZeroMQ I/O thread included). The machine has 2 cores sha
 receiver and whatever else runs: results are noisy (the JSON records the load average).
 
 Usage: ``python bench/streams_receive.py [--quick]``; writes ``bench/results/streams_receive.json`` and
-``bench/results/streams_receive.png``. ``run(quick)`` returns the same dict.
+``bench/results/streams_receive.png`` (``--quick``: ``streams_receive_quick.*``, so that a quick run, e.g. the
+bench suite's, never overwrites the full figures). ``run(quick)`` returns the same dict.
 """
 
 from __future__ import annotations
@@ -188,15 +189,19 @@ def run(quick: bool = False) -> dict:
                 "ratio_beamloop_to_libertem": med["beamloop"] / med["libertem"],
                 "ratio_beamloop_adf_to_libertem": med["beamloop_adf"] / med["libertem"],
                 "ratio_beamloop_to_pyzmq_raw": med["beamloop"] / med["pyzmq_raw"],
+                # CPU time per frame is less disturbed by other work than the rate: LiberTEM's over ours
+                "cpu_ratio_libertem_to_beamloop": cpu["libertem"] / cpu["beamloop"],
+                "cpu_ratio_libertem_to_beamloop_adf": cpu["libertem"] / cpu["beamloop_adf"],
             }
     out["machine"]["load_after"] = os.getloadavg()
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{NAME}.json").write_text(json.dumps(out, indent=1))
-    _plot(out)
+    stem = f"{NAME}_quick" if quick else NAME
+    (RESULTS / f"{stem}.json").write_text(json.dumps(out, indent=1))
+    _plot(out, stem)
     return out
 
 
-def _plot(out: dict) -> None:
+def _plot(out: dict, stem: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -211,7 +216,7 @@ def _plot(out: dict) -> None:
         ax.tick_params(axis="x", rotation=20)
     fig.suptitle("receive + decode, DectrisSim sender, 2 shared cores")
     fig.tight_layout()
-    fig.savefig(RESULTS / f"{NAME}.png", dpi=100)
+    fig.savefig(RESULTS / f"{stem}.png", dpi=100)
     plt.close(fig)
 
 
@@ -220,4 +225,5 @@ if __name__ == "__main__":
     for size, r in res["sizes"].items():
         print(size, {k: round(v) for k, v in r["frames_per_s_median"].items()},
               f"beamloop/libertem {r['ratio_beamloop_to_libertem']:.2f}",
-              f"(+ADF {r['ratio_beamloop_adf_to_libertem']:.2f})")
+              f"(+ADF {r['ratio_beamloop_adf_to_libertem']:.2f}); CPU/frame LiberTEM/beamloop "
+              f"{r['cpu_ratio_libertem_to_beamloop']:.2f}")

@@ -117,7 +117,6 @@ def _status_line(c: dict, rate: float) -> str:
 
 
 def cmd_receive(a: argparse.Namespace) -> int:
-    from edge import fourd
     from streams.detector import DetectorReceiver, FrameStack, SeriesEnd, SeriesStart
     from streams.errors import ProtocolError
 

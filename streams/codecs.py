@@ -285,43 +285,38 @@ def _be_u32(a, o):
 
 
 @numba.njit(cache=False, nogil=True)
+def _decode_one(arena, o, ln, algo, elem_size, frame):
+    """Decode the blob ``arena[o:o + ln]`` into ``frame`` (a flat row of the output); returns a status code."""
+    fb = frame.shape[0] * frame.itemsize
+    if algo == 0:
+        if ln != fb:
+            return _E_LEN
+        view = frame.view(np.uint8)
+        for k in range(fb):
+            view[k] = arena[o + k]
+        return _OK
+    if algo == 3:
+        got = _lz4_decompress_safe(arena[o:].ctypes.data, frame.ctypes.data, ln, fb)
+        return _OK if got == fb else _E_DATA
+    if ln < 12:
+        return _E_SHORT
+    if _be_u64(arena, o) != fb:
+        return _E_SIZE
+    blk = _be_u32(arena, o + 8)
+    if blk == 0 or blk % 8 != 0:
+        return _E_BLOCK
+    got = _dectris_decompress(algo - 1, frame.ctypes.data, fb, arena[o:].ctypes.data, ln, elem_size)
+    return _OK if got == fb else _E_DATA
+
+
+@numba.njit(cache=False, nogil=True)
 def _decode_stack_kernel(arena, offsets, lengths, algo, elem_size, out, status):
     """Decode ``n`` blobs laid out in ``arena`` into ``out[0:n]``; per-frame error codes into ``status``."""
-    n = offsets.shape[0]
-    flat = out.reshape(out.shape[0], -1)
-    fb = flat.shape[1] * out.itemsize
+    flat = out.reshape(out.shape[0], out.shape[1] * out.shape[2])
     nerr = 0
-    for i in range(n):
-        o = offsets[i]
-        ln = lengths[i]
-        dst = flat[i].ctypes.data
-        st = _OK
-        if algo == 0:
-            if ln != fb:
-                st = _E_LEN
-            else:
-                view = flat[i].view(np.uint8)
-                for k in range(fb):
-                    view[k] = arena[o + k]
-        elif algo == 3:
-            got = _lz4_decompress_safe(arena[o:].ctypes.data, dst, ln, fb)
-            if got != fb:
-                st = _E_DATA
-        else:
-            if ln < 12:
-                st = _E_SHORT
-            elif _be_u64(arena, o) != fb:
-                st = _E_SIZE
-            else:
-                blk = _be_u32(arena, o + 8)
-                if blk == 0 or blk % 8 != 0:
-                    st = _E_BLOCK
-                else:
-                    got = _dectris_decompress(algo - 1, dst, fb, arena[o:].ctypes.data, ln, elem_size)
-                    if got != fb:
-                        st = _E_DATA
-        status[i] = st
-        if st != _OK:
+    for i in range(offsets.shape[0]):
+        status[i] = _decode_one(arena, offsets[i], lengths[i], algo, elem_size, flat[i])
+        if status[i] != _OK:
             nerr += 1
     return nerr
 
@@ -360,9 +355,14 @@ def decode_stack(arena: np.ndarray, offsets: np.ndarray, lengths: np.ndarray, co
     Returns
     -------
     int
-        Number of blobs that failed (their frames in ``out`` are undefined).
+        Number of blobs that failed (their frames in ``out`` are undefined). An empty stack (``n = 0``)
+        decodes nothing and compiles the kernel for these array types, ahead of the first frames.
     """
     n = len(offsets)
+    if n == 0:  # an empty stack compiles the kernel for these array types (receivers do it on arming)
+        _decode_stack_kernel(arena, offsets[:0], lengths[:0], _CODE[codec.algorithm], codec.elem_size, out[:0],
+                             status[:0])
+        return 0
     nerr = _decode_stack_kernel(arena, offsets[:n], lengths[:n], _CODE[codec.algorithm], codec.elem_size,
                                 out[:n], status[:n])
     if codec.big_endian:

@@ -184,9 +184,8 @@ class _Ring:
         self.series = series
         self.size = size
         self.nstacks = nstacks
-        nb = series.frame_nbytes
         itemsize = np.dtype(series.dtype).itemsize
-        self.capacity = max(codecs.Codec(a, itemsize).max_blob_nbytes(nb) for a in codecs.ALGORITHMS)
+        self.capacity = self.slot_bytes(series)
         slots = size * nstacks
         self.arenas = {ch: np.empty(slots * self.capacity, np.uint8) for ch in series.channels}
         self.views = {ch: [memoryview(a)[k * self.capacity:(k + 1) * self.capacity] for k in range(slots)]
@@ -207,6 +206,18 @@ class _Ring:
             ch = series.channels[0]
             codecs.decode_stack(self.arenas[ch], self.offsets[0, :0], self.lengths[ch][0, :0],
                                 codecs.Codec(codecs.BSLZ4, itemsize), self.frames[ch][0, :0], self.status)
+
+    @staticmethod
+    def slot_bytes(series: DetectorSeries) -> int:
+        """Arena bytes per frame and channel: the largest blob any codec may produce for one frame."""
+        itemsize = np.dtype(series.dtype).itemsize
+        return max(codecs.Codec(a, itemsize).max_blob_nbytes(series.frame_nbytes) for a in codecs.ALGORITHMS)
+
+    @classmethod
+    def nbytes(cls, series: DetectorSeries, size: int, nstacks: int, decode: bool) -> int:
+        """Bytes a ring for ``series`` allocates (arenas, plus decoded stacks when ``decode``)."""
+        per_frame = cls.slot_bytes(series) + (series.frame_nbytes if decode else 0)
+        return size * nstacks * len(series.channels) * per_frame
 
     def matches(self, series: DetectorSeries, size: int, nstacks: int, decode: bool) -> bool:
         return (self.series.channels == series.channels and self.series.shape == series.shape
@@ -240,6 +251,11 @@ class DetectorReceiver:
         SIMPLON v1: check each frame's md5 ``hash`` against its blob (costs ~1 us per 10 kB).
     max_header_bytes : int
         Bound on every JSON/CBOR header part (Stream V2: on a message minus the frame's blob bound).
+    max_ring_bytes : int
+        Bound on the memory a series announcement may make the receiver allocate (compressed-blob arenas
+        plus decoded stacks, all channels, ``stacks * stack_size`` frames); a series announcing more is
+        rejected as :class:`streams.errors.OversizedMessage` before anything is allocated. Default 2 GiB:
+        e.g. 256 frames of 1024x1024 uint32 pixels; lower ``stack_size`` for larger frames.
     rcvhwm : int, optional
         ZeroMQ receive high-water mark in messages (default 1000 lossless, 4 latest).
     context : zmq.Context, optional
@@ -247,19 +263,22 @@ class DetectorReceiver:
     Raises
     ------
     ValueError
-        Unknown protocol or mode, ``stacks`` < 2 or ``stack_size`` < 1.
+        Unknown protocol or mode, ``stacks`` < 2, ``stack_size`` < 1 or ``max_ring_bytes`` < 1.
     zmq.ZMQError
         The endpoint cannot be connected or bound.
     """
 
     def __init__(self, endpoint: str, *, protocol: str = "simplon1", bind: bool = False, mode: str = "lossless",
                  stack_size: int = 64, stacks: int = 4, decode: bool = True, verify_hash: bool = False,
-                 max_header_bytes: int = 1 << 16, rcvhwm: int | None = None,
+                 max_header_bytes: int = 1 << 16, max_ring_bytes: int = 2 << 30, rcvhwm: int | None = None,
                  context: zmq.Context | None = None) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
         if stacks < 2 or stack_size < 1:
             raise ValueError(f"need stacks >= 2 and stack_size >= 1, got {stacks}, {stack_size}")
+        if max_ring_bytes < 1:
+            raise ValueError(f"max_ring_bytes must be positive, got {max_ring_bytes}")
+        self.max_ring_bytes = int(max_ring_bytes)
         from streams import simplon, stream_v2
 
         adapters = {"simplon1": simplon.SimplonAdapter, "stream2": stream_v2.Stream2Adapter}
@@ -379,20 +398,30 @@ class DetectorReceiver:
             self.counters.messages += 1
             if event is None:  # an image went into the stack, or a part of a header arrived
                 continue
-            if ring is not None and ring.fill:
+            ring = self._ring
+            if ring is not None and ring.fill:  # frames before this event go first
                 self._pending.append(event)
                 return self._finish_stack()
+            if self._pending:  # e.g. the last stack of the previous series, finished by _begin_series
+                self._pending.append(event)
+                return self._pending.popleft()
             return event
 
     # called by adapters ------------------------------------------------------------------------------------
     def _begin_series(self, series: DetectorSeries) -> SeriesStart:
+        need = _Ring.nbytes(series, self.stack_size, self.nstacks, self.decode)
+        if need > self.max_ring_bytes:
+            raise OversizedMessage(
+                f"series {series.series_id} announces {len(series.channels)} channel(s) of {series.shape[0]}x"
+                f"{series.shape[1]} {np.dtype(series.dtype)} frames: {need} bytes for {self.nstacks} stacks of "
+                f"{self.stack_size}, over the {self.max_ring_bytes}-byte bound (max_ring_bytes)")
         if self.series is not None:
             self.counters.count_error(UnexpectedMessage(
                 f"series {series.series_id} started while series {self.series.series_id} was open"))
         ring = self._ring
+        if ring is not None and ring.fill:  # frames of the previous series leave under its name, first
+            self._pending.append(self._finish_stack())
         if ring is None or not ring.matches(series, self.stack_size, self.nstacks, self.decode):
-            if ring is not None and ring.fill:
-                self._pending.append(self._finish_stack())
             self._ring = _Ring(series, self.stack_size, self.nstacks, self.decode)
         else:
             self._ring.series = series

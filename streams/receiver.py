@@ -88,6 +88,11 @@ class FrameReceiver:
         Frames kept per channel before buffers are reused (>= 2).
     max_header_bytes : int
         Bound on part 0 of any message; larger ones are rejected as oversized.
+    max_ring_bytes : int
+        Bound on the memory a ``start`` message may make the receiver allocate: the ring (``ring`` frames
+        of every channel) plus the LZ4 scratch buffer. A series announcing more is rejected as
+        :class:`streams.errors.OversizedMessage` before anything is allocated (default 1 GiB, e.g. 8 frames
+        of 4096x4096 float32 pixels per channel).
     rcvhwm : int
         ZeroMQ receive high-water mark in messages.
     context : zmq.Context, optional
@@ -95,7 +100,7 @@ class FrameReceiver:
     Raises
     ------
     ValueError
-        ``ring`` below 2.
+        ``ring`` below 2, or ``max_ring_bytes`` below 1.
     zmq.ZMQError
         The endpoint cannot be bound or connected.
     """
@@ -107,11 +112,15 @@ class FrameReceiver:
         bind: bool = False,
         ring: int = 8,
         max_header_bytes: int = 1 << 16,
+        max_ring_bytes: int = 1 << 30,
         rcvhwm: int = 1000,
         context: zmq.Context | None = None,
     ) -> None:
         if ring < 2:
             raise ValueError(f"ring must hold at least 2 frames, got {ring}")
+        if max_ring_bytes < 1:
+            raise ValueError(f"max_ring_bytes must be positive, got {max_ring_bytes}")
+        self.max_ring_bytes = int(max_ring_bytes)
         self._ctx = context or zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.PULL)
         self._sock.setsockopt(zmq.RCVHWM, rcvhwm)
@@ -191,6 +200,13 @@ class FrameReceiver:
         if self.series is not None:
             self.counters.count_error(
                 UnexpectedMessage(f"series {series.series_id} started while series {self.series.series_id} was open")
+            )
+        need = self.ring * series.frame_nbytes * len(series.channels) + series.max_blob_nbytes
+        if need > self.max_ring_bytes:
+            raise OversizedMessage(
+                f"series {series.series_id} announces {len(series.channels)} channel(s) of {series.shape[0]}x"
+                f"{series.shape[1]} {series.dtype} frames: {need} bytes for a ring of {self.ring}, over the "
+                f"{self.max_ring_bytes}-byte bound (max_ring_bytes)"
             )
         self._allocate(series)
         self.series = series

@@ -34,7 +34,7 @@ import zmq
 
 from streams import codecs, zmqfast
 from streams.detector import DetectorSeries, check_oversize
-from streams.errors import FrameMismatch, MalformedMessage, TruncatedMessage, UnexpectedMessage
+from streams.errors import FrameMismatch, MalformedMessage, TruncatedMessage
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +92,17 @@ def series_from_config(series_id: int, config: Mapping | None) -> DetectorSeries
         raise MalformedMessage(f"detector config: frame {x}x{y} at {bits} bits is out of range")
     return DetectorSeries(PROTOCOL, series_id, f"{PROTOCOL}-{series_id}", (CHANNEL,), (y, x),
                           np.dtype(f"<u{bits // 8}"), number_of_images(config),
-                          float(config.get("count_time", 0.0) or 0.0), float(config.get("frame_time", 0.0) or 0.0),
-                          dict(config))
+                          _seconds(config, "count_time"), _seconds(config, "frame_time"), dict(config))
+
+
+def _seconds(config: Mapping, name: str) -> float:
+    """``config[name]`` as seconds (0.0 when absent); ``MalformedMessage`` when it is not a finite number >= 0."""
+    v = config.get(name, 0.0)
+    if v is None:
+        return 0.0
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not (0.0 <= v < float("inf")):
+        raise MalformedMessage(f"detector config: {name} {v!r} is not a number of seconds >= 0")
+    return float(v)
 
 
 def detector_config(shape: tuple[int, int], dtype, nimages: int, *, count_time: float = 1e-4,
@@ -581,7 +590,7 @@ class SimplonAdapter:
         shape, ptype = d.get("shape"), d.get("type")
         if shape != [s.shape[1], s.shape[0]]:
             raise FrameMismatch(f"frame {frame}: shape {shape} (x, y), series announced [{s.shape[1]}, {s.shape[0]}]")
-        if PIXEL_TYPES.get(ptype) != np.dtype(s.dtype):
+        if not isinstance(ptype, str) or PIXEL_TYPES.get(ptype) != np.dtype(s.dtype):
             raise FrameMismatch(f"frame {frame}: pixel type {ptype!r}, series announced {np.dtype(s.dtype)}")
         codec = codecs.parse_simplon_encoding(d.get("encoding"), s.dtype)
         held = ring.codecs.get(CHANNEL)

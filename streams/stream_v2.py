@@ -352,7 +352,8 @@ def series_from_start(msg: Mapping) -> DetectorSeries:
     x, y = _int(msg, "image_size_x", w, 1), _int(msg, "image_size_y", w, 1)
     if x > 1 << 14 or y > 1 << 14:
         raise MalformedMessage(f"start message: image size {x}x{y} out of range")
-    dtype = DTYPE_NAMES.get(msg.get("image_dtype"))
+    name = msg.get("image_dtype")
+    dtype = DTYPE_NAMES.get(name) if isinstance(name, str) else None
     if dtype is None:
         raise MalformedMessage(f"start message: image_dtype {msg.get('image_dtype')!r} is not one of "
                                f"{sorted(DTYPE_NAMES)}")

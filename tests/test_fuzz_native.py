@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from streams import native
-from streams.errors import MalformedMessage, ProtocolError
+from streams.errors import MalformedMessage, OversizedMessage, ProtocolError
 from streams.receiver import Frame, FrameReceiver, StreamEnd, StreamStart
 
 FAST = settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
@@ -213,27 +213,47 @@ def test_fuzzed_receiver_counts_add_up(link):
     assert c.rejected == c.malformed + c.truncated + c.oversized + c.unexpected + c.mismatch
 
 
-@pytest.mark.xfail(strict=True, raises=MemoryError, reason=(
-    "finding for streams/receiver.py (not this test's to fix): a 201-byte start message announcing "
-    "65536x1048576 uint32 frames makes FrameReceiver._allocate raise MemoryError (np.zeros of 2 TiB), which is "
-    "no ProtocolError, is not counted and ends EdgeService; an 8192x8192 uint32 announcement allocates a "
-    "256 MiB scratch buffer and 2 GiB of ring. Fix: a max_frame_bytes bound (e.g. 256 MiB for ring x frame) "
-    "checked in FrameReceiver._start before _allocate, raising OversizedMessage"))
-def test_huge_frame_announcement_is_a_protocol_error():
+@pytest.mark.parametrize("cols, rows", [(1 << 20, 1 << 16), (8192, 8192)], ids=["2TiB-frames", "2GiB-ring"])
+def test_huge_frame_announcement_is_a_protocol_error(cols, rows):
+    """A 201-byte start message announcing huge uint32 frames once made the receiver allocate them (MemoryError,
+    uncounted, ending the service); now the ring bound rejects it as oversized, and the next series arrives."""
     msg = _as_map(native.encode_start(SERIES))
-    msg.update(image_size_x=1 << 20, image_size_y=1 << 16, image_dtype="uint32")
+    msg.update(image_size_x=cols, image_size_y=rows, image_dtype="uint32")
     ctx = zmq.Context.instance()
     with FrameReceiver("tcp://127.0.0.1:0", bind=True) as rx:
         tx = ctx.socket(zmq.PUSH)
         tx.setsockopt(zmq.LINGER, 0)
         tx.connect(rx.endpoint)
         tx.send(cbor2.dumps(cbor2.CBORTag(native.SELF_DESCRIBE_TAG, msg)))
+        tx.send(native.encode_start(SERIES))
         try:
-            with pytest.raises(ProtocolError):
+            with pytest.raises(OversizedMessage, match="max_ring_bytes"):
                 rx.recv(3000)
-            assert rx.counters.oversized == 1
+            assert rx.counters.oversized == 1 and rx.counters.rejected == 1 and rx.series is None
+            ev = rx.recv(3000)
+            assert ev.series == SERIES and rx.counters.series_started == 1
         finally:
             tx.close()
+
+
+def test_ring_bound_is_exact():
+    """A series needing exactly ``max_ring_bytes`` is accepted, one byte less of bound rejects it."""
+    need = 4 * SERIES.frame_nbytes * len(SERIES.channels) + SERIES.max_blob_nbytes
+    ctx = zmq.Context.instance()
+    for bound, ok in ((need, True), (need - 1, False)):
+        with FrameReceiver("tcp://127.0.0.1:0", bind=True, ring=4, max_ring_bytes=bound) as rx:
+            tx = ctx.socket(zmq.PUSH)
+            tx.setsockopt(zmq.LINGER, 0)
+            tx.connect(rx.endpoint)
+            tx.send(native.encode_start(SERIES))
+            try:
+                if ok:
+                    assert rx.recv(3000).series == SERIES
+                else:
+                    with pytest.raises(OversizedMessage):
+                        rx.recv(3000)
+            finally:
+                tx.close()
 
 
 # the service keeps running -----------------------------------------------------------------------------------

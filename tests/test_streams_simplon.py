@@ -159,6 +159,25 @@ def test_bad_messages_are_counted_and_nothing_else_is_lost(link):
     assert c.frames == 6 and c.gaps == 0 and "frame" in c.last_error
 
 
+def test_pixel_type_that_is_not_text_is_a_counted_mismatch(link):
+    """Found by fuzzing: a dimage_d part with ``"type": []`` raised an uncounted TypeError."""
+    tx, rx = link
+    frames = make_frames(2)
+    tx.start_series(SHAPE, np.uint16, 2)
+    good = [simplon.image_parts(tx.series, i, codecs.encode(f, tx.codec), SHAPE, np.uint16, tx.encoding_text)
+            for i, f in enumerate(frames)]
+    bad = list(good[0])
+    bad[1] = json.dumps({**json.loads(good[0][1]), "type": []}).encode()
+    tx.send_raw(bad)
+    for g in good:
+        tx.send_raw(g)
+    tx.end_series()
+    events, errors = collect(rx)
+    assert [type(e).__name__ for e in errors] == ["FrameMismatch"] and rx.counters.mismatch == 1
+    ids, got = stacked(events)
+    assert np.array_equal(ids, np.arange(2)) and np.array_equal(got, frames)
+
+
 def test_corrupt_compressed_frame_is_dropped_from_its_stack(link):
     tx, rx = link
     frames = make_frames(5)
