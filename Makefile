@@ -9,14 +9,15 @@ PYTEST_ARGS ?=
 
 .PHONY: install system-deps run test test-all train bench bench-quick clean
 
-# System tools the FPGA tests need (Icarus Verilog for the cycle-accurate RTL simulation); the
+# System tools the FPGA tests need (Icarus Verilog for the cycle-accurate RTL simulation, g++ for the
+# hls4ml C simulation); the
 # rest of the RTL flow (yosys, nextpnr-ecp5, ecppack) comes from PyPI as WebAssembly (yowasp).
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 system-deps:
-	@command -v iverilog >/dev/null 2>&1 || { \
-	  echo "installing iverilog (apt-get)"; \
-	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq iverilog; \
-	} || echo "warning: could not install iverilog; the RTL simulation tests will be skipped" 
+	@command -v iverilog >/dev/null 2>&1 && command -v g++ >/dev/null 2>&1 || { \
+	  echo "installing iverilog and g++ (apt-get)"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq iverilog g++; \
+	} || echo "warning: could not install iverilog; the RTL and C simulation tests will be skipped" 
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
