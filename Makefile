@@ -10,8 +10,8 @@ PYTEST_ARGS ?=
 .PHONY: install system-deps run test test-all train bench bench-quick clean
 
 # System tools the FPGA tests need (Icarus Verilog for the cycle-accurate RTL simulation, g++ for the
-# hls4ml C simulation); the
-# rest of the RTL flow (yosys, nextpnr-ecp5, ecppack) comes from PyPI as WebAssembly (yowasp).
+# hls4ml C simulation); the rest of the RTL flow (yosys, nextpnr-ecp5, ecppack) comes from PyPI as
+# WebAssembly (yowasp).
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 system-deps:
 	@command -v iverilog >/dev/null 2>&1 && command -v g++ >/dev/null 2>&1 || { \
