@@ -18,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-from edge.cli import _positive, _shape  # the main command's argument types
+from edge.cli import parse_positive, parse_shape  # the main command's argument types
 
 
 def _scenarios(a: argparse.Namespace) -> list:
@@ -105,10 +105,10 @@ def register(subparsers) -> None:
     p.add_argument("--out", default=str(RESULTS), help="results folder (default: %(default)s)")
     p.add_argument("--only", nargs="+", choices=SECTIONS, help="run only these sections")
     p.add_argument("--real-data", default=None, help="folder of real images (default: ../shared/data/real)")
-    p.add_argument("--frame", "--frame-size", dest="frame_size", type=_shape, default=None,
+    p.add_argument("--frame", "--frame-size", dest="frame_size", type=parse_shape, default=None,
                    help="budget: frame size N or ROWSxCOLS, pixels")
-    p.add_argument("--frame-rate", type=_positive, default=None, help="budget: detector frames per second")
-    p.add_argument("--dwell-us", type=_positive, default=None, help="budget: scan dwell time per probe position, us")
+    p.add_argument("--frame-rate", type=parse_positive, default=None, help="budget: detector frames per second")
+    p.add_argument("--dwell-us", type=parse_positive, default=None, help="budget: scan dwell time per probe position, us")
     p.add_argument("--budget-only", action="store_true", help="print budgets from existing stage results; measure nothing")
     p.add_argument("--no-progress", action="store_true", help="no progress lines or bars")
     p.set_defaults(func=cmd_bench)

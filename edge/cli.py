@@ -31,7 +31,9 @@ COMMAND_MODULES = (
 """Modules that add subcommands (skipped while a module does not exist yet)."""
 
 
-def _shape(text: str) -> tuple[int, int]:
+def parse_shape(text: str) -> tuple[int, int]:
+    """argparse type: ``ROWSxCOLS`` (or ``N`` for N x N) as a pair of positive ints; raises
+    ``argparse.ArgumentTypeError`` otherwise."""
     try:
         parts = [int(v) for v in text.lower().replace("x", ",").split(",")]
     except ValueError:
@@ -43,7 +45,8 @@ def _shape(text: str) -> tuple[int, int]:
     return parts[0], parts[1]
 
 
-def _positive(text: str) -> float:
+def parse_positive(text: str) -> float:
+    """argparse type: a positive finite number; raises ``argparse.ArgumentTypeError`` otherwise."""
     try:
         v = float(text)
     except ValueError:
@@ -216,15 +219,15 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="the main job: closed loop on the simulated microscope, with report")
     r.add_argument("--out", default="out/run", help="output folder (run.h5, overlay.png, report.json)")
     r.add_argument("--rounds", type=int, default=3, help="frames with beam targets (one more verifies)")
-    r.add_argument("--shape", type=_shape, default=(256, 256), help="frame size ROWSxCOLS")
-    r.add_argument("--pixel-size", type=_positive, default=0.15, help="Angstrom per pixel")
-    r.add_argument("--dose", type=_positive, default=1e5, help="frame dose, electrons per square Angstrom")
+    r.add_argument("--shape", type=parse_shape, default=(256, 256), help="frame size ROWSxCOLS")
+    r.add_argument("--pixel-size", type=parse_positive, default=0.15, help="Angstrom per pixel")
+    r.add_argument("--dose", type=parse_positive, default=1e5, help="frame dose, electrons per square Angstrom")
     r.add_argument("--targets", type=int, default=4, help="beam targets per frame")
     r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--current-pA", type=_positive, default=50.0, help="probe current, picoampere")
+    r.add_argument("--current-pA", type=parse_positive, default=50.0, help="probe current, picoampere")
     r.add_argument("--trigger", choices=TRIGGERS, default="model",
                    help="model: the shipped quantized ejection model (integer, bit-exact with its QONNX graph)")
-    r.add_argument("--max-dwell", type=_positive, default=2.0, help="longest dwell per target, seconds")
+    r.add_argument("--max-dwell", type=parse_positive, default=2.0, help="longest dwell per target, seconds")
     r.add_argument("--quiet", action="store_true", help="no progress bar or report")
     r.set_defaults(func=cmd_run)
 
@@ -232,14 +235,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--frames", default="tcp://127.0.0.1:5555", help="frame stream endpoint to bind")
     s.add_argument("--control", default="tcp://127.0.0.1:5556", help="bridge endpoint to bind")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--current-pA", type=_positive, default=50.0)
-    s.add_argument("--cross-section-barn", type=_positive, default=1.0, help="S displacement cross-section")
-    s.add_argument("--sample-time-us", type=_positive, default=10.0, help="parked-probe sample time")
+    s.add_argument("--current-pA", type=parse_positive, default=50.0)
+    s.add_argument("--cross-section-barn", type=parse_positive, default=1.0, help="S displacement cross-section")
+    s.add_argument("--sample-time-us", type=parse_positive, default=10.0, help="parked-probe sample time")
     s.add_argument("--block-samples", type=int, default=100, help="parked-probe samples per message")
     s.add_argument("--distortion-scale", type=float, default=1.0, help="scale of drift, wobble and jitter")
     s.add_argument("--encoding", choices=("raw", "lz4"), default="raw")
-    s.add_argument("--max-park", type=_positive, default=10.0, help="blank after this long at one position, s")
-    s.add_argument("--duration", type=_positive, default=None, help="stop after this many seconds")
+    s.add_argument("--max-park", type=parse_positive, default=10.0, help="blank after this long at one position, s")
+    s.add_argument("--duration", type=parse_positive, default=None, help="stop after this many seconds")
     s.add_argument("--announce", action="store_true", help="print the endpoints as one JSON line and serve")
     add_server_key_arguments(s)
     add_safety_arguments(s)
@@ -258,10 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--method", choices=FINDERS, default="classical", help="column finder")
     _add_unet_arguments(v)
     v.add_argument("--material", choices=("MoS2", "generic"), default="MoS2")
-    v.add_argument("--spacing-px", type=_positive, default=None, help="column spacing in pixels (frames with no "
+    v.add_argument("--spacing-px", type=parse_positive, default=None, help="column spacing in pixels (frames with no "
                    "pixel size)")
     v.add_argument("--max-frames", type=int, default=None)
-    v.add_argument("--idle-timeout", type=_positive, default=30.0, help="stop after this many seconds without frames")
+    v.add_argument("--idle-timeout", type=parse_positive, default=30.0, help="stop after this many seconds without frames")
     v.add_argument("--out", default="out/serve")
     v.add_argument("--verbose", action="store_true")
     add_client_key_arguments(v)
@@ -270,12 +273,12 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("find", help="find atomic columns in image files (.tif .png .npy .hspy .hdf5)")
     f.add_argument("images", nargs="+", help="image files or folders")
     f.add_argument("--out", required=True, help="output folder")
-    f.add_argument("--pixel-size", type=_positive, default=None, help="Angstrom per pixel (overrides the file)")
+    f.add_argument("--pixel-size", type=parse_positive, default=None, help="Angstrom per pixel (overrides the file)")
     f.add_argument("--method", choices=FINDERS, default="classical",
                    help="classical (numba local maxima) or unet (the shipped U-Net ensemble on ONNX Runtime)")
     _add_unet_arguments(f)
     f.add_argument("--material", choices=("generic", "MoS2"), default="generic")
-    f.add_argument("--spacing-px", type=_positive, default=None, help="lattice period in pixels (default: estimated)")
+    f.add_argument("--spacing-px", type=parse_positive, default=None, help="lattice period in pixels (default: estimated)")
     f.set_defaults(func=cmd_find)
 
     y = sub.add_parser("replay", help="stream recorded frames to a running service")
@@ -283,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     y.add_argument("--to", required=True, help="endpoint of the service's receiver (started with serve --bind)")
     y.add_argument("--rate", type=float, default=10.0, help="frames per second (0: as fast as possible)")
     y.add_argument("--repeat", type=int, default=1)
-    y.add_argument("--pixel-size", type=_positive, default=None)
+    y.add_argument("--pixel-size", type=parse_positive, default=None)
     y.add_argument("--encoding", choices=("raw", "lz4"), default="raw")
     y.add_argument("--bind", action="store_true", help="bind instead of connecting")
     y.set_defaults(func=cmd_replay)

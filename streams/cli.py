@@ -22,29 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
+from edge.cli import parse_positive, parse_shape  # the main command's argument types
+
 PROTOCOLS = ("simplon1", "stream2")
-
-
-def _shape(text: str) -> tuple[int, int]:
-    try:
-        parts = [int(v) for v in text.lower().replace("x", ",").split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not ROWSxCOLS (e.g. 64x64)") from None
-    if len(parts) == 1:
-        parts *= 2
-    if len(parts) != 2 or min(parts) <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not ROWSxCOLS with positive sizes")
-    return parts[0], parts[1]
-
-
-def _positive(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not (v > 0 and np.isfinite(v)):
-        raise argparse.ArgumentTypeError(f"{text!r} must be positive and finite")
-    return v
 
 
 def register(subparsers) -> None:
@@ -55,12 +35,12 @@ def register(subparsers) -> None:
     p.add_argument("--bind", action="store_true", help="bind instead of connecting (for senders that connect)")
     p.add_argument("--mode", choices=("lossless", "latest"), default="lossless")
     p.add_argument("--stack", type=int, default=64, help="frames per stack (default 64)")
-    p.add_argument("--scan", type=_shape, help="scan shape ROWSxCOLS: assemble virtual images")
-    p.add_argument("--bf", type=_positive, help="virtual BF disk radius, detector pixels (default: disk/1)")
-    p.add_argument("--adf", type=_positive, nargs=2, metavar=("RIN", "ROUT"), help="virtual ADF radii, pixels")
+    p.add_argument("--scan", type=parse_shape, help="scan shape ROWSxCOLS: assemble virtual images")
+    p.add_argument("--bf", type=parse_positive, help="virtual BF disk radius, detector pixels (default: disk/1)")
+    p.add_argument("--adf", type=parse_positive, nargs=2, metavar=("RIN", "ROUT"), help="virtual ADF radii, pixels")
     p.add_argument("--centre", type=float, nargs=2, metavar=("ROW", "COL"), help="beam centre (default: middle)")
     p.add_argument("--series", type=int, default=1, help="stop after this many series (0: never)")
-    p.add_argument("--duration", type=_positive, help="stop after this many seconds")
+    p.add_argument("--duration", type=parse_positive, help="stop after this many seconds")
     p.add_argument("--out", type=Path, help="write live images (PNG, .npy) and counters (JSON) here")
     p.add_argument("--quiet", action="store_true", help="no live counter lines")
     p.set_defaults(func=cmd_receive)
@@ -72,7 +52,7 @@ def register(subparsers) -> None:
     p.add_argument("--protocol", choices=PROTOCOLS, default="simplon1")
     p.add_argument("--bind", action="store_true")
     p.add_argument("--frames-per-file", type=int, default=1000)
-    p.add_argument("--max-file-seconds", type=_positive, default=1.0,
+    p.add_argument("--max-file-seconds", type=parse_positive, default=1.0,
                    help="close a data file after this long even when not full (bounds loss on a crash)")
     p.add_argument("--series", type=int, default=1, help="stop after this many series (0: never)")
     p.set_defaults(func=cmd_record)
@@ -83,11 +63,11 @@ def register(subparsers) -> None:
     p.add_argument("--protocol", choices=PROTOCOLS, default="simplon1")
     p.add_argument("--compression", choices=("bslz4", "lz4", "none"), default="bslz4",
                    help="encoding of simulated frames (recordings are sent bitshuffle-LZ4 as stored)")
-    p.add_argument("--rate", type=_positive, help="frames per second (default: as fast as the receiver takes)")
+    p.add_argument("--rate", type=parse_positive, help="frames per second (default: as fast as the receiver takes)")
     p.add_argument("--wait", type=float, default=1.0, help="seconds to wait for receivers before the header")
-    p.add_argument("--scan", type=_shape, default=(32, 32), help="sim4d: scan shape (default 32x32)")
+    p.add_argument("--scan", type=parse_shape, default=(32, 32), help="sim4d: scan shape (default 32x32)")
     p.add_argument("--detector", type=int, default=96, help="sim4d: detector pixels per side (default 96)")
-    p.add_argument("--electrons", type=_positive, default=5000.0, help="sim4d: electrons per probe position")
+    p.add_argument("--electrons", type=parse_positive, default=5000.0, help="sim4d: electrons per probe position")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_stream)
 

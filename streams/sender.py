@@ -11,6 +11,32 @@ import zmq
 from streams import native
 
 
+
+def open_push_socket(endpoint: str, *, bind: bool, sndhwm: int, linger_ms: int, send_timeout_ms: int | None,
+                     context: zmq.Context | None = None) -> tuple[zmq.Socket, str]:
+    """A ZeroMQ PUSH socket for a frame sender (native, SIMPLON v1 or Stream V2), bound or connected.
+
+    ``sndhwm``: messages queued before sends block (lossless back-pressure); ``linger_ms``: how long queued
+    messages get to leave at close; ``send_timeout_ms``: a send that blocks longer raises ``zmq.Again``
+    (None: wait). Returns the socket and its endpoint (with the port the system chose for ``:0`` / ``*``).
+
+    Raises
+    ------
+    zmq.ZMQError
+        The endpoint cannot be bound or connected.
+    """
+    sock = (context or zmq.Context.instance()).socket(zmq.PUSH)
+    sock.setsockopt(zmq.SNDHWM, sndhwm)
+    sock.setsockopt(zmq.LINGER, linger_ms)
+    if send_timeout_ms is not None:
+        sock.setsockopt(zmq.SNDTIMEO, send_timeout_ms)
+    if bind:
+        sock.bind(endpoint)
+        return sock, sock.getsockopt_string(zmq.LAST_ENDPOINT)
+    sock.connect(endpoint)
+    return sock, endpoint
+
+
 class FrameSender:
     """A PUSH socket that sends series of frames in the native beamloop stream.
 
@@ -64,18 +90,8 @@ class FrameSender:
         if encoding not in native.ENCODINGS:
             raise ValueError(f"unknown encoding {encoding!r}; expected one of {native.ENCODINGS}")
         self.encoding = encoding
-        self._ctx = context or zmq.Context.instance()
-        self._sock = self._ctx.socket(zmq.PUSH)
-        self._sock.setsockopt(zmq.SNDHWM, sndhwm)
-        self._sock.setsockopt(zmq.LINGER, linger_ms)
-        if send_timeout_ms is not None:
-            self._sock.setsockopt(zmq.SNDTIMEO, send_timeout_ms)
-        if bind:
-            self._sock.bind(endpoint)
-            self.endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        else:
-            self._sock.connect(endpoint)
-            self.endpoint = endpoint
+        self._sock, self.endpoint = open_push_socket(endpoint, bind=bind, sndhwm=sndhwm, linger_ms=linger_ms,
+                                                     send_timeout_ms=send_timeout_ms, context=context)
         self.series: native.SeriesHeader | None = None
         self._next_series_id = 0
         self._next_image_id = 0

@@ -35,6 +35,7 @@ import zmq
 from streams import codecs, zmqfast
 from streams.detector import DetectorSeries, check_oversize
 from streams.errors import FrameMismatch, MalformedMessage, TruncatedMessage
+from streams.sender import open_push_socket
 
 log = logging.getLogger(__name__)
 
@@ -183,18 +184,8 @@ class SimplonSender:
     def __init__(self, endpoint: str = f"tcp://*:{DEFAULT_PORT}", *, bind: bool = True, encoding: str = "bslz4",
                  sndhwm: int = 1000, send_timeout_ms: int | None = None, context: zmq.Context | None = None) -> None:
         self.encoding = encoding
-        self._ctx = context or zmq.Context.instance()
-        self._sock = self._ctx.socket(zmq.PUSH)
-        self._sock.setsockopt(zmq.SNDHWM, sndhwm)
-        self._sock.setsockopt(zmq.LINGER, 2000)
-        if send_timeout_ms is not None:
-            self._sock.setsockopt(zmq.SNDTIMEO, send_timeout_ms)
-        if bind:
-            self._sock.bind(endpoint)
-            self.endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        else:
-            self._sock.connect(endpoint)
-            self.endpoint = endpoint
+        self._sock, self.endpoint = open_push_socket(endpoint, bind=bind, sndhwm=sndhwm, linger_ms=2000,
+                                                     send_timeout_ms=send_timeout_ms, context=context)
         self.series = 0
         self.shape: tuple[int, int] | None = None
         self.dtype: np.dtype | None = None

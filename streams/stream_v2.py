@@ -35,6 +35,7 @@ import zmq
 from streams import codecs
 from streams.detector import NS, DetectorSeries, check_oversize, rational_ns
 from streams.errors import FrameMismatch, MalformedMessage, UnexpectedMessage
+from streams.sender import open_push_socket
 
 PROTOCOL = "stream2"
 DEFAULT_PORT = 31001
@@ -222,18 +223,8 @@ class Stream2Sender:
         if compression not in COMPRESSIONS:
             raise ValueError(f"unknown compression {compression!r}; expected one of {COMPRESSIONS}")
         self.compression = compression
-        self._ctx = context or zmq.Context.instance()
-        self._sock = self._ctx.socket(zmq.PUSH)
-        self._sock.setsockopt(zmq.SNDHWM, sndhwm)
-        self._sock.setsockopt(zmq.LINGER, 2000)
-        if send_timeout_ms is not None:
-            self._sock.setsockopt(zmq.SNDTIMEO, send_timeout_ms)
-        if bind:
-            self._sock.bind(endpoint)
-            self.endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        else:
-            self._sock.connect(endpoint)
-            self.endpoint = endpoint
+        self._sock, self.endpoint = open_push_socket(endpoint, bind=bind, sndhwm=sndhwm, linger_ms=2000,
+                                                     send_timeout_ms=send_timeout_ms, context=context)
         self.series: DetectorSeries | None = None
         self._next_series = 0
         self._next = 0
