@@ -21,10 +21,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from fpga import DEFAULT_LATENCY_CUTOFF as LATENCY_CUTOFF  # da4ml adder delays per stage (1.0: meets both goals)
+
 RESULTS = Path(__file__).resolve().parent / "results"
-LATENCY_CUTOFF = 2.0
-"""da4ml adder delays per pipeline stage for the benchmark build."""
 GOALS = {"fmax_mhz": 100.0, "latency_ns": 200.0}
+ARTEFACTS_NOTE = ("artefacts, sources, synth.logs and synth.bitstream are absolute paths in the build's working "
+                  "folder (a temporary folder under /tmp unless --out is given) on the machine that ran the "
+                  "benchmark; they are not part of the repository and are not kept")
+"""Written beside the paths in every result JSON."""
 
 
 def run(quick: bool = False, out_dir: str | Path | None = None, latency_cutoff: float = LATENCY_CUTOFF,
@@ -51,18 +55,26 @@ def run(quick: bool = False, out_dir: str | Path | None = None, latency_cutoff: 
         if not quick else _quick(work, latency_cutoff)
     rep["wall_s"] = time.perf_counter() - t0
     rep["machine"] = machine_info()
-    rep["machine_note"] = (f"2 cores shared with other developers' jobs (load average {load[0]:.1f} at the start); "
-                           "tool times are 2-4x those of an idle machine")
+    rep["machine_note"] = machine_note(load[0])
     rep["goals"] = GOALS
     syn = rep.get("synth") or {}
     if syn.get("fmax_mhz"):
         rep["goals_met"] = {"fmax": syn["fmax_mhz"] >= GOALS["fmax_mhz"],
                             "latency": (rep.get("latency_ns") or 1e9) <= GOALS["latency_ns"]}
     rep["artefacts"] = str(work)
+    rep["artefacts_note"] = ARTEFACTS_NOTE
     rep.setdefault("notes", []).append(goal_note(rep))
+    rep["notes"].append(ARTEFACTS_NOTE[0].upper() + ARTEFACTS_NOTE[1:] + ".")
     name = name or ("fpga_ejection_quick" if quick else f"fpga_ejection_cutoff{latency_cutoff:g}".replace(".", "p"))
     write_report(rep, RESULTS / f"{name}.json")
     return rep
+
+
+def machine_note(load1: float) -> str:
+    """How busy the 2 shared cores were when a build started (``load1``: 1-minute load average)."""
+    busy = ("tool times are 2-4x those of an idle machine" if load1 >= 3 else
+            "lightly loaded, tool times close to an idle machine's")
+    return f"2 cores shared with other developers' jobs (load average {load1:.1f} at the start); {busy}"
 
 
 def _quick(work: Path, latency_cutoff: float) -> dict:
@@ -109,7 +121,9 @@ def goal_note(rep: dict) -> str:
 def write_sweep(names: list[str], out_name: str = "fpga_ejection", remarks: str = "") -> dict:
     """Combine single-build results (``bench/results/<name>.json``, e.g. one per latency cutoff) into
     ``bench/results/<out_name>.json`` and ``.md``: a table of LUT4/CCU2C/FF/DSP/BRAM, fmax, latency in
-    cycles and ns, bit-exactness, and which goals each build meets; ``remarks`` (Markdown) is appended.
+    cycles and ns, bit-exactness, the wrapper's latency formula (``rtl.latency_cycles - rtl.stages``: builds
+    before the folded compare have ``stages + 3``), and which goals each build meets; ``remarks`` (Markdown) is
+    appended.
     Returns the combined dict.
 
     Raises ``FileNotFoundError`` when a named result is missing.
@@ -128,18 +142,20 @@ def write_sweep(names: list[str], out_name: str = "fpga_ejection", remarks: str 
              f"Model {mdl.get('source')} ({mdl.get('n_inputs')} inputs x {mdl.get('input_bits')} bits, "
              f"36-16-8-1 MLP); validation accuracy {mdl.get('accuracy'):.4f}, AUC {mdl.get('auc'):.4f} (manifest). "
              f"Goals: fmax >= {GOALS['fmax_mhz']:g} MHz, latency <= {GOALS['latency_ns']:g} ns.", "",
-             "| latency cutoff | stages | LUT4 | CCU2C | FF | DSP | BRAM | fmax (MHz) | latency (cycles) | "
-             "latency (ns) | RTL sim exact | C sim exact | goals met |", "|" + "---|" * 13]
+             "| build | latency cutoff | stages | wrapper latency | LUT4 | CCU2C | FF | DSP | BRAM | fmax (MHz) | "
+             "latency (cycles) | latency (ns) | RTL sim exact | C sim exact | goals met |", "|" + "---|" * 15]
     for n, r in builds.items():
         syn, sim, hls, rtl = (r.get(k) or {} for k in ("synth", "sim", "hls", "rtl"))
         met = r.get("goals_met") or {}
         goals = ", ".join(k for k, v in met.items() if v) or "none"
-        lines.append(f"| {rtl.get('latency_cutoff')} | {rtl.get('stages')} | {syn.get('lut4')} | {syn.get('carry')} | "
+        extra = (rtl.get("latency_cycles") or 0) - (rtl.get("stages") or 0)
+        lines.append(f"| `{n}` | {rtl.get('latency_cutoff')} | {rtl.get('stages')} | stages + {extra} | "
+                     f"{syn.get('lut4')} | {syn.get('carry')} | "
                      f"{syn.get('ff')} | {syn.get('dsp')} | {syn.get('bram')} | {syn.get('fmax_mhz', 0):.1f} | "
                      f"{sim.get('latency_cycles')} | {r.get('latency_ns', 0):.1f} | {sim.get('exact')}/{sim.get('samples')} | "
                      f"{hls.get('exact')}/{hls.get('samples')} | {goals} |")
     lines += ["", "Per build (notes, tool times, artefacts): " + ", ".join(f"`{n}.md`" for n in builds) + ".",
-              "", "Machine: " + str(first.get("machine_note", ""))] + (["", remarks] if remarks else [])
+              "", "Machine (first build listed): " + str(first.get("machine_note", ""))] + (["", remarks] if remarks else [])
     combined = {"goals": GOALS, "model": mdl, "builds": builds, "summary_md": "\n".join(lines) + "\n"}
     (RESULTS / f"{out_name}.json").write_text(json.dumps(combined, indent=1, default=str))
     (RESULTS / f"{out_name}.md").write_text(combined["summary_md"])

@@ -6,3 +6,9 @@ ecppack); in parallel :mod:`fpga.hls` (hls4ml C simulation; HLS synthesis where 
 :mod:`fpga.flow` runs them, :mod:`fpga.report` writes the report, :mod:`fpga.cli` is ``beamloop fpga``.
 Heavy packages (hls4ml, da4ml, cocotb, qonnx) are imported inside functions only.
 """
+
+DEFAULT_LATENCY_CUTOFF = 1.0
+"""da4ml combinational depth per pipeline stage (adder delays) used unless told otherwise. Measured for the
+shipped ejection trigger on LFE5U-85F (bench/results/fpga_ejection.md): 1.0 gives 20 stages, 110.3 MHz and
+21 cycles = 190.4 ns, the only setting tried that meets both goals (fmax >= 100 MHz, latency <= 200 ns);
+2.0 gives 83.6 MHz, 1.5 gives 92.5 MHz."""

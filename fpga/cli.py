@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from fpga import DEFAULT_LATENCY_CUTOFF
+
 
 def _progress(line: str) -> None:
     print(f"[fpga] {line}", file=sys.stderr, flush=True)
@@ -25,8 +27,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="QONNX file or shipped trigger model name (e.g. ejection)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--samples", type=int, default=10_000, help="test inputs for the bit-exactness checks")
-    p.add_argument("--latency-cutoff", type=float, default=2.0,
-                   help="da4ml adder delays per pipeline stage (smaller: more stages, higher fmax)")
+    p.add_argument("--latency-cutoff", type=float, default=DEFAULT_LATENCY_CUTOFF,
+                   help="da4ml adder delays per pipeline stage (smaller: more stages, higher fmax; default "
+                        f"{DEFAULT_LATENCY_CUTOFF:g} meets 100 MHz and 200 ns for the ejection trigger on ECP5-85F)")
     p.add_argument("--seed", type=int, default=0)
 
 

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from fpga import DEFAULT_LATENCY_CUTOFF
 from fpga.report import latency_ns, write_report
 
 
@@ -114,7 +115,7 @@ def _base_report(ref: ModelRef, traced, design, target: str) -> dict:
             "notes": [], "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
 
 
-def sim(model: str, out: str | Path, samples: int = 10_000, latency_cutoff: float = 2.0, seed: int = 0,
+def sim(model: str, out: str | Path, samples: int = 10_000, latency_cutoff: float = DEFAULT_LATENCY_CUTOFF, seed: int = 0,
         progress=print) -> dict:
     """Trace, write RTL and simulate it with cocotb/Icarus against QONNX; writes ``report.json``/``.md``.
 
@@ -131,7 +132,8 @@ def sim(model: str, out: str | Path, samples: int = 10_000, latency_cutoff: floa
     return rep
 
 
-def build(model: str, target: str, out: str | Path, samples: int = 10_000, latency_cutoff: float = 2.0,
+def build(model: str, target: str, out: str | Path, samples: int = 10_000,
+          latency_cutoff: float = DEFAULT_LATENCY_CUTOFF,
           freq_mhz: float = 100.0, seed: int = 0, run_sim: bool = True, run_hls: bool = True, progress=print) -> dict:
     """The full flow (see the module docstring).
 

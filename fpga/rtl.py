@@ -1,20 +1,26 @@
 """Verilog for a trigger model: da4ml's pipelined adder graph inside our trigger wrapper.
 
-The wrapper (:func:`wrapper_verilog`, module ``<name>_trigger``) is written here, not by da4ml:
+The wrapper (:func:`wrapper_verilog`, module ``<name>_trigger``) is written here, not by da4ml. It
+instantiates da4ml's combinational stage modules (``<name>_stage0`` ... ``<name>_stage<stages-1>``) and
+its own pipeline registers, in place of da4ml's pipeline top ``<name>`` (which registers the last stage's
+output, one cycle the trigger does not need):
 
 - **input sample**: ``in_features`` (``n_inputs`` words of ``input_bits``, word 0 in the least significant
-  bits) is registered when ``in_valid`` is high (1 cycle);
-- **model**: da4ml's pipelined logic (``<name>``), which registers its input and each of its ``stages``
-  (``stages + 1`` cycles); a shift register carries ``valid`` beside it;
-- **threshold compare**: ``score >= THRESHOLD`` (signed, in output words) into registered outputs
-  (1 cycle): ``out_valid``, ``score``, ``trigger`` (the decision of this sample) and ``blank``, which is
-  set by the first trigger and stays set until ``rearm`` (the beam stays blanked until software
-  re-arms it);
+  bits) is taken on the clock edge where ``in_valid`` is high, straight into stage 0's input register
+  (loaded every cycle, as in da4ml's pipeline; no extra input register);
+- **model**: each of the ``stages`` stages is registered at its input (``stages`` cycles); a shift register
+  carries ``valid`` beside it;
+- **threshold compare**, folded into the last stage: ``score >= THRESHOLD`` (signed, in output words) is
+  computed on the last stage's combinational output and registered with it (1 cycle) into ``out_valid``,
+  ``score``, ``trigger`` (the decision of this sample) and ``blank``, which is set by the first trigger
+  and stays set until ``rearm`` (the beam stays blanked until software re-arms it);
 - **latency counter**: ``latency_cycles`` holds the cycles from the most recent accepted ``in_valid`` to
   its ``out_valid`` (valid when samples are further apart than the pipeline depth, as the 10 us detector
   samples are; the pipeline itself accepts a sample every cycle, initiation interval 1).
 
-Latency from ``in_valid`` to ``out_valid``: ``stages + 3`` clock cycles (:attr:`RTLDesign.latency_cycles`).
+Latency from ``in_valid`` to ``out_valid``: ``stages + 1`` clock cycles (:attr:`RTLDesign.latency_cycles`).
+(An earlier wrapper had its own input register and a separate compare cycle around da4ml's pipeline top,
+``stages + 3`` cycles; benchmark results built with it say so.)
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fpga import DEFAULT_LATENCY_CUTOFF
 from fpga.qonnx_trace import TracedModel
 
 
@@ -40,7 +47,8 @@ class RTLDesign:
     model : str
         da4ml model module name.
     sources : list of str
-        Verilog files, dependencies first (absolute paths).
+        Verilog files, dependencies first (absolute paths): da4ml's static sources and stage modules, then
+        the wrapper (da4ml's pipeline top ``<model>.v`` is written but not used).
     out_dir : str
     n_inputs, input_bits, output_bits : int
     output_step : float
@@ -48,7 +56,7 @@ class RTLDesign:
     stages : int
         da4ml pipeline stages.
     latency_cycles : int
-        Clock cycles from ``in_valid`` to ``out_valid`` (``stages + 3``).
+        Clock cycles from ``in_valid`` to ``out_valid`` (``stages + 1``).
     threshold_word : int
         Trigger threshold in output words (``score >= threshold_word`` fires).
     latency_cutoff : float
@@ -91,8 +99,10 @@ def threshold_word(threshold_logit: float, output_step: float, output_bits: int)
     return int(min(max(w, lo), hi + 1))
 
 
-def wrapper_verilog(name: str, n_inputs: int, input_bits: int, output_bits: int, stages: int, threshold: int) -> str:
-    """Verilog text of the trigger wrapper around the da4ml module ``name`` (see the module docstring).
+def wrapper_verilog(name: str, n_inputs: int, input_bits: int, output_bits: int, stage_bits: list[int],
+                    threshold: int) -> str:
+    """Verilog text of the trigger wrapper around da4ml's stage modules ``<name>_stage<i>`` (see the module
+    docstring).
 
     Parameters
     ----------
@@ -101,19 +111,37 @@ def wrapper_verilog(name: str, n_inputs: int, input_bits: int, output_bits: int,
     n_inputs, input_bits : int
         Input words and their width.
     output_bits : int
-        Width of the (signed) score word.
-    stages : int
-        da4ml pipeline stages (the model's latency is ``stages + 1`` cycles).
+        Width of the (signed) score word (the last stage's output).
+    stage_bits : list of int
+        Input width in bits of each da4ml stage (``len(stage_bits)`` stages; the first is
+        ``n_inputs * input_bits``), as da4ml's pipeline writer computes them (:func:`_stage_input_bits`).
     threshold : int
         Signed threshold in output words; may be one past the largest score (never fires).
+
+    Raises
+    ------
+    ValueError
+        No stages, or a first stage narrower or wider than ``n_inputs * input_bits``.
     """
     w_in = n_inputs * input_bits
-    model_lat = stages + 1
+    n = len(stage_bits)
+    if n < 1:
+        raise ValueError("the model has no pipeline stages")
+    if stage_bits[0] != w_in:
+        raise ValueError(f"stage 0 takes {stage_bits[0]} bits, the wrapper's input is {n_inputs} x {input_bits} = {w_in}")
+    out_bits = list(stage_bits[1:]) + [output_bits]
+    regs = "\n    ".join(f"reg [{w - 1}:0] stage{i}_inp;" for i, w in enumerate(stage_bits))
+    wires = "\n    ".join(f"wire [{w - 1}:0] stage{i}_out;" for i, w in enumerate(out_bits))
+    insts = "\n    ".join(f"{name}_stage{i} stage{i} (.model_inp(stage{i}_inp), .model_out(stage{i}_out));"
+                          for i in range(n))
+    loads = "\n        ".join(["stage0_inp <= in_features;"] + [f"stage{i}_inp <= stage{i - 1}_out;" for i in range(1, n)])
+    shift = "in_valid" if n == 1 else f"{{valid_pipe[{n - 2}:0], in_valid}}"
     thr_bits = output_bits + 1
     thr_lit = f"{thr_bits}'sd{threshold}" if threshold >= 0 else f"-{thr_bits}'sd{-threshold}"
     return f"""`timescale 1 ns / 1 ps
-// beamloop trigger wrapper (fpga/rtl.py): input sample with valid, da4ml model, threshold compare,
-// registered trigger/blank outputs and a latency counter. Latency in_valid -> out_valid: {model_lat + 2} cycles.
+// beamloop trigger wrapper (fpga/rtl.py): da4ml's {n} combinational stages with our pipeline registers,
+// threshold compare folded into the last stage, registered trigger/blank outputs and a latency counter.
+// Latency in_valid -> out_valid: {n + 1} cycles.
 module {name}_trigger #(
     parameter signed [{thr_bits - 1}:0] THRESHOLD = {thr_lit}
 ) (
@@ -128,24 +156,24 @@ module {name}_trigger #(
     output reg blank,
     output reg [15:0] latency_cycles
 );
-    reg [{w_in - 1}:0] x_reg;
-    reg x_valid;
-    wire [{output_bits - 1}:0] model_out;
-    reg [{model_lat - 1}:0] valid_pipe;
+    {regs}
+    {wires}
+    reg [{n - 1}:0] valid_pipe;  // valid_pipe[i]: stage{{i}}_inp holds a sample
     reg [15:0] since_valid;
 
-    always @(posedge clk) begin
-        if (in_valid) x_reg <= in_features;
+    {insts}
+
+    always @(posedge clk) begin  // da4ml's pipeline registers, loaded every cycle
+        {loads}
     end
 
-    {name} model (.clk(clk), .model_inp(x_reg), .model_out(model_out));
+    wire [{output_bits - 1}:0] model_out = stage{n - 1}_out;
 
     wire fire = $signed({{model_out[{output_bits - 1}], model_out}}) >= THRESHOLD;
 
     always @(posedge clk) begin
         if (rst) begin
-            x_valid <= 1'b0;
-            valid_pipe <= {model_lat}'d0;
+            valid_pipe <= {n}'d0;
             out_valid <= 1'b0;
             trigger <= 1'b0;
             blank <= 1'b0;
@@ -153,10 +181,9 @@ module {name}_trigger #(
             since_valid <= 16'd0;
             latency_cycles <= 16'd0;
         end else begin
-            x_valid <= in_valid;
-            valid_pipe <= {{valid_pipe[{max(model_lat - 2, 0)}:0], x_valid}};
-            out_valid <= valid_pipe[{model_lat - 1}];
-            if (valid_pipe[{model_lat - 1}]) begin
+            valid_pipe <= {shift};
+            out_valid <= valid_pipe[{n - 1}];
+            if (valid_pipe[{n - 1}]) begin
                 score <= model_out;
                 trigger <= fire;
                 if (fire) blank <= 1'b1;
@@ -173,7 +200,8 @@ endmodule
 """
 
 
-def write_rtl(traced: TracedModel, out_dir: str | Path, name: str = "trigger_model", latency_cutoff: float = 2.0,
+def write_rtl(traced: TracedModel, out_dir: str | Path, name: str = "trigger_model",
+              latency_cutoff: float = DEFAULT_LATENCY_CUTOFF,
               threshold_logit: float | None = None, part_name: str | None = None) -> RTLDesign:
     """Write da4ml's pipelined Verilog of ``traced`` and our wrapper into ``out_dir``.
 
@@ -215,20 +243,30 @@ def write_rtl(traced: TracedModel, out_dir: str | Path, name: str = "trigger_mod
     extra = {"part_name": part_name} if part_name else {}
     vm = VerilogModel(traced.comb, name, out, latency_cutoff=cut, print_latency=False, **extra)
     vm.write()
-    stages = len(vm._pipe.solutions)
+    stage_bits = _stage_input_bits(vm._pipe)
+    stages = len(stage_bits)
     thr = threshold_word(0.0 if threshold_logit is None else threshold_logit, traced.output_step, traced.output_bits)
     top = f"{name}_trigger"
     (out / "src" / f"{top}.v").write_text(
-        wrapper_verilog(name, traced.n_inputs, traced.input_bits, traced.output_bits, stages, thr))
+        wrapper_verilog(name, traced.n_inputs, traced.input_bits, traced.output_bits, stage_bits, thr))
     static = sorted(str(p) for p in (out / "src" / "static").glob("*.v"))
     model_files = sorted(str(p) for p in (out / "src").glob(f"{name}_stage*.v"))
-    sources = static + model_files + [str(out / "src" / f"{name}.v"), str(out / "src" / f"{top}.v")]
+    sources = static + model_files + [str(out / "src" / f"{top}.v")]
     design = RTLDesign(top=top, model=name, sources=sources, out_dir=str(out), n_inputs=traced.n_inputs,
                        input_bits=traced.input_bits, output_bits=traced.output_bits, output_step=traced.output_step,
-                       stages=stages, latency_cycles=stages + 3, threshold_word=thr,
+                       stages=stages, latency_cycles=stages + 1, threshold_word=thr,
                        latency_cutoff=float(latency_cutoff))
     design.save(out / "design.json")
     return design
+
+
+def _stage_input_bits(pipe) -> list[int]:
+    """Input width in bits of each stage of a da4ml ``Pipeline``, computed as da4ml's Verilog pipeline writer
+    does (``da4ml.codegen.rtl.verilog.pipeline.pipeline_logic_gen``: sum of ``minimal_kif`` of each input
+    ``QInterval``), so the wrapper's registers match the generated stage ports."""
+    from da4ml.types import minimal_kif
+
+    return [int(sum(map(sum, map(minimal_kif, sol.inp_qint)))) for sol in pipe.solutions]
 
 
 def pack_inputs(x_int: np.ndarray, input_bits: int) -> list[int]:
