@@ -61,6 +61,9 @@ PEER_ALWAYS_QUICK = {
                        "minutes: run `python bench/streams_receive.py` for the full one",
     "soak": "the full soak runs 30 minutes, longer than the whole suite may take; the suite runs its quick "
             "form (40 s, soak_quick.json): run `python -m bench.soak` for the long one",
+    "fpga_ejection": "place and route of the shipped trigger takes 4-15 minutes on 2 cores; the suite runs both "
+                     "simulations (quick form, fpga_ejection_quick.json) and keeps the builds made by "
+                     "`python -m bench.fpga_ejection` (fpga_ejection.md)",
 }
 """Peer modules the suite runs in their quick form even in a full run, and why."""
 PEER_RESULT_CHARS = 100_000
