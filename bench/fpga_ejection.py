@@ -163,14 +163,17 @@ def write_sweep(names: list[str], out_name: str = "fpga_ejection", remarks: str 
 
 
 def bench_summary_md(result: dict) -> str:
-    """A few Markdown lines for the suite's summary."""
+    """A few Markdown lines for the suite's summary: the build's figures, or (quick form, no synthesis) the
+    simulations' bit-exactness and the place-and-route results kept in ``fpga_ejection.md``."""
     syn = result.get("synth") or {}
     sim = result.get("sim") or {}
     hls = result.get("hls") or {}
-    return (f"ejection trigger on {syn.get('part', 'ECP5')}: {syn.get('lut4', '-')} LUT4, {syn.get('ff', '-')} FF, "
-            f"{syn.get('dsp', '-')} DSP, fmax {syn.get('fmax_mhz', '-')} MHz, latency {sim.get('latency_cycles', '-')} "
-            f"cycles = {result.get('latency_ns', '-')} ns; RTL sim {sim.get('exact')}/{sim.get('samples')} and "
-            f"C sim {hls.get('exact')}/{hls.get('samples')} bit-exact")
+    exact = (f"RTL sim {sim.get('exact')}/{sim.get('samples')} and C sim {hls.get('exact')}/{hls.get('samples')} "
+             f"bit-exact, latency {sim.get('latency_cycles', '-')} cycles")
+    if not syn.get("fmax_mhz"):
+        return f"ejection trigger: {exact}; synthesis and place and route: see `fpga_ejection.md`"
+    return (f"ejection trigger on {syn.get('part', 'ECP5')}: {syn.get('lut4')} LUT4, {syn.get('ff')} FF, "
+            f"{syn.get('dsp')} DSP, fmax {syn['fmax_mhz']:.1f} MHz, {result.get('latency_ns', float('nan')):.1f} ns; {exact}")
 
 
 if __name__ == "__main__":
