@@ -57,6 +57,7 @@ def parse_positive(text: str) -> float:
 
 
 def cmd_run(a: argparse.Namespace) -> int:
+    """``beamloop run``: the main job (:func:`edge.mainjob.run`); exit status."""
     from edge import mainjob
 
     mainjob.run(Path(a.out), rounds=a.rounds, shape=a.shape, pixel_size_A=a.pixel_size, dose_e_per_A2=a.dose,
@@ -66,6 +67,7 @@ def cmd_run(a: argparse.Namespace) -> int:
 
 
 def cmd_sim(a: argparse.Namespace) -> int:
+    """``beamloop sim``: the simulated microscope, serving until interrupted or ``--duration``; exit status."""
     from edge.keys import server_keys_from_args
     from edge.safety import safety_options
     from edge.sim.microscope import MicroscopeConfig, SimulatedMicroscope
@@ -88,6 +90,7 @@ def cmd_sim(a: argparse.Namespace) -> int:
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
+    """``beamloop serve``: the edge service on a frame stream, optionally driving an experiment; exit status."""
     from edge.bridge import BridgeClient
     from edge.experiment import ExperimentConfig, vacancy_line
     from edge.find import FinderConfig
@@ -170,6 +173,8 @@ def _warm_up_kernels() -> None:
 
 
 def cmd_find(a: argparse.Namespace) -> int:
+    """``beamloop find``: columns in image files (:func:`edge.findfiles.find_files`); exit status 1 if any
+    file failed."""
     from edge.findfiles import find_files
     from edge.imageio import image_files
 
@@ -186,6 +191,7 @@ def cmd_find(a: argparse.Namespace) -> int:
 
 
 def cmd_replay(a: argparse.Namespace) -> int:
+    """``beamloop replay``: stream image files to a running service (:func:`edge.replay.replay`); exit status."""
     from edge.replay import replay
 
     n = replay(a.path, a.to, a.rate, repeat=a.repeat, pixel_size_A=a.pixel_size, encoding=a.encoding, bind=a.bind)

@@ -66,6 +66,7 @@ def _save_checkpoint(path: Path, result: dict, cfg) -> None:
 
 
 def cmd_train_fourd(a: argparse.Namespace) -> int:
+    """``beamloop quantize train --task fourd``: train, export and calibrate the 4D-STEM trigger; exit status."""
     from quantize.fourd import FourDTrainConfig, export_fourd, train_fourd
 
     cfg = FourDTrainConfig(seed=a.seed)
@@ -81,6 +82,7 @@ def cmd_train_fourd(a: argparse.Namespace) -> int:
 
 
 def cmd_train(a: argparse.Namespace) -> int:
+    """``beamloop quantize train``: train, export and calibrate a trigger model; exit status."""
     from quantize.ship import export_model
     from quantize.train import train
 
@@ -101,6 +103,8 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 
 def cmd_export(a: argparse.Namespace) -> int:
+    """``beamloop quantize export``: QONNX, plain ONNX and integers from a checkpoint, with bit-exact checks;
+    exit status."""
     _need_quant_extra()
     import torch
 
@@ -150,6 +154,7 @@ def _export_fourd(ck: dict, a: argparse.Namespace) -> int:
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
+    """``beamloop quantize eval``: ROC, false-trigger rate and delay of the model against its baselines; exit status."""
     from edge.trigger_model import load_manifest
     from quantize.evaluate import evaluate
     from quantize.fourd import evaluate_fourd

@@ -97,6 +97,7 @@ def _status_line(c: dict, rate: float) -> str:
 
 
 def cmd_receive(a: argparse.Namespace) -> int:
+    """``beamloop receive``: receive a detector stream, print live counters, assemble virtual images; exit status."""
     from streams.detector import DetectorReceiver, FrameStack, SeriesEnd, SeriesStart
     from streams.errors import ProtocolError
 
@@ -176,6 +177,7 @@ def _write_outputs(out: Path, counters: dict, imager) -> None:
 
 
 def cmd_record(a: argparse.Namespace) -> int:
+    """``beamloop record``: record a detector stream losslessly to HDF5 (DECTRIS layout); exit status."""
     from streams.detector import DetectorReceiver
     from streams.recorder import Recorder, record
 
@@ -207,6 +209,8 @@ def cmd_record(a: argparse.Namespace) -> int:
 
 
 def cmd_stream(a: argparse.Namespace) -> int:
+    """``beamloop stream``: send a recording, or a simulated 4D-STEM scan, as SIMPLON v1 or Stream V2;
+    exit status (2: missing recording)."""
     from streams import codecs
     from streams.simplon import SimplonSender
     from streams.stream_v2 import Stream2Sender

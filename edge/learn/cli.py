@@ -12,6 +12,7 @@ DEFAULT_WORK = "out/unet"
 
 
 def cmd_train(a: argparse.Namespace) -> int:
+    """``beamloop train``: train the U-Net ensemble (and export it unless ``--no-export``); exit status."""
     from edge.learn.train import TrainConfig, train
 
     cfg = TrainConfig(members=a.members, steps=a.steps, batch=a.batch, tiles=a.tiles, tile=a.tile, lr=a.lr,
@@ -26,6 +27,7 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 
 def cmd_export(a: argparse.Namespace) -> int:
+    """``beamloop export``: ONNX FP32/FP16/INT8 and manifest from trained members; exit status."""
     from edge.learn.export import export_all, write_metrics
 
     if getattr(a, "metrics_only", False):
