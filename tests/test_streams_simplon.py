@@ -9,40 +9,17 @@ import zmq
 
 from streams import codecs, simplon
 from streams.detector import DetectorReceiver, FrameStack, SeriesEnd, SeriesStart
-from streams.errors import (FrameMismatch, MalformedMessage, OversizedMessage, ProtocolError, TruncatedMessage,
+from streams.errors import (FrameMismatch, MalformedMessage, OversizedMessage, TruncatedMessage,
                             UnexpectedMessage)
 from streams.simplon import SimplonSender
+
+from detector_events import collect, stacked
 
 SHAPE = (48, 40)
 
 
 def make_frames(n, dtype=np.uint16, seed=0):
     return np.random.default_rng(seed).poisson(2.0, (n, *SHAPE)).astype(dtype)
-
-
-def collect(rx, until_end=True, timeout_ms=2000):
-    """All events until a SeriesEnd (or a timeout); protocol errors are collected, not raised."""
-    events, errors = [], []
-    while True:
-        try:
-            ev = rx.recv(timeout_ms)
-        except ProtocolError as exc:
-            errors.append(exc)
-            continue
-        if ev is None:
-            break
-        events.append(ev)
-        if until_end and isinstance(ev, SeriesEnd):
-            break
-    return events, errors
-
-
-def stacked(events):
-    stacks = [e for e in events if isinstance(e, FrameStack)]
-    if not stacks:
-        return np.empty(0, np.int64), None
-    return (np.concatenate([s.image_ids.copy() for s in stacks]),
-            np.concatenate([s.frames.copy() for s in stacks]))
 
 
 @pytest.fixture

@@ -10,26 +10,12 @@ import zmq
 
 from streams import codecs, stream_v2
 from streams.detector import DetectorReceiver, DetectorSeries, FrameStack, SeriesEnd, SeriesStart
-from streams.errors import FrameMismatch, MalformedMessage, OversizedMessage, ProtocolError, UnexpectedMessage
+from streams.errors import FrameMismatch, MalformedMessage, OversizedMessage, UnexpectedMessage
 from streams.stream_v2 import Stream2Sender
 
+from detector_events import collect
+
 SHAPE = (40, 56)
-
-
-def collect(rx, timeout_ms=2000):
-    events, errors = [], []
-    while True:
-        try:
-            ev = rx.recv(timeout_ms)
-        except ProtocolError as exc:
-            errors.append(exc)
-            continue
-        if ev is None:
-            break
-        events.append(ev)
-        if isinstance(ev, SeriesEnd):
-            break
-    return events, errors
 
 
 def frames_of(n, dtype, seed=0):
@@ -224,16 +210,8 @@ def test_unended_series_keeps_its_frames_and_name(raw_link, next_shape):
         tx.send(image(b, i, fb[i]))
     tx.send(stream_v2.encode_end(b))
     time.sleep(0.1)  # everything queued: the receiver reads on without waiting
-    events, errors = [], []
-    while not events or not isinstance(events[-1], SeriesEnd):
-        try:
-            ev = rx.recv(2000)
-        except ProtocolError as exc:
-            errors.append(exc)
-            continue
-        assert ev is not None
-        events.append(ev)
-    assert not errors
+    events, errors = collect(rx)
+    assert events and isinstance(events[-1], SeriesEnd) and not errors
     names = [(type(e).__name__, e.series.series_unique_id) for e in events]
     assert names[:3] == [("SeriesStart", "series-a"), ("FrameStack", "series-a"), ("SeriesStart", "series-b")]
     assert names[3:] == [("FrameStack", "series-b")] * (len(names) - 4) + [("SeriesEnd", "series-b")]
