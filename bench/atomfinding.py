@@ -1,20 +1,20 @@
 """Atom finding side by side: beamloop's finders against the peers, on the same frames, in the same run.
 
-Simulated frames (:func:`edge.sim.frames.mos2_frame`: MoS2 at 0.15 Angstrom per pixel, with point defects,
+Simulated frames (:func:`beamloop.edge.sim.frames.mos2_frame`: MoS2 at 0.15 Angstrom per pixel, with point defects,
 scan distortion and Poisson noise) carry ground truth: every method is timed per frame (wall clock, the
 frame already in memory, from raw counts to the column positions) and scored with
-:func:`edge.scoring.score_frame` (0.5 Angstrom matching radius, 0.5 Angstrom edge margin; found rows
+:func:`beamloop.edge.analysis.scoring.score_frame` (0.5 Angstrom matching radius, 0.5 Angstrom edge margin; found rows
 without a class count as columns). The real images of ``../shared/data/real`` have no ground truth:
 there every method is timed, and its columns are compared with beamloop's classical ones (agreement).
 
 Methods
 -------
-- ``beamloop_classical``: :class:`edge.pipeline.FramePipeline` (preprocess + find + classify; MoS2
+- ``beamloop_classical``: :class:`beamloop.edge.path.FramePipeline` (preprocess + find + classify; MoS2
   classes and vacancy sites on simulated frames). Its find-only time (preprocess + find) is reported
   beside it, the like-for-like figure against peers that only locate. Defaults, not tuned.
 - ``beamloop_unet``: the same pipeline with ``method="unet"`` (the shipped U-Net ensemble), when a model is
   installed.
-- ``plm_com``, ``trackpy``, ``atomap_com``, ``atomap_gauss``: :mod:`bench.peers`. Their scale parameters
+- ``plm_com``, ``trackpy``, ``atomap_com``, ``atomap_gauss``: :mod:`beamloop.bench.peers`. Their scale parameters
   come from the same physical sizes beamloop uses (column sigma 0.33 Angstrom, minimum distance 0.55 of
   the 1.824 Angstrom Mo-S distance). Each peer's threshold, and for the two built on ``peak_local_max``
   the fraction of that minimum distance they are given (its square-window spacing rule dropped half the
@@ -36,15 +36,15 @@ from pathlib import Path
 
 import numpy as np
 
-from bench import peers
+from beamloop.bench import peers
 
 log = logging.getLogger("beamloop.bench")
 
 PIXEL_SIZE_A = 0.15
 SPACING_A = 1.824
-"""Projected Mo-S distance of MoS2 (:data:`edge.pipeline.MOS2_SPACING_A`)."""
+"""Projected Mo-S distance of MoS2 (:data:`beamloop.edge.path.MOS2_SPACING_A`)."""
 COLUMN_SIGMA_A = 0.33
-"""Blurred column sigma of the simulator's frames (:meth:`edge.find.FinderConfig.for_pixel_size`)."""
+"""Blurred column sigma of the simulator's frames (:meth:`beamloop.edge.stages.find.FinderConfig.for_pixel_size`)."""
 DOSES = (1e4, 1e5)
 SIZES = (256, 1024)
 
@@ -105,9 +105,9 @@ def peer_fn(name: str, sigma_px: float, min_distance_px: float, threshold: float
 
 
 def score(xy: np.ndarray, cls, frame) -> object:
-    """:func:`edge.scoring.score_frame` of positions ``xy`` ((n, 2) pixels) and classes ``cls`` ((n,) int or
-    None for unclassified) against a :class:`~edge.sim.frames.SimulatedFrame`."""
-    from edge.scoring import score_frame
+    """:func:`beamloop.edge.analysis.scoring.score_frame` of positions ``xy`` ((n, 2) pixels) and classes ``cls`` ((n,) int or
+    None for unclassified) against a :class:`~beamloop.edge.sim.frames.SimulatedFrame`."""
+    from beamloop.edge.analysis.scoring import score_frame
 
     xy = np.asarray(xy, float).reshape(-1, 2)
     cls = -np.ones(len(xy), int) if cls is None else np.asarray(cls)
@@ -135,7 +135,7 @@ def calibrate(dose: float, available: dict) -> dict:
     -------
     dict: peer -> ``{"threshold", "distance_fraction", "f1", "recall", "precision", "rms_pm", "grid"}``.
     """
-    from edge.sim.frames import mos2_frame
+    from beamloop.edge.sim.frames import mos2_frame
 
     frame = mos2_frame((256, 256), PIXEL_SIZE_A, dose, seed=SEEDS["calibration"] + int(math.log10(dose)))
     sc = scales()
@@ -162,12 +162,12 @@ def make_methods(material: str, pixel_size_A: float | None, thresholds: dict, fi
                  skip: dict | None = None) -> list[Method]:
     """Every method, bound to one kind of frame.
 
-    ``material``/``pixel_size_A``/``finder_config`` configure beamloop (:class:`edge.pipeline.FramePipeline`);
+    ``material``/``pixel_size_A``/``finder_config`` configure beamloop (:class:`beamloop.edge.path.FramePipeline`);
     ``sigma_px``/``min_distance_px`` (default: :func:`scales` of the pixel size) and ``thresholds``
     (peer -> parameters, from :func:`calibrate`) configure the peers; ``skip`` (name -> reason) leaves
     methods out on purpose."""
     skip = skip or {}
-    from edge.pipeline import FramePipeline
+    from beamloop.edge.path import FramePipeline
 
     if sigma_px is None or min_distance_px is None:
         sc = scales(pixel_size_A or PIXEL_SIZE_A)
@@ -260,8 +260,8 @@ def run_simulated(quick: bool, thresholds: dict, progress=None) -> dict:
     Returns ``{"<size>@<dose>": {method: {"time": ..., "accuracy": ... | "skipped": reason}}}`` and, per
     cell, ``"speed_ratio_vs_classical"`` (method p50 / classical p50; > 1: slower than beamloop).
     """
-    from edge.scoring import combine
-    from edge.sim.frames import mos2_frame
+    from beamloop.edge.analysis.scoring import combine
+    from beamloop.edge.sim.frames import mos2_frame
 
     plan = PLAN[bool(quick)]
     out = {}
@@ -341,9 +341,9 @@ def may_publish(image: Path) -> bool:
 
 def agreement(xy: np.ndarray, ref_xy: np.ndarray, radius_px: float) -> dict:
     """How well positions ``xy`` agree with reference positions ``ref_xy`` (both (n, 2) pixels) matched
-    one-to-one within ``radius_px`` (:func:`edge.scoring.match`): ``n``, ``n_ref``, ``matched``,
+    one-to-one within ``radius_px`` (:func:`beamloop.edge.analysis.scoring.match`): ``n``, ``n_ref``, ``matched``,
     ``of_ref`` (matched / n_ref), ``of_own`` (matched / n), ``rms_px`` of the matched pairs."""
-    from edge.scoring import match
+    from beamloop.edge.analysis.scoring import match
 
     _, _, d = match(xy, ref_xy, radius_px)
     n, nr = len(np.asarray(xy).reshape(-1, 2)), len(np.asarray(ref_xy).reshape(-1, 2))
@@ -358,15 +358,15 @@ def run_real(quick: bool, thresholds: dict, real_dir: Path | None = None, plots_
     their columns with beamloop's classical ones. Images are read in place, never copied.
 
     The scale (lattice period, column sigma) of each image is estimated once from the image
-    (:func:`edge.findfiles.finder_config`) and given to every method; peers use the thresholds
-    calibrated at 1e5 e-/A^2 (relative thresholds, see :mod:`bench.peers`). ``atomap_gauss`` is skipped
+    (:func:`beamloop.edge.batch_find.finder_config`) and given to every method; peers use the thresholds
+    calibrated at 1e5 e-/A^2 (relative thresholds, see :mod:`beamloop.bench.peers`). ``atomap_gauss`` is skipped
     where ``gauss_s_per_column`` (measured on simulated frames) times the columns ``atomap_com`` found
     exceeds the time budget.
 
     Returns ``{"dir": ..., "images": {name: {...}}}`` or ``{"skipped": reason}`` when the folder is absent.
     """
-    from edge.findfiles import finder_config
-    from edge.imageio import ImageReadError, read_image
+    from beamloop.edge.batch_find import finder_config
+    from beamloop.edge.io.imageio import ImageReadError, read_image
 
     real_dir = Path(real_dir) if real_dir else default_real_dir()
     if not real_dir.is_dir():
@@ -417,7 +417,7 @@ def run_real(quick: bool, thresholds: dict, real_dir: Path | None = None, plots_
             row["speed_ratio_vs_classical"] = {k: v["time"]["p50_ms"] / base for k, v in row["methods"].items()
                                                if "time" in v}
         if plots_dir is not None:
-            from bench.plots import real_overlay
+            from beamloop.bench.plots import real_overlay
 
             public = may_publish(path)
             dest = (Path(plots_dir) if public else PRIVATE_DIR) / f"real_{path.stem}.png"

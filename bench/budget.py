@@ -1,6 +1,6 @@
 """Latency budgets: which stages of the main job fit a detector's frame time or a scan's, on this machine.
 
-Input: the measured stage table (:mod:`bench.stages`, frame sizes 256^2, 512^2, 1024^2) and a scenario,
+Input: the measured stage table (:mod:`beamloop.bench.stages`, frame sizes 256^2, 512^2, 1024^2) and a scenario,
 either a detector (frame rate, frame size) or a scan (dwell time per probe position, frame size). The
 frame time is ``1 / rate`` or ``rows * cols * dwell``.
 
@@ -111,10 +111,10 @@ def fit_power_law(pixels, values) -> tuple[float, float]:
 
 
 def stage_models(sizes: dict) -> dict:
-    """Per stage, power laws of p50 and p99 against pixel count from :mod:`bench.stages` results
+    """Per stage, power laws of p50 and p99 against pixel count from :mod:`beamloop.bench.stages` results
     (``sizes``: ``"ROWSxCOLS"`` -> summary with ``stages``). Returns stage -> ``{"p50": (a, b), "p99": (a, b),
     "pixels": [min, max]}``."""
-    from bench.stages import pixels_of
+    from beamloop.bench.stages import pixels_of
 
     per: dict[str, dict[str, list]] = {}
     for size, r in sizes.items():

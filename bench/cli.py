@@ -1,4 +1,4 @@
-"""``beamloop bench``: the benchmark suite (:mod:`bench.suite`) and latency budgets (:mod:`bench.budget`).
+"""``beamloop beamloop.bench``: the benchmark suite (:mod:`beamloop.bench.suite`) and latency budgets (:mod:`beamloop.bench.budget`).
 
     beamloop bench [--quick] [--out bench/results] [--only SECTION ...] [--real-data DIR]
                    [--frame ROWSxCOLS (--frame-rate HZ | --dwell-us US)]
@@ -18,12 +18,12 @@ import json
 import sys
 from pathlib import Path
 
-from edge.cli import parse_positive, parse_shape  # the main command's argument types
+from beamloop.edge.cli import parse_positive, parse_shape  # the main command's argument types
 
 
 def _scenarios(a: argparse.Namespace) -> list:
     """Default scenarios plus the one given on the command line (first)."""
-    from bench.budget import DEFAULT_SCENARIOS, Scenario
+    from beamloop.bench.budget import DEFAULT_SCENARIOS, Scenario
 
     extra = []
     if a.frame_rate is not None or a.dwell_us is not None:
@@ -41,7 +41,7 @@ def _scenarios(a: argparse.Namespace) -> list:
 
 
 def _print_budget(b: dict) -> None:
-    from bench.summary import fmt
+    from beamloop.bench.summary import fmt
 
     print(f"{b['label']}: frame time {fmt(b['frame_time_us'])} us; frame path p50 {fmt(b['frame_path_p50_us'])} us, "
           f"p99 {fmt(b['frame_path_p99_us'])} us; leftover {fmt(b['leftover_us'])} us; "
@@ -64,12 +64,12 @@ def _print_budget(b: dict) -> None:
 
 def cmd_bench(a: argparse.Namespace) -> int:
     """Run the suite (or only the budget); returns the exit status (1 when a section failed)."""
-    from bench.suite import SECTIONS, run_suite
+    from beamloop.bench.suite import SECTIONS, run_suite
 
     out = Path(a.out)
     scenarios = _scenarios(a)
     if a.budget_only or a.action == "budget":
-        from bench.budget import budgets
+        from beamloop.bench.budget import budgets
 
         src = out / "stage_latency.json"
         if not src.exists():
@@ -91,8 +91,8 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
-    """Add ``bench`` to the ``beamloop`` command (:data:`edge.cli.COMMAND_MODULES`)."""
-    from bench.suite import RESULTS, SECTIONS
+    """Add ``bench`` to the ``beamloop`` command (:data:`beamloop.edge.cli.COMMAND_MODULES`)."""
+    from beamloop.bench.suite import RESULTS, SECTIONS
 
     p = subparsers.add_parser("bench", help="benchmark suite: stage latencies, budgets, atom finding vs peers, GPU",
                               description="The benchmark suite: main job stage latencies, latency budgets, atom "

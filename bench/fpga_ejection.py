@@ -1,6 +1,6 @@
 """Benchmark: the shipped ejection trigger compiled to an ECP5-85F (LFE5U-85F-6BG381C) bitstream.
 
-Full run (``python -m bench.fpga_ejection`` or the suite): ``fpga.flow.build`` with 10,000 test inputs
+Full run (``python -m beamloop.bench.fpga_ejection`` or the suite): ``beamloop.fpga.flow.build`` with 10,000 test inputs
 (RTL simulation in cocotb/Icarus and hls4ml C simulation, both against qonnx execution of the QONNX
 graph), yosys ``synth_ecp5``, nextpnr-ecp5 at a 100 MHz constraint and ecppack; writes
 ``bench/results/fpga_ejection_cutoff<c>.json`` and ``.md`` with LUT4/FF/DSP/BRAM, fmax, latency in cycles and
@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from fpga import DEFAULT_LATENCY_CUTOFF as LATENCY_CUTOFF  # da4ml adder delays per stage (1.0: meets both goals)
+from beamloop.fpga import DEFAULT_LATENCY_CUTOFF as LATENCY_CUTOFF  # da4ml adder delays per stage (1.0: meets both goals)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GOALS = {"fmax_mhz": 100.0, "latency_ns": 200.0}
@@ -38,13 +38,13 @@ def run(quick: bool = False, out_dir: str | Path | None = None, latency_cutoff: 
     Returns
     -------
     dict
-        The report (see :mod:`fpga.report`) plus ``goals``, ``goals_met`` and ``machine``; written to
+        The report (see :mod:`beamloop.fpga.report`) plus ``goals``, ``goals_met`` and ``machine``; written to
         ``bench/results/<name>.json`` and ``.md`` (default ``fpga_ejection_cutoff<c>``, e.g. ``..._cutoff1p5``,
         or ``fpga_ejection_quick``); :func:`write_sweep` combines such builds into ``fpga_ejection.json``.
     """
-    from bench.suite import machine_info
-    from fpga.flow import build
-    from fpga.report import write_report
+    from beamloop.bench.suite import machine_info
+    from beamloop.fpga.flow import build
+    from beamloop.fpga.report import write_report
 
     work = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="fpga_ejection_"))
     t0 = time.perf_counter()
@@ -78,9 +78,9 @@ def machine_note(load1: float) -> str:
 
 
 def _quick(work: Path, latency_cutoff: float) -> dict:
-    from fpga.flow import prepare, _base_report
-    from fpga.hls import hls_check
-    from fpga.sim import simulate
+    from beamloop.fpga.flow import prepare, _base_report
+    from beamloop.fpga.hls import hls_check
+    from beamloop.fpga.sim import simulate
 
     quiet = lambda s: None  # noqa: E731
     ref, traced, design, x, y = prepare("ejection", work, latency_cutoff, 2000, 0, quiet)
@@ -100,7 +100,7 @@ def goal_note(rep: dict) -> str:
     ok_f, ok_l = f >= GOALS["fmax_mhz"], (lat or 1e9) <= GOALS["latency_ns"]
     cp = syn.get("critical_path")
     if not cp and (syn.get("logs") or {}).get("nextpnr") and Path(syn["logs"]["nextpnr"]).is_file():
-        from fpga.synth import critical_path
+        from beamloop.fpga.synth import critical_path
 
         cp = critical_path(Path(syn["logs"]["nextpnr"]).read_text(errors="replace"))
     where = ""

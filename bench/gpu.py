@@ -5,15 +5,15 @@ Detection (:func:`detect`) asks ``nvidia-smi``, numba (``numba.cuda.is_available
 no usable device the section is skipped with the reasons.
 
 On a GPU the classical path is timed per stage with numba CUDA kernels for the preprocessing (the
-same separable Gaussian with reflected borders as :func:`edge.preprocess._smooth`, and Immerkaer's noise
-estimate as :func:`edge.preprocess.noise_sigma`, reduced in shared memory), the frame uploaded before
-and the smoothed frame downloaded after, then the CPU finder (:meth:`edge.find.ColumnFinder.find_smoothed`)
+same separable Gaussian with reflected borders as :func:`beamloop.edge.stages.preprocess._smooth`, and Immerkaer's noise
+estimate as :func:`beamloop.edge.stages.preprocess.noise_sigma`, reduced in shared memory), the frame uploaded before
+and the smoothed frame downloaded after, then the CPU finder (:meth:`beamloop.edge.stages.find.ColumnFinder.find_smoothed`)
 and classifier on it:
 
     h2d -> preprocess (GPU) -> d2h -> find (CPU) -> classify (CPU)
 
 and the learned path, when a U-Net model is installed, with ONNX Runtime's CUDA provider
-(:class:`edge.segment.UNetFinder` ``device="cuda"``). The kernels run under numba's CUDA simulator
+(:class:`beamloop.edge.stages.unet.UNetFinder` ``device="cuda"``). The kernels run under numba's CUDA simulator
 (``NUMBA_ENABLE_CUDASIM=1``) too, which is how the tests check them against the CPU kernels here.
 """
 
@@ -113,7 +113,7 @@ def detect() -> dict:
 
 @cuda.jit(device=True)
 def _reflect(i, n):
-    # scipy.ndimage "reflect", as edge.preprocess._reflect
+    # scipy.ndimage "reflect", as beamloop.edge.stages.preprocess._reflect
     if i < 0:
         return -i - 1
     if i >= n:
@@ -178,15 +178,15 @@ def _noise_sum(img, step, acc):
 
 
 class GpuPreprocessor:
-    """:class:`edge.preprocess.Preprocessor` on a CUDA device (numba): Gaussian smoothing and noise sigma,
+    """:class:`beamloop.edge.stages.preprocess.Preprocessor` on a CUDA device (numba): Gaussian smoothing and noise sigma,
     device buffers allocated once per frame shape.
 
     Parameters
     ----------
     sigma_px : float
-        Gaussian sigma, pixels (:func:`edge.preprocess.gaussian_kernel`).
+        Gaussian sigma, pixels (:func:`beamloop.edge.stages.preprocess.gaussian_kernel`).
     noise_row_step : int
-        As :class:`edge.preprocess.Preprocessor`.
+        As :class:`beamloop.edge.stages.preprocess.Preprocessor`.
 
     Raises
     ------
@@ -195,7 +195,7 @@ class GpuPreprocessor:
     """
 
     def __init__(self, sigma_px: float, noise_row_step: int = 2) -> None:
-        from edge.preprocess import gaussian_kernel
+        from beamloop.edge.stages.preprocess import gaussian_kernel
 
         if not cuda.is_available():
             raise RuntimeError("no CUDA device (numba.cuda.is_available() is False)")
@@ -217,8 +217,8 @@ class GpuPreprocessor:
     def upload(self, frame: np.ndarray) -> None:
         """Copy ``frame`` ((rows, cols), integer or float32/float64) to the device.
 
-        Raises ``edge.preprocess.FrameError`` for a frame that is not 2-D or smaller than 3 x 3."""
-        from edge.preprocess import FrameError
+        Raises ``beamloop.edge.stages.preprocess.FrameError`` for a frame that is not 2-D or smaller than 3 x 3."""
+        from beamloop.edge.stages.preprocess import FrameError
 
         if frame.ndim != 2 or min(frame.shape) < max(3, self.kernel.shape[0] // 2 + 1):
             raise FrameError(f"frame of shape {frame.shape} cannot be smoothed with a {self.kernel.shape[0]}-tap kernel")
@@ -254,13 +254,13 @@ class GpuPreprocessor:
 
 
 def classical_stage_table(sizes=(256, 512, 1024), repeats: int = 200, pixel_size_A: float = 0.15) -> dict:
-    """Per frame size: stage summaries (:func:`bench.stats.stage_summary`) of h2d, preprocess (GPU), d2h,
+    """Per frame size: stage summaries (:func:`beamloop.bench.stats.stage_summary`) of h2d, preprocess (GPU), d2h,
     find and classify (CPU) over ``repeats`` runs on a simulated MoS2 frame (after one warm-up run)."""
-    from bench.stats import recorder_of, stage_summary
-    from edge.classify import MoS2Classifier
-    from edge.find import ColumnFinder, FinderConfig
-    from edge.pipeline import MOS2_SPACING_A
-    from edge.sim.frames import mos2_frame
+    from beamloop.bench.stats import recorder_of, stage_summary
+    from beamloop.edge.stages.classify import MoS2Classifier
+    from beamloop.edge.stages.find import ColumnFinder, FinderConfig
+    from beamloop.edge.path import MOS2_SPACING_A
+    from beamloop.edge.sim.frames import mos2_frame
 
     cfg = FinderConfig.for_pixel_size(pixel_size_A, spacing_A=MOS2_SPACING_A)
     out = {}
@@ -293,11 +293,11 @@ def classical_stage_table(sizes=(256, 512, 1024), repeats: int = 200, pixel_size
 def unet_stage_table(sizes=(256, 1024), repeats: int = 50, pixel_size_A: float = 0.15) -> dict:
     """Per frame size: the U-Net path's stage summaries on ONNX Runtime's CUDA provider.
 
-    Raises whatever :class:`edge.segment.UNetFinder` raises when no model is installed."""
-    from bench.stats import recorder_of, stage_summary
-    from edge.pipeline import FramePipeline
-    from edge.segment import UNetFinder
-    from edge.sim.frames import mos2_frame
+    Raises whatever :class:`beamloop.edge.stages.unet.UNetFinder` raises when no model is installed."""
+    from beamloop.bench.stats import recorder_of, stage_summary
+    from beamloop.edge.path import FramePipeline
+    from beamloop.edge.stages.unet import UNetFinder
+    from beamloop.edge.sim.frames import mos2_frame
 
     pipe = FramePipeline("MoS2", method="unet", unet=UNetFinder(device="cuda"))
     out = {}

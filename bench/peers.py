@@ -2,12 +2,12 @@
 
 Every finder takes a frame (2-D array of detector counts or intensities, any real dtype) and returns an
 ``(n, 2)`` float64 array of column positions ``(x, y)`` in pixels (x the column index, y the row index),
-the convention of :mod:`edge.columns`. Peers are benchmark-only dependencies (the ``bench`` extra) and
+the convention of :mod:`beamloop.edge.frame.columns`. Peers are benchmark-only dependencies (the ``beamloop.bench`` extra) and
 are imported inside the functions.
 
 Every free threshold is relative (a fraction of the frame's own dynamic range, of the brightest
 feature, or of the typical feature mass), so that a value calibrated on simulated frames of one dose
-(:func:`bench.atomfinding.calibrate`) means the same on frames of another size and on real images.
+(:func:`beamloop.bench.atomfinding.calibrate`) means the same on frames of another size and on real images.
 
 - :func:`plm_com`: scikit-image ``peak_local_max`` on the Gaussian-smoothed frame, each peak refined by
   the centre of mass of the background-subtracted smoothed frame in a disc (vectorised, one pass).

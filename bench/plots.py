@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.stats import cdf
+from beamloop.bench.stats import cdf
 
 COLOURS = {"256x256": "tab:blue", "512x512": "tab:orange", "1024x1024": "tab:green"}
 

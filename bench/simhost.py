@@ -5,7 +5,7 @@ would make a run with the thousand frames a tail latency needs last half an hour
 therefore wraps the microscope's imager in a :class:`FrameCache`: the first ``frames_per_scan`` frames of
 each scan geometry (shape, field of view, dwell time, dose) are rendered as usual, and later requests
 for the same geometry cycle through them, re-labelled with the new scan (frame id). Everything else is
-the real :class:`edge.sim.microscope.SimulatedMicroscope`: its bridge server, its frame stream (ZeroMQ),
+the real :class:`beamloop.edge.sim.microscope.SimulatedMicroscope`: its bridge server, its frame stream (ZeroMQ),
 its real-time parked-probe stream and ejections. None of the edge service's stages is touched, and the
 cache only changes what the detector sends, not when: a frame is time-stamped (``sent_ns``) as it
 leaves, after rendering.
@@ -24,11 +24,11 @@ import sys
 import time
 from dataclasses import asdict
 
-from edge.sim.microscope import MicroscopeConfig
+from beamloop.edge.sim.microscope import MicroscopeConfig
 
 
 class FrameCache:
-    """An imager (:class:`edge.sim.frames.FrameSimulator`) that renders ``frames_per_scan`` frames per scan
+    """An imager (:class:`beamloop.edge.sim.frames.FrameSimulator`) that renders ``frames_per_scan`` frames per scan
     geometry and then serves them in turn.
 
     Parameters
@@ -58,7 +58,7 @@ class FrameCache:
         return getattr(self._imager, name)
 
     def acquire(self, scan, electrons_per_pixel: float, distortion=None):
-        """A :class:`~edge.sim.frames.SimulatedFrame` for ``scan``: rendered while the geometry has fewer than
+        """A :class:`~beamloop.edge.sim.frames.SimulatedFrame` for ``scan``: rendered while the geometry has fewer than
         ``frames_per_scan`` frames, else the next cached one with ``scan`` put in its place."""
         key = (tuple(scan.shape), tuple(scan.fov_nm), tuple(scan.center_nm), scan.rotation_deg, scan.dwell_us,
                float(electrons_per_pixel))
@@ -80,7 +80,7 @@ ANNOUNCE = "BEAMLOOP-BENCH-SIM "
 def serve(config: MicroscopeConfig, frames_per_scan: int) -> None:
     """Build the microscope with a :class:`FrameCache`, print its endpoints on one line (:data:`ANNOUNCE` +
     JSON) and serve until a ``shutdown`` call."""
-    from edge.sim.microscope import SimulatedMicroscope
+    from beamloop.edge.sim.microscope import SimulatedMicroscope
 
     with SimulatedMicroscope(config) as mic:
         mic.imager = FrameCache(mic.imager, frames_per_scan)
@@ -90,7 +90,7 @@ def serve(config: MicroscopeConfig, frames_per_scan: int) -> None:
 
 class SimHost:
     """Start the benchmark microscope (:class:`FrameCache` on a :class:`SimulatedMicroscope`) in its own
-    process (``python -m bench.simhost``); use as a context manager.
+    process (``python -m beamloop.bench.simhost``); use as a context manager.
 
     Parameters
     ----------
@@ -122,7 +122,7 @@ class SimHost:
 
     def start(self) -> dict:
         """Start the process and return its endpoints."""
-        cmd = [sys.executable, "-m", "bench.simhost", json.dumps(asdict(self.config)), str(self.frames_per_scan)]
+        cmd = [sys.executable, "-m", "beamloop.bench.simhost", json.dumps(asdict(self.config)), str(self.frames_per_scan)]
         self._proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
         sel = selectors.DefaultSelector()
         sel.register(self._proc.stdout, selectors.EVENT_READ)

@@ -1,7 +1,7 @@
 """Soak: the main job's closed loop for a long time, watching memory, latency drift and counters.
 
-It runs what ``beamloop run`` runs (the simulated microscope in its own process, :func:`edge.mainjob.start_simulator`;
-the service with the MoS2 pipeline, the vacancy-line policy and the trigger; :func:`edge.experiment.vacancy_line`)
+It runs what ``beamloop run`` runs (the simulated microscope in its own process, :func:`beamloop.edge.experiments.closed_loop.start_simulator`;
+the service with the MoS2 pipeline, the vacancy-line policy and the trigger; :func:`beamloop.edge.experiments.vacancy_line.vacancy_line`)
 over and over for ``duration_s`` (30 minutes by default, 40 s with ``--quick``). When the field of view has no
 S2 column left to write, it asks the simulator for a fresh area (``sim_fresh_area``: the removed atoms come back),
 so the beam keeps working. Every ``window_s`` it samples:
@@ -19,7 +19,7 @@ Summary figures: memory growth as a least-squares slope (MiB per hour) over the 
 (warm-up) one, and the total change; latency drift per stage as the slope of the window p50 (microseconds
 per hour) and the ratio of the last window's p50 to the first's.
 
-Usage: ``python -m bench.soak [--quick] [--duration S] [--window S]``; writes ``bench/results/soak.json``
+Usage: ``python -m beamloop.bench.soak [--quick] [--duration S] [--window S]``; writes ``bench/results/soak.json``
 (``soak_quick.json`` with ``--quick``) and a PNG beside it. ``run(quick)`` returns the same dict. The
 machine has 2 cores shared with other work: figures taken while it is busy are noisy (the JSON records the
 load average).
@@ -114,15 +114,15 @@ def run(quick: bool = False, duration_s: float | None = None, window_s: float | 
     RuntimeError
         The simulator could not be started.
     """
-    from edge.bridge import BridgeClient, BridgeError
-    from edge.experiment import ExperimentConfig, vacancy_line
-    from edge.latency import LatencyRecorder
-    from edge.mainjob import start_simulator, warm_up
-    from edge.pipeline import FramePipeline
-    from edge.policy import VacancyLinePolicy
-    from edge.service import EdgeService
-    from edge.sim.frames import electrons_per_second
-    from streams.receiver import FrameReceiver
+    from beamloop.edge.control.bridge import BridgeClient, BridgeError
+    from beamloop.edge.experiments.vacancy_line import ExperimentConfig, vacancy_line
+    from beamloop.edge.frame.latency import LatencyRecorder
+    from beamloop.edge.experiments.closed_loop import start_simulator, warm_up
+    from beamloop.edge.path import FramePipeline
+    from beamloop.edge.stages.policy import VacancyLinePolicy
+    from beamloop.edge.service import EdgeService
+    from beamloop.edge.sim.frames import electrons_per_second
+    from beamloop.streams.native.receiver import FrameReceiver
 
     duration_s = float(duration_s or (40.0 if quick else 1800.0))
     window_s = float(window_s or (4.0 if quick else 60.0))
@@ -254,8 +254,8 @@ def plot(result: dict, path: Path) -> None:
 
 
 def main(argv=None) -> int:
-    """Command line: ``python -m bench.soak [--quick] [--duration S] [--window S] [--out DIR]``."""
-    p = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__.splitlines()[0])
+    """Command line: ``python -m beamloop.bench.soak [--quick] [--duration S] [--window S] [--out DIR]``."""
+    p = argparse.ArgumentParser(prog="python -m beamloop.bench.soak", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="40 s instead of 30 minutes")
     p.add_argument("--duration", type=float, default=None, help="loop length, seconds")
     p.add_argument("--window", type=float, default=None, help="sampling window, seconds")

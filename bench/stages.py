@@ -1,20 +1,20 @@
 """Stage latencies of the main job: the closed loop through the real simulator and service over ZeroMQ.
 
-For each frame size the benchmark runs the main job's own experiment (:func:`edge.experiment.vacancy_line`)
-on the simulated microscope (:class:`bench.simhost.SimHost`, a separate process), one beam target per
+For each frame size the benchmark runs the main job's own experiment (:func:`beamloop.edge.experiments.vacancy_line.vacancy_line`)
+on the simulated microscope (:class:`beamloop.bench.simhost.SimHost`, a separate process), one beam target per
 frame and a short dwell per target, in chunks, until the wanted number of frames has gone through:
 
     acquire_frame -> detector stream (ZeroMQ, native protocol) -> receive -> decode -> preprocess -> find
     -> classify -> policy -> bridge (set_probe, unblank) -> trigger (parked-probe blocks) -> bridge (blank)
 
-Stages are recorded by the service itself (:class:`edge.latency.LatencyRecorder`), exactly as in
+Stages are recorded by the service itself (:class:`beamloop.edge.frame.latency.LatencyRecorder`), exactly as in
 ``beamloop run``: ``receive`` is the frame's ``sent_ns`` to its first byte read, ``decode`` to its last
 blob decoded, ``bridge`` one beam-call round trip (``set_probe``, ``blank``), ``trigger`` one decision
 on a block of parked-probe samples, ``end_to_end`` the frame leaving the detector to the controller
 confirming the probe position. Kernels are compiled and a few frames run before anything is recorded.
 
 Frames are MoS2 at 0.15 Angstrom per pixel and 1e5 e-/A^2 (the main job's defaults). The simulator
-renders 4 distinct frames per size and cycles through them (:class:`bench.simhost.FrameCache`): the
+renders 4 distinct frames per size and cycles through them (:class:`beamloop.bench.simhost.FrameCache`): the
 detector side costs nothing that the edge side sees, so every frame gets the same treatment.
 """
 
@@ -25,7 +25,7 @@ import time
 
 import numpy as np
 
-from bench.stats import stage_summary
+from beamloop.bench.stats import stage_summary
 
 log = logging.getLogger("beamloop.bench")
 
@@ -49,7 +49,7 @@ def measure_size(service, size: int, frames: int, current_pA: float, warmup_fram
 
     Parameters
     ----------
-    service : edge.service.EdgeService
+    service : beamloop.edge.service.EdgeService
         Connected to the simulator's stream and bridge; its pipeline has a :class:`VacancyLinePolicy`.
     size : int
         Frame side, pixels.
@@ -63,7 +63,7 @@ def measure_size(service, size: int, frames: int, current_pA: float, warmup_fram
     Returns
     -------
     summary : dict
-        ``stages`` (:func:`bench.stats.stage_summary`), ``frames``, ``wall_s``, ``frames_per_s``,
+        ``stages`` (:func:`beamloop.bench.stats.stage_summary`), ``frames``, ``wall_s``, ``frames_per_s``,
         ``dwell_reasons`` (count per reason), ``service`` (errors), ``config``.
     samples : dict
         Stage -> ndarray of nanoseconds (int64), for plots.
@@ -73,10 +73,10 @@ def measure_size(service, size: int, frames: int, current_pA: float, warmup_fram
     RuntimeError
         No frame came back from the simulator in a whole chunk.
     """
-    from edge.experiment import ExperimentConfig, vacancy_line
-    from edge.latency import LatencyRecorder
-    from edge.mainjob import warm_up
-    from edge.sim.frames import electrons_per_second
+    from beamloop.edge.experiments.vacancy_line import ExperimentConfig, vacancy_line
+    from beamloop.edge.frame.latency import LatencyRecorder
+    from beamloop.edge.experiments.closed_loop import warm_up
+    from beamloop.edge.sim.frames import electrons_per_second
 
     shape = (size, size)
     dwell_us = DOSE_E_PER_A2 * PIXEL_SIZE_A**2 / electrons_per_second(current_pA) * 1e6
@@ -142,12 +142,12 @@ def run(quick: bool = False, sizes=SIZES, frames: dict | None = None, progress_b
 
     from tqdm import tqdm
 
-    from bench.simhost import SimHost
-    from edge.bridge import BridgeClient, BridgeError
-    from edge.pipeline import FramePipeline
-    from edge.policy import VacancyLinePolicy
-    from edge.service import EdgeService
-    from streams.receiver import FrameReceiver
+    from beamloop.bench.simhost import SimHost
+    from beamloop.edge.control.bridge import BridgeClient, BridgeError
+    from beamloop.edge.path import FramePipeline
+    from beamloop.edge.stages.policy import VacancyLinePolicy
+    from beamloop.edge.service import EdgeService
+    from beamloop.streams.native.receiver import FrameReceiver
 
     counts = dict(FRAMES[bool(quick)])
     counts.update(frames or {})
@@ -182,8 +182,8 @@ def run(quick: bool = False, sizes=SIZES, frames: dict | None = None, progress_b
 
 def stage_table(results: dict, stages=None) -> list[dict]:
     """Flat rows ``{"size", "stage", **figures}`` of :func:`run`'s results, sizes in order, stages in the
-    order of :data:`edge.latency.STAGES` (others after them)."""
-    from edge.latency import STAGES
+    order of :data:`beamloop.edge.frame.latency.STAGES` (others after them)."""
+    from beamloop.edge.frame.latency import STAGES
 
     rows = []
     for size, r in results.get("sizes", {}).items():

@@ -1,4 +1,4 @@
-"""Tail statistics of latency samples, on top of :class:`edge.latency.LatencyRecorder`.
+"""Tail statistics of latency samples, on top of :class:`beamloop.edge.frame.latency.LatencyRecorder`.
 
 The recorder's summary gives, per stage, ``n``, ``p50_us``, ``p99_us``, ``p999_us``, ``max_us``,
 ``mean_us`` and ``jitter_us`` (the standard deviation). :func:`stage_summary` adds the figures a latency
@@ -18,7 +18,7 @@ import math
 
 import numpy as np
 
-from edge.latency import LatencyRecorder
+from beamloop.edge.frame.latency import LatencyRecorder
 
 TAIL_SAMPLES = 1000
 """Samples needed for one to lie beyond the 99.9th percentile."""

@@ -2,13 +2,13 @@
 
 One run on one machine, the same stream for every receiver: LiberTEM's native simulator
 (``libertem_dectris.DectrisSim``, Rust) replays a dump of simulated 4D-STEM diffraction patterns
-(:mod:`edge.sim.fourd`; 256 distinct frames cycled) as fast as the receiver takes them, from its own
+(:mod:`beamloop.edge.sim.fourd`; 256 distinct frames cycled) as fast as the receiver takes them, from its own
 process. Receivers, each in turn (order rotated between trials):
 
 - ``pyzmq_raw``: a plain pyzmq PULL loop that receives every message and does nothing (the ceiling of
   receiving in Python on this machine);
-- ``beamloop``: :class:`streams.detector.DetectorReceiver` (receive, validate, decode into frame stacks);
-- ``beamloop_adf``: the same plus a virtual ADF detector on every frame (:func:`edge.fourd.virtual_stack`);
+- ``beamloop``: :class:`beamloop.streams.dectris.receiver.DetectorReceiver` (receive, validate, decode into frame stacks);
+- ``beamloop_adf``: the same plus a virtual ADF detector on every frame (:func:`beamloop.edge.analysis.live4d.virtual_stack`);
 - ``libertem``: libertem-dectris' ``DectrisConnection`` + ``CamClient.decode_range_into_buffer``.
 
 Frames per second are counted from the first to the last image at the receiver; CPU time per frame is the
@@ -53,8 +53,8 @@ def run_dectrissim(dump: str, q, go) -> None:
 
 def make_patterns(det: int, count: int = 256, seed: int = 0) -> np.ndarray:
     """``count`` simulated MoS2 4D-STEM patterns (det x det, uint16) at random probe positions."""
-    from edge.sim import lattice
-    from edge.sim.fourd import FourDConfig, FourDMicroscope
+    from beamloop.edge.sim import lattice
+    from beamloop.edge.sim.fourd import FourDConfig, FourDMicroscope
 
     rng = np.random.default_rng(seed)
     spec = lattice.mos2((-10, 10, -10, 10))
@@ -82,8 +82,8 @@ def _recv_raw(uri: str, n: int) -> tuple[float, float]:
 
 
 def _recv_beamloop(uri: str, n: int, adf: bool) -> tuple[float, float]:
-    from edge import fourd
-    from streams.detector import DetectorReceiver, FrameStack, SeriesStart
+    from beamloop.edge.analysis import live4d
+    from beamloop.streams.dectris.receiver import DetectorReceiver, FrameStack, SeriesStart
 
     got, t0, masks, total = 0, None, None, 0.0
     with DetectorReceiver(uri, stack_size=64) as rx:
@@ -93,13 +93,13 @@ def _recv_beamloop(uri: str, n: int, adf: bool) -> tuple[float, float]:
                 raise RuntimeError(f"beamloop: timed out after {got} of {n} frames")
             if isinstance(ev, SeriesStart) and adf:
                 det = ev.series.shape
-                masks = fourd.SparseMasks.from_dense({"adf": fourd.annulus_mask(det, det[0] / 5, det[0] / 2)})
-                fourd.virtual_stack(np.zeros((1, *det), ev.series.dtype), masks)  # compile before the clock
+                masks = live4d.SparseMasks.from_dense({"adf": live4d.annulus_mask(det, det[0] / 5, det[0] / 2)})
+                live4d.virtual_stack(np.zeros((1, *det), ev.series.dtype), masks)  # compile before the clock
             elif isinstance(ev, FrameStack):
                 if t0 is None:
                     t0, c0 = time.perf_counter(), time.process_time()
                 if masks is not None:
-                    total += float(fourd.virtual_stack(ev.frames, masks)[:, 0].sum())
+                    total += float(live4d.virtual_stack(ev.frames, masks)[:, 0].sum())
                 got += len(ev)
         return time.perf_counter() - t0, time.process_time() - c0
 
@@ -161,13 +161,13 @@ def _one(receiver: str, dump: str, n: int, det: int, workdir: str) -> dict:
 
 def run(quick: bool = False) -> dict:
     """Run the benchmark; returns (and writes) the results dict. ``quick``: fewer frames, one trial."""
-    from streams.simplon import series_messages, write_dump
+    from beamloop.streams.dectris.simplon import series_messages, write_dump
 
     sizes = {96: 20_000 if quick else 100_000, 256: 4_000 if quick else 20_000}
     trials = 1 if quick else 3
     out = {"name": NAME, "quick": quick, "machine": {"nproc": os.cpu_count(), "load_before": os.getloadavg()},
            "note": "2 cores shared by sender (DectrisSim, own process), receiver and other work; noisy",
-           "stream": "SIMPLON v1, bs16-lz4<, uint16, simulated MoS2 4D-STEM patterns (edge.sim.fourd)",
+           "stream": "SIMPLON v1, bs16-lz4<, uint16, simulated MoS2 4D-STEM patterns (beamloop.edge.sim.fourd)",
            "sizes": {}}
     with tempfile.TemporaryDirectory() as work:
         for det, n in sizes.items():

@@ -14,7 +14,7 @@ peers          other issues' benchmarks: bench/streams_*.py, unet_*.py,         
 =============  ==============================================================  ===========================
 
 ``suite.json`` indexes the run (machine, load, wall time and status per section) and ``summary.md``
-presents it all. Peer modules run one at a time in a child process (``python -m bench.suite peer NAME``)
+presents it all. Peer modules run one at a time in a child process (``python -m beamloop.bench.suite peer NAME``)
 with a time limit, so that one that hangs or crashes loses nothing else; a module may also define
 ``bench_summary_md(result) -> str`` (Markdown) for its part of the summary. The files of its group (names
 starting with the group's prefix) written or rewritten in :data:`RESULTS` during a peer's run are listed in
@@ -60,10 +60,10 @@ PEER_ALWAYS_QUICK = {
                        "2 shared cores; the quick form (20,000 + 4,000 frames, 1 trial) keeps the suite within 20 "
                        "minutes: run `python bench/streams_receive.py` for the full one",
     "soak": "the full soak runs 30 minutes, longer than the whole suite may take; the suite runs its quick "
-            "form (40 s, soak_quick.json): run `python -m bench.soak` for the long one",
+            "form (40 s, soak_quick.json): run `python -m beamloop.bench.soak` for the long one",
     "fpga_ejection": "place and route of the shipped trigger takes 4-15 minutes on 2 cores; the suite runs both "
                      "simulations (quick form, fpga_ejection_quick.json) and keeps the builds made by "
-                     "`python -m bench.fpga_ejection` (fpga_ejection.md)",
+                     "`python -m beamloop.bench.fpga_ejection` (fpga_ejection.md)",
 }
 """Peer modules the suite runs in their quick form even in a full run, and why."""
 PEER_RESULT_CHARS = 100_000
@@ -98,7 +98,7 @@ def call_peer(name: str, quick: bool, timeout_s: float) -> dict:
     "skipped", "wall_s", "result" | "error", "summary_md"}``."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
-        cmd = [sys.executable, "-m", "bench.suite", "peer", name, str(out)] + (["--quick"] if quick else [])
+        cmd = [sys.executable, "-m", "beamloop.bench.suite", "peer", name, str(out)] + (["--quick"] if quick else [])
         t0 = time.perf_counter()
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s,
@@ -124,12 +124,12 @@ def _peer_child(name: str, out: Path, quick: bool) -> int:
     import importlib
 
     try:
-        mod = importlib.import_module(f"bench.{name}")
+        mod = importlib.import_module(f"beamloop.bench.{name}")
     except ImportError as exc:
-        out.write_text(json.dumps({"status": "skipped", "error": f"cannot import bench.{name}: {exc}"}))
+        out.write_text(json.dumps({"status": "skipped", "error": f"cannot import beamloop.bench.{name}: {exc}"}))
         return 0
     if not callable(getattr(mod, "run", None)):
-        out.write_text(json.dumps({"status": "skipped", "error": f"bench.{name} has no run(quick) function"}))
+        out.write_text(json.dumps({"status": "skipped", "error": f"beamloop.bench.{name} has no run(quick) function"}))
         return 0
     try:
         res = mod.run(quick)
@@ -186,14 +186,14 @@ def run_suite(out: Path = RESULTS, quick: bool = False, sections=SECTIONS, real_
         Subset of :data:`SECTIONS`. ``budget`` without ``stages`` reads ``out/stage_latency.json``.
     real_dir : Path, optional
         Folder of real images (default ``../shared/data/real``).
-    scenarios : list of bench.budget.Scenario, optional
-        Budget scenarios (default :data:`bench.budget.DEFAULT_SCENARIOS`).
+    scenarios : list of beamloop.bench.budget.Scenario, optional
+        Budget scenarios (default :data:`beamloop.bench.budget.DEFAULT_SCENARIOS`).
 
     Returns the index written to ``suite.json``.
     """
-    from bench import plots
-    from bench.budget import DEFAULT_SCENARIOS, FRAME_PATH, budgets
-    from edge.latency import STAGES
+    from beamloop.bench import plots
+    from beamloop.bench.budget import DEFAULT_SCENARIOS, FRAME_PATH, budgets
+    from beamloop.edge.frame.latency import STAGES
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -224,7 +224,7 @@ def run_suite(out: Path = RESULTS, quick: bool = False, sections=SECTIONS, real_
             print(f"[bench] {name}: {status['status']} in {status['wall_s']:.0f} s", flush=True)
 
     def do_stages():
-        from bench import stages
+        from beamloop.bench import stages
 
         res, samples = stages.run(quick, progress_bar=progress)
         res["machine"] = machine_info()
@@ -248,7 +248,7 @@ def run_suite(out: Path = RESULTS, quick: bool = False, sections=SECTIONS, real_
                 plots.budget_bars(out / "budget.png", b)]
 
     def do_atoms():
-        from bench import atomfinding
+        from beamloop.bench import atomfinding
 
         res = atomfinding.run(quick, real_dir, plots_dir=out)
         results["atomfinding"] = res
@@ -257,7 +257,7 @@ def run_suite(out: Path = RESULTS, quick: bool = False, sections=SECTIONS, real_
         return files + [r["overlay"] for r in res["real"].get("images", {}).values() if "overlay" in r]
 
     def do_gpu():
-        from bench import gpu
+        from beamloop.bench import gpu
 
         res = gpu.run(quick)
         results["gpu"] = res
@@ -272,7 +272,7 @@ def run_suite(out: Path = RESULTS, quick: bool = False, sections=SECTIONS, real_
                 continue
             for name in names:
                 if progress:
-                    print(f"[bench]   peer bench.{name} ...", flush=True)
+                    print(f"[bench]   peer beamloop.bench.{name} ...", flush=True)
                 peer_quick = bool(quick) or name in PEER_ALWAYS_QUICK
                 before = _mtimes(RESULTS)
                 res[name] = call_peer(name, peer_quick, PEER_TIMEOUT_S[bool(quick)])
@@ -291,7 +291,7 @@ def run_suite(out: Path = RESULTS, quick: bool = False, sections=SECTIONS, real_
     section("peers", do_peers)
     index["machine_end"] = machine_info()
     index["wall_s"] = time.perf_counter() - t_suite
-    from bench.summary import write_summary
+    from beamloop.bench.summary import write_summary
 
     index["files"].append(str(write_summary(out / "summary.md", index, results)))
     write_json(out / "suite.json", index)
@@ -299,13 +299,13 @@ def run_suite(out: Path = RESULTS, quick: bool = False, sections=SECTIONS, real_
 
 
 def _budget_doc() -> str:
-    from bench import budget
+    from beamloop.bench import budget
 
     return budget.__doc__.strip()
 
 
 if __name__ == "__main__":
-    # child process of call_peer: python -m bench.suite peer NAME OUTFILE [--quick]
+    # child process of call_peer: python -m beamloop.bench.suite peer NAME OUTFILE [--quick]
     if len(sys.argv) >= 4 and sys.argv[1] == "peer":
         sys.exit(_peer_child(sys.argv[2], Path(sys.argv[3]), "--quick" in sys.argv[4:]))
     print("usage: beamloop bench [--quick] [--out DIR]  (this module's own entry point runs peer modules)",

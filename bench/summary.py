@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from edge.latency import STAGES
+from beamloop.edge.frame.latency import STAGES
 
 
 def fmt(v, digits: int = 3) -> str:
@@ -213,7 +213,7 @@ def _peers_md(res: dict) -> list[str]:
 
 
 def write_summary(path: Path, index: dict, results: dict) -> Path:
-    """Write ``summary.md`` for a suite run (``index``: :func:`bench.suite.run_suite`'s index; ``results``:
+    """Write ``summary.md`` for a suite run (``index``: :func:`beamloop.bench.suite.run_suite`'s index; ``results``:
     section name -> its results) and return its path."""
     m0, m1 = index["machine_start"], index.get("machine_end", index["machine_start"])
     lines = ["# beamloop benchmark summary", "",

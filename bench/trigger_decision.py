@@ -3,11 +3,11 @@ moving-window trigger, per block of parked-probe samples and per sample.
 
 Each trigger is fed the same Poisson stream at 7.5 counts per sample (an S2 column at 50 pA, 10 us
 samples) in blocks of 1, 100 (what the simulated microscope sends) and 1000 samples, the way
-:meth:`edge.service.EdgeService.dwell` calls ``update``; the time of every ``update`` call is recorded
+:meth:`beamloop.edge.service.EdgeService.dwell` calls ``update``; the time of every ``update`` call is recorded
 with ``time.perf_counter_ns``. No alarm is raised during the measurement (the threshold is set out of
 reach), so every sample is decided. Writes ``bench/results/trigger_decision.json`` and ``.png``.
 
-Run: ``python -m bench.trigger_decision [--quick]``.
+Run: ``python -m beamloop.bench.trigger_decision [--quick]``.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.trigger import CusumTrigger, WindowTrigger
-from edge.trigger_model import ModelTrigger
+from beamloop.edge.trigger.classical import CusumTrigger, WindowTrigger
+from beamloop.edge.trigger.model import ModelTrigger
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -1,15 +1,15 @@
 """Where the U-Net finder's errors come from on held-out simulated MoS2 (diagnosis, not timing).
 
 1. False positives at each dose, with the old fixed extraction (threshold 0.4, 2.5 px) and the shipped
-   frame-adaptive one (:class:`edge.segment.UNetFinder`), sorted by what lies under them: a second peak of a
+   frame-adaptive one (:class:`beamloop.edge.stages.unet.UNetFinder`), sorted by what lies under them: a second peak of a
    column already found ("split", a true column within 0.75 A), a vacancy site, or an empty lattice site
    (MoS2 hexagon centres); and how many lie near the frame edge or near a tile seam (512 x 512 frames).
 2. Position error against its floor: the Cramer-Rao bound of the photon noise
-   (:func:`edge.learn.evaluate.position_error_floor`), an oracle -- both finders on the noise-free rendered frame
+   (:func:`beamloop.edge.learn.evaluate.position_error_floor`), an oracle -- both finders on the noise-free rendered frame
    (same seeds, same scan distortion) -- and the same without scan distortion; the classical finder at
    1e6 / 1e7 e-/A^2; and which part of the scan distortion (line jitter, 50 Hz wobble, drift) makes that floor.
 
-Writes ``bench/results/unet_diagnose.json``. Run: ``python -m bench.unet_diagnose [--frames N]``; about a
+Writes ``bench/results/unet_diagnose.json``. Run: ``python -m beamloop.bench.unet_diagnose [--frames N]``; about a
 minute on 2 idle cores.
 """
 from __future__ import annotations
@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 from scipy.spatial import cKDTree
 
-from edge.scoring import combine, match, score_frame
-from edge.sim import frames as simframes
-from edge.sim.frames import mos2_frame
+from beamloop.edge.analysis.scoring import combine, match, score_frame
+from beamloop.edge.sim import frames as simframes
+from beamloop.edge.sim.frames import mos2_frame
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SEED = 200_000
@@ -49,14 +49,14 @@ def noise_free():
 
 
 def _frame_with(seed: int, dose: float, **override):
-    """:func:`edge.sim.frames.mos2_frame` (256 x 256, 0.15 A/px) with parts of its scan distortion switched off
-    (``override`` replaces fields of the typical :class:`edge.sim.distortion.ScanDistortion`)."""
+    """:func:`beamloop.edge.sim.frames.mos2_frame` (256 x 256, 0.15 A/px) with parts of its scan distortion switched off
+    (``override`` replaces fields of the typical :class:`beamloop.edge.sim.distortion.ScanDistortion`)."""
     import dataclasses
 
-    from edge.scanframe import ScanFrame
-    from edge.sim import distortion as dist
-    from edge.sim import lattice
-    from edge.sim.frames import FrameSimulator
+    from beamloop.edge.frame.scanframe import ScanFrame
+    from beamloop.edge.sim import distortion as dist
+    from beamloop.edge.sim import lattice
+    from beamloop.edge.sim.frames import FrameSimulator
 
     rng = np.random.default_rng(seed)
     n, px, margin = 256, 0.15, 8.0
@@ -113,9 +113,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--frames", type=int, default=4)
     args = ap.parse_args(argv)
-    from edge.find import ColumnFinder, FinderConfig
-    from edge.learn.evaluate import position_error_floor
-    from edge.segment import UNetFinder, _core, tile_origins
+    from beamloop.edge.stages.find import ColumnFinder, FinderConfig
+    from beamloop.edge.learn.evaluate import position_error_floor
+    from beamloop.edge.stages.unet import UNetFinder, _core, tile_origins
 
     shipped = UNetFinder(precision="fp32", device="cpu")
     fixed = UNetFinder(precision="fp32", device="cpu", relative_threshold=0.0, spacing_fraction=0.0)

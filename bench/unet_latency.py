@@ -8,7 +8,7 @@ column table (U-Net: normalise + network + extraction; classical: preprocess + f
 smoothing + peaks + centre of mass); median and 99th percentile over repeats after a warm-up.
 
 Writes ``bench/results/unet_latency.json`` and ``bench/results/unet_latency.png``.
-Run: ``python -m bench.unet_latency [--quick]``.
+Run: ``python -m beamloop.bench.unet_latency [--quick]``.
 """
 
 from __future__ import annotations
@@ -64,11 +64,11 @@ def run(quick: bool = False) -> dict:
     """Run the benchmark; returns (and writes) the results dict."""
     import onnxruntime as ort
 
-    from edge.find import ColumnFinder, FinderConfig
-    from edge.pipeline import MOS2_SPACING_A
-    from edge.scoring import combine, score_frame
-    from edge.segment import PRECISIONS, UNetFinder, load_manifest
-    from edge.sim.frames import mos2_frame
+    from beamloop.edge.stages.find import ColumnFinder, FinderConfig
+    from beamloop.edge.path import MOS2_SPACING_A
+    from beamloop.edge.analysis.scoring import combine, score_frame
+    from beamloop.edge.stages.unet import PRECISIONS, UNetFinder, load_manifest
+    from beamloop.edge.sim.frames import mos2_frame
 
     px = 0.15
     reps = {256: 5 if quick else 30, 1024: 2 if quick else 6}

@@ -1,6 +1,6 @@
 """Benchmark: accuracy of the shipped U-Net ensemble, its uncertainty, and its behaviour on real images.
 
-1. Held-out simulated frames (:mod:`edge.learn.evaluate`): recall / precision / RMS of each precision and of the
+1. Held-out simulated frames (:mod:`beamloop.edge.learn.evaluate`): recall / precision / RMS of each precision and of the
    classical finder, per set (MoS2 at 1e3-1e6 e-/A^2; other structures, two never trained on).
 2. Uncertainty against error: on held-out MoS2 frames at low dose (1e3, 3e3, 1e4 e-/A^2), each found column is
    "right" (matched to a true column within 0.5 A, with the right class) or "wrong" (no true column, or the
@@ -11,7 +11,7 @@
    into the product), and its numbers to the JSON.
 
 Writes ``bench/results/unet_quality.json``, ``unet_uncertainty.png``, ``unet_real_<name>.png``.
-Run: ``python -m bench.unet_quality [--quick]``.
+Run: ``python -m beamloop.bench.unet_quality [--quick]``.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ PRIVATE = Path(__file__).resolve().parents[1] / "out" / "unet_real"
 
 def uncertainty_vs_error(finder, doses=(1e3, 3e3, 1e4), n: int = 4) -> dict:
     """Per-column uncertainty of right and wrong columns on held-out MoS2 frames (see the module docstring)."""
-    from edge.scoring import match
-    from edge.sim.frames import mos2_frame
+    from beamloop.edge.analysis.scoring import match
+    from beamloop.edge.sim.frames import mos2_frame
 
     right, wrong = [], []
     for dose in doses:
@@ -89,8 +89,8 @@ def real_images(finder, out_public: Path, out_private: Path) -> dict:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from edge.findfiles import find_in_image
-    from edge.imageio import read_image
+    from beamloop.edge.batch_find import find_in_image
+    from beamloop.edge.io.imageio import read_image
 
     out = {}
     for path in sorted(REAL.glob("*")):
@@ -112,7 +112,7 @@ def real_images(finder, out_public: Path, out_private: Path) -> dict:
         if ccols is not None and len(ccols) and len(res.columns):
             # no ground truth on real images: U-Net columns that the classical finder also has (within 4 px)
             # against the extra ones, and how uncertain each group is
-            from edge.scoring import match
+            from beamloop.edge.analysis.scoring import match
 
             fi, _, _ = match(res.columns.xy, ccols.xy, 4.0)
             both = np.zeros(len(res.columns), bool)
@@ -150,8 +150,8 @@ def real_images(finder, out_public: Path, out_private: Path) -> dict:
 
 def run(quick: bool = False) -> dict:
     """Run all three parts; returns (and writes) the results dict."""
-    from edge.learn import evaluate
-    from edge.segment import PRECISIONS, UNetFinder
+    from beamloop.edge.learn import evaluate
+    from beamloop.edge.stages.unet import PRECISIONS, UNetFinder
 
     finders = {p: UNetFinder(precision=p, device="cpu") for p in PRECISIONS}
     sets = evaluate.held_out_sets(quick)

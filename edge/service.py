@@ -1,11 +1,11 @@
 """The edge service: frames in from the detector stream, beam positions out through the control bridge.
 
-:class:`EdgeService` owns the receiver, the frame pipeline (:mod:`edge.pipeline`), the bridge client and
+:class:`EdgeService` owns the receiver, the frame pipeline (:mod:`beamloop.edge.path`), the bridge client and
 the trigger. :meth:`EdgeService.next_frame` is receive -> decode -> pipeline; :meth:`EdgeService.dwell`
-is bridge -> trigger for one target. Experiments (:mod:`edge.experiment`) combine the two.
+is bridge -> trigger for one target. Experiments (:mod:`beamloop.edge.experiments.vacancy_line`) combine the two.
 
 While it waits for messages the service sends the scan controller a ``heartbeat`` whenever the bridge
-has been silent for ``heartbeat_s``, so that the controller's watchdog (:mod:`edge.safety`) blanks the
+has been silent for ``heartbeat_s``, so that the controller's watchdog (:mod:`beamloop.edge.control.safety`) blanks the
 beam only when the service has really stopped.
 """
 
@@ -18,15 +18,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from edge.bridge import BridgeClient, BridgeError
-from edge.latency import LatencyRecorder
-from edge.pipeline import FramePipeline, FrameResult
-from edge.policy import Target
-from edge.preprocess import FrameError
-from edge.scanframe import BeamPositionError, ScanFrame
-from edge.trigger import make_trigger
-from streams.errors import ProtocolError
-from streams.receiver import Frame, FrameReceiver, StreamEnd, StreamStart
+from beamloop.edge.control.bridge import BridgeClient, BridgeError
+from beamloop.edge.frame.latency import LatencyRecorder
+from beamloop.edge.path import FramePipeline, FrameResult
+from beamloop.edge.stages.policy import Target
+from beamloop.edge.stages.preprocess import FrameError
+from beamloop.edge.frame.scanframe import BeamPositionError, ScanFrame
+from beamloop.edge.trigger.classical import make_trigger
+from beamloop.streams.errors import ProtocolError
+from beamloop.streams.native.receiver import Frame, FrameReceiver, StreamEnd, StreamStart
 
 log = logging.getLogger("beamloop.service")
 
@@ -95,7 +95,7 @@ class EdgeService:
     bridge : BridgeClient, optional
         Connected to the scan controller; without it the service only processes frames.
     trigger : str
-        Trigger kind for dwells (:func:`edge.trigger.make_trigger`): ``"model"`` (the shipped quantized
+        Trigger kind for dwells (:func:`beamloop.edge.trigger.classical.make_trigger`): ``"model"`` (the shipped quantized
         ejection model, default), ``"cusum"`` or ``"window"``.
     trigger_options : dict, optional
     latency : LatencyRecorder, optional
@@ -176,7 +176,7 @@ class EdgeService:
 
         Parked-probe samples and bad messages met on the way are skipped (counted). Returns
         ``(frame, result, scan)`` or None when nothing arrived within ``timeout_ms`` (per message).
-        A frame the pipeline rejects (:class:`~edge.preprocess.FrameError`) is counted and skipped.
+        A frame the pipeline rejects (:class:`~beamloop.edge.stages.preprocess.FrameError`) is counted and skipped.
         """
         deadline = time.monotonic() + timeout_ms / 1000
         while time.monotonic() < deadline:

@@ -1,9 +1,9 @@
 """Trigger models compiled to FPGA logic (issue 6).
 
-QONNX -> :mod:`fpga.qonnx_trace` (da4ml) -> :mod:`fpga.rtl` (pipelined Verilog in our trigger wrapper) ->
-:mod:`fpga.sim` (cocotb + Icarus, bit-exact against qonnx) -> :mod:`fpga.synth` (yosys, nextpnr-ecp5,
-ecppack); in parallel :mod:`fpga.hls` (hls4ml C simulation; HLS synthesis where Vitis exists).
-:mod:`fpga.flow` runs them, :mod:`fpga.report` writes the report, :mod:`fpga.cli` is ``beamloop fpga``.
+QONNX -> :mod:`beamloop.fpga.qonnx_trace` (da4ml) -> :mod:`beamloop.fpga.rtl` (pipelined Verilog in our trigger wrapper) ->
+:mod:`beamloop.fpga.sim` (cocotb + Icarus, bit-exact against qonnx) -> :mod:`beamloop.fpga.synth` (yosys, nextpnr-ecp5,
+ecppack); in parallel :mod:`beamloop.fpga.hls` (hls4ml C simulation; HLS synthesis where Vitis exists).
+:mod:`beamloop.fpga.flow` runs them, :mod:`beamloop.fpga.report` writes the report, :mod:`beamloop.fpga.cli` is ``beamloop beamloop.fpga``.
 Heavy packages (hls4ml, da4ml, cocotb, qonnx) are imported inside functions only.
 """
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fpga import DEFAULT_LATENCY_CUTOFF
+from beamloop.fpga import DEFAULT_LATENCY_CUTOFF
 
 
 def _progress(line: str) -> None:
@@ -39,7 +39,7 @@ def _check(a: argparse.Namespace) -> None:
 
 
 def _cmd_build(a: argparse.Namespace) -> int:
-    from fpga.flow import build
+    from beamloop.fpga.flow import build
 
     _check(a)
     rep = build(a.model, a.target, a.out, samples=a.samples, latency_cutoff=a.latency_cutoff, freq_mhz=a.freq,
@@ -48,7 +48,7 @@ def _cmd_build(a: argparse.Namespace) -> int:
 
 
 def _cmd_sim(a: argparse.Namespace) -> int:
-    from fpga.flow import sim
+    from beamloop.fpga.flow import sim
 
     _check(a)
     return _summary(sim(a.model, a.out, samples=a.samples, latency_cutoff=a.latency_cutoff, seed=a.seed,
@@ -57,7 +57,7 @@ def _cmd_sim(a: argparse.Namespace) -> int:
 
 def _summary(rep: dict) -> int:
     """Print the report's Markdown; exit status 1 when a bit-exactness check failed."""
-    from fpga.report import markdown
+    from beamloop.fpga.report import markdown
 
     print(markdown(rep))
     fracs = [(rep.get(k) or {}).get("bit_exact_fraction") for k in ("sim", "hls")]

@@ -1,6 +1,6 @@
-"""The cocotb test bench that :func:`fpga.sim.simulate` runs inside Icarus Verilog (not a pytest module).
+"""The cocotb test bench that :func:`beamloop.fpga.sim.simulate` runs inside Icarus Verilog (not a pytest module).
 
-It drives the trigger wrapper (:mod:`fpga.rtl`) cycle by cycle: inputs change on the falling clock edge,
+It drives the trigger wrapper (:mod:`beamloop.fpga.rtl`) cycle by cycle: inputs change on the falling clock beamloop.edge,
 outputs are read in the read-only phase after each rising edge. First ``spaced`` samples are presented
 one at a time (the pipeline empty) to measure the latency in cycles, counted from the cycle in which
 ``in_valid`` is high to the cycle in which ``out_valid`` is high, both by the test bench and by the
@@ -24,7 +24,7 @@ async def _run(dut):
     from cocotb.clock import Clock
     from cocotb.triggers import FallingEdge, ReadOnly, RisingEdge
 
-    from fpga.rtl import pack_inputs
+    from beamloop.fpga.rtl import pack_inputs
 
     data = np.load(os.environ["BEAMLOOP_SIM_IN"])
     x = data["x"]

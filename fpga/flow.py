@@ -14,8 +14,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from fpga import DEFAULT_LATENCY_CUTOFF
-from fpga.report import latency_ns, write_report
+from beamloop.fpga import DEFAULT_LATENCY_CUTOFF
+from beamloop.fpga.report import latency_ns, write_report
 
 
 @dataclass
@@ -49,7 +49,7 @@ def resolve_model(model: str) -> ModelRef:
     FileNotFoundError
         Neither an existing file nor a model in the manifest.
     """
-    from edge.trigger_model import MODEL_DIR
+    from beamloop.edge.trigger.model import MODEL_DIR
 
     p = Path(model)
     manifest_path = (p.parent if p.suffix == ".onnx" else MODEL_DIR) / "manifest.json"
@@ -82,9 +82,9 @@ def prepare(model: str, out: Path, latency_cutoff: float, samples: int, seed: in
 
     Returns (ModelRef, TracedModel, RTLDesign, inputs (n, n_inputs) int64, reference (n,) float64).
     """
-    from fpga.qonnx_trace import qonnx_reference, trace_qonnx
-    from fpga.rtl import board_verilog, write_rtl
-    from fpga.sim import sample_inputs
+    from beamloop.fpga.qonnx_trace import qonnx_reference, trace_qonnx
+    from beamloop.fpga.rtl import board_verilog, write_rtl
+    from beamloop.fpga.sim import sample_inputs
 
     ref = resolve_model(model)
     progress(f"trace: {ref.qonnx} -> da4ml")
@@ -104,7 +104,7 @@ def prepare(model: str, out: Path, latency_cutoff: float, samples: int, seed: in
 
 
 def _base_report(ref: ModelRef, traced, design, target: str) -> dict:
-    from fpga.qonnx_trace import model_summary
+    from beamloop.fpga.qonnx_trace import model_summary
 
     return {"target": target, "model": {"name": ref.name, "source": str(ref.qonnx), "accuracy": ref.accuracy,
                                          "auc": ref.auc, "threshold_logit": ref.threshold_logit,
@@ -119,10 +119,10 @@ def sim(model: str, out: str | Path, samples: int = 10_000, latency_cutoff: floa
         progress=print) -> dict:
     """Trace, write RTL and simulate it with cocotb/Icarus against QONNX; writes ``report.json``/``.md``.
 
-    Returns the report dict. Raises what :func:`resolve_model`, :func:`fpga.qonnx_trace.trace_qonnx` and
-    :func:`fpga.sim.simulate` raise.
+    Returns the report dict. Raises what :func:`resolve_model`, :func:`beamloop.fpga.qonnx_trace.trace_qonnx` and
+    :func:`beamloop.fpga.sim.simulate` raise.
     """
-    from fpga.sim import simulate
+    from beamloop.fpga.sim import simulate
 
     out = Path(out)
     ref, traced, design, x, y = prepare(model, out, latency_cutoff, samples, seed, progress)
@@ -142,7 +142,7 @@ def build(model: str, target: str, out: str | Path, samples: int = 10_000,
     model : str
         QONNX path or shipped model name.
     target : str
-        ``ecp5-85k`` (or another key of :data:`fpga.synth.ECP5_DEVICES`): open flow to a ``.bit``; otherwise a
+        ``ecp5-85k`` (or another key of :data:`beamloop.fpga.synth.ECP5_DEVICES`): open flow to a ``.bit``; otherwise a
         Xilinx part number for the hls4ml project (its ``build()`` and any Vivado run need vendor tools).
     out : str or Path
     samples : int
@@ -161,18 +161,18 @@ def build(model: str, target: str, out: str | Path, samples: int = 10_000,
     dict
         The report (also written to ``out/report.json`` and ``out/report.md``).
     """
-    from fpga.synth import ECP5_DEVICES, synth_ecp5
+    from beamloop.fpga.synth import ECP5_DEVICES, synth_ecp5
 
     out = Path(out)
     xilinx = None if target in ECP5_DEVICES else target
     ref, traced, design, x, y = prepare(model, out, latency_cutoff, samples, seed, progress, part_name=xilinx)
     rep = _base_report(ref, traced, design, target)
     if run_sim:
-        from fpga.sim import simulate
+        from beamloop.fpga.sim import simulate
 
         rep["sim"] = simulate(design, x, y, out / "sim", progress=progress).as_dict()
     if run_hls:
-        from fpga.hls import hls_check
+        from beamloop.fpga.hls import hls_check
 
         part = target if target not in ECP5_DEVICES else "xcu250-figd2104-2L-e"
         rep["hls"] = hls_check(ref.qonnx, x, y, out / "hls", part=part, progress=progress).as_dict()

@@ -4,7 +4,7 @@ da4ml 0.6 has no ONNX frontend (../shared/notes/fpga-toolflow.md). This module w
 topological order and evaluates every node either on numpy constants (weights, biases, their ``Quant``
 nodes; qonnx's own ``quant`` function) or on da4ml's traceable fixed-point arrays
 (:class:`da4ml.trace.FixedVariableArray`), so the result is a da4ml ``CombLogic`` (adder graph, the
-distributed-arithmetic form of every constant matrix-vector product) that :mod:`fpga.rtl` turns into
+distributed-arithmetic form of every constant matrix-vector product) that :mod:`beamloop.fpga.rtl` turns into
 Verilog.
 
 Supported operators: ``Quant`` (power-of-two scales, zero point 0), ``MatMul``, ``Gemm`` (no transposed
@@ -120,7 +120,7 @@ def trace_qonnx(path: str | Path):
     Parameters
     ----------
     path : str or Path
-        QONNX model (batch size 1, one input, one output), as written by :func:`quantize.export.export_qonnx`.
+        QONNX model (batch size 1, one input, one output), as written by :func:`beamloop.quantize.export.export_qonnx`.
 
     Returns
     -------

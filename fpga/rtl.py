@@ -32,8 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fpga import DEFAULT_LATENCY_CUTOFF
-from fpga.qonnx_trace import TracedModel
+from beamloop.fpga import DEFAULT_LATENCY_CUTOFF
+from beamloop.fpga.qonnx_trace import TracedModel
 
 
 @dataclass
@@ -208,7 +208,7 @@ def write_rtl(traced: TracedModel, out_dir: str | Path, name: str = "trigger_mod
     Parameters
     ----------
     traced : TracedModel
-        From :func:`fpga.qonnx_trace.trace_qonnx`; must have one output (the score).
+        From :func:`beamloop.fpga.qonnx_trace.trace_qonnx`; must have one output (the score).
     out_dir : str or Path
         Project folder (da4ml's layout: ``src/``, ``src/static/``, ``model/``, ``metadata.json``) plus
         ``src/<name>_trigger.v`` and ``design.json``.

@@ -1,8 +1,8 @@
 """Cycle-accurate simulation of the trigger RTL with cocotb and Icarus Verilog, checked against QONNX.
 
 :func:`simulate` compiles the wrapper and da4ml's Verilog with Icarus (``iverilog``, Debian package
-``iverilog``), runs the cocotb bench :mod:`fpga.cocotb_trigger` and compares every score word with the
-QONNX graph executed by qonnx (:func:`fpga.qonnx_trace.qonnx_reference`): bit-exact means
+``iverilog``), runs the cocotb beamloop.bench :mod:`beamloop.fpga.cocotb_trigger` and compares every score word with the
+QONNX graph executed by qonnx (:func:`beamloop.fpga.qonnx_trace.qonnx_reference`): bit-exact means
 ``score_word * output_step == qonnx_output`` exactly. It also checks the wrapper's decisions
 (``trigger == score >= threshold``, ``blank`` set by the first trigger and held) and reads the latency
 in clock cycles, measured by the bench and by the wrapper's own counter.
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fpga.rtl import RTLDesign
+from beamloop.fpga.rtl import RTLDesign
 
 
 class SimError(RuntimeError):
@@ -92,7 +92,7 @@ def simulate(design: RTLDesign, x_int: np.ndarray, reference: np.ndarray, out_di
     Parameters
     ----------
     design : RTLDesign
-        From :func:`fpga.rtl.write_rtl`.
+        From :func:`beamloop.fpga.rtl.write_rtl`.
     x_int : ndarray, shape (n, n_inputs), integer
         Input words.
     reference : ndarray, shape (n,) or (n, 1), float
@@ -135,7 +135,7 @@ def simulate(design: RTLDesign, x_int: np.ndarray, reference: np.ndarray, out_di
     progress(f"cocotb: {spaced} spaced + {len(x)} streamed samples")
     env = {"BEAMLOOP_SIM_IN": str(sim_in), "BEAMLOOP_SIM_OUT": str(sim_out),
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
-    runner.test(test_module="fpga.cocotb_trigger", hdl_toplevel=design.top, build_dir=out / "sim_build",
+    runner.test(test_module="beamloop.fpga.cocotb_trigger", hdl_toplevel=design.top, build_dir=out / "sim_build",
                 test_dir=out, extra_env=env, log_file=out / "sim.log", results_xml=str(out / "results.xml"))
     if not sim_out.is_file():
         raise SimError(f"the cocotb bench wrote no results (log {out / 'sim.log'})")

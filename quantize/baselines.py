@@ -1,6 +1,6 @@
 """Per-sample decision statistics of the classical triggers, for threshold sweeps on whole streams.
 
-:class:`edge.trigger.CusumTrigger` and :class:`edge.trigger.WindowTrigger` return only the first alarm for
+:class:`beamloop.edge.trigger.classical.CusumTrigger` and :class:`beamloop.edge.trigger.classical.WindowTrigger` return only the first alarm for
 one threshold. To draw ROC and delay-versus-false-alarm curves the statistic at every sample is needed;
 these kernels compute exactly the quantity each trigger compares with its threshold (same baseline from
 the first ``baseline_samples`` samples, same recurrences), so that the first sample whose statistic
@@ -54,7 +54,7 @@ def _baseline(x: np.ndarray, n: int) -> float:
 
 
 def cusum_statistic(counts: np.ndarray, drop_ratio: float = 0.5, baseline_samples: int = 128) -> np.ndarray:
-    """Page's CUSUM for a Poisson rate drop (as :class:`edge.trigger.CusumTrigger`) at every sample.
+    """Page's CUSUM for a Poisson rate drop (as :class:`beamloop.edge.trigger.classical.CusumTrigger`) at every sample.
 
     Parameters
     ----------
@@ -82,7 +82,7 @@ def cusum_statistic(counts: np.ndarray, drop_ratio: float = 0.5, baseline_sample
 
 
 def window_statistic(counts: np.ndarray, window: int = 16, baseline_samples: int = 128) -> np.ndarray:
-    """``1 - (sum of the last window samples) / (window * lam0)`` (as :class:`edge.trigger.WindowTrigger`,
+    """``1 - (sum of the last window samples) / (window * lam0)`` (as :class:`beamloop.edge.trigger.classical.WindowTrigger`,
     whose window fills after the baseline); the trigger with ``fraction`` fires at the first sample whose
     statistic is ``> 1 - fraction``.
 

@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 
 DEFAULT_MODEL_DIR = str(Path(__file__).resolve().parents[1] / "edge" / "models" / "trigger")
-"""The shipped models' folder (:data:`edge.trigger_model.MODEL_DIR`)."""
+"""The shipped models' folder (:data:`beamloop.edge.trigger.model.MODEL_DIR`)."""
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -44,8 +44,8 @@ def _need_quant_extra() -> None:
 
 
 def _config(a: argparse.Namespace):
-    from edge.trigger_model import FeatureSpec
-    from quantize.train import TrainConfig
+    from beamloop.edge.trigger.model import FeatureSpec
+    from beamloop.quantize.train import TrainConfig
 
     spec = FeatureSpec(window=a.window, blocks=a.blocks, block=a.block, shift=a.shift, input_bits=a.input_bits)
     cfg = TrainConfig(spec=spec, hidden=a.hidden, weight_bits=a.weight_bits, act_bits=a.act_bits,
@@ -67,7 +67,7 @@ def _save_checkpoint(path: Path, result: dict, cfg) -> None:
 
 def cmd_train_fourd(a: argparse.Namespace) -> int:
     """``beamloop quantize train --task fourd``: train, export and calibrate the 4D-STEM trigger; exit status."""
-    from quantize.fourd import FourDTrainConfig, export_fourd, train_fourd
+    from beamloop.quantize.fourd import FourDTrainConfig, export_fourd, train_fourd
 
     cfg = FourDTrainConfig(seed=a.seed)
     if a.quick:
@@ -83,8 +83,8 @@ def cmd_train_fourd(a: argparse.Namespace) -> int:
 
 def cmd_train(a: argparse.Namespace) -> int:
     """``beamloop quantize train``: train, export and calibrate a trigger model; exit status."""
-    from quantize.ship import export_model
-    from quantize.train import train
+    from beamloop.quantize.ship import export_model
+    from beamloop.quantize.train import train
 
     _need_quant_extra()
     if a.task == "fourd":
@@ -108,11 +108,11 @@ def cmd_export(a: argparse.Namespace) -> int:
     _need_quant_extra()
     import torch
 
-    from edge.trigger_model import FeatureSpec
-    from quantize.model import Bits, float_mlp, quant_mlp
-    from quantize.ship import export_model
-    from quantize.streams import StreamConditions
-    from quantize.train import TrainConfig, dataset
+    from beamloop.edge.trigger.model import FeatureSpec
+    from beamloop.quantize.model import Bits, float_mlp, quant_mlp
+    from beamloop.quantize.ship import export_model
+    from beamloop.quantize.data import StreamConditions
+    from beamloop.quantize.train import TrainConfig, dataset
 
     ck = torch.load(a.checkpoint, weights_only=False)
     c = ck["config"]
@@ -136,8 +136,8 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 def _export_fourd(ck: dict, a: argparse.Namespace) -> int:
     """``export`` for a 4D-STEM trigger checkpoint (its config has no sample-stream features)."""
-    from quantize.fourd import FourDTrainConfig, export_fourd, patterns
-    from quantize.model import Bits, float_mlp, quant_mlp
+    from beamloop.quantize.fourd import FourDTrainConfig, export_fourd, patterns
+    from beamloop.quantize.model import Bits, float_mlp, quant_mlp
 
     cfg = FourDTrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in ck["config"].items()})
     n_in = cfg.detector_px ** 2
@@ -155,9 +155,9 @@ def _export_fourd(ck: dict, a: argparse.Namespace) -> int:
 
 def cmd_eval(a: argparse.Namespace) -> int:
     """``beamloop quantize eval``: ROC, false-trigger rate and delay of the model against its baselines; exit status."""
-    from edge.trigger_model import load_manifest
-    from quantize.evaluate import evaluate
-    from quantize.fourd import evaluate_fourd
+    from beamloop.edge.trigger.model import load_manifest
+    from beamloop.quantize.evaluate import evaluate
+    from beamloop.quantize.fourd import evaluate_fourd
 
     models = load_manifest(Path(a.model_dir))["models"]
     if a.task in ("ejection", "all"):

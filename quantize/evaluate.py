@@ -8,7 +8,7 @@ dwells with known event samples this gives, for any threshold:
 - **false-trigger rate per second of dwell**: alarms before the event divided by the time the beam
   spent on intact columns (each dwell counts until its alarm or its event);
 - **detection delay**: lowered-rate samples seen up to and including the alarm sample (as
-  :func:`edge.mainjob.dwell_summary` counts it: alarm sample minus the microscope's ejection sample);
+  :func:`beamloop.edge.experiments.closed_loop.dwell_summary` counts it: alarm sample minus the microscope's ejection sample);
 - **missed**: no alarm within the dwell's tail after the event.
 
 Thresholds are calibrated on one set of dwells for a target false-trigger rate (the smallest threshold
@@ -27,9 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.trigger_model import MODEL_DIR, ModelTrigger, load_manifest, window_features
-from quantize.baselines import cusum_statistic, window_statistic
-from quantize.streams import NO_EVENT, StreamConditions, Streams, dwell_streams
+from beamloop.edge.trigger.model import MODEL_DIR, ModelTrigger, load_manifest, window_features
+from beamloop.quantize.baselines import cusum_statistic, window_statistic
+from beamloop.quantize.data import NO_EVENT, StreamConditions, Streams, dwell_streams
 
 METHODS = ("model", "float", "cusum", "window")
 """Methods compared: quantized model (integer runtime), float model, CUSUM, moving-window threshold."""
@@ -272,9 +272,9 @@ def service_thresholds(trig: ModelTrigger) -> dict:
     """Each method's default threshold in the service, on the scale of :func:`method_scores`.
 
     The model: the manifest's integer score threshold (``score >= threshold`` fires). CUSUM and the moving
-    window fire when their statistic is strictly above ``h`` / ``1 - fraction`` (:mod:`edge.trigger`
+    window fire when their statistic is strictly above ``h`` / ``1 - fraction`` (:mod:`beamloop.edge.trigger.classical`
     defaults), hence the next float up. The float twin has no service threshold."""
-    from edge.trigger import CusumTrigger, WindowTrigger
+    from beamloop.edge.trigger.classical import CusumTrigger, WindowTrigger
 
     c, w = CusumTrigger(), WindowTrigger()
     return {"model": float(trig.threshold), "cusum": float(np.nextafter(c.h, np.inf)),

@@ -1,5 +1,5 @@
 """Export of the quantized trigger: QONNX (for hls4ml / da4ml), plain ONNX (for onnxruntime), integers (for
-the service's numba runtime, :mod:`edge.trigger_model`).
+the service's numba runtime, :mod:`beamloop.edge.trigger.model`).
 
 QONNX: ``brevitas.export.export_qonnx`` then qonnx's ``cleanup_model`` and ``GemmToMatMul``, so the graph
 holds only ``Quant``, ``MatMul``, ``Add`` and ``Relu`` with batch size 1; rounding-mode attributes are
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.trigger_model import IntegerMLP
+from beamloop.edge.trigger.model import IntegerMLP
 
 ALLOWED_OPS = {"Quant", "MatMul", "Add", "Relu", "Reshape"}
 """Operators the FPGA flow (issue 6) accepts in the exported QONNX graph."""

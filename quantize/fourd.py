@@ -1,14 +1,14 @@
 """The second trigger: a binned 4D-STEM diffraction pattern in, "the probe is over an atomic column" out.
 
-Data come from the 4D-STEM mode of the simulated microscope (:func:`edge.sim.fourd.training_patterns`:
+Data come from the 4D-STEM mode of the simulated microscope (:func:`beamloop.edge.sim.fourd.training_patterns`:
 MoS2 with point defects, 96x96 detector sum-binned to 16x16, Poisson counts; ``over_column`` is true
 when an occupied column lies within 0.5 Angstrom of the probe). The network is the same Brevitas MLP
-as the ejection trigger (:func:`quantize.model.quant_mlp`) on the 256 binned counts, which are integers
-on the input quantiser's grid; export and bit-exact checks are shared (:mod:`quantize.export`).
+as the ejection trigger (:func:`beamloop.quantize.model.quant_mlp`) on the 256 binned counts, which are integers
+on the input quantiser's grid; export and bit-exact checks are shared (:mod:`beamloop.quantize.export`).
 
 Classical baseline: a virtual annular dark-field detector, the counts outside the bright-field disk
 (``r > disk_radius``) over the total, thresholded; over a column more electrons are scattered out of the
-disk (:mod:`edge.sim.fourd`).
+disk (:mod:`beamloop.edge.sim.fourd`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.trigger_model import IntegerMLP
+from beamloop.edge.trigger.model import IntegerMLP
 
 TASK = "over_column: an occupied atomic column lies within 0.5 A of the probe (4D-STEM pattern, 16x16 binned)"
 
@@ -78,7 +78,7 @@ def patterns(n: int, cfg: FourDTrainConfig, seed: int, electrons: tuple | None =
     y : ndarray (n,), float32: 1 over a column
     info : dict of (n,) arrays: ``electrons``, ``column_class``, ``distance_A``
     """
-    from edge.sim.fourd import training_patterns
+    from beamloop.edge.sim.fourd import training_patterns
 
     electrons = tuple(electrons or cfg.electrons)
     xs, ys, el, cls, dist = [], [], [], [], []
@@ -104,7 +104,7 @@ def exactness_inputs(detector_px: int, input_bits: int, seed: int, n_random: int
     -------
     ndarray (n_random + 1000 + n_simulated, detector_px**2), int64
     """
-    from edge.sim.fourd import training_patterns
+    from beamloop.edge.sim.fourd import training_patterns
 
     n_in = detector_px * detector_px
     rng = np.random.default_rng(seed)
@@ -119,9 +119,9 @@ def exactness_inputs(detector_px: int, input_bits: int, seed: int, n_random: int
 def adf_fraction(x: np.ndarray, detector_px: int, disk_radius_px: float | None = None) -> np.ndarray:
     """Virtual ADF detector on binned patterns: counts outside the BF disk over all counts, (n,) float64.
 
-    The disk radius defaults to :class:`edge.sim.fourd.FourDConfig`'s, scaled to the binned detector.
+    The disk radius defaults to :class:`beamloop.edge.sim.fourd.FourDConfig`'s, scaled to the binned detector.
     """
-    from edge.sim.fourd import FourDConfig
+    from beamloop.edge.sim.fourd import FourDConfig
 
     c = FourDConfig()
     scale = detector_px / c.detector_shape[0]
@@ -137,8 +137,8 @@ def train_fourd(cfg: FourDTrainConfig, progress=print) -> dict:
     """Simulate patterns, train the float MLP and the Brevitas QAT twin (from the float weights)."""
     import torch
 
-    from quantize.model import Bits, copy_float_weights, float_mlp, quant_mlp
-    from quantize.train import _fit
+    from beamloop.quantize.model import Bits, copy_float_weights, float_mlp, quant_mlp
+    from beamloop.quantize.train import _fit
 
     torch.set_num_threads(2)
     t0 = time.perf_counter()
@@ -159,17 +159,17 @@ def train_fourd(cfg: FourDTrainConfig, progress=print) -> dict:
 
 def export_fourd(result: dict, cfg: FourDTrainConfig, model_dir: Path, name: str = "fourd_column",
                  progress=print) -> dict:
-    """Export the 4D-STEM trigger into ``model_dir`` (same files as :func:`quantize.ship.export_model`) and
+    """Export the 4D-STEM trigger into ``model_dir`` (same files as :func:`beamloop.quantize.ship.export_model`) and
     record it in the manifest; the threshold is logit 0 (score 0).
 
     Raises
     ------
-    quantize.export.ExportError
+    beamloop.quantize.export.ExportError
         Not bit-exact, or not the expected graph.
     """
-    from quantize.evaluate import FloatMLP, save_float, window_accuracy
-    from quantize.export import ExportError, agreement, brevitas_outputs, export_qonnx, integer_mlp, plain_onnx
-    from quantize.ship import _read_manifest
+    from beamloop.quantize.evaluate import FloatMLP, save_float, window_accuracy
+    from beamloop.quantize.export import ExportError, agreement, brevitas_outputs, export_qonnx, integer_mlp, plain_onnx
+    from beamloop.quantize.ship import _read_manifest
 
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
@@ -191,21 +191,21 @@ def export_fourd(result: dict, cfg: FourDTrainConfig, model_dir: Path, name: str
         raise ExportError(f"4D-STEM trigger exports disagree with the integer runtime: {agree}")
     progress(f"bit-exact on {agree['inputs']} patterns: integer runtime = qonnx = onnxruntime (plain) = Brevitas")
     fl = FloatMLP(model_dir / files["float"])
-    from quantize.ship import layer_description
+    from beamloop.quantize.ship import layer_description
 
     bits = {"input": cfg.input_bits, "weight": cfg.weight_bits, "activation": cfg.act_bits, "bias": cfg.bias_bits}
     entry = {
         "task": TASK,
         "files": files,
         "input": {"shape": [cfg.detector_px, cfg.detector_px], "layout": "row-major, detector rows then columns",
-                  "binning": "96x96 detector sum-binned 6x6 (edge.sim.fourd.bin_patterns)", "input_bits": cfg.input_bits},
+                  "binning": "96x96 detector sum-binned 6x6 (beamloop.edge.sim.fourd.bin_patterns)", "input_bits": cfg.input_bits},
         "layers": layer_description(mlp, bits),
         "bits": bits,
         "scales": {"input": 1.0, "output": mlp.output_scale, "requant_shifts": mlp.shifts.tolist()},
         "threshold": {"score": 0, "logit": 0.0},
         "training": {"date": time.strftime("%Y-%m-%d"), "config": cfg.as_dict(), "seconds": result.get("seconds"),
                      "history": result["history"],
-                     "data": "edge.sim.fourd.training_patterns: MoS2 with point defects, half the probe positions "
+                     "data": "beamloop.edge.sim.fourd.training_patterns: MoS2 with point defects, half the probe positions "
                              "within 0.5 A of a site, Poisson counts at the listed electrons per position"},
         "metrics": {"bit_exact": agree,
                     "validation_patterns": {"float": window_accuracy(xv, yv, fl.logits(xv)),
@@ -229,8 +229,8 @@ def evaluate_fourd(out: Path, model_dir: Path, name: str = "fourd_column", n: in
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from edge.trigger_model import load_manifest
-    from quantize.evaluate import FloatMLP
+    from beamloop.edge.trigger.model import load_manifest
+    from beamloop.quantize.evaluate import FloatMLP
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

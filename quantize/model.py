@@ -1,8 +1,8 @@
 """The trigger networks: a float MLP and its Brevitas quantization-aware twin (imports torch and brevitas).
 
-Both take the integer feature vector of :func:`edge.trigger_model.window_features` and return one logit
+Both take the integer feature vector of :func:`beamloop.edge.trigger.model.window_features` and return one logit
 ("the atom under the beam is gone"). The quantized network is built so that its QONNX export is exactly
-what :mod:`edge.trigger_model` computes with integers (../shared/notes/fpga-toolflow.md):
+what :mod:`beamloop.edge.trigger.model` computes with integers (../shared/notes/fpga-toolflow.md):
 
 - input quantiser: unsigned, ``input_bits`` wide, constant scale 1 (``max_val = 2**input_bits - 1``), so
   integer detector counts lie on its grid and pass unchanged (saturating above ``2**input_bits - 1``);

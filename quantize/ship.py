@@ -6,7 +6,7 @@
 |---|---|---|
 | ``<name>.onnx`` | QONNX graph, batch 1: Quant/MatMul/Add/Relu, power-of-two scales | hls4ml / da4ml (issue 6), tests |
 | ``<name>_plain.onnx`` | the same network in standard ONNX ops (opset 13) | onnxruntime |
-| ``<name>_int.npz`` | integer weights, biases, requantisation shifts | :mod:`edge.trigger_model` |
+| ``<name>_int.npz`` | integer weights, biases, requantisation shifts | :mod:`beamloop.edge.trigger.model` |
 | ``<name>_float.npz`` | the float twin's weights | ``beamloop quantize eval`` |
 | ``manifest.json`` | per model: files, features, bit widths, scales, threshold, training data, metrics | all of the above |
 
@@ -24,12 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.trigger_model import ModelTrigger
-from quantize.evaluate import (FloatMLP, calibrate, candidate_thresholds, method_scores, save_float, sweep,
+from beamloop.edge.trigger.model import ModelTrigger
+from beamloop.quantize.evaluate import (FloatMLP, calibrate, candidate_thresholds, method_scores, save_float, sweep,
                                window_accuracy)
-from quantize.export import agreement, brevitas_outputs, export_qonnx, integer_mlp, plain_onnx
-from quantize.streams import StreamConditions, dwell_streams
-from quantize.train import TrainConfig, Windows
+from beamloop.quantize.export import agreement, brevitas_outputs, export_qonnx, integer_mlp, plain_onnx
+from beamloop.quantize.data import StreamConditions, dwell_streams
+from beamloop.quantize.train import TrainConfig, Windows
 
 
 def _read_manifest(d: Path) -> dict:
@@ -64,13 +64,13 @@ def layer_description(mlp, bits: dict) -> list[dict]:
 def export_model(result: dict, cfg: TrainConfig, model_dir: Path, name: str = "ejection",
                  target_fa_per_s: float = 0.05, calibration_dwells: int = 1500, seed: int = 90,
                  progress=print) -> dict:
-    """Export a trained pair (``result`` of :func:`quantize.train.train`) into ``model_dir``.
+    """Export a trained pair (``result`` of :func:`beamloop.quantize.train.train`) into ``model_dir``.
 
     Returns the manifest entry.
 
     Raises
     ------
-    quantize.export.ExportError
+    beamloop.quantize.export.ExportError
         The export is not bit-exact or not the expected graph.
     """
     model_dir = Path(model_dir)
@@ -91,7 +91,7 @@ def export_model(result: dict, cfg: TrainConfig, model_dir: Path, name: str = "e
     agree = agreement(check, mlp, model_dir / files["qonnx"], model_dir / files["plain_onnx"], qm)
     bad = {k: v for k, v in agree.items() if k != "inputs" and v != agree["inputs"]}
     if bad:
-        from quantize.export import ExportError
+        from beamloop.quantize.export import ExportError
 
         raise ExportError(f"exports disagree with the integer runtime: {agree}")
     progress(f"bit-exact on {agree['inputs']} inputs: integer runtime = qonnx = onnxruntime (plain) = Brevitas")

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from edge.trigger_model import FeatureSpec, window_features
-from quantize.streams import NO_EVENT, StreamConditions, Streams, training_segments
+from beamloop.edge.trigger.model import FeatureSpec, window_features
+from beamloop.quantize.data import NO_EVENT, StreamConditions, Streams, training_segments
 
 log = logging.getLogger("beamloop.quantize")
 
@@ -228,7 +228,7 @@ def train(cfg: TrainConfig, progress=print) -> dict:
     """
     import torch
 
-    from quantize.model import Bits, copy_float_weights, float_mlp, quant_mlp
+    from beamloop.quantize.model import Bits, copy_float_weights, float_mlp, quant_mlp
 
     torch.set_num_threads(2)
     t0 = time.perf_counter()

@@ -1,13 +1,13 @@
 """Detector stream protocols over ZeroMQ: encoders, decoders, senders, receivers and recorders.
 
-The native beamloop stream (:mod:`streams.native`) is modelled on DECTRIS Stream V2: CBOR ``start`` /
-``image`` / ``end`` messages, with beamloop's metadata in ``user_data``. :class:`streams.sender.FrameSender`
-and :class:`streams.receiver.FrameReceiver` move it over ZeroMQ PUSH/PULL sockets without copying pixel
+The native beamloop stream (:mod:`beamloop.streams.native.protocol`) is modelled on DECTRIS Stream V2: CBOR ``start`` /
+``image`` / ``end`` messages, with beamloop's metadata in ``user_data``. :class:`beamloop.streams.native.sender.FrameSender`
+and :class:`beamloop.streams.native.receiver.FrameReceiver` move it over ZeroMQ PUSH/PULL sockets without copying pixel
 data.
 """
 
-from streams.counters import StreamCounters
-from streams.errors import (
+from beamloop.streams.counters import StreamCounters
+from beamloop.streams.errors import (
     ProtocolError,
     MalformedMessage,
     TruncatedMessage,

@@ -8,7 +8,7 @@
   (``{"event": "flushed", "frames": N, ...}``): those frames survive any crash of the recorder.
 - ``beamloop stream SOURCE --bind tcp://*:9999 [--protocol simplon1|stream2] [--rate HZ]``: act as a
   detector: replay a recording (``*_master.h5``; bitshuffle-LZ4 chunks are sent as they are stored), or
-  with ``SOURCE = sim4d`` a simulated 4D-STEM scan of MoS2 (:mod:`edge.sim.fourd`).
+  with ``SOURCE = sim4d`` a simulated 4D-STEM scan of MoS2 (:mod:`beamloop.edge.sim.fourd`).
 """
 
 from __future__ import annotations
@@ -22,13 +22,13 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.cli import parse_positive, parse_shape  # the main command's argument types
+from beamloop.edge.cli import parse_positive, parse_shape  # the main command's argument types
 
 PROTOCOLS = ("simplon1", "stream2")
 
 
 def register(subparsers) -> None:
-    """Add the ``receive``, ``record`` and ``stream`` subcommands (called by ``edge.cli``)."""
+    """Add the ``receive``, ``record`` and ``stream`` subcommands (called by ``beamloop.edge.cli``)."""
     p = subparsers.add_parser("receive", help="receive a DECTRIS detector stream, show live counters and images")
     p.add_argument("endpoint", help="detector endpoint, e.g. tcp://192.168.1.10:9999 (SIMPLON v1) or :31001 (V2)")
     p.add_argument("--protocol", choices=PROTOCOLS, default="simplon1")
@@ -98,8 +98,8 @@ def _status_line(c: dict, rate: float) -> str:
 
 def cmd_receive(a: argparse.Namespace) -> int:
     """``beamloop receive``: receive a detector stream, print live counters, assemble virtual images; exit status."""
-    from streams.detector import DetectorReceiver, FrameStack, SeriesEnd, SeriesStart
-    from streams.errors import ProtocolError
+    from beamloop.streams.dectris.receiver import DetectorReceiver, FrameStack, SeriesEnd, SeriesStart
+    from beamloop.streams.errors import ProtocolError
 
     stop = _Stop()
     t_end = time.monotonic() + a.duration if a.duration else None
@@ -141,14 +141,14 @@ def cmd_receive(a: argparse.Namespace) -> int:
 
 
 def _imager(a: argparse.Namespace, det_shape: tuple[int, int]):
-    from edge import fourd
+    from beamloop.edge.analysis import live4d
 
     centre = tuple(a.centre) if a.centre else ((det_shape[0] - 1) / 2, (det_shape[1] - 1) / 2)
     half = min(det_shape) / 2
     bf = a.bf or half / 3
     rin, rout = a.adf if a.adf else (bf * 1.25, half)
-    masks = {"bf": fourd.disk_mask(det_shape, bf, centre), "adf": fourd.annulus_mask(det_shape, rin, rout, centre)}
-    return fourd.LiveImager(a.scan, masks, com_centre=centre, com_radius=bf * 1.5)
+    masks = {"bf": live4d.disk_mask(det_shape, bf, centre), "adf": live4d.annulus_mask(det_shape, rin, rout, centre)}
+    return live4d.LiveImager(a.scan, masks, com_centre=centre, com_radius=bf * 1.5)
 
 
 def _write_outputs(out: Path, counters: dict, imager) -> None:
@@ -178,8 +178,8 @@ def _write_outputs(out: Path, counters: dict, imager) -> None:
 
 def cmd_record(a: argparse.Namespace) -> int:
     """``beamloop record``: record a detector stream losslessly to HDF5 (DECTRIS layout); exit status."""
-    from streams.detector import DetectorReceiver
-    from streams.recorder import Recorder, record
+    from beamloop.streams.dectris.receiver import DetectorReceiver
+    from beamloop.streams.dectris.recorder import Recorder, record
 
     if a.frames_per_file < 1:
         print("--frames-per-file must be >= 1", file=sys.stderr)
@@ -211,9 +211,9 @@ def cmd_record(a: argparse.Namespace) -> int:
 def cmd_stream(a: argparse.Namespace) -> int:
     """``beamloop stream``: send a recording, or a simulated 4D-STEM scan, as SIMPLON v1 or Stream V2;
     exit status (2: missing recording)."""
-    from streams import codecs
-    from streams.simplon import SimplonSender
-    from streams.stream_v2 import Stream2Sender
+    from beamloop.streams.dectris import codecs
+    from beamloop.streams.dectris.simplon import SimplonSender
+    from beamloop.streams.dectris.stream_v2 import Stream2Sender
 
     v1 = a.protocol == "simplon1"
     endpoint = a.bind or ("tcp://*:9999" if v1 else "tcp://*:31001")
@@ -223,7 +223,7 @@ def cmd_stream(a: argparse.Namespace) -> int:
         compression = a.compression
         blobs = None
     else:
-        from streams.recorder import iter_chunks, recording_info
+        from beamloop.streams.dectris.recorder import iter_chunks, recording_info
 
         try:
             info = recording_info(a.source)
@@ -266,9 +266,9 @@ def cmd_stream(a: argparse.Namespace) -> int:
 
 
 def _sim4d(a: argparse.Namespace) -> np.ndarray:
-    from edge.scanframe import ScanFrame
-    from edge.sim import lattice
-    from edge.sim.fourd import FourDConfig, FourDMicroscope
+    from beamloop.edge.frame.scanframe import ScanFrame
+    from beamloop.edge.sim import lattice
+    from beamloop.edge.sim.fourd import FourDConfig, FourDMicroscope
 
     rng = np.random.default_rng(a.seed)
     rows, cols = a.scan

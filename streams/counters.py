@@ -26,7 +26,7 @@ class StreamCounters:
     reordered : int
         Images whose id was below the next expected id (late or duplicated); they are still delivered.
     malformed, truncated, oversized, unexpected, mismatch : int
-        Messages rejected, by :attr:`streams.errors.ProtocolError.kind`.
+        Messages rejected, by :attr:`beamloop.streams.errors.ProtocolError.kind`.
     dropped : int
         Frames the receiver discarded on purpose (latest-frame mode).
     decoded : int

@@ -1,7 +1,7 @@
 """Errors raised by stream decoders and receivers.
 
 Every error names what was wrong with the message. A receiver counts each one
-(:class:`streams.counters.StreamCounters`) and discards only the offending message, so the next
+(:class:`beamloop.streams.counters.StreamCounters`) and discards only the offending message, so the next
 message is read intact.
 """
 

@@ -2,8 +2,8 @@
 
 import numpy as np
 
-from streams.detector import FrameStack, SeriesEnd
-from streams.errors import ProtocolError
+from beamloop.streams.dectris.receiver import FrameStack, SeriesEnd
+from beamloop.streams.errors import ProtocolError
 
 
 def collect(rx, until_end=True, timeout_ms=2000):

@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from bench.budget import Scenario, budget, fit_power_law, stage_models
-from bench.stats import TAIL_SAMPLES, cdf, recorder_of, stage_summary
+from beamloop.bench.budget import Scenario, budget, fit_power_law, stage_models
+from beamloop.bench.stats import TAIL_SAMPLES, cdf, recorder_of, stage_summary
 
 
 def test_stage_summary_percentiles_and_extras():

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from bench import peers
-from bench.atomfinding import TOLERANCE, agreement, f1, goal, score
+from beamloop.bench import peers
+from beamloop.bench.atomfinding import TOLERANCE, agreement, f1, goal, score
 
 
 def _spots(shape, centres, sigma=1.5, height=100.0):
@@ -63,7 +63,7 @@ def test_agreement_known_answer():
 
 
 def test_score_and_f1_on_a_simulated_frame():
-    from edge.sim.frames import mos2_frame
+    from beamloop.edge.sim.frames import mos2_frame
 
     fr = mos2_frame((64, 64), 0.15, 1e5, seed=3, distortion_scale=0.0)
     cols = fr.truth_cls != fr.class_names.index("vacancy")
@@ -95,8 +95,8 @@ def test_goal_met_and_not_met():
 
 
 def test_time_method_repeats_fast_methods_and_not_slow_ones(monkeypatch):
-    from bench import atomfinding
-    from bench.atomfinding import Method, time_method
+    from beamloop.bench import atomfinding
+    from beamloop.bench.atomfinding import Method, time_method
 
     calls = []
     m = Method("fake", lambda im: calls.append(im) or (np.zeros((0, 2)), None, None))

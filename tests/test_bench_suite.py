@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import bench
-from bench import suite
-from bench.simhost import FrameCache
-from bench.stages import pixels_of
+from beamloop import bench
+from beamloop.bench import suite
+from beamloop.bench.simhost import FrameCache
+from beamloop.bench.stages import pixels_of
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -64,7 +64,7 @@ def fake_peers(tmp_path, monkeypatch):
     (tmp_path / "fakepeer_norun.py").write_text("X = 1\n")
     yield tmp_path
     for name in ("fakepeer_ok", "fakepeer_boom", "fakepeer_norun"):
-        sys.modules.pop(f"bench.{name}", None)
+        sys.modules.pop(f"beamloop.bench.{name}", None)
 
 
 def test_peer_child_outcomes(fake_peers, tmp_path):
@@ -84,7 +84,7 @@ def test_peer_child_outcomes(fake_peers, tmp_path):
 
 def test_call_peer_in_a_child_process():
     got = suite.call_peer("no_such_peer_module", quick=True, timeout_s=120)
-    assert got["status"] == "skipped" and "cannot import bench.no_such_peer_module" in got["error"]
+    assert got["status"] == "skipped" and "cannot import beamloop.bench.no_such_peer_module" in got["error"]
     assert got["wall_s"] > 0
 
 
@@ -115,8 +115,8 @@ def test_budget_section_without_stage_results_fails_cleanly(tmp_path):
 
 
 def test_summary_renders_every_section(tmp_path):
-    from bench.budget import budgets
-    from bench.summary import write_summary
+    from beamloop.bench.budget import budgets
+    from beamloop.bench.summary import write_summary
 
     st = _stage_results()
     index = {"mode": "full", "machine_start": suite.machine_info(), "sections": {"stages": {"status": "ok",
@@ -133,7 +133,7 @@ def test_summary_renders_every_section(tmp_path):
 
 
 def test_cli_budget_only(tmp_path, capsys):
-    from edge.cli import main
+    from beamloop.edge.cli import main
 
     assert main(["bench", "--budget-only", "--out", str(tmp_path)]) == 1
     (tmp_path / "stage_latency.json").write_text(json.dumps(_stage_results()))
@@ -145,7 +145,7 @@ def test_cli_budget_only(tmp_path, capsys):
 
 
 def test_cli_budget_action_for_a_scan(tmp_path, capsys):
-    from edge.cli import main
+    from beamloop.edge.cli import main
 
     (tmp_path / "stage_latency.json").write_text(json.dumps(_stage_results()))
     assert main(["bench", "budget", "--dwell-us", "10", "--frame", "512", "--out", str(tmp_path)]) == 0
@@ -181,7 +181,7 @@ def test_soak_runs_in_its_quick_form_in_a_full_run(monkeypatch, tmp_path):
 
 
 def test_real_image_overlays_only_for_permissive_licences(tmp_path):
-    from bench.atomfinding import may_publish
+    from beamloop.bench.atomfinding import may_publish
 
     (tmp_path / "LICENSE-mit.txt").write_text("The file a_mit.png comes from X.\n\nMIT License\n\nPermission ...")
     (tmp_path / "LICENSE-gpl.txt").write_text("b_gpl.hdf5 is part of atomap.\nGNU GENERAL PUBLIC LICENSE v3")
@@ -191,10 +191,10 @@ def test_real_image_overlays_only_for_permissive_licences(tmp_path):
 
 
 def test_frame_cache_renders_then_cycles():
-    from edge.scanframe import ScanFrame
-    from edge.sim import lattice, profiles
-    from edge.sim.frames import FrameSimulator
-    from edge.sim.render import ColumnRenderer  # noqa: F401  (the imager's renderer stays reachable)
+    from beamloop.edge.frame.scanframe import ScanFrame
+    from beamloop.edge.sim import lattice, profiles
+    from beamloop.edge.sim.frames import FrameSimulator
+    from beamloop.edge.sim.render import ColumnRenderer  # noqa: F401  (the imager's renderer stays reachable)
 
     spec = lattice.mos2((-8.0, 8.0, -8.0, 8.0), rotation_deg=0.0, origin_A=(0.0, 0.0))
     cache = FrameCache(FrameSimulator(spec, np.random.default_rng(1)), frames_per_scan=2)
@@ -216,14 +216,14 @@ def test_frame_cache_renders_then_cycles():
 def test_gpu_kernels_match_cpu_under_cuda_simulator():
     code = (
         "import numpy as np\n"
-        "from bench.gpu import GpuPreprocessor\n"
-        "from edge.preprocess import Preprocessor\n"
+        "from beamloop.bench.gpu import GpuPreprocessor\n"
+        "from beamloop.edge.stages.preprocess import Preprocessor\n"
         "f = np.random.default_rng(0).poisson(5, (19, 26)).astype(np.uint16)\n"
         "s, n = GpuPreprocessor(1.2).run(f)\n"
         "s2, n2 = Preprocessor(1.2).run(f)\n"
         "assert np.array_equal(s, s2), np.abs(s - s2).max()\n"
         "assert abs(n - n2) <= 1e-12 * n2, (n, n2)\n"
-        "from bench.gpu import detect\n"
+        "from beamloop.bench.gpu import detect\n"
         "d = detect()\n"
         "assert not d['available'] and 'CUDA simulator' in d['reason'], d\n"
         "print('ok')\n")
@@ -233,7 +233,7 @@ def test_gpu_kernels_match_cpu_under_cuda_simulator():
 
 
 def test_gpu_section_reports_its_reason_without_a_gpu():
-    from bench import gpu
+    from beamloop.bench import gpu
 
     d = gpu.detect()
     assert set(d["backends"]) == {"nvidia_smi", "numba_cuda", "onnxruntime_cuda", "torch_cuda"}
@@ -246,8 +246,8 @@ def test_gpu_section_reports_its_reason_without_a_gpu():
 @pytest.mark.slow
 def test_stage_latency_through_the_simulator():
     """A few frames of 256x256 through the benchmark microscope and the service: every stage recorded."""
-    from bench import stages
-    from edge.latency import STAGES
+    from beamloop.bench import stages
+    from beamloop.edge.frame.latency import STAGES
 
     res, samples = stages.run(quick=True, sizes=(256,), frames={256: 6}, progress_bar=False)
     r = res["sizes"]["256x256"]

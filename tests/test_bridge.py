@@ -7,8 +7,8 @@ import cbor2
 import pytest
 import zmq
 
-from edge.bridge import BridgeClient, BridgeError, BridgeServer, BridgeTimeout, decode_request, encode_request
-from edge.scanframe import BeamPositionError, ScanFrame, check_fraction
+from beamloop.edge.control.bridge import BridgeClient, BridgeError, BridgeServer, BridgeTimeout, decode_request, encode_request
+from beamloop.edge.frame.scanframe import BeamPositionError, ScanFrame, check_fraction
 
 
 class FakeController:

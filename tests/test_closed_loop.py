@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import zmq
 
-from edge.bridge import BridgeClient
-from edge.experiment import ExperimentConfig, vacancy_line
-from edge.pipeline import FramePipeline
-from edge.policy import Target, VacancyLinePolicy
-from edge.service import EdgeService
-from edge.sim.microscope import MicroscopeConfig, SimulatedMicroscope, decode_ground_truth
-from streams.receiver import FrameReceiver
+from beamloop.edge.control.bridge import BridgeClient
+from beamloop.edge.experiments.vacancy_line import ExperimentConfig, vacancy_line
+from beamloop.edge.path import FramePipeline
+from beamloop.edge.stages.policy import Target, VacancyLinePolicy
+from beamloop.edge.service import EdgeService
+from beamloop.edge.sim.microscope import MicroscopeConfig, SimulatedMicroscope, decode_ground_truth
+from beamloop.streams.native.receiver import FrameReceiver
 
 
 @pytest.fixture
@@ -87,7 +87,7 @@ def test_bad_target_is_never_sent(microscope):
 def test_controller_refuses_stale_frame_and_range(microscope):
     client = BridgeClient(microscope.control_endpoint)
     scan = client.acquire_frame((64, 64), (1.0, 1.0), 5.0)
-    from edge.bridge import BridgeError
+    from beamloop.edge.control.bridge import BridgeError
 
     with pytest.raises(BridgeError) as e:
         client.call("set_probe", x=0.5, y=0.5, frame_id=scan.frame_id + 5)
@@ -106,7 +106,7 @@ def test_point_queue_and_busy(microscope):
     client = BridgeClient(microscope.control_endpoint)
     scan = client.acquire_frame((64, 64), (1.0, 1.0), 5.0)
     q = client.queue_points([[0.3, 0.3], [0.6, 0.6]], dwell_us=2000.0, frame_id=scan.frame_id)
-    from edge.bridge import BridgeError
+    from beamloop.edge.control.bridge import BridgeError
 
     with pytest.raises(BridgeError) as e:
         client.set_probe(0.5, 0.5, scan.frame_id)
@@ -130,7 +130,7 @@ def test_silent_controller_does_not_stop_the_loop():
     rx = FrameReceiver("tcp://127.0.0.1:1")
     bridge = BridgeClient(silent.getsockopt_string(zmq.LAST_ENDPOINT), timeout_ms=100)
     service = EdgeService(rx, FramePipeline("MoS2"), bridge)
-    from edge.scanframe import ScanFrame
+    from beamloop.edge.frame.scanframe import ScanFrame
 
     bridge.frame = ScanFrame(1, (64, 64), (1.0, 1.0))
     d = service.dwell(Target(0, 0, 0.5, 0.5, 1, 0))
@@ -143,9 +143,9 @@ def test_silent_controller_does_not_stop_the_loop():
 
 
 def test_main_job_end_to_end(tmp_path):
-    from edge import mainjob
+    from beamloop.edge.experiments import closed_loop
 
-    rep = mainjob.run(tmp_path, rounds=1, shape=(192, 192), targets_per_frame=2, seed=5, quiet=True)
+    rep = closed_loop.run(tmp_path, rounds=1, shape=(192, 192), targets_per_frame=2, seed=5, quiet=True)
     assert rep["accuracy"]["recall"] >= 0.99 and rep["accuracy"]["precision"] >= 0.99
     assert rep["trigger"]["detected"] == 2 and rep["verification"]["written"] == 2
     for stage in ("receive", "decode", "preprocess", "find", "classify", "policy", "bridge", "trigger", "end_to_end"):

@@ -5,12 +5,12 @@ import math
 import numpy as np
 import pytest
 
-from edge.classify import MoS2Classifier, otsu_threshold
-from edge.find import ColumnFinder, FinderConfig
-from edge.pipeline import MOS2_SPACING_A, FramePipeline
-from edge.preprocess import FrameError, Preprocessor, gaussian_kernel, noise_sigma
-from edge.scoring import combine, match, score_frame
-from edge.sim.frames import mos2_frame
+from beamloop.edge.stages.classify import MoS2Classifier, otsu_threshold
+from beamloop.edge.stages.find import ColumnFinder, FinderConfig
+from beamloop.edge.path import MOS2_SPACING_A, FramePipeline
+from beamloop.edge.stages.preprocess import FrameError, Preprocessor, gaussian_kernel, noise_sigma
+from beamloop.edge.analysis.scoring import combine, match, score_frame
+from beamloop.edge.sim.frames import mos2_frame
 
 PX = 0.15
 
@@ -120,7 +120,7 @@ def test_otsu_splits_two_modes():
 
 
 def test_classifier_labels_by_intensity():
-    from edge.columns import ColumnTable
+    from beamloop.edge.frame.columns import ColumnTable
 
     inten = np.array([6.9, 7.1, 7.0, 2.5, 2.4, 2.6, 2.5, 1.2], np.float32)
     n = len(inten)

@@ -3,24 +3,24 @@
 import numpy as np
 import pytest
 
-from edge import fourd
-from edge.scanframe import ScanFrame
-from edge.sim import lattice
-from edge.sim.fourd import FourDConfig, FourDMicroscope, bin_patterns, training_patterns
+from beamloop.edge.analysis import live4d
+from beamloop.edge.frame.scanframe import ScanFrame
+from beamloop.edge.sim import lattice
+from beamloop.edge.sim.fourd import FourDConfig, FourDMicroscope, bin_patterns, training_patterns
 
 DET = (24, 20)
 
 
 def test_masks_geometry():
-    bf = fourd.disk_mask(DET, 3.0)
+    bf = live4d.disk_mask(DET, 3.0)
     assert bf.dtype == np.float32 and bf.sum() == 32  # pixel centres within 3 px of (11.5, 9.5)
-    adf = fourd.annulus_mask(DET, 3.0, 8.0)
+    adf = live4d.annulus_mask(DET, 3.0, 8.0)
     assert not (bf * adf).any()
-    q = fourd.quadrant_masks(DET, 2.0, 9.0)
-    assert q.shape == (4, *DET) and np.array_equal(q.sum(0), fourd.annulus_mask(DET, 2.0, 9.0))
+    q = live4d.quadrant_masks(DET, 2.0, 9.0)
+    assert q.shape == (4, *DET) and np.array_equal(q.sum(0), live4d.annulus_mask(DET, 2.0, 9.0))
     assert q[0, 11, 18] == 1 and q[2, 11, 1] == 1 and q[1, 19, 9] == 1 and q[3, 4, 10] == 1  # +x, -x, +y, -y
     with pytest.raises(ValueError):
-        fourd.annulus_mask(DET, 5, 5)
+        live4d.annulus_mask(DET, 5, 5)
 
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.uint32, np.float32])
@@ -28,12 +28,12 @@ def test_virtual_and_com_match_numpy(dtype):
     rng = np.random.default_rng(0)
     frames = rng.poisson(4.0, (17, *DET)).astype(dtype)
     w = rng.random(DET).astype(np.float32) * (rng.random(DET) < 0.3)
-    masks = {"bf": fourd.disk_mask(DET, 4), "adf": fourd.annulus_mask(DET, 5, 9), "w": w}
-    sm = fourd.SparseMasks.from_dense(masks)
-    got = fourd.virtual_stack(frames, sm)
+    masks = {"bf": live4d.disk_mask(DET, 4), "adf": live4d.annulus_mask(DET, 5, 9), "w": w}
+    sm = live4d.SparseMasks.from_dense(masks)
+    got = live4d.virtual_stack(frames, sm)
     ref = np.stack([(frames.astype(np.float64) * m).sum(axis=(1, 2)) for m in masks.values()], 1)
     assert np.allclose(got, ref, rtol=1e-6)
-    com = fourd.com_stack(frames, (11.5, 9.5))
+    com = live4d.com_stack(frames, (11.5, 9.5))
     yy, xx = np.mgrid[0:DET[0], 0:DET[1]]
     f = frames.astype(np.float64)
     s = f.sum(axis=(1, 2))
@@ -44,8 +44,8 @@ def test_virtual_and_com_match_numpy(dtype):
 
 def test_com_of_a_shifted_disk_and_an_empty_frame():
     frames = np.zeros((2, 40, 40), np.uint16)
-    frames[0] = fourd.disk_mask((40, 40), 6, centre=(21.5, 17.0)) * 100
-    com = fourd.com_stack(frames, (19.5, 19.5))
+    frames[0] = live4d.disk_mask((40, 40), 6, centre=(21.5, 17.0)) * 100
+    com = live4d.com_stack(frames, (19.5, 19.5))
     assert np.allclose(com[0, 1:], [2.0, -2.5]) and com[1].tolist() == [0.0, 0.0, 0.0]
 
 
@@ -56,8 +56,8 @@ def test_live_imager_assembles_images_in_raster_order_and_dpc():
     for i in range(n):
         frames[i, 11, 18] = i  # quadrant A (+x) only
         frames[i, 11, 9] = 1  # centre
-    q = fourd.quadrant_masks(DET, 2.0, 9.0)
-    im = fourd.LiveImager(scan, {"A": q[0], "B": q[1], "C": q[2], "D": q[3], "bf": fourd.disk_mask(DET, 1.5)},
+    q = live4d.quadrant_masks(DET, 2.0, 9.0)
+    im = live4d.LiveImager(scan, {"A": q[0], "B": q[1], "C": q[2], "D": q[3], "bf": live4d.disk_mask(DET, 1.5)},
                           com_centre=(11.5, 9.5), device="cpu")
     order = np.array([5, 0, 11, 3, 1, 2, 4, 6, 7, 8, 9, 10])
     im.update(frames[order[:6]], order[:6])
@@ -71,26 +71,26 @@ def test_live_imager_assembles_images_in_raster_order_and_dpc():
     with pytest.raises(ValueError):
         im.update(frames[:2], np.arange(3))
     with pytest.raises(ValueError):
-        fourd.LiveImager(scan, {"bf": fourd.disk_mask((8, 8), 2)}).update(frames[:1], np.arange(1))
+        live4d.LiveImager(scan, {"bf": live4d.disk_mask((8, 8), 2)}).update(frames[:1], np.arange(1))
 
 
 def test_integrate_com_recovers_a_potential():
     y, x = np.mgrid[0:64, 0:64]
     phi = np.exp(-((y - 30) ** 2 + (x - 20) ** 2) / 30.0) + 0.5 * np.exp(-((y - 10) ** 2 + (x - 45) ** 2) / 20.0)
     gy, gx = np.gradient(phi)
-    rec = fourd.integrate_com(gy, gx, eps=1e-4)
+    rec = live4d.integrate_com(gy, gx, eps=1e-4)
     assert np.corrcoef(rec.ravel(), (phi - phi.mean()).ravel())[0, 1] > 0.99
     with pytest.raises(ValueError):
-        fourd.integrate_com(gy * np.nan, gx)
+        live4d.integrate_com(gy * np.nan, gx)
 
 
-@pytest.mark.skipif(not fourd.cuda_available(), reason="no CUDA device on this machine (numba.cuda)")
+@pytest.mark.skipif(not live4d.cuda_available(), reason="no CUDA device on this machine (numba.cuda)")
 def test_cuda_kernels_match_cpu():  # pragma: no cover - needs a CUDA device
     rng = np.random.default_rng(1)
     frames = rng.poisson(4.0, (64, *DET)).astype(np.uint16)
-    sm = fourd.SparseMasks.from_dense({"bf": fourd.disk_mask(DET, 4), "adf": fourd.annulus_mask(DET, 5, 9)})
-    assert np.allclose(fourd.virtual_stack_cuda(frames, sm), fourd.virtual_stack(frames, sm))
-    assert np.allclose(fourd.com_stack_cuda(frames, (11.5, 9.5)), fourd.com_stack(frames, (11.5, 9.5)))
+    sm = live4d.SparseMasks.from_dense({"bf": live4d.disk_mask(DET, 4), "adf": live4d.annulus_mask(DET, 5, 9)})
+    assert np.allclose(live4d.virtual_stack_cuda(frames, sm), live4d.virtual_stack(frames, sm))
+    assert np.allclose(live4d.com_stack_cuda(frames, (11.5, 9.5)), live4d.com_stack(frames, (11.5, 9.5)))
 
 
 # --- the simulated 4D-STEM microscope ------------------------------------------------------------------------
@@ -114,14 +114,14 @@ def test_patterns_conserve_electrons_and_follow_the_sample(scan4d):
     assert np.allclose(exp.sum(axis=(1, 2)), 1.0)
     flat = patterns.reshape(-1, 48, 48)
     c = mic.config.centre
-    v = fourd.virtual_stack(flat, fourd.SparseMasks.from_dense({"bf": fourd.disk_mask((48, 48), 7, c),
-                                                                 "adf": fourd.annulus_mask((48, 48), 10, 24, c)}))
+    v = live4d.virtual_stack(flat, live4d.SparseMasks.from_dense({"bf": live4d.disk_mask((48, 48), 7, c),
+                                                                 "adf": live4d.annulus_mask((48, 48), 10, 24, c)}))
     over = lab["over_column"]
     assert over.any() and (~over).any()
     assert v[over, 0].mean() < v[~over, 0].mean()  # BF darker over columns
     assert v[over, 1].mean() > 3 * v[~over, 1].mean()  # ADF brighter over columns
     assert np.corrcoef(v[:, 1], lab["haadf_fraction"])[0, 1] > 0.9
-    com = fourd.com_stack(flat, c)
+    com = live4d.com_stack(flat, c)
     for k in (0, 1):
         assert np.corrcoef(com[:, 1 + k], lab["shift_px"][:, k])[0, 1] > 0.9
 

@@ -1,4 +1,4 @@
-"""FPGA flow on a tiny trigger trained here: QAT (quantize.train) -> QONNX (quantize.export) -> da4ml trace,
+"""FPGA flow on a tiny trigger trained here: QAT (beamloop.quantize.train) -> QONNX (beamloop.quantize.export) -> da4ml trace,
 RTL simulation (cocotb + Icarus), hls4ml C simulation, yosys/nextpnr-ecp5/ecppack; every output compared bit
 for bit with the QONNX graph executed by qonnx."""
 
@@ -13,12 +13,12 @@ pytest.importorskip("brevitas")
 pytest.importorskip("qonnx")
 pytest.importorskip("da4ml")
 
-from edge.trigger_model import FeatureSpec  # noqa: E402
-from fpga.qonnx_trace import TraceError, qonnx_reference, trace_qonnx  # noqa: E402
-from fpga.report import latency_ns, markdown  # noqa: E402
-from fpga.rtl import pack_inputs, threshold_word, write_rtl  # noqa: E402
-from fpga.sim import sample_inputs  # noqa: E402
-from fpga.synth import critical_path, fmax_from_log, parse_nextpnr_report, parse_yosys_stat  # noqa: E402
+from beamloop.edge.trigger.model import FeatureSpec  # noqa: E402
+from beamloop.fpga.qonnx_trace import TraceError, qonnx_reference, trace_qonnx  # noqa: E402
+from beamloop.fpga.report import latency_ns, markdown  # noqa: E402
+from beamloop.fpga.rtl import pack_inputs, threshold_word, write_rtl  # noqa: E402
+from beamloop.fpga.sim import sample_inputs  # noqa: E402
+from beamloop.fpga.synth import critical_path, fmax_from_log, parse_nextpnr_report, parse_yosys_stat  # noqa: E402
 
 needs_icarus = pytest.mark.skipif(shutil.which("iverilog") is None, reason="Icarus Verilog not installed")
 
@@ -27,8 +27,8 @@ needs_icarus = pytest.mark.skipif(shutil.which("iverilog") is None, reason="Icar
 def tiny(tmp_path_factory):
     """A 10-8-1 trigger trained for one float and one QAT epoch on simulated streams, exported to QONNX,
     with a manifest beside it (threshold, accuracy) as the shipped models have."""
-    from quantize.export import export_qonnx
-    from quantize.train import TrainConfig, train
+    from beamloop.quantize.export import export_qonnx
+    from beamloop.quantize.train import TrainConfig, train
 
     cfg = TrainConfig(spec=FeatureSpec(window=8, blocks=2, block=8, shift=2, input_bits=8), hidden=(8,),
                       segments=120, segment_length=96, windows_per_segment=8, float_epochs=1, qat_epochs=1,
@@ -54,7 +54,7 @@ def test_tracer_is_bit_exact_with_qonnx_on_10000_inputs(tiny):
 
 
 def test_shipped_ejection_trigger_traces_bit_exact():
-    from edge.trigger_model import MODEL_DIR
+    from beamloop.edge.trigger.model import MODEL_DIR
 
     path = MODEL_DIR / "ejection.onnx"
     tm = trace_qonnx(path)
@@ -133,7 +133,7 @@ def test_wrapper_rtl_layout(tiny, tmp_path):
 @needs_icarus
 def test_cli_sim_is_bit_exact_and_measures_latency(tiny, tmp_path, capsys):
     pytest.importorskip("cocotb")
-    from edge.cli import main
+    from beamloop.edge.cli import main
 
     out = tmp_path / "sim"
     assert main(["fpga", "sim", str(tiny), "--out", str(out), "--samples", "600", "--latency-cutoff", "3"]) == 0
@@ -147,7 +147,7 @@ def test_cli_sim_is_bit_exact_and_measures_latency(tiny, tmp_path, capsys):
 
 
 def test_cli_rejects_missing_model(tmp_path, capsys):
-    from edge.cli import main
+    from beamloop.edge.cli import main
 
     assert main(["fpga", "sim", str(tmp_path / "nope.onnx"), "--out", str(tmp_path / "o")]) == 1
     assert "nope.onnx" in capsys.readouterr().err
@@ -187,7 +187,7 @@ def test_hls4ml_c_simulation_is_bit_exact_on_10000_inputs(tiny, tmp_path):
     pytest.importorskip("hls4ml")
     if shutil.which("g++") is None:
         pytest.skip("g++ not installed")
-    from fpga.hls import hls_check
+    from beamloop.fpga.hls import hls_check
 
     tm = trace_qonnx(tiny)
     x = sample_inputs(10_000, tm.n_inputs, tm.input_bits, seed=4)
@@ -204,7 +204,7 @@ def test_qat_to_bitstream_end_to_end(tiny, tmp_path):
     """The whole flow from the command line: 10,000 samples in RTL and C simulation, ECP5-85F bitstream."""
     pytest.importorskip("cocotb")
     pytest.importorskip("hls4ml")
-    from edge.cli import main
+    from beamloop.edge.cli import main
 
     out = tmp_path / "build"
     assert main(["fpga", "build", str(tiny), "--target", "ecp5-85k", "--out", str(out), "--latency-cutoff", "3"]) == 0

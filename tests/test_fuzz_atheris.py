@@ -11,7 +11,7 @@ Each target runs in a child process (``python tests/test_fuzz_atheris.py TARGET 
 or a leak is reported as a failed test, not as the end of the test run. A target fails when anything but
 the decoder's documented error comes out. The default runs are short (2,000 inputs per decoder, 300
 image files, which go through the file system, 500 inputs per receiver); the ``_long`` variants (``-m slow``)
-run 100,000, or ``BEAMLOOP_ATHERIS_RUNS`` when set. Skipped when atheris is not installed (it is in the ``safety`` extra;
+run 100,000, or ``BEAMLOOP_ATHERIS_RUNS`` when set. Skipped when atheris is not installed (it is in the ``fuzz`` extra;
 wheels exist for CPython on x86-64 Linux).
 """
 
@@ -29,7 +29,7 @@ HAVE_ATHERIS = importlib.util.find_spec("atheris") is not None
 TARGETS = ("native_header", "bridge_request", "bridge_reply", "image_file", "stream_v2_message",
            "simplon1_receiver", "stream2_receiver")
 SHORT_RUNS = {"image_file": 300, "simplon1_receiver": 500, "stream2_receiver": 500}
-NUMBA_MODULES = ("streams.codecs", "streams.detector", "streams.zmqfast")
+NUMBA_MODULES = ("beamloop.streams.dectris.codecs", "beamloop.streams.dectris.receiver", "beamloop.streams.dectris.zmqfast")
 """Modules with numba-compiled functions; instrumenting them breaks their compilation."""
 LONG_RUNS = int(os.environ.get("BEAMLOOP_ATHERIS_RUNS", "100000"))
 MSG_SEP = b"\n==msg==\n"
@@ -44,12 +44,12 @@ def _good_series(protocol: str) -> bytes:
 
     frames = (np.arange(96, dtype=np.uint16).reshape(2, 8, 6) * 131) % 1000
     if protocol == "simplon1":
-        from streams import simplon
+        from beamloop.streams.dectris import simplon
 
         msgs = [[bytes(memoryview(p).cast("B")) for p in m] for m in simplon.series_messages(frames, series=3)]
     else:
-        from streams import stream_v2
-        from streams.detector import DetectorSeries
+        from beamloop.streams.dectris import stream_v2
+        from beamloop.streams.dectris.receiver import DetectorSeries
 
         s = DetectorSeries("stream2", 1, "atheris", ("threshold_1",), frames.shape[1:], frames.dtype, len(frames))
         date = datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc)
@@ -75,11 +75,13 @@ def _targets():
 
     # numba compiles from bytecode, which atheris' instrumentation changes: its modules stay uninstrumented
     with atheris.instrument_imports(include=["streams", "edge"], exclude=list(NUMBA_MODULES)):
-        from edge.bridge import BridgeError, decode_envelope, decode_reply
-        from edge.imageio import ImageReadError, read_image
-        from streams import detector, simplon, stream_v2  # noqa: F401 - instrumented for the receiver targets
-        from streams.errors import MalformedMessage
-        from streams.native import decode_header
+        from beamloop.edge.control.bridge import BridgeError, decode_envelope, decode_reply
+        from beamloop.edge.io.imageio import ImageReadError, read_image
+        from beamloop.streams.dectris import receiver  # noqa: F401 - instrumented for the receiver targets
+        from beamloop.streams.dectris import simplon  # noqa: F401 - instrumented for the receiver targets
+        from beamloop.streams.dectris import stream_v2  # noqa: F401 - instrumented for the receiver targets
+        from beamloop.streams.errors import MalformedMessage
+        from beamloop.streams.native.protocol import decode_header
 
     def native_header(data: bytes) -> None:
         try:
@@ -130,8 +132,8 @@ def _receiver(protocol: str):
     """Target: the messages of one input into a DetectorReceiver; only counted ProtocolErrors may come out."""
     import zmq
 
-    from streams.detector import DetectorReceiver
-    from streams.errors import ProtocolError
+    from beamloop.streams.dectris.receiver import DetectorReceiver
+    from beamloop.streams.errors import ProtocolError
 
     state = {}
 
@@ -172,7 +174,7 @@ def _fuzz(target: str, runs: int) -> int:
     return int(done[-1])
 
 
-@pytest.mark.skipif(not HAVE_ATHERIS, reason="atheris not installed (pip install -e '.[safety]')")
+@pytest.mark.skipif(not HAVE_ATHERIS, reason="atheris not installed (pip install -e '.[fuzz]')")
 @pytest.mark.parametrize("target", TARGETS)
 def test_atheris(target):
     runs = SHORT_RUNS.get(target, 2_000)
@@ -180,7 +182,7 @@ def test_atheris(target):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not HAVE_ATHERIS, reason="atheris not installed (pip install -e '.[safety]')")
+@pytest.mark.skipif(not HAVE_ATHERIS, reason="atheris not installed (pip install -e '.[fuzz]')")
 @pytest.mark.parametrize("target", TARGETS)
 def test_atheris_long(target):
     assert _fuzz(target, LONG_RUNS) == LONG_RUNS

@@ -18,9 +18,9 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edge.bridge import ERROR_CODES, BridgeError, decode_envelope, decode_reply, decode_request, encode_request
-from edge.sim.microscope import MicroscopeConfig, SimulatedMicroscope
-from streams.receiver import FrameReceiver
+from beamloop.edge.control.bridge import ERROR_CODES, BridgeError, decode_envelope, decode_reply, decode_request, encode_request
+from beamloop.edge.sim.microscope import MicroscopeConfig, SimulatedMicroscope
+from beamloop.streams.native.receiver import FrameReceiver
 
 FAST = settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
 LONG = settings(max_examples=int(os.environ.get("BEAMLOOP_FUZZ_EXAMPLES", "20000")), deadline=None,
@@ -148,7 +148,7 @@ test_live_server_long = pytest.mark.slow(LONG(given(reqs=_reqs)(check_live)))
 
 def test_live_server_after_fuzzing_is_usable(live):
     """A normal client can still acquire, park and blank after the fuzz runs above."""
-    from edge.bridge import BridgeClient
+    from beamloop.edge.control.bridge import BridgeClient
 
     mic, _ = live
     time.sleep(0.05)

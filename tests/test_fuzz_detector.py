@@ -17,10 +17,10 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-simplon = pytest.importorskip("streams.simplon", reason="the SIMPLON v1 decoder (issue 4) or its dependencies (dectris-compression) are not importable")
-stream_v2 = pytest.importorskip("streams.stream_v2", reason="the Stream V2 decoder (issue 4) or its dependencies are not importable")
-from streams.detector import DetectorReceiver, DetectorSeries, FrameStack, SeriesEnd  # noqa: E402
-from streams.errors import MalformedMessage, ProtocolError  # noqa: E402
+simplon = pytest.importorskip("beamloop.streams.dectris.simplon", reason="the SIMPLON v1 decoder (issue 4) or its dependencies (dectris-compression) are not importable")
+stream_v2 = pytest.importorskip("beamloop.streams.dectris.stream_v2", reason="the Stream V2 decoder (issue 4) or its dependencies are not importable")
+from beamloop.streams.dectris.receiver import DetectorReceiver, DetectorSeries, FrameStack, SeriesEnd  # noqa: E402
+from beamloop.streams.errors import MalformedMessage, ProtocolError  # noqa: E402
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
 LONG = settings(max_examples=5_000, deadline=None, suppress_health_check=list(HealthCheck))

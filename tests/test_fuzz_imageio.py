@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edge.imageio import ImageReadError, read_image
+from beamloop.edge.io.imageio import ImageReadError, read_image
 
 FAST = settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
 LONG = settings(max_examples=int(os.environ.get("BEAMLOOP_FUZZ_EXAMPLES", "5000")), deadline=None,

@@ -1,4 +1,4 @@
-"""Fuzzing the native frame stream (streams/native.py, streams/receiver.py) with hypothesis.
+"""Fuzzing the native frame stream (streams/protocol.py, streams/receiver.py) with hypothesis.
 
 Properties: ``decode_header`` raises nothing but :class:`MalformedMessage`; the receiver, fed any
 sequence of multipart messages over a real socket, raises nothing but :class:`ProtocolError`, counts
@@ -17,9 +17,9 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from streams import native
-from streams.errors import MalformedMessage, OversizedMessage, ProtocolError
-from streams.receiver import Frame, FrameReceiver, StreamEnd, StreamStart
+from beamloop.streams.native import protocol
+from beamloop.streams.errors import MalformedMessage, OversizedMessage, ProtocolError
+from beamloop.streams.native.receiver import Frame, FrameReceiver, StreamEnd, StreamStart
 
 FAST = settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
 LONG = settings(max_examples=20_000, deadline=None, suppress_health_check=list(HealthCheck))
@@ -34,8 +34,8 @@ cbor_values = st.recursive(
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
     max_leaves=8)
 
-SERIES = native.new_series(3, ["haadf"], (4, 6), np.uint16, number_of_images=2, user_data={"kind": "frame"})
-SERIES2 = native.new_series(4, ["haadf", "bf"], (2, 3), np.uint8)
+SERIES = protocol.new_series(3, ["haadf"], (4, 6), np.uint16, number_of_images=2, user_data={"kind": "frame"})
+SERIES2 = protocol.new_series(4, ["haadf", "bf"], (2, 3), np.uint8)
 
 
 def _as_map(buf: bytes) -> dict:
@@ -46,11 +46,11 @@ def valid_maps():
     """Decoded maps of good start / image / end messages of SERIES and SERIES2."""
     out = []
     for s in (SERIES, SERIES2):
-        out.append(_as_map(native.encode_start(s)))
-        out.append(_as_map(native.encode_image_header(s, 1, [("raw", s.frame_nbytes)] * len(s.channels),
+        out.append(_as_map(protocol.encode_start(s)))
+        out.append(_as_map(protocol.encode_image_header(s, 1, [("raw", s.frame_nbytes)] * len(s.channels),
                                                       user_data={"sent_ns": 5})))
-        out.append(_as_map(native.encode_image_header(s, 0, [("lz4", 9)] * len(s.channels))))
-        out.append(_as_map(native.encode_end(s)))
+        out.append(_as_map(protocol.encode_image_header(s, 0, [("lz4", 9)] * len(s.channels))))
+        out.append(_as_map(protocol.encode_end(s)))
     return out
 
 
@@ -81,10 +81,10 @@ def header_bytes(draw):
     if kind == "bytes":
         return draw(st.binary(max_size=300))
     if kind == "tagged bytes":
-        return native.SELF_DESCRIBE_PREFIX + draw(st.binary(max_size=300))
+        return protocol.SELF_DESCRIBE_PREFIX + draw(st.binary(max_size=300))
     if kind == "tagged value":
-        return cbor2.dumps(cbor2.CBORTag(native.SELF_DESCRIBE_TAG, draw(cbor_values)))
-    buf = cbor2.dumps(cbor2.CBORTag(native.SELF_DESCRIBE_TAG, draw(mutated_map())))
+        return cbor2.dumps(cbor2.CBORTag(protocol.SELF_DESCRIBE_TAG, draw(cbor_values)))
+    buf = cbor2.dumps(cbor2.CBORTag(protocol.SELF_DESCRIBE_TAG, draw(mutated_map())))
     if kind == "untagged":
         return buf[3:]
     if kind == "truncated":
@@ -94,15 +94,15 @@ def header_bytes(draw):
 
 def check_decode_header(buf):
     try:
-        h = native.decode_header(buf)
+        h = protocol.decode_header(buf)
     except MalformedMessage as exc:
         assert str(exc)  # names what was wrong
         return
-    assert isinstance(h, (native.SeriesHeader, native.ImageHeader, native.EndHeader))
-    if isinstance(h, native.SeriesHeader):
-        assert 0 < h.shape[0] <= 1 << 16 and 0 < h.shape[1] <= 1 << 20 and h.dtype in native.DTYPES.values()
-    if isinstance(h, native.ImageHeader):
-        assert h.image_id >= 0 and all(b.size >= 0 and b.encoding in native.ENCODINGS for b in h.blobs)
+    assert isinstance(h, (protocol.SeriesHeader, protocol.ImageHeader, protocol.EndHeader))
+    if isinstance(h, protocol.SeriesHeader):
+        assert 0 < h.shape[0] <= 1 << 16 and 0 < h.shape[1] <= 1 << 20 and h.dtype in protocol.DTYPES.values()
+    if isinstance(h, protocol.ImageHeader):
+        assert h.image_id >= 0 and all(b.size >= 0 and b.encoding in protocol.ENCODINGS for b in h.blobs)
 
 
 test_decode_header = FAST(given(header_bytes())(check_decode_header))
@@ -116,9 +116,9 @@ def message(draw):
     kind = draw(st.sampled_from(["garbage", "start", "image", "image", "end"]))
     s = draw(st.sampled_from([SERIES, SERIES2]))
     if kind == "start":
-        parts = [native.encode_start(s)]
+        parts = [protocol.encode_start(s)]
     elif kind == "end":
-        parts = [native.encode_end(s)]
+        parts = [protocol.encode_end(s)]
     elif kind == "image":
         enc = draw(st.sampled_from(["raw", "lz4"]))
         blobs = []
@@ -131,7 +131,7 @@ def message(draw):
         sizes = [(enc, len(b)) for b in blobs]
         if draw(st.booleans()):
             sizes = [(enc, draw(st.integers(0, 200))) for _ in sizes]
-        parts = [native.encode_image_header(s, draw(st.integers(0, 5)), sizes), *blobs]
+        parts = [protocol.encode_image_header(s, draw(st.integers(0, 5)), sizes), *blobs]
         if draw(st.integers(0, 3)) == 0:
             parts = parts[: draw(st.integers(1, len(parts)))]
     else:
@@ -143,10 +143,10 @@ def message(draw):
 
 def too_big(part0: bytes) -> bool:
     try:
-        h = native.decode_header(part0)
+        h = protocol.decode_header(part0)
     except MalformedMessage:
         return False
-    return isinstance(h, native.SeriesHeader) and RING * h.max_blob_nbytes * len(h.channels) > MAX_RING_BYTES
+    return isinstance(h, protocol.SeriesHeader) and RING * h.max_blob_nbytes * len(h.channels) > MAX_RING_BYTES
 
 
 @pytest.fixture(scope="module")
@@ -164,11 +164,11 @@ def link():
 
 def good_series(tx, rng):
     """Send a good series (start, one frame, end) and return the frame sent."""
-    s = native.new_series(9, ["haadf"], (5, 7), np.uint16)
+    s = protocol.new_series(9, ["haadf"], (5, 7), np.uint16)
     frame = rng.integers(0, 65535, (5, 7), dtype=np.uint16)
-    tx.send(native.encode_start(s))
-    tx.send_multipart([native.encode_image_header(s, 0, [("raw", frame.nbytes)]), frame])
-    tx.send(native.encode_end(s))
+    tx.send(protocol.encode_start(s))
+    tx.send_multipart([protocol.encode_image_header(s, 0, [("raw", frame.nbytes)]), frame])
+    tx.send(protocol.encode_end(s))
     return frame
 
 
@@ -217,15 +217,15 @@ def test_fuzzed_receiver_counts_add_up(link):
 def test_huge_frame_announcement_is_a_protocol_error(cols, rows):
     """A 201-byte start message announcing huge uint32 frames once made the receiver allocate them (MemoryError,
     uncounted, ending the service); now the ring bound rejects it as oversized, and the next series arrives."""
-    msg = _as_map(native.encode_start(SERIES))
+    msg = _as_map(protocol.encode_start(SERIES))
     msg.update(image_size_x=cols, image_size_y=rows, image_dtype="uint32")
     ctx = zmq.Context.instance()
     with FrameReceiver("tcp://127.0.0.1:0", bind=True) as rx:
         tx = ctx.socket(zmq.PUSH)
         tx.setsockopt(zmq.LINGER, 0)
         tx.connect(rx.endpoint)
-        tx.send(cbor2.dumps(cbor2.CBORTag(native.SELF_DESCRIBE_TAG, msg)))
-        tx.send(native.encode_start(SERIES))
+        tx.send(cbor2.dumps(cbor2.CBORTag(protocol.SELF_DESCRIBE_TAG, msg)))
+        tx.send(protocol.encode_start(SERIES))
         try:
             with pytest.raises(OversizedMessage, match="max_ring_bytes"):
                 rx.recv(3000)
@@ -245,7 +245,7 @@ def test_ring_bound_is_exact():
             tx = ctx.socket(zmq.PUSH)
             tx.setsockopt(zmq.LINGER, 0)
             tx.connect(rx.endpoint)
-            tx.send(native.encode_start(SERIES))
+            tx.send(protocol.encode_start(SERIES))
             try:
                 if ok:
                     assert rx.recv(3000).series == SERIES
@@ -259,8 +259,8 @@ def test_ring_bound_is_exact():
 # the service keeps running -----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def service():
-    from edge.pipeline import FramePipeline
-    from edge.service import EdgeService
+    from beamloop.edge.path import FramePipeline
+    from beamloop.edge.service import EdgeService
 
     ctx = zmq.Context.instance()
     rx = FrameReceiver("tcp://127.0.0.1:0", bind=True, ring=RING)
@@ -276,16 +276,16 @@ def service():
 @settings(FAST, max_examples=40)
 @given(messages=st.lists(message(), min_size=1, max_size=6))
 def test_service_goes_on_after_bad_messages(service, messages):
-    from edge.sim.frames import mos2_frame
+    from beamloop.edge.sim.frames import mos2_frame
 
     tx, svc = service
     for parts in messages:
         if not too_big(parts[0]):
             tx.send_multipart(parts)
     image = mos2_frame(shape=(48, 48), seed=2).counts.astype(np.uint16)
-    s = native.new_series(1, ["haadf"], image.shape, np.uint16, user_data={"kind": "frame", "pixel_size_A": 0.15})
-    tx.send(native.encode_start(s))
-    tx.send_multipart([native.encode_image_header(s, 0, [("raw", image.nbytes)]), image])
+    s = protocol.new_series(1, ["haadf"], image.shape, np.uint16, user_data={"kind": "frame", "pixel_size_A": 0.15})
+    tx.send(protocol.encode_start(s))
+    tx.send_multipart([protocol.encode_image_header(s, 0, [("raw", image.nbytes)]), image])
     rejected = svc.receiver.counters.rejected
     for _ in range(len(messages) + 1):  # fuzzed frames of other series may come first (processed or rejected)
         got = svc.next_frame(5000)

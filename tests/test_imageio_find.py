@@ -9,13 +9,13 @@ import pytest
 import tifffile
 from PIL import Image as PILImage
 
-from edge.cli import main
-from edge.columns import read_csv
-from edge.imageio import ImageReadError, read_image
-from edge.scoring import score_frame
-from edge.sim.frames import mos2_frame
+from beamloop.edge.cli import main
+from beamloop.edge.frame.columns import read_csv
+from beamloop.edge.io.imageio import ImageReadError, read_image
+from beamloop.edge.analysis.scoring import score_frame
+from beamloop.edge.sim.frames import mos2_frame
 
-EXAMPLES = resources.files("edge") / "data" / "examples"
+EXAMPLES = resources.files("beamloop.edge") / "data" / "examples"
 
 
 def write_hspy(path, data, scale, units):

@@ -7,12 +7,12 @@ import threading
 import pytest
 import zmq
 
-from edge.bridge import BridgeClient, BridgeServer, BridgeTimeout
-from edge.cli import main
-from edge.keys import (ClientKeys, InsecureBindError, KeyFileError, ServerKeys, add_client_key_arguments,
+from beamloop.edge.control.bridge import BridgeClient, BridgeServer, BridgeTimeout
+from beamloop.edge.cli import main
+from beamloop.edge.control.keys import (ClientKeys, InsecureBindError, KeyFileError, ServerKeys, add_client_key_arguments,
                        add_server_key_arguments, authorize, check_bind, client_keys_from_args, create_key_pair,
                        is_local_endpoint, server_keys_from_args)
-from edge.scanframe import ScanFrame
+from beamloop.edge.frame.scanframe import ScanFrame
 
 pytestmark = pytest.mark.skipif(not zmq.has("curve"), reason="this libzmq has no CURVE support")
 
@@ -117,7 +117,7 @@ def test_unauthorized_clients_reach_nothing(secured, who):
 
 
 def test_command_options_name_the_keys(keydir):
-    """The options a command that runs a bridge end adds (edge.keys.add_*_key_arguments) load the same keys."""
+    """The options a command that runs a bridge end adds (beamloop.edge.control.keys.add_*_key_arguments) load the same keys."""
     sp, cp = argparse.ArgumentParser(), argparse.ArgumentParser()
     add_server_key_arguments(sp)
     add_client_key_arguments(cp)

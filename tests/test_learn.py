@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from edge.learn import dataset as ds
-from edge.segment import HEAT_SIGMA_PX, SEG_CLASSES, normalise_frame
+from beamloop.edge.learn import dataset as ds
+from beamloop.edge.stages.unet import HEAT_SIGMA_PX, SEG_CLASSES, normalise_frame
 
 
 def test_column_snr_matches_the_matched_filter_formula():
@@ -99,8 +99,8 @@ def test_fused_batchnorm_and_onnx_export_match_torch(tmp_path):
     """The exported ensemble (BN folded) computes what the torch members compute, in ONNX Runtime."""
     import onnxruntime as ort
 
-    from edge.learn import export
-    from edge.learn.model import Ensemble, UNet, fuse_batchnorm
+    from beamloop.edge.learn import export
+    from beamloop.edge.learn.model import Ensemble, UNet, fuse_batchnorm
 
     torch.manual_seed(0)
     members = []
@@ -132,7 +132,7 @@ def test_fused_batchnorm_and_onnx_export_match_torch(tmp_path):
 @pytest.mark.slow
 def test_train_and_export_smoke(tmp_path):
     """`beamloop train` end to end on a toy budget: weights, history, curve, ONNX files, manifest."""
-    from edge.cli import main
+    from beamloop.edge.cli import main
 
     rc = main(["train", "--out", str(tmp_path / "w"), "--members", "2", "--steps", "3", "--tiles", "8",
                "--batch", "2", "--tile", "64", "--to", str(tmp_path / "m"), "--quick-eval", "--quiet"])
@@ -149,7 +149,7 @@ def test_train_and_export_smoke(tmp_path):
 def test_cramer_rao_bound_of_a_gaussian_spot():
     """Poisson counts of a Gaussian spot of N electrons and width sigma: the Fisher information on a shift is
     N / sigma^2 per axis, so the 2-D bound is sqrt(2) sigma / sqrt(N); background only adds noise."""
-    from edge.learn.evaluate import cramer_rao_rms_px
+    from beamloop.edge.learn.evaluate import cramer_rao_rms_px
 
     sigma, n = 1.5, 400.0
     yy, xx = np.mgrid[0:41, 0:41]

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import zmq
 
-from streams import native
-from streams.errors import (FrameMismatch, MalformedMessage, OversizedMessage, TruncatedMessage,
+from beamloop.streams.native import protocol
+from beamloop.streams.errors import (FrameMismatch, MalformedMessage, OversizedMessage, TruncatedMessage,
                             UnexpectedMessage)
-from streams.receiver import Frame, FrameReceiver, StreamEnd, StreamStart
-from streams.sender import FrameSender
+from beamloop.streams.native.receiver import Frame, FrameReceiver, StreamEnd, StreamStart
+from beamloop.streams.native.sender import FrameSender
 
 
 @pytest.fixture
@@ -113,14 +113,14 @@ def _good_frame_after(tx, rx, value=9):
 
 
 def _image_header(series, blob_size, encoding="raw", image_id=0):
-    return native.encode_image_header(series, image_id, [(encoding, blob_size)])
+    return protocol.encode_image_header(series, image_id, [(encoding, blob_size)])
 
 
 @pytest.mark.parametrize(
     "parts, error, text",
     [
         ([b"\x00\x01garbage"], MalformedMessage, "self-describe tag"),
-        ([native.SELF_DESCRIBE_PREFIX + b"\xff\xfe"], MalformedMessage, "not valid CBOR"),
+        ([protocol.SELF_DESCRIBE_PREFIX + b"\xff\xfe"], MalformedMessage, "not valid CBOR"),
         ([cbor2.dumps(cbor2.CBORTag(55799, [1, 2]))], MalformedMessage, "expected a map"),
         ([cbor2.dumps(cbor2.CBORTag(55799, {"type": "picture"}))], MalformedMessage, "unknown message type"),
         ([cbor2.dumps(cbor2.CBORTag(55799, {"type": "image", "series_id": 0}))], MalformedMessage, "missing field"),
@@ -224,7 +224,7 @@ def test_corrupt_lz4_blob(link):
 
 def test_image_before_start_and_foreign_series(link):
     tx, rx = link
-    orphan = native.new_series(5, ["haadf"], (4, 4), np.uint16)
+    orphan = protocol.new_series(5, ["haadf"], (4, 4), np.uint16)
     tx.send_raw([_image_header(orphan, 32), b"\x00" * 32])
     with pytest.raises(UnexpectedMessage, match="no open series"):
         recv(rx)
@@ -245,7 +245,7 @@ def test_timeout_returns_none(link):
 def test_decode_header_rejects_bool_for_int():
     msg = cbor2.dumps(cbor2.CBORTag(55799, {"type": "end", "series_id": True, "series_unique_id": "u"}))
     with pytest.raises(MalformedMessage, match="series_id"):
-        native.decode_header(msg)
+        protocol.decode_header(msg)
 
 
 def test_receiver_ring_must_hold_two_frames():

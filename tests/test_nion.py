@@ -7,19 +7,19 @@ import time
 import numpy as np
 import pytest
 
-from edge.nion import nion_available
+from beamloop.edge.control.nion import nion_available
 
 pytestmark = pytest.mark.skipif(not nion_available(), reason=(
-    "nionswift-instrumentation / nionswift-usim not installed: pip install -e '.[safety]'"))
+    "nionswift-instrumentation / nionswift-usim not installed: pip install -e '.[nion]'"))
 
-from edge.bridge import BridgeClient, BridgeError  # noqa: E402
-from edge.safety import SafetyLimits  # noqa: E402
-from streams.receiver import Frame, FrameReceiver, StreamEnd, StreamStart  # noqa: E402
+from beamloop.edge.control.bridge import BridgeClient, BridgeError  # noqa: E402
+from beamloop.edge.control.safety import SafetyLimits  # noqa: E402
+from beamloop.streams.native.receiver import Frame, FrameReceiver, StreamEnd, StreamStart  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def usim(tmp_path_factory):
-    from edge.nion import start_usim, stop_usim
+    from beamloop.edge.control.nion import start_usim, stop_usim
 
     scan = start_usim(tmp_path_factory.mktemp("usim"))
     yield scan
@@ -27,7 +27,7 @@ def usim(tmp_path_factory):
 
 
 def serving(scan, limits):
-    from edge.nion import NionScanController
+    from beamloop.edge.control.nion import NionScanController
 
     ctl = NionScanController(scan, limits=limits)
     stop = threading.Event()

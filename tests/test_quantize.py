@@ -10,11 +10,11 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("brevitas")
 pytest.importorskip("qonnx")
 
-from edge.trigger_model import MODEL_DIR, FeatureSpec, IntegerMLP, load_manifest, window_features  # noqa: E402
-from quantize.export import (ALLOWED_OPS, agreement, export_qonnx, integer_mlp, plain_onnx,  # noqa: E402
+from beamloop.edge.trigger.model import MODEL_DIR, FeatureSpec, IntegerMLP, load_manifest, window_features  # noqa: E402
+from beamloop.quantize.export import (ALLOWED_OPS, agreement, export_qonnx, integer_mlp, plain_onnx,  # noqa: E402
                              qonnx_outputs)
-from quantize.model import Bits, quant_mlp  # noqa: E402
-from quantize.streams import StreamConditions, training_segments  # noqa: E402
+from beamloop.quantize.model import Bits, quant_mlp  # noqa: E402
+from beamloop.quantize.data import StreamConditions, training_segments  # noqa: E402
 
 
 def _inputs(spec: FeatureSpec, n_random: int, seed: int) -> np.ndarray:
@@ -90,8 +90,8 @@ def test_shipped_qonnx_graph_matches_the_integer_runtime():
 
 @pytest.mark.slow
 def test_train_export_and_eval_from_the_command_line(tmp_path):
-    from edge.cli import main
-    from edge.trigger_model import ModelTrigger
+    from beamloop.edge.cli import main
+    from beamloop.edge.trigger.model import ModelTrigger
 
     md = tmp_path / "models"
     assert main(["quantize", "train", "--quick", "--out", str(tmp_path / "run"), "--model-dir", str(md),
@@ -110,7 +110,7 @@ def test_train_export_and_eval_from_the_command_line(tmp_path):
 
 
 def test_shipped_4d_stem_qonnx_graph_matches_the_integer_runtime():
-    from quantize.fourd import exactness_inputs
+    from beamloop.quantize.fourd import exactness_inputs
 
     entry = load_manifest()["models"]["fourd_column"]
     x = exactness_inputs(entry["input"]["shape"][0], entry["input"]["input_bits"], seed=22)
@@ -122,7 +122,7 @@ def test_shipped_4d_stem_qonnx_graph_matches_the_integer_runtime():
 
 @pytest.mark.slow
 def test_4d_stem_trigger_train_export_and_eval_from_the_command_line(tmp_path):
-    from edge.cli import main
+    from beamloop.edge.cli import main
 
     md = tmp_path / "models"
     assert main(["quantize", "train", "--task", "fourd", "--quick", "--out", str(tmp_path / "run"),

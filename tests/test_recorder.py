@@ -13,11 +13,11 @@ import h5py
 import numpy as np
 import pytest
 
-from streams import codecs
-from streams.detector import DetectorReceiver, FrameStack, SeriesEnd, SeriesStart
-from streams.recorder import Recorder, data_files, iter_chunks, read_frames, record, recording_info
-from streams.simplon import SimplonSender
-from streams.stream_v2 import Stream2Sender
+from beamloop.streams.dectris import codecs
+from beamloop.streams.dectris.receiver import DetectorReceiver, FrameStack, SeriesEnd, SeriesStart
+from beamloop.streams.dectris.recorder import Recorder, data_files, iter_chunks, read_frames, record, recording_info
+from beamloop.streams.dectris.simplon import SimplonSender
+from beamloop.streams.dectris.stream_v2 import Stream2Sender
 
 pytest.importorskip("hdf5plugin", reason="hdf5plugin not installed (pip install '.[detector]')")
 
@@ -120,7 +120,7 @@ def test_recorder_refuses_to_overwrite(tmp_path):
 
 
 def _beamloop(*args):
-    code = "import sys; from edge.cli import main; sys.exit(main(sys.argv[1:]))"
+    code = "import sys; from beamloop.edge.cli import main; sys.exit(main(sys.argv[1:]))"
     return [sys.executable, "-c", code, *args]
 
 

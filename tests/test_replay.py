@@ -4,8 +4,8 @@ import threading
 
 import numpy as np
 
-from edge.replay import replay
-from streams.receiver import Frame, FrameReceiver, StreamEnd, StreamStart
+from beamloop.edge.io.replay import replay
+from beamloop.streams.native.receiver import Frame, FrameReceiver, StreamEnd, StreamStart
 
 
 def test_replay_folder_bit_exact(tmp_path):

@@ -10,13 +10,13 @@ import cbor2
 import pytest
 import zmq
 
-from edge.bridge import BridgeClient, BridgeError, BridgeServer, encode_request
-from edge.pipeline import FramePipeline
-from edge.safety import BeamSafety, RateLimiter, SafetyLimits, SequenceTracker, add_safety_arguments, safety_options
-from edge.scanframe import ScanFrame
-from edge.service import EdgeService
-from edge.sim.microscope import MicroscopeConfig, SimulatedMicroscope
-from streams.receiver import FrameReceiver
+from beamloop.edge.control.bridge import BridgeClient, BridgeError, BridgeServer, encode_request
+from beamloop.edge.path import FramePipeline
+from beamloop.edge.control.safety import BeamSafety, RateLimiter, SafetyLimits, SequenceTracker, add_safety_arguments, safety_options
+from beamloop.edge.frame.scanframe import ScanFrame
+from beamloop.edge.service import EdgeService
+from beamloop.edge.sim.microscope import MicroscopeConfig, SimulatedMicroscope
+from beamloop.streams.native.receiver import FrameReceiver
 
 
 class Clock:

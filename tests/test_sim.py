@@ -5,11 +5,11 @@ import math
 import numpy as np
 import pytest
 
-from edge.scanframe import ScanFrame
-from edge.sim import distortion as dist
-from edge.sim import lattice, profiles
-from edge.sim.frames import FrameSimulator, electrons_per_second, mos2_frame
-from edge.sim.render import ColumnRenderer
+from beamloop.edge.frame.scanframe import ScanFrame
+from beamloop.edge.sim import distortion as dist
+from beamloop.edge.sim import lattice, profiles
+from beamloop.edge.sim.frames import FrameSimulator, electrons_per_second, mos2_frame
+from beamloop.edge.sim.render import ColumnRenderer
 
 
 def test_mos2_geometry():

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from bench.soak import run, slope_per_hour, summarize
+from beamloop.bench.soak import run, slope_per_hour, summarize
 
 
 def test_slope_and_summary_known_answers():

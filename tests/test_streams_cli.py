@@ -14,9 +14,9 @@ import threading
 import numpy as np
 import pytest
 
-from edge import fourd
-from streams import cli
-from streams.recorder import read_frames
+from beamloop.edge.analysis import live4d
+from beamloop.streams import cli
+from beamloop.streams.dectris.recorder import read_frames
 
 SCAN = (4, 5)
 DET = 32
@@ -66,8 +66,8 @@ def expected_images(frames):
     """BF and ADF by numpy, with the detectors cmd_receive uses by default (disk of a sixth of the detector,
     annulus from 1.25 x that to the edge, centred)."""
     centre = ((DET - 1) / 2, (DET - 1) / 2)
-    bf = fourd.disk_mask((DET, DET), DET / 6, centre)
-    adf = fourd.annulus_mask((DET, DET), DET / 6 * 1.25, DET / 2, centre)
+    bf = live4d.disk_mask((DET, DET), DET / 6, centre)
+    adf = live4d.annulus_mask((DET, DET), DET / 6 * 1.25, DET / 2, centre)
     f = frames.astype(np.float64)
     return {"bf": (f * bf).sum((1, 2)).reshape(SCAN), "adf": (f * adf).sum((1, 2)).reshape(SCAN)}
 

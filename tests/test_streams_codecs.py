@@ -6,9 +6,9 @@ import lz4.block
 import numpy as np
 import pytest
 
-from streams import codecs
-from streams.codecs import BSLZ4, LZ4, LZ4_BLOCK, NONE, Codec
-from streams.errors import FrameMismatch, MalformedMessage, OversizedMessage, TruncatedMessage
+from beamloop.streams.dectris import codecs
+from beamloop.streams.dectris.codecs import BSLZ4, LZ4, LZ4_BLOCK, NONE, Codec
+from beamloop.streams.errors import FrameMismatch, MalformedMessage, OversizedMessage, TruncatedMessage
 
 DTYPES = [np.dtype("u1"), np.dtype("<u2"), np.dtype("<u4")]
 

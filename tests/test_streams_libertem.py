@@ -11,8 +11,8 @@ import time
 import numpy as np
 import pytest
 
-from streams.detector import DetectorReceiver, FrameStack, SeriesEnd, SeriesStart
-from streams.simplon import SimplonSender, series_messages, write_dump
+from beamloop.streams.dectris.receiver import DetectorReceiver, FrameStack, SeriesEnd, SeriesStart
+from beamloop.streams.dectris.simplon import SimplonSender, series_messages, write_dump
 
 ld = pytest.importorskip("libertem_dectris", reason="libertem-dectris not installed (pip install '.[detector]')")
 

@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 import zmq
 
-from streams import codecs, simplon
-from streams.detector import DetectorReceiver, FrameStack, SeriesEnd, SeriesStart
-from streams.errors import (FrameMismatch, MalformedMessage, OversizedMessage, TruncatedMessage,
+from beamloop.streams.dectris import codecs
+from beamloop.streams.dectris import simplon
+from beamloop.streams.dectris.receiver import DetectorReceiver, FrameStack, SeriesEnd, SeriesStart
+from beamloop.streams.errors import (FrameMismatch, MalformedMessage, OversizedMessage, TruncatedMessage,
                             UnexpectedMessage)
-from streams.simplon import SimplonSender
+from beamloop.streams.dectris.simplon import SimplonSender
 
 from detector_events import collect, stacked
 

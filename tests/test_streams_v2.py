@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import zmq
 
-from streams import codecs, stream_v2
-from streams.detector import DetectorReceiver, DetectorSeries, FrameStack, SeriesEnd, SeriesStart
-from streams.errors import FrameMismatch, MalformedMessage, OversizedMessage, UnexpectedMessage
-from streams.stream_v2 import Stream2Sender
+from beamloop.streams.dectris import codecs
+from beamloop.streams.dectris import stream_v2
+from beamloop.streams.dectris.receiver import DetectorReceiver, DetectorSeries, FrameStack, SeriesEnd, SeriesStart
+from beamloop.streams.errors import FrameMismatch, MalformedMessage, OversizedMessage, UnexpectedMessage
+from beamloop.streams.dectris.stream_v2 import Stream2Sender
 
 from detector_events import collect
 

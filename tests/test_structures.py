@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from scipy.spatial import cKDTree
 
-from edge.scanframe import ScanFrame
-from edge.sim import lattice, structures
-from edge.sim.frames import FrameSimulator
+from beamloop.edge.frame.scanframe import ScanFrame
+from beamloop.edge.sim import lattice, structures
+from beamloop.edge.sim.frames import FrameSimulator
 
 BOX = (-20.0, 20.0, -20.0, 20.0)
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from edge.trigger import CusumTrigger, WindowTrigger, make_trigger
+from beamloop.edge.trigger.classical import CusumTrigger, WindowTrigger, make_trigger
 
 
 def test_cusum_fires_exactly_where_the_llr_sum_crosses_h():

@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from edge.trigger import make_trigger
-from edge.trigger_model import MODEL_DIR, FeatureSpec, IntegerMLP, ModelTrigger, load_manifest, window_features
+from beamloop.edge.trigger.classical import make_trigger
+from beamloop.edge.trigger.model import MODEL_DIR, FeatureSpec, IntegerMLP, ModelTrigger, load_manifest, window_features
 
 
 def test_features_by_hand():
@@ -146,7 +146,7 @@ def test_bad_input(tmp_path):
 # the shipped model -------------------------------------------------------------------------------------------
 
 def _shipped_inputs(n_sim: int = 3000, n_random: int = 2000):
-    from quantize.streams import StreamConditions, training_segments
+    from beamloop.quantize.data import StreamConditions, training_segments
 
     entry = load_manifest()["models"]["ejection"]
     spec = FeatureSpec(**entry["features"])
@@ -168,7 +168,7 @@ def test_shipped_model_is_bit_exact_with_its_plain_onnx_graph():
 
 
 def test_shipped_model_detects_an_ejection_on_the_main_jobs_stream():
-    from quantize.streams import StreamConditions, dwell_streams
+    from beamloop.quantize.data import StreamConditions, dwell_streams
 
     st = dwell_streams(20, StreamConditions.clean(), seed=31)
     t = make_trigger("model")
@@ -189,7 +189,7 @@ def test_shipped_model_detects_an_ejection_on_the_main_jobs_stream():
 def test_shipped_4d_stem_trigger_is_bit_exact_with_its_plain_onnx_graph():
     import onnxruntime as ort
 
-    from quantize.fourd import exactness_inputs
+    from beamloop.quantize.fourd import exactness_inputs
 
     entry = load_manifest()["models"]["fourd_column"]
     x = exactness_inputs(entry["input"]["shape"][0], entry["input"]["input_bits"], seed=21)

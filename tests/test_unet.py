@@ -1,4 +1,4 @@
-"""Serving the learned finder (edge/segment.py): providers, tiling, column extraction, the shipped ensemble,
+"""Serving the learned finder (edge/unet.py): providers, tiling, column extraction, the shipped ensemble,
 and its use by the pipeline and `beamloop find`."""
 
 import json
@@ -7,12 +7,12 @@ import math
 import numpy as np
 import pytest
 
-from edge import segment
-from edge.pipeline import FramePipeline
-from edge.preprocess import FrameError
-from edge.scoring import score_frame
-from edge.segment import SEG_CLASSES, ModelError, UNetFinder, normalise_frame, select_providers, tile_origins
-from edge.sim.frames import mos2_frame
+from beamloop.edge.stages import unet
+from beamloop.edge.path import FramePipeline
+from beamloop.edge.stages.preprocess import FrameError
+from beamloop.edge.analysis.scoring import score_frame
+from beamloop.edge.stages.unet import SEG_CLASSES, ModelError, UNetFinder, normalise_frame, select_providers, tile_origins
+from beamloop.edge.sim.frames import mos2_frame
 
 
 # --- providers -------------------------------------------------------------------------------------------
@@ -41,7 +41,7 @@ def test_tile_cores_partition_the_frame(n, tile, overlap):
     assert all(b - a <= tile - overlap for a, b in zip(origins, origins[1:]))
     owned = np.zeros(n, int)
     for k in range(len(origins)):
-        lo, hi = segment._core(origins, k, n, tile)
+        lo, hi = unet._core(origins, k, n, tile)
         assert origins[k] <= lo < hi <= origins[k] + tile
         owned[lo:hi] += 1
     assert (owned == 1).all()
@@ -106,7 +106,7 @@ def test_columns_from_heat_maps(tmp_path):
     truth = np.array([[10.3, 12.6], [30.0, 20.45], [45.7, 33.2], [20.0, 40.0]])
     shift = 0.1  # member 0 sees every column 0.1 px to the left, member 1 to the right
     yy, xx = np.mgrid[0:shape[0], 0:shape[1]]
-    s2 = 2 * segment.HEAT_SIGMA_PX ** 2
+    s2 = 2 * unet.HEAT_SIGMA_PX ** 2
     finder._heat[:] = 0
     finder._cls[:] = 0
     for k, d in enumerate((-shift, shift)):
@@ -132,7 +132,7 @@ def _gaussians(shape, centres, heights):
     yy, xx = np.mgrid[0:shape[0], 0:shape[1]]
     out = np.zeros(shape, np.float32)
     for (x, y), h in zip(centres, heights):
-        out = np.maximum(out, h * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * segment.HEAT_SIGMA_PX ** 2)))
+        out = np.maximum(out, h * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * unet.HEAT_SIGMA_PX ** 2)))
     return out
 
 
@@ -175,17 +175,17 @@ def test_adaptive_minimum_distance_keeps_dumbbells(tmp_path):
 
 
 # --- the shipped ensemble ----------------------------------------------------------------------------------
-shipped = pytest.mark.skipif(not (segment.default_model_dir() / "manifest.json").is_file(),
+shipped = pytest.mark.skipif(not (unet.default_model_dir() / "manifest.json").is_file(),
                              reason="no shipped model in edge/models/unet (run `beamloop train`)")
 
 
 @pytest.fixture(scope="module")
 def finders():
-    return {p: UNetFinder(precision=p, device="cpu") for p in segment.PRECISIONS}
+    return {p: UNetFinder(precision=p, device="cpu") for p in unet.PRECISIONS}
 
 
 def _score(finder, frames):
-    from edge.scoring import combine
+    from beamloop.edge.analysis.scoring import combine
 
     return combine([_score_one(finder, f) for f in frames])
 
@@ -198,12 +198,12 @@ def _score_one(finder, f):
 
 @shipped
 def test_shipped_manifest_names_its_files_and_metrics():
-    man = segment.load_manifest()
+    man = unet.load_manifest()
     assert man["members"] >= 3 and man["tile"] == 256 and man["opset"] >= 17
     import hashlib
 
     for prec, name in man["files"].items():
-        data = (segment.default_model_dir() / name).read_bytes()
+        data = (unet.default_model_dir() / name).read_bytes()
         assert hashlib.sha256(data).hexdigest() == man["sha256"][prec]
     assert sum(man["size_bytes"].values()) < 8e6
     assert {"fp32", "fp16", "int8", "classical"} <= set(man["metrics"])
@@ -226,8 +226,8 @@ def _held_out_score(finders, precision, dose):
 
 
 def _classical_score(frames):
-    from edge.find import ColumnFinder, FinderConfig
-    from edge.scoring import combine
+    from beamloop.edge.stages.find import ColumnFinder, FinderConfig
+    from beamloop.edge.analysis.scoring import combine
 
     out = []
     for f in frames:
@@ -264,8 +264,8 @@ def test_shipped_model_beats_the_classical_finder_at_low_dose(finders):
 @pytest.mark.parametrize("dose", [1e4, 1e5])
 def test_shipped_model_position_error_near_the_physical_bound(finders, dose):
     """The RMS error stays within 20% of what any per-column finder can reach on these frames: the
-    Cramer-Rao bound of their photon noise combined with the scan-distortion floor (edge.learn.evaluate)."""
-    from edge.learn.evaluate import position_error_floor
+    Cramer-Rao bound of their photon noise combined with the scan-distortion floor (beamloop.edge.learn.evaluate)."""
+    from beamloop.edge.learn.evaluate import position_error_floor
 
     bound = position_error_floor(dose)
     assert 5.0 < bound["distortion_floor_pm"] < 6.5  # the simulator's typical jitter and wobble
@@ -277,7 +277,7 @@ _RMS_REASON = ("below the physical bound of these frames: measured 14.8 pm at 1e
                "(classical finder 15.2 / 7.3 pm); the Cramer-Rao bound of the photon noise alone is 11.6 / 3.7 pm "
                "and scan distortion the truth does not follow (per-line jitter, and the 50 Hz wobble changing across "
                "each column's lines; ~3.8 pm each) leaves 5.7 pm on noise-free frames, together 12.9 / 6.8 pm "
-               "(edge.learn.evaluate.position_error_floor, bench/results/unet_diagnose.json)")
+               "(beamloop.edge.learn.evaluate.position_error_floor, bench/results/unet_diagnose.json)")
 
 
 @shipped
@@ -345,9 +345,9 @@ def test_pipeline_unet_method_and_vacancies(finders):
 def test_find_files_unet_writes_tables_overlays_and_uncertainty(tmp_path, finders):
     from importlib import resources
 
-    from edge.findfiles import find_files
+    from beamloop.edge.batch_find import find_files
 
-    ex = resources.files("edge") / "data" / "examples" / "si110_haadf_atomsegnet.png"
+    ex = resources.files("beamloop.edge") / "data" / "examples" / "si110_haadf_atomsegnet.png"
     out = find_files([ex], tmp_path, method="unet", device="cpu", precision="int8")
     o = out[0]
     assert not o.error and len(o.columns) > 100

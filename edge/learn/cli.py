@@ -13,7 +13,7 @@ DEFAULT_WORK = "out/unet"
 
 def cmd_train(a: argparse.Namespace) -> int:
     """``beamloop train``: train the U-Net ensemble (and export it unless ``--no-export``); exit status."""
-    from edge.learn.train import TrainConfig, train
+    from beamloop.edge.learn.train import TrainConfig, train
 
     cfg = TrainConfig(members=a.members, steps=a.steps, batch=a.batch, tiles=a.tiles, tile=a.tile, lr=a.lr,
                       seed=a.seed, threads=a.threads)
@@ -28,7 +28,7 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 def cmd_export(a: argparse.Namespace) -> int:
     """``beamloop export``: ONNX FP32/FP16/INT8 and manifest from trained members; exit status."""
-    from edge.learn.export import export_all, write_metrics
+    from beamloop.edge.learn.export import export_all, write_metrics
 
     if getattr(a, "metrics_only", False):
         manifest = write_metrics(Path(a.to) if a.to else None, quick=a.quick, progress=not a.quiet)
@@ -39,7 +39,7 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
-    """Add ``train`` and ``export`` to the ``beamloop`` sub-parsers (see :mod:`edge.cli`)."""
+    """Add ``train`` and ``export`` to the ``beamloop`` sub-parsers (see :mod:`beamloop.edge.cli`)."""
     t = sub.add_parser("train", help="train the U-Net ensemble on simulated frames (needs the 'train' extra)")
     t.add_argument("--out", default=DEFAULT_WORK, help="work folder: tiles, weights, history, training curve")
     t.add_argument("--members", type=int, default=3, help="ensemble members (>= 3 for the shipped model)")

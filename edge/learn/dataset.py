@@ -2,7 +2,7 @@
 
 A data set is a stack of noise-free tiles: the expected HAADF signal (fraction of probe electrons reaching
 the detector) of a random specimen under a random scan, with the true column positions in pixels (moved
-by the smooth part of the scan distortion, as :class:`edge.sim.frames.FrameSimulator` reports them).
+by the smooth part of the scan distortion, as :class:`beamloop.edge.sim.frames.FrameSimulator` reports them).
 Everything that is cheap is drawn anew at every training step (:class:`Augmenter`): the dose and its
 Poisson noise, per-line gain and offset (scan-line streaks), read noise, 8-bit contrast stretching with
 clipping, flips, and which columns a network can be asked to see at that dose.
@@ -13,8 +13,8 @@ generic columns), pixel size 0.05-0.3 Angstrom, lattice rotation and offset, sou
 0.15-0.45 Angstrom, drift / wobble / line jitter at 0-2 times their typical size, vacancies, partial
 columns and substitutions, grain boundaries, holes, a smooth background (support film, contamination).
 
-Targets (:func:`draw_targets`): a heat map with a Gaussian of :data:`edge.segment.HEAT_SIGMA_PX` at each
-visible column, a class index map near each column (:data:`edge.segment.SEG_CLASSES`), and a weight map
+Targets (:func:`draw_targets`): a heat map with a Gaussian of :data:`beamloop.edge.stages.unet.HEAT_SIGMA_PX` at each
+visible column, a class index map near each column (:data:`beamloop.edge.stages.unet.SEG_CLASSES`), and a weight map
 that is zero around columns too faint to call either way at the drawn dose (:func:`column_snr`).
 """
 
@@ -28,11 +28,11 @@ import numba
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
-from edge.scanframe import ScanFrame
-from edge.segment import HEAT_SIGMA_PX, SEG_CLASSES, normalise_frame
-from edge.sim import distortion as dist
-from edge.sim import lattice, profiles, structures
-from edge.sim.render import ColumnRenderer
+from beamloop.edge.frame.scanframe import ScanFrame
+from beamloop.edge.stages.unet import HEAT_SIGMA_PX, SEG_CLASSES, normalise_frame
+from beamloop.edge.sim import distortion as dist
+from beamloop.edge.sim import lattice, profiles, structures
+from beamloop.edge.sim.render import ColumnRenderer
 
 TRAIN_STRUCTURES = {
     "MoS2": 0.34, "WS2": 0.07, "MoSe2": 0.06, "MoTe2": 0.04, "graphene": 0.05, "hBN": 0.03,

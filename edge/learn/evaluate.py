@@ -2,10 +2,10 @@
 
 Held-out means: other seeds than training (seeds from 100 000 on), doses fixed at 1e3 / 1e4 / 1e5 / 1e6 e-/A^2
 (training draws them continuously), and besides MoS2 two structures never trained on
-(:data:`edge.learn.dataset.HELD_OUT_STRUCTURES`). MoS2 frames come from :func:`edge.sim.frames.mos2_frame`
+(:data:`beamloop.edge.learn.dataset.HELD_OUT_STRUCTURES`). MoS2 frames come from :func:`beamloop.edge.sim.frames.mos2_frame`
 (256 x 256, 0.15 A/px, the frames of the classical finder's published figures) and are scored with
-:func:`edge.scoring.score_frame` (0.5 A matching, 0.5 A edge margin). Frames of other structures are scored on
-the columns visible at their dose (:func:`edge.learn.dataset.column_snr` >= ``SNR_VISIBLE``); found columns on
+:func:`beamloop.edge.analysis.scoring.score_frame` (0.5 A matching, 0.5 A edge margin). Frames of other structures are scored on
+the columns visible at their dose (:func:`beamloop.edge.learn.dataset.column_snr` >= ``SNR_VISIBLE``); found columns on
 fainter ones are left out of the count, as the training loss leaves them out.
 """
 
@@ -17,10 +17,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edge.columns import ColumnTable
-from edge.learn.dataset import SNR_IGNORE, SNR_VISIBLE, column_snr, render_tile, sample_tile_config
-from edge.scoring import Score, combine, match, score_frame
-from edge.sim.frames import mos2_frame
+from beamloop.edge.frame.columns import ColumnTable
+from beamloop.edge.learn.dataset import SNR_IGNORE, SNR_VISIBLE, column_snr, render_tile, sample_tile_config
+from beamloop.edge.analysis.scoring import Score, combine, match, score_frame
+from beamloop.edge.sim.frames import mos2_frame
 
 DOSES = (1e3, 1e4, 1e5, 1e6)
 """Held-out doses, e-/Angstrom^2."""
@@ -108,7 +108,7 @@ def held_out_sets(quick: bool = False) -> dict[str, list[EvalFrame]]:
     """The held-out sets by name: ``MoS2@1e4`` etc. and ``<structure>@1e5`` for the other structures."""
     n_mos2 = 2 if quick else 4
     sets = {f"MoS2@{d:.0e}": mos2_frames(d, n_mos2) for d in DOSES}
-    from edge.learn.dataset import HELD_OUT_STRUCTURES
+    from beamloop.edge.learn.dataset import HELD_OUT_STRUCTURES
 
     others = HELD_OUT_STRUCTURES + (() if quick else ("WS2", "SrTiO3[001]", "Si[110]", "Au[110]", "graphene"))
     for name in others:
@@ -119,7 +119,7 @@ def held_out_sets(quick: bool = False) -> dict[str, list[EvalFrame]]:
 
 
 def unet_find(finder):
-    """A ``find(EvalFrame)`` for :func:`score` from a :class:`edge.segment.UNetFinder`."""
+    """A ``find(EvalFrame)`` for :func:`score` from a :class:`beamloop.edge.stages.unet.UNetFinder`."""
     def find(f: EvalFrame):
         return finder.find(f.counts, "MoS2" if f.structure == "MoS2" else "generic").columns
     return find
@@ -127,7 +127,7 @@ def unet_find(finder):
 
 def classical_find():
     """A ``find(EvalFrame)`` for :func:`score` with the classical pipeline (MoS2 scale, or estimated)."""
-    from edge.findfiles import find_in_image
+    from beamloop.edge.batch_find import find_in_image
 
     def find(f: EvalFrame):
         if f.structure == "MoS2":
@@ -191,14 +191,14 @@ def position_error_floor(dose: float, n: int = 2, seed: int = 200_000, floor_dos
       simulated at ``floor_dose``, scaled to ``dose``.
     - ``distortion_floor_pm``: RMS error of the classical finder on those ``floor_dose`` frames: the part of
       the error that photon noise does not explain: the truth follows the smooth drift and wobble at each
-      column's centre (:func:`edge.sim.distortion.apparent_positions`), while the column's image is also moved
+      column's centre (:func:`beamloop.edge.sim.distortion.apparent_positions`), while the column's image is also moved
       by per-line jitter and by the 50 Hz wobble changing across its lines (about 3.8 pm each on the typical
       distortion; bench/unet_diagnose.py).
     - ``bound_pm``: ``sqrt(cramer_rao_pm^2 + distortion_floor_pm^2)``.
 
     Returns a dict of floats, picometres.
     """
-    from edge.find import ColumnFinder, FinderConfig
+    from beamloop.edge.stages.find import ColumnFinder, FinderConfig
 
     crlb, floors = [], []
     for k in range(n):

@@ -1,6 +1,6 @@
 """Exporting the trained ensemble to ONNX (opset 17) in FP32, FP16 and INT8, evaluating it, and writing the manifest.
 
-- FP32: ``torch.onnx.export`` of :class:`edge.learn.model.Ensemble` after folding batch norms, with a fixed
+- FP32: ``torch.onnx.export`` of :class:`beamloop.edge.learn.model.Ensemble` after folding batch norms, with a fixed
   input ``image`` (1, 1, T, T) and outputs ``heat`` (1, M, T, T), ``classes`` (1, 4, T, T).
 - FP16: weights and activations in half precision (onnxconverter-common's ``convert_float_to_float16``), inputs
   and outputs kept float32.
@@ -9,7 +9,7 @@
   convolutions) stay in float so that the heat maps keep their sub-pixel shape.
 
 The manifest (``manifest.json``) records the files, their SHA-256, tile size, members, classes, training
-data and settings, date, and the held-out metrics of each precision (:mod:`edge.learn.evaluate`).
+data and settings, date, and the held-out metrics of each precision (:mod:`beamloop.edge.learn.evaluate`).
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.learn.dataset import HELD_OUT_STRUCTURES, TRAIN_STRUCTURES, Augmenter, build_tileset
-from edge.segment import HEAT_SIGMA_PX, SEG_CLASSES, default_model_dir
+from beamloop.edge.learn.dataset import HELD_OUT_STRUCTURES, TRAIN_STRUCTURES, Augmenter, build_tileset
+from beamloop.edge.stages.unet import HEAT_SIGMA_PX, SEG_CLASSES, default_model_dir
 
 log = logging.getLogger("beamloop.export")
 
@@ -43,7 +43,7 @@ def export_fp32(members, path: Path, tile: int = TILE) -> Path:
     import onnx
     import torch
 
-    from edge.learn.model import Ensemble, fuse_batchnorm
+    from beamloop.edge.learn.model import Ensemble, fuse_batchnorm
 
     ens = Ensemble([fuse_batchnorm(m) for m in members]).eval()
     x = torch.zeros(1, 1, tile, tile)
@@ -123,9 +123,9 @@ def export_all(work: Path, to: Path | None = None, quick: bool = False, progress
     FileNotFoundError
         No trained members in ``work``.
     """
-    from edge.learn import evaluate
-    from edge.learn.train import load_members
-    from edge.segment import UNetFinder
+    from beamloop.edge.learn import evaluate
+    from beamloop.edge.learn.train import load_members
+    from beamloop.edge.stages.unet import UNetFinder
 
     work = Path(work)
     to = Path(to) if to else default_model_dir()
@@ -148,9 +148,9 @@ def export_all(work: Path, to: Path | None = None, quick: bool = False, progress
         "members": len(members),
         "classes": list(SEG_CLASSES),
         "heat_sigma_px": HEAT_SIGMA_PX,
-        "input": "frame minus its mean, divided by its standard deviation (edge.segment.normalise_frame)",
+        "input": "frame minus its mean, divided by its standard deviation (beamloop.edge.stages.unet.normalise_frame)",
         "training_data": {
-            "simulator": "edge.sim linear incoherent HAADF model (abTEM single-atom profiles), edge.learn.dataset",
+            "simulator": "beamloop.edge.sim linear incoherent HAADF model (abTEM single-atom profiles), beamloop.edge.learn.dataset",
             "structures": TRAIN_STRUCTURES,
             "held_out_structures": list(HELD_OUT_STRUCTURES),
             "pixel_size_A": [0.05, 0.3],
@@ -168,16 +168,16 @@ def export_all(work: Path, to: Path | None = None, quick: bool = False, progress
 
 def write_metrics(to: Path | None = None, quick: bool = False, progress: bool = True) -> dict:
     """Evaluate every precision of the model in ``to`` (default: the shipped folder) and the classical finder on
-    the held-out sets (:func:`edge.learn.evaluate.held_out_sets`) with the current serving code (column
+    the held-out sets (:func:`beamloop.edge.learn.evaluate.held_out_sets`) with the current serving code (column
     extraction included), and store the figures in the manifest's ``metrics``. Returns the manifest.
 
     Raises
     ------
-    edge.segment.ModelError
+    beamloop.edge.stages.unet.ModelError
         No manifest or model files in ``to``.
     """
-    from edge.learn import evaluate
-    from edge.segment import UNetFinder, default_model_dir, load_manifest
+    from beamloop.edge.learn import evaluate
+    from beamloop.edge.stages.unet import UNetFinder, default_model_dir, load_manifest
 
     to = Path(to) if to else default_model_dir()
     manifest = load_manifest(to)
@@ -191,7 +191,7 @@ def write_metrics(to: Path | None = None, quick: bool = False, progress: bool = 
                                           for k, v in metrics[prec].items()), flush=True)
     metrics["classical"] = evaluate.evaluate(evaluate.classical_find(), sets)
     manifest["metrics"] = metrics
-    manifest["metrics_note"] = ("held-out simulated frames (edge.learn.evaluate): recall / precision / RMS pm, "
+    manifest["metrics_note"] = ("held-out simulated frames (beamloop.edge.learn.evaluate): recall / precision / RMS pm, "
                                 "0.5 A matching and edge margin; MoS2 256x256 at 0.15 A/px")
     manifest["metrics_date"] = time.strftime("%Y-%m-%d")
     (to / "manifest.json").write_text(json.dumps(manifest, indent=1))

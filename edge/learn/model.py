@@ -3,7 +3,7 @@
 A small U-Net (O. Ronneberger, P. Fischer, T. Brox, "U-Net: convolutional networks for biomedical image
 segmentation", MICCAI 2015): four resolution levels, two 3x3 convolution + batch-norm + ReLU blocks per level,
 max-pooling down, nearest-neighbour upsampling + skip concatenation up, and a 1x1 head. Output channel 0 is
-the heat-map logit, channels 1..4 the class logits of :data:`edge.segment.SEG_CLASSES`. Several members
+the heat-map logit, channels 1..4 the class logits of :data:`beamloop.edge.stages.unet.SEG_CLASSES`. Several members
 trained from different initialisations form an ensemble (as in ELIT: Ghosh et al., "Ensemble learning-iterative
 training machine learning for uncertainty quantification and automated experiment in atom-resolved
 microscopy", npj Comput. Mater. 7, 100 (2021)); :class:`Ensemble` is what gets exported to ONNX.
@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from edge.segment import SEG_CLASSES
+from beamloop.edge.stages.unet import SEG_CLASSES
 
 WIDTHS = (8, 16, 32, 64)
 """Channels per resolution level (full, 1/2, 1/4, 1/8)."""
@@ -37,7 +37,7 @@ class UNet(nn.Module):
     widths : tuple of int
         Channels per level; the input side length must be divisible by ``2 ** (len(widths) - 1)``.
 
-    Input ``(b, 1, h, w)`` float32 (:func:`edge.segment.normalise_frame`); output ``(b, 1 + 4, h, w)`` logits.
+    Input ``(b, 1, h, w)`` float32 (:func:`beamloop.edge.stages.unet.normalise_frame`); output ``(b, 1 + 4, h, w)`` logits.
     """
 
     def __init__(self, widths: tuple[int, ...] = WIDTHS) -> None:

@@ -1,6 +1,6 @@
 """Training the U-Net ensemble on simulated tiles (PyTorch, CPU), with a progress bar and a loss curve.
 
-One data set of noise-free tiles is rendered once (:func:`edge.learn.dataset.build_tileset`, cached as
+One data set of noise-free tiles is rendered once (:func:`beamloop.edge.learn.dataset.build_tileset`, cached as
 ``tiles_<n>x<size>_s<seed>.npz`` in the output folder) and shared by all members; each member starts from its
 own random initialisation and sees its own order, doses, noise and artefacts (:class:`Augmenter`).
 
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.learn.dataset import HELD_OUT_STRUCTURES, TRAIN_STRUCTURES, Augmenter, TileSet, build_tileset
+from beamloop.edge.learn.dataset import HELD_OUT_STRUCTURES, TRAIN_STRUCTURES, Augmenter, TileSet, build_tileset
 
 log = logging.getLogger("beamloop.train")
 
@@ -113,7 +113,7 @@ def train_member(k: int, tiles: TileSet, val, cfg: TrainConfig, progress: bool =
     import torch
     from tqdm import tqdm
 
-    from edge.learn.model import UNet
+    from beamloop.edge.learn.model import UNet
 
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
@@ -242,7 +242,7 @@ def load_members(out: str | Path, members: int | None = None) -> list:
     """The trained members saved by :func:`train` (eval mode). Raises ``FileNotFoundError`` when none."""
     import torch
 
-    from edge.learn.model import UNet
+    from beamloop.edge.learn.model import UNet
 
     paths = sorted(Path(out).glob("member_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
     if members is not None:

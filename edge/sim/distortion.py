@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edge.scanframe import ScanFrame
+from beamloop.edge.frame.scanframe import ScanFrame
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ simulation):
 - The probe's bright-field (BF) disk has radius ``disk_radius_px`` (the convergence semi-angle in
   detector pixels) and soft edges one pixel wide.
 - The specimen scatters a fraction ``s`` of the probe electrons out of the BF disk. ``s`` follows the
-  HAADF signal of the linear incoherent model used for HAADF frames (:class:`edge.sim.render.ColumnRenderer`,
+  HAADF signal of the linear incoherent model used for HAADF frames (:class:`beamloop.edge.sim.render.ColumnRenderer`,
   abTEM single-atom profiles): ``s = min(scatter_factor * h, s_max)`` where ``h`` is the fraction reaching
   the HAADF detector at that probe position. So the BF disk dims over atomic columns, more for heavy ones.
 - The scattered electrons land outside the disk with a radial density ``(1 + (r / r_df)^2)^-2`` (a screened
@@ -26,15 +26,15 @@ CoM points at columns, heavier columns give stronger signals) are right; absolut
 
 API for other modules (e.g. trigger models needing small labelled patterns):
 
->>> from edge.sim.fourd import training_patterns
+>>> from beamloop.edge.sim.fourd import training_patterns
 >>> patterns, labels = training_patterns(1000, detector_px=16, electrons=2000, seed=0)   # doctest: +SKIP
 >>> patterns.shape, patterns.dtype               # (1000, 16, 16) float32, counts binned 6x6
 >>> labels["over_column"]                         # bool (1000,): probe within 0.5 A of an occupied column
 >>> labels["column_class"], labels["distance_A"]  # class of the nearest site (MOS2_CLASSES), its distance
 
-For full control, build a :class:`FourDMicroscope` from a specimen (:mod:`edge.sim.lattice`) and call
+For full control, build a :class:`FourDMicroscope` from a specimen (:mod:`beamloop.edge.sim.lattice`) and call
 :meth:`FourDMicroscope.patterns` at arbitrary probe positions, :meth:`FourDMicroscope.scan` over a
-:class:`edge.scanframe.ScanFrame`, and :func:`bin_patterns` to reduce the detector size.
+:class:`beamloop.edge.frame.scanframe.ScanFrame`, and :func:`bin_patterns` to reduce the detector size.
 """
 
 from __future__ import annotations
@@ -45,10 +45,10 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
-from edge.scanframe import ScanFrame
-from edge.sim import lattice
-from edge.sim.profiles import profile_table
-from edge.sim.render import ColumnRenderer
+from beamloop.edge.frame.scanframe import ScanFrame
+from beamloop.edge.sim import lattice
+from beamloop.edge.sim.profiles import profile_table
+from beamloop.edge.sim.render import ColumnRenderer
 
 
 @dataclass(frozen=True)
@@ -122,7 +122,7 @@ class FourDMicroscope:
 
     Parameters
     ----------
-    specimen : edge.sim.lattice.Specimen
+    specimen : beamloop.edge.sim.lattice.Specimen
         Read at every call (ejected atoms show at once).
     config : FourDConfig
 

@@ -7,10 +7,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edge.scanframe import ScanFrame
-from edge.sim import distortion as dist
-from edge.sim import lattice, profiles
-from edge.sim.render import ColumnRenderer, poisson_counts
+from beamloop.edge.frame.scanframe import ScanFrame
+from beamloop.edge.sim import distortion as dist
+from beamloop.edge.sim import lattice, profiles
+from beamloop.edge.sim.render import ColumnRenderer, poisson_counts
 
 ELECTRON_CHARGE_C = 1.602176634e-19
 """Elementary charge, coulomb (CODATA 2018, exact)."""

@@ -28,14 +28,14 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import zmq
 
-from edge.bridge import BridgeError, BridgeServer
-from edge.keys import ServerKeys
-from edge.safety import BeamSafety, SafetyLimits
-from edge.scanframe import BeamPositionError, ScanFrame, check_fraction
-from edge.sim import distortion as dist
-from edge.sim import lattice
-from edge.sim.frames import FrameSimulator, SimulatedFrame, electrons_per_second
-from streams.sender import FrameSender
+from beamloop.edge.control.bridge import BridgeError, BridgeServer
+from beamloop.edge.control.keys import ServerKeys
+from beamloop.edge.control.safety import BeamSafety, SafetyLimits
+from beamloop.edge.frame.scanframe import BeamPositionError, ScanFrame, check_fraction
+from beamloop.edge.sim import distortion as dist
+from beamloop.edge.sim import lattice
+from beamloop.edge.sim.frames import FrameSimulator, SimulatedFrame, electrons_per_second
+from beamloop.streams.native.sender import FrameSender
 
 log = logging.getLogger("beamloop.sim")
 
@@ -58,7 +58,7 @@ class MicroscopeConfig:
     rotation_deg : float or None
         Lattice rotation; random when None.
     s_mono, s_di, mo_vacancy : float
-        Initial defect fractions (:func:`edge.sim.lattice.add_point_defects`).
+        Initial defect fractions (:func:`beamloop.edge.sim.lattice.add_point_defects`).
     current_pA : float
         Probe current, picoampere.
     blur_sigma_A : float
@@ -77,7 +77,7 @@ class MicroscopeConfig:
         Standard deviation of the probe's current density, Angstrom.
     max_park_s : float
         The beam is blanked after this long unblanked at one position, and no queued point may dwell
-        longer (:class:`edge.safety.SafetyLimits` ``max_point_dwell_s``).
+        longer (:class:`beamloop.edge.control.safety.SafetyLimits` ``max_point_dwell_s``).
     max_point_electrons : float or None
         Dose limit per probe position, electrons (None: none).
     watchdog_s : float or None
@@ -87,7 +87,7 @@ class MicroscopeConfig:
     safe_position : (x, y)
         Fractions of the current frame for ``on_watchdog="park"``.
     keys : ServerKeys or None
-        CURVE keys of the bridge (:mod:`edge.keys`); needed to bind it to a non-loopback address.
+        CURVE keys of the bridge (:mod:`beamloop.edge.control.keys`); needed to bind it to a non-loopback address.
     scan_damage : bool
         Whether scanning a frame ejects atoms.
     encoding : {"raw", "lz4"}

@@ -70,7 +70,7 @@ class ProfileTable:
 
 @lru_cache(maxsize=1)
 def _abtem_profiles() -> tuple[np.ndarray, dict]:
-    with resources.files("edge.sim").joinpath("data/haadf_single_atom_profiles.npz").open("rb") as f:
+    with resources.files("beamloop.edge.sim").joinpath("data/haadf_single_atom_profiles.npz").open("rb") as f:
         d = np.load(f)
         return np.asarray(d["r"], float), {"Mo": np.asarray(d["Mo"], float), "S": np.asarray(d["S"], float)}
 

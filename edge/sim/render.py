@@ -1,8 +1,8 @@
 """Rendering HAADF signals from projected columns with the linear incoherent model (numba).
 
 For every probe position the expected signal is the sum, over columns within the profile's reach, of
-each column's atoms times their element's blurred radial response (:mod:`edge.sim.profiles`). Columns
-are binned into square cells of the reach's size (:class:`edge.neighbours.GridIndex`) so that each
+each column's atoms times their element's blurred radial response (:mod:`beamloop.edge.sim.profiles`). Columns
+are binned into square cells of the reach's size (:class:`beamloop.edge.kernels.neighbours.GridIndex`) so that each
 probe position only visits the 3x3 cells around it.
 """
 
@@ -11,9 +11,9 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from edge.neighbours import GridIndex
-from edge.sim.lattice import Specimen
-from edge.sim.profiles import ProfileTable
+from beamloop.edge.kernels.neighbours import GridIndex
+from beamloop.edge.sim.lattice import Specimen
+from beamloop.edge.sim.profiles import ProfileTable
 
 
 @numba.njit(cache=True, nogil=True)

@@ -1,7 +1,7 @@
 """More specimens as projected atomic columns: other TMDs, graphene and hBN, SrTiO3 [001], Si [110], fcc [110].
 
-Every builder returns a :class:`edge.sim.lattice.Specimen` that :class:`edge.sim.render.ColumnRenderer`
-and :class:`edge.sim.frames.FrameSimulator` render as they render MoS2. Columns of 3-D crystals hold
+Every builder returns a :class:`beamloop.edge.sim.lattice.Specimen` that :class:`beamloop.edge.sim.render.ColumnRenderer`
+and :class:`beamloop.edge.sim.frames.FrameSimulator` render as they render MoS2. Columns of 3-D crystals hold
 ``thickness`` atoms of each kind along the beam (the linear incoherent model then makes them ``thickness``
 times brighter than one atom: no channelling, adequate for training data, not for quantitative HAADF).
 Non-MoS2 specimens label their columns ``("column", "vacancy")``.
@@ -27,7 +27,7 @@ from typing import Callable
 
 import numpy as np
 
-from edge.sim.lattice import MOS2_A, Specimen, bravais_points, mos2
+from beamloop.edge.sim.lattice import MOS2_A, Specimen, bravais_points, mos2
 
 GENERIC_CLASSES = ("column", "vacancy")
 """Class names of non-MoS2 specimens (:meth:`Specimen.classes`)."""
@@ -69,7 +69,7 @@ def tmd(extent_A: Extent, metal: str = "W", chalcogen: str = "S", *, rotation_de
         origin_A: tuple[float, float] = (0.0, 0.0), a: float | None = None, dopants: tuple[str, ...] = ()) -> Specimen:
     """A 2H transition-metal dichalcogenide monolayer ``MX2`` viewed along [001].
 
-    ``tmd(extent, "Mo", "S")`` is :func:`edge.sim.lattice.mos2` (material ``"MoS2"``, MoS2 classes); any
+    ``tmd(extent, "Mo", "S")`` is :func:`beamloop.edge.sim.lattice.mos2` (material ``"MoS2"``, MoS2 classes); any
     other pair is labelled generically.
 
     Parameters
@@ -79,7 +79,7 @@ def tmd(extent_A: Extent, metal: str = "W", chalcogen: str = "S", *, rotation_de
     metal, chalcogen : str
         Element symbols (e.g. ``"W"``, ``"Se"``).
     rotation_deg, origin_A
-        As in :func:`edge.sim.lattice.mos2`.
+        As in :func:`beamloop.edge.sim.lattice.mos2`.
     a : float, optional
         Lattice constant, Angstrom (default from :data:`TMD_A`, else 3.3).
     dopants : tuple of str
@@ -88,7 +88,7 @@ def tmd(extent_A: Extent, metal: str = "W", chalcogen: str = "S", *, rotation_de
     Raises
     ------
     KeyError
-        Unknown element (see :data:`edge.sim.profiles.Z`) -- raised when the specimen is rendered.
+        Unknown element (see :data:`beamloop.edge.sim.profiles.Z`) -- raised when the specimen is rendered.
     """
     name = f"{metal}{chalcogen}2"
     a = a if a is not None else TMD_A.get(name, 3.3)

@@ -1,0 +1,183 @@
+"""``beamloop find``: find atomic columns in image files and write a CSV table and an overlay per image."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from beamloop.edge.stages.classify import GenericClassifier, MoS2Classifier
+from beamloop.edge.frame.columns import ColumnTable
+from beamloop.edge.stages.find import ColumnFinder, FinderConfig
+from beamloop.edge.io.imageio import ImageReadError, read_image
+from beamloop.edge.io.overlay import save_overlay
+from beamloop.edge.path import METHODS, MOS2_SPACING_A, FramePipeline
+from beamloop.edge.stages.preprocess import FrameError
+from beamloop.edge.analysis.spacing import estimate_scale
+
+log = logging.getLogger("beamloop.find")
+
+
+@dataclass
+class FindOutcome:
+    """Result for one input file: the table written (or the error), and the files produced."""
+
+    path: Path
+    columns: ColumnTable | None
+    csv: Path | None = None
+    overlay: Path | None = None
+    pixel_size_A: float | None = None
+    config: FinderConfig | None = None
+    error: str = ""
+    uncertainty: Path | None = None
+
+
+def finder_config(image: np.ndarray, pixel_size_A: float | None, material: str,
+                  spacing_px: float | None = None) -> FinderConfig:
+    """Finder parameters for one image.
+
+    MoS2 with a known pixel size: physical defaults (:meth:`FinderConfig.for_pixel_size`). Otherwise,
+    with ``spacing_px`` given: the lattice period; else the period and column size estimated from the
+    image's autocorrelation (:func:`beamloop.edge.analysis.spacing.estimate_scale`).
+
+    Raises
+    ------
+    ValueError
+        The scale cannot be estimated.
+    """
+    if material == "MoS2" and pixel_size_A:
+        return FinderConfig.for_pixel_size(pixel_size_A, spacing_A=MOS2_SPACING_A)
+    est = estimate_scale(np.asarray(image, np.float32))
+    period = spacing_px or est.period_px
+    return FinderConfig.for_lattice(period, est.column_sigma_px)
+
+
+def find_in_image(image: np.ndarray, pixel_size_A: float | None = None, material: str = "generic",
+                  spacing_px: float | None = None) -> tuple[ColumnTable, FinderConfig]:
+    """Find and classify the columns of one 2-D image.
+
+    Raises
+    ------
+    beamloop.edge.stages.preprocess.FrameError
+        Not 2-D, too small, or non-finite pixels.
+    ValueError
+        The scale cannot be estimated.
+    """
+    img = np.asarray(image)
+    if img.ndim != 2:
+        raise FrameError(f"need a 2-D image, got shape {img.shape}")
+    if img.dtype.kind == "f" and not np.isfinite(img).all():
+        raise FrameError(f"image has {int((~np.isfinite(img)).sum())} non-finite pixels (NaN or infinity)")
+    cfg = finder_config(img, pixel_size_A, material, spacing_px)
+    finder = ColumnFinder(cfg)
+    cols = finder.find(img)
+    if material == "MoS2":
+        spacing = MOS2_SPACING_A / pixel_size_A if pixel_size_A else cfg.min_distance_px / 0.55
+        cols = MoS2Classifier(spacing).classify(cols, finder.preprocessor.smooth)
+    else:
+        cols = GenericClassifier().classify(cols)
+    return cols, cfg
+
+
+def save_uncertainty_figure(path: Path, image: np.ndarray, seg, title: str = "") -> Path:
+    """PNG of the U-Net's uncertainty: the per-pixel map (ensemble standard deviation of the heat) and the
+    frame with each column coloured by its per-column uncertainty (:class:`beamloop.edge.stages.unet.SegmentResult`)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    img = np.asarray(image, float)
+    lo, hi = np.percentile(img, [0.5, 99.8])
+    fig, axes = plt.subplots(1, 2, figsize=(12.5, 6.0))
+    im0 = axes[0].imshow(seg.heat_map_std, cmap="magma", vmin=0, vmax=max(float(seg.heat_map_std.max()), 0.05))
+    axes[0].set_title("per-pixel uncertainty (ensemble std of the heat map)", fontsize=9)
+    fig.colorbar(im0, ax=axes[0], fraction=0.046)
+    axes[1].imshow(img, cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1)
+    c = seg.columns
+    sc = axes[1].scatter(c.x, c.y, c=seg.uncertainty, cmap="coolwarm", vmin=0, vmax=0.6,
+                         s=float(np.clip(9000.0 / max(img.shape), 4, 60)), edgecolors="none")
+    axes[1].set_title("per-column uncertainty", fontsize=9)
+    fig.colorbar(sc, ax=axes[1], fraction=0.046)
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def write_uncertainty_csv(path: Path, seg) -> Path:
+    """``x_px,y_px,uncertainty,heat_std,position_std_px`` per column of a :class:`beamloop.edge.stages.unet.SegmentResult`."""
+    c = seg.columns
+    table = np.stack([c.x, c.y, seg.uncertainty, seg.heat_std, seg.position_std_px], axis=1)
+    np.savetxt(path, table, fmt="%.4f", delimiter=",", header="x_px,y_px,uncertainty,heat_std,position_std_px",
+               comments="")
+    return path
+
+
+def find_files(paths, out: Path, pixel_size_A: float | None = None, method: str = "classical",
+               material: str = "generic", spacing_px: float | None = None, *, device: str = "auto",
+               precision: str = "fp32") -> list[FindOutcome]:
+    """Run the finder on every image file; write ``<stem>_columns.csv`` and ``<stem>_overlay.png`` in ``out``.
+
+    Stacks (3-D data) are processed frame by frame with ``<stem>_<k>`` names. A file that cannot be read
+    or processed is reported in its outcome's ``error`` and the others go on. ``method="unet"`` uses the
+    U-Net ensemble (:class:`beamloop.edge.stages.unet.UNetFinder` on ``device`` at ``precision``; it needs no pixel size
+    or spacing) and also writes ``<stem>_uncertainty.png`` and ``<stem>_uncertainty.csv``.
+
+    Raises
+    ------
+    ValueError
+        Unknown ``method`` or a non-positive ``pixel_size_A``.
+    beamloop.edge.stages.unet.ModelError
+        ``method="unet"`` and the model cannot be loaded on ``device``.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; available: {METHODS}")
+    if pixel_size_A is not None and not (math.isfinite(pixel_size_A) and pixel_size_A > 0):
+        raise ValueError(f"pixel size must be a positive number of Angstrom, got {pixel_size_A}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    pipeline = None
+    if method == "unet":
+        from beamloop.edge.stages.unet import UNetFinder
+
+        pipeline = FramePipeline(material, method="unet", unet=UNetFinder(precision=precision, device=device))
+    outcomes = []
+    for path in map(Path, paths):
+        try:
+            img = read_image(path)
+        except ImageReadError as exc:
+            outcomes.append(FindOutcome(path, None, error=str(exc)))
+            continue
+        size = pixel_size_A or img.pixel_size_A
+        frames = img.frames
+        for k, frame in enumerate(frames):
+            stem = path.stem if len(frames) == 1 else f"{path.stem}_{k:04d}"
+            seg, cfg = None, None
+            try:
+                if pipeline is None:
+                    cols, cfg = find_in_image(frame, size, material, spacing_px)
+                else:
+                    res = pipeline.process(frame, size)
+                    cols, seg = res.columns, res.segment
+            except (FrameError, ValueError) as exc:
+                outcomes.append(FindOutcome(path, None, error=f"{path}: {exc}"))
+                continue
+            csv = cols.write_csv(out / f"{stem}_columns.csv", size)
+            counts = {n: int((cols.cls == i).sum()) for i, n in enumerate(cols.class_names)}
+            title = (f"{path.name} ({method}): {len(cols)} columns {counts}"
+                     f"{'' if size else ' (pixel size unknown)'}")
+            ov = save_overlay(out / f"{stem}_overlay.png", frame, cols, pixel_size_A=size, title=title)
+            unc = None
+            if seg is not None:
+                unc = save_uncertainty_figure(out / f"{stem}_uncertainty.png", frame, seg, title)
+                write_uncertainty_csv(out / f"{stem}_uncertainty.csv", seg)
+            outcomes.append(FindOutcome(path, cols, csv, ov, size, cfg, uncertainty=unc))
+    return outcomes

@@ -1,0 +1,109 @@
+"""Policies: which positions the beam visits next, chosen from a classified frame.
+
+:class:`VacancyLinePolicy` writes a line of sulfur vacancies atom by atom (the kind of experiment
+reported for MoS2 by e.g. Dyck et al., "Atom-by-atom fabrication with electron beams", Nat. Rev. Mater.
+4, 497 (2019)): it picks the S2 columns along one S row of the lattice and parks the beam on each in turn
+until the trigger sees one S atom leave (S2 -> S1).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from beamloop.edge.frame.columns import ColumnTable
+from beamloop.edge.frame.scanframe import ScanFrame
+
+
+@dataclass(frozen=True)
+class Target:
+    """A beam target: pixel position (``x_px`` column, ``y_px`` row), its fractions of the scan frame
+    (``fx``, ``fy``), the frame it refers to, and the index of the column in the frame's table."""
+
+    x_px: float
+    y_px: float
+    fx: float
+    fy: float
+    frame_id: int
+    column: int
+
+
+class VacancyLinePolicy:
+    """Choose the S2 columns along one lattice row through the middle of the field, in order.
+
+    The row is fixed on the first frame (through the S column nearest the frame centre, along the S-S
+    lattice vector closest to the fast axis) and kept in fractional coordinates for later frames, so
+    written vacancies (now S1) are skipped and the line grows.
+
+    Parameters
+    ----------
+    targets_per_frame : int
+        Most targets returned per frame.
+    line_width : float
+        Columns within this fraction of the S-S distance from the row belong to it.
+    edge_margin_px : float
+        Columns closer to the frame edge are never targeted.
+    """
+
+    def __init__(self, targets_per_frame: int = 4, line_width: float = 0.3, edge_margin_px: float = 12.0) -> None:
+        if targets_per_frame < 0:
+            raise ValueError("targets_per_frame must be >= 0")
+        self.targets_per_frame = int(targets_per_frame)
+        self.line_width = float(line_width)
+        self.edge_margin_px = float(edge_margin_px)
+        self.anchor_frac: tuple[float, float] | None = None
+        self.direction_px: np.ndarray | None = None
+
+    def reset(self) -> None:
+        """Forget the row (the next frame fixes a new one)."""
+        self.anchor_frac = None
+        self.direction_px = None
+
+    def select(self, cols: ColumnTable, scan: ScanFrame, bonds: np.ndarray | None) -> list[Target]:
+        """Targets for this frame.
+
+        Parameters
+        ----------
+        cols : ColumnTable
+            Classified columns (MoS2 classes).
+        scan : ScanFrame
+            The frame they were found in.
+        bonds : ndarray (3, 2) or None
+            Mo-S bond vectors in pixels (:func:`beamloop.edge.stages.classify.bond_vectors`); none -> no targets.
+        """
+        if bonds is None or len(cols) == 0 or self.targets_per_frame == 0:
+            return []
+        names = cols.class_names
+        s2, s1 = names.index("S2"), names.index("S1")
+        is_s = (cols.cls == s2) | (cols.cls == s1)
+        xy = cols.xy
+        if self.direction_px is None:
+            lattice = np.array([bonds[0] - bonds[1], bonds[1] - bonds[2], bonds[2] - bonds[0]])
+            d = lattice[np.argmax(np.abs(lattice[:, 0]) / np.hypot(lattice[:, 0], lattice[:, 1]))]
+            self.direction_px = d / np.hypot(*d)
+            centre = np.array([(scan.shape[1] - 1) / 2, (scan.shape[0] - 1) / 2])
+            cand = np.flatnonzero(is_s)
+            if len(cand) == 0:
+                return []
+            k = cand[np.argmin(np.hypot(*(xy[cand] - centre).T))]
+            fx, fy = scan.fraction_of_pixel(xy[k, 0], xy[k, 1])
+            self.anchor_frac = (float(fx), float(fy))
+        ax, ay = scan.pixel_of_fraction(*self.anchor_frac)
+        u = self.direction_px
+        rel = xy - np.array([ax, ay])
+        along = rel @ u
+        across = rel @ np.array([-u[1], u[0]])
+        spacing = math.sqrt(3.0) * float(np.median(np.hypot(bonds[:, 0], bonds[:, 1])))
+        m = self.edge_margin_px
+        ok = ((cols.cls == s2) & (np.abs(across) < self.line_width * spacing)
+              & (xy[:, 0] >= m) & (xy[:, 0] <= scan.shape[1] - 1 - m)
+              & (xy[:, 1] >= m) & (xy[:, 1] <= scan.shape[0] - 1 - m))
+        idx = np.flatnonzero(ok)
+        idx = idx[np.argsort(along[idx])][: self.targets_per_frame]
+        out = []
+        for k in idx:
+            fx, fy = scan.fraction_of_pixel(xy[k, 0], xy[k, 1])
+            out.append(Target(float(xy[k, 0]), float(xy[k, 1]), float(fx), float(fy), scan.frame_id, int(k)))
+        return out
