@@ -9,7 +9,7 @@ there every method is timed, and its columns are compared with beamloop's classi
 
 Methods
 -------
-- ``beamloop_classical``: :class:`beamloop.edge.path.FramePipeline` (preprocess + find + classify; MoS2
+- ``beamloop_classical``: the classical frame path (:func:`beamloop.edge.path.frame_path`) (preprocess + find + classify; MoS2
   classes and vacancy sites on simulated frames). Its find-only time (preprocess + find) is reported
   beside it, the like-for-like figure against peers that only locate. Defaults, not tuned.
 - ``beamloop_unet``: the same pipeline with ``method="unet"`` (the shipped U-Net ensemble), when a model is
@@ -37,12 +37,13 @@ from pathlib import Path
 import numpy as np
 
 from beamloop.bench import peers
+from beamloop.edge.materials import MOS2
 
 log = logging.getLogger("beamloop.bench")
 
 PIXEL_SIZE_A = 0.15
-SPACING_A = 1.824
-"""Projected Mo-S distance of MoS2 (:data:`beamloop.edge.path.MOS2_SPACING_A`)."""
+SPACING_A = MOS2.nn_spacing_A
+"""Projected Mo-S distance of MoS2 (:data:`beamloop.edge.materials.MOS2`)."""
 COLUMN_SIGMA_A = 0.33
 """Blurred column sigma of the simulator's frames (:meth:`beamloop.edge.stages.find.FinderConfig.for_pixel_size`)."""
 DOSES = (1e4, 1e5)
@@ -162,29 +163,29 @@ def make_methods(material: str, pixel_size_A: float | None, thresholds: dict, fi
                  skip: dict | None = None) -> list[Method]:
     """Every method, bound to one kind of frame.
 
-    ``material``/``pixel_size_A``/``finder_config`` configure beamloop (:class:`beamloop.edge.path.FramePipeline`);
+    ``material``/``pixel_size_A``/``finder_config`` configure beamloop (:func:`beamloop.edge.path.frame_path`);
     ``sigma_px``/``min_distance_px`` (default: :func:`scales` of the pixel size) and ``thresholds``
     (peer -> parameters, from :func:`calibrate`) configure the peers; ``skip`` (name -> reason) leaves
     methods out on purpose."""
     skip = skip or {}
-    from beamloop.edge.path import FramePipeline
+    from beamloop.edge.path import frame_path
 
     if sigma_px is None or min_distance_px is None:
         sc = scales(pixel_size_A or PIXEL_SIZE_A)
         sigma_px, min_distance_px = sc["sigma_px"], sc["min_distance_px"]
-    classical = FramePipeline(material, finder_config=finder_config)
+    classical = frame_path("classical", material, config=finder_config)
 
     def run_classical(im):
-        r = classical.process(im, pixel_size_A)
-        return r.columns.xy, r.columns.cls, r.timings_ns
+        ctx = classical.run(im, pixel_size_A, record=False)
+        return ctx.columns.xy, ctx.columns.cls, dict(ctx.timings_ns)
 
     methods = [Method("beamloop_classical", run_classical)]
     try:
-        unet = FramePipeline(material, method="unet")
+        unet = frame_path("unet", material)
 
         def run_unet(im):
-            r = unet.process(im, pixel_size_A)
-            return r.columns.xy, r.columns.cls, r.timings_ns
+            ctx = unet.run(im, pixel_size_A, record=False)
+            return ctx.columns.xy, ctx.columns.cls, dict(ctx.timings_ns)
 
         methods.append(Method("beamloop_unet", run_unet))
     except Exception as exc:  # no model shipped, or no onnxruntime session: skip with the reason
@@ -358,15 +359,15 @@ def run_real(quick: bool, thresholds: dict, real_dir: Path | None = None, plots_
     their columns with beamloop's classical ones. Images are read in place, never copied.
 
     The scale (lattice period, column sigma) of each image is estimated once from the image
-    (:func:`beamloop.edge.batch_find.finder_config`) and given to every method; peers use the thresholds
+    (:meth:`beamloop.edge.stages.find.FinderConfig.for_image`) and given to every method; peers use the thresholds
     calibrated at 1e5 e-/A^2 (relative thresholds, see :mod:`beamloop.bench.peers`). ``atomap_gauss`` is skipped
     where ``gauss_s_per_column`` (measured on simulated frames) times the columns ``atomap_com`` found
     exceeds the time budget.
 
     Returns ``{"dir": ..., "images": {name: {...}}}`` or ``{"skipped": reason}`` when the folder is absent.
     """
-    from beamloop.edge.batch_find import finder_config
     from beamloop.edge.io.imageio import ImageReadError, read_image
+    from beamloop.edge.stages.find import FinderConfig
 
     real_dir = Path(real_dir) if real_dir else default_real_dir()
     if not real_dir.is_dir():
@@ -380,7 +381,7 @@ def run_real(quick: bool, thresholds: dict, real_dir: Path | None = None, plots_
         try:
             img = read_image(path)
             data = np.asarray(img.frames[0], np.float32)
-            cfg = finder_config(data, None, "generic")
+            cfg = FinderConfig.for_image(data)
         except (ImageReadError, ValueError, OSError) as exc:
             out["images"][path.name] = {"skipped": f"{type(exc).__name__}: {exc}"}
             continue

@@ -20,9 +20,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-FRAME_PATH = ("receive", "decode", "preprocess", "find", "classify", "policy")
-"""Stages every frame goes through before a beam target exists (in order)."""
-BEAM_STAGES = ("bridge", "trigger", "end_to_end")
+from beamloop.edge.service import BRIDGE, END_TO_END, STAGES, TRIGGER
+
+FRAME_PATH = STAGES[:STAGES.index(BRIDGE)]
+"""Stages every frame goes through before a beam target exists (in order): receive, decode and the
+classical path's stages."""
+BEAM_STAGES = (BRIDGE, TRIGGER, END_TO_END)
+"""Stages of the beam: bridge round trips, trigger decisions, frame-to-probe."""
 
 
 @dataclass(frozen=True)

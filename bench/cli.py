@@ -18,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-from beamloop.edge.cli import parse_positive, parse_shape  # the main command's argument types
+from beamloop.edge.cli.types import parse_positive, parse_shape
 
 
 def _scenarios(a: argparse.Namespace) -> list:

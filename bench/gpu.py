@@ -4,13 +4,11 @@ Detection (:func:`detect`) asks ``nvidia-smi``, numba (``numba.cuda.is_available
 (``CUDAExecutionProvider``) and, only when it is installed, torch (``torch.cuda.is_available()``). With
 no usable device the section is skipped with the reasons.
 
-On a GPU the classical path is timed per stage with numba CUDA kernels for the preprocessing (the
-same separable Gaussian with reflected borders as :func:`beamloop.edge.stages.preprocess._smooth`, and Immerkaer's noise
-estimate as :func:`beamloop.edge.stages.preprocess.noise_sigma`, reduced in shared memory), the frame uploaded before
-and the smoothed frame downloaded after, then the CPU finder (:meth:`beamloop.edge.stages.find.ColumnFinder.find_smoothed`)
-and classifier on it:
+On a GPU the classical path is timed per stage with the preprocess stage on the device
+(:class:`beamloop.edge.stages.preprocess_gpu.GpuPreprocessor`: the frame uploaded before and the smoothed
+frame downloaded after), then the classical path's CPU stages on its output:
 
-    h2d -> preprocess (GPU) -> d2h -> find (CPU) -> classify (CPU)
+    h2d -> preprocess (GPU) -> d2h -> find -> classify -> vacancies (CPU)
 
 and the learned path, when a U-Net model is installed, with ONNX Runtime's CUDA provider
 (:class:`beamloop.edge.stages.unet.UNetFinder` ``device="cuda"``). The kernels run under numba's CUDA simulator
@@ -20,16 +18,11 @@ and the learned path, when a U-Net model is installed, with ONNX Runtime's CUDA 
 from __future__ import annotations
 
 import importlib.util
-import math
 import shutil
 import subprocess
 import time
 
 import numpy as np
-from numba import cuda, float32, float64
-
-THREADS_2D = (16, 16)
-THREADS_1D = 256
 
 
 def _nvidia_smi() -> dict:
@@ -106,187 +99,47 @@ def detect() -> dict:
     return out
 
 
-# --------------------------------------------------------------------------------------------------
-# numba CUDA kernels: compiled at their first launch, so importing this module needs no CUDA device.
-# (Module-level functions: numba's CUDA simulator swaps the ``cuda`` global of a kernel, not a closure's.)
-
-
-@cuda.jit(device=True)
-def _reflect(i, n):
-    # scipy.ndimage "reflect", as beamloop.edge.stages.preprocess._reflect
-    if i < 0:
-        return -i - 1
-    if i >= n:
-        return 2 * n - i - 1
-    return i
-
-
-@cuda.jit
-def _smooth_rows(src, k, tmp):
-    i, j = cuda.grid(2)
-    rows, cols = src.shape
-    if i < rows and j < cols:
-        r = (k.shape[0] - 1) // 2
-        acc = k[0] * float32(src[i, _reflect(j - r, cols)])
-        for t in range(1, k.shape[0]):
-            acc += k[t] * float32(src[i, _reflect(j - r + t, cols)])
-        tmp[i, j] = acc
-
-
-@cuda.jit
-def _smooth_cols(tmp, k, dst):
-    i, j = cuda.grid(2)
-    rows, cols = tmp.shape
-    if i < rows and j < cols:
-        r = (k.shape[0] - 1) // 2
-        acc = k[0] * tmp[_reflect(i - r, rows), j]
-        for t in range(1, k.shape[0]):
-            acc += k[t] * tmp[_reflect(i - r + t, rows), j]
-        dst[i, j] = acc
-
-
-@cuda.jit
-def _noise_sum(img, step, acc):
-    # sum of |Immerkaer operator| over rows 1, 1 + step, ... < rows - 1 and columns 1 .. cols - 2; each
-    # thread sums a strided share, the block reduces in shared memory, one atomic add per block
-    rows, cols = img.shape
-    nr = (rows - 2 + step - 1) // step
-    total = nr * (cols - 2)
-    part = cuda.shared.array(THREADS_1D, dtype=float64)
-    tid = cuda.threadIdx.x
-    s = 0.0
-    idx = cuda.grid(1)
-    stride = cuda.gridsize(1)
-    while idx < total:
-        i = 1 + (idx // (cols - 2)) * step
-        j = 1 + idx % (cols - 2)
-        v = (float64(img[i - 1, j - 1]) - 2.0 * img[i - 1, j] + img[i - 1, j + 1]
-             - 2.0 * img[i, j - 1] + 4.0 * img[i, j] - 2.0 * img[i, j + 1]
-             + img[i + 1, j - 1] - 2.0 * img[i + 1, j] + img[i + 1, j + 1])
-        s += abs(v)
-        idx += stride
-    part[tid] = s
-    cuda.syncthreads()
-    half = THREADS_1D // 2
-    while half > 0:
-        if tid < half:
-            part[tid] += part[tid + half]
-        cuda.syncthreads()
-        half //= 2
-    if tid == 0:
-        cuda.atomic.add(acc, 0, part[0])
-
-
-class GpuPreprocessor:
-    """:class:`beamloop.edge.stages.preprocess.Preprocessor` on a CUDA device (numba): Gaussian smoothing and noise sigma,
-    device buffers allocated once per frame shape.
-
-    Parameters
-    ----------
-    sigma_px : float
-        Gaussian sigma, pixels (:func:`beamloop.edge.stages.preprocess.gaussian_kernel`).
-    noise_row_step : int
-        As :class:`beamloop.edge.stages.preprocess.Preprocessor`.
-
-    Raises
-    ------
-    RuntimeError
-        No CUDA device (``numba.cuda.is_available()`` is False).
-    """
-
-    def __init__(self, sigma_px: float, noise_row_step: int = 2) -> None:
-        from beamloop.edge.stages.preprocess import gaussian_kernel
-
-        if not cuda.is_available():
-            raise RuntimeError("no CUDA device (numba.cuda.is_available() is False)")
-        self.kernel = gaussian_kernel(sigma_px)
-        self.d_kernel = cuda.to_device(self.kernel)
-        self.noise_row_step = int(noise_row_step)
-        self._key = None
-        self.smooth = None
-
-    def _allocate(self, shape, dtype) -> None:
-        self.d_src = cuda.device_array(shape, dtype)
-        self.d_tmp = cuda.device_array(shape, np.float32)
-        self.d_dst = cuda.device_array(shape, np.float32)
-        self.d_acc = cuda.device_array(1, np.float64)
-        self.smooth = cuda.pinned_array(shape, np.float32) if hasattr(cuda, "pinned_array") else np.empty(shape, np.float32)
-        self._zero = np.zeros(1, np.float64)
-        self._key = (shape, np.dtype(dtype))
-
-    def upload(self, frame: np.ndarray) -> None:
-        """Copy ``frame`` ((rows, cols), integer or float32/float64) to the device.
-
-        Raises ``beamloop.edge.stages.preprocess.FrameError`` for a frame that is not 2-D or smaller than 3 x 3."""
-        from beamloop.edge.stages.preprocess import FrameError
-
-        if frame.ndim != 2 or min(frame.shape) < max(3, self.kernel.shape[0] // 2 + 1):
-            raise FrameError(f"frame of shape {frame.shape} cannot be smoothed with a {self.kernel.shape[0]}-tap kernel")
-        if self._key != (frame.shape, frame.dtype):
-            self._allocate(frame.shape, frame.dtype)
-        self.d_src.copy_to_device(np.ascontiguousarray(frame))
-
-    def run_device(self) -> None:
-        """Smooth the uploaded frame and sum the noise operator on the device (then synchronise)."""
-        rows, cols = self.d_src.shape
-        grid = (math.ceil(rows / THREADS_2D[0]), math.ceil(cols / THREADS_2D[1]))
-        _smooth_rows[grid, THREADS_2D](self.d_src, self.d_kernel, self.d_tmp)
-        _smooth_cols[grid, THREADS_2D](self.d_tmp, self.d_kernel, self.d_dst)
-        self.d_acc.copy_to_device(self._zero)
-        nr = (rows - 2 + self.noise_row_step - 1) // self.noise_row_step
-        blocks = max(min(math.ceil(nr * (cols - 2) / THREADS_1D), 1024), 1)
-        _noise_sum[blocks, THREADS_1D](self.d_src, self.noise_row_step, self.d_acc)
-        cuda.synchronize()
-
-    def download(self) -> tuple[np.ndarray, float]:
-        """The smoothed frame ((rows, cols) float32, a reused host buffer) and the noise sigma."""
-        rows, cols = self.d_src.shape
-        self.d_dst.copy_to_host(self.smooth)
-        acc = float(self.d_acc.copy_to_host()[0])
-        nr = (rows - 2 + self.noise_row_step - 1) // self.noise_row_step
-        return self.smooth, math.sqrt(math.pi / 2.0) * acc / (6.0 * nr * (cols - 2))
-
-    def run(self, frame: np.ndarray) -> tuple[np.ndarray, float]:
-        """Upload, process and download one frame: ``(smooth, noise)`` as :meth:`Preprocessor.run` returns."""
-        self.upload(frame)
-        self.run_device()
-        return self.download()
-
-
 def classical_stage_table(sizes=(256, 512, 1024), repeats: int = 200, pixel_size_A: float = 0.15) -> dict:
     """Per frame size: stage summaries (:func:`beamloop.bench.stats.stage_summary`) of h2d, preprocess (GPU), d2h,
-    find and classify (CPU) over ``repeats`` runs on a simulated MoS2 frame (after one warm-up run)."""
+    then the CPU stages find, classify, vacancies of the classical path, over ``repeats`` runs on a
+    simulated MoS2 frame (after one warm-up run)."""
     from beamloop.bench.stats import recorder_of, stage_summary
-    from beamloop.edge.stages.classify import MoS2Classifier
-    from beamloop.edge.stages.find import ColumnFinder, FinderConfig
-    from beamloop.edge.path import MOS2_SPACING_A
+    from beamloop.edge.frame.context import FrameMeta
+    from beamloop.edge.materials import MOS2
+    from beamloop.edge.path import FramePath, classical_stages
     from beamloop.edge.sim.frames import mos2_frame
+    from beamloop.edge.stages.find import FinderConfig
+    from beamloop.edge.stages.preprocess_gpu import GpuPreprocessor
 
-    cfg = FinderConfig.for_pixel_size(pixel_size_A, spacing_A=MOS2_SPACING_A)
+    cfg = FinderConfig.for_pixel_size(pixel_size_A, spacing_A=MOS2.nn_spacing_A)
     out = {}
     for n in sizes:
         frame = mos2_frame((n, n), pixel_size_A, 1e5, seed=900 + n).counts
         gp = GpuPreprocessor(cfg.sigma_px)
-        finder = ColumnFinder(cfg)
-        clf = MoS2Classifier(MOS2_SPACING_A / pixel_size_A)
-        names = ("h2d", "preprocess", "d2h", "find", "classify")
-        ns = {k: [] for k in names}
+        cpu = FramePath(classical_stages(MOS2)[1:], MOS2)  # find, classify, vacancies on the GPU's output
+        meta = FrameMeta.of(frame, pixel_size_A, MOS2)
+        cpu.prepare(meta)
+        ctx = cpu.ctx
+        names = ("h2d", "preprocess", "d2h", *cpu.names)
+        ns: dict = {k: [] for k in names}
         for r in range(repeats + 1):
-            t = [time.perf_counter_ns()]
+            t0 = time.perf_counter_ns()
             gp.upload(frame)
-            t.append(time.perf_counter_ns())
+            t1 = time.perf_counter_ns()
             gp.run_device()
-            t.append(time.perf_counter_ns())
-            smooth, noise = gp.download()
-            t.append(time.perf_counter_ns())
-            cols = finder.find_smoothed(smooth, noise)
-            t.append(time.perf_counter_ns())
-            clf.classify(cols, smooth)
-            t.append(time.perf_counter_ns())
+            t2 = time.perf_counter_ns()
+            ctx.image = frame
+            ctx.smooth, ctx.noise = gp.download()
+            t3 = time.perf_counter_ns()
+            times = [t1 - t0, t2 - t1, t3 - t2]
+            for s in cpu.stages:
+                ta = time.perf_counter_ns()
+                s.process(ctx)
+                times.append(time.perf_counter_ns() - ta)
             if r:
-                for k, d in zip(names, np.diff(t)):
+                for k, d in zip(names, times):
                     ns[k].append(int(d))
-        out[f"{n}x{n}"] = {"stages": stage_summary(recorder_of(ns)), "columns": len(cols)}
+        out[f"{n}x{n}"] = {"stages": stage_summary(recorder_of(ns)), "columns": len(ctx.columns)}
     return out
 
 
@@ -295,18 +148,18 @@ def unet_stage_table(sizes=(256, 1024), repeats: int = 50, pixel_size_A: float =
 
     Raises whatever :class:`beamloop.edge.stages.unet.UNetFinder` raises when no model is installed."""
     from beamloop.bench.stats import recorder_of, stage_summary
-    from beamloop.edge.path import FramePipeline
-    from beamloop.edge.stages.unet import UNetFinder
+    from beamloop.edge.path import frame_path
     from beamloop.edge.sim.frames import mos2_frame
+    from beamloop.edge.stages.unet import UNetFinder
 
-    pipe = FramePipeline("MoS2", method="unet", unet=UNetFinder(device="cuda"))
+    path = frame_path("unet", "MoS2", unet=UNetFinder(device="cuda"))
     out = {}
     for n in sizes:
         frame = mos2_frame((n, n), pixel_size_A, 1e5, seed=900 + n).counts
-        pipe.process(frame, pixel_size_A)
+        path.run(frame, pixel_size_A, record=False)
         ns: dict = {}
         for _ in range(repeats):
-            for k, v in pipe.process(frame, pixel_size_A).timings_ns.items():
+            for k, v in path.run(frame, pixel_size_A, record=False).timings_ns.items():
                 ns.setdefault(k, []).append(int(v))
         out[f"{n}x{n}"] = {"stages": stage_summary(recorder_of(ns))}
     return out

@@ -116,11 +116,8 @@ def run(quick: bool = False, duration_s: float | None = None, window_s: float | 
     """
     from beamloop.edge.control.bridge import BridgeClient, BridgeError
     from beamloop.edge.experiments.vacancy_line import ExperimentConfig, vacancy_line
-    from beamloop.edge.frame.latency import LatencyRecorder
-    from beamloop.edge.experiments.closed_loop import start_simulator, warm_up
-    from beamloop.edge.path import FramePipeline
-    from beamloop.edge.stages.policy import VacancyLinePolicy
-    from beamloop.edge.service import EdgeService
+    from beamloop.edge.app import ServiceConfig, build_service, warm_up
+    from beamloop.edge.experiments.closed_loop import start_simulator
     from beamloop.edge.sim.frames import electrons_per_second
     from beamloop.streams.native.receiver import FrameReceiver
 
@@ -133,8 +130,6 @@ def run(quick: bool = False, duration_s: float | None = None, window_s: float | 
                            targets_per_frame=targets, max_dwell_s=2.0)
     proc, ends = start_simulator(["--frames", "tcp://127.0.0.1:*", "--control", "tcp://127.0.0.1:*",
                                   "--seed", str(seed), "--current-pA", str(current_pA)])
-    latency = LatencyRecorder()
-    pipeline = FramePipeline("MoS2", VacancyLinePolicy(targets), latency)
     reasons: Counter = Counter()
     windows: list[dict] = []
     totals = {"chunks": 0, "frames": 0, "targets": 0, "fresh_areas": 0, "errors": []}
@@ -142,8 +137,9 @@ def run(quick: bool = False, duration_s: float | None = None, window_s: float | 
     try:
         with FrameReceiver(ends["frames"], ring=8) as rx, BridgeClient(ends["control"], timeout_ms=20000,
                                                                         retries=1) as bridge:
-            service = EdgeService(rx, pipeline, bridge, latency=latency)
-            warm_up(pipeline, service, pixel_size_A, shape)
+            service = build_service(rx, ServiceConfig("MoS2", targets_per_frame=targets), bridge)
+            latency = service.latency
+            warm_up(service.path, service.trigger, shape=shape, pixel_size_A=pixel_size_A, dtypes=(np.uint16,))
             marks: dict = {}
             t0 = time.monotonic()
             t_window = t0

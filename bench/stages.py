@@ -50,7 +50,7 @@ def measure_size(service, size: int, frames: int, current_pA: float, warmup_fram
     Parameters
     ----------
     service : beamloop.edge.service.EdgeService
-        Connected to the simulator's stream and bridge; its pipeline has a :class:`VacancyLinePolicy`.
+        Connected to the simulator's stream and bridge; its path ends with a :class:`VacancyLinePolicy`.
     size : int
         Frame side, pixels.
     frames : int
@@ -73,17 +73,18 @@ def measure_size(service, size: int, frames: int, current_pA: float, warmup_fram
     RuntimeError
         No frame came back from the simulator in a whole chunk.
     """
+    from beamloop.edge.app import warm_up
     from beamloop.edge.experiments.vacancy_line import ExperimentConfig, vacancy_line
     from beamloop.edge.frame.latency import LatencyRecorder
-    from beamloop.edge.experiments.closed_loop import warm_up
+    from beamloop.edge.service import latency_keys
     from beamloop.edge.sim.frames import electrons_per_second
 
     shape = (size, size)
     dwell_us = DOSE_E_PER_A2 * PIXEL_SIZE_A**2 / electrons_per_second(current_pA) * 1e6
     fov_nm = size * PIXEL_SIZE_A / 10
-    pipeline = service.pipeline
-    pipeline.policy.reset()
-    warm_up(pipeline, service, PIXEL_SIZE_A, shape)
+    path = service.path
+    path.reset()
+    warm_up(path, service.trigger, shape=shape, pixel_size_A=PIXEL_SIZE_A, dtypes=(np.uint16,))
 
     def chunk(n: int) -> list:
         cfg = ExperimentConfig(rounds=max(n - 1, 0), shape=shape, fov_nm=fov_nm, dwell_us=dwell_us,
@@ -91,8 +92,8 @@ def measure_size(service, size: int, frames: int, current_pA: float, warmup_fram
         return vacancy_line(service, cfg)
 
     chunk(warmup_frames)
-    rec = LatencyRecorder()
-    service.latency = pipeline.latency = rec
+    rec = LatencyRecorder(latency_keys(path))
+    service.latency = path.latency = rec
     reasons: dict[str, int] = {}
     errors0 = (service.stats.frame_errors, service.stats.protocol_errors)
     t0 = time.perf_counter()
@@ -143,10 +144,8 @@ def run(quick: bool = False, sizes=SIZES, frames: dict | None = None, progress_b
     from tqdm import tqdm
 
     from beamloop.bench.simhost import SimHost
+    from beamloop.edge.app import ServiceConfig, build_service
     from beamloop.edge.control.bridge import BridgeClient, BridgeError
-    from beamloop.edge.path import FramePipeline
-    from beamloop.edge.stages.policy import VacancyLinePolicy
-    from beamloop.edge.service import EdgeService
     from beamloop.streams.native.receiver import FrameReceiver
 
     counts = dict(FRAMES[bool(quick)])
@@ -160,8 +159,7 @@ def run(quick: bool = False, sizes=SIZES, frames: dict | None = None, progress_b
             current = float(bridge.get_capabilities()["current_pA"])
             for size in sizes:
                 n = counts[size]
-                pipeline = FramePipeline("MoS2", VacancyLinePolicy(1))
-                service = EdgeService(rx, pipeline, bridge, trigger="cusum")
+                service = build_service(rx, ServiceConfig("MoS2", targets_per_frame=1, trigger="cusum"), bridge)
                 with tqdm(total=n, desc=f"stage latency {size}x{size}", unit="frame", disable=not progress_bar,
                           leave=False) as bar:
                     summary, samp = measure_size(service, size, n, current, progress=lambda d: bar.update(d - bar.n))
@@ -178,20 +176,6 @@ def run(quick: bool = False, sizes=SIZES, frames: dict | None = None, progress_b
     finally:
         host.stop()
     return out, samples
-
-
-def stage_table(results: dict, stages=None) -> list[dict]:
-    """Flat rows ``{"size", "stage", **figures}`` of :func:`run`'s results, sizes in order, stages in the
-    order of :data:`beamloop.edge.frame.latency.STAGES` (others after them)."""
-    from beamloop.edge.frame.latency import STAGES
-
-    rows = []
-    for size, r in results.get("sizes", {}).items():
-        names = [s for s in STAGES if s in r["stages"]] + [s for s in r["stages"] if s not in STAGES]
-        for s in names:
-            if stages is None or s in stages:
-                rows.append({"size": size, "stage": s, **r["stages"][s]})
-    return rows
 
 
 def pixels_of(size: str) -> int:

@@ -193,7 +193,7 @@ def run_suite(out: Path = RESULTS, quick: bool = False, sections=SECTIONS, real_
     """
     from beamloop.bench import plots
     from beamloop.bench.budget import DEFAULT_SCENARIOS, FRAME_PATH, budgets
-    from beamloop.edge.frame.latency import STAGES
+    from beamloop.edge.service import STAGES
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from beamloop.edge.frame.latency import STAGES
+from beamloop.edge.service import STAGES
 
 
 def fmt(v, digits: int = 3) -> str:

@@ -65,7 +65,6 @@ def run(quick: bool = False) -> dict:
     import onnxruntime as ort
 
     from beamloop.edge.stages.find import ColumnFinder, FinderConfig
-    from beamloop.edge.path import MOS2_SPACING_A
     from beamloop.edge.analysis.scoring import combine, score_frame
     from beamloop.edge.stages.unet import PRECISIONS, UNetFinder, load_manifest
     from beamloop.edge.sim.frames import mos2_frame
@@ -73,7 +72,7 @@ def run(quick: bool = False) -> dict:
     px = 0.15
     reps = {256: 5 if quick else 30, 1024: 2 if quick else 6}
     frames = {n: mos2_frame((n, n), px, 1e5, seed=300_000 + n) for n in reps}
-    cfg = FinderConfig.for_pixel_size(px, spacing_A=MOS2_SPACING_A)
+    cfg = FinderConfig.for_pixel_size(px)
     classical = ColumnFinder(cfg)
     unets = {p: UNetFinder(precision=p, device="cpu", threads=2) for p in PRECISIONS}
     methods = {f"unet_{p}": (lambda f, u=u: u.find(f, "MoS2").columns.xy) for p, u in unets.items()}

@@ -89,7 +89,7 @@ def real_images(finder, out_public: Path, out_private: Path) -> dict:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from beamloop.edge.batch_find import find_in_image
+    from beamloop.edge.batch_find import find_columns
     from beamloop.edge.io.imageio import read_image
 
     out = {}
@@ -98,7 +98,7 @@ def real_images(finder, out_public: Path, out_private: Path) -> dict:
             continue
         img = read_image(path).frames[0].astype(np.float32)
         try:
-            ccols, cfg = find_in_image(img, None, "generic")
+            ccols, _ = find_columns(img, None, "generic")
             n_classical = len(ccols)
         except ValueError as exc:
             ccols, n_classical = None, f"failed: {exc}"

@@ -1,4 +1,5 @@
-"""``beamloop find``: find atomic columns in image files and write a CSV table and an overlay per image."""
+"""``beamloop find``: find atomic columns in arrays and image files through a frame path; a CSV table and an
+overlay per image."""
 
 from __future__ import annotations
 
@@ -9,14 +10,13 @@ from pathlib import Path
 
 import numpy as np
 
-from beamloop.edge.stages.classify import GenericClassifier, MoS2Classifier
 from beamloop.edge.frame.columns import ColumnTable
-from beamloop.edge.stages.find import ColumnFinder, FinderConfig
+from beamloop.edge.frame.context import FrameContext, FrameMeta
+from beamloop.edge.frame.stage import FrameError, check_frame
 from beamloop.edge.io.imageio import ImageReadError, read_image
 from beamloop.edge.io.overlay import save_overlay
-from beamloop.edge.path import METHODS, MOS2_SPACING_A, FramePipeline
-from beamloop.edge.stages.preprocess import FrameError
-from beamloop.edge.analysis.spacing import estimate_scale
+from beamloop.edge.path import METHODS, FramePath, frame_path
+from beamloop.edge.stages.find import FinderConfig
 
 log = logging.getLogger("beamloop.find")
 
@@ -35,51 +35,43 @@ class FindOutcome:
     uncertainty: Path | None = None
 
 
-def finder_config(image: np.ndarray, pixel_size_A: float | None, material: str,
-                  spacing_px: float | None = None) -> FinderConfig:
-    """Finder parameters for one image.
+def find_columns(image: np.ndarray, pixel_size_A: float | None = None, material: str = "generic",
+                 method: str = "classical", spacing_px: float | None = None, *, path: FramePath | None = None
+                 ) -> tuple[ColumnTable, FrameContext]:
+    """Find and classify the columns of one 2-D image with a frame path (the same stages as the service).
 
-    MoS2 with a known pixel size: physical defaults (:meth:`FinderConfig.for_pixel_size`). Otherwise,
-    with ``spacing_px`` given: the lattice period; else the period and column size estimated from the
-    image's autocorrelation (:func:`beamloop.edge.analysis.spacing.estimate_scale`).
+    Parameters
+    ----------
+    image : ndarray (rows, cols), integer or float32/float64
+    pixel_size_A : float, optional
+        Angstrom per pixel; with MoS2 it sets the physical scale. Without it (or for ``generic``) the
+        lattice period and column size are estimated from this image.
+    material : {"generic", "MoS2"}
+    method : {"classical", "unet"}
+    spacing_px : float, optional
+        The lattice period in pixels (instead of the estimated one).
+    path : FramePath, optional
+        A path to reuse (e.g. one holding a loaded U-Net); by default a new one of ``method``/``material``.
+
+    Returns
+    -------
+    columns : ColumnTable
+    ctx : FrameContext
+        The path's context (``ctx.meta`` has the scale used; ``ctx.segment`` the U-Net's uncertainty).
 
     Raises
     ------
+    beamloop.edge.frame.stage.FrameError
+        Bad image (not 2-D, unsupported dtype, non-finite pixels, too small) or no estimable scale.
     ValueError
-        The scale cannot be estimated.
+        Unknown method or material.
     """
-    if material == "MoS2" and pixel_size_A:
-        return FinderConfig.for_pixel_size(pixel_size_A, spacing_A=MOS2_SPACING_A)
-    est = estimate_scale(np.asarray(image, np.float32))
-    period = spacing_px or est.period_px
-    return FinderConfig.for_lattice(period, est.column_sigma_px)
-
-
-def find_in_image(image: np.ndarray, pixel_size_A: float | None = None, material: str = "generic",
-                  spacing_px: float | None = None) -> tuple[ColumnTable, FinderConfig]:
-    """Find and classify the columns of one 2-D image.
-
-    Raises
-    ------
-    beamloop.edge.stages.preprocess.FrameError
-        Not 2-D, too small, or non-finite pixels.
-    ValueError
-        The scale cannot be estimated.
-    """
-    img = np.asarray(image)
-    if img.ndim != 2:
-        raise FrameError(f"need a 2-D image, got shape {img.shape}")
-    if img.dtype.kind == "f" and not np.isfinite(img).all():
-        raise FrameError(f"image has {int((~np.isfinite(img)).sum())} non-finite pixels (NaN or infinity)")
-    cfg = finder_config(img, pixel_size_A, material, spacing_px)
-    finder = ColumnFinder(cfg)
-    cols = finder.find(img)
-    if material == "MoS2":
-        spacing = MOS2_SPACING_A / pixel_size_A if pixel_size_A else cfg.min_distance_px / 0.55
-        cols = MoS2Classifier(spacing).classify(cols, finder.preprocessor.smooth)
-    else:
-        cols = GenericClassifier().classify(cols)
-    return cols, cfg
+    path = path or frame_path(method, material, period_px=spacing_px)
+    check_frame(image)
+    meta = FrameMeta.of(image, pixel_size_A, path.material, period_px=spacing_px)
+    path.prepare(meta, image)  # per image: the scale of one image is not the next one's
+    ctx = path.run(image, meta=meta, record=False)
+    return ctx.columns, ctx
 
 
 def save_uncertainty_figure(path: Path, image: np.ndarray, seg, title: str = "") -> Path:
@@ -144,40 +136,38 @@ def find_files(paths, out: Path, pixel_size_A: float | None = None, method: str 
         raise ValueError(f"pixel size must be a positive number of Angstrom, got {pixel_size_A}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    pipeline = None
+    unet = None
     if method == "unet":
         from beamloop.edge.stages.unet import UNetFinder
 
-        pipeline = FramePipeline(material, method="unet", unet=UNetFinder(precision=precision, device=device))
+        unet = UNetFinder(precision=precision, device=device)
+    path = frame_path(method, material, period_px=spacing_px, unet=unet)
     outcomes = []
-    for path in map(Path, paths):
+    for path_in in map(Path, paths):
         try:
-            img = read_image(path)
+            img = read_image(path_in)
         except ImageReadError as exc:
-            outcomes.append(FindOutcome(path, None, error=str(exc)))
+            outcomes.append(FindOutcome(path_in, None, error=str(exc)))
             continue
         size = pixel_size_A or img.pixel_size_A
         frames = img.frames
         for k, frame in enumerate(frames):
-            stem = path.stem if len(frames) == 1 else f"{path.stem}_{k:04d}"
-            seg, cfg = None, None
+            stem = path_in.stem if len(frames) == 1 else f"{path_in.stem}_{k:04d}"
             try:
-                if pipeline is None:
-                    cols, cfg = find_in_image(frame, size, material, spacing_px)
-                else:
-                    res = pipeline.process(frame, size)
-                    cols, seg = res.columns, res.segment
+                cols, ctx = find_columns(frame, size, material, method, spacing_px, path=path)
             except (FrameError, ValueError) as exc:
-                outcomes.append(FindOutcome(path, None, error=f"{path}: {exc}"))
+                outcomes.append(FindOutcome(path_in, None, error=f"{path_in}: {exc}"))
                 continue
+            seg = ctx.segment
+            cfg = FinderConfig.for_meta(ctx.meta) if method == "classical" else None
             csv = cols.write_csv(out / f"{stem}_columns.csv", size)
             counts = {n: int((cols.cls == i).sum()) for i, n in enumerate(cols.class_names)}
-            title = (f"{path.name} ({method}): {len(cols)} columns {counts}"
+            title = (f"{path_in.name} ({method}): {len(cols)} columns {counts}"
                      f"{'' if size else ' (pixel size unknown)'}")
             ov = save_overlay(out / f"{stem}_overlay.png", frame, cols, pixel_size_A=size, title=title)
             unc = None
             if seg is not None:
                 unc = save_uncertainty_figure(out / f"{stem}_uncertainty.png", frame, seg, title)
                 write_uncertainty_csv(out / f"{stem}_uncertainty.csv", seg)
-            outcomes.append(FindOutcome(path, cols, csv, ov, size, cfg, uncertainty=unc))
+            outcomes.append(FindOutcome(path_in, cols, csv, ov, size, cfg, uncertainty=unc))
     return outcomes

@@ -1,223 +1,283 @@
-"""The stages a frame goes through, in order. Start reading here.
+"""The frame path: the stages a frame goes through, in order. Start reading here.
 
-=============  =====================================================  ==========================
-stage          what it does                                           where
-=============  =====================================================  ==========================
-receive        read the message from the detector stream into a       :class:`beamloop.streams.native.receiver.FrameReceiver`
-               preallocated ring buffer
-decode         validate the header, decompress LZ4 blobs              :mod:`beamloop.streams.native.protocol`
-preprocess     float32 conversion, Gaussian smoothing, noise sigma    :class:`beamloop.edge.stages.preprocess.Preprocessor`
-find           local maxima, minimum separation, sub-pixel centres    :class:`beamloop.edge.stages.find.ColumnFinder`
-               (or the U-Net ensemble on ONNX Runtime, ``method="unet"``)  :class:`beamloop.edge.stages.unet.UNetFinder`
-classify       Mo / S2 / S1 / vacancy site (MoS2), or "column"        :mod:`beamloop.edge.stages.classify`
-policy         choose beam targets (e.g. S2 columns along a line)     :class:`beamloop.edge.stages.policy.VacancyLinePolicy`
-bridge         park the probe, unblank, blank (request/reply)         :class:`beamloop.edge.control.bridge.BridgeClient`
-trigger        watch the parked-probe ADF stream; blank on ejection   :mod:`beamloop.edge.trigger.classical`
-=============  =====================================================  ==========================
+A frame arrives from a detector stream (:mod:`beamloop.streams`: receive, decode) and the service
+(:class:`beamloop.edge.service.EdgeService`) hands it to a :class:`FramePath`, which runs one of the two
+stage lists below. Each stage follows the contract of :mod:`beamloop.edge.frame.stage` (a name that is its
+latency key, the slots it reads and writes, ``prepare`` / ``process`` / ``reset``). After the path, the
+service drives the beam: bridge (:mod:`beamloop.edge.control.client`) and trigger (:mod:`beamloop.edge.trigger`).
 
-:class:`FramePipeline` runs preprocess -> find -> classify -> policy on one frame; the service
-(:class:`beamloop.edge.service.EdgeService`) runs receive and decode before it, and bridge and trigger after it.
+=================  ==========================================================  ================================
+path               stages (latency key: class)                                 slots written
+=================  ==========================================================  ================================
+``classical``      preprocess: :class:`~beamloop.edge.stages.preprocess.Preprocess`   smooth, noise
+                   find: :class:`~beamloop.edge.stages.find.FindPeaks`                columns
+                   classify: :class:`~beamloop.edge.stages.classify.Classify`         columns (classes)
+                   vacancies: :class:`~beamloop.edge.stages.vacancies.InferVacancySites` (MoS2)  columns, bonds
+                   policy: :class:`~beamloop.edge.stages.policy.VacancyLinePolicy` (with a policy)  targets
+``unet``           preprocess: :class:`~beamloop.edge.stages.unet.UNetNormalise`       extras
+                   find: :class:`~beamloop.edge.stages.unet.UNetFind`                  columns, extras
+                   vacancies, policy: as above
+=================  ==========================================================  ================================
 """
 
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import replace
+from typing import Callable, Sequence
 
 import numpy as np
 
-from beamloop.edge.stages.classify import GenericClassifier, MoS2Classifier
-from beamloop.edge.frame.columns import ColumnTable
-from beamloop.edge.stages.find import ColumnFinder, FinderConfig
+from beamloop.edge.frame.context import INPUT_SLOTS, SLOTS, FrameContext, FrameMeta
 from beamloop.edge.frame.latency import LatencyRecorder
-from beamloop.edge.stages.policy import Target, VacancyLinePolicy
-from beamloop.edge.stages.preprocess import FrameError
 from beamloop.edge.frame.scanframe import ScanFrame
-
-MOS2_SPACING_A = 1.824
-"""Projected Mo-S distance of MoS2, Angstrom (a / sqrt(3), a = 3.16 Angstrom)."""
-
-METHODS = ("classical", "unet")
-"""Column finders the pipeline (and ``beamloop find --method``) offers."""
-
-
-@dataclass
-class FrameResult:
-    """What the pipeline made of one frame.
-
-    Attributes
-    ----------
-    columns : ColumnTable
-        Classified columns (and inferred vacancy sites).
-    targets : list of Target
-        Beam targets chosen by the policy (empty without a policy or a scan frame).
-    bonds : ndarray (3, 2) or None
-        Mo-S bond vectors in pixels (MoS2 only).
-    timings_ns : dict
-        Duration of each stage run here.
-    segment : beamloop.edge.stages.unet.SegmentResult or None
-        With ``method="unet"``: heat maps, per-pixel and per-column uncertainty (rows of ``segment.columns``
-        are the first rows of ``columns``; inferred vacancy sites follow them).
-    """
-
-    columns: ColumnTable
-    targets: list[Target] = field(default_factory=list)
-    bonds: np.ndarray | None = None
-    timings_ns: dict = field(default_factory=dict)
-    segment: object | None = None
+from beamloop.edge.frame.stage import FrameError, FrameStage, check_frame
+from beamloop.edge.materials import MOS2, Material, material as material_named
+from beamloop.edge.stages.classify import Classify
+from beamloop.edge.stages.find import FinderConfig, FindPeaks
+from beamloop.edge.stages.policy import VacancyLinePolicy
+from beamloop.edge.stages.preprocess import Preprocess
+from beamloop.edge.stages.vacancies import InferVacancySites
 
 
-class FramePipeline:
-    """Preprocess, find, classify and choose targets for one frame.
+class PathError(ValueError):
+    """A stage list that breaks the contract: a slot read before any stage writes it, an unknown slot,
+    or two stages with the same name."""
+
+
+class FramePath:
+    """Runs an ordered list of frame stages on one frame after another (the executor of the contract).
 
     Parameters
     ----------
-    material : {"MoS2", "generic"}
-        Selects the classifier (and the physical scale when the pixel size is known).
-    policy : VacancyLinePolicy, optional
-        Chooses targets; none -> no targets.
+    stages : sequence of FrameStage
+        In the order a frame meets them.
+    material : str or Material
+        The material of every frame on this path (classes, physical scale).
     latency : LatencyRecorder, optional
-        Receives the stage durations.
-    finder_config : FinderConfig, optional
-        Fixed finder parameters; by default they follow the pixel size (MoS2 scale), or, for frames
-        without one, the lattice period and column size estimated from the first such frame.
-    method : {"classical", "unet"}
-        ``classical``: :class:`beamloop.edge.stages.find.ColumnFinder` and the intensity classifier. ``unet``: the U-Net
-        ensemble (:class:`beamloop.edge.stages.unet.UNetFinder`) finds and classifies; vacancy sites (MoS2) are still
-        inferred from the lattice.
-    unet : beamloop.edge.stages.unet.UNetFinder, optional
-        The learned finder to use (``method="unet"``); by default the shipped FP32 model on the best device.
+        Receives each stage's duration under its name; none: durations only in ``ctx.timings_ns``.
+    period_px : float, optional
+        Lattice period in pixels for frames without a pixel size (the user's ``--spacing-px``); without it
+        the period is estimated from the first frame of each such series.
+
+    Raises
+    ------
+    PathError
+        A stage reads a slot no earlier stage (or the runner) writes, names an unknown slot, or two stages
+        share a name.
+
+    Notes
+    -----
+    Per frame the runner checks the frame once (:func:`~beamloop.edge.frame.stage.check_frame`), calls every
+    stage's ``prepare`` when the series' metadata changed, and times each ``process`` with two
+    ``time.perf_counter_ns`` calls. The context (:attr:`ctx`) is reused: its ``smooth`` buffer and the
+    U-Net's heat maps are overwritten by the next frame, while ``columns`` and ``targets`` are new objects
+    per frame that callers may keep.
     """
 
-    def __init__(self, material: str = "MoS2", policy: VacancyLinePolicy | None = None,
-                 latency: LatencyRecorder | None = None, finder_config: FinderConfig | None = None,
-                 method: str = "classical", unet=None) -> None:
-        if material not in ("MoS2", "generic"):
-            raise ValueError(f"material must be 'MoS2' or 'generic', got {material!r}")
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        self.material = material
-        self.policy = policy
+    def __init__(self, stages: Sequence[FrameStage], material: str | Material = MOS2,
+                 latency: LatencyRecorder | None = None, period_px: float | None = None) -> None:
+        self.stages = list(stages)
+        self.material = material_named(material)
         self.latency = latency
-        self.method = method
-        self._fixed = finder_config
-        self._finders: dict[float, ColumnFinder] = {}
-        self._classifiers: dict[float, object] = {}
-        self.unet = unet
-        if method == "unet" and unet is None:
-            from beamloop.edge.stages.unet import UNetFinder
+        self.period_px = period_px
+        self.ctx = FrameContext()
+        self._check_contract()
+        self._requested: FrameMeta | None = None
+        self._names = tuple(s.name for s in self.stages)
 
-            self.unet = UNetFinder()
+    def _check_contract(self) -> None:
+        written = set(INPUT_SLOTS)
+        names = set()
+        for s in self.stages:
+            if not isinstance(s, FrameStage):
+                raise PathError(f"{s!r} does not implement the FrameStage protocol (name, reads, writes, prepare, "
+                                "process, reset)")
+            if s.name in names:
+                raise PathError(f"two stages are called {s.name!r}: stage names are latency keys and must be unique")
+            names.add(s.name)
+            for slot in (*s.reads, *s.writes):
+                if slot not in SLOTS:
+                    raise PathError(f"stage {s.name!r} names an unknown slot {slot!r}; slots: {SLOTS}")
+            missing = [r for r in s.reads if r not in written]
+            if missing:
+                raise PathError(f"stage {s.name!r} reads {missing}, which no earlier stage writes")
+            written.update(s.writes)
 
-    def finder_for(self, pixel_size_A: float | None, image: np.ndarray | None = None) -> ColumnFinder:
-        """The finder for frames of this pixel size (cached; MoS2 scale unless a config was given).
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Stage names (latency keys), in order."""
+        return self._names
 
-        Frames with no pixel size and no fixed configuration: the lattice period and column size are
-        estimated from ``image`` (:func:`beamloop.edge.batch_find.finder_config`), and that finder serves all later
-        frames without a pixel size.
+    @property
+    def meta(self) -> FrameMeta | None:
+        """Metadata of the current series as resolved for the stages (with the estimated scale)."""
+        return self.ctx.meta
+
+    def reset(self) -> None:
+        """A new series starts: every stage forgets what it learned (e.g. the policy's row)."""
+        for s in self.stages:
+            s.reset()
+
+    def _resolve(self, meta: FrameMeta, image: np.ndarray) -> FrameMeta:
+        """``meta`` with a lattice scale for frames that have no physical one: the period given to the path
+        (or in ``meta``), else estimated from ``image``, and the column sigma estimated from ``image``
+        (:func:`beamloop.edge.analysis.spacing.estimate_scale`)."""
+        if (meta.pixel_size_A and meta.material.nn_spacing_A) or not self._needs_scale():
+            return meta
+        if meta.period_px is not None and meta.column_sigma_px is not None:
+            return meta
+        from beamloop.edge.analysis.spacing import estimate_scale
+
+        period = meta.period_px if meta.period_px is not None else self.period_px
+        try:
+            est = estimate_scale(np.asarray(image, np.float32))
+        except ValueError as exc:
+            if period is None:
+                raise FrameError(f"frame has no pixel size and its lattice scale cannot be estimated: {exc}") from None
+            return replace(meta, period_px=float(period))
+        return replace(meta, period_px=float(period if period is not None else est.period_px),
+                       column_sigma_px=est.column_sigma_px)
+
+    def _needs_scale(self) -> bool:
+        return any(isinstance(s, (Preprocess, FindPeaks)) and s.config is None for s in self.stages)
+
+    def prepare(self, meta: FrameMeta, image: np.ndarray | None = None) -> FrameMeta:
+        """Prepare every stage for ``meta`` (resolving the scale from ``image`` when needed); returns the
+        resolved metadata.
 
         Raises
         ------
-        beamloop.edge.stages.preprocess.FrameError
-            The scale of ``image`` cannot be estimated (flat, too small, no lattice period).
-        ValueError
-            No pixel size, no fixed configuration and no image.
+        FrameError
+            A stage cannot take such frames, or the scale cannot be estimated.
         """
-        key = float(pixel_size_A) if pixel_size_A else 0.0
-        f = self._finders.get(key)
-        if f is None:
-            if self._fixed is not None:
-                cfg = self._fixed
-            elif pixel_size_A and math.isfinite(pixel_size_A):
-                cfg = FinderConfig.for_pixel_size(pixel_size_A, spacing_A=MOS2_SPACING_A)
-            elif image is not None:
-                from beamloop.edge.batch_find import finder_config
+        resolved = self._resolve(meta, image) if image is not None else meta
+        for s in self.stages:
+            s.prepare(resolved)
+        self._requested = meta
+        self.ctx.meta = resolved
+        return resolved
 
-                try:
-                    cfg = finder_config(image, None, self.material)
-                except ValueError as exc:
-                    raise FrameError(f"frame has no pixel size and its lattice scale cannot be estimated: {exc}"
-                                     ) from None
-            else:
-                raise ValueError("frame has no pixel size; pass a finder configuration (column spacing)")
-            f = self._finders[key] = ColumnFinder(cfg)
-        return f
-
-    def _classifier(self, pixel_size_A: float | None, finder: ColumnFinder):
-        key = float(pixel_size_A) if pixel_size_A else 0.0
-        c = self._classifiers.get(key)
-        if c is None:
-            if self.material == "MoS2":
-                spacing = MOS2_SPACING_A / pixel_size_A if pixel_size_A else finder.config.min_distance_px / 0.55
-                c = MoS2Classifier(spacing)
-            else:
-                c = GenericClassifier()
-            self._classifiers[key] = c
-        return c
-
-    def process(self, image: np.ndarray, pixel_size_A: float | None = None, scan: ScanFrame | None = None
-                ) -> FrameResult:
-        """Run preprocess -> find -> classify -> policy on one frame.
+    def run(self, image: np.ndarray, pixel_size_A: float | None = None, scan: ScanFrame | None = None, *,
+            meta: FrameMeta | None = None, record: bool = True, want_targets: bool = True) -> FrameContext:
+        """Run every stage on one frame; returns the path's (reused) context.
 
         Parameters
         ----------
-        image : ndarray (rows, cols), integer or float
+        image : ndarray (rows, cols), integer or float32/float64
+            The frame (counts or intensities).
         pixel_size_A : float, optional
-            Angstrom per pixel (from the stream's ``start`` message or the file).
+            Angstrom per pixel (from the stream's ``start`` message or the file); ignored with ``meta``.
         scan : ScanFrame, optional
-            The scan frame the image belongs to; needed for targets.
+            The scan frame the image belongs to; the policy needs it for targets.
+        meta : FrameMeta, optional
+            The series' metadata (callers that know it per series build it once); by default made from
+            the image, the pixel size and the path's material.
+        record : bool
+            Whether stage durations go to the latency recorder (False for warm-up frames).
+        want_targets : bool
+            False: the policy chooses no targets for this frame (e.g. a verification frame).
 
         Raises
         ------
-        beamloop.edge.stages.preprocess.FrameError
-            Bad frame (not 2-D, too small, non-finite pixels), or no pixel size and no estimable scale.
+        FrameError
+            The frame is rejected (bad shape, dtype or pixels; a stage cannot take it; no estimable scale).
         """
-        if self.method == "unet":
-            return self._process_unet(image, pixel_size_A, scan)
-        finder = self.finder_for(pixel_size_A, image)
-        clf = self._classifier(pixel_size_A, finder)
-        t = [time.perf_counter_ns()]
-        smooth, noise = finder.preprocessor.run(image)
-        t.append(time.perf_counter_ns())
-        cols = finder.find_smoothed(smooth, noise)
-        t.append(time.perf_counter_ns())
-        cols = clf.classify(cols, smooth)
-        t.append(time.perf_counter_ns())
-        bonds = getattr(clf, "last_bonds", None)
-        targets = self.policy.select(cols, scan, bonds) if (self.policy is not None and scan is not None) else []
-        t.append(time.perf_counter_ns())
-        return self._result(cols, targets, bonds, dict(zip(("preprocess", "find", "classify", "policy"),
-                                                            np.diff(t).tolist())))
-
-    def _result(self, cols: ColumnTable, targets, bonds, timings: dict, segment=None) -> FrameResult:
-        if self.latency is not None:
-            for stage, ns in timings.items():
-                self.latency.add(stage, ns)
-        return FrameResult(cols, targets, bonds, timings, segment)
-
-    def _process_unet(self, image: np.ndarray, pixel_size_A: float | None, scan: ScanFrame | None) -> FrameResult:
-        """The learned path: U-Net find and classify, then (MoS2) vacancy sites from the lattice, then policy."""
-        seg = self.unet.find(image, self.material)
-        t = [time.perf_counter_ns()]
-        cols, bonds = seg.columns, None
-        if self.material == "MoS2" and len(cols) >= 4:
-            spacing = MOS2_SPACING_A / pixel_size_A if pixel_size_A else _median_neighbour_px(cols.xy)
-            clf = MoS2Classifier(spacing)
-            cols = cols.concat(clf._vacancy_sites(cols, image))
-            bonds = clf.last_bonds
-        t.append(time.perf_counter_ns())
-        targets = self.policy.select(cols, scan, bonds) if (self.policy is not None and scan is not None) else []
-        t.append(time.perf_counter_ns())
-        st = seg.timings_ns
-        timings = {"preprocess": st["normalise"], "find": st["network"] + st["extract"],
-                   "classify": t[1] - t[0], "policy": t[2] - t[1]}
-        return self._result(cols, targets, bonds, timings, seg)
+        check_frame(image)
+        if meta is None:
+            meta = FrameMeta.of(image, pixel_size_A, self.material)
+        if meta != self._requested:
+            self.prepare(meta, image)
+        ctx = self.ctx
+        ctx.clear()
+        ctx.image, ctx.scan, ctx.want_targets = image, scan, want_targets
+        timings = ctx.timings_ns
+        lat = self.latency if record else None
+        for s in self.stages:
+            t0 = time.perf_counter_ns()
+            s.process(ctx)
+            dt = time.perf_counter_ns() - t0
+            timings[s.name] = dt
+            if lat is not None:
+                lat.add(s.name, dt)
+        return ctx
 
 
-def _median_neighbour_px(xy: np.ndarray) -> float:
-    """Median nearest-neighbour distance of points (n >= 2, shape (n, 2)), pixels."""
-    from scipy.spatial import cKDTree
+# --------------------------------------------------------------------------------------------------------
+# the two stage lists
+# --------------------------------------------------------------------------------------------------------
+def classical_stages(material: str | Material = MOS2, policy: VacancyLinePolicy | None = None,
+                     config: FinderConfig | None = None) -> list[FrameStage]:
+    """preprocess -> find -> classify -> (MoS2) vacancies -> (with a policy) policy."""
+    m = material_named(material)
+    stages: list[FrameStage] = [Preprocess(config), FindPeaks(config), Classify()]
+    if m.name == MOS2.name:
+        stages.append(InferVacancySites("smooth"))
+    if policy is not None:
+        stages.append(policy)
+    return stages
 
-    d, _ = cKDTree(xy).query(xy, k=2)
-    return float(np.median(d[:, 1]))
+
+def unet_stages(material: str | Material = MOS2, policy: VacancyLinePolicy | None = None, unet=None
+                ) -> list[FrameStage]:
+    """preprocess (normalise) -> find (network, extraction) -> (MoS2) vacancies -> (with a policy) policy.
+
+    ``unet`` is a :class:`~beamloop.edge.stages.unet.UNetFinder`; by default the shipped FP32 model on the
+    best device.
+    """
+    from beamloop.edge.stages.unet import UNetFind, UNetFinder, UNetNormalise
+
+    m = material_named(material)
+    finder = unet if unet is not None else UNetFinder()
+    stages: list[FrameStage] = [UNetNormalise(finder), UNetFind(finder)]
+    if m.name == MOS2.name:
+        stages.append(InferVacancySites("image"))
+    if policy is not None:
+        stages.append(policy)
+    return stages
+
+
+PATHS: dict[str, Callable[..., list[FrameStage]]] = {}
+"""Stage-list builders by finder name (``beamloop find --method``, ``serve --method``)."""
+
+
+def register_path(name: str, build: Callable[..., list[FrameStage]]) -> None:
+    """Make ``build(material, policy, **options) -> list of stages`` available as path ``name``."""
+    PATHS[name] = build
+
+
+register_path("classical", lambda material, policy=None, config=None, **_: classical_stages(material, policy, config))
+register_path("unet", lambda material, policy=None, unet=None, **_: unet_stages(material, policy, unet))
+
+METHODS = tuple(PATHS)
+"""Column finders the frame path offers (``--method``)."""
+
+
+def frame_path(method: str = "classical", material: str | Material = MOS2, policy: VacancyLinePolicy | None = None,
+               latency: LatencyRecorder | None = None, *, config: FinderConfig | None = None,
+               period_px: float | None = None, unet=None) -> FramePath:
+    """A :class:`FramePath` of the named stage list.
+
+    Parameters
+    ----------
+    method : {"classical", "unet"}
+    material : str or Material
+    policy : VacancyLinePolicy, optional
+        Chooses beam targets (the last stage); none -> no targets.
+    latency : LatencyRecorder, optional
+    config : FinderConfig, optional
+        Fixed classical-finder parameters (default: from each series' pixel size or estimated scale).
+    period_px : float, optional
+        Lattice period for frames without a pixel size (see :class:`FramePath`).
+    unet : UNetFinder, optional
+        The learned finder (``method="unet"``).
+
+    Raises
+    ------
+    ValueError
+        Unknown method or material.
+    """
+    if method not in PATHS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    return FramePath(PATHS[method](material_named(material), policy, config=config, unet=unet), material, latency,
+                     period_px=period_px)

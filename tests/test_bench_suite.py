@@ -216,7 +216,7 @@ def test_frame_cache_renders_then_cycles():
 def test_gpu_kernels_match_cpu_under_cuda_simulator():
     code = (
         "import numpy as np\n"
-        "from beamloop.bench.gpu import GpuPreprocessor\n"
+        "from beamloop.edge.stages.preprocess_gpu import GpuPreprocessor\n"
         "from beamloop.edge.stages.preprocess import Preprocessor\n"
         "f = np.random.default_rng(0).poisson(5, (19, 26)).astype(np.uint16)\n"
         "s, n = GpuPreprocessor(1.2).run(f)\n"

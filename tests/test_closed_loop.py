@@ -9,7 +9,7 @@ import zmq
 
 from beamloop.edge.control.bridge import BridgeClient
 from beamloop.edge.experiments.vacancy_line import ExperimentConfig, vacancy_line
-from beamloop.edge.path import FramePipeline
+from beamloop.edge.path import frame_path
 from beamloop.edge.stages.policy import Target, VacancyLinePolicy
 from beamloop.edge.service import EdgeService
 from beamloop.edge.sim.microscope import MicroscopeConfig, SimulatedMicroscope, decode_ground_truth
@@ -35,7 +35,7 @@ def microscope():
 def make_service(mic, targets=2, timeout_ms=5000):
     rx = FrameReceiver(mic.frames_endpoint)
     bridge = BridgeClient(mic.control_endpoint, timeout_ms=timeout_ms)
-    return EdgeService(rx, FramePipeline("MoS2", VacancyLinePolicy(targets)), bridge)
+    return EdgeService(rx, frame_path("classical", "MoS2", VacancyLinePolicy(targets)), bridge)
 
 
 def test_vacancy_line_writes_atoms(microscope):
@@ -129,7 +129,7 @@ def test_silent_controller_does_not_stop_the_loop():
     silent.bind("tcp://127.0.0.1:0")
     rx = FrameReceiver("tcp://127.0.0.1:1")
     bridge = BridgeClient(silent.getsockopt_string(zmq.LAST_ENDPOINT), timeout_ms=100)
-    service = EdgeService(rx, FramePipeline("MoS2"), bridge)
+    service = EdgeService(rx, frame_path("classical", "MoS2"), bridge)
     from beamloop.edge.frame.scanframe import ScanFrame
 
     bridge.frame = ScanFrame(1, (64, 64), (1.0, 1.0))
@@ -148,7 +148,8 @@ def test_main_job_end_to_end(tmp_path):
     rep = closed_loop.run(tmp_path, rounds=1, shape=(192, 192), targets_per_frame=2, seed=5, quiet=True)
     assert rep["accuracy"]["recall"] >= 0.99 and rep["accuracy"]["precision"] >= 0.99
     assert rep["trigger"]["detected"] == 2 and rep["verification"]["written"] == 2
-    for stage in ("receive", "decode", "preprocess", "find", "classify", "policy", "bridge", "trigger", "end_to_end"):
+    for stage in ("receive", "decode", "preprocess", "find", "classify", "vacancies", "policy", "bridge", "trigger",
+                  "end_to_end"):
         assert rep["latency_us"][stage]["n"] >= 1
     assert (tmp_path / "run.h5").exists() and (tmp_path / "overlay.png").exists()
     import h5py

@@ -5,12 +5,14 @@ import math
 import numpy as np
 import pytest
 
-from beamloop.edge.stages.classify import MoS2Classifier, otsu_threshold
-from beamloop.edge.stages.find import ColumnFinder, FinderConfig
-from beamloop.edge.path import MOS2_SPACING_A, FramePipeline
-from beamloop.edge.stages.preprocess import FrameError, Preprocessor, gaussian_kernel, noise_sigma
 from beamloop.edge.analysis.scoring import combine, match, score_frame
+from beamloop.edge.frame.stage import FrameError, check_frame
+from beamloop.edge.kernels.smooth import gaussian_kernel, noise_sigma
+from beamloop.edge.path import frame_path
 from beamloop.edge.sim.frames import mos2_frame
+from beamloop.edge.stages.classify import classify_mos2, otsu_threshold
+from beamloop.edge.stages.find import ColumnFinder, FinderConfig
+from beamloop.edge.stages.preprocess import Preprocessor
 
 PX = 0.15
 
@@ -48,7 +50,7 @@ def test_min_distance_suppresses_close_maxima():
 def test_mos2_accuracy_at_1e5(seed):
     """The issue's bar: recall >= 0.99, precision >= 0.99, RMS <= 8 pm at 1e5 e-/A^2 and 0.15 A/px."""
     fr = mos2_frame(dose_e_per_A2=1e5, pixel_size_A=PX, seed=100 + seed)
-    res = FramePipeline("MoS2").process(fr.counts, PX)
+    res = frame_path("classical", "MoS2").run(fr.counts, PX)
     s = score_frame(res.columns.xy, res.columns.cls, fr.truth_xy, fr.truth_cls, res.columns.class_names, PX,
                     frame_shape=fr.counts.shape)
     assert s.recall >= 0.99 and s.precision >= 0.99 and s.rms_pm <= 8.0, s
@@ -59,7 +61,7 @@ def test_mos2_classes_and_vacancy_sites():
     scores = []
     for seed in range(3):
         fr = mos2_frame(dose_e_per_A2=1e6, pixel_size_A=PX, seed=200 + seed)
-        res = FramePipeline("MoS2").process(fr.counts, PX)
+        res = frame_path("classical", "MoS2").run(fr.counts, PX)
         scores.append(score_frame(res.columns.xy, res.columns.cls, fr.truth_xy, fr.truth_cls,
                                   res.columns.class_names, PX, frame_shape=fr.counts.shape))
     s = combine(scores)
@@ -78,22 +80,31 @@ def test_finder_threshold_rejects_pure_noise():
 
 
 def test_bad_frames_raise_clear_errors():
-    pre = Preprocessor(2.0)
     with pytest.raises(FrameError, match="2-D"):
-        pre.run(np.zeros((4, 8, 8), np.uint16))
+        check_frame(np.zeros((4, 8, 8), np.uint16))
     f = np.ones((32, 32), np.float32)
     f[3, 4] = np.nan
     f[5, 5] = np.inf
     with pytest.raises(FrameError, match="2 non-finite"):
-        pre.run(f)
+        check_frame(f)
     with pytest.raises(FrameError, match="smaller than the smoothing kernel"):
-        pre.run(np.zeros((4, 4), np.uint16))
+        Preprocessor(2.0).run(np.zeros((4, 4), np.uint16))
     with pytest.raises(FrameError, match="dtype"):
-        pre.run(np.zeros((32, 32), np.complex64))
+        check_frame(np.zeros((32, 32), np.complex64))
     with pytest.raises(FrameError, match="float16 is not supported"):
-        pre.run(np.zeros((32, 32), np.float16))
+        check_frame(np.zeros((32, 32), np.float16))
+    with pytest.raises(FrameError, match="byte order"):
+        check_frame(np.zeros((32, 32), ">f8"))
+    with pytest.raises(FrameError, match="empty"):
+        check_frame(np.zeros((0, 32), np.float32))
     with pytest.raises(ValueError, match="too small"):
         FinderConfig.for_spacing(2.0)
+    # the frame path checks every frame once, before any stage
+    path = frame_path("classical", "MoS2")
+    with pytest.raises(FrameError, match="non-finite"):
+        path.run(f, PX)
+    with pytest.raises(FrameError, match="smaller than the smoothing kernel"):
+        path.run(np.zeros((4, 4), np.uint16), PX)
 
 
 def test_smoothing_matches_scipy():
@@ -125,5 +136,5 @@ def test_classifier_labels_by_intensity():
     inten = np.array([6.9, 7.1, 7.0, 2.5, 2.4, 2.6, 2.5, 1.2], np.float32)
     n = len(inten)
     cols = ColumnTable(np.arange(n, dtype=np.float32) * 10, np.zeros(n, np.float32), inten, inten, np.full(n, -1, np.int8))
-    out = MoS2Classifier(MOS2_SPACING_A / PX).classify(cols)
+    out = classify_mos2(cols)
     assert out.class_labels() == ["Mo", "Mo", "Mo", "S2", "S2", "S2", "S2", "S1"]

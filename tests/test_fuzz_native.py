@@ -259,7 +259,7 @@ def test_ring_bound_is_exact():
 # the service keeps running -----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def service():
-    from beamloop.edge.path import FramePipeline
+    from beamloop.edge.path import frame_path
     from beamloop.edge.service import EdgeService
 
     ctx = zmq.Context.instance()
@@ -268,7 +268,7 @@ def service():
     tx.setsockopt(zmq.LINGER, 0)
     tx.connect(rx.endpoint)
     time.sleep(0.05)
-    yield tx, EdgeService(rx, FramePipeline("generic"))
+    yield tx, EdgeService(rx, frame_path("classical", "generic"))
     tx.close()
     rx.close()
 

@@ -11,7 +11,7 @@ import pytest
 import zmq
 
 from beamloop.edge.control.bridge import BridgeClient, BridgeError, BridgeServer, encode_request
-from beamloop.edge.path import FramePipeline
+from beamloop.edge.path import frame_path
 from beamloop.edge.control.safety import BeamSafety, RateLimiter, SafetyLimits, SequenceTracker, add_safety_arguments, safety_options
 from beamloop.edge.frame.scanframe import ScanFrame
 from beamloop.edge.service import EdgeService
@@ -399,7 +399,7 @@ def test_service_heartbeats_keep_the_beam_while_it_waits(microscope):
     """A live service waiting for frames sends heartbeats: no trip while it waits 3 watchdog periods."""
     rx = FrameReceiver(microscope.frames_endpoint)
     bridge = BridgeClient(microscope.control_endpoint)
-    service = EdgeService(rx, FramePipeline("MoS2"), bridge, heartbeat_s=0.05)
+    service = EdgeService(rx, frame_path("classical", "MoS2"), bridge, heartbeat_s=0.05)
     scan = bridge.acquire_frame((32, 32), (1.0, 1.0), 1.0)
     assert service.next_frame(5000) is not None  # the frame
     bridge.set_probe(0.5, 0.5, scan.frame_id)
@@ -421,7 +421,7 @@ def test_service_turns_heartbeats_off_for_a_controller_without_them():
     th = threading.Thread(target=lambda: [server.handle_one(10) for _ in iter(stop.is_set, True)], daemon=True)
     th.start()
     rx = FrameReceiver("tcp://127.0.0.1:1")
-    service = EdgeService(rx, FramePipeline("MoS2"), BridgeClient(server.endpoint), heartbeat_s=0.01)
+    service = EdgeService(rx, frame_path("classical", "MoS2"), BridgeClient(server.endpoint), heartbeat_s=0.01)
     assert service.next_frame(100) is None
     assert service.heartbeat_s is None and service.stats.heartbeat_errors == 1
     stop.set()

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from beamloop.edge.stages import unet
-from beamloop.edge.path import FramePipeline
-from beamloop.edge.stages.preprocess import FrameError
+from beamloop.edge.frame.stage import FrameError
+from beamloop.edge.path import frame_path
 from beamloop.edge.analysis.scoring import score_frame
 from beamloop.edge.stages.unet import SEG_CLASSES, ModelError, UNetFinder, normalise_frame, select_providers, tile_origins
 from beamloop.edge.sim.frames import mos2_frame
@@ -102,7 +102,7 @@ def test_columns_from_heat_maps(tmp_path):
     """Gaussian heat maps of known sub-pixel centres: positions, member spread, classes, scores."""
     finder = UNetFinder(_identity_model(tmp_path, members=2), device="cpu", threshold=0.4)
     shape = (48, 60)
-    finder._allocate(shape)
+    finder.allocate(shape)
     truth = np.array([[10.3, 12.6], [30.0, 20.45], [45.7, 33.2], [20.0, 40.0]])
     shift = 0.1  # member 0 sees every column 0.1 px to the left, member 1 to the right
     yy, xx = np.mgrid[0:shape[0], 0:shape[1]]
@@ -115,7 +115,7 @@ def test_columns_from_heat_maps(tmp_path):
             finder._heat[k] = np.maximum(finder._heat[k], g)
     for c, (x, y) in enumerate(truth):
         finder._cls[c % 3, int(round(y)), int(round(x))] = 1.0
-    res = finder._extract(np.zeros(shape, np.uint16), "MoS2")
+    res = finder.extract(np.zeros(shape, np.uint16), "MoS2")
     cols = res.columns
     assert len(cols) == 3  # the fourth peaks at 0.3 < threshold
     order = np.argsort(cols.x)
@@ -124,7 +124,7 @@ def test_columns_from_heat_maps(tmp_path):
     assert np.allclose(res.position_std_px, shift, atol=0.01)
     assert list(cols.cls[order]) == [0, 1, 2] and cols.class_names[:3] == ("Mo", "S2", "S1")
     assert ((cols.score > 0.8) & (cols.score <= 0.9)).all() and (res.heat_std < 0.05).all()  # heat at the peak pixel
-    gen = finder._extract(np.zeros(shape, np.uint16), "generic").columns
+    gen = finder.extract(np.zeros(shape, np.uint16), "generic").columns
     assert gen.class_names == ("column",) and (gen.cls == 0).all()
 
 
@@ -146,10 +146,10 @@ def test_frame_adaptive_threshold_and_minimum_distance(tmp_path, adaptive):
     shape = (96, 96)
     lattice = [(6.0 + 12 * a, 6.0 + 12 * b) for a in range(8) for b in range(8)]
     extra = [(48.0, 48.0), (6.0 + 12 * 3 + 4.0, 6.0 + 12 * 5)]
-    finder._allocate(shape)
+    finder.allocate(shape)
     finder._heat[0] = _gaussians(shape, lattice + extra, [0.9] * len(lattice) + [0.45, 0.7])
     finder._cls[:] = 0
-    res = finder._extract(np.zeros(shape, np.uint16), "generic")
+    res = finder.extract(np.zeros(shape, np.uint16), "generic")
     if adaptive:
         assert res.threshold == pytest.approx(0.6 * 0.9, abs=0.01) and res.min_distance_px == pytest.approx(7.2)
         assert len(res.columns) == len(lattice)
@@ -167,10 +167,10 @@ def test_adaptive_minimum_distance_keeps_dumbbells(tmp_path):
     finder = UNetFinder(_identity_model(tmp_path, members=1), device="cpu")
     shape = (84, 84)
     cols = [(7.0 + 14 * a + dx, 7.0 + 14 * b) for a in range(6) for b in range(6) for dx in (-2.0, 2.0)]
-    finder._allocate(shape)
+    finder.allocate(shape)
     finder._heat[0] = _gaussians(shape, cols, [0.9] * len(cols))
     finder._cls[:] = 0
-    res = finder._extract(np.zeros(shape, np.uint16), "generic")
+    res = finder.extract(np.zeros(shape, np.uint16), "generic")
     assert res.min_distance_px == pytest.approx(2.5) and len(res.columns) == len(cols)
 
 
@@ -324,12 +324,12 @@ def test_shipped_model_classifies_mos2_columns(finders):
 @shipped
 def test_pipeline_unet_method_and_vacancies(finders):
     f = mos2_frame(dose_e_per_A2=1e5, seed=200_020)
-    pipe = FramePipeline("MoS2", method="unet", unet=finders["fp32"])
-    res = pipe.process(f.counts, f.pixel_size_A)
+    path = frame_path("unet", "MoS2", unet=finders["fp32"])
+    res = path.run(f.counts, f.pixel_size_A)
     seg = res.segment
     assert seg is not None and len(res.columns) >= len(seg.columns)
     assert res.columns.class_names == ("Mo", "S2", "S1", "vacancy")
-    assert set(res.timings_ns) == {"preprocess", "find", "classify", "policy"}
+    assert path.names == ("preprocess", "find", "vacancies") and set(res.timings_ns) == set(path.names)
     # inferred vacancy sites lie on true vacancy sites
     vac_true = f.truth_xy[f.truth_cls == 3]
     vac_found = res.columns.xy[res.columns.cls == 3]
@@ -357,21 +357,20 @@ def test_find_files_unet_writes_tables_overlays_and_uncertainty(tmp_path, finder
     assert rows.shape == (len(o.columns), 5)
 
 
-def test_pipeline_estimates_the_scale_of_uncalibrated_frames():
-    """No pixel size and no fixed configuration: the first frame's lattice sets the finder; a flat frame
-    gives a FrameError (the service counts and skips it) rather than a crash."""
+def test_path_estimates_the_scale_of_uncalibrated_frames():
+    """No pixel size and no fixed configuration: the first frame of a series sets the finder's scale; a flat
+    frame gives a FrameError (the service counts and skips it) rather than a crash."""
     f = mos2_frame(dose_e_per_A2=1e5, seed=3)
-    pipe = FramePipeline("generic")
+    path = frame_path("classical", "generic")
     with pytest.raises(FrameError, match="scale"):
-        pipe.process(np.full((128, 128), 5, np.uint16))
-    res = pipe.process(f.counts)
+        path.run(np.full((128, 128), 5, np.uint16))
+    res = path.run(f.counts)
     s = score_frame(res.columns.xy, np.zeros(len(res.columns), np.int8), f.truth_xy[f.truth_cls < 3],
                     np.zeros(int((f.truth_cls < 3).sum()), np.int8), ("column",), f.pixel_size_A,
                     frame_shape=f.counts.shape)
     assert s.recall > 0.95 and s.precision > 0.95
-    cfg = pipe.finder_for(None).config  # cached: later frames reuse the estimate
-    assert math.isclose(cfg.min_distance_px, pipe.finder_for(None, np.zeros((3, 3))).config.min_distance_px)
-    with pytest.raises(ValueError, match="no pixel size"):
-        FramePipeline("generic").finder_for(None)
+    period = path.meta.period_px  # kept for later frames of the series (same metadata): no re-estimate
+    path.run(f.counts[::-1].copy())
+    assert path.meta.period_px == period and period > 3
     with pytest.raises(ValueError, match="method"):
-        FramePipeline("MoS2", method="deep")
+        frame_path("deep", "MoS2")

@@ -19,15 +19,13 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from beamloop.edge.app import ServiceConfig, build_service, warm_up
 from beamloop.edge.control.bridge import BridgeClient, BridgeError
-from beamloop.edge.experiments.vacancy_line import ExperimentConfig, RoundRecord, vacancy_line
 from beamloop.edge.frame.latency import LatencyRecorder
+from beamloop.edge.experiments.vacancy_line import ExperimentConfig, RoundRecord, vacancy_line
 from beamloop.edge.io.overlay import save_overlay
-from beamloop.edge.path import FramePipeline
-from beamloop.edge.stages.policy import VacancyLinePolicy
 from beamloop.edge.io.runlog import RunLog
 from beamloop.edge.analysis.scoring import combine, match, score_frame
-from beamloop.edge.service import EdgeService
 from beamloop.edge.sim.microscope import decode_ground_truth
 from beamloop.streams.native.receiver import FrameReceiver
 
@@ -55,19 +53,6 @@ def start_simulator(args: list[str], timeout_s: float = 120.0) -> tuple[subproce
             return proc, json.loads(line.split(" ", 1)[1])
     proc.kill()
     raise RuntimeError(f"simulator did not announce its endpoints within {timeout_s} s")
-
-
-def warm_up(pipeline: FramePipeline, service: EdgeService, pixel_size_A: float, shape: tuple[int, int]) -> None:
-    """Compile (or load from cache) every numba kernel on the hot path before timing anything."""
-    from beamloop.edge.sim.frames import mos2_frame
-
-    fr = mos2_frame(shape=shape, pixel_size_A=pixel_size_A, dose_e_per_A2=1e5, seed=12345)
-    saved = pipeline.latency
-    pipeline.latency = None
-    pipeline.process(fr.counts, pixel_size_A)
-    pipeline.latency = saved
-    service.trigger.start(5.0)
-    service.trigger.update(np.full(64, 5, np.uint16))
 
 
 def dwell_rows(records: list[RoundRecord], events: list[dict]) -> list[dict]:
@@ -205,13 +190,13 @@ def run(out: Path, *, rounds: int = 3, shape: tuple[int, int] = (256, 256), pixe
                                targets_per_frame=targets_per_frame, max_dwell_s=max_dwell_s)
     proc, ends = start_simulator(["--frames", "tcp://127.0.0.1:*", "--control", "tcp://127.0.0.1:*",
                                   "--seed", str(seed), "--current-pA", str(current_pA)])
-    latency = LatencyRecorder()
-    pipeline = FramePipeline("MoS2", VacancyLinePolicy(targets_per_frame), latency)
     try:
         with FrameReceiver(ends["frames"], ring=8) as rx, BridgeClient(ends["control"], timeout_ms=20000) as bridge:
-            service = EdgeService(rx, pipeline, bridge, trigger=trigger, latency=latency)
+            service = build_service(rx, ServiceConfig("MoS2", targets_per_frame=targets_per_frame, trigger=trigger),
+                                    bridge)
+            latency = service.latency
             caps = bridge.get_capabilities()
-            warm_up(pipeline, service, pixel_size_A, shape)
+            warm_up(service.path, service.trigger, shape=shape, pixel_size_A=pixel_size_A, dtypes=(np.uint16,))
             steps = rounds + 1 + rounds * targets_per_frame
             with tqdm(total=steps, desc="closed loop", unit="step", disable=quiet) as bar:
                 def progress(text: str) -> None:

@@ -10,11 +10,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from beamloop.edge.control.bridge import BridgeError
 from beamloop.edge.frame.columns import ColumnTable
 from beamloop.edge.stages.policy import Target
 from beamloop.edge.frame.scanframe import ScanFrame
-from beamloop.edge.service import DwellResult, EdgeService
+from beamloop.edge.service import END_TO_END, DwellResult, EdgeService, frame_image
 
 log = logging.getLogger("beamloop.experiment")
 
@@ -56,7 +58,7 @@ class RoundRecord:
 
     index: int
     scan: ScanFrame
-    image: object
+    image: np.ndarray
     columns: ColumnTable
     targets: list[Target]
     dwells: list[DwellResult] = field(default_factory=list)
@@ -80,7 +82,6 @@ def vacancy_line(service: EdgeService, cfg: ExperimentConfig, progress=None) -> 
     if service.bridge is None:
         raise RuntimeError("the vacancy-line experiment needs a bridge to the scan controller")
     records: list[RoundRecord] = []
-    policy = service.pipeline.policy
     for r in range(cfg.rounds + 1):
         verifying = r == cfg.rounds
         try:
@@ -91,29 +92,24 @@ def vacancy_line(service: EdgeService, cfg: ExperimentConfig, progress=None) -> 
             if progress:
                 progress(f"frame {r}: acquire failed")
             continue
-        saved = policy.targets_per_frame if policy else 0
-        if policy and verifying:
-            policy.targets_per_frame = 0
-        got = service.next_frame(cfg.frame_timeout_ms)
-        if policy:
-            policy.targets_per_frame = saved
+        got = service.next_frame(cfg.frame_timeout_ms, want_targets=not verifying)
         if got is None:
             service.stats.note(f"frame {r} did not arrive within {cfg.frame_timeout_ms} ms")
             if progress:
                 progress(f"frame {r}: no frame")
             continue
         ev, result, scan = got
-        rec = RoundRecord(r, scan, ev.data[ev.series.channels[0]].copy(), result.columns, result.targets,
+        rec = RoundRecord(r, scan, frame_image(ev).copy(), result.columns, result.targets,
                           frame_sent_ns=ev.header.user_data.get("sent_ns", ev.recv_ns), frame_recv_ns=ev.recv_ns,
                           pixel_size_A=float(ev.series.user_data.get("pixel_size_A", 0.0)))
         if progress:
             progress(f"frame {r}: {len(result.columns)} columns, {len(result.targets)} targets")
-        for k, target in enumerate(result.targets):
+        for k, target in enumerate(rec.targets):
             d = service.dwell(target, cfg.max_dwell_s)
             rec.dwells.append(d)
             if k == 0 and d.set_probe_reply_ns:
-                service.latency.add("end_to_end", d.set_probe_reply_ns - rec.frame_sent_ns)
+                service.latency.add(END_TO_END, d.set_probe_reply_ns - rec.frame_sent_ns)
             if progress:
-                progress(f"frame {r} target {k + 1}/{len(result.targets)}: {d.reason}")
+                progress(f"frame {r} target {k + 1}/{len(rec.targets)}: {d.reason}")
         records.append(rec)
     return records

@@ -127,14 +127,14 @@ def unet_find(finder):
 
 def classical_find():
     """A ``find(EvalFrame)`` for :func:`score` with the classical pipeline (MoS2 scale, or estimated)."""
-    from beamloop.edge.batch_find import find_in_image
+    from beamloop.edge.batch_find import find_columns
 
     def find(f: EvalFrame):
         if f.structure == "MoS2":
-            cols, _ = find_in_image(f.counts, f.pixel_size_A, "MoS2")
+            cols, _ = find_columns(f.counts, f.pixel_size_A, "MoS2")
             return cols.select(cols.cls < 3)  # vacancy sites are not found columns
         try:
-            cols, _ = find_in_image(f.counts, None, "generic")
+            cols, _ = find_columns(f.counts, None, "generic")
         except ValueError:  # no lattice period found: nothing found
             return ColumnTable.empty()
         return cols

@@ -24,14 +24,26 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import numba
 import numpy as np
 
 from beamloop.edge.frame.columns import ColumnTable
+from beamloop.edge.frame.stage import FrameError, StageBase, check_frame
+from beamloop.edge.kernels.peaks import (
+    REFINE_METHODS,
+    PeakBuffers,
+    local_background,
+    local_maxima,
+    refine,
+    suppress,
+)
+from beamloop.edge.kernels.smooth import gaussian_kernel
+from beamloop.edge.materials import MOS2
 from beamloop.edge.stages.preprocess import Preprocessor
 
-REFINE_METHODS = {"none": 0, "com": 1, "gauss": 2}
+if TYPE_CHECKING:
+    from beamloop.edge.frame.context import FrameContext, FrameMeta
 
 
 @dataclass(frozen=True)
@@ -114,11 +126,11 @@ class FinderConfig:
         )
 
     @classmethod
-    def for_pixel_size(cls, pixel_size_A: float, spacing_A: float = 1.82, column_sigma_A: float = 0.33,
-                       **kw) -> "FinderConfig":
-        """Parameters from physical sizes: nearest-neighbour column distance ``spacing_A`` (MoS2: 1.82 Angstrom)
-        and blurred column sigma ``column_sigma_A`` (0.33 Angstrom: FWHM 0.77 Angstrom of the simulator's
-        blurred profiles), at ``pixel_size_A`` Angstrom per pixel.
+    def for_pixel_size(cls, pixel_size_A: float, spacing_A: float = MOS2.nn_spacing_A,
+                       column_sigma_A: float = MOS2.column_sigma_A, **kw) -> "FinderConfig":
+        """Parameters from physical sizes: nearest-neighbour column distance ``spacing_A`` (default MoS2's
+        Mo-S distance, :data:`beamloop.edge.materials.MOS2`) and blurred column sigma ``column_sigma_A``,
+        at ``pixel_size_A`` Angstrom per pixel.
 
         Raises ``ValueError`` for a non-positive pixel size.
         """
@@ -126,244 +138,182 @@ class FinderConfig:
             raise ValueError(f"pixel size must be a positive number of Angstrom, got {pixel_size_A}")
         return cls.for_spacing(spacing_A / pixel_size_A, column_sigma_A / pixel_size_A, **kw)
 
+    @classmethod
+    def for_meta(cls, meta: FrameMeta, **kw) -> "FinderConfig":
+        """Parameters for a series: from the material's spacing and the pixel size when both are known
+        (:meth:`for_pixel_size`), else from the lattice period and column sigma in ``meta``
+        (:meth:`for_lattice`; the frame path estimates them from the first frame when not given).
 
-@numba.njit(cache=True, nogil=True)
-def _candidates(s, border, rmax, ci, cj, cv):
-    """Local maxima of ``s`` (3x3; ties broken in raster order: strictly above the four neighbours before
-    the pixel, at least the four after it); returns their number.
+        Raises
+        ------
+        FrameError
+            Neither a physical scale nor a lattice period, or one too small to separate columns.
+        """
+        try:
+            m = meta.material
+            if meta.pixel_size_A and m.nn_spacing_A:
+                return cls.for_pixel_size(meta.pixel_size_A, spacing_A=m.nn_spacing_A, column_sigma_A=m.column_sigma_A,
+                                          **kw)
+            if meta.period_px is not None:
+                sigma = meta.column_sigma_px or meta.period_px / 5.5
+                return cls.for_lattice(meta.period_px, sigma, **kw)
+        except ValueError as exc:
+            raise FrameError(str(exc)) from None
+        raise FrameError("frame has no pixel size and no lattice period; give the pixel size or column spacing")
 
-    ``rmax`` (float32, shape of ``s``) is scratch: it first receives each pixel's 3-wide row maximum, a
-    branch-free pass the compiler vectorises; a pixel can only be a maximum where it is at least the row
-    maxima above, at and below it, which rejects almost every pixel with three comparisons, and only the
-    survivors get the tie rule. Same maxima, same order as the plain 8-neighbour test, ~4x faster.
-    """
-    rows, cols = s.shape
-    for i in range(rows):
-        r = s[i]
-        o = rmax[i]
-        o[0] = max(r[0], r[1])
-        o[cols - 1] = max(r[cols - 2], r[cols - 1])
-        for j in range(1, cols - 1):
-            o[j] = max(max(r[j - 1], r[j]), r[j + 1])
-    n = 0
-    cap = ci.shape[0]
-    for i in range(max(border, 1), min(rows - border, rows - 1)):
-        a = s[i - 1]
-        b = s[i]
-        ra = rmax[i - 1]
-        rb = rmax[i]
-        rc = rmax[i + 1]
-        for j in range(max(border, 1), min(cols - border, cols - 1)):
-            v = b[j]
-            if v >= rb[j] and v >= ra[j] and v >= rc[j]:
-                if v > a[j - 1] and v > a[j] and v > a[j + 1] and v > b[j - 1]:
-                    if n < cap:
-                        ci[n] = i
-                        cj[n] = j
-                        cv[n] = v
-                    n += 1
-    return n
+    @classmethod
+    def for_image(cls, image: np.ndarray, period_px: float | None = None, **kw) -> "FinderConfig":
+        """Parameters for an uncalibrated image: the lattice period (``period_px``, else estimated) and the
+        column sigma estimated from its autocorrelation (:func:`beamloop.edge.analysis.spacing.estimate_scale`).
 
+        Raises
+        ------
+        ValueError
+            The scale cannot be estimated (flat image, no lattice period, too small).
+        """
+        from beamloop.edge.analysis.spacing import estimate_scale
 
-@numba.njit(cache=True, nogil=True)
-def _background(s, ci, cj, n, half, quantile, scratch, bg):
-    """A low quantile of ``s`` in the square window of half-width ``half`` around each candidate, sampled on
-    an 8 x 8 grid spanning the window: the level of the valleys between columns. A quantile rather than
-    the minimum keeps the deepest noise dip from inflating the heights of noise peaks. The q-th smallest
-    sample is found by insertion into a sorted list of the q + 1 smallest (``scratch``)."""
-    rows, cols = s.shape
-    h = int(half)
-    step = max((2 * h + 1) // 8, 1)
-    for k in range(n):
-        i0, i1 = max(ci[k] - h, 0), min(ci[k] + h + 1, rows)
-        j0, j1 = max(cj[k] - h, 0), min(cj[k] + h + 1, cols)
-        m = ((i1 - i0 + step - 1) // step) * ((j1 - j0 + step - 1) // step)
-        q = min(int(quantile * (m - 1) + 0.5), m - 1)
-        filled = 0
-        for i in range(i0, i1, step):
-            for j in range(j0, j1, step):
-                v = s[i, j]
-                if filled <= q:
-                    p = filled
-                    filled += 1
-                elif v < scratch[q]:
-                    p = q
-                else:
-                    continue
-                while p > 0 and scratch[p - 1] > v:
-                    scratch[p] = scratch[p - 1]
-                    p -= 1
-                scratch[p] = v
-        bg[k] = scratch[q]
+        est = estimate_scale(np.asarray(image, np.float32))
+        return cls.for_lattice(period_px or est.period_px, est.column_sigma_px, **kw)
 
 
-@numba.njit(cache=True, nogil=True)
-def _suppress(ci, cj, order, n_keep, min_dist, mask, keep):
-    """Greedy non-maximum suppression in ``order``; returns the number kept (indices in ``keep``)."""
-    rows, cols = mask.shape
-    r = int(math.ceil(min_dist))
-    r2 = min_dist * min_dist
-    mask[:, :] = 0
-    nk = 0
-    for t in range(n_keep):
-        k = order[t]
-        i, j = ci[k], cj[k]
-        if mask[i, j]:
-            continue
-        keep[nk] = k
-        nk += 1
-        for di in range(-r, r + 1):
-            ii = i + di
-            if ii < 0 or ii >= rows:
-                continue
-            for dj in range(-r, r + 1):
-                jj = j + dj
-                if jj < 0 or jj >= cols:
-                    continue
-                if di * di + dj * dj < r2:
-                    mask[ii, jj] = 1
-    return nk
-
-
-@numba.njit(cache=True, nogil=True)
-def _refine(s, ci, cj, bg, keep, nk, method, window, out_x, out_y, out_h):
-    rows, cols = s.shape
-    rw = int(math.ceil(window))
-    w2 = window * window
-    for t in range(nk):
-        k = keep[t]
-        i, j = ci[k], cj[k]
-        b = bg[k]
-        x = float(j)
-        y = float(i)
-        if method == 2 and 0 < i < rows - 1 and 0 < j < cols - 1:
-            eps = 1e-6
-            c0 = math.log(max(s[i, j] - b, eps))
-            xm = math.log(max(s[i, j - 1] - b, eps))
-            xp = math.log(max(s[i, j + 1] - b, eps))
-            ym = math.log(max(s[i - 1, j] - b, eps))
-            yp = math.log(max(s[i + 1, j] - b, eps))
-            dx2 = xm - 2.0 * c0 + xp
-            dy2 = ym - 2.0 * c0 + yp
-            if dx2 < 0.0:
-                x += min(max(0.5 * (xm - xp) / dx2, -1.0), 1.0)
-            if dy2 < 0.0:
-                y += min(max(0.5 * (ym - yp) / dy2, -1.0), 1.0)
-        elif method == 1:
-            # Gaussian-weighted centroid, re-centred on the sub-pixel estimate: for a symmetric peak its
-            # fixed point is the peak's centre (the weight removes the truncation bias of a plain
-            # window); each step shrinks the error by sigma_peak^2 / (sigma_peak^2 + sigma_w^2).
-            sw2 = 2.0 * (0.5 * window) ** 2
-            for _ in range(12):
-                ic, jc = int(round(y)), int(round(x))
-                sw = 0.0
-                sx = 0.0
-                sy = 0.0
-                for di in range(-rw, rw + 1):
-                    ii = ic + di
-                    if ii < 0 or ii >= rows:
-                        continue
-                    for dj in range(-rw, rw + 1):
-                        jj = jc + dj
-                        if jj < 0 or jj >= cols or di * di + dj * dj > w2:
-                            continue
-                        v = s[ii, jj] - b
-                        if v > 0:
-                            g = v * math.exp(-((jj - x) ** 2 + (ii - y) ** 2) / sw2)
-                            sw += g
-                            sx += g * jj
-                            sy += g * ii
-                if sw <= 0:
-                    break
-                nx = sx / sw
-                ny = sy / sw
-                done = abs(nx - x) < 1e-3 and abs(ny - y) < 1e-3
-                x = nx
-                y = ny
-                if done:
-                    break
-        out_x[t] = x
-        out_y[t] = y
-        out_h[t] = s[i, j] - b
-
-
-class ColumnFinder:
-    """The classical atomic-column finder (see the module docstring for the method).
+class PeakFinder:
+    """Steps 1-5 of the module docstring on an already smoothed frame, in buffers reused per shape.
 
     Parameters
     ----------
     config : FinderConfig
+    noise_gain : float
+        Factor from the raw frame's noise sigma to the smoothed frame's (``sum(k**2)`` of the 1-D kernel k).
 
-    Notes
-    -----
-    Buffers are allocated per frame shape and reused; :meth:`find` returns a fresh
-    :class:`~beamloop.edge.frame.columns.ColumnTable` (a copy of its rows), which the caller may keep.
+    Raises
+    ------
+    ValueError
+        Unknown ``config.refine``.
     """
 
-    def __init__(self, config: FinderConfig) -> None:
+    def __init__(self, config: FinderConfig, noise_gain: float) -> None:
         if config.refine not in REFINE_METHODS:
             raise ValueError(f"refine must be one of {sorted(REFINE_METHODS)}, got {config.refine!r}")
         self.config = config
-        self.preprocessor = Preprocessor(config.sigma_px)
-        k = self.preprocessor.kernel.astype(np.float64)
-        # white noise of sigma n becomes n * sqrt(sum K^2) after a 2-D kernel K = k (x) k, i.e. n * sum k^2
-        self.noise_gain = float(np.sum(k * k))
-        self._shape: tuple[int, int] | None = None
+        self.noise_gain = float(noise_gain)
+        self.buffers: PeakBuffers | None = None
 
-    def _allocate(self, shape: tuple[int, int]) -> None:
-        cap = shape[0] * shape[1] // 4 + 16
-        self._ci = np.empty(cap, np.int64)
-        self._cj = np.empty(cap, np.int64)
-        self._cv = np.empty(cap, np.float32)
-        self._bg = np.empty(cap, np.float32)
-        self._keep = np.empty(cap, np.int64)
-        self._x = np.empty(cap, np.float64)
-        self._y = np.empty(cap, np.float64)
-        self._h = np.empty(cap, np.float64)
-        self._mask = np.zeros(shape, np.uint8)
-        self._rmax = np.empty(shape, np.float32)
-        h = int(self.config.background_px)
-        self._scratch = np.empty((h + 1) ** 2 + 4, np.float32)
-        self._shape = shape
-
-    def find(self, frame: np.ndarray) -> ColumnTable:
-        """Preprocess ``frame`` and find its columns (unclassified: ``cls = -1``).
-
-        Parameters
-        ----------
-        frame : ndarray (rows, cols), integer or float
-
-        Raises
-        ------
-        beamloop.edge.stages.preprocess.FrameError
-            Bad frame (see :meth:`beamloop.edge.stages.preprocess.Preprocessor.run`).
-        """
-        smooth, noise = self.preprocessor.run(frame)
-        return self.find_smoothed(smooth, noise)
+    def allocate(self, shape: tuple[int, int]) -> None:
+        """Buffers for frames of ``shape``."""
+        self.buffers = PeakBuffers(shape, self.config.background_px)
 
     def find_smoothed(self, smooth: np.ndarray, noise: float) -> ColumnTable:
-        """Find columns in an already smoothed frame whose raw noise sigma is ``noise``."""
+        """Columns of a smoothed frame (float32, rows x cols) whose raw noise sigma is ``noise``.
+
+        Returns a new :class:`~beamloop.edge.frame.columns.ColumnTable` (unclassified: ``cls = -1``):
+        ``intensity`` the height above the local background, ``score`` that height over the smoothed
+        frame's noise.
+        """
         cfg = self.config
-        if self._shape != smooth.shape:
-            self._allocate(smooth.shape)
-        n = _candidates(smooth, cfg.border_px, self._rmax, self._ci, self._cj, self._cv)
-        n = min(n, self._ci.shape[0])
-        _background(smooth, self._ci, self._cj, n, cfg.background_px, cfg.background_quantile, self._scratch, self._bg)
-        height = self._cv[:n] - self._bg[:n]
+        b = self.buffers
+        if b is None or b.shape != smooth.shape:
+            self.allocate(smooth.shape)
+            b = self.buffers
+        n = local_maxima(smooth, cfg.border_px, b.rmax, b.ci, b.cj, b.cv)
+        n = min(n, b.capacity)
+        local_background(smooth, b.ci, b.cj, n, cfg.background_px, cfg.background_quantile, b.scratch, b.bg)
+        height = b.cv[:n] - b.bg[:n]
         noise_s = max(noise * self.noise_gain, 1e-12)
         if n == 0:
             return ColumnTable.empty()
         floor = max(cfg.threshold_snr * noise_s, cfg.relative_threshold * float(np.percentile(height, 95)))
         good = np.flatnonzero(height > floor)
-        order = good[np.argsort(-self._cv[good], kind="stable")]
-        nk = _suppress(self._ci, self._cj, order, len(order), cfg.min_distance_px, self._mask, self._keep)
-        _refine(smooth, self._ci, self._cj, self._bg, self._keep, nk, REFINE_METHODS[cfg.refine], cfg.window_px,
-                self._x, self._y, self._h)
-        h = self._h[:nk].astype(np.float32)
+        order = good[np.argsort(-b.cv[good], kind="stable")]
+        nk = suppress(b.ci, b.cj, order, len(order), cfg.min_distance_px, b.mask, b.keep)
+        refine(smooth, b.ci, b.cj, b.bg, b.keep, nk, REFINE_METHODS[cfg.refine], cfg.window_px, b.x[0], b.y[0], b.h[0])
+        h = b.h[0, :nk].astype(np.float32)
         return ColumnTable(
-            x=self._x[:nk].astype(np.float32),
-            y=self._y[:nk].astype(np.float32),
+            x=b.x[0, :nk].astype(np.float32),
+            y=b.y[0, :nk].astype(np.float32),
             intensity=h,
             score=(h / noise_s).astype(np.float32),
             cls=np.full(nk, -1, np.int8),
         )
+
+
+def noise_gain(kernel: np.ndarray) -> float:
+    """Noise gain of a separable smoothing with the 1-D ``kernel`` k: white noise of sigma n becomes
+    ``n * sum(k**2)`` after the 2-D kernel k (x) k (whose squared sum is ``sum(k**2)**2``)."""
+    k = kernel.astype(np.float64)
+    return float(np.sum(k * k))
+
+
+class ColumnFinder:
+    """The classical atomic-column finder on whole frames (preprocess + find), outside a frame path.
+
+    For notebooks and benchmarks; the service runs the same two steps as the stages :class:`Preprocess`
+    and :class:`FindPeaks` of :func:`beamloop.edge.path.classical_path`.
+
+    Parameters
+    ----------
+    config : FinderConfig
+
+    Raises
+    ------
+    ValueError
+        Unknown ``config.refine`` or a bad sigma.
+    """
+
+    def __init__(self, config: FinderConfig) -> None:
+        self.config = config
+        self.preprocessor = Preprocessor(config.sigma_px)
+        self.noise_gain = noise_gain(self.preprocessor.kernel)
+        self.peaks = PeakFinder(config, self.noise_gain)
+
+    def find(self, frame: np.ndarray) -> ColumnTable:
+        """Preprocess ``frame`` (2-D, integer or float32/float64) and find its columns (unclassified).
+
+        Raises
+        ------
+        beamloop.edge.frame.stage.FrameError
+            Bad frame (:func:`~beamloop.edge.frame.stage.check_frame`) or smaller than the kernel.
+        """
+        check_frame(frame)
+        smooth, noise = self.preprocessor.run(frame)
+        return self.peaks.find_smoothed(smooth, noise)
+
+    def find_smoothed(self, smooth: np.ndarray, noise: float) -> ColumnTable:
+        """Columns of an already smoothed frame (see :meth:`PeakFinder.find_smoothed`)."""
+        return self.peaks.find_smoothed(smooth, noise)
+
+
+class FindPeaks(StageBase):
+    """Frame stage ``find``: writes ``columns`` (unclassified) from ``smooth`` and ``noise``.
+
+    Parameters
+    ----------
+    config : FinderConfig, optional
+        Fixed parameters; by default :meth:`FinderConfig.for_meta` of each series.
+    """
+
+    name = "find"
+    reads = ("smooth", "noise")
+    writes = ("columns",)
+
+    def __init__(self, config: FinderConfig | None = None) -> None:
+        self.config = config
+        self.finder: PeakFinder | None = None
+
+    def prepare(self, meta: FrameMeta) -> None:
+        """A :class:`PeakFinder` for the series' scale, with buffers for its shape.
+
+        Raises
+        ------
+        FrameError
+            No scale for the series.
+        """
+        cfg = self.config or FinderConfig.for_meta(meta)
+        gain = noise_gain(gaussian_kernel(cfg.sigma_px))
+        if self.finder is None or self.finder.config != cfg:
+            self.finder = PeakFinder(cfg, gain)
+        self.finder.allocate(meta.shape)
+
+    def process(self, ctx: FrameContext) -> None:
+        """``ctx.columns`` from ``ctx.smooth`` and ``ctx.noise``."""
+        ctx.columns = self.finder.find_smoothed(ctx.smooth, ctx.noise)

@@ -10,11 +10,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from beamloop.edge.frame.columns import ColumnTable
 from beamloop.edge.frame.scanframe import ScanFrame
+from beamloop.edge.frame.stage import StageBase
+
+if TYPE_CHECKING:
+    from beamloop.edge.frame.context import FrameContext
 
 
 @dataclass(frozen=True)
@@ -30,8 +35,11 @@ class Target:
     column: int
 
 
-class VacancyLinePolicy:
-    """Choose the S2 columns along one lattice row through the middle of the field, in order.
+class VacancyLinePolicy(StageBase):
+    """Frame stage ``policy``: choose the S2 columns along one lattice row through the middle of the field.
+
+    Reads ``columns``, ``bonds`` and ``scan``; writes ``targets`` (empty without a scan frame, without
+    bonds, or when the frame's ``want_targets`` is false).
 
     The row is fixed on the first frame (through the S column nearest the frame centre, along the S-S
     lattice vector closest to the fast axis) and kept in fractional coordinates for later frames, so
@@ -47,6 +55,10 @@ class VacancyLinePolicy:
         Columns closer to the frame edge are never targeted.
     """
 
+    name = "policy"
+    reads = ("columns", "bonds", "scan")
+    writes = ("targets",)
+
     def __init__(self, targets_per_frame: int = 4, line_width: float = 0.3, edge_margin_px: float = 12.0) -> None:
         if targets_per_frame < 0:
             raise ValueError("targets_per_frame must be >= 0")
@@ -61,6 +73,13 @@ class VacancyLinePolicy:
         self.anchor_frac = None
         self.direction_px = None
 
+    def process(self, ctx: FrameContext) -> None:
+        """``ctx.targets`` for this frame (:meth:`select`), or none."""
+        if ctx.scan is None or not ctx.want_targets:
+            ctx.targets = []
+        else:
+            ctx.targets = self.select(ctx.columns, ctx.scan, ctx.bonds)
+
     def select(self, cols: ColumnTable, scan: ScanFrame, bonds: np.ndarray | None) -> list[Target]:
         """Targets for this frame.
 
@@ -71,7 +90,7 @@ class VacancyLinePolicy:
         scan : ScanFrame
             The frame they were found in.
         bonds : ndarray (3, 2) or None
-            Mo-S bond vectors in pixels (:func:`beamloop.edge.stages.classify.bond_vectors`); none -> no targets.
+            Mo-S bond vectors in pixels (:func:`beamloop.edge.stages.vacancies.bond_vectors`); none -> no targets.
         """
         if bonds is None or len(cols) == 0 or self.targets_per_frame == 0:
             return []
@@ -79,16 +98,17 @@ class VacancyLinePolicy:
         s2, s1 = names.index("S2"), names.index("S1")
         is_s = (cols.cls == s2) | (cols.cls == s1)
         xy = cols.xy
-        if self.direction_px is None:
-            lattice = np.array([bonds[0] - bonds[1], bonds[1] - bonds[2], bonds[2] - bonds[0]])
-            d = lattice[np.argmax(np.abs(lattice[:, 0]) / np.hypot(lattice[:, 0], lattice[:, 1]))]
-            self.direction_px = d / np.hypot(*d)
-            centre = np.array([(scan.shape[1] - 1) / 2, (scan.shape[0] - 1) / 2])
+        if self.anchor_frac is None or self.direction_px is None:
+            # the row is fixed only together with its anchor: a frame with bonds but no S column fixes neither
             cand = np.flatnonzero(is_s)
             if len(cand) == 0:
                 return []
+            lattice = np.array([bonds[0] - bonds[1], bonds[1] - bonds[2], bonds[2] - bonds[0]])
+            d = lattice[np.argmax(np.abs(lattice[:, 0]) / np.hypot(lattice[:, 0], lattice[:, 1]))]
+            centre = np.array([(scan.shape[1] - 1) / 2, (scan.shape[0] - 1) / 2])
             k = cand[np.argmin(np.hypot(*(xy[cand] - centre).T))]
             fx, fy = scan.fraction_of_pixel(xy[k, 0], xy[k, 1])
+            self.direction_px = d / np.hypot(*d)
             self.anchor_frac = (float(fx), float(fy))
         ax, ay = scan.pixel_of_fraction(*self.anchor_frac)
         u = self.direction_px

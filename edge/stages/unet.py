@@ -24,13 +24,18 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-import numba
+from typing import TYPE_CHECKING
+
 import numpy as np
 
-from beamloop.edge.stages.classify import GENERIC_CLASSES, MOS2_CLASSES
 from beamloop.edge.frame.columns import ColumnTable
-from beamloop.edge.stages.find import REFINE_METHODS, _candidates, _refine, _suppress
-from beamloop.edge.stages.preprocess import FrameError, _count_nonfinite
+from beamloop.edge.frame.stage import FrameError, StageBase, check_frame
+from beamloop.edge.kernels.heatmap import affine_into, box_mean, mean_std, median_nn_distance, member_stats
+from beamloop.edge.kernels.peaks import REFINE_METHODS, PeakBuffers, local_maxima, refine, suppress
+from beamloop.edge.materials import GENERIC, MOS2
+
+if TYPE_CHECKING:
+    from beamloop.edge.frame.context import FrameContext, FrameMeta
 
 SEG_CLASSES = ("Mo", "S2", "S1", "column")
 """Class channels of the network: the MoS2 classes, and a generic column for every other material."""
@@ -40,29 +45,6 @@ HEAT_SIGMA_PX = 1.5
 
 _PEAK_FLOOR = 0.3
 """Heat-map peaks at or above this level count for a frame's typical column heat (relative threshold)."""
-
-
-@numba.njit(cache=True, nogil=True)
-def _mean_std(frame):
-    n = frame.size
-    s = 0.0
-    s2 = 0.0
-    flat = frame.ravel()
-    for k in range(n):
-        v = float(flat[k])
-        s += v
-        s2 += v * v
-    mean = s / n
-    var = max(s2 / n - mean * mean, 0.0)
-    return mean, math.sqrt(var)
-
-
-@numba.njit(cache=True, nogil=True)
-def _affine_into(frame, mean, inv, out):
-    rows, cols = frame.shape
-    for i in range(rows):
-        for j in range(cols):
-            out[i, j] = np.float32((float(frame[i, j]) - mean) * inv)
 
 
 def normalise_frame(frame: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -80,8 +62,8 @@ def normalise_frame(frame: np.ndarray, out: np.ndarray | None = None) -> np.ndar
     """
     if out is None:
         out = np.empty(frame.shape, np.float32)
-    mean, std = _mean_std(frame)
-    _affine_into(frame, mean, 1.0 / std if std > 0 else 0.0, out)
+    mean, std = mean_std(frame)
+    affine_into(frame, mean, 1.0 / std if std > 0 else 0.0, out)
     return out
 
 
@@ -275,68 +257,6 @@ def _core(origins: list[int], k: int, n: int, tile: int) -> tuple[int, int]:
     return lo, hi
 
 
-# ---------------------------------------------------------------------------------------------------------
-# columns from heat maps (numba)
-# ---------------------------------------------------------------------------------------------------------
-@numba.njit(cache=True, nogil=True)
-def _member_stats(heat, mean, std):
-    """Per-pixel mean and standard deviation over the ensemble members: heat (M, H, W) -> (H, W) each."""
-    m, rows, cols = heat.shape
-    for i in range(rows):
-        for j in range(cols):
-            s = 0.0
-            for k in range(m):
-                s += float(heat[k, i, j])
-            mu = s / m
-            s2 = 0.0
-            for k in range(m):
-                d = float(heat[k, i, j]) - mu
-                s2 += d * d
-            mean[i, j] = mu
-            std[i, j] = math.sqrt(s2 / m)
-
-
-@numba.njit(cache=True, nogil=True)
-def _box_mean(frame, ci, cj, keep, nk, out):
-    """Mean of the 3x3 pixels of ``frame`` around each kept peak (clipped at the edges)."""
-    rows, cols = frame.shape
-    for t in range(nk):
-        k = keep[t]
-        s = 0.0
-        c = 0
-        for i in range(max(ci[k] - 1, 0), min(ci[k] + 2, rows)):
-            for j in range(max(cj[k] - 1, 0), min(cj[k] + 2, cols)):
-                s += float(frame[i, j])
-                c += 1
-        out[t] = s / c
-
-
-@numba.njit(cache=True, nogil=True)
-def _median_nn_distance(ci, cj, keep, nk, scratch):
-    """Median nearest-neighbour distance (pixels) among the kept peaks ``keep[:nk]`` (integer positions).
-
-    At most ``len(scratch)`` peaks, evenly strided through ``keep``, are probed against all ``nk`` (cost
-    ``len(scratch) * nk``); returns 0 for fewer than two peaks."""
-    if nk < 2:
-        return 0.0
-    m = min(nk, scratch.shape[0])
-    stride = nk / m
-    for p in range(m):
-        a = keep[int(p * stride)]
-        best = 1e30
-        for t in range(nk):
-            b = keep[t]
-            if b == a:
-                continue
-            di = float(ci[a] - ci[b])
-            dj = float(cj[a] - cj[b])
-            d2 = di * di + dj * dj
-            if d2 < best:
-                best = d2
-        scratch[p] = math.sqrt(best)
-    return float(np.median(scratch[:m]))
-
-
 @dataclass
 class SegmentResult:
     """What the learned finder made of one frame.
@@ -360,7 +280,7 @@ class SegmentResult:
     class_prob : ndarray (4, n) float32
         Ensemble-mean class probabilities (:data:`SEG_CLASSES`) at each column.
     timings_ns : dict
-        ``normalise``, ``network``, ``extract`` durations.
+        ``normalise``, ``network``, ``extract`` durations (set by :meth:`UNetFinder.find`).
     threshold : float
         Heat threshold applied to this frame (the fixed floor or the frame's relative threshold).
     min_distance_px : float
@@ -457,43 +377,30 @@ class UNetFinder:
         """Execution providers in use."""
         return self.session.providers
 
-    def _allocate(self, shape: tuple[int, int]) -> None:
+    def allocate(self, shape: tuple[int, int]) -> None:
+        """Buffers for frames of ``shape`` (reused by every later frame of that shape).
+
+        Raises
+        ------
+        FrameError
+            Frames smaller than 8 x 8 pixels.
+        """
+        if min(shape) < 8:
+            raise FrameError(f"frame {tuple(shape)} is too small for the network (need >= 8 x 8 pixels)")
         rows, cols = shape
         m = self.session.members
-        self._norm = np.empty(shape, np.float32)
+        self.norm = np.empty(shape, np.float32)
         self._heat = np.zeros((m, rows, cols), np.float32)
         self._cls = np.zeros((len(SEG_CLASSES), rows, cols), np.float32)
         self._mean = np.empty(shape, np.float32)
         self._std = np.empty(shape, np.float32)
-        self._rmax = np.empty(shape, np.float32)
-        cap = rows * cols // 4 + 16
-        self._ci = np.empty(cap, np.int64)
-        self._cj = np.empty(cap, np.int64)
-        self._cv = np.empty(cap, np.float32)
-        self._keep = np.empty(cap, np.int64)
-        self._mask = np.zeros(shape, np.uint8)
-        self._zeros = np.zeros(cap, np.float32)
-        self._x = np.empty((m + 1, cap), np.float64)
-        self._y = np.empty((m + 1, cap), np.float64)
-        self._h = np.empty((m + 1, cap), np.float64)
-        self._inten = np.empty(cap, np.float64)
+        self._peaks = PeakBuffers(shape, members=m + 1)
+        self._inten = np.empty(self._peaks.capacity, np.float64)
         self._nn = np.empty(256, np.float64)
         t = self.session.tile
         self._rows = tile_origins(rows, t, self.overlap)
         self._cols = tile_origins(cols, t, self.overlap)
-        self._shape = shape
-
-    def _check(self, frame: np.ndarray) -> None:
-        if frame.ndim != 2:
-            raise FrameError(f"frame must be 2-D (rows, cols), got shape {frame.shape}")
-        if min(frame.shape) < 8:
-            raise FrameError(f"frame {frame.shape} is too small for the network (need >= 8 x 8 pixels)")
-        if frame.dtype.kind not in "uif" or frame.dtype.itemsize > 8 or frame.dtype == np.float16:
-            raise FrameError(f"frame dtype {frame.dtype} is not supported: use an integer type, float32 or float64")
-        if frame.dtype.kind == "f":
-            bad = _count_nonfinite(frame)
-            if bad:
-                raise FrameError(f"frame has {bad} non-finite pixels (NaN or infinity)")
+        self._shape = tuple(shape)
 
     def _network(self, norm: np.ndarray) -> None:
         """Run all tiles and stitch the member heat maps and class maps into the frame buffers."""
@@ -513,7 +420,8 @@ class UNetFinder:
                 self._cls[:, i0:i1, j0:j1] = s.classes[:, i0 - r0:i1 - r0, j0 - c0:j1 - c0]
 
     def find(self, frame: np.ndarray, material: str = "generic") -> SegmentResult:
-        """Find the columns of one frame.
+        """Find the columns of one frame (outside a frame path: checks the frame, then normalise, network,
+        extract).
 
         Parameters
         ----------
@@ -529,31 +437,41 @@ class UNetFinder:
 
         Raises
         ------
-        beamloop.edge.stages.preprocess.FrameError
+        beamloop.edge.frame.stage.FrameError
             Not 2-D, smaller than 8 x 8, unsupported dtype, or non-finite pixels.
         ValueError
             Unknown material.
         """
-        if material not in ("MoS2", "generic"):
+        if material not in (MOS2.name, GENERIC.name):
             raise ValueError(f"material must be 'MoS2' or 'generic', got {material!r}")
-        self._check(frame)
-        if self._shape != frame.shape:
-            self._allocate(frame.shape)
+        check_frame(frame)
         t0 = time.perf_counter_ns()
-        normalise_frame(frame, self._norm)
+        self.normalise(frame)
         t1 = time.perf_counter_ns()
-        self._network(self._norm)
+        self.infer()
         t2 = time.perf_counter_ns()
-        res = self._extract(frame, material)
+        res = self.extract(frame, material)
         res.timings_ns = {"normalise": t1 - t0, "network": t2 - t1, "extract": time.perf_counter_ns() - t2}
         return res
 
-    def _extract(self, frame: np.ndarray, material: str) -> SegmentResult:
+    def normalise(self, frame: np.ndarray) -> np.ndarray:
+        """Write the network's input for ``frame`` into :attr:`norm` (float32, the frame's shape) and return it."""
+        if self._shape != frame.shape:
+            self.allocate(frame.shape)
+        return normalise_frame(frame, self.norm)
+
+    def infer(self) -> None:
+        """Run the ensemble on :attr:`norm`, tile by tile, into the heat and class maps."""
+        self._network(self.norm)
+
+    def extract(self, frame: np.ndarray, material: str) -> SegmentResult:
+        """Columns and uncertainty from the heat maps of the last :meth:`infer` (see the class docstring)."""
         mean, std, heat = self._mean, self._std, self._heat
-        _member_stats(heat, mean, std)
-        n = _candidates(mean, 0, self._rmax, self._ci, self._cj, self._cv)
-        n = min(n, len(self._ci))
-        cv = self._cv[:n]
+        b = self._peaks
+        member_stats(heat, mean, std)
+        n = local_maxima(mean, 0, b.rmax, b.ci, b.cj, b.cv)
+        n = min(n, b.capacity)
+        cv = b.cv[:n]
         thr = self.threshold
         if self.relative_threshold > 0:
             peaks = cv[cv >= _PEAK_FLOOR]
@@ -562,33 +480,95 @@ class UNetFinder:
         good = np.flatnonzero(cv >= thr)
         order = good[np.argsort(-cv[good], kind="stable")]
         md = self.min_distance_px
-        nk = _suppress(self._ci, self._cj, order, len(order), md, self._mask, self._keep)
+        nk = suppress(b.ci, b.cj, order, len(order), md, b.mask, b.keep)
         if self.spacing_fraction > 0 and nk >= 8:
-            spacing = _median_nn_distance(self._ci, self._cj, self._keep, nk, self._nn)
+            spacing = median_nn_distance(b.ci, b.cj, b.keep, nk, self._nn)
             if self.spacing_fraction * spacing > md:
                 md = self.spacing_fraction * spacing
-                nk = _suppress(self._ci, self._cj, order, len(order), md, self._mask, self._keep)
+                nk = suppress(b.ci, b.cj, order, len(order), md, b.mask, b.keep)
         m = heat.shape[0]
-        args = (self._ci, self._cj, self._zeros, self._keep, nk, REFINE_METHODS["gauss"], 1.5)
-        _refine(mean, *args, self._x[m], self._y[m], self._h[m])
+        args = (b.ci, b.cj, b.bg, b.keep, nk, REFINE_METHODS["gauss"], 1.5)  # bg: zeros, heat has no background
+        refine(mean, *args, b.x[m], b.y[m], b.h[m])
         for k in range(m):
-            _refine(heat[k], *args, self._x[k], self._y[k], self._h[k])
-        _box_mean(frame, self._ci, self._cj, self._keep, nk, self._inten)
-        kept = self._keep[:nk]
-        ii, jj = self._ci[kept], self._cj[kept]
-        x, y = self._x[m, :nk], self._y[m, :nk]
-        pos_std = np.sqrt(np.mean((self._x[:m, :nk] - x) ** 2 + (self._y[:m, :nk] - y) ** 2, axis=0))
+            refine(heat[k], *args, b.x[k], b.y[k], b.h[k])
+        box_mean(frame, b.ci, b.cj, b.keep, nk, self._inten)
+        kept = b.keep[:nk]
+        ii, jj = b.ci[kept], b.cj[kept]
+        x, y = b.x[m, :nk], b.y[m, :nk]
+        pos_std = np.sqrt(np.mean((b.x[:m, :nk] - x) ** 2 + (b.y[:m, :nk] - y) ** 2, axis=0))
         score = mean[ii, jj]
         hstd = std[ii, jj]
         prob = self._cls[:, ii, jj]
-        if material == "MoS2":
+        if material == MOS2.name:
             cls = np.argmax(prob[:3], axis=0).astype(np.int8)
-            names = MOS2_CLASSES
+            names = MOS2.class_names
         else:
             cls = np.zeros(nk, np.int8)
-            names = GENERIC_CLASSES
+            names = GENERIC.class_names
         cols = ColumnTable(x.astype(np.float32), y.astype(np.float32), self._inten[:nk].astype(np.float32),
                            score.astype(np.float32), cls, names)
         unc = hstd / np.maximum(score, 1e-6) + pos_std / HEAT_SIGMA_PX
         return SegmentResult(cols, unc.astype(np.float32), hstd.astype(np.float32), pos_std.astype(np.float32), mean,
                              std, prob.astype(np.float32), threshold=float(thr), min_distance_px=float(md))
+
+class UNetNormalise(StageBase):
+    """Frame stage ``preprocess`` of the U-Net path: the network's input (frame minus its mean, over its
+    standard deviation) into the finder's buffer, referenced as ``extras["unet_input"]``.
+
+    Parameters
+    ----------
+    finder : UNetFinder
+        Shared with the :class:`UNetFind` stage that follows.
+    """
+
+    name = "preprocess"
+    reads = ("image",)
+    writes = ("extras",)
+
+    def __init__(self, finder: UNetFinder) -> None:
+        self.finder = finder
+
+    def prepare(self, meta: FrameMeta) -> None:
+        """Buffers for the series' shape.
+
+        Raises
+        ------
+        FrameError
+            Frames smaller than 8 x 8 pixels.
+        """
+        self.finder.allocate(meta.shape)
+
+    def process(self, ctx: FrameContext) -> None:
+        """Normalise ``ctx.image``."""
+        ctx.extras["unet_input"] = self.finder.normalise(ctx.image)
+
+
+class UNetFind(StageBase):
+    """Frame stage ``find`` of the U-Net path: network and column extraction; writes ``columns`` (classified
+    by the network: Mo / S2 / S1 for MoS2) and ``extras["segment"]`` (the :class:`SegmentResult`: heat maps,
+    per-pixel and per-column uncertainty).
+
+    Parameters
+    ----------
+    finder : UNetFinder
+    """
+
+    name = "find"
+    reads = ("image", "extras")
+    writes = ("columns", "extras")
+
+    def __init__(self, finder: UNetFinder) -> None:
+        self.finder = finder
+        self._material = GENERIC.name
+
+    def prepare(self, meta: FrameMeta) -> None:
+        """Remember the material (MoS2 gets the network's classes; others one ``column`` class)."""
+        self._material = MOS2.name if meta.material.name == MOS2.name else GENERIC.name
+
+    def process(self, ctx: FrameContext) -> None:
+        """Run the network on the normalised frame and extract its columns."""
+        self.finder.infer()
+        seg = self.finder.extract(ctx.image, self._material)
+        ctx.extras["segment"] = seg
+        ctx.columns = seg.columns
+

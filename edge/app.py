@@ -1,0 +1,108 @@
+"""Wiring: the one place that builds a frame path and an edge service from settings, and warms them up.
+
+The CLI (``beamloop serve``, ``beamloop run``), the benchmarks and the tests all build the service here
+(:func:`build_service`), so that they run the same code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from beamloop.edge.control.bridge import BridgeClient
+from beamloop.edge.frame.latency import LatencyRecorder
+from beamloop.edge.path import FramePath, frame_path
+from beamloop.edge.service import EdgeService, latency_keys
+from beamloop.edge.stages.find import FinderConfig
+from beamloop.edge.stages.policy import VacancyLinePolicy
+from beamloop.streams.native.receiver import FrameReceiver
+
+
+@dataclass
+class ServiceConfig:
+    """Settings of an edge service.
+
+    Attributes
+    ----------
+    material : {"MoS2", "generic"}
+        Material of the frames (classes, physical scale).
+    method : {"classical", "unet"}
+        Frame path (:data:`beamloop.edge.path.PATHS`).
+    targets_per_frame : int or None
+        Beam targets per frame chosen by the vacancy-line policy; None: no policy (frames only).
+    trigger : str
+        Trigger of the dwells (:func:`beamloop.edge.trigger.classical.make_trigger`).
+    spacing_px : float or None
+        Column spacing in pixels for frames without a pixel size (fixed classical-finder parameters,
+        :meth:`~beamloop.edge.stages.find.FinderConfig.for_spacing`).
+    precision, device : str
+        The U-Net's precision and ONNX Runtime device (``method="unet"``).
+    heartbeat_s : float or None
+        Heartbeat period towards the scan controller's watchdog, seconds.
+    """
+
+    material: str = "MoS2"
+    method: str = "classical"
+    targets_per_frame: int | None = None
+    trigger: str = "model"
+    spacing_px: float | None = None
+    precision: str = "fp32"
+    device: str = "auto"
+    heartbeat_s: float | None = 0.25
+
+
+def build_path(cfg: ServiceConfig, latency: LatencyRecorder | None = None) -> FramePath:
+    """The frame path of ``cfg`` (with its policy when ``targets_per_frame`` is set).
+
+    Raises
+    ------
+    ValueError
+        Unknown method or material, negative targets, a bad spacing.
+    beamloop.edge.stages.unet.ModelError
+        ``method="unet"`` and the model cannot be loaded on the device.
+    """
+    policy = VacancyLinePolicy(cfg.targets_per_frame) if cfg.targets_per_frame is not None else None
+    unet = None
+    if cfg.method == "unet":
+        from beamloop.edge.stages.unet import UNetFinder
+
+        unet = UNetFinder(precision=cfg.precision, device=cfg.device)
+    config = FinderConfig.for_spacing(cfg.spacing_px) if cfg.spacing_px else None
+    path = frame_path(cfg.method, cfg.material, policy, config=config, unet=unet)
+    path.latency = latency if latency is not None else LatencyRecorder(latency_keys(path))
+    return path
+
+
+def build_service(receiver: FrameReceiver, cfg: ServiceConfig, bridge: BridgeClient | None = None,
+                  latency: LatencyRecorder | None = None) -> EdgeService:
+    """An :class:`~beamloop.edge.service.EdgeService` on ``receiver`` (and ``bridge``) with the path of ``cfg``.
+
+    Raises
+    ------
+    ValueError, beamloop.edge.stages.unet.ModelError
+        As :func:`build_path`, or an unknown trigger.
+    """
+    path = build_path(cfg, latency)
+    return EdgeService(receiver, path, bridge, trigger=cfg.trigger, latency=path.latency, heartbeat_s=cfg.heartbeat_s)
+
+
+WARM_UP_DTYPES = (np.uint16, np.float32, np.uint8, np.uint32)
+"""Pixel types of the frames streams carry; :func:`warm_up` compiles the kernels for each."""
+
+
+def warm_up(path: FramePath, trigger=None, *, shape: tuple[int, int] = (96, 96), pixel_size_A: float = 0.15,
+            dtypes=WARM_UP_DTYPES) -> None:
+    """Compile (or load from numba's cache) every kernel on the hot path before anything is timed.
+
+    Runs ``path`` on a simulated MoS2 frame of ``shape`` in each of ``dtypes`` without recording latency
+    and without a scan frame (so no targets and no policy state), and one block through ``trigger``.
+    """
+    from beamloop.edge.sim.frames import mos2_frame
+
+    counts = mos2_frame(shape=shape, pixel_size_A=pixel_size_A, dose_e_per_A2=1e5, seed=12345).counts
+    for dt in dtypes:
+        path.run(counts.astype(dt), pixel_size_A, record=False)
+    if trigger is not None:
+        trigger.start(5.0)
+        trigger.update(np.full(64, 5, np.uint16))

@@ -1,0 +1,40 @@
+"""``beamloop run``: the main job, the closed loop on the simulated microscope with its report."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from beamloop.edge.cli.types import parse_positive, parse_shape
+
+TRIGGER_HELP = ("model: the shipped quantized ejection model (integer, bit-exact with its QONNX graph); "
+                "cusum, window: classical baselines")
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    """``beamloop run``: the main job (:func:`beamloop.edge.experiments.closed_loop.run`); exit status."""
+    from beamloop.edge.experiments import closed_loop
+
+    closed_loop.run(Path(a.out), rounds=a.rounds, shape=a.shape, pixel_size_A=a.pixel_size, dose_e_per_A2=a.dose,
+                    targets_per_frame=a.targets, seed=a.seed, current_pA=a.current_pA, trigger=a.trigger,
+                    max_dwell_s=a.max_dwell, quiet=a.quiet)
+    return 0
+
+
+def register(sub) -> None:
+    """Add ``run`` to the ``beamloop`` subcommands."""
+    from beamloop.edge.cli.triggers import trigger_names
+
+    r = sub.add_parser("run", help="the main job: closed loop on the simulated microscope, with report")
+    r.add_argument("--out", default="out/run", help="output folder (run.h5, overlay.png, report.json)")
+    r.add_argument("--rounds", type=int, default=3, help="frames with beam targets (one more verifies)")
+    r.add_argument("--shape", type=parse_shape, default=(256, 256), help="frame size ROWSxCOLS")
+    r.add_argument("--pixel-size", type=parse_positive, default=0.15, help="Angstrom per pixel")
+    r.add_argument("--dose", type=parse_positive, default=1e5, help="frame dose, electrons per square Angstrom")
+    r.add_argument("--targets", type=int, default=4, help="beam targets per frame")
+    r.add_argument("--seed", type=int, default=0, help="simulator seed")
+    r.add_argument("--current-pA", type=parse_positive, default=50.0, help="probe current, picoampere")
+    r.add_argument("--trigger", choices=trigger_names(), default="model", help=TRIGGER_HELP)
+    r.add_argument("--max-dwell", type=parse_positive, default=2.0, help="longest dwell per target, seconds")
+    r.add_argument("--quiet", action="store_true", help="no progress bar or report")
+    r.set_defaults(func=cmd_run)

@@ -1,0 +1,65 @@
+"""argparse types shared by every command: each parses one text or raises ``argparse.ArgumentTypeError``
+with a one-line message naming what was wrong."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+
+def parse_shape(text: str) -> tuple[int, int]:
+    """``ROWSxCOLS`` (or ``N`` for N x N) as a pair of positive ints."""
+    try:
+        parts = [int(v) for v in text.lower().replace("x", ",").split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"frame size {text!r} is not ROWSxCOLS (e.g. 256x256)") from None
+    if len(parts) == 1:
+        parts *= 2
+    if len(parts) != 2 or min(parts) <= 0:
+        raise argparse.ArgumentTypeError(f"frame size {text!r} is not ROWSxCOLS with positive sizes")
+    return parts[0], parts[1]
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
+def parse_positive(text: str) -> float:
+    """A positive finite number."""
+    v = _number(text)
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive finite number")
+    return v
+
+
+def parse_nonnegative(text: str) -> float:
+    """A finite number >= 0."""
+    v = _number(text)
+    if not (math.isfinite(v) and v >= 0):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number >= 0")
+    return v
+
+
+def parse_count(text: str) -> int:
+    """A whole number >= 0."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
+    return v
+
+
+def parse_fraction_pair(text: str) -> tuple[float, float]:
+    """``X,Y``: two fractions of the scan frame in [0, 1] (x along the fast axis, y down)."""
+    try:
+        x, y = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not X,Y with fractions of the frame in [0, 1]") from None
+    if not all(math.isfinite(v) and 0.0 <= v <= 1.0 for v in (x, y)):
+        raise argparse.ArgumentTypeError(f"{text!r} is not X,Y with fractions of the frame in [0, 1]")
+    return x, y

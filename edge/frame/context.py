@@ -1,0 +1,136 @@
+"""What a frame stage reads and writes: the metadata of a series and the context of one frame.
+
+:class:`FrameMeta` changes per series (shape, dtype, pixel size, material, lattice scale): the frame path
+calls every stage's ``prepare`` when it changes. :class:`FrameContext` is one object per frame path, reused
+for every frame: the runner puts the image and its scan frame in, and stages fill the named slots
+(:data:`SLOTS`) in the order of the path.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from beamloop.edge.frame.columns import ColumnTable
+from beamloop.edge.frame.scanframe import ScanFrame
+from beamloop.edge.materials import GENERIC, Material
+
+SLOTS = ("image", "scan", "smooth", "noise", "columns", "bonds", "targets", "extras")
+"""Names of the per-frame slots a stage may declare in ``reads`` / ``writes``; ``image`` and ``scan`` are
+written by the runner, the others by stages."""
+
+INPUT_SLOTS = ("image", "scan")
+"""Slots the runner fills before the first stage."""
+
+
+@dataclass(frozen=True)
+class FrameMeta:
+    """Properties of a series of frames; a change makes the frame path ``prepare`` its stages again.
+
+    Attributes
+    ----------
+    shape : (rows, cols)
+        Frame size, pixels.
+    dtype : numpy.dtype
+        Pixel type of the frames (integer counts or float32/float64 intensities).
+    pixel_size_A : float or None
+        Angstrom per pixel (from the stream's ``start`` message or the file); None when unknown.
+    material : Material
+        Decides the classes and, with the pixel size, the physical scale.
+    period_px : float or None
+        Lattice period in pixels when the pixel size does not give it: set by the user, or estimated
+        from the first frame of the series by the runner (:func:`beamloop.edge.analysis.spacing.estimate_scale`).
+    column_sigma_px : float or None
+        Column standard deviation in pixels (with ``period_px``).
+    channel : str
+        Detector channel the image comes from (e.g. ``"haadf"``).
+    """
+
+    shape: tuple[int, int]
+    dtype: np.dtype
+    pixel_size_A: float | None = None
+    material: Material = GENERIC
+    period_px: float | None = None
+    column_sigma_px: float | None = None
+    channel: str = "haadf"
+
+    @classmethod
+    def of(cls, image: np.ndarray, pixel_size_A: float | None = None, material: Material = GENERIC, **kw: Any
+           ) -> "FrameMeta":
+        """Metadata of ``image`` (2-D) with the given pixel size and material.
+
+        A pixel size that is not a positive finite number is taken as unknown (None).
+        """
+        ps = pixel_size_A if (isinstance(pixel_size_A, (int, float)) and not isinstance(pixel_size_A, bool)
+                              and math.isfinite(pixel_size_A) and pixel_size_A > 0) else None
+        return cls((int(image.shape[0]), int(image.shape[1])) if image.ndim == 2 else tuple(image.shape),
+                   image.dtype, None if ps is None else float(ps), material, **kw)
+
+    @property
+    def nn_spacing_px(self) -> float | None:
+        """Nearest-neighbour column distance in pixels from the material and pixel size, None if either
+        is unknown."""
+        if self.pixel_size_A and self.material.nn_spacing_A:
+            return self.material.nn_spacing_A / self.pixel_size_A
+        return None
+
+
+@dataclass
+class FrameContext:
+    """The slots of one frame, reused by its frame path from frame to frame.
+
+    Attributes
+    ----------
+    meta : FrameMeta or None
+        The series the current frame belongs to (as resolved by the runner, with the estimated scale).
+    image : ndarray (rows, cols) or None
+        The frame: integer counts or float32/float64 intensities, often a read-only view into a receive
+        ring (valid until the next frame).
+    scan : ScanFrame or None
+        The scan frame the image was acquired in (positions of targets refer to it).
+    smooth : ndarray (rows, cols) float32 or None
+        The Gaussian-smoothed frame (a buffer of the preprocess stage, overwritten by the next frame).
+    noise : float
+        White-noise standard deviation of the raw frame, in its units.
+    columns : ColumnTable
+        Found (and classified) columns; a new table per frame, which callers may keep.
+    bonds : ndarray (3, 2) float64 or None
+        Metal-to-chalcogen bond vectors, pixels (MoS2); None when the frame gives none.
+    targets : list of Target
+        Beam targets chosen for this frame (a new list per frame).
+    want_targets : bool
+        Whether the policy should choose targets for this frame (False: e.g. a verification frame).
+    extras : dict
+        Stage-specific results, e.g. ``"segment"`` for the U-Net's heat maps and uncertainty.
+    timings_ns : dict
+        Duration of each stage on this frame, nanoseconds, by stage name.
+    """
+
+    meta: FrameMeta | None = None
+    image: np.ndarray | None = None
+    scan: ScanFrame | None = None
+    smooth: np.ndarray | None = None
+    noise: float = math.nan
+    columns: ColumnTable = field(default_factory=ColumnTable.empty)
+    bonds: np.ndarray | None = None
+    targets: list = field(default_factory=list)
+    want_targets: bool = True
+    extras: dict = field(default_factory=dict)
+    timings_ns: dict = field(default_factory=dict)
+
+    @property
+    def segment(self):
+        """The U-Net's :class:`~beamloop.edge.stages.unet.SegmentResult` of this frame (None on other paths)."""
+        return self.extras.get("segment")
+
+    def clear(self) -> None:
+        """Empty the slots stages write (before the next frame); buffers stay with their stages."""
+        self.smooth = None
+        self.noise = math.nan
+        self.columns = ColumnTable.empty(self.meta.material.class_names if self.meta else ("column",))
+        self.bonds = None
+        self.targets = []
+        self.extras.clear()
