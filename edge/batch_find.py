@@ -77,14 +77,12 @@ def find_columns(image: np.ndarray, pixel_size_A: float | None = None, material:
 def save_uncertainty_figure(path: Path, image: np.ndarray, seg, title: str = "") -> Path:
     """PNG of the U-Net's uncertainty: the per-pixel map (ensemble standard deviation of the heat) and the
     frame with each column coloured by its per-column uncertainty (:class:`beamloop.edge.stages.unet.SegmentResult`)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     img = np.asarray(image, float)
     lo, hi = np.percentile(img, [0.5, 99.8])
-    fig, axes = plt.subplots(1, 2, figsize=(12.5, 6.0))
+    fig = Figure(figsize=(12.5, 6.0))
+    axes = fig.subplots(1, 2)
     im0 = axes[0].imshow(seg.heat_map_std, cmap="magma", vmin=0, vmax=max(float(seg.heat_map_std.max()), 0.05))
     axes[0].set_title("per-pixel uncertainty (ensemble std of the heat map)", fontsize=9)
     fig.colorbar(im0, ax=axes[0], fraction=0.046)
@@ -100,7 +98,6 @@ def save_uncertainty_figure(path: Path, image: np.ndarray, seg, title: str = "")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 

@@ -29,7 +29,7 @@ COMMAND_MODULES = (
     "beamloop.quantize.cli",        # trigger models: quantization-aware training, evaluation, export
     "beamloop.fpga.cli",            # trigger logic: hls4ml and open RTL flows, simulation, bitstreams
     "beamloop.bench.cli",           # the benchmark suite
-    "beamloop.edge.control.keys",   # key pairs for the CURVE-secured bridge
+    "beamloop.edge.cli.keys",       # key pairs for the CURVE-secured bridge
 )
 """Modules that add subcommands, in the order of ``beamloop --help`` (a module whose optional
 dependencies are not installed is skipped)."""

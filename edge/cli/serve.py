@@ -12,8 +12,8 @@ from beamloop.edge.cli.types import parse_positive
 def cmd_serve(a: argparse.Namespace) -> int:
     """``beamloop serve``: the edge service on a frame stream, optionally driving an experiment; exit status."""
     from beamloop.edge.app import ServiceConfig, build_service, warm_up
-    from beamloop.edge.control.bridge import BridgeClient
-    from beamloop.edge.control.keys import client_keys_from_args
+    from beamloop.edge.control.client import BridgeClient
+    from beamloop.edge.cli.options import client_keys_from_args
     from beamloop.edge.experiments.vacancy_line import ExperimentConfig, vacancy_line
     from beamloop.edge.io.runlog import RunLog
     from beamloop.edge.service import frame_image
@@ -71,7 +71,7 @@ def register(sub) -> None:
     from beamloop.edge.cli.find import add_finder_arguments
     from beamloop.edge.cli.run import TRIGGER_HELP
     from beamloop.edge.cli.triggers import trigger_names
-    from beamloop.edge.control.keys import add_client_key_arguments
+    from beamloop.edge.cli.options import add_client_key_arguments
 
     v = sub.add_parser("serve", help="the edge service: receive frames, find columns, drive the beam")
     v.add_argument("--frames", default="tcp://127.0.0.1:5555", help="frame stream endpoint")

@@ -10,8 +10,7 @@ from beamloop.edge.cli.types import parse_positive
 
 def cmd_sim(a: argparse.Namespace) -> int:
     """``beamloop sim``: the simulated microscope, serving until interrupted or ``--duration``; exit status."""
-    from beamloop.edge.control.keys import server_keys_from_args
-    from beamloop.edge.control.safety import safety_options
+    from beamloop.edge.cli.options import safety_options, server_keys_from_args
     from beamloop.edge.sim.microscope import MicroscopeConfig, SimulatedMicroscope
 
     cfg = MicroscopeConfig(frames=a.frames, control=a.control, seed=a.seed, current_pA=a.current_pA,
@@ -33,8 +32,7 @@ def cmd_sim(a: argparse.Namespace) -> int:
 
 def register(sub) -> None:
     """Add ``sim`` to the ``beamloop`` subcommands."""
-    from beamloop.edge.control.keys import add_server_key_arguments
-    from beamloop.edge.control.safety import add_safety_arguments
+    from beamloop.edge.cli.options import add_safety_arguments, add_server_key_arguments
 
     s = sub.add_parser("sim", help="the simulated microscope (scan controller + HAADF detector)")
     s.add_argument("--frames", default="tcp://127.0.0.1:5555", help="frame stream endpoint to bind")

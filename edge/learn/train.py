@@ -163,12 +163,10 @@ def training_dose(rng: np.random.Generator) -> float:
 
 def plot_curves(histories: list[dict], path: Path) -> Path:
     """Training curve PNG: running-mean training loss and validation loss per member, log scale."""
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig = Figure(figsize=(7, 4.2))
+    ax = fig.subplots()
     for k, h in enumerate(histories):
         loss = np.asarray(h["loss"])
         win = max(len(loss) // 50, 1)
@@ -182,7 +180,6 @@ def plot_curves(histories: list[dict], path: Path) -> Path:
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
