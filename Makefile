@@ -7,7 +7,7 @@ OUT ?= out/run
 # pytest: -n for parallel needs pytest-xdist; keep it simple and serial
 PYTEST_ARGS ?=
 
-.PHONY: install system-deps run test test-all train bench bench-quick clean
+.PHONY: install install-gpu system-deps run test test-all lint train bench bench-quick clean
 
 # System tools the FPGA tests need (Icarus Verilog for the cycle-accurate RTL simulation, g++ for the
 # hls4ml C simulation); the rest of the RTL flow (yosys, nextpnr-ecp5, ecppack) comes from PyPI as
@@ -36,11 +36,27 @@ $(VENV)/.installed-test: pyproject.toml | $(PY) system-deps
 
 install: $(VENV)/.installed-runtime
 
+# The GPU build of ONNX Runtime replaces the CPU one (the two must not be installed together).
+install-gpu: $(VENV)/.installed-runtime
+	$(PIP) uninstall -y onnxruntime
+	$(PIP) install "onnxruntime-gpu>=1.19"
+
 run: $(VENV)/.installed-runtime
 	$(VENV)/bin/beamloop run --out $(OUT)
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# Lint: ruff (style, imports, correctness), import-linter (the layers in pyproject.toml), mypy on the
+# modules listed here (gradual). mypy cannot follow the editable install's package-dir mapping, so it reads
+# the package through build/typing/beamloop, a link to this folder.
+MYPY_PACKAGES ?= beamloop.edge.frame beamloop.edge.stages beamloop.edge.kernels beamloop.edge.path \
+	beamloop.edge.service beamloop.edge.app beamloop.edge.materials
+lint: $(VENV)/.installed-test
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
+	@mkdir -p build/typing && ln -sfn ../.. build/typing/beamloop
+	MYPYPATH=build/typing $(VENV)/bin/mypy $(addprefix -p ,$(MYPY_PACKAGES))
 
 test-all: $(VENV)/.installed-test
 	$(PY) -m pytest $(PYTEST_ARGS)

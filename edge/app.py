@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from beamloop.edge.control.bridge import BridgeClient
+from beamloop.edge.control.client import BridgeClient
 from beamloop.edge.frame.latency import LatencyRecorder
 from beamloop.edge.path import FramePath, frame_path
 from beamloop.edge.service import EdgeService, latency_keys

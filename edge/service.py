@@ -19,7 +19,8 @@ from typing import Iterator
 
 import numpy as np
 
-from beamloop.edge.control.bridge import BridgeClient, BridgeError
+from beamloop.edge.control.client import BridgeClient
+from beamloop.edge.control.protocol import BridgeError
 from beamloop.edge.frame.context import FrameContext, FrameMeta
 from beamloop.edge.frame.latency import LatencyRecorder
 from beamloop.edge.frame.scanframe import BeamPositionError, ScanFrame
@@ -158,7 +159,9 @@ class EdgeService:
 
     # heartbeats ------------------------------------------------------------------------------------
     def _next_beat(self) -> float:
-        """``time.monotonic()`` when the next heartbeat is due."""
+        """``time.monotonic()`` when the next heartbeat is due (never without a bridge or heartbeats)."""
+        if self.bridge is None or self.heartbeat_s is None:
+            return math.inf
         return max(self.bridge.last_sent + self.heartbeat_s, self._no_beat_before)
 
     def beat_if_due(self) -> None:
@@ -167,7 +170,7 @@ class EdgeService:
         A failed heartbeat is counted (``stats.heartbeat_errors``) and the next is tried ``heartbeat_s``
         later; ``unknown_call`` turns heartbeats off (a controller without a watchdog).
         """
-        if self.heartbeat_s is None or time.monotonic() < self._next_beat():
+        if self.bridge is None or self.heartbeat_s is None or time.monotonic() < self._next_beat():
             return
         try:
             self.bridge.heartbeat()

@@ -63,9 +63,9 @@ class ColumnTable:
         """This table followed by ``other`` (same class names)."""
         if other.class_names != self.class_names:
             raise ValueError(f"cannot join tables with classes {self.class_names} and {other.class_names}")
-        return ColumnTable(*(np.concatenate([a, b]) for a, b in (
-            (self.x, other.x), (self.y, other.y), (self.intensity, other.intensity), (self.score, other.score),
-            (self.cls, other.cls))), class_names=self.class_names)
+        return ColumnTable(np.concatenate([self.x, other.x]), np.concatenate([self.y, other.y]),
+                           np.concatenate([self.intensity, other.intensity]), np.concatenate([self.score, other.score]),
+                           np.concatenate([self.cls, other.cls]), self.class_names)
 
     def class_labels(self) -> list[str]:
         """Class name of each row (``"unclassified"`` for -1)."""

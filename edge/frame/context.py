@@ -25,6 +25,10 @@ written by the runner, the others by stages."""
 INPUT_SLOTS = ("image", "scan")
 """Slots the runner fills before the first stage."""
 
+NO_IMAGE = np.zeros((0, 0), np.float32)
+"""What the array slots hold before a stage writes them (read-only, empty)."""
+NO_IMAGE.flags.writeable = False
+
 
 @dataclass(frozen=True)
 class FrameMeta:
@@ -86,13 +90,14 @@ class FrameContext:
     ----------
     meta : FrameMeta or None
         The series the current frame belongs to (as resolved by the runner, with the estimated scale).
-    image : ndarray (rows, cols) or None
+    image : ndarray (rows, cols)
         The frame: integer counts or float32/float64 intensities, often a read-only view into a receive
-        ring (valid until the next frame).
+        ring (valid until the next frame); an empty array before the first frame.
     scan : ScanFrame or None
         The scan frame the image was acquired in (positions of targets refer to it).
-    smooth : ndarray (rows, cols) float32 or None
-        The Gaussian-smoothed frame (a buffer of the preprocess stage, overwritten by the next frame).
+    smooth : ndarray (rows, cols) float32
+        The Gaussian-smoothed frame (a buffer of the preprocess stage, overwritten by the next frame); an
+        empty array on paths without that stage.
     noise : float
         White-noise standard deviation of the raw frame, in its units.
     columns : ColumnTable
@@ -110,9 +115,9 @@ class FrameContext:
     """
 
     meta: FrameMeta | None = None
-    image: np.ndarray | None = None
+    image: np.ndarray = NO_IMAGE
     scan: ScanFrame | None = None
-    smooth: np.ndarray | None = None
+    smooth: np.ndarray = NO_IMAGE
     noise: float = math.nan
     columns: ColumnTable = field(default_factory=ColumnTable.empty)
     bonds: np.ndarray | None = None
@@ -128,7 +133,7 @@ class FrameContext:
 
     def clear(self) -> None:
         """Empty the slots stages write (before the next frame); buffers stay with their stages."""
-        self.smooth = None
+        self.smooth = NO_IMAGE
         self.noise = math.nan
         self.columns = ColumnTable.empty(self.meta.material.class_names if self.meta else ("column",))
         self.bonds = None

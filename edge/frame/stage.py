@@ -37,9 +37,17 @@ class FrameError(ValueError):
 class FrameStage(Protocol):
     """One step of a frame path (see the module docstring for the contract)."""
 
-    name: ClassVar[str]
-    reads: tuple[str, ...]
-    writes: tuple[str, ...]
+    @property
+    def name(self) -> str:
+        """The stage's latency key."""
+
+    @property
+    def reads(self) -> tuple[str, ...]:
+        """Slots the stage takes."""
+
+    @property
+    def writes(self) -> tuple[str, ...]:
+        """Slots the stage fills."""
 
     def prepare(self, meta: FrameMeta) -> None:
         """Get ready for frames described by ``meta``."""

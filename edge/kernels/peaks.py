@@ -40,7 +40,7 @@ class PeakBuffers:
         Suppression mask; ``rmax`` (rows, cols) float32 the row-maximum scratch of :func:`local_maxima`.
     """
 
-    def __init__(self, shape: tuple[int, int], background_px: float = 0.0, members: int = 1) -> None:
+    def __init__(self, shape: tuple[int, ...], background_px: float = 0.0, members: int = 1) -> None:
         cap = shape[0] * shape[1] // 4 + 16
         self.shape = tuple(shape)
         self.ci = np.empty(cap, np.int64)

@@ -40,6 +40,8 @@ from beamloop.edge.kernels.peaks import (
 )
 from beamloop.edge.kernels.smooth import gaussian_kernel
 from beamloop.edge.materials import MOS2
+
+MOS2_SPACING_A: float = MOS2.nn_spacing_A or 1.824
 from beamloop.edge.stages.preprocess import Preprocessor
 
 if TYPE_CHECKING:
@@ -126,7 +128,7 @@ class FinderConfig:
         )
 
     @classmethod
-    def for_pixel_size(cls, pixel_size_A: float, spacing_A: float = MOS2.nn_spacing_A,
+    def for_pixel_size(cls, pixel_size_A: float, spacing_A: float = MOS2_SPACING_A,
                        column_sigma_A: float = MOS2.column_sigma_A, **kw) -> "FinderConfig":
         """Parameters from physical sizes: nearest-neighbour column distance ``spacing_A`` (default MoS2's
         Mo-S distance, :data:`beamloop.edge.materials.MOS2`) and blurred column sigma ``column_sigma_A``,
@@ -197,9 +199,9 @@ class PeakFinder:
             raise ValueError(f"refine must be one of {sorted(REFINE_METHODS)}, got {config.refine!r}")
         self.config = config
         self.noise_gain = float(noise_gain)
-        self.buffers: PeakBuffers | None = None
+        self.buffers = PeakBuffers((1, 1), config.background_px)
 
-    def allocate(self, shape: tuple[int, int]) -> None:
+    def allocate(self, shape: tuple[int, ...]) -> None:
         """Buffers for frames of ``shape``."""
         self.buffers = PeakBuffers(shape, self.config.background_px)
 
@@ -211,10 +213,9 @@ class PeakFinder:
         frame's noise.
         """
         cfg = self.config
-        b = self.buffers
-        if b is None or b.shape != smooth.shape:
+        if self.buffers.shape != smooth.shape:
             self.allocate(smooth.shape)
-            b = self.buffers
+        b = self.buffers
         n = local_maxima(smooth, cfg.border_px, b.rmax, b.ci, b.cj, b.cv)
         n = min(n, b.capacity)
         local_background(smooth, b.ci, b.cj, n, cfg.background_px, cfg.background_quantile, b.scratch, b.bg)
@@ -296,9 +297,11 @@ class FindPeaks(StageBase):
     reads = ("smooth", "noise")
     writes = ("columns",)
 
+    finder: PeakFinder
+    """The finder of the current series (made by :meth:`prepare`)."""
+
     def __init__(self, config: FinderConfig | None = None) -> None:
         self.config = config
-        self.finder: PeakFinder | None = None
 
     def prepare(self, meta: FrameMeta) -> None:
         """A :class:`PeakFinder` for the series' scale, with buffers for its shape.
@@ -310,7 +313,7 @@ class FindPeaks(StageBase):
         """
         cfg = self.config or FinderConfig.for_meta(meta)
         gain = noise_gain(gaussian_kernel(cfg.sigma_px))
-        if self.finder is None or self.finder.config != cfg:
+        if getattr(self, "finder", None) is None or self.finder.config != cfg:
             self.finder = PeakFinder(cfg, gain)
         self.finder.allocate(meta.shape)
 

@@ -46,7 +46,7 @@ class Preprocessor:
         self.sigma_px = float(sigma_px)
         self.kernel = gaussian_kernel(sigma_px)
         self.noise_row_step = int(noise_row_step)
-        self._shape: tuple[int, int] | None = None
+        self._shape: tuple[int, ...] | None = None
 
     def allocate(self, shape: tuple[int, int]) -> None:
         """Buffers for frames of ``shape``.
@@ -61,7 +61,7 @@ class Preprocessor:
         self.smooth = np.empty(shape, np.float32)
         self._tmp = np.empty(shape, np.float32)
         self._row = np.empty(shape[1] + self.kernel.shape[0] - 1, np.float32)
-        self._shape = tuple(shape)
+        self._shape = (int(shape[0]), int(shape[1]))
 
     def run(self, frame: np.ndarray) -> tuple[np.ndarray, float]:
         """Smooth one frame and estimate its noise.
@@ -103,9 +103,11 @@ class Preprocess(StageBase):
     reads = ("image",)
     writes = ("smooth", "noise")
 
+    pre: Preprocessor
+    """The smoother of the current series (made by :meth:`prepare`)."""
+
     def __init__(self, config: FinderConfig | None = None) -> None:
         self.config = config
-        self.pre: Preprocessor | None = None
 
     def prepare(self, meta: FrameMeta) -> None:
         """A :class:`Preprocessor` for the series' scale, with buffers for its shape.
@@ -118,7 +120,7 @@ class Preprocess(StageBase):
         from beamloop.edge.stages.find import FinderConfig
 
         cfg = self.config or FinderConfig.for_meta(meta)
-        if self.pre is None or self.pre.sigma_px != cfg.sigma_px:
+        if getattr(self, "pre", None) is None or self.pre.sigma_px != cfg.sigma_px:
             self.pre = Preprocessor(cfg.sigma_px)
         self.pre.allocate(meta.shape)
 

@@ -36,8 +36,8 @@ class GpuPreprocessor:
         self.kernel = gaussian_kernel(sigma_px)
         self.d_kernel = cuda.to_device(self.kernel)
         self.noise_row_step = int(noise_row_step)
-        self._key = None
-        self.smooth = None
+        self._key: tuple | None = None
+        self.smooth: np.ndarray = np.empty((0, 0), np.float32)
 
     def _allocate(self, shape, dtype) -> None:
         self.d_src = cuda.device_array(shape, dtype)

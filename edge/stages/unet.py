@@ -400,7 +400,7 @@ class UNetFinder:
         t = self.session.tile
         self._rows = tile_origins(rows, t, self.overlap)
         self._cols = tile_origins(cols, t, self.overlap)
-        self._shape = tuple(shape)
+        self._shape = (int(shape[0]), int(shape[1]))
 
     def _network(self, norm: np.ndarray) -> None:
         """Run all tiles and stitch the member heat maps and class maps into the frame buffers."""
