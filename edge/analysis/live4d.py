@@ -26,9 +26,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numba
 import numpy as np
 from numba import cuda
+
+from beamloop.edge.kernels import fourd
 
 
 # --- masks ---------------------------------------------------------------------------------------------------
@@ -154,39 +155,9 @@ class SparseMasks:
         return runs
 
 
-# --- CPU kernels ----------------------------------------------------------------------------------------------
 
 
-@numba.njit(cache=True, nogil=True, fastmath=True)
-def _virtual_kernel(flat, run_det, run_start, run_len, run_weight, out):
-    """Sum runs of consecutive pixels with one weight (contiguous: the inner loop vectorises)."""
-    n = flat.shape[0]
-    for i in range(n):
-        f = flat[i]
-        for k in range(out.shape[1]):
-            out[i, k] = 0.0
-        for r in range(run_start.shape[0]):
-            a = run_start[r]
-            s = 0.0
-            for p in range(a, a + run_len[r]):
-                s += f[p]
-            out[i, run_det[r]] += run_weight[r] * s
 
-
-@numba.njit(cache=True, nogil=True)
-def _virtual_kernel_int(flat, run_det, run_start, run_len, run_weight, out):
-    """As :func:`_virtual_kernel` for integer counts: exact integer sums per run."""
-    n = flat.shape[0]
-    for i in range(n):
-        f = flat[i]
-        for k in range(out.shape[1]):
-            out[i, k] = 0.0
-        for r in range(run_start.shape[0]):
-            a = run_start[r]
-            s = 0
-            for p in range(a, a + run_len[r]):
-                s += np.int64(f[p])
-            out[i, run_det[r]] += run_weight[r] * s
 
 
 def virtual_stack(frames: np.ndarray, masks: SparseMasks, out: np.ndarray | None = None) -> np.ndarray:
@@ -216,33 +187,11 @@ def virtual_stack(frames: np.ndarray, masks: SparseMasks, out: np.ndarray | None
     if out is None:
         out = np.empty((n, len(masks.names)), np.float64)
     r = masks.runs
-    kernel = _virtual_kernel_int if np.issubdtype(frames.dtype, np.integer) else _virtual_kernel
+    kernel = fourd.virtual_runs_int if np.issubdtype(frames.dtype, np.integer) else fourd.virtual_runs
     kernel(np.ascontiguousarray(frames).reshape(n, -1), r[0], r[1], r[2], r[3], out)
     return out
 
 
-@numba.njit(cache=True, nogil=True)
-def _com_kernel(flat, cols, pix, cy, cx, out):
-    n = flat.shape[0]
-    for i in range(n):
-        f = flat[i]
-        s = 0.0
-        sy = 0.0
-        sx = 0.0
-        for m in range(pix.shape[0]):
-            p = pix[m]
-            v = f[p]
-            if v != 0:
-                s += v
-                sy += v * (p // cols)
-                sx += v * (p % cols)
-        out[i, 0] = s
-        if s > 0:
-            out[i, 1] = sy / s - cy
-            out[i, 2] = sx / s - cx
-        else:
-            out[i, 1] = 0.0
-            out[i, 2] = 0.0
 
 
 def com_stack(frames: np.ndarray, centre: tuple[float, float], pixels: np.ndarray | None = None,
@@ -269,40 +218,16 @@ def com_stack(frames: np.ndarray, centre: tuple[float, float], pixels: np.ndarra
         pixels = np.arange(rows * cols, dtype=np.int64)
     if out is None:
         out = np.empty((n, 3), np.float64)
-    _com_kernel(np.ascontiguousarray(frames).reshape(n, -1), cols, np.asarray(pixels, np.int64), float(centre[0]),
+    fourd.com_sums(np.ascontiguousarray(frames).reshape(n, -1), cols, np.asarray(pixels, np.int64), float(centre[0]),
                 float(centre[1]), out)
     return out
 
 
-# --- CUDA kernels (used only when a device is present) --------------------------------------------------------
+# --- on a CUDA device (when one is present) ---------------------------------------------------------------
 
 
-@cuda.jit
-def _virtual_cuda_kernel(flat, start, pix, weight, out):  # pragma: no cover - needs a CUDA device
-    i, k = cuda.grid(2)
-    if i < flat.shape[0] and k < start.shape[0] - 1:
-        acc = 0.0
-        for m in range(start[k], start[k + 1]):
-            acc += weight[m] * flat[i, pix[m]]
-        out[i, k] = acc
 
 
-@cuda.jit
-def _com_cuda_kernel(flat, cols, pix, cy, cx, out):  # pragma: no cover - needs a CUDA device
-    i = cuda.grid(1)
-    if i < flat.shape[0]:
-        s = 0.0
-        sy = 0.0
-        sx = 0.0
-        for m in range(pix.shape[0]):
-            p = pix[m]
-            v = flat[i, p]
-            s += v
-            sy += v * (p // cols)
-            sx += v * (p % cols)
-        out[i, 0] = s
-        out[i, 1] = sy / s - cy if s > 0 else 0.0
-        out[i, 2] = sx / s - cx if s > 0 else 0.0
 
 
 def cuda_available() -> bool:
@@ -323,7 +248,7 @@ def virtual_stack_cuda(frames: np.ndarray, masks: SparseMasks) -> np.ndarray:  #
     d_out = cuda.device_array((n, len(masks.names)), np.float64)
     tpb = (64, 4)
     grid = ((n + tpb[0] - 1) // tpb[0], (len(masks.names) + tpb[1] - 1) // tpb[1])
-    _virtual_cuda_kernel[grid, tpb](d_flat, cuda.to_device(masks.start), cuda.to_device(masks.pix),
+    fourd.virtual_cuda[grid, tpb](d_flat, cuda.to_device(masks.start), cuda.to_device(masks.pix),
                                     cuda.to_device(masks.weight), d_out)
     return d_out.copy_to_host()
 
@@ -337,7 +262,7 @@ def com_stack_cuda(frames: np.ndarray, centre: tuple[float, float], pixels: np.n
     if pixels is None:
         pixels = np.arange(rows * cols, dtype=np.int64)
     d_out = cuda.device_array((n, 3), np.float64)
-    _com_cuda_kernel[(n + 127) // 128, 128](cuda.to_device(np.ascontiguousarray(frames).reshape(n, -1)), cols,
+    fourd.com_cuda[(n + 127) // 128, 128](cuda.to_device(np.ascontiguousarray(frames).reshape(n, -1)), cols,
                                             cuda.to_device(np.asarray(pixels, np.int64)), float(centre[0]),
                                             float(centre[1]), d_out)
     return d_out.copy_to_host()
@@ -346,13 +271,6 @@ def com_stack_cuda(frames: np.ndarray, centre: tuple[float, float], pixels: np.n
 # --- assembling live images ------------------------------------------------------------------------------------
 
 
-@numba.njit(cache=True, nogil=True)
-def _scatter(ids, values, npos, images, seen):
-    for i in range(ids.shape[0]):
-        p = ids[i] % npos
-        for k in range(values.shape[1]):
-            images[k, p] = values[i, k]
-        seen[p] = True
 
 
 class LiveImager:
@@ -456,7 +374,7 @@ class LiveImager:
             vals[:, :k] = virtual_stack(frames, self.masks)
             if self.com_centre is not None:
                 vals[:, k:] = com_stack(frames, self.com_centre, self._com_pix)
-        _scatter(np.asarray(image_ids, np.int64), vals, self._seen.size, self._flat, self._seen)
+        fourd.scatter_rows(np.asarray(image_ids, np.int64), vals, self._seen.size, self._flat, self._seen)
 
     def update_stack(self, stack) -> None:
         """:meth:`update` from a :class:`beamloop.streams.dectris.receiver.FrameStack` (its first channel)."""

@@ -100,8 +100,3 @@ class Ensemble(nn.Module):
         heat = torch.sigmoid(torch.cat([o[:, :1] for o in outs], dim=1))
         cls = torch.stack([torch.softmax(o[:, 1:], dim=1) for o in outs], dim=0).mean(dim=0)
         return heat, cls
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Number of trainable parameters."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
