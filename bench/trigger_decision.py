@@ -21,13 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
-from beamloop.edge.trigger.classical import CusumTrigger, WindowTrigger
-from beamloop.edge.trigger.model import ModelTrigger
+from beamloop.edge.trigger import ModelTrigger, Trigger, make_trigger
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def _time_updates(trigger, x: np.ndarray, block: int, repeats: int) -> np.ndarray:
+def _time_updates(trigger: Trigger, x: np.ndarray, block: int, repeats: int) -> np.ndarray:
     """Nanoseconds of every ``update`` call over ``repeats`` passes of ``x`` in blocks of ``block``."""
     out = []
     for _ in range(repeats):
@@ -50,10 +49,12 @@ def run(quick: bool = False) -> dict:
     rng = np.random.default_rng(0)
     n = 20_000 if quick else 200_000
     x = rng.poisson(7.5, n).astype(np.uint16)
-    model = ModelTrigger(threshold=2 ** 62)
-    cusum = CusumTrigger(h=1e12)
-    window = WindowTrigger(fraction=1e-9)
-    triggers = {"model": model, "cusum": cusum, "window": window}
+    # thresholds out of reach: every sample is decided
+    options: dict[str, dict[str, float]] = {"model": {"threshold": 2 ** 62}, "cusum": {"h": 1e12},
+                                            "window": {"fraction": 1e-9}}
+    triggers = {name: make_trigger(name, **kw) for name, kw in options.items()}
+    model = triggers["model"]
+    assert isinstance(model, ModelTrigger)
     for t in triggers.values():  # compile / load numba caches
         t.start(expected_rate=7.5)
         t.update(x[:500])

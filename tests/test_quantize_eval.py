@@ -5,8 +5,8 @@ import pytest
 
 from beamloop.edge.trigger.classical import CusumTrigger, WindowTrigger
 from beamloop.quantize.baselines import cusum_statistic, window_statistic
-from beamloop.quantize.evaluate import calibrate, candidate_thresholds, roc, sweep
 from beamloop.quantize.data import NO_EVENT, StreamConditions, dwell_streams, training_segments
+from beamloop.quantize.evaluate import calibrate, candidate_thresholds, roc, sweep
 
 
 def test_clean_stream_matches_the_microscopes_physics():
@@ -83,7 +83,7 @@ def test_roc_of_a_perfect_and_a_useless_score():
 
 
 def test_service_thresholds_fire_where_the_service_triggers_fire():
-    from beamloop.edge.trigger.classical import make_trigger
+    from beamloop.edge.trigger import make_trigger
     from beamloop.edge.trigger.model import ModelTrigger
     from beamloop.quantize.evaluate import method_scores, service_thresholds
 

@@ -1,4 +1,4 @@
-"""The service-side integer trigger model (edge/trigger_model.py): features, integer arithmetic, streaming,
+"""The service-side integer trigger model (edge/trigger/model.py): features, integer arithmetic, streaming,
 bit-exactness of the shipped model with its plain-ONNX graph, and the trigger interface."""
 
 import json
@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from beamloop.edge.trigger.classical import make_trigger
+from beamloop.edge.trigger import make_trigger
 from beamloop.edge.trigger.model import MODEL_DIR, FeatureSpec, IntegerMLP, ModelTrigger, load_manifest, window_features
 
 
@@ -70,7 +70,7 @@ def test_streaming_equals_batch_and_block_splitting(tmp_path):
         t = ModelTrigger("tiny", model_dir=tmp_path, threshold=thr)
         fired = [k for k in (t.update(x[a:a + block]) for a in range(0, len(x), block)) if k >= 0]
         assert len(fired) == 1 and t.trigger_sample == expect and t.triggered
-    assert t.lam0 == pytest.approx(x[:spec.history].mean())
+    assert t.baseline_rate == pytest.approx(x[:spec.history].mean())
 
 
 def _numpy_scores(mlp: IntegerMLP, x: np.ndarray) -> np.ndarray:
@@ -118,7 +118,7 @@ def test_expected_rate_prefills_history(tmp_path):
     _tiny(tmp_path, spec, threshold=-(2 ** 40))  # fires on the first decided sample
     t = ModelTrigger("tiny", model_dir=tmp_path)
     t.start(expected_rate=2.5)
-    assert t.lam0 == 2.5
+    assert t.baseline_rate == 2.5
     hist = t.history()  # the h - 1 samples before the first decision; their running sum follows the rate
     assert len(hist) == spec.history - 1
     assert np.array_equal(np.cumsum(hist), np.floor(np.arange(2, spec.history + 1) * 2.5) - 2)
@@ -181,7 +181,7 @@ def test_shipped_model_detects_an_ejection_on_the_main_jobs_stream():
                 break
         assert t.triggered and t.trigger_sample >= ev, "false trigger before the ejection"
         assert t.trigger_sample - ev < 100
-        assert t.lam0 == pytest.approx(7.5, rel=0.1)
+        assert t.baseline_rate == pytest.approx(7.5, rel=0.1)
         fired += 1
     assert fired == 20
 

@@ -1,9 +1,10 @@
 """The quantized ejection trigger: a tiny integer MLP on the parked-probe ADF samples (numba, no torch).
 
-The model was trained by ``beamloop beamloop.quantize train`` (Brevitas quantization-aware training, :mod:`beamloop.quantize`)
-and ships in ``edge/models/trigger/`` as a QONNX graph (``<name>.onnx``, what the FPGA flow compiles), a
-plain-ONNX twin (``<name>_plain.onnx``) and the same network as integers (``<name>_int.npz``), which this
-module runs. Its output is bit-exact with the QONNX graph executed by qonnx (tests/test_trigger_model.py).
+The model was trained by ``beamloop quantize train --ship`` (Brevitas quantization-aware training,
+:mod:`beamloop.quantize`) and ships in ``edge/models/trigger/`` (:data:`MODEL_DIR`) as a QONNX graph
+(``<name>.onnx``, what the FPGA flow compiles), a plain-ONNX twin (``<name>_plain.onnx``) and the same
+network as integers (``<name>_int.npz``), which this module runs. Its output is bit-exact with the QONNX
+graph executed by qonnx (tests/test_trigger_model.py).
 
 Input features (:class:`FeatureSpec`), all integers on the input quantiser's grid (scale 1), for the
 sample ``t`` being decided on:
@@ -17,11 +18,15 @@ compare the last samples with the recent level instead of an absolute rate, so s
 drift changes do not look like an ejection. In logic the context is a shift register and ``blocks``
 accumulators.
 
-Arithmetic per layer ``l`` (power-of-two scales, see ../shared/notes/fpga-toolflow.md):
-``acc = W_l @ a + b_l`` (integers; the accumulator's scale is ``s_a * s_w``), then for hidden layers
-ReLU and the activation quantiser with FLOOR rounding: ``a' = min(max(acc, 0) >> -e_l, 2**bits - 1)``
-(``acc << e_l`` when ``e_l >= 0``), with ``2**e_l = s_a * s_w / s_out``. The last layer's accumulator
-is the score (a logit in units of ``output_scale``); the trigger fires when ``score >= threshold``.
+Arithmetic per layer ``l``, with power-of-two scales (the fixed-point integer inference of B. Jacob et al.,
+"Quantization and training of neural networks for efficient integer-arithmetic-only inference", CVPR 2018,
+2704-2713, with scales restricted to powers of two so that requantisation is a shift; the QONNX ``Quant``
+operator semantics of A. Pappalardo et al., "QONNX: Representing arbitrary-precision quantized neural
+networks", arXiv:2206.07527 (2022)): ``acc = W_l @ a + b_l`` (integers; the accumulator's scale is
+``s_a * s_w``), then for hidden layers ReLU and the activation quantiser with FLOOR rounding:
+``a' = min(max(acc, 0) >> -e_l, 2**bits - 1)`` (``acc << e_l`` when ``e_l >= 0``), with
+``2**e_l = s_a * s_w / s_out``. The last layer's accumulator is the score (a logit in units of
+``output_scale``); the trigger fires when ``score >= threshold``.
 """
 
 from __future__ import annotations
@@ -35,8 +40,10 @@ from pathlib import Path
 import numba
 import numpy as np
 
+from beamloop.edge.trigger.base import TriggerState
+
 MODEL_DIR = Path(str(resources.files("beamloop.edge") / "models" / "trigger"))
-"""Folder of the shipped trigger models (``manifest.json`` lists them)."""
+"""Folder of the shipped trigger models inside the installed package (``manifest.json`` lists them)."""
 
 
 @dataclass(frozen=True)
@@ -191,7 +198,7 @@ class IntegerMLP:
                                     [self.input_max]]).astype(np.int64)
 
     @classmethod
-    def load(cls, path: Path) -> "IntegerMLP":
+    def load(cls, path: Path) -> IntegerMLP:
         """Read ``<name>_int.npz`` (keys ``layers w0.. b0.. shifts act_max output_scale input_max``); raises
         ``OSError`` / ``ValueError`` / ``KeyError`` for a missing or malformed file."""
         with np.load(path, allow_pickle=False) as z:
@@ -249,11 +256,11 @@ def _layers_tile(p, meta, act, acc, m):
     ``p`` and ``meta`` as built by :class:`IntegerMLP`; ``act`` and ``acc`` are (width, TILE) scratch arrays of
     the network's dtype. Leaves the scores (last accumulators) in ``acc[0, :m]``."""
     n = meta[0]
-    for l in range(n):
-        n_in = meta[1 + l]
-        n_out = meta[2 + l]
-        wo = meta[2 + n + l]
-        bo = meta[2 + 2 * n + l]
+    for layer in range(n):
+        n_in = meta[1 + layer]
+        n_out = meta[2 + layer]
+        wo = meta[2 + n + layer]
+        bo = meta[2 + 2 * n + layer]
         for o in range(n_out):
             zo = acc[o]
             bias = p[bo + o]
@@ -266,10 +273,10 @@ def _layers_tile(p, meta, act, acc, m):
                 ai = act[i]
                 for k in range(m):
                     zo[k] += w * ai[k]
-        if l == n - 1:
+        if layer == n - 1:
             return
-        e = meta[2 + 3 * n + l]
-        top = meta[1 + 4 * n + l]
+        e = meta[2 + 3 * n + layer]
+        top = meta[1 + 4 * n + layer]
         for o in range(n_out):
             zo = acc[o]
             ao = act[o]
@@ -384,8 +391,8 @@ def load_manifest(model_dir: Path | None = None) -> dict:
     return json.loads(path.read_text())
 
 
-class ModelTrigger:
-    """The quantized ejection trigger with the interface of :mod:`beamloop.edge.trigger.classical`'s triggers.
+class ModelTrigger(TriggerState):
+    """The quantized ejection trigger, a :class:`~beamloop.edge.trigger.base.Trigger`.
 
     One :meth:`update` is one numba call for the whole block (no per-sample Python, no allocation); per
     tile of up to :data:`TILE` samples it builds the features from a history buffer and prefix sums and runs
@@ -437,55 +444,54 @@ class ModelTrigger:
         self._no_scores = np.zeros(0, np.int64)
         self.start()
 
-    @property
-    def triggered(self) -> bool:
-        """Whether an alarm has been raised in this dwell."""
-        return self.trigger_sample >= 0
-
     def start(self, expected_rate: float | None = None) -> None:
         """Begin a new dwell.
 
         Without ``expected_rate`` the first decision comes once ``spec.history`` samples have arrived (as
         the classical triggers wait for their baseline). With it (counts per sample), the history is
         pre-filled with integer counts whose running sum follows ``expected_rate`` so that decisions start
-        at the first sample. :attr:`lam0` is the expected rate, or the mean of the first
-        ``spec.history`` samples.
+        at the first sample. :attr:`baseline_rate` is the expected rate, or the mean of the first
+        ``spec.history`` samples (the network itself reads no rate; this is what the dwell reports).
 
-        Raises ``ValueError`` for a non-finite or non-positive rate.
+        Raises
+        ------
+        ValueError
+            ``expected_rate`` not finite or not positive.
         """
-        if expected_rate is not None and not (math.isfinite(expected_rate) and expected_rate > 0):
-            raise ValueError(f"expected rate must be a positive number of counts per sample, got {expected_rate}")
-        self.samples_seen = 0
-        self.trigger_sample = -1
-        self.lam0 = math.nan
+        rate = self.begin_dwell(expected_rate)
         self._base_sum = 0.0
         self._state[0] = 0
-        if expected_rate is not None:
+        if rate is not None:
             h = self.spec.history
-            seq = np.diff(np.floor(np.arange(h + 1) * float(expected_rate))).astype(np.int64)
+            seq = np.diff(np.floor(np.arange(h + 1) * rate)).astype(np.int64)
             self._hist[:h - 1] = seq[1:]  # the last h - 1 samples of a history of h
             self._state[0] = h - 1
-            self.lam0 = float(expected_rate)
 
     def history(self) -> np.ndarray:
         """Copy of the samples held for the next decision (up to ``spec.history - 1``, oldest first, clipped
         as described in :func:`_decide`)."""
         return self._hist[:int(self._state[0])].copy()
 
-    def update(self, samples: np.ndarray) -> int:
+    def update(self, block: np.ndarray) -> int:
         """Feed a block of counts; return the index within it of the alarm, or -1.
 
         Parameters
         ----------
-        samples : ndarray, shape (n,) or (1, n), integer counts per sample (float blocks must hold
+        block : ndarray, shape (n,) or (1, n), integer counts per sample (float blocks must hold
             non-negative finite values; they are truncated to integers)
+
+        Returns
+        -------
+        int
+            Index in ``block`` of the first sample whose score reaches the threshold, -1 if none (or if the
+            trigger had already fired).
 
         Raises
         ------
         ValueError
             Negative or non-finite values (the trigger's state is left as it was).
         """
-        x = samples if type(samples) is np.ndarray and samples.ndim == 1 else np.asarray(samples).reshape(-1)
+        x = block if type(block) is np.ndarray and block.ndim == 1 else np.asarray(block).reshape(-1)
         if x.dtype.kind not in "iu":
             if x.dtype.kind != "f" or not np.all(np.isfinite(x)) or np.any(x < 0):
                 raise ValueError("trigger input has negative or non-finite counts")
@@ -493,7 +499,7 @@ class ModelTrigger:
         if self.trigger_sample >= 0:
             self.samples_seen += len(x)
             return -1
-        baseline = self.samples_seen < self.spec.history and math.isnan(self.lam0)
+        baseline = self.samples_seen < self.spec.history and math.isnan(self.baseline_rate)
         if baseline:
             take = min(self.spec.history - self.samples_seen, len(x))
             base_sum = self._base_sum + float(x[:take].sum())
@@ -508,7 +514,7 @@ class ModelTrigger:
         if baseline:
             self._base_sum = base_sum
             if self.samples_seen + take == self.spec.history:
-                self.lam0 = self._base_sum / self.spec.history
+                self.baseline_rate = self._base_sum / self.spec.history
         if k >= 0:
             self.trigger_sample = self.samples_seen + k
         self.samples_seen += len(x)
