@@ -1,10 +1,11 @@
 """Parked-probe ADF streams with ground truth, for training and evaluating ejection triggers.
 
-The physics is the simulated microscope's (:mod:`beamloop.edge.sim.microscope`, ``_parked_samples``): the expected
-HAADF fraction at the probe from the linear incoherent model (:class:`beamloop.edge.sim.render.ColumnRenderer` on a
-MoS2 specimen from :mod:`beamloop.edge.sim.lattice`, abTEM single-atom profiles), plus a constant background
-fraction, times the beam electrons per sample, Poisson-distributed. At 50 pA and 10 us that is about
-7.5 counts per sample on an S2 column. On top of the microscope's physics a stream here may have
+The physics is the simulated microscope's, from :mod:`beamloop.edge.sim.parked`: the expected HAADF
+fraction at the probe from the linear incoherent model (:class:`beamloop.edge.sim.render.ColumnRenderer` on
+a MoS2 specimen from :mod:`beamloop.edge.sim.lattice`, abTEM single-atom profiles), plus a constant
+background fraction, times the beam electrons per sample, Poisson-distributed
+(:func:`beamloop.edge.sim.parked.expected_counts`). At 50 pA and 10 us that is about 7.5 counts per
+sample on an S2 column. On top of the microscope's physics a stream here may have
 
 - **beam-current fluctuation**: relative current ``1 + trend * t + u(t)``, ``u`` an Ornstein-Uhlenbeck
   (AR(1)) process of relative rms ``current_noise_rel`` and correlation time ``current_tau_s``
@@ -18,7 +19,7 @@ fraction, times the beam electrons per sample, Poisson-distributed. At 50 pA and
 
 :func:`training_segments` makes short segments (history + a few decisions) for training;
 :func:`dwell_streams` makes whole dwells from the moment the beam is unblanked, with the event time drawn
-from the knock-on rate at the column (the microscope's formula), for evaluation.
+from the knock-on rate at the column (:func:`beamloop.edge.sim.parked.knockon_rate`), for evaluation.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from scipy.signal import lfilter
 
 from beamloop.edge.sim import lattice
 from beamloop.edge.sim.frames import electrons_per_second
-from beamloop.edge.sim.microscope import BARN_A2
+from beamloop.edge.sim.parked import expected_counts, knockon_rate, samples_to_next_ejection
 from beamloop.edge.sim.profiles import profile_table
 from beamloop.edge.sim.render import ColumnRenderer
 
@@ -93,7 +94,7 @@ class StreamConditions:
     probe_sigma_A: float = 0.35
 
     @classmethod
-    def clean(cls) -> "StreamConditions":
+    def clean(cls) -> StreamConditions:
         """The main job's simulated microscope: 50 pA, steady current, no drift, background 2e-5, the
         probe within ~0.03 Angstrom of an S2 column (the finder's error), ejections only."""
         return cls(current_pA=(50.0, 50.0), deployed_fraction=1.0, current_noise_rel=(0.0, 0.0),
@@ -104,7 +105,7 @@ class StreamConditions:
         """JSON-ready dict of the ranges."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
-    def with_(self, **kw) -> "StreamConditions":
+    def with_(self, **kw) -> StreamConditions:
         """A copy with some fields replaced."""
         return replace(self, **kw)
 
@@ -138,6 +139,7 @@ class Streams:
     sample_time_us: float
 
     def __len__(self) -> int:
+        """Number of streams."""
         return len(self.counts)
 
     @property
@@ -186,6 +188,7 @@ class _Patch:
 
 
 def _uniform(rng: np.random.Generator, lohi: tuple, log: bool = False) -> float:
+    """One draw from ``[lo, hi)``, uniform or (``log``) log-uniform; ``lo`` itself when ``lo == hi``."""
     lo, hi = lohi
     if lo == hi:
         return float(lo)
@@ -231,7 +234,7 @@ def _one_stream(patch: _Patch, cond: StreamConditions, rng: np.random.Generator,
         drop = float(f_after[0] / max(f[event], 1e-12))
         f[event:] = f_after
     bg = _uniform(rng, cond.background_fraction)
-    lam = (f + bg) * electrons_per_second(cur) * dt * _current_factor(n, dt, cond, rng, t0)
+    lam = expected_counts(f, bg, electrons_per_second(cur), dt) * _current_factor(n, dt, cond, rng, t0)
     counts = np.minimum(rng.poisson(lam), 65535).astype(np.uint16)
     return counts, float(lam[0]), drop, cur
 
@@ -288,9 +291,25 @@ def dwell_streams(n_dwells: int, cond: StreamConditions, seed: int, min_event: i
     """Whole dwells from the moment the beam is unblanked to ``tail`` samples after the event.
 
     The event sample is ``min_event`` plus an exponential waiting time at the knock-on rate of the
-    column's S atoms under the probe (the microscope's formula: ``sigma * I/e * g(d)`` per atom, ``g`` the
-    probe's Gaussian areal density), so dwells last as long as they would in the main job (about 0.12 s
-    on an S2 column at 50 pA and 1 barn). A dwell longer than ``max_samples`` ends without an event.
+    column's S atoms under the probe (:func:`beamloop.edge.sim.parked.knockon_rate`: ``sigma * I/e * g(d)``
+    per atom, ``g`` the probe's Gaussian areal density, taken at the column, ``d = 0``, for two atoms at
+    ``cond.deployed_current_pA``), so dwells last as long as they would in the main job (about 0.12 s on
+    an S2 column at 50 pA and 1 barn). A dwell longer than ``max_samples`` ends without an event.
+
+    Parameters
+    ----------
+    n_dwells : int
+    cond : StreamConditions
+    seed : int
+        Seed of the dwells' random generator (specimens, nuisances, events, counts).
+    min_event : int
+        Samples before the earliest event (the triggers' baseline).
+    tail : int
+        Samples kept after the event.
+    max_samples : int
+        Longest dwell, samples.
+    streams_per_patch : int
+        Dwells drawn from one specimen patch before a new one is made.
 
     Returns
     -------
@@ -300,15 +319,15 @@ def dwell_streams(n_dwells: int, cond: StreamConditions, seed: int, min_event: i
     dt = cond.sample_time_us * 1e-6
     out = Streams([], np.empty(n_dwells, np.int64), [], np.empty(n_dwells), np.empty(n_dwells),
                   np.empty(n_dwells), cond.sample_time_us)
-    g0 = 1.0 / (2 * math.pi * cond.probe_sigma_A ** 2)
     patch = None
     for i in range(n_dwells):
         if i % streams_per_patch == 0:
             patch = _Patch(rng, cond.blur_sigma_A)
         cur_guess = cond.deployed_current_pA
         atoms = 2.0  # S2 targets dominate; the rate only sets how long dwells last
-        rate = cond.cross_section_barn * BARN_A2 * electrons_per_second(cur_guess) * g0 * atoms
-        ev = min_event + int(rng.exponential(1.0 / rate) / dt)
+        rate = float(knockon_rate(0.0, electrons_per_second(cur_guess), cond.cross_section_barn,
+                                  cond.probe_sigma_A)) * atoms
+        ev = min_event + samples_to_next_ejection(rng, rate, dt)
         kind = "hop" if rng.random() < cond.hop_fraction else "eject"
         n = ev + tail
         if n > max_samples:
