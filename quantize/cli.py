@@ -1,12 +1,14 @@
 """``beamloop quantize``: train, export and evaluate the quantized trigger models.
 
-- ``beamloop quantize train [--task ejection|fourd]``: simulate training data, train the float network and
-  the Brevitas quantization-aware one, export QONNX / plain ONNX / integers into a model folder, check that
-  they are bit-exact, calibrate the threshold; the checkpoint goes to ``--out``.
-- ``beamloop quantize export``: the export step again from a checkpoint.
+- ``beamloop quantize train [--task ejection|fourd] [--ship]``: simulate training data, train the float
+  network and the Brevitas quantization-aware one, export QONNX / plain ONNX / integers into a model folder
+  (``--model-dir``, default ``out/models/trigger``), check that they are bit-exact, calibrate the threshold;
+  the checkpoint goes to ``--out``. ``--ship`` then copies the model into the installed package's folder
+  (:data:`beamloop.edge.trigger.model.MODEL_DIR`), which the service loads.
+- ``beamloop quantize export [--ship]``: the export step again from a checkpoint.
 - ``beamloop quantize eval``: ROC PNG, false-trigger rate per second of dwell, detection delay, float vs
   quantized and the classical triggers on the same held-out dwells; for the 4D-STEM trigger, ROC and
-  accuracy per dose against a virtual ADF detector.
+  accuracy per dose against a virtual ADF detector. It reads the shipped models by default.
 
 torch, brevitas and qonnx (the ``quant`` extra) are imported by the command functions only.
 """
@@ -17,11 +19,12 @@ import argparse
 import json
 from pathlib import Path
 
-DEFAULT_MODEL_DIR = str(Path(__file__).resolve().parents[1] / "edge" / "models" / "trigger")
-"""The shipped models' folder (:data:`beamloop.edge.trigger.model.MODEL_DIR`)."""
+from beamloop.edge.trigger.model import MODEL_DIR
+from beamloop.quantize.manifest import DEFAULT_MODEL_DIR, ship
 
 
 def _ints(text: str) -> tuple[int, ...]:
+    """argparse type: comma-separated positive integers (``"16,8"``); raises ``ArgumentTypeError``."""
     try:
         v = tuple(int(t) for t in text.split(",") if t.strip())
     except ValueError:
@@ -44,6 +47,8 @@ def _need_quant_extra() -> None:
 
 
 def _config(a: argparse.Namespace):
+    """The :class:`~beamloop.quantize.train.TrainConfig` of ``quantize train``'s arguments (``--quick``: a
+    smoke run)."""
     from beamloop.edge.trigger.model import FeatureSpec
     from beamloop.quantize.train import TrainConfig
 
@@ -58,6 +63,7 @@ def _config(a: argparse.Namespace):
 
 
 def _save_checkpoint(path: Path, result: dict, cfg) -> None:
+    """Write the config, both networks' state dicts and the training history to ``path`` (torch format)."""
     import torch
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -78,7 +84,15 @@ def cmd_train_fourd(a: argparse.Namespace) -> int:
     _save_checkpoint(ckpt, result, cfg)
     entry = export_fourd(result, cfg, Path(a.model_dir), a.name)
     print(json.dumps(entry["metrics"], indent=1))
+    _ship(a, a.name)
     return 0
+
+
+def _ship(a: argparse.Namespace, name: str) -> None:
+    """With ``--ship``, copy model ``name`` from ``--model-dir`` into the installed package's model folder."""
+    if a.ship:
+        written = ship(Path(a.model_dir), name, MODEL_DIR)
+        print(f"shipped {name} into {MODEL_DIR}: {', '.join(p.name for p in written) or 'already there'}")
 
 
 def cmd_train(a: argparse.Namespace) -> int:
@@ -99,6 +113,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     entry = export_model(result, cfg, Path(a.model_dir), a.name, a.target_fa, a.calibration_dwells)
     print(json.dumps(entry["metrics"], indent=1))
     print(f"wrote {a.model_dir}/{{{', '.join(entry['files'].values())}, manifest.json}}")
+    _ship(a, a.name)
     return 0
 
 
@@ -109,9 +124,9 @@ def cmd_export(a: argparse.Namespace) -> int:
     import torch
 
     from beamloop.edge.trigger.model import FeatureSpec
+    from beamloop.quantize.data import StreamConditions
     from beamloop.quantize.model import Bits, float_mlp, quant_mlp
     from beamloop.quantize.ship import export_model
-    from beamloop.quantize.data import StreamConditions
     from beamloop.quantize.train import TrainConfig, dataset
 
     ck = torch.load(a.checkpoint, weights_only=False)
@@ -131,6 +146,7 @@ def cmd_export(a: argparse.Namespace) -> int:
     val = dataset(cfg, max(cfg.segments // 5, 100), cfg.seed + 1000)
     export_model({"float_model": fm, "quant_model": qm, "val": val, "history": ck["history"]}, cfg,
                  Path(a.model_dir), a.name, a.target_fa, a.calibration_dwells)
+    _ship(a, a.name)
     return 0
 
 
@@ -150,6 +166,7 @@ def _export_fourd(ck: dict, a: argparse.Namespace) -> int:
     name = "fourd_column" if a.name == "ejection" else a.name
     export_fourd({"float_model": fm, "quant_model": qm, "val": (xv, yv), "history": ck["history"]}, cfg,
                  Path(a.model_dir), name)
+    _ship(a, name)
     return 0
 
 
@@ -184,7 +201,9 @@ def register(subparsers) -> None:
     t.add_argument("--name", default="ejection", help="model name (files <name>.onnx, ...; manifest entry; "
                    "fourd_column for --task fourd)")
     t.add_argument("--out", default="out/quantize", help="folder for the training checkpoint")
-    t.add_argument("--model-dir", default=DEFAULT_MODEL_DIR, help="folder the model files and manifest go to")
+    t.add_argument("--model-dir", default=str(DEFAULT_MODEL_DIR), help="folder the model files and manifest go to")
+    t.add_argument("--ship", action="store_true",
+                   help=f"then copy the model into the installed package ({MODEL_DIR}), which the service loads")
     t.add_argument("--window", type=int, default=32, help="newest samples fed one by one (N)")
     t.add_argument("--blocks", type=int, default=4, help="context sums before the window (0: none)")
     t.add_argument("--block", type=int, default=32, help="samples per context sum")
@@ -207,7 +226,8 @@ def register(subparsers) -> None:
     e = sub.add_parser("export", help="export a checkpoint to QONNX, plain ONNX and integers, with checks")
     e.add_argument("checkpoint", help="checkpoint written by `quantize train` (<out>/<name>.pt)")
     e.add_argument("--name", default="ejection")
-    e.add_argument("--model-dir", default=DEFAULT_MODEL_DIR)
+    e.add_argument("--model-dir", default=str(DEFAULT_MODEL_DIR), help="folder the model files and manifest go to")
+    e.add_argument("--ship", action="store_true", help=f"then copy the model into the installed package ({MODEL_DIR})")
     e.add_argument("--target-fa", type=float, default=0.05)
     e.add_argument("--calibration-dwells", type=int, default=1500)
     e.set_defaults(func=cmd_export)
@@ -216,7 +236,8 @@ def register(subparsers) -> None:
     v.add_argument("--task", choices=("ejection", "fourd", "all"), default="all")
     v.add_argument("--name", default="ejection", help="ejection model's manifest entry")
     v.add_argument("--patterns", type=int, default=24000, help="held-out 4D-STEM patterns (split over the doses)")
-    v.add_argument("--model-dir", default=DEFAULT_MODEL_DIR)
+    v.add_argument("--model-dir", default=str(MODEL_DIR),
+                   help="folder of the manifest and models to evaluate (default the shipped ones)")
     v.add_argument("--out", default="out/quantize/eval")
     v.add_argument("--dwells", type=int, default=1500, help="dwells per set (calibration and test, per condition)")
     v.add_argument("--seed", type=int, default=100)

@@ -8,7 +8,8 @@ dwells with known event samples this gives, for any threshold:
 - **false-trigger rate per second of dwell**: alarms before the event divided by the time the beam
   spent on intact columns (each dwell counts until its alarm or its event);
 - **detection delay**: lowered-rate samples seen up to and including the alarm sample (as
-  :func:`beamloop.edge.experiments.closed_loop.dwell_summary` counts it: alarm sample minus the microscope's ejection sample);
+  :func:`beamloop.edge.experiments.closed_loop.dwell_summary` counts it: alarm sample minus the microscope's
+  ejection sample);
 - **missed**: no alarm within the dwell's tail after the event.
 
 Thresholds are calibrated on one set of dwells for a target false-trigger rate (the smallest threshold
@@ -30,6 +31,7 @@ import numpy as np
 from beamloop.edge.trigger.model import MODEL_DIR, ModelTrigger, load_manifest, window_features
 from beamloop.quantize.baselines import cusum_statistic, window_statistic
 from beamloop.quantize.data import NO_EVENT, StreamConditions, Streams, dwell_streams
+from beamloop.quantize.manifest import write_manifest
 
 METHODS = ("model", "float", "cusum", "window")
 """Methods compared: quantized model (integer runtime), float model, CUSUM, moving-window threshold."""
@@ -180,6 +182,7 @@ def sweep(scores: list[np.ndarray], events: np.ndarray, thresholds: np.ndarray, 
     exp_s = exposure * dt
 
     def stat(f):
+        """``f`` of the delays at each threshold (NaN where none was detected)."""
         return np.array([f(np.asarray(d)) if len(d) else np.nan for d in delays])
 
     return Sweep(thr, false, exp_s, false / np.maximum(exp_s, 1e-12), stat(lambda d: np.percentile(d, 50)),
@@ -349,9 +352,9 @@ def evaluate(out: Path, model_dir: Path | None = None, model: str = "ejection", 
     plot(out / "roc.png", curves, rocs, f"{model}: {dwells} test dwells per condition", roc_delay, [target_fa_per_s])
     (out / "eval.json").write_text(json.dumps(report, indent=2))
     if update_manifest:
-        manifest = load_manifest(d)
-        manifest["models"][model].setdefault("metrics", {})["evaluation"] = report
-        (d / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        entry = load_manifest(d)["models"][model]
+        entry.setdefault("metrics", {})["evaluation"] = report
+        write_manifest(d, model, entry)
     return report
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from beamloop.edge.trigger.model import IntegerMLP
+from beamloop.quantize.manifest import write_manifest
 
 TASK = "over_column: an occupied atomic column lies within 0.5 A of the probe (4D-STEM pattern, 16x16 binned)"
 
@@ -69,7 +70,8 @@ class FourDTrainConfig:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
 
 
-def patterns(n: int, cfg: FourDTrainConfig, seed: int, electrons: tuple | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+def patterns(n: int, cfg: FourDTrainConfig, seed: int,
+             electrons: tuple | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
     """``n`` labelled binned patterns in chunks of ``cfg.chunk`` (one specimen and dose per chunk).
 
     Returns
@@ -144,7 +146,8 @@ def train_fourd(cfg: FourDTrainConfig, progress=print) -> dict:
     t0 = time.perf_counter()
     x, y, _ = patterns(cfg.train, cfg, cfg.seed)
     xv, yv, _ = patterns(cfg.val, cfg, cfg.seed + 500)
-    progress(f"simulated {len(y)} + {len(yv)} patterns ({y.mean():.2f} over a column) in {time.perf_counter() - t0:.0f} s")
+    progress(f"simulated {len(y)} + {len(yv)} patterns ({y.mean():.2f} over a column) "
+             f"in {time.perf_counter() - t0:.0f} s")
     n_in = x.shape[1]
     torch.manual_seed(cfg.seed)  # the initial weights too depend on the seed only
     fm = float_mlp(n_in, tuple(cfg.hidden))
@@ -169,7 +172,6 @@ def export_fourd(result: dict, cfg: FourDTrainConfig, model_dir: Path, name: str
     """
     from beamloop.quantize.evaluate import FloatMLP, save_float, window_accuracy
     from beamloop.quantize.export import ExportError, agreement, brevitas_outputs, export_qonnx, integer_mlp, plain_onnx
-    from beamloop.quantize.ship import _read_manifest
 
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
@@ -198,22 +200,21 @@ def export_fourd(result: dict, cfg: FourDTrainConfig, model_dir: Path, name: str
         "task": TASK,
         "files": files,
         "input": {"shape": [cfg.detector_px, cfg.detector_px], "layout": "row-major, detector rows then columns",
-                  "binning": "96x96 detector sum-binned 6x6 (beamloop.edge.sim.fourd.bin_patterns)", "input_bits": cfg.input_bits},
+                  "binning": "96x96 detector sum-binned 6x6 (beamloop.edge.sim.fourd.bin_patterns)",
+                  "input_bits": cfg.input_bits},
         "layers": layer_description(mlp, bits),
         "bits": bits,
         "scales": {"input": 1.0, "output": mlp.output_scale, "requant_shifts": mlp.shifts.tolist()},
         "threshold": {"score": 0, "logit": 0.0},
         "training": {"date": time.strftime("%Y-%m-%d"), "config": cfg.as_dict(), "seconds": result.get("seconds"),
                      "history": result["history"],
-                     "data": "beamloop.edge.sim.fourd.training_patterns: MoS2 with point defects, half the probe positions "
-                             "within 0.5 A of a site, Poisson counts at the listed electrons per position"},
+                     "data": "beamloop.edge.sim.fourd.training_patterns: MoS2 with point defects, half the probe "
+                             "positions within 0.5 A of a site, Poisson counts at the listed electrons per position"},
         "metrics": {"bit_exact": agree,
                     "validation_patterns": {"float": window_accuracy(xv, yv, fl.logits(xv)),
                                             "quantized": window_accuracy(xv, yv, brevitas_outputs(qm, xv))}},
     }
-    manifest = _read_manifest(model_dir)
-    manifest["models"][name] = entry
-    (model_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    write_manifest(model_dir, name, entry)
     return entry
 
 
@@ -275,9 +276,9 @@ def evaluate_fourd(out: Path, model_dir: Path, name: str = "fourd_column", n: in
     plt.close(fig)
     (out / "eval_fourd.json").write_text(json.dumps(report, indent=2))
     if update_manifest:
-        manifest = load_manifest(model_dir)
-        manifest["models"][name]["metrics"]["evaluation"] = report
-        (Path(model_dir) / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        entry = load_manifest(model_dir)["models"][name]
+        entry["metrics"]["evaluation"] = report
+        write_manifest(model_dir, name, entry)
     return report
 
 

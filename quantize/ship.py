@@ -1,23 +1,24 @@
 """From a trained pair of networks to the files the service and the FPGA flow load.
 
-:func:`export_model` writes, into a model folder (the shipped one is ``edge/models/trigger/``):
+:func:`export_model` writes, into a model folder (training's default is ``out/models/trigger/``;
+:func:`beamloop.quantize.manifest.ship` copies a model into the shipped ``edge/models/trigger/``):
 
-| file | what | read by |
-|---|---|---|
-| ``<name>.onnx`` | QONNX graph, batch 1: Quant/MatMul/Add/Relu, power-of-two scales | hls4ml / da4ml (issue 6), tests |
-| ``<name>_plain.onnx`` | the same network in standard ONNX ops (opset 13) | onnxruntime |
-| ``<name>_int.npz`` | integer weights, biases, requantisation shifts | :mod:`beamloop.edge.trigger.model` |
-| ``<name>_float.npz`` | the float twin's weights | ``beamloop quantize eval`` |
-| ``manifest.json`` | per model: files, features, bit widths, scales, threshold, training data, metrics | all of the above |
+- ``<name>.onnx``: QONNX graph, batch 1: Quant/MatMul/Add/Relu, power-of-two scales; read by hls4ml /
+  da4ml (:mod:`beamloop.fpga`) and the tests;
+- ``<name>_plain.onnx``: the same network in standard ONNX ops (opset 13); read by onnxruntime;
+- ``<name>_int.npz``: integer weights, biases, requantisation shifts; read by :mod:`beamloop.edge.trigger.model`;
+- ``<name>_float.npz``: the float twin's weights; read by ``beamloop quantize eval``;
+- ``manifest.json``: per model: files, features, bit widths, scales, threshold, training data, metrics; read
+  by all of the above (:func:`beamloop.quantize.manifest.write_manifest`).
 
 It checks, before writing the manifest, that the integer runtime, qonnx execution, onnxruntime on the plain
 graph and the Brevitas network agree exactly on held-out windows and on random inputs, and calibrates the
-operating threshold on simulated dwells for a target false-trigger rate.
+operating threshold on simulated dwells for a target false-trigger rate (the smallest threshold whose
+false-trigger rate does not exceed the target, :func:`beamloop.quantize.evaluate.calibrate`).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -25,16 +26,19 @@ from pathlib import Path
 import numpy as np
 
 from beamloop.edge.trigger.model import ModelTrigger
-from beamloop.quantize.evaluate import (FloatMLP, calibrate, candidate_thresholds, method_scores, save_float, sweep,
-                               window_accuracy)
-from beamloop.quantize.export import agreement, brevitas_outputs, export_qonnx, integer_mlp, plain_onnx
 from beamloop.quantize.data import StreamConditions, dwell_streams
+from beamloop.quantize.evaluate import (
+    FloatMLP,
+    calibrate,
+    candidate_thresholds,
+    method_scores,
+    save_float,
+    sweep,
+    window_accuracy,
+)
+from beamloop.quantize.export import agreement, brevitas_outputs, export_qonnx, integer_mlp, plain_onnx
+from beamloop.quantize.manifest import write_manifest
 from beamloop.quantize.train import TrainConfig, Windows
-
-
-def _read_manifest(d: Path) -> dict:
-    p = d / "manifest.json"
-    return json.loads(p.read_text()) if p.is_file() else {"format": 1, "models": {}}
 
 
 def layer_description(mlp, bits: dict) -> list[dict]:
@@ -112,15 +116,13 @@ def export_model(result: dict, cfg: TrainConfig, model_dir: Path, name: str = "e
         "threshold": {"score": 0, "logit": 0.0},
         "training": {"date": time.strftime("%Y-%m-%d"), "config": cfg.as_dict(), "seconds": result.get("seconds"),
                      "history": result["history"],
-                     "data": "simulated parked-probe ADF segments (quantize/streams.py): Poisson counts from the linear "
+                     "data": "simulated parked-probe ADF segments (quantize/data.py): Poisson counts from the linear "
                              "HAADF model of a MoS2 patch with point defects (edge/sim), beam-current fluctuation "
                              "(OU + trend), probe offset and drift off the column, background, and an S ejection or a "
                              "hop to a neighbour site at a random sample in half of the segments"},
         "metrics": {"bit_exact": agree, "validation_windows": acc},
     }
-    manifest = _read_manifest(model_dir)
-    manifest["models"][name] = entry
-    (model_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    write_manifest(model_dir, name, entry)
 
     # operating point: calibrated on simulated dwells with the training nuisances (not the test seeds)
     cond = StreamConditions()
@@ -136,8 +138,7 @@ def export_model(result: dict, cfg: TrainConfig, model_dir: Path, name: str = "e
                           "target_fa_per_s": target_fa_per_s,
                           "calibration": {"dwells": calibration_dwells, "seconds": cal.seconds, "seed": seed,
                                           "conditions": "training ranges (StreamConditions())", **sw.at(k)}}
-    manifest["models"][name] = entry
-    (model_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    write_manifest(model_dir, name, entry)
     progress(f"threshold {entry['threshold']['score']} (logit {entry['threshold']['logit']:.3f}) for "
              f"{target_fa_per_s} false triggers per second: calibration {sw.at(k)}")
     return entry
