@@ -205,22 +205,88 @@ def delay_at_fa(sw: Sweep, fa_per_s: float, max_missed: float = 0.2) -> float:
     return float(sw.delay_p50[ok[0]])
 
 
+def binary_roc(labels: np.ndarray, scores: np.ndarray,
+               drop_intermediate: bool = True) -> tuple[np.ndarray, np.ndarray, float]:
+    """ROC curve and its area for a score against binary labels (scikit-learn's estimators).
+
+    Tied scores form one threshold: the curve takes one diagonal step over a tied group and the area
+    counts each tied positive-negative pair as one half, so that the area equals the Mann-Whitney
+    probability ``P(s_pos > s_neg) + P(s_pos = s_neg) / 2`` (J. A. Hanley & B. J. McNeil, Radiology 143,
+    29-36 (1982); T. Fawcett, Pattern Recognit. Lett. 27, 861-874 (2006), algorithm 2). An all-tied
+    score therefore has area 0.5.
+
+    Parameters
+    ----------
+    labels : ndarray, shape (n,), bool or numeric
+        True (or > 0.5) for positives.
+    scores : ndarray, shape (n,), finite, numeric
+        Higher means more likely positive.
+    drop_intermediate : bool
+        Leave out points of the curve that lie on a straight segment between their neighbours (the
+        area does not change; see :func:`sklearn.metrics.roc_curve`).
+
+    Returns
+    -------
+    fpr, tpr : ndarray, float64
+        False- and true-positive rates, ascending, from (0, 0) to (1, 1).
+    auc : float
+        Area under the curve, :func:`sklearn.metrics.roc_auc_score`.
+
+    Raises
+    ------
+    ValueError
+        Labels of one class only, different lengths, or a non-finite score.
+    """
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    y = np.asarray(labels)
+    y = y if y.dtype == bool else y > 0.5
+    s = np.asarray(scores, np.float64)
+    n_pos = int(np.count_nonzero(y))
+    if n_pos == 0 or n_pos == y.size:
+        raise ValueError(f"ROC needs positives and negatives, got {n_pos} positives of {y.size}")
+    fpr, tpr, _ = roc_curve(y, s, drop_intermediate=drop_intermediate)
+    return fpr, tpr, float(roc_auc_score(y, s))
+
+
 def roc(scores: list[np.ndarray], events: np.ndarray, delay: int) -> tuple[np.ndarray, np.ndarray, float]:
-    """Single-decision ROC: positives at ``delay`` lowered samples after each event, negatives every
-    pre-event decision. Returns false-positive rates, true-positive rates (ascending thresholds reversed)
-    and the area under the curve."""
+    """Single-decision ROC over dwells with known event samples.
+
+    The decisions compared are chosen here: positives are the decisions ``delay`` lowered-rate samples
+    after each event (sample ``event + delay - 1``), negatives every decision before the event (all of
+    a dwell without one). A positive that cannot decide (``-inf``: too little history) counts as the
+    lowest score; negatives that cannot decide are left out. The curve and its area are
+    :func:`binary_roc`'s.
+
+    Parameters
+    ----------
+    scores : list of ndarray, shape (n_i,), float64
+        Per-sample statistic of each dwell (:func:`method_scores`).
+    events : ndarray, shape (n_dwells,), int64
+        Event sample of each dwell or :data:`beamloop.quantize.data.NO_EVENT`.
+    delay : int
+        Lowered-rate samples seen by a positive decision (>= 1).
+
+    Returns
+    -------
+    fpr, tpr : ndarray, float64
+        Per-decision false- and true-positive rates, ascending.
+    auc : float
+        Area under the curve.
+
+    Raises
+    ------
+    ValueError
+        No positive or no negative decision.
+    """
     pos = np.array([s[ev + delay - 1] for s, ev in zip(scores, events) if ev != NO_EVENT and ev + delay <= len(s)])
     neg = np.concatenate([(s if ev == NO_EVENT else s[:ev]) for s, ev in zip(scores, events)])
     neg = neg[np.isfinite(neg)]
+    if not len(pos) or not len(neg):
+        raise ValueError(f"ROC needs positive and negative decisions, got {len(pos)} and {len(neg)}")
     pos = np.where(np.isfinite(pos), pos, -1e300)
-    thr = np.unique(np.concatenate([pos, np.quantile(neg, np.linspace(0, 1, 400))]))[::-1]
-    negs = np.sort(neg)
-    poss = np.sort(pos)
-    fpr = (len(negs) - np.searchsorted(negs, thr, side="left")) / len(negs)
-    tpr = (len(poss) - np.searchsorted(poss, thr, side="left")) / len(poss)
-    fpr = np.concatenate([[0.0], fpr, [1.0]])
-    tpr = np.concatenate([[0.0], tpr, [1.0]])
-    return fpr, tpr, float(np.trapezoid(tpr, fpr))
+    labels = np.concatenate([np.zeros(len(neg), bool), np.ones(len(pos), bool)])
+    return binary_roc(labels, np.concatenate([neg, pos]))
 
 
 def plot(path: Path, curves: dict, rocs: dict, title: str, roc_delay: int, targets: list[float]) -> None:
@@ -378,13 +444,29 @@ def format_condition(name: str, res: dict) -> str:
 
 
 def window_accuracy(x: np.ndarray, y: np.ndarray, logits: np.ndarray) -> dict:
-    """Accuracy at logit 0 and ROC AUC of single windows (float vs quantized comparison)."""
-    pred = logits >= 0
-    order = np.argsort(logits, kind="stable")
-    ranks = np.empty(len(order))
-    ranks[order] = np.arange(1, len(order) + 1)
-    npos = y.sum()
-    nneg = len(y) - npos
-    auc = (ranks[y > 0.5].sum() - npos * (npos + 1) / 2) / max(npos * nneg, 1)
-    return {"windows": int(len(y)), "accuracy": float(np.mean(pred == (y > 0.5))), "auc": float(auc)}
+    """Accuracy at logit 0 and ROC AUC of single decisions (the float and quantized figures of a manifest).
 
+    Parameters
+    ----------
+    x : ndarray, shape (n, n_features)
+        The inputs (not used: the figures depend on labels and logits only).
+    y : ndarray, shape (n,), float32
+        Labels, 1 for positives.
+    logits : ndarray, shape (n,)
+        Float logits, or integer scores (any positive multiple of the logit gives the same figures).
+
+    Returns
+    -------
+    dict
+        ``windows`` (n), ``accuracy`` (fraction with ``(logit >= 0) == (y > 0.5)``) and ``auc``
+        (:func:`binary_roc`: tied scores count one half).
+
+    Raises
+    ------
+    ValueError
+        Labels of one class only.
+    """
+    logits = np.asarray(logits, np.float64).reshape(-1)
+    pred = logits >= 0
+    return {"windows": int(len(y)), "accuracy": float(np.mean(pred == (y > 0.5))),
+            "auc": binary_roc(y, logits)[2]}

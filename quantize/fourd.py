@@ -283,15 +283,11 @@ def evaluate_fourd(out: Path, model_dir: Path, name: str = "fourd_column", n: in
 
 
 def _roc(score: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
-    """ROC of a score (higher = over a column) against labels: fpr, tpr ascending, AUC."""
-    pos = np.sort(score[y > 0.5])
-    neg = np.sort(score[y <= 0.5])
-    thr = np.unique(score)[::-1]
-    tpr = (len(pos) - np.searchsorted(pos, thr, side="left")) / len(pos)
-    fpr = (len(neg) - np.searchsorted(neg, thr, side="left")) / len(neg)
-    fpr = np.concatenate([[0.0], fpr])
-    tpr = np.concatenate([[0.0], tpr])
-    return fpr, tpr, float(np.trapezoid(tpr, fpr))
+    """ROC of a score (higher = over a column) against labels ``y`` (n,): fpr, tpr ascending (every
+    distinct score is a point of the curve), AUC (:func:`beamloop.quantize.evaluate.binary_roc`)."""
+    from beamloop.quantize.evaluate import binary_roc
+
+    return binary_roc(y, score, drop_intermediate=False)
 
 
 def _best_threshold_accuracy(score: np.ndarray, y: np.ndarray) -> float:
