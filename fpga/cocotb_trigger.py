@@ -1,7 +1,7 @@
 """The cocotb test bench that :func:`beamloop.fpga.sim.simulate` runs inside Icarus Verilog (not a pytest module).
 
-It drives the trigger wrapper (:mod:`beamloop.fpga.rtl`) cycle by cycle: inputs change on the falling clock beamloop.edge,
-outputs are read in the read-only phase after each rising edge. First ``spaced`` samples are presented
+It drives the trigger wrapper (:mod:`beamloop.fpga.rtl`) cycle by cycle: inputs change on the falling clock
+edge, outputs are read in the read-only phase after each rising edge. First ``spaced`` samples are presented
 one at a time (the pipeline empty) to measure the latency in cycles, counted from the cycle in which
 ``in_valid`` is high to the cycle in which ``out_valid`` is high, both by the test bench and by the
 wrapper's ``latency_cycles`` register; then all samples are streamed back to back (one per cycle,

@@ -1,7 +1,7 @@
 """QONNX -> da4ml: our own tracer for the operators the trigger models use.
 
-da4ml 0.6 has no ONNX frontend (../shared/notes/fpga-toolflow.md). This module walks a QONNX graph in
-topological order and evaluates every node either on numpy constants (weights, biases, their ``Quant``
+da4ml 0.6 (https://github.com/calad0i/da4ml) has no ONNX frontend. This module walks a QONNX graph
+in topological order and evaluates every node either on numpy constants (weights, biases, their ``Quant``
 nodes; qonnx's own ``quant`` function) or on da4ml's traceable fixed-point arrays
 (:class:`da4ml.trace.FixedVariableArray`), so the result is a da4ml ``CombLogic`` (adder graph, the
 distributed-arithmetic form of every constant matrix-vector product) that :mod:`beamloop.fpga.rtl` turns into
@@ -13,7 +13,7 @@ input A), ``Add``, ``Sub``, ``Mul`` by a power-of-two constant, ``Relu``, ``Resh
 quantiser's output (integers on its grid, e.g. ADC counts), so the hardware port carries
 ``bits`` wide words and the input ``Quant`` itself costs no logic.
 
-Rounding (the trap the note records): da4ml implements truncation (``TRN`` = floor) and round-half-up
+Rounding (a trap): da4ml implements truncation (``TRN`` = floor) and round-half-up
 (``RND``); QONNX ``ROUND`` is round-half-to-even. A ``FLOOR`` quantiser maps to ``TRN`` exactly; a
 ``ROUND`` quantiser on a traced tensor is accepted only when it cannot round (the tensor already lies
 on the output grid), otherwise :class:`TraceError` is raised rather than emitting logic that is not

@@ -216,7 +216,8 @@ def write_rtl(traced: TracedModel, out_dir: str | Path, name: str = "trigger_mod
         Verilog module name of the model (a valid identifier).
     latency_cutoff : float
         Combinational depth per pipeline stage in da4ml adder delays: smaller means more stages, higher
-        fmax, more flip-flops (../shared/notes/fpga-toolflow.md table). ``<= 0``: one stage.
+        fmax, more flip-flops (measured trade-off: :data:`beamloop.fpga.DEFAULT_LATENCY_CUTOFF`).
+        ``<= 0``: one stage.
     threshold_logit : float, optional
         Trigger threshold in logit units (e.g. the manifest's ``threshold.logit``); default 0.
     part_name : str, optional

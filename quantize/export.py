@@ -23,7 +23,7 @@ import numpy as np
 from beamloop.edge.trigger.model import IntegerMLP
 
 ALLOWED_OPS = {"Quant", "MatMul", "Add", "Relu", "Reshape"}
-"""Operators the FPGA flow (issue 6) accepts in the exported QONNX graph."""
+"""Operators the FPGA flow (:mod:`beamloop.fpga.qonnx_trace`) accepts in the exported QONNX graph."""
 
 
 class ExportError(RuntimeError):
@@ -65,6 +65,7 @@ def export_qonnx(quant_model, n_inputs: int, path: Path):
 
 
 def _const(m, name: str) -> np.ndarray:
+    """Initializer ``name`` of ModelWrapper ``m`` as float64; raises :class:`ExportError` if it is not a constant."""
     v = m.get_initializer(name)
     if v is None:
         raise ExportError(f"tensor {name} is not a constant")
@@ -81,6 +82,7 @@ def _quant_value(m, node) -> np.ndarray:
 
 
 def _pow2_exponent(v: float, what: str) -> int:
+    """``log2(v)`` as an integer; raises :class:`ExportError` (naming ``what``) unless ``v`` is a power of two."""
     e = math.log2(v) if v > 0 else float("nan")
     if not (math.isfinite(e) and e == round(e)):
         raise ExportError(f"{what} scale {v} is not a power of two")
@@ -88,6 +90,7 @@ def _pow2_exponent(v: float, what: str) -> int:
 
 
 def _integer(value: np.ndarray, scale: float, what: str) -> np.ndarray:
+    """``value / scale`` as int64; raises :class:`ExportError` (naming ``what``) unless every entry is an integer."""
     q = value / scale
     r = np.rint(q)
     if not np.array_equal(q, r):
@@ -110,6 +113,7 @@ def integer_mlp(m) -> IntegerMLP:
             consumers.setdefault(i, []).append(n)
 
     def only_consumer(t):
+        """The one node reading tensor ``t``; :class:`ExportError` unless there is exactly one."""
         c = consumers.get(t, [])
         if len(c) != 1:
             raise ExportError(f"tensor {t} feeds {len(c)} nodes; expected a chain")
@@ -183,7 +187,8 @@ def plain_onnx(m, path: Path) -> None:
         if node.output[0] in folded:
             continue
         if node.op_type != "Quant":
-            nodes.append(helper.make_node(node.op_type, list(node.input), list(node.output), name=f"{node.op_type}_{k}"))
+            nodes.append(helper.make_node(node.op_type, list(node.input), list(node.output),
+                                          name=f"{node.op_type}_{k}"))
             continue
         attrs = {a.name: a for a in node.attribute}
         s = float(_const(m, node.input[1]))

@@ -2,7 +2,9 @@
 
 Both take the integer feature vector of :func:`beamloop.edge.trigger.model.window_features` and return one logit
 ("the atom under the beam is gone"). The quantized network is built so that its QONNX export is exactly
-what :mod:`beamloop.edge.trigger.model` computes with integers (../shared/notes/fpga-toolflow.md):
+what :mod:`beamloop.edge.trigger.model` computes with integers (the QONNX ``Quant`` operator of
+A. Pappalardo et al., "QONNX: Representing arbitrary-precision quantized neural networks",
+arXiv:2206.07527 (2022), with Brevitas' quantiser classes, https://github.com/Xilinx/brevitas):
 
 - input quantiser: unsigned, ``input_bits`` wide, constant scale 1 (``max_val = 2**input_bits - 1``), so
   integer detector counts lie on its grid and pass unchanged (saturating above ``2**input_bits - 1``);
@@ -83,9 +85,13 @@ def quant_mlp(n_in: int, hidden: tuple[int, ...], input_bits: int, bits: Bits) -
         bit_width = bits.act
 
     class WeightQuant(Int8WeightPerTensorFixedPoint):
+        """Signed narrow-range weights, one power-of-two scale per tensor, ``bits.weight`` wide."""
+
         bit_width = bits.weight
 
     class BiasQuant(Int16Bias):
+        """Signed biases on the accumulator's grid (input scale x weight scale), ``bits.bias`` wide."""
+
         bit_width = bits.bias
 
     layers: list[nn.Module] = [QuantIdentity(act_quant=InputQuant, return_quant_tensor=True)]

@@ -40,7 +40,8 @@ class Windows:
     delay: np.ndarray
 
 
-def make_windows(streams: Streams, spec: FeatureSpec, per_stream: int, seed: int, max_delay: int | None = None) -> Windows:
+def make_windows(streams: Streams, spec: FeatureSpec, per_stream: int, seed: int,
+                 max_delay: int | None = None) -> Windows:
     """Draw ``per_stream`` decision samples from each stream and label them (see the module docstring).
 
     Decisions more than ``max_delay`` samples after the event (default ``spec.history - spec.window``: at
@@ -57,8 +58,8 @@ def make_windows(streams: Streams, spec: FeatureSpec, per_stream: int, seed: int
     for counts, ev in zip(streams.counts, streams.event):
         if len(counts) < spec.history:
             raise ValueError(f"stream of {len(counts)} samples is shorter than the model's history {spec.history}")
-        ends = rng.choice(np.arange(spec.history - 1, len(counts)), size=min(per_stream, len(counts) - spec.history + 1),
-                          replace=False)
+        ends = rng.choice(np.arange(spec.history - 1, len(counts)),
+                          size=min(per_stream, len(counts) - spec.history + 1), replace=False)
         if ev != NO_EVENT:
             ends = ends[ends - ev <= max_delay]
         xs.append(window_features(counts, spec, ends).astype(np.uint16))

@@ -11,10 +11,9 @@ pytest.importorskip("brevitas")
 pytest.importorskip("qonnx")
 
 from beamloop.edge.trigger.model import MODEL_DIR, FeatureSpec, IntegerMLP, load_manifest, window_features  # noqa: E402
-from beamloop.quantize.export import (ALLOWED_OPS, agreement, export_qonnx, integer_mlp, plain_onnx,  # noqa: E402
-                             qonnx_outputs)
-from beamloop.quantize.model import Bits, quant_mlp  # noqa: E402
 from beamloop.quantize.data import StreamConditions, training_segments  # noqa: E402
+from beamloop.quantize.export import ALLOWED_OPS, agreement, export_qonnx, integer_mlp, plain_onnx, qonnx_outputs  # noqa: E402
+from beamloop.quantize.model import Bits, quant_mlp  # noqa: E402
 
 
 def _inputs(spec: FeatureSpec, n_random: int, seed: int) -> np.ndarray:
@@ -131,7 +130,8 @@ def test_4d_stem_trigger_train_export_and_eval_from_the_command_line(tmp_path):
     b = entry["metrics"]["bit_exact"]
     assert b["qonnx_exact"] == b["plain_onnx_exact"] == b["brevitas_exact"] == b["inputs"] >= 5000
     assert entry["input"]["shape"] == [16, 16] and entry["layers"][0]["in"] == 256
-    assert main(["quantize", "export", str(tmp_path / "run" / "fourd_column.pt"), "--model-dir", str(tmp_path / "m2")]) == 0
+    assert main(["quantize", "export", str(tmp_path / "run" / "fourd_column.pt"),
+                 "--model-dir", str(tmp_path / "m2")]) == 0
     assert (tmp_path / "m2" / "fourd_column_int.npz").read_bytes() == (md / "fourd_column_int.npz").read_bytes()
     assert main(["quantize", "eval", "--task", "fourd", "--model-dir", str(md), "--out", str(tmp_path / "ev"),
                  "--patterns", "3000"]) == 0
