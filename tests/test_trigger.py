@@ -84,15 +84,6 @@ def test_baseline_rate_is_the_mean_of_the_baseline_samples_or_the_expected_rate(
     assert t.baseline_rate == 2.5 and t.samples_seen == 0 and t.trigger_sample == -1
 
 
-def test_lam0_is_a_deprecated_read_only_alias_of_baseline_rate():
-    t = CusumTrigger()
-    t.start(expected_rate=4.0)
-    with pytest.warns(DeprecationWarning, match="baseline_rate"):
-        assert t.lam0 == 4.0
-    with pytest.raises(AttributeError):
-        t.lam0 = 3.0
-
-
 def test_make_trigger_still_importable_from_classical_for_one_release():
     import beamloop.edge.trigger.classical as classical
 

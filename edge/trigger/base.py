@@ -17,7 +17,6 @@ R. L. Berger, *Statistical Inference*, 2nd ed., Duxbury (2002), section 7.2.2), 
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -130,12 +129,6 @@ class TriggerState:
     def triggered(self) -> bool:
         """Whether the trigger has fired in this dwell."""
         return self.trigger_sample >= 0
-
-    @property
-    def lam0(self) -> float:
-        """Deprecated name of :attr:`baseline_rate` (read-only; removed in the next release)."""
-        warnings.warn("Trigger.lam0 is deprecated; read baseline_rate", DeprecationWarning, stacklevel=2)
-        return self.baseline_rate
 
 
 class BaselineTrigger(TriggerState):
