@@ -32,7 +32,7 @@ class ServiceConfig:
     targets_per_frame : int or None
         Beam targets per frame chosen by the vacancy-line policy; None: no policy (frames only).
     trigger : str
-        Trigger of the dwells (:func:`beamloop.edge.trigger.classical.make_trigger`).
+        Trigger of the dwells (:func:`beamloop.edge.trigger.make_trigger`).
     spacing_px : float or None
         Column spacing in pixels for frames without a pixel size (fixed classical-finder parameters,
         :meth:`~beamloop.edge.stages.find.FinderConfig.for_spacing`).

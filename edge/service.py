@@ -27,9 +27,9 @@ from beamloop.edge.frame.scanframe import BeamPositionError, ScanFrame
 from beamloop.edge.frame.stage import FrameError
 from beamloop.edge.path import FramePath
 from beamloop.edge.stages.policy import Target
-from beamloop.edge.trigger.classical import make_trigger
+from beamloop.edge.trigger import make_trigger
 from beamloop.streams.errors import ProtocolError
-from beamloop.streams.native.receiver import Frame, FrameReceiver, StreamEnd, StreamStart
+from beamloop.streams.native.receiver import FrameReceiver, ImageEvent, SeriesEnd, SeriesStart
 
 log = logging.getLogger("beamloop.service")
 
@@ -57,7 +57,7 @@ STAGES = latency_keys(("preprocess", "find", "classify", "vacancies", "policy"))
 """Latency keys of the service on the classical MoS2 path with a policy (the main job), in order."""
 
 
-def frame_image(ev: Frame) -> np.ndarray:
+def frame_image(ev: ImageEvent) -> np.ndarray:
     """The image of a frame event: its series' first channel (the HAADF image of a scan frame), a view
     into the receive ring valid until the ring slot is reused."""
     return ev.data[ev.series.channels[0]]
@@ -127,7 +127,7 @@ class EdgeService:
     bridge : BridgeClient, optional
         Connected to the scan controller; without it the service only processes frames.
     trigger : str
-        Trigger kind for dwells (:func:`beamloop.edge.trigger.classical.make_trigger`): ``"model"`` (the
+        Trigger kind for dwells (:func:`beamloop.edge.trigger.make_trigger`): ``"model"`` (the
         shipped quantized ejection model, default), ``"cusum"`` or ``"window"``.
     trigger_options : dict, optional
     latency : LatencyRecorder, optional
@@ -206,7 +206,7 @@ class EdgeService:
             if ev is not None or time.monotonic() >= deadline:
                 return ev
 
-    def _meta(self, ev: Frame, image: np.ndarray) -> FrameMeta:
+    def _meta(self, ev: ImageEvent, image: np.ndarray) -> FrameMeta:
         """The frame path's metadata of ``ev``'s series (made once per series)."""
         sid = ev.series.series_id
         if self._series_meta is None or self._series_meta[0] != sid or self._series_meta[1].shape != image.shape:
@@ -216,7 +216,7 @@ class EdgeService:
         return self._series_meta[1]
 
     def next_frame(self, timeout_ms: int = 5000, want_targets: bool = True
-                   ) -> tuple[Frame, FrameContext, ScanFrame | None] | None:
+                   ) -> tuple[ImageEvent, FrameContext, ScanFrame | None] | None:
         """Receive the next scanned frame and run the frame path on it.
 
         Parked-probe samples and bad messages met on the way are skipped (counted). Returns
@@ -230,7 +230,7 @@ class EdgeService:
             ev = self._recv(max(int((deadline - time.monotonic()) * 1000), 1))
             if ev is None:
                 return None
-            if not isinstance(ev, Frame):
+            if not isinstance(ev, ImageEvent):
                 continue
             ud = ev.series.user_data
             if ud.get("kind", "frame") != "frame":
@@ -285,11 +285,11 @@ class EdgeService:
                 res.reason = res.reason or "stream_timeout"
                 res.error = f"no parked-probe samples for {stream_timeout_ms} ms"
                 return
-            if isinstance(ev, StreamStart):
+            if isinstance(ev, SeriesStart):
                 if ev.series.user_data.get("kind") == "parked":
                     res.series_id = ev.series.series_id
                 continue
-            if isinstance(ev, StreamEnd):
+            if isinstance(ev, SeriesEnd):
                 if ev.header.series_id == res.series_id:
                     res.reason = res.reason or "controller_ended"
                     return

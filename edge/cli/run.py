@@ -23,7 +23,7 @@ def cmd_run(a: argparse.Namespace) -> int:
 
 def register(sub) -> None:
     """Add ``run`` to the ``beamloop`` subcommands."""
-    from beamloop.edge.cli.triggers import trigger_names
+    from beamloop.edge.trigger import trigger_names
 
     r = sub.add_parser("run", help="the main job: closed loop on the simulated microscope, with report")
     r.add_argument("--out", default="out/run", help="output folder (run.h5, overlay.png, report.json)")

@@ -70,7 +70,7 @@ def register(sub) -> None:
     """Add ``serve`` to the ``beamloop`` subcommands."""
     from beamloop.edge.cli.find import add_finder_arguments
     from beamloop.edge.cli.run import TRIGGER_HELP
-    from beamloop.edge.cli.triggers import trigger_names
+    from beamloop.edge.trigger import trigger_names
     from beamloop.edge.cli.options import add_client_key_arguments
 
     v = sub.add_parser("serve", help="the edge service: receive frames, find columns, drive the beam")

@@ -20,7 +20,8 @@ import numpy as np
 from tqdm import tqdm
 
 from beamloop.edge.app import ServiceConfig, build_service, warm_up
-from beamloop.edge.control.bridge import BridgeClient, BridgeError
+from beamloop.edge.control.client import BridgeClient
+from beamloop.edge.control.protocol import BridgeError
 from beamloop.edge.frame.latency import LatencyRecorder
 from beamloop.edge.experiments.vacancy_line import ExperimentConfig, RoundRecord, vacancy_line
 from beamloop.edge.io.overlay import save_overlay
@@ -170,7 +171,7 @@ def run(out: Path, *, rounds: int = 3, shape: tuple[int, int] = (256, 256), pixe
     current_pA : float
         Probe current.
     trigger : {"model", "cusum", "window"}
-        Ejection trigger (:func:`beamloop.edge.trigger.classical.make_trigger`); ``"model"`` is the quantized network shipped in
+        Ejection trigger (:func:`beamloop.edge.trigger.make_trigger`); ``"model"`` is the quantized network shipped in
         ``edge/models/trigger/`` (integer arithmetic, bit-exact with its QONNX graph).
     max_dwell_s : float
         Longest dwell per target.

@@ -115,9 +115,9 @@ class FrameContext:
     """
 
     meta: FrameMeta | None = None
-    image: np.ndarray = NO_IMAGE
+    image: np.ndarray = field(default_factory=lambda: NO_IMAGE)
     scan: ScanFrame | None = None
-    smooth: np.ndarray = NO_IMAGE
+    smooth: np.ndarray = field(default_factory=lambda: NO_IMAGE)
     noise: float = math.nan
     columns: ColumnTable = field(default_factory=ColumnTable.empty)
     bonds: np.ndarray | None = None
