@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 
 from beamloop.edge.frame.scanframe import ScanFrame
+from beamloop.edge.physics import electrons_per_second
 from beamloop.edge.sim import distortion as dist
 from beamloop.edge.sim import lattice, profiles
-from beamloop.edge.sim.frames import FrameSimulator, electrons_per_second, mos2_frame
+from beamloop.edge.sim.frames import FrameSimulator, mos2_frame
 from beamloop.edge.sim.render import ColumnRenderer
 
 

@@ -8,17 +8,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from beamloop.edge.frame.scanframe import ScanFrame
+from beamloop.edge.physics import electrons_per_second  # noqa: F401  (re-exported: the simulator's users import it here)
 from beamloop.edge.sim import distortion as dist
 from beamloop.edge.sim import lattice, profiles
 from beamloop.edge.sim.render import ColumnRenderer, poisson_counts
-
-ELECTRON_CHARGE_C = 1.602176634e-19
-"""Elementary charge, coulomb (CODATA 2018, exact)."""
-
-
-def electrons_per_second(current_pA: float) -> float:
-    """Beam electrons per second for a probe current in picoampere."""
-    return current_pA * 1e-12 / ELECTRON_CHARGE_C
 
 
 @dataclass
