@@ -9,7 +9,7 @@ handshake, before any request reaches the server.
 
 Files are pyzmq's certificate format (:func:`zmq.auth.create_certificates`): ``NAME.key`` holds the
 public key (hand it to the peer), ``NAME.key_secret`` the public and secret key (keep it; created with
-mode 0600). The command line::
+mode 0600). The command line (:mod:`beamloop.edge.cli.keys`)::
 
     beamloop keys create server client --dir keys/          # two key pairs
     beamloop keys authorize keys/client.key --dir keys/authorized/   # let that client in
@@ -21,7 +21,6 @@ Binding the bridge to any endpoint that is not loopback (``tcp://127.x.x.x``, ``
 
 from __future__ import annotations
 
-import argparse
 import ipaddress
 import os
 import shutil
@@ -52,7 +51,7 @@ class ServerKeys:
     authorized_dir: Path
 
     @classmethod
-    def load(cls, secret_file: str | Path, authorized_dir: str | Path) -> "ServerKeys":
+    def load(cls, secret_file: str | Path, authorized_dir: str | Path) -> ServerKeys:
         """Read the server's ``NAME.key_secret`` and check the folder of authorized client keys.
 
         Raises
@@ -78,7 +77,7 @@ class ClientKeys:
     server_public: bytes
 
     @classmethod
-    def load(cls, secret_file: str | Path, server_public_file: str | Path) -> "ClientKeys":
+    def load(cls, secret_file: str | Path, server_public_file: str | Path) -> ClientKeys:
         """Read the client's ``NAME.key_secret`` and the server's ``SERVER.key``.
 
         Raises
@@ -220,7 +219,7 @@ class Authenticator:
     """The ZAP handler of one ZeroMQ context: lets in CURVE clients whose public key is in
     ``keys.authorized_dir`` (pyzmq's :class:`zmq.auth.thread.ThreadAuthenticator`, one thread).
 
-    One context has at most one; :class:`beamloop.edge.control.bridge.BridgeServer` gives a secured server a context of
+    One context has at most one; :class:`beamloop.edge.control.server.BridgeServer` gives a secured server a context of
     its own for that reason. Keys added to the folder later are read by :meth:`reload`.
     """
 
@@ -239,88 +238,3 @@ class Authenticator:
     def stop(self) -> None:
         """Stop the handler thread."""
         self._auth.stop()
-
-
-# options of commands that run a bridge end ----------------------------------------------------------------
-def add_server_key_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add ``--keys SECRET`` and ``--authorized FOLDER`` (the scan controller's side) to a command's parser;
-    read them back with :func:`server_keys_from_args`."""
-    g = parser.add_argument_group("bridge security (CURVE)")
-    g.add_argument("--keys", default=None, metavar="NAME.key_secret",
-                   help="the bridge's secret key file (`beamloop keys create`); required to bind a non-loopback "
-                        "address")
-    g.add_argument("--authorized", default=None, metavar="FOLDER",
-                   help="folder of the public keys of the clients let in (`beamloop keys authorize`)")
-
-
-def server_keys_from_args(a: argparse.Namespace) -> ServerKeys | None:
-    """The :class:`ServerKeys` named by ``--keys`` / ``--authorized``, or None when neither is given.
-
-    Raises
-    ------
-    KeyFileError
-        Only one of the two is given, or the files are not usable (:meth:`ServerKeys.load`).
-    """
-    secret, folder = getattr(a, "keys", None), getattr(a, "authorized", None)
-    if secret is None and folder is None:
-        return None
-    if secret is None or folder is None:
-        raise KeyFileError("a secured bridge needs both --keys (its secret key file) and --authorized (the folder "
-                           "of the clients' public keys)")
-    return ServerKeys.load(secret, folder)
-
-
-def add_client_key_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add ``--keys SECRET`` and ``--server-key PUBLIC`` (a bridge client's side) to a command's parser;
-    read them back with :func:`client_keys_from_args`."""
-    g = parser.add_argument_group("bridge security (CURVE)")
-    g.add_argument("--keys", default=None, metavar="NAME.key_secret",
-                   help="this client's secret key file (its public key must be authorized by the bridge)")
-    g.add_argument("--server-key", default=None, metavar="SERVER.key",
-                   help="the bridge's public key file")
-
-
-def client_keys_from_args(a: argparse.Namespace) -> ClientKeys | None:
-    """The :class:`ClientKeys` named by ``--keys`` / ``--server-key``, or None when neither is given.
-
-    Raises
-    ------
-    KeyFileError
-        Only one of the two is given, or the files are not usable (:meth:`ClientKeys.load`).
-    """
-    secret, server = getattr(a, "keys", None), getattr(a, "server_key", None)
-    if secret is None and server is None:
-        return None
-    if secret is None or server is None:
-        raise KeyFileError("a client of a secured bridge needs both --keys (its secret key file) and --server-key "
-                           "(the bridge's public key file)")
-    return ClientKeys.load(secret, server)
-
-
-# command line ------------------------------------------------------------------------------------------
-def _cmd_create(a: argparse.Namespace) -> int:
-    for name in a.names:
-        public, secret = create_key_pair(a.dir, name, overwrite=a.force)
-        print(f"{name}: public key {public} (give to the peer), secret key {secret} (keep private)")
-    return 0
-
-
-def _cmd_authorize(a: argparse.Namespace) -> int:
-    for f in a.public_keys:
-        print(f"authorized {authorize(f, a.dir)}")
-    return 0
-
-
-def register(subparsers) -> None:
-    """Add ``beamloop keys create`` and ``beamloop keys authorize`` (see the module docstring)."""
-    k = subparsers.add_parser("keys", help="CURVE key pairs for the control bridge")
-    ks = k.add_subparsers(dest="keys_command", required=True)
-    c = ks.add_parser("create", help="create key pairs NAME.key / NAME.key_secret")
-    c.add_argument("names", nargs="+", help="key pair names, e.g. server client")
-    c.add_argument("--dir", default="keys", help="folder for the key files")
-    c.add_argument("--force", action="store_true", help="replace existing key files")
-    c.set_defaults(func=_cmd_create)
-    z = ks.add_parser("authorize", help="copy client public keys into the server's folder of authorized keys")
-    z.add_argument("public_keys", nargs="+", help="client NAME.key files")
-    z.add_argument("--dir", default="keys/authorized", help="the server's folder of authorized client keys")
-    z.set_defaults(func=_cmd_authorize)

@@ -1,13 +1,14 @@
 """Beam safety on the scan controller's side of the control bridge.
 
 A service that moves an electron beam must never put it where nobody asked, nor leave it on a spot
-when the service is gone. :class:`BeamSafety` sits in :class:`beamloop.edge.control.bridge.BridgeServer` between the
+when the service is gone. :class:`BeamSafety` sits in :class:`beamloop.edge.control.server.BridgeServer` between the
 wire and the controller's handlers and enforces, whatever the client did or did not check:
 
 =====================  ==================================================================================
 position               every ``set_probe`` / ``queue_points`` position is a pair of finite numbers in
-                       [0, 1] (:func:`beamloop.edge.frame.scanframe.check_fraction`) and names the current frame, the one
-                       the last successful ``acquire_frame`` returned (``out_of_range``, ``stale_frame``)
+                       [0, 1] (:func:`beamloop.edge.frame.scanframe.check_fraction`) and names the current
+                       frame, the one the last successful ``acquire_frame`` returned (``out_of_range``,
+                       ``stale_frame``)
 dwell per point        ``queue_points``' ``dwell_us`` at most ``max_point_dwell_s``; a beam parked
                        unblanked at one position is blanked once it has stayed that long (``out_of_range``)
 dose per point         electrons per point ``I t / e`` at most ``max_point_electrons`` (needs the probe
@@ -31,20 +32,15 @@ controllers that include :meth:`BeamSafety.state`.
 
 from __future__ import annotations
 
-import argparse
 import math
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable
 
-from scipy.constants import elementary_charge
-
-from beamloop.edge.control.bridge import BridgeError
+from beamloop.edge.control.protocol import BEAM_CALLS, BridgeError
 from beamloop.edge.frame.scanframe import BeamPositionError, ScanFrame, check_fraction
-
-BEAM_CALLS = ("set_probe", "blank", "queue_points")
-"""Calls that move or unblank the beam; after one of them the watchdog watches its sender."""
+from beamloop.edge.physics import electrons_per_second
 
 
 @dataclass(frozen=True)
@@ -58,8 +54,8 @@ class SafetyLimits:
     max_point_electrons : float or None
         Most electrons one probe position may receive; needs ``current_pA``. None: no dose limit.
     current_pA : float or None
-        Probe current in picoampere, for the dose limit (electrons per second = I / e, e the elementary
-        charge, CODATA via :data:`scipy.constants.elementary_charge`).
+        Probe current in picoampere, for the dose limit (electrons per second = I / e,
+        :func:`beamloop.edge.physics.electrons_per_second`).
     max_pixel_dwell_us : float
         Longest pixel dwell time of a scanned frame, microseconds.
     max_commands_per_s, command_burst : float, int
@@ -110,7 +106,7 @@ class SafetyLimits:
     @property
     def electrons_per_s(self) -> float | None:
         """Probe electrons per second (``current_pA`` / e), None without a current."""
-        return None if self.current_pA is None else self.current_pA * 1e-12 / elementary_charge
+        return None if self.current_pA is None else electrons_per_second(self.current_pA)
 
     @property
     def point_time_limit_s(self) -> float:
@@ -419,47 +415,3 @@ class BeamSafety:
         return {"limits": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self.limits).items()},
                 "counters": asdict(self.counters), "watchdog_armed": self._armed, "last_action": self.last_action,
                 "frame_id": None if self.frame is None else self.frame.frame_id}
-
-
-
-# options of commands that run a scan controller ------------------------------------------------------------
-def _fraction_pair(text: str) -> tuple[float, float]:
-    try:
-        x, y = (float(v) for v in text.split(","))
-        return check_fraction(x, y)
-    except (ValueError, BeamPositionError):
-        raise argparse.ArgumentTypeError(f"{text!r} is not X,Y with fractions of the frame in [0, 1]") from None
-
-
-def _nonnegative(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not (math.isfinite(v) and v >= 0):
-        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number >= 0")
-    return v
-
-
-def add_safety_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the watchdog and dose options of a scan controller (``--watchdog``, ``--on-watchdog``,
-    ``--safe-position``, ``--max-point-electrons``) to a command's parser; read them back with
-    :func:`safety_options`."""
-    g = parser.add_argument_group("beam safety")
-    g.add_argument("--watchdog", type=_nonnegative, default=1.0, metavar="S",
-                   help="blank (or park) the beam when the client driving it is silent this long, seconds "
-                        "(0: no watchdog)")
-    g.add_argument("--on-watchdog", choices=("blank", "park"), default="blank",
-                   help="what the watchdog does: blank the beam, or park it at --safe-position")
-    g.add_argument("--safe-position", type=_fraction_pair, default=(0.0, 0.0), metavar="X,Y",
-                   help="where the watchdog parks the probe, fractions of the current frame")
-    g.add_argument("--max-point-electrons", type=_nonnegative, default=None, metavar="N",
-                   help="dose limit per probe position, electrons (default: none)")
-
-
-def safety_options(a: argparse.Namespace) -> dict:
-    """``watchdog_s``, ``on_watchdog``, ``safe_position``, ``max_point_electrons`` from the options of
-    :func:`add_safety_arguments` (names shared by :class:`SafetyLimits` and
-    :class:`beamloop.edge.sim.microscope.MicroscopeConfig`)."""
-    return {"watchdog_s": a.watchdog or None, "on_watchdog": a.on_watchdog, "safe_position": tuple(a.safe_position),
-            "max_point_electrons": a.max_point_electrons or None}

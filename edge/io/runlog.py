@@ -21,7 +21,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from beamloop.edge.control.bridge import BeamLogEntry
+from beamloop.edge.control.client import BeamLogEntry
 from beamloop.edge.frame.columns import ColumnTable
 
 

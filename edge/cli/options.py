@@ -1,0 +1,142 @@
+"""Option groups of the commands that run an end of the control bridge: beam safety and CURVE keys.
+
+Each ``add_*`` function adds a group of options to a command's parser; the matching ``*_from_args`` /
+``*_options`` function reads them back into the objects of :mod:`beamloop.edge.control.safety` and
+:mod:`beamloop.edge.control.keys`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import TypeVar
+
+from beamloop.edge.cli.types import parse_fraction_pair, parse_nonnegative
+from beamloop.edge.control.keys import ClientKeys, KeyFileError, ServerKeys
+
+K = TypeVar("K")
+
+
+# beam safety ------------------------------------------------------------------------------------------------
+def add_safety_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the watchdog and dose options of a scan controller to a command's parser.
+
+    The options are ``--watchdog S``, ``--on-watchdog {blank,park}``, ``--safe-position X,Y`` and
+    ``--max-point-electrons N``; read them back with :func:`safety_options`.
+
+    Parameters
+    ----------
+    parser : argparse.ArgumentParser
+    """
+    g = parser.add_argument_group("beam safety")
+    g.add_argument("--watchdog", type=parse_nonnegative, default=1.0, metavar="S",
+                   help="blank (or park) the beam when the client driving it is silent this long, seconds "
+                        "(0: no watchdog)")
+    g.add_argument("--on-watchdog", choices=("blank", "park"), default="blank",
+                   help="what the watchdog does: blank the beam, or park it at --safe-position")
+    g.add_argument("--safe-position", type=parse_fraction_pair, default=(0.0, 0.0), metavar="X,Y",
+                   help="where the watchdog parks the probe, fractions of the current frame")
+    g.add_argument("--max-point-electrons", type=parse_nonnegative, default=None, metavar="N",
+                   help="dose limit per probe position, electrons (default: none)")
+
+
+def safety_options(a: argparse.Namespace) -> dict:
+    """The options of :func:`add_safety_arguments` as keyword arguments.
+
+    Parameters
+    ----------
+    a : argparse.Namespace
+        Parsed arguments of a parser given :func:`add_safety_arguments`.
+
+    Returns
+    -------
+    dict
+        ``watchdog_s`` (None for 0), ``on_watchdog``, ``safe_position`` (x, y), ``max_point_electrons`` (None
+        for 0 or absent): names shared by :class:`beamloop.edge.control.safety.SafetyLimits` and
+        :class:`beamloop.edge.sim.microscope.MicroscopeConfig`.
+    """
+    return {"watchdog_s": a.watchdog or None, "on_watchdog": a.on_watchdog, "safe_position": tuple(a.safe_position),
+            "max_point_electrons": a.max_point_electrons or None}
+
+
+# CURVE keys ---------------------------------------------------------------------------------------------------
+def _add_key_arguments(parser: argparse.ArgumentParser, own_help: str, peer: str, peer_metavar: str,
+                       peer_help: str) -> None:
+    g = parser.add_argument_group("bridge security (CURVE)")
+    g.add_argument("--keys", default=None, metavar="NAME.key_secret", help=own_help)
+    g.add_argument(peer, default=None, metavar=peer_metavar, help=peer_help)
+
+
+def _keys_from_args(secret: str | None, peer: str | None, load: Callable[[str, str], K], missing: str) -> K | None:
+    if secret is None and peer is None:
+        return None
+    if secret is None or peer is None:
+        raise KeyFileError(missing)
+    return load(secret, peer)
+
+
+def add_server_key_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--keys SECRET`` and ``--authorized FOLDER`` (the scan controller's side) to a command's parser.
+
+    Read them back with :func:`server_keys_from_args`.
+
+    Parameters
+    ----------
+    parser : argparse.ArgumentParser
+    """
+    _add_key_arguments(parser, "the bridge's secret key file (`beamloop keys create`); required to bind a "
+                               "non-loopback address",
+                       "--authorized", "FOLDER", "folder of the public keys of the clients let in "
+                                                 "(`beamloop keys authorize`)")
+
+
+def server_keys_from_args(a: argparse.Namespace) -> ServerKeys | None:
+    """The :class:`~beamloop.edge.control.keys.ServerKeys` named by ``--keys`` / ``--authorized``.
+
+    Parameters
+    ----------
+    a : argparse.Namespace
+        Parsed arguments (attributes ``keys`` and ``authorized``; absent ones count as not given).
+
+    Returns
+    -------
+    ServerKeys or None
+        None when neither option is given.
+
+    Raises
+    ------
+    KeyFileError
+        Only one of the two is given, or the files are not usable
+        (:meth:`beamloop.edge.control.keys.ServerKeys.load`).
+    """
+    return _keys_from_args(getattr(a, "keys", None), getattr(a, "authorized", None), ServerKeys.load,
+                           "a secured bridge needs both --keys (its secret key file) and --authorized (the folder "
+                           "of the clients' public keys)")
+
+
+def add_client_key_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--keys SECRET`` and ``--server-key PUBLIC`` (a bridge client's side) to a command's parser.
+
+    Read them back with :func:`client_keys_from_args`.
+
+    Parameters
+    ----------
+    parser : argparse.ArgumentParser
+    """
+    _add_key_arguments(parser, "this client's secret key file (its public key must be authorized by the bridge)",
+                       "--server-key", "SERVER.key", "the bridge's public key file")
+
+
+def client_keys_from_args(a: argparse.Namespace) -> ClientKeys | None:
+    """The :class:`~beamloop.edge.control.keys.ClientKeys` named by ``--keys`` / ``--server-key`` (attributes
+    ``keys`` and ``server_key`` of the parsed arguments ``a``), or None when neither is given.
+
+    Raises
+    ------
+    KeyFileError
+        As :func:`server_keys_from_args`, with :meth:`beamloop.edge.control.keys.ClientKeys.load`.
+    """
+    return _keys_from_args(getattr(a, "keys", None), getattr(a, "server_key", None), ClientKeys.load,
+                           "a client of a secured bridge needs both --keys (its secret key file) and --server-key "
+                           "(the bridge's public key file)")
+

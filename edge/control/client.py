@@ -1,0 +1,275 @@
+"""The client end of the control bridge (:mod:`beamloop.edge.control.protocol`): what the edge service uses to
+move the beam.
+
+Safety: :class:`BridgeClient` validates every beam position before sending it (finite, inside the frame,
+frame id current) and never sends one that fails; the server validates again and enforces the rules of
+:mod:`beamloop.edge.control.safety` before any handler runs. Security: with keys
+(:mod:`beamloop.edge.control.keys`) both ends use CURVE authentication and encryption (CurveZMQ, ZeroMQ RFC 26).
+After a timeout the client closes and reopens its socket and may resend the request with the same sequence
+number (the "lazy pirate" pattern, P. Hintjens, "ZeroMQ: The Guide", ch. 4), which the server applies once.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+
+from beamloop.edge.control.keys import ClientKeys, secure_client_socket
+from beamloop.edge.control.protocol import BridgeError, BridgeTimeout, decode_reply, encode_request
+from beamloop.edge.frame.scanframe import BeamPositionError, ScanFrame, check_fraction
+
+
+@dataclass
+class BeamLogEntry:
+    """One bridge call as the client saw it.
+
+    ``t_ns`` is ``time.monotonic_ns()`` when the call was made; ``rtt_ns`` its round trip (0 when it was
+    refused before sending); ``sent`` whether it left the client; ``error`` the code, empty on success.
+    """
+
+    t_ns: int
+    call: str
+    args: dict
+    sent: bool
+    ok: bool
+    error: str = ""
+    message: str = ""
+    rtt_ns: int = 0
+    result: dict = field(default_factory=dict)
+
+
+@dataclass
+class BridgeCounters:
+    """Calls made, refused by the client before sending, refused by the server, timed out, resent after a
+    timeout (``retries``), and heartbeats sent (not in ``calls`` nor in the log)."""
+
+    calls: int = 0
+    rejected_before_send: int = 0
+    errors: int = 0
+    timeouts: int = 0
+    retries: int = 0
+    heartbeats: int = 0
+
+
+class BridgeClient:
+    """Client side of the control bridge (a ZeroMQ REQ socket, reconnected after every timeout).
+
+    Parameters
+    ----------
+    endpoint : str
+        The scan controller's endpoint, e.g. ``"tcp://127.0.0.1:5556"``.
+    timeout_ms : int
+        How long to wait for each reply. After a timeout the socket is closed and reopened (the
+        "lazy pirate" pattern of the ZeroMQ guide, ch. 4), so the client can go on.
+    context : zmq.Context, optional
+    on_round_trip : callable(call, rtt_ns), optional
+        Called after every answered call (for latency statistics).
+    retries : int
+        Times a call that timed out is sent again, with the same sequence number, on the reopened
+        socket; the server applies it once (:mod:`beamloop.edge.control.safety`). 0: a timeout raises at once.
+    keys : ClientKeys, optional
+        CURVE keys (:mod:`beamloop.edge.control.keys`); required by a server that has keys.
+
+    Attributes
+    ----------
+    frame : ScanFrame or None
+        The current scan frame (from the last ``acquire_frame``); positions must refer to it.
+    log : list of BeamLogEntry
+        Every call, including those refused before sending.
+    counters : BridgeCounters
+    client_id : str
+        Random id sent with every request (for the server's sequence numbers and watchdog).
+    last_sent : float
+        ``time.monotonic()`` of the last request sent (0 before the first).
+    """
+
+    def __init__(self, endpoint: str, *, timeout_ms: int = 2000, context: zmq.Context | None = None,
+                 on_round_trip: Callable[[str, int], None] | None = None, retries: int = 0,
+                 keys: ClientKeys | None = None) -> None:
+        self.endpoint = endpoint
+        self.timeout_ms = int(timeout_ms)
+        self.retries = max(int(retries), 0)
+        self.keys = keys
+        self.client_id = uuid.uuid4().hex
+        self.last_sent = 0.0
+        self._ctx = context or zmq.Context.instance()
+        self._sock: zmq.Socket | None = None
+        self._seq = 0
+        self.frame: ScanFrame | None = None
+        self.log: list[BeamLogEntry] = []
+        self.counters = BridgeCounters()
+        self.on_round_trip = on_round_trip
+        self._connect()
+
+    def _connect(self) -> None:
+        if self._sock is not None:
+            self._sock.close(linger=0)
+        self._sock = self._ctx.socket(zmq.REQ)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        if self.keys is not None:
+            secure_client_socket(self._sock, self.keys)
+        self._sock.connect(self.endpoint)
+
+    def close(self) -> None:
+        """Close the socket."""
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
+
+    def __enter__(self) -> BridgeClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # generic call --------------------------------------------------------------------------------
+    def call(self, call: str, **args: Any) -> dict:
+        """Make one call and return its result map.
+
+        Raises
+        ------
+        BridgeTimeout
+            No reply within ``timeout_ms``, after ``retries`` resends (the socket is reopened; the call
+            may or may not have run, and ran at most once).
+        BridgeError
+            The server refused the call (its error code) or replied with garbage.
+        """
+        entry = BeamLogEntry(time.monotonic_ns(), call, dict(args), True, False)
+        self.log.append(entry)
+        self.counters.calls += 1
+        return self._exchange(call, args, entry)
+
+    def heartbeat(self) -> dict:
+        """Tell the scan controller's watchdog that this client is alive; returns ``{"watchdog_s", "armed"}``.
+
+        Not written to :attr:`log`; counted in ``counters.heartbeats``. Raises as :meth:`call`.
+        """
+        self.counters.heartbeats += 1
+        return self._exchange("heartbeat", {}, BeamLogEntry(time.monotonic_ns(), "heartbeat", {}, True, False))
+
+    def _exchange(self, call: str, args: dict, entry: BeamLogEntry) -> dict:
+        self._seq += 1
+        seq = self._seq
+        request = encode_request(call, seq, args, self.client_id)
+        t0 = time.perf_counter_ns()
+        for attempt in range(self.retries + 1):
+            if attempt:
+                self.counters.retries += 1
+            self.last_sent = time.monotonic()
+            self._sock.send(request)
+            if self._sock.poll(self.timeout_ms, zmq.POLLIN):
+                break
+            self.counters.timeouts += 1
+            self._connect()
+        else:
+            entry.error, entry.message = "timeout", f"no reply within {self.timeout_ms} ms"
+            raise BridgeTimeout(call, self.timeout_ms)
+        buf = self._sock.recv()
+        entry.rtt_ns = time.perf_counter_ns() - t0
+        try:
+            rseq, result = decode_reply(buf, call)
+            if rseq != seq:
+                raise BridgeError("bad_request", f"reply to request {rseq} received for request {seq}", call)
+        except BridgeError as exc:
+            self.counters.errors += 1
+            entry.error, entry.message = exc.code, exc.message
+            raise
+        entry.ok, entry.result = True, result
+        if self.on_round_trip is not None:
+            self.on_round_trip(call, entry.rtt_ns)
+        return result
+
+    def _refuse(self, call: str, args: dict, exc: BeamPositionError) -> None:
+        self.counters.rejected_before_send += 1
+        self.log.append(BeamLogEntry(time.monotonic_ns(), call, args, False, False, exc.code, str(exc)))
+
+    # calls ---------------------------------------------------------------------------------------
+    def get_capabilities(self) -> dict:
+        """Calls, channels and limits of the scan controller."""
+        return self.call("get_capabilities")
+
+    def get_state(self) -> dict:
+        """``frame_id``, ``probe`` (``idle``/``scanning``/``parked``), ``blanked``, ``probe_position``."""
+        return self.call("get_state")
+
+    def acquire_frame(self, shape: tuple[int, int], fov_nm: tuple[float, float], dwell_us: float,
+                      channels: tuple[str, ...] = ("haadf",)) -> ScanFrame:
+        """Scan a frame; it arrives on the frame stream and becomes the frame positions refer to.
+
+        Returns the :class:`ScanFrame` the controller applied. Raises :class:`BridgeError`
+        (``out_of_range`` for a size, field of view or dwell outside the controller's limits).
+        """
+        res = self.call("acquire_frame", shape=[int(shape[0]), int(shape[1])],
+                        fov_nm=[float(fov_nm[0]), float(fov_nm[1])], dwell_us=float(dwell_us), channels=list(channels))
+        try:
+            self.frame = ScanFrame.from_dict(res["scan"])
+        except (KeyError, ValueError) as exc:
+            raise BridgeError("bad_request", f"acquire_frame reply lacks a valid scan frame: {exc}",
+                              "acquire_frame") from None
+        return self.frame
+
+    def check_position(self, x: float, y: float, frame_id: int) -> tuple[float, float]:
+        """Validate a beam position without sending it (see :meth:`set_probe`)."""
+        fx, fy = check_fraction(x, y)
+        if self.frame is None or int(frame_id) != self.frame.frame_id:
+            current = None if self.frame is None else self.frame.frame_id
+            raise BeamPositionError("stale_frame", f"position refers to frame {frame_id}, current frame is {current}")
+        return fx, fy
+
+    def set_probe(self, x: float, y: float, frame_id: int) -> dict:
+        """Park the probe at fractions ``(x, y)`` of frame ``frame_id``.
+
+        Returns the reply, whose ``applied`` map echoes the position and frame the controller used.
+
+        Raises
+        ------
+        BeamPositionError
+            Not finite, outside [0, 1], or not the current frame: refused here, never sent (logged
+            and counted in ``counters.rejected_before_send``).
+        BridgeError, BridgeTimeout
+            Refused by the controller, or no answer.
+        """
+        try:
+            fx, fy = self.check_position(x, y, frame_id)
+        except BeamPositionError as exc:
+            self._refuse("set_probe", {"x": x, "y": y, "frame_id": frame_id}, exc)
+            raise
+        return self.call("set_probe", x=fx, y=fy, frame_id=int(frame_id))
+
+    def blank(self, on: bool) -> dict:
+        """Blank (``True``) or unblank (``False``) the beam; returns ``{"blanked": bool}`` (and what else the
+        controller reports)."""
+        return self.call("blank", on=bool(on))
+
+    def queue_points(self, points, dwell_us: float, frame_id: int, signal: str = "haadf",
+                     blank_between: bool = True) -> dict:
+        """Visit ``points`` (fractions ``[[x, y], ...]`` of frame ``frame_id``) for ``dwell_us`` each.
+
+        Every point is validated first; if any fails, nothing is sent (:class:`BeamPositionError`).
+        Returns ``{"queue_id": ...}``.
+        """
+        checked = []
+        try:
+            for p in points:
+                checked.append(list(self.check_position(p[0], p[1], frame_id)))
+            if not (math.isfinite(float(dwell_us)) and dwell_us > 0):
+                raise BeamPositionError("out_of_range", f"dwell time {dwell_us} us is not a positive number")
+        except BeamPositionError as exc:
+            self._refuse("queue_points", {"points": list(points), "frame_id": frame_id}, exc)
+            raise
+        return self.call("queue_points", points=checked, dwell_us=float(dwell_us), frame_id=int(frame_id),
+                         signal=signal, blank_between=bool(blank_between))
+
+    def fetch_points(self, queue_id: int) -> dict:
+        """Progress and per-point signal of a point queue."""
+        return self.call("fetch_points", queue_id=int(queue_id))
+
+    def abort_points(self, queue_id: int) -> dict:
+        """Stop a point queue and blank the beam."""
+        return self.call("abort_points", queue_id=int(queue_id))

@@ -1,0 +1,722 @@
+"""One scan controller over a small hardware Protocol: the server side of the control bridge.
+
+:class:`ScanController` is everything a scan controller does on the wire, written once: the bridge server
+(:mod:`beamloop.edge.control.server`) with its handler table, beam safety
+(:mod:`beamloop.edge.control.safety`), the frame stream (native beamloop stream, PUSH), frame ids, the one
+check of ``acquire_frame`` (:func:`beamloop.edge.control.protocol.parse_acquire_frame`), point queues,
+``get_state``, the watchdog's blank and park actions and the serve loop. It holds the beam's state (blanked
+or not, where the probe is parked, the running point queue) and tells the hardware what to do through a
+:class:`ScanBackend`, which only executes: scan a frame, park the probe, set the blanker.
+
+The split follows Nion Swift's instrumentation (nionswift-instrumentation, ``nion/instrumentation/
+scan_base.py``), where a scan device implements the small ``ScanDevice`` Protocol and the framework
+(``ScanHardwareSource``) owns the state machine. Two optional Protocols add what not every device has:
+
+=====================  ==================================================================================
+:class:`ParkedProbe`   the detector signal at a parked probe as a time series (``parked_samples``): the
+                       controller streams it in blocks, paced by its clock, while the beam is unblanked
+                       at a parked position, and runs point queues as timed dwells
+:class:`PointProbe`    one value per point (``measure_point``, e.g. a one-pixel subscan): the controller
+                       runs point queues one point per serve-loop step
+=====================  ==================================================================================
+
+A backend with neither has no point queues (``queue_points``, ``fetch_points`` and ``abort_points`` are
+not served). The beam's state lives here, not in the backend: :attr:`ScanController.blanked`,
+:attr:`~ScanController.probe` and :attr:`~ScanController.queue` change only when the controller tells the
+backend to act (the backend reports back what it applied), so the controller can answer ``get_state``, and
+guard the beam, without asking the hardware.
+
+Time comes from an injectable ``clock`` (monotonic seconds): the watchdog, the parked-beam time limit, the
+pacing of parked-probe samples and the serve loop's duration all read it, so tests can run them on a clock
+they move by hand.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import zmq
+
+from beamloop.edge.control.keys import ServerKeys
+from beamloop.edge.control.protocol import BridgeError, ScanLimits, check_channels, parse_acquire_frame
+from beamloop.edge.control.safety import BeamSafety, SafetyLimits
+from beamloop.edge.control.server import BridgeServer
+from beamloop.edge.frame.scanframe import BeamPositionError, ScanFrame, check_fraction
+from beamloop.streams.native.sender import FrameSender
+
+log = logging.getLogger("beamloop.control")
+
+Handler = Callable[[dict], dict]
+"""A bridge call's handler: the request's ``args`` in, the result map out (or a raised :class:`BridgeError`)."""
+
+CALLS = ("get_capabilities", "get_state", "acquire_frame", "set_probe", "blank")
+"""Calls every :class:`ScanController` serves (besides ``heartbeat``, which the server adds)."""
+
+QUEUE_CALLS = ("queue_points", "fetch_points", "abort_points")
+"""Calls of a controller whose backend can visit points (:class:`ParkedProbe` or :class:`PointProbe`)."""
+
+
+# what a backend declares and returns ------------------------------------------------------------------
+@dataclass(frozen=True)
+class ParkedStream:
+    """The parked-probe signal of a :class:`ParkedProbe` backend, as the frame stream carries it.
+
+    Attributes
+    ----------
+    sample_time_us : float
+        Time per sample (one detector count value), microseconds.
+    block_samples : int
+        Samples per stream message (one frame of shape ``(1, block_samples)``).
+    channel : str
+        Channel name of the parked series.
+    dtype : str
+        Sample dtype (numpy name).
+    user_data : mapping
+        Extra fields of the parked series' ``user_data`` (after ``kind``, ``probe_position``, ``frame_id``,
+        ``sample_time_s``).
+    """
+
+    sample_time_us: float
+    block_samples: int
+    channel: str = "haadf"
+    dtype: str = "uint16"
+    user_data: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def block_s(self) -> float:
+        """Duration of one block of samples, seconds."""
+        return self.block_samples * self.sample_time_us * 1e-6
+
+    def as_dict(self) -> dict:
+        """``{"sample_time_us", "block_samples"}``, as ``get_capabilities`` reports it."""
+        return {"sample_time_us": self.sample_time_us, "block_samples": self.block_samples}
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can do (:meth:`ScanBackend.capabilities`).
+
+    Attributes
+    ----------
+    limits : ScanLimits
+        Frame sizes, dwell times, fields of view and channels that ``acquire_frame`` accepts.
+    parked_stream : ParkedStream or None
+        The parked-probe signal, for a :class:`ParkedProbe` backend; None: none.
+    extras : mapping
+        Further fields of the ``get_capabilities`` reply (e.g. ``"simulated": True``).
+    """
+
+    limits: ScanLimits
+    parked_stream: ParkedStream | None = None
+    extras: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Acquisition:
+    """A frame a backend acquired (:meth:`ScanBackend.acquire`).
+
+    Attributes
+    ----------
+    data : dict str -> ndarray, shape (rows, cols)
+        One image per requested channel, in the order requested, all of one dtype.
+    user_data : dict
+        Extra fields of the frame series' ``user_data`` (after ``kind``, ``scan``, ``pixel_size_A``).
+    count_time_s, frame_time_s : float
+        Counting and frame time of the series header, seconds (0: not stated).
+    events : list of dict
+        What happened to the specimen while scanning (e.g. simulated knock-on ejections); the controller
+        stamps each with ``t_ns`` and adds it to :attr:`ScanController.events` after sending the frame.
+    """
+
+    data: dict[str, np.ndarray]
+    user_data: dict = field(default_factory=dict)
+    count_time_s: float = 0.0
+    frame_time_s: float = 0.0
+    events: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class Dwell:
+    """The beam unblanked at one parked position of a :class:`ParkedProbe` backend: an open parked series.
+
+    Attributes
+    ----------
+    fx, fy : float
+        Probe position, fractions of frame ``frame_id``.
+    frame_id : int
+    series_id : int
+        Id of the parked series on the frame stream (-1: its start message was not delivered).
+    started : float
+        Clock time the beam went on here, seconds.
+    max_samples : int or None
+        Samples after which the dwell ends (a queued point); None: until moved or blanked.
+    samples : int
+        Samples produced so far.
+    counts_sum : int
+        Sum of those samples.
+    events : list of dict
+        Events the backend reported during the dwell (each with its ``sample`` index).
+    """
+
+    fx: float
+    fy: float
+    frame_id: int
+    series_id: int
+    started: float
+    max_samples: int | None
+    samples: int = 0
+    counts_sum: int = 0
+    events: list = field(default_factory=list)
+
+
+@dataclass
+class PointQueue:
+    """A ``queue_points`` request being run.
+
+    Attributes
+    ----------
+    id : int
+        The ``queue_id`` (1, 2, ... per controller).
+    points : list of (float, float)
+        Positions, fractions of frame ``frame_id``.
+    frame_id : int
+    dwell_us : float
+        Dwell per point, microseconds.
+    channel : str
+        The signal recorded.
+    samples : int
+        Parked-probe samples per point (1 for a :class:`PointProbe` backend).
+    blank_between : bool
+        Blank the beam between points.
+    state : str
+        ``running``, ``done``, ``aborted``, or what ended it (``watchdog``, ``dwell_limit``).
+    mean_counts : list of float
+        Mean signal of every point done.
+    """
+
+    id: int
+    points: list[tuple[float, float]]
+    frame_id: int
+    dwell_us: float
+    channel: str
+    samples: int
+    blank_between: bool
+    state: str = "running"
+    mean_counts: list[float] = field(default_factory=list)
+
+
+# the hardware Protocols -----------------------------------------------------------------------------------
+@runtime_checkable
+class ScanBackend(Protocol):
+    """The hardware (or physics) calls of a scan controller; :class:`ScanController` owns everything else.
+
+    A backend only executes. It keeps no beam state of its own that the controller relies on, and is
+    called from the controller's thread only. Methods may raise :class:`BridgeError` to refuse a
+    request (the code and message go back to the client).
+    """
+
+    def capabilities(self) -> Capabilities:
+        """Channels, limits, the parked-probe stream (or None) and extra fields of ``get_capabilities``;
+        read once, when the controller is built."""
+        ...
+
+    def set_frame(self, scan: ScanFrame, channels: tuple[str, ...]) -> dict:
+        """Make ``scan`` the frame to acquire next (``acquire_frame``, before its reply).
+
+        ``scan`` and ``channels`` passed :func:`~beamloop.edge.control.protocol.parse_acquire_frame`;
+        raise :class:`BridgeError` for what the device cannot do beyond that (e.g. non-square pixels).
+        Returns extra fields of the ``acquire_frame`` reply.
+        """
+        ...
+
+    def acquire(self, scan: ScanFrame, channels: tuple[str, ...]) -> Acquisition:
+        """Scan the frame of the last :meth:`set_frame` (after the reply) and return its images."""
+        ...
+
+    def park(self, fx: float, fy: float, frame_id: int) -> tuple[float, float]:
+        """Put the probe at fractions ``(fx, fy)`` of frame ``frame_id`` (the current one, already
+        acquired); return the position applied, as the device reports it."""
+        ...
+
+    def set_blanked(self, on: bool) -> bool:
+        """Blank (``True``) or unblank the beam; return the blanker's state read back."""
+        ...
+
+
+@runtime_checkable
+class ParkedProbe(Protocol):
+    """A backend that records the detector signal at a parked probe as a time series."""
+
+    def parked_samples(self, n: int, dwell: Dwell) -> tuple[np.ndarray, list[dict]]:
+        """The next ``n`` samples at the parked probe of ``dwell`` (which has produced ``dwell.samples``
+        so far), in the dtype of :attr:`ParkedStream.dtype`, and the events that happened meanwhile
+        (dicts with a ``sample`` index counted from the dwell's start)."""
+        ...
+
+
+@runtime_checkable
+class PointProbe(Protocol):
+    """A backend that measures one value at a point of the current frame (the beam already unblanked)."""
+
+    def measure_point(self, fx: float, fy: float, dwell_us: float, channel: str) -> float:
+        """Mean signal of ``channel`` with the probe at fractions ``(fx, fy)`` for ``dwell_us``."""
+        ...
+
+
+# the controller -----------------------------------------------------------------------------------------------
+class ScanController:
+    """Bridge server, beam safety, frame stream and point queues over one :class:`ScanBackend`.
+
+    Parameters
+    ----------
+    backend : ScanBackend
+        The hardware or the simulator; may also be a :class:`ParkedProbe` or a :class:`PointProbe`.
+    control : str
+        Bridge endpoint to bind (REP); loopback or host-local unless ``keys`` are given
+        (:func:`beamloop.edge.control.keys.check_bind`).
+    frames : str
+        Frame stream endpoint to bind (PUSH). Sends give up after 200 ms, so that a detector with nobody
+        listening cannot stall the controller; what is not delivered is counted (:attr:`dropped_messages`).
+    limits : SafetyLimits, optional
+        The bridge's safety rules; default: :class:`SafetyLimits` with the backend's longest pixel dwell.
+    keys : ServerKeys, optional
+        CURVE keys of the bridge.
+    context : zmq.Context, optional
+    clock : callable, optional
+        Monotonic seconds (default :func:`time.monotonic`): watchdog, parked-beam time limit, rate limit,
+        parked-sample pacing, serve duration, event time stamps. A clock that stands still also stops
+        the rate limiter's refill.
+    encoding : {"raw", "lz4"}
+        Frame stream encoding.
+    calls : mapping name -> handler, optional
+        Backend-only calls to serve besides the standard ones (e.g. the simulator's ground truth).
+
+    Attributes
+    ----------
+    frame : ScanFrame or None
+        The current frame (the last ``acquire_frame``).
+    blanked : bool
+        The beam's blanker, as last set (and read back).
+    probe : (float, float, int) or None
+        Where the probe is parked: fractions and frame id; None before any ``set_probe`` on this frame.
+    dwell : Dwell or None
+        The open parked-probe series.
+    queue : PointQueue or None
+        The running point queue.
+    events : list of dict
+        What happened (``dwell_end``, ``safety``, ``dropped``, and the backend's events), each with ``t_ns``.
+    dropped_messages : int
+        Frame stream messages nobody took.
+    frames_endpoint, control_endpoint : str
+        The bound endpoints (with the ports chosen for ``*``).
+    safety : BeamSafety
+    server : BridgeServer
+    sender : FrameSender
+
+    Raises
+    ------
+    TypeError
+        ``backend`` is not a :class:`ScanBackend`.
+    ValueError
+        A name in ``calls`` is a standard call.
+    zmq.ZMQError, beamloop.edge.control.keys.InsecureBindError
+        An endpoint cannot be bound, or may not be without keys (nothing is left open).
+    """
+
+    def __init__(self, backend: ScanBackend, *, control: str = "tcp://127.0.0.1:*",
+                 frames: str = "tcp://127.0.0.1:*", limits: SafetyLimits | None = None,
+                 keys: ServerKeys | None = None, context: zmq.Context | None = None,
+                 clock: Callable[[], float] = time.monotonic, encoding: str = "raw",
+                 calls: Mapping[str, Handler] | None = None) -> None:
+        if not isinstance(backend, ScanBackend):
+            raise TypeError(f"{type(backend).__name__} does not implement ScanBackend")
+        self.backend = backend
+        self.caps = backend.capabilities()
+        stream = self.caps.parked_stream
+        self._parked_probe = backend if isinstance(backend, ParkedProbe) and stream is not None else None
+        self._parked = stream if self._parked_probe is not None else None
+        self._point_probe = backend if self._parked is None and isinstance(backend, PointProbe) else None
+        self._clock = clock
+        self._now_ns = time.monotonic_ns if clock is time.monotonic else (lambda: int(self._clock() * 1e9))
+        self.frame: ScanFrame | None = None
+        self.probe: tuple[float, float, int] | None = None
+        self.dwell: Dwell | None = None
+        self.queue: PointQueue | None = None
+        self._queues: dict[int, PointQueue] = {}
+        self.events: list[dict] = []
+        self.dropped_messages = 0
+        self._next_frame_id = 1
+        self._pending: tuple[ScanFrame, tuple[str, ...]] | None = None
+        self._next_block = 0.0
+        self._running = False
+        self.blanked = bool(backend.set_blanked(True))  # the state held here starts true
+        handlers = self._handlers(calls or {})
+        self.safety = BeamSafety(limits or SafetyLimits(max_pixel_dwell_us=self.caps.limits.dwell_us[1]),
+                                 blank=self._safety_blank, park=self._safety_park, clock=clock)
+        self.sender = FrameSender(frames, bind=True, encoding=encoding, context=context, send_timeout_ms=200)
+        try:
+            self.server = BridgeServer(control, handlers, context=context, safety=self.safety, keys=keys)
+        except BaseException:
+            self.sender.close(linger_ms=0)
+            raise
+        self.frames_endpoint = self.sender.endpoint
+        self.control_endpoint = self.server.endpoint
+
+    def _handlers(self, calls: Mapping[str, Handler]) -> dict[str, Handler]:
+        handlers: dict[str, Handler] = {
+            "get_capabilities": self._get_capabilities, "get_state": self._get_state,
+            "acquire_frame": self._acquire_frame, "set_probe": self._set_probe, "blank": self._blank}
+        if self._parked is not None or self._point_probe is not None:
+            handlers.update(queue_points=self._queue_points, fetch_points=self._fetch_points,
+                            abort_points=self._abort_points)
+        clash = sorted(set(calls) & (set(CALLS) | set(QUEUE_CALLS) | {"heartbeat"}))
+        if clash:
+            raise ValueError(f"calls {clash} are standard calls of the scan controller")
+        handlers.update(calls)
+        return handlers
+
+    # lifecycle -----------------------------------------------------------------------------------------
+    def close(self) -> None:
+        """End an open parked series, blank the beam and close both sockets (closing twice is harmless)."""
+        try:
+            self._end_dwell("shutdown")
+            self._set_blanked(True)
+        finally:
+            self.sender.close(linger_ms=200)
+            self.server.close()
+
+    def __enter__(self) -> ScanController:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def serve(self, duration_s: float | None = None, stop: Callable[[], bool] | None = None) -> None:
+        """Serve requests, acquire frames, stream the parked-probe signal and run point queues.
+
+        Parameters
+        ----------
+        duration_s : float, optional
+            Stop after this many seconds of the controller's clock.
+        stop : callable, optional
+            Stop once it returns true (checked between requests, at least every 10 ms).
+
+        Notes
+        -----
+        Also stops after :meth:`stop_serving` (e.g. called by a ``shutdown`` handler).
+        """
+        self._running = True
+        t_end = None if duration_s is None else self._clock() + duration_s
+        while self._running:
+            if stop is not None and stop():
+                break
+            now = self._clock()
+            if t_end is not None and now >= t_end:
+                break
+            self.handle_one(self._wait_ms(now))
+
+    def stop_serving(self) -> None:
+        """Make :meth:`serve` return after the request it is serving."""
+        self._running = False
+
+    def handle_one(self, timeout_ms: int = 0) -> bool:
+        """One turn of the serve loop: serve a request if one arrives within ``timeout_ms`` (then the
+        watchdog and the parked-beam time limit run), then :meth:`step`. Returns whether one was served."""
+        served = self.server.handle_one(timeout_ms)
+        self.step()
+        return served
+
+    def step(self) -> None:
+        """Do what is due without a request: acquire a requested frame, send the parked-probe samples
+        due by the clock (ending queued points), or measure the next queued point."""
+        self.run_pending()
+        if self._parked is not None:
+            self._advance_dwell()
+        elif self.queue is not None:
+            self._measure_next_point()
+
+    def run_pending(self) -> None:
+        """Acquire and send the frame asked for by the last ``acquire_frame``, if not done yet."""
+        if self._pending is None:
+            return
+        scan, channels = self._pending
+        self._pending = None
+        acq = self.backend.acquire(scan, channels)
+        try:
+            self.sender.start_series(list(channels), scan.shape, acq.data[channels[0]].dtype, number_of_images=1,
+                                     count_time=acq.count_time_s, frame_time=acq.frame_time_s,
+                                     user_data={"kind": "frame", "scan": scan.as_dict(),
+                                                "pixel_size_A": scan.pixel_size_A, **acq.user_data})
+            self.sender.send_frame(acq.data, user_data={"frame_id": scan.frame_id})
+            self.sender.end_series()
+        except TimeoutError as exc:
+            self._dropped(f"frame {scan.frame_id}", exc)
+        for ev in acq.events:
+            self._record(ev)
+
+    def _wait_ms(self, now: float) -> int:
+        if self._pending is not None or (self._point_probe is not None and self.queue is not None):
+            return 0
+        if self.dwell is not None:
+            return min(max(int((self._next_block - now) * 1000), 0), 10)
+        return 10
+
+    # bridge handlers -----------------------------------------------------------------------------------
+    def _get_capabilities(self, args: dict) -> dict:
+        lim = self.caps.limits
+        return {"calls": sorted(self.server.handlers), "channels": list(lim.channels),
+                "shape_limits": list(lim.shape), "dwell_us_limits": list(lim.dwell_us),
+                "parked_stream": None if self.caps.parked_stream is None else self.caps.parked_stream.as_dict(),
+                "safety": self.safety.state()["limits"], **self.caps.extras}
+
+    def _get_state(self, args: dict) -> dict:
+        p = self.probe
+        return {"frame_id": None if self.frame is None else self.frame.frame_id,
+                "probe": "idle" if p is None else "parked", "blanked": self.blanked,
+                "probe_position": None if p is None else [p[0], p[1]],
+                "queue_id": None if self.queue is None else self.queue.id, "safety": self.safety.state()}
+
+    def _check_idle(self) -> None:
+        if self.queue is not None:
+            raise BridgeError("busy", f"point queue {self.queue.id} is running; abort it first")
+
+    def _check_position(self, args: dict) -> tuple[float, float, int]:
+        if "x" not in args or "y" not in args or "frame_id" not in args:
+            raise BridgeError("bad_request", "set_probe needs x, y and frame_id")
+        fx, fy = check_fraction(args["x"], args["y"])
+        fid = args["frame_id"]
+        if self.frame is None or not isinstance(fid, int) or fid != self.frame.frame_id:
+            cur = None if self.frame is None else self.frame.frame_id
+            raise BeamPositionError("stale_frame", f"frame {fid!r} is not the current frame ({cur})")
+        return fx, fy, fid
+
+    def _acquire_frame(self, args: dict) -> dict:
+        self._check_idle()
+        self.run_pending()
+        req = parse_acquire_frame(args, self.caps.limits)
+        scan = ScanFrame(self._next_frame_id, req.shape, req.fov_nm, dwell_us=req.dwell_us)
+        extras = self.backend.set_frame(scan, req.channels)
+        self._next_frame_id += 1
+        self._end_dwell("scan")
+        self.probe = None
+        self.frame = scan
+        self._pending = (scan, req.channels)
+        return {"frame_id": scan.frame_id, "scan": scan.as_dict(), **extras}
+
+    def _set_probe(self, args: dict) -> dict:
+        self._check_idle()
+        fx, fy, fid = self._check_position(args)
+        self._end_dwell("moved")
+        ax, ay = self._park(fx, fy, fid)
+        if not self.blanked:
+            self._start_dwell(None)
+        return {"applied": {"x": ax, "y": ay, "frame_id": fid}, "blanked": self.blanked}
+
+    def _blank(self, args: dict) -> dict:
+        on = args.get("on")
+        if not isinstance(on, bool):
+            raise BridgeError("bad_request", "blank needs on (boolean)")
+        if on:
+            if self.queue is not None:
+                self._finish_queue("aborted")
+            self._end_dwell("blanked")
+            self._set_blanked(True)
+        else:
+            self._check_idle()
+            self._set_blanked(False)
+            if self.probe is not None and self.dwell is None:
+                self._start_dwell(None)
+        return {"blanked": self.blanked}
+
+    def _queue_points(self, args: dict) -> dict:
+        self._check_idle()
+        try:
+            pts = [(p[0], p[1]) for p in args["points"]]
+            dwell_us = float(args["dwell_us"])
+            fid = args["frame_id"]
+        except (KeyError, TypeError, IndexError, ValueError) as exc:
+            raise BridgeError("bad_request", f"queue_points needs points, dwell_us and frame_id: {exc}") from None
+        if not pts:
+            raise BridgeError("bad_request", "queue_points got no points")
+        # the dwell and dose per point were checked by self.safety before this handler ran
+        channel = check_channels([args.get("signal", self.caps.limits.channels[0])], self.caps.limits)[0]
+        checked = [self._check_position({"x": x, "y": y, "frame_id": fid})[:2] for x, y in pts]
+        ps = self._parked
+        n = 1 if ps is None else max(int(round(dwell_us / ps.sample_time_us)), 1)
+        qid = len(self._queues) + 1
+        self.queue = self._queues[qid] = PointQueue(qid, checked, fid, dwell_us, channel, n,
+                                                    bool(args.get("blank_between", True)))
+        self._end_dwell("moved")
+        if ps is not None:
+            self._next_queue_point()
+        return {"queue_id": qid, "points": len(checked), "samples_per_point": n}
+
+    def _queue_state(self, qid) -> PointQueue:
+        if not isinstance(qid, int) or isinstance(qid, bool):
+            raise BridgeError("bad_request", f"queue_id must be an integer, got {qid!r}")
+        q = self._queues.get(qid)
+        if q is None:
+            raise BridgeError("out_of_range", f"no point queue {qid!r}")
+        return q
+
+    def _fetch_points(self, args: dict) -> dict:
+        q = self._queue_state(args.get("queue_id"))
+        return {"queue_id": q.id, "state": q.state, "done": len(q.mean_counts), "total": len(q.points),
+                "mean_counts": list(q.mean_counts)}
+
+    def _abort_points(self, args: dict) -> dict:
+        q = self._queue_state(args.get("queue_id"))
+        if q.state == "running":
+            self._finish_queue("aborted")
+        return {"queue_id": q.id, "state": q.state, "blanked": self.blanked}
+
+    # the beam ---------------------------------------------------------------------------------------------
+    def _set_blanked(self, on: bool) -> None:
+        self.blanked = bool(self.backend.set_blanked(on))
+
+    def _park(self, fx: float, fy: float, frame_id: int) -> tuple[float, float]:
+        self.run_pending()  # the backend parks on a frame it has acquired
+        ax, ay = self.backend.park(fx, fy, frame_id)
+        self.probe = (ax, ay, frame_id)
+        return ax, ay
+
+    def _record(self, event: dict) -> dict:
+        event = {**event, "t_ns": self._now_ns()}
+        self.events.append(event)
+        return event
+
+    def _dropped(self, what: str, exc: Exception) -> None:
+        """A message nobody took (no receiver connected, or one too slow): count it and go on."""
+        self.dropped_messages += 1
+        self.sender.series = None
+        self.events.append({"type": "dropped", "what": what, "error": str(exc), "t_ns": self._now_ns()})
+        log.warning("%s not delivered: %s", what, exc)
+
+    # safety actions (called by self.safety: watchdog, parked-beam time limit) ----------------------------------
+    def _safety_blank(self, reason: str) -> None:
+        """Blank the beam now, ending a running point queue or parked series (``reason`` in the event)."""
+        if self.queue is not None:
+            self._finish_queue(reason)
+        self._end_dwell(reason)
+        self._set_blanked(True)
+        self.events.append({"type": "safety", "action": "blank", "reason": reason, "t_ns": self._now_ns()})
+
+    def _safety_park(self, fx: float, fy: float) -> None:
+        """Park the probe at fractions ``(fx, fy)`` of the current frame, leaving the blanker as it is
+        (a running point queue ends with state ``watchdog``)."""
+        if self.frame is None:  # BeamSafety parks only on a current frame; blank should that ever fail
+            self._safety_blank("watchdog")
+            return
+        self.run_pending()
+        if self.queue is not None:
+            self._end_queue("watchdog")
+        self._end_dwell("watchdog")
+        self._park(fx, fy, self.frame.frame_id)
+        if not self.blanked:
+            self._start_dwell(None)
+        self.events.append({"type": "safety", "action": "park", "position": [fx, fy], "t_ns": self._now_ns()})
+
+    # parked probe ---------------------------------------------------------------------------------------------
+    def _start_dwell(self, max_samples: int | None) -> None:
+        ps = self._parked
+        if ps is None or self.probe is None:
+            return
+        fx, fy, fid = self.probe
+        try:
+            series = self.sender.start_series(
+                [ps.channel], (1, ps.block_samples), np.dtype(ps.dtype), count_time=ps.block_s,
+                frame_time=ps.block_s, user_data={"kind": "parked", "probe_position": [fx, fy], "frame_id": fid,
+                                                  "sample_time_s": ps.sample_time_us * 1e-6, **ps.user_data})
+        except TimeoutError as exc:
+            self._dropped("parked-probe series start", exc)
+            series = None
+        now = self._clock()
+        self.dwell = Dwell(fx, fy, fid, -1 if series is None else series.series_id, now, max_samples)
+        self._next_block = now + ps.block_s
+
+    def _end_dwell(self, reason: str) -> None:
+        d, ps = self.dwell, self._parked
+        if d is None or ps is None:
+            return
+        self.dwell = None
+        try:
+            self.sender.end_series({"reason": reason, "samples": d.samples})
+        except TimeoutError as exc:
+            self._dropped(f"end of parked series {d.series_id}", exc)
+        # the beam went off now: count samples by the sample clock, not by blocks already sent
+        clock = int((self._clock() - d.started) / (ps.sample_time_us * 1e-6))
+        self.events.append({"type": "dwell_end", "series_id": d.series_id, "frame_id": d.frame_id, "reason": reason,
+                            "samples": d.samples, "beam_off_sample": max(clock, d.samples - ps.block_samples),
+                            "position": [d.fx, d.fy], "t_ns": self._now_ns(),
+                            "ejection_samples": [e["sample"] for e in d.events]})
+
+    def _advance_dwell(self) -> None:
+        d, ps, probe = self.dwell, self._parked, self._parked_probe
+        if d is None or ps is None or probe is None:
+            return
+        while self.dwell is d and self._clock() >= self._next_block:
+            n = ps.block_samples if d.max_samples is None else min(ps.block_samples, d.max_samples - d.samples)
+            counts, events = probe.parked_samples(n, d)
+            d.events.extend(self._record(ev) for ev in events)
+            d.samples += n
+            d.counts_sum += int(counts.sum())
+            if n < ps.block_samples:
+                counts = np.concatenate([counts, np.zeros(ps.block_samples - n, counts.dtype)])
+            if self.sender.series is not None:
+                try:
+                    self.sender.send_frame(counts[None, :], user_data={"first_sample": d.samples - n, "valid": n})
+                except TimeoutError as exc:
+                    self._dropped(f"parked samples {d.samples - n}..{d.samples}", exc)
+            self._next_block += ps.block_s
+            if d.max_samples is not None and d.samples >= d.max_samples:
+                self._end_point()
+
+    # point queues ---------------------------------------------------------------------------------------------
+    def _next_queue_point(self) -> None:
+        q = self.queue
+        assert q is not None
+        fx, fy = q.points[len(q.mean_counts)]
+        self._park(fx, fy, q.frame_id)
+        self._set_blanked(False)
+        self._start_dwell(q.samples)
+
+    def _end_point(self) -> None:
+        q, d = self.queue, self.dwell
+        assert q is not None and d is not None
+        q.mean_counts.append(d.counts_sum / max(d.samples, 1))
+        self._end_dwell("point_done")
+        if len(q.mean_counts) >= len(q.points):
+            self._finish_queue("done")
+        else:
+            if q.blank_between:
+                self._set_blanked(True)
+            self._next_queue_point()
+
+    def _measure_next_point(self) -> None:
+        q, probe = self.queue, self._point_probe
+        if q is None or probe is None:
+            return
+        fx, fy = q.points[len(q.mean_counts)]
+        self._set_blanked(False)
+        value = probe.measure_point(fx, fy, q.dwell_us, q.channel)
+        if q.blank_between:
+            self._set_blanked(True)
+        q.mean_counts.append(float(value))
+        if len(q.mean_counts) == len(q.points):
+            self._finish_queue("done")
+
+    def _end_queue(self, state: str) -> None:
+        q = self.queue
+        assert q is not None
+        self._end_dwell(state)
+        q.state = state
+        self.queue = None
+
+    def _finish_queue(self, state: str) -> None:
+        self._end_queue(state)
+        self._set_blanked(True)
