@@ -1,13 +1,14 @@
 """The control bridge: calls, echoes, position validation on both sides, errors and timeouts."""
 
 import math
-import threading
 
 import cbor2
 import pytest
 import zmq
 
-from beamloop.edge.control.bridge import BridgeClient, BridgeError, BridgeServer, BridgeTimeout, decode_request, encode_request
+from beamloop.edge.control.client import BridgeClient
+from beamloop.edge.control.protocol import BridgeError, BridgeTimeout, decode_envelope, encode_request
+from beamloop.edge.control.server import BridgeServer
 from beamloop.edge.frame.scanframe import BeamPositionError, ScanFrame, check_fraction
 
 
@@ -44,23 +45,10 @@ class FakeController:
 
 
 @pytest.fixture
-def bridge():
+def bridge(run_server, bridge_client):
     ctl = FakeController()
-    server = BridgeServer("tcp://127.0.0.1:0", ctl.handlers())
-    stop = threading.Event()
-
-    def loop():
-        while not stop.is_set():
-            server.handle_one(10)
-
-    th = threading.Thread(target=loop, daemon=True)
-    th.start()
-    client = BridgeClient(server.endpoint, timeout_ms=2000)
-    yield client, ctl, server
-    stop.set()
-    th.join()
-    client.close()
-    server.close()
+    with run_server(BridgeServer("tcp://127.0.0.1:0", ctl.handlers())) as server:
+        yield bridge_client(server.endpoint, timeout_ms=2000), ctl, server
 
 
 def test_calls_echo_what_was_applied(bridge):
@@ -121,22 +109,19 @@ def test_unknown_call_and_handler_bug(bridge):
     assert client.blank(True) == {"blanked": True}  # the server goes on
 
 
-def test_malformed_request_gets_bad_request(bridge):
+def test_malformed_request_gets_bad_request(bridge, req_socket):
     _, _, server = bridge
-    ctx = zmq.Context.instance()
-    s = ctx.socket(zmq.REQ)
-    s.setsockopt(zmq.LINGER, 0)
-    s.connect(server.endpoint)
-    for raw in (b"\xff\xfe", cbor2.dumps([1, 2]), cbor2.dumps({"call": 5, "seq": 1})):
-        s.send(raw)
-        assert s.poll(2000)
-        reply = cbor2.loads(s.recv())
-        assert reply["ok"] is False and reply["error"] == "bad_request"
-    s.close()
+    with req_socket(server.endpoint) as s:
+        for raw in (b"\xff\xfe", cbor2.dumps([1, 2]), cbor2.dumps({"call": 5, "seq": 1})):
+            s.send(raw)
+            assert s.poll(2000)
+            reply = cbor2.loads(s.recv())
+            assert reply["ok"] is False and reply["error"] == "bad_request"
 
 
 def test_request_codec_round_trip():
-    assert decode_request(encode_request("set_probe", 3, {"x": 0.5})) == ("set_probe", 3, {"x": 0.5})
+    req = decode_envelope(encode_request("set_probe", 3, {"x": 0.5}))
+    assert (req.call, req.seq, req.args, req.client) == ("set_probe", 3, {"x": 0.5}, None)
 
 
 def test_silent_peer_times_out_and_client_recovers():

@@ -1,35 +1,25 @@
 """The closed loop on the simulated microscope: frames in, beam positions out, atoms written, failures survived."""
 
 import math
-import threading
 
 import numpy as np
 import pytest
 import zmq
 
-from beamloop.edge.control.bridge import BridgeClient
+from beamloop.edge.control.client import BridgeClient
 from beamloop.edge.experiments.vacancy_line import ExperimentConfig, vacancy_line
 from beamloop.edge.path import frame_path
 from beamloop.edge.stages.policy import Target, VacancyLinePolicy
 from beamloop.edge.service import EdgeService
-from beamloop.edge.sim.microscope import MicroscopeConfig, SimulatedMicroscope, decode_ground_truth
+from beamloop.edge.sim.microscope import decode_ground_truth
 from beamloop.streams.native.receiver import FrameReceiver
 
 
-@pytest.fixture
-def microscope():
-    # Seed 9: on both targets the second S atom would leave > 0.4 s after the first (found by delaying the
-    # blank by 0.4 s), so the test's "exactly one atom lost" holds however loaded the machine is. (Seed 3 had
-    # a second ejection 22 ms after the first, which a busy 2-core machine could not always beat.)
-    cfg = MicroscopeConfig(frames="tcp://127.0.0.1:*", control="tcp://127.0.0.1:*", seed=9, max_park_s=3.0)
-    mic = SimulatedMicroscope(cfg)
-    stop = threading.Event()
-    th = threading.Thread(target=mic.serve, kwargs={"stop": stop.is_set}, daemon=True)
-    th.start()
-    yield mic
-    stop.set()
-    th.join()
-    mic.close()
+MICROSCOPE = {"seed": 9, "max_park_s": 3.0}
+"""Options of the ``microscope`` fixture (tests/conftest.py). Seed 9: on both targets the second S atom would
+leave > 0.4 s after the first (found by delaying the blank by 0.4 s), so the test's "exactly one atom lost"
+holds however loaded the machine is. (Seed 3 had a second ejection 22 ms after the first, which a busy
+2-core machine could not always beat.)"""
 
 
 def make_service(mic, targets=2, timeout_ms=5000):
@@ -87,7 +77,7 @@ def test_bad_target_is_never_sent(microscope):
 def test_controller_refuses_stale_frame_and_range(microscope):
     client = BridgeClient(microscope.control_endpoint)
     scan = client.acquire_frame((64, 64), (1.0, 1.0), 5.0)
-    from beamloop.edge.control.bridge import BridgeError
+    from beamloop.edge.control.protocol import BridgeError
 
     with pytest.raises(BridgeError) as e:
         client.call("set_probe", x=0.5, y=0.5, frame_id=scan.frame_id + 5)
@@ -106,7 +96,7 @@ def test_point_queue_and_busy(microscope):
     client = BridgeClient(microscope.control_endpoint)
     scan = client.acquire_frame((64, 64), (1.0, 1.0), 5.0)
     q = client.queue_points([[0.3, 0.3], [0.6, 0.6]], dwell_us=2000.0, frame_id=scan.frame_id)
-    from beamloop.edge.control.bridge import BridgeError
+    from beamloop.edge.control.protocol import BridgeError
 
     with pytest.raises(BridgeError) as e:
         client.set_probe(0.5, 0.5, scan.frame_id)

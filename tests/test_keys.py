@@ -1,17 +1,31 @@
-"""CURVE keys for the control bridge (edge/keys.py): key files, the bind rule, authenticated and encrypted calls."""
+"""CURVE keys for the control bridge (edge/control/keys.py): key files, the bind rule, secured calls."""
 
 import argparse
 import stat
-import threading
 
 import pytest
 import zmq
 
-from beamloop.edge.control.bridge import BridgeClient, BridgeServer, BridgeTimeout
 from beamloop.edge.cli import main
-from beamloop.edge.control.keys import (ClientKeys, InsecureBindError, KeyFileError, ServerKeys, add_client_key_arguments,
-                       add_server_key_arguments, authorize, check_bind, client_keys_from_args, create_key_pair,
-                       is_local_endpoint, server_keys_from_args)
+from beamloop.edge.cli.options import (
+    add_client_key_arguments,
+    add_server_key_arguments,
+    client_keys_from_args,
+    server_keys_from_args,
+)
+from beamloop.edge.control.client import BridgeClient
+from beamloop.edge.control.keys import (
+    ClientKeys,
+    InsecureBindError,
+    KeyFileError,
+    ServerKeys,
+    authorize,
+    check_bind,
+    create_key_pair,
+    is_local_endpoint,
+)
+from beamloop.edge.control.protocol import BridgeTimeout
+from beamloop.edge.control.server import BridgeServer
 from beamloop.edge.frame.scanframe import ScanFrame
 
 pytestmark = pytest.mark.skipif(not zmq.has("curve"), reason="this libzmq has no CURVE support")
@@ -71,7 +85,7 @@ def test_binding_to_the_network_without_keys_is_refused(keydir):
 
 
 @pytest.fixture
-def secured(keydir):
+def secured(keydir, run_server):
     frames = []
 
     def acquire(args):
@@ -79,14 +93,8 @@ def secured(keydir):
         return {"scan": ScanFrame(len(frames), (64, 64), (1.0, 1.0)).as_dict()}
 
     keys = ServerKeys.load(keydir / "server.key_secret", keydir / "authorized")
-    server = BridgeServer("tcp://127.0.0.1:0", {"acquire_frame": acquire}, keys=keys)
-    stop = threading.Event()
-    th = threading.Thread(target=lambda: [server.handle_one(10) for _ in iter(stop.is_set, True)], daemon=True)
-    th.start()
-    yield server, frames, keydir
-    stop.set()
-    th.join()
-    server.close()
+    with run_server(BridgeServer("tcp://127.0.0.1:0", {"acquire_frame": acquire}, keys=keys)) as server:
+        yield server, frames, keydir
 
 
 def test_authorized_client_is_served(secured):
@@ -117,7 +125,8 @@ def test_unauthorized_clients_reach_nothing(secured, who):
 
 
 def test_command_options_name_the_keys(keydir):
-    """The options a command that runs a bridge end adds (beamloop.edge.control.keys.add_*_key_arguments) load the same keys."""
+    """The options a command that runs a bridge end adds (beamloop.edge.cli.options.add_*_key_arguments) load the
+    same keys."""
     sp, cp = argparse.ArgumentParser(), argparse.ArgumentParser()
     add_server_key_arguments(sp)
     add_client_key_arguments(cp)
