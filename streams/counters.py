@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, asdict
+from dataclasses import asdict, dataclass, field
 
 
 @dataclass
@@ -25,6 +25,12 @@ class StreamCounters:
         Image ids skipped over by those jumps (frames lost upstream).
     reordered : int
         Images whose id was below the next expected id (late or duplicated); they are still delivered.
+    duplicates : int
+        Those of the ``reordered`` images whose id had been received before in the series (recognised
+        within the last 1024 ids; see :class:`beamloop.streams._ids.FrameIdTracker`).
+    bogus_ids : int
+        Images whose id jumped far ahead (more than 65536 ids) without the next image continuing from it:
+        a corrupt or foreign id, counted here once instead of as a gap (the image is still delivered).
     malformed, truncated, oversized, unexpected, mismatch : int
         Messages rejected, by :attr:`beamloop.streams.errors.ProtocolError.kind`.
     dropped : int
@@ -48,6 +54,8 @@ class StreamCounters:
     gaps: int = 0
     missing_frames: int = 0
     reordered: int = 0
+    duplicates: int = 0
+    bogus_ids: int = 0
     malformed: int = 0
     truncated: int = 0
     oversized: int = 0

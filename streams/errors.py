@@ -34,6 +34,30 @@ class OversizedMessage(ProtocolError):
     kind = "oversized"
 
 
+def check_oversize(n: int, capacity: int, what: str) -> None:
+    """Raise :class:`OversizedMessage` when a message part of ``n`` bytes overran its ``capacity``-byte buffer.
+
+    ``zmq.Socket.recv_into`` returns the part's full length even when it truncates the copy to the buffer
+    (pyzmq documentation of ``Socket.recv_into``), so ``n > capacity`` is how an oversized part shows.
+
+    Parameters
+    ----------
+    n : int
+        Bytes of the part, as ``recv_into`` returned.
+    capacity : int
+        Bytes of the buffer it was read into.
+    what : str
+        Names the part in the error message.
+
+    Raises
+    ------
+    OversizedMessage
+        ``n > capacity``.
+    """
+    if n > capacity:
+        raise OversizedMessage(f"{what} of {n} bytes exceeds the {capacity}-byte bound")
+
+
 class UnexpectedMessage(ProtocolError):
     """A well-formed message that does not fit the stream state (an image before ``start``, a foreign series)."""
 
