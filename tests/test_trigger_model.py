@@ -7,7 +7,17 @@ import numpy as np
 import pytest
 
 from beamloop.edge.trigger import make_trigger
-from beamloop.edge.trigger.model import MODEL_DIR, FeatureSpec, IntegerMLP, ModelTrigger, load_manifest, window_features
+from beamloop.edge.trigger.model import (
+    MODEL_DIR,
+    NO_SCORE,
+    FeatureSpec,
+    IntegerMLP,
+    ModelTrigger,
+    load_manifest,
+    prefill_counts,
+    rate_word,
+    window_features,
+)
 
 
 def test_features_by_hand():
@@ -126,6 +136,82 @@ def test_expected_rate_prefills_history(tmp_path):
     t.start()
     assert t.update(np.full(spec.history - 1, 3, np.uint16)) == -1  # not enough history yet
     assert t.update(np.array([3], np.uint16)) == 0 and t.trigger_sample == spec.history - 1
+
+
+def test_rate_word_and_prefill_by_hand():
+    assert rate_word(None) == 0
+    assert rate_word(2.5) == 163840 and rate_word(7.5) == 491520  # exact in 16 fractional bits
+    assert rate_word(1 / 3) == 21845  # 21845.33 rounds down
+    assert rate_word(2.0 ** -17) == 1 and rate_word(1e-9) == 1  # half an LSB rounds up; never 0 ("none")
+    assert rate_word(1e12) == 2 ** 32 - 1
+    with pytest.raises(ValueError, match="positive"):
+        rate_word(-1.0)
+    # word 2.5: floor(k * 2.5) for k = 1..6 is 2, 5, 7, 10, 12, 15 -> counts for j = 1..5: 3, 2, 3, 2, 3
+    assert prefill_counts(163840, 6).tolist() == [3, 2, 3, 2, 3]
+    # one third: floor(k / 3) for k = 0..7 steps at 3 and 6 -> counts for j = 1..6: 0, 1, 0, 0, 1, 0
+    assert prefill_counts(21845, 7).tolist() == [0, 0, 1, 0, 0, 1]  # 21845 / 2**16 is just below 1/3
+    assert prefill_counts(21846, 7).tolist() == [0, 1, 0, 0, 1, 0]
+    with pytest.raises(ValueError, match="word"):
+        prefill_counts(0, 5)
+
+
+def test_expected_rate_uses_the_integer_word(tmp_path):
+    spec = FeatureSpec(window=4, blocks=2, block=4, shift=1)
+    _tiny(tmp_path, spec)
+    t = ModelTrigger("tiny", model_dir=tmp_path)
+    t.start(expected_rate=1 / 3)
+    assert t.rate_word == 21845 and t.baseline_rate == 1 / 3
+    assert np.array_equal(t.history(), prefill_counts(21845, spec.history))
+    t.start()
+    assert t.rate_word == 0 and len(t.history()) == 0
+
+
+def test_update_scores_rearm_and_history_after_firing(tmp_path):
+    spec = FeatureSpec(window=8, blocks=3, block=4, shift=1)
+    mlp = _tiny(tmp_path, spec)
+    rng = np.random.default_rng(4)
+    x = rng.poisson(9, 2500).astype(np.uint16)
+    ref = ModelTrigger("tiny", model_dir=tmp_path).stream_scores(x)
+    assert np.all(ref[:spec.history - 1] == NO_SCORE)
+    assert np.array_equal(ref[spec.history - 1:], mlp.scores(window_features(x, spec)))
+    thr = int(np.sort(ref)[-40])
+    fires = np.flatnonzero(ref >= thr)
+    t = ModelTrigger("tiny", model_dir=tmp_path, threshold=thr)
+    got, firsts = [], []
+    for a in range(0, len(x), 97):  # blocks across the firing sample; scores continue while latched
+        k, sc = t.update_scores(x[a:a + 97])
+        got.append(sc)
+        if k >= 0:
+            firsts.append(a + k)
+            t.rearm()  # rearm at once: the next score >= threshold fires again
+    assert np.array_equal(np.concatenate(got), ref)
+    # rearmed after each block: every block with a score >= threshold fires at its first such sample
+    blocks = [fires[(fires >= a) & (fires < a + 97)] for a in range(0, len(x), 97)]
+    assert firsts == [int(b[0]) for b in blocks if len(b)] and len(firsts) > 3
+    # latched: update returns -1 but the history keeps filling, so a rearm later decides as the logic does
+    t = ModelTrigger("tiny", model_dir=tmp_path, threshold=thr)
+    u = ModelTrigger("tiny", model_dir=tmp_path, threshold=2 ** 40)  # never fires
+    first = fires[0]
+    assert t.update(x[:first + 1]) == first and t.update(x[first + 1:first + 300]) == -1
+    u.update(x[:first + 300])
+    assert np.array_equal(t.history(), u.history()) and t.samples_seen == u.samples_seen == first + 300
+    t.rearm()
+    later = fires[fires >= first + 300]
+    k = t.update(x[first + 300:])
+    assert k == (later[0] - first - 300 if len(later) else -1)
+    assert t.trigger_sample == (later[0] if len(later) else -1)
+
+
+def test_logic_latency_from_the_manifest(tmp_path):
+    spec = FeatureSpec(window=4, blocks=0)
+    _tiny(tmp_path, spec)
+    t = ModelTrigger("tiny", model_dir=tmp_path)
+    assert t.logic_latency_cycles is None and np.isnan(t.logic_latency_ns)
+    m = json.loads((tmp_path / "manifest.json").read_text())
+    m["models"]["tiny"]["logic"] = {"latency_cycles": 9, "latency_ns": 90.0}
+    (tmp_path / "manifest.json").write_text(json.dumps(m))
+    t = ModelTrigger("tiny", model_dir=tmp_path)
+    assert t.logic_latency_cycles == 9 and t.logic_latency_ns == 90.0
 
 
 def test_bad_input(tmp_path):

@@ -27,6 +27,17 @@ networks", arXiv:2206.07527 (2022)): ``acc = W_l @ a + b_l`` (integers; the accu
 ``a' = min(max(acc, 0) >> -e_l, 2**bits - 1)`` (``acc << e_l`` when ``e_l >= 0``), with
 ``2**e_l = s_a * s_w / s_out``. The last layer's accumulator is the score (a logit in units of
 ``output_scale``); the trigger fires when ``score >= threshold``.
+
+The same integers run in FPGA logic (:mod:`beamloop.fpga.ip`), one sample per clock-enabled step. What the
+logic holds and this module mirrors bit for bit:
+
+- the **expected rate** of a dwell as an unsigned fixed-point word with :data:`RATE_FRACTION_BITS`
+  fractional bits (:func:`rate_word`; 0 means "none"); the history before the first decision is
+  pre-filled with the integer counts ``floor((j + 1) * word / 2**16) - floor(j * word / 2**16)``,
+  ``j = 1 .. history - 1``, whose running sum follows the rate;
+- a **score on every sample** (:meth:`ModelTrigger.update_scores`; :data:`NO_SCORE` before the history is
+  full), also after the trigger has fired (the history keeps filling while the beam is blanked);
+- a **latch** set by the first score ``>= threshold`` and cleared by :meth:`ModelTrigger.rearm`.
 """
 
 from __future__ import annotations
@@ -40,10 +51,74 @@ from pathlib import Path
 import numba
 import numpy as np
 
-from beamloop.edge.trigger.base import TriggerState
+from beamloop.edge.trigger.base import TriggerState, check_expected_rate
 
 MODEL_DIR = Path(str(resources.files("beamloop.edge") / "models" / "trigger"))
 """Folder of the shipped trigger models inside the installed package (``manifest.json`` lists them)."""
+
+NO_SCORE = -(1 << 62)
+"""Score reported for a sample with too little history to decide on (see :meth:`ModelTrigger.update_scores`)."""
+
+RATE_FRACTION_BITS = 16
+"""Fractional bits of the expected-rate word (:func:`rate_word`): unsigned fixed point, counts per sample."""
+
+RATE_WORD_MAX = (1 << 32) - 1
+"""Largest expected-rate word (a 32-bit register)."""
+
+
+def rate_word(expected_rate: float | None) -> int:
+    """The integer the trigger holds for a dwell's expected rate (the logic's expected-rate register).
+
+    Parameters
+    ----------
+    expected_rate : float or None
+        Counts per sample of the intact column, or None (no expected rate: the trigger waits for a full
+        history).
+
+    Returns
+    -------
+    int
+        0 for None; otherwise ``floor(expected_rate * 2**16 + 1/2)`` (round half up) clipped to
+        ``[1, 2**32 - 1]``: unsigned fixed point with :data:`RATE_FRACTION_BITS` fractional bits.
+
+    Raises
+    ------
+    ValueError
+        ``expected_rate`` not finite or not positive.
+    """
+    rate = check_expected_rate(expected_rate)
+    if rate is None:
+        return 0
+    return int(min(max(math.floor(rate * (1 << RATE_FRACTION_BITS) + 0.5), 1), RATE_WORD_MAX))
+
+
+def prefill_counts(word: int, history: int) -> np.ndarray:
+    """The ``history - 1`` counts a dwell with expected-rate word ``word`` starts with, oldest first.
+
+    Count ``j`` (``j = 1 .. history - 1``) is ``floor((j + 1) * word / 2**16) - floor(j * word / 2**16)``,
+    integer arithmetic only, so that the logic's accumulator (add ``word`` per sample, take the integer
+    part) gives the same counts.
+
+    Parameters
+    ----------
+    word : int
+        Expected-rate word (:func:`rate_word`), ``>= 1``.
+    history : int
+        Samples per decision (:attr:`FeatureSpec.history`).
+
+    Returns
+    -------
+    ndarray, shape (history - 1,), int64
+
+    Raises
+    ------
+    ValueError
+        ``word`` outside ``[1, 2**32 - 1]``.
+    """
+    if not 1 <= int(word) <= RATE_WORD_MAX:
+        raise ValueError(f"expected-rate word must lie in [1, {RATE_WORD_MAX}], got {word}")
+    acc = (np.arange(history + 1, dtype=np.int64) * np.int64(word)) >> RATE_FRACTION_BITS
+    return np.diff(acc)[1:]
 
 
 @dataclass(frozen=True)
@@ -317,7 +392,7 @@ def _decide(x, hist, state, spec, p, meta, act, acc, cs, threshold, scores, stop
     Samples are clipped at ``sample_clip = max(input_max, (input_max + 1) << shift)`` on the way in, which
     changes no feature (a clipped sample saturates its window entry and its context sum either way).
     ``cs`` (int64, >= held + len(x) + 1) receives prefix sums; ``act``, ``acc`` as for :func:`_layers_tile`.
-    ``scores`` (len(x) or 0) receives every score (``-2**62`` before the history is full). Returns the
+    ``scores`` (len(x) or 0) receives every score (:data:`NO_SCORE` before the history is full). Returns the
     block index of the first score ``>= threshold`` (deciding no further tile if ``stop``), -1 if none, or
     -2 (state untouched) if ``x`` holds a negative value.
     """
@@ -377,6 +452,34 @@ def _decide(x, hist, state, spec, p, meta, act, acc, cs, threshold, scores, stop
     return first
 
 
+@numba.njit(cache=True, nogil=True)
+def _push(x, hist, state, h, clip):
+    """Append a block of counts ``x`` to the history without deciding (the trigger has fired; the logic keeps
+    filling its history while the beam is blanked). Layout of ``hist`` and ``state`` as for :func:`_decide`.
+    Returns 0, or -2 (state untouched) if ``x`` holds a negative value."""
+    n = x.shape[0]
+    for k in range(n):
+        if x[k] < 0:
+            return -2
+    held = state[0]
+    keep = h - 1
+    if n >= keep:
+        for i in range(keep):
+            v = np.int64(x[n - keep + i])
+            hist[i] = clip if v > clip else v
+        state[0] = keep
+        return 0
+    drop = max(held + n - keep, 0)
+    for i in range(held - drop):
+        hist[i] = hist[drop + i]
+    base = held - drop
+    for k in range(n):
+        v = np.int64(x[k])
+        hist[base + k] = clip if v > clip else v
+    state[0] = base + n
+    return 0
+
+
 def load_manifest(model_dir: Path | None = None) -> dict:
     """The shipped models' ``manifest.json`` as a dict.
 
@@ -397,6 +500,12 @@ class ModelTrigger(TriggerState):
     One :meth:`update` is one numba call for the whole block (no per-sample Python, no allocation); per
     tile of up to :data:`TILE` samples it builds the features from a history buffer and prefix sums and runs
     the integer network (int32 multiply-adds vectorised along the samples). ``bench/trigger_decision.py`` times it.
+
+    The FPGA trigger (:mod:`beamloop.fpga.ip`) computes the same integers; to emulate it sample for sample:
+    :meth:`start` with the dwell's expected rate (the logic's expected-rate register holds
+    :attr:`rate_word`), :meth:`update` per block (index of the first firing sample) or
+    :meth:`update_scores` (also the score of every sample), :meth:`rearm` where the logic's latch is
+    cleared, and :attr:`logic_latency_ns` added to the decision sample's time for the blanking time.
 
     Parameters
     ----------
@@ -442,6 +551,8 @@ class ModelTrigger(TriggerState):
         self._state = np.zeros(1, np.int64)
         self._act, self._acc = self.mlp.work_buffers()
         self._no_scores = np.zeros(0, np.int64)
+        self.logic = dict(entry.get("logic") or {})
+        self.rate_word = 0
         self.start()
 
     def start(self, expected_rate: float | None = None) -> None:
@@ -449,9 +560,10 @@ class ModelTrigger(TriggerState):
 
         Without ``expected_rate`` the first decision comes once ``spec.history`` samples have arrived (as
         the classical triggers wait for their baseline). With it (counts per sample), the history is
-        pre-filled with integer counts whose running sum follows ``expected_rate`` so that decisions start
-        at the first sample. :attr:`baseline_rate` is the expected rate, or the mean of the first
-        ``spec.history`` samples (the network itself reads no rate; this is what the dwell reports).
+        pre-filled with ``spec.history - 1`` integer counts whose running sum follows the rate
+        (:func:`prefill_counts` of :attr:`rate_word`, the value of the logic's expected-rate register), so
+        that decisions start at the first sample. :attr:`baseline_rate` is the expected rate, or the mean of
+        the first ``spec.history`` samples (the network itself reads no rate; this is what the dwell reports).
 
         Raises
         ------
@@ -459,18 +571,56 @@ class ModelTrigger(TriggerState):
             ``expected_rate`` not finite or not positive.
         """
         rate = self.begin_dwell(expected_rate)
+        self.rate_word = rate_word(rate)
         self._base_sum = 0.0
         self._state[0] = 0
         if rate is not None:
             h = self.spec.history
-            seq = np.diff(np.floor(np.arange(h + 1) * rate)).astype(np.int64)
-            self._hist[:h - 1] = seq[1:]  # the last h - 1 samples of a history of h
+            self._hist[:h - 1] = prefill_counts(self.rate_word, h)  # the last h - 1 samples of a history of h
             self._state[0] = h - 1
+
+    def rearm(self) -> None:
+        """Clear the latch (as writing 1 to the logic's latch bit): :attr:`trigger_sample` becomes -1 and the
+        next sample whose score reaches the threshold fires again. The history and the sample count carry on
+        (they kept filling while the trigger was latched)."""
+        self.trigger_sample = -1
+
+    @property
+    def logic_latency_cycles(self) -> int | None:
+        """Clock cycles from a sample entering the FPGA trigger to its blank output (the manifest's ``logic``
+        entry, written by ``beamloop fpga build --record``); None when the model has no logic build."""
+        v = self.logic.get("latency_cycles")
+        return None if v is None else int(v)
+
+    @property
+    def logic_latency_ns(self) -> float:
+        """Nanoseconds from a sample entering the FPGA trigger to its blank output at the logic's clock
+        (``logic.latency_ns`` of the manifest entry); NaN when the model has no logic build. The blanking
+        time of a decision on sample ``k`` of a dwell is the end of sample ``k`` plus this."""
+        v = self.logic.get("latency_ns")
+        return math.nan if v is None else float(v)
 
     def history(self) -> np.ndarray:
         """Copy of the samples held for the next decision (up to ``spec.history - 1``, oldest first, clipped
         as described in :func:`_decide`)."""
         return self._hist[:int(self._state[0])].copy()
+
+    @staticmethod
+    def _as_counts(block: np.ndarray) -> np.ndarray:
+        """``block`` as a 1-D integer array; raises ``ValueError`` for negative or non-finite floats."""
+        x = block if type(block) is np.ndarray and block.ndim == 1 else np.asarray(block).reshape(-1)
+        if x.dtype.kind not in "iu":
+            if x.dtype.kind != "f" or not np.all(np.isfinite(x)) or np.any(x < 0):
+                raise ValueError("trigger input has negative or non-finite counts")
+            x = x.astype(np.int64)  # integer blocks (uint16 from the detector) go to the kernel as they are
+        return x
+
+    def _push_history(self, x: np.ndarray) -> None:
+        """Append ``x`` to the history without deciding; raises ``ValueError`` for a negative count."""
+        s = self._spec
+        for a in range(0, len(x), self._max_block):
+            if _push(x[a:a + self._max_block], self._hist, self._state, int(s[0] + s[1] * s[2]), int(s[5])) == -2:
+                raise ValueError("trigger input has negative or non-finite counts")
 
     def update(self, block: np.ndarray) -> int:
         """Feed a block of counts; return the index within it of the alarm, or -1.
@@ -484,21 +634,52 @@ class ModelTrigger(TriggerState):
         -------
         int
             Index in ``block`` of the first sample whose score reaches the threshold, -1 if none (or if the
-            trigger had already fired).
+            trigger had already fired; its history keeps filling, as the logic's does).
 
         Raises
         ------
         ValueError
             Negative or non-finite values (the trigger's state is left as it was).
         """
-        x = block if type(block) is np.ndarray and block.ndim == 1 else np.asarray(block).reshape(-1)
-        if x.dtype.kind not in "iu":
-            if x.dtype.kind != "f" or not np.all(np.isfinite(x)) or np.any(x < 0):
-                raise ValueError("trigger input has negative or non-finite counts")
-            x = x.astype(np.int64)  # integer blocks (uint16 from the detector) go to the kernel as they are
+        x = self._as_counts(block)
         if self.trigger_sample >= 0:
+            self._push_history(x)
             self.samples_seen += len(x)
             return -1
+        return self._feed(x, self._no_scores, True)
+
+    def update_scores(self, block: np.ndarray) -> tuple[int, np.ndarray]:
+        """:meth:`update` that also returns the score of every sample of the block, as the logic reports one
+        per sample (also after the trigger has fired).
+
+        Parameters
+        ----------
+        block : ndarray, shape (n,) or (1, n), counts per sample (as for :meth:`update`)
+
+        Returns
+        -------
+        first : int
+            Index in ``block`` of the sample that fired the trigger (the first score ``>= threshold`` while
+            not latched), or -1.
+        scores : ndarray, shape (n,), int64
+            Integer score of every sample; :data:`NO_SCORE` where the history was not yet full.
+
+        Raises
+        ------
+        ValueError
+            Negative or non-finite values (the trigger's state is left as it was).
+        """
+        x = self._as_counts(block)
+        scores = np.empty(len(x), np.int64)
+        if self.trigger_sample >= 0:
+            self._run(x, scores, False)
+            self.samples_seen += len(x)
+            return -1, scores
+        return self._feed(x, scores, False), scores
+
+    def _feed(self, x: np.ndarray, scores: np.ndarray, stop: bool) -> int:
+        """Decide on ``x`` (the trigger not latched): baseline bookkeeping, kernel, firing sample; returns
+        the firing index in ``x`` or -1; ``scores`` (len(x) or 0) receives every score."""
         baseline = self.samples_seen < self.spec.history and math.isnan(self.baseline_rate)
         if baseline:
             take = min(self.spec.history - self.samples_seen, len(x))
@@ -506,11 +687,11 @@ class ModelTrigger(TriggerState):
         if len(x) <= self._max_block:
             m = self.mlp
             k = int(_decide(x, self._hist, self._state, self._spec, m.params, m.meta, self._act, self._acc, self._cs,
-                            self.threshold, self._no_scores, True))
+                            self.threshold, scores, stop))
             if k == -2:
                 raise ValueError("trigger input has negative or non-finite counts")
         else:
-            k = self._run(x, self._no_scores, True)
+            k = self._run(x, scores, stop)
         if baseline:
             self._base_sum = base_sum
             if self.samples_seen + take == self.spec.history:
@@ -522,7 +703,8 @@ class ModelTrigger(TriggerState):
 
     def _run(self, x: np.ndarray, scores: np.ndarray, stop: bool) -> int:
         """Run the kernel over ``x`` in calls of at most ``max_block`` samples; returns the index of the first
-        score ``>= threshold`` or -1 (stopping there if ``stop``); raises ``ValueError`` for a negative count."""
+        score ``>= threshold`` or -1 (stopping there if ``stop``); raises ``ValueError`` for a negative count
+        (a negative count after the first call leaves the earlier calls' samples in the history)."""
         m = self.mlp
         step = self._max_block
         first = -1
@@ -539,22 +721,24 @@ class ModelTrigger(TriggerState):
                     break
         return first
 
-    def stream_scores(self, counts: np.ndarray) -> np.ndarray:
+    def stream_scores(self, counts: np.ndarray, expected_rate: float | None = None) -> np.ndarray:
         """Scores of every sample of a whole stream from a fresh history (for evaluation).
 
         Parameters
         ----------
         counts : ndarray, shape (n,), integer counts
+        expected_rate : float, optional
+            The dwell's expected rate (as for :meth:`start`): decisions from the first sample.
 
         Returns
         -------
-        ndarray, shape (n,), int64; ``-2**62`` for the first ``spec.history - 1`` samples (no decision).
-        Leaves the trigger started afresh.
+        ndarray, shape (n,), int64; :data:`NO_SCORE` (``-2**62``) for the first ``spec.history - 1`` samples
+        (no decision) unless an expected rate is given. Leaves the trigger started afresh.
         """
         x = np.ascontiguousarray(counts).reshape(-1)
         if x.dtype.kind not in "iu":
             x = x.astype(np.int64)
-        self.start()
+        self.start(expected_rate)
         out = np.empty(len(x), np.int64)
         self._run(x, out, False)
         self.start()
