@@ -9,6 +9,7 @@ import math
 
 import numpy as np
 import pytest
+import zmq
 
 from beamloop.edge.control.controller import (
     Acquisition,
@@ -154,6 +155,8 @@ def test_acquire_frame_limits_of_a_bounded_field_of_view():
 def test_acquired_frame_goes_out_on_the_frame_stream(controller):
     ctl, backend, wire = controller
     with FrameReceiver(ctl.frames_endpoint) as rx:
+        # a PUSH socket is writable once a receiver is connected: wait for that, so no send can time out
+        assert ctl.sender._sock.poll(10_000, zmq.POLLOUT)
         reply = wire("acquire_frame", shape=[32, 64], fov_nm=[1.0, 2.0], channels=["bf", "haadf"])
         assert reply["frame_id"] == 1 and reply["pixel_nm"] == pytest.approx(1 / 32)  # the backend's field
         assert reply["scan"] == ctl.frame.as_dict() and ctl.frame.dwell_us == LIMITS.default_dwell_us
