@@ -114,7 +114,8 @@ def run(quick: bool = False, duration_s: float | None = None, window_s: float | 
     RuntimeError
         The simulator could not be started.
     """
-    from beamloop.edge.control.bridge import BridgeClient, BridgeError
+    from beamloop.edge.control.client import BridgeClient
+    from beamloop.edge.control.protocol import BridgeError
     from beamloop.edge.experiments.vacancy_line import ExperimentConfig, vacancy_line
     from beamloop.edge.app import ServiceConfig, build_service, warm_up
     from beamloop.edge.experiments.closed_loop import start_simulator

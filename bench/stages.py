@@ -145,7 +145,8 @@ def run(quick: bool = False, sizes=SIZES, frames: dict | None = None, progress_b
 
     from beamloop.bench.simhost import SimHost
     from beamloop.edge.app import ServiceConfig, build_service
-    from beamloop.edge.control.bridge import BridgeClient, BridgeError
+    from beamloop.edge.control.client import BridgeClient
+    from beamloop.edge.control.protocol import BridgeError
     from beamloop.streams.native.receiver import FrameReceiver
 
     counts = dict(FRAMES[bool(quick)])

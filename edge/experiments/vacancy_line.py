@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from beamloop.edge.control.bridge import BridgeError
+from beamloop.edge.control.protocol import BridgeError
 from beamloop.edge.frame.columns import ColumnTable
 from beamloop.edge.stages.policy import Target
 from beamloop.edge.frame.scanframe import ScanFrame
