@@ -1,10 +1,15 @@
-"""The whole FPGA flow for one trigger model: resolve the model, trace, RTL, simulation, hls4ml, synthesis,
-report. :func:`build` is ``beamloop fpga build``; :func:`sim` is ``beamloop fpga sim``.
+"""The whole FPGA flow for one trigger model: the trigger IP (:mod:`beamloop.fpga.ip`) from raw samples to
+``blank``, its simulation on dwells against the integer runtime, hls4ml's C simulation of the model, synthesis
+and a report. :func:`build` is ``beamloop fpga build``; :func:`sim` is ``beamloop fpga sim``.
 
-Artefacts in ``out/``: ``rtl/`` (da4ml project + ``<name>_trigger.v`` + ``<name>_trigger_board.v``,
-``design.json``), ``sim/`` (Icarus build, ``sim_result.json``), ``hls/`` (hls4ml project), ``ecp5/``
-(``synth.json``, ``stat.json``, ``.config``, ``nextpnr_report.json``, ``.bit``, logs), ``report.json`` and
-``report.md``.
+Artefacts in ``out/``: ``ip/`` (da4ml projects of the precompute and the tail, the core, the Wishbone,
+AXI4-Lite and place-and-route tops, ``ip.json``), ``sim/`` (Icarus builds, bench files, ``stream_result_*.json``),
+``hls/`` (hls4ml project), ``ecp5/`` (``synth.json``, ``stat.json``, ``.config``, ``nextpnr_report.json``, ``.bit``,
+logs), ``report.json`` and ``report.md``.
+
+The earlier model-only flow (the network alone on a ready feature vector, against QONNX on random vectors:
+:func:`model_build`, :func:`model_sim`; ``--model-only`` on the command line) is kept for models without a
+feature spec and for comparison.
 """
 
 from __future__ import annotations
@@ -115,8 +120,8 @@ def _base_report(ref: ModelRef, traced, design, target: str) -> dict:
             "notes": [], "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
 
 
-def sim(model: str, out: str | Path, samples: int = 10_000, latency_cutoff: float = DEFAULT_LATENCY_CUTOFF, seed: int = 0,
-        progress=print) -> dict:
+def model_sim(model: str, out: str | Path, samples: int = 10_000, latency_cutoff: float = DEFAULT_LATENCY_CUTOFF,
+              seed: int = 0, progress=print) -> dict:
     """Trace, write RTL and simulate it with cocotb/Icarus against QONNX; writes ``report.json``/``.md``.
 
     Returns the report dict. Raises what :func:`resolve_model`, :func:`beamloop.fpga.qonnx_trace.trace_qonnx` and
@@ -132,10 +137,10 @@ def sim(model: str, out: str | Path, samples: int = 10_000, latency_cutoff: floa
     return rep
 
 
-def build(model: str, target: str, out: str | Path, samples: int = 10_000,
-          latency_cutoff: float = DEFAULT_LATENCY_CUTOFF,
-          freq_mhz: float = 100.0, seed: int = 0, run_sim: bool = True, run_hls: bool = True, progress=print) -> dict:
-    """The full flow (see the module docstring).
+def model_build(model: str, target: str, out: str | Path, samples: int = 10_000,
+                latency_cutoff: float = DEFAULT_LATENCY_CUTOFF, freq_mhz: float = 100.0, seed: int = 0,
+                run_sim: bool = True, run_hls: bool = True, progress=print) -> dict:
+    """The model-only flow: the network on a ready feature vector (see the module docstring).
 
     Parameters
     ----------
@@ -194,3 +199,221 @@ def build(model: str, target: str, out: str | Path, samples: int = 10_000,
     write_report(rep, out / "report.json")
     progress(f"report: {out / 'report.json'}, {out / 'report.md'}")
     return rep
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the trigger IP
+
+
+def model_folder(model: str) -> tuple[str, Path]:
+    """(manifest entry, model folder) of a shipped model's name, a model folder, or a file inside one (the
+    entry whose files name it, else the only entry with a feature spec).
+
+    Raises
+    ------
+    FileNotFoundError
+        No such model or folder.
+    """
+    from beamloop.edge.trigger.model import MODEL_DIR
+
+    p = Path(model)
+    if p.is_dir() or p.suffix:
+        d = p if p.is_dir() else p.parent
+        mf = d / "manifest.json"
+        if not mf.is_file():
+            raise FileNotFoundError(f"{model}: no manifest.json in {d}")
+        entries = json.loads(mf.read_text()).get("models", {})
+        if p.is_file():
+            hit = [k for k, v in entries.items() if p.name in (v.get("files") or {}).values()]
+            if hit:
+                return hit[0], d
+        stream = [k for k, v in entries.items() if "features" in v]
+        if len(stream) == 1:
+            return stream[0], d
+        raise FileNotFoundError(f"{model}: cannot tell which model of {d / 'manifest.json'} ({sorted(entries)})")
+    entries = json.loads((MODEL_DIR / "manifest.json").read_text()).get("models", {})
+    if model not in entries:
+        raise FileNotFoundError(f"{model!r} is neither a model folder nor a model in {MODEL_DIR / 'manifest.json'} "
+                                f"(models: {sorted(entries)})")
+    return model, MODEL_DIR
+
+
+def _ip_report(design, name: str, model_dir: Path, target: str) -> dict:
+    from beamloop.fpga.ip import REGISTERS, register_table_md
+
+    entry = json.loads((model_dir / "manifest.json").read_text())["models"][name]
+    val = entry.get("metrics", {}).get("validation_windows", {}).get("quantized", {})
+    return {"target": target, "kind": "ip",
+            "model": {"name": name, "model_dir": str(model_dir), "dims": design.dims, "features": design.features,
+                      "threshold_score": design.threshold, "model_id": f"0x{design.model_id:08X}",
+                      "accuracy": val.get("accuracy"), "auc": val.get("auc"), "n_inputs": design.dims[0],
+                      "input_bits": design.features["input_bits"]},
+            "rtl": {"stages": design.tail.stages, "pre_stages": design.pre.stages,
+                    "latency_cycles": design.latency_cycles, "min_interval_cycles": design.min_interval,
+                    "prefill_cycles": design.prefill_cycles, "latency_cutoff": design.latency_cutoff,
+                    "pre_cutoff": design.pre_cutoff, "history_impl": design.history_impl,
+                    "clip_input": design.clip_input, "tail_ops": design.tail.ops, "pre_ops": design.pre.ops,
+                    "tail_adder_depth": design.tail.adder_depth, "pre_adder_depth": design.pre.adder_depth,
+                    "top": design.top_wb, "top_axil": design.top_axil, "board_top": design.top_board,
+                    "sample_clip": design.sample_clip},
+            "registers": [{"offset": f"0x{r.offset:02X}", "name": r.name, "access": r.access, "reset": r.reset,
+                           "description": r.description} for r in REGISTERS],
+            "registers_md": register_table_md(),
+            "notes": [], "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+
+
+def default_dwells(n: int = 8, length: int = 1000, seed: int = 0):
+    """The dwells ``beamloop fpga sim`` and ``build`` stream when given no file
+    (:func:`beamloop.fpga.ip_sim.synthetic_dwells`)."""
+    from beamloop.fpga.ip_sim import synthetic_dwells
+
+    return synthetic_dwells(n, length, seed)
+
+
+def sim(model: str, out: str | Path, dwells=None, latency_cutoff: float = DEFAULT_LATENCY_CUTOFF, bus: str = "wb",
+        history_impl: str = "sr", pre_cutoff: float | None = None, progress=print) -> dict:
+    """Write the trigger IP of ``model`` and stream ``dwells`` through it in Icarus, compared with the runtime;
+    writes ``report.json``/``.md``.
+
+    Parameters
+    ----------
+    model : str
+        Shipped model name or model folder (:func:`model_folder`).
+    out : str or Path
+    dwells : beamloop.fpga.ip_sim.Dwells, optional
+        Default :func:`default_dwells`.
+    latency_cutoff, pre_cutoff : float
+        da4ml adder delays per stage of the tail and the precompute.
+    bus : str
+        ``"wb"`` or ``"axil"``.
+    history_impl : str
+        ``"sr"`` or ``"lutram"``.
+    progress : callable
+
+    Returns
+    -------
+    dict
+        The report.
+    """
+    from beamloop.fpga.ip import write_ip
+    from beamloop.fpga.ip_sim import simulate_stream
+
+    out = Path(out)
+    name, d = model_folder(model)
+    design = write_ip(name, out / "ip", model_dir=d, latency_cutoff=latency_cutoff, pre_cutoff=pre_cutoff,
+                      history_impl=history_impl)
+    progress(f"ip: precompute {design.pre.stages} stages, tail {design.tail.stages} stages, latency "
+             f"{design.latency_cycles} cycles, minimum sample interval {design.min_interval} cycles")
+    rep = _ip_report(design, name, d, "sim")
+    rep["sim"] = simulate_stream(design, dwells if dwells is not None else default_dwells(), out / "sim", bus=bus,
+                                 model_dir=d, progress=progress).as_dict()
+    write_report(rep, out / "report.json")
+    return rep
+
+
+def build(model: str, target: str, out: str | Path, dwells=None, latency_cutoff: float = DEFAULT_LATENCY_CUTOFF,
+          freq_mhz: float = 100.0, run_sim: bool = True, run_hls: bool = True, history_impl: str = "sr",
+          pre_cutoff: float | None = None, hls_samples: int = 2000, seed: int = 1, record: bool = False,
+          progress=print) -> dict:
+    """The trigger IP of ``model``: RTL, stream simulation against the runtime, hls4ml C simulation of the
+    network, and for an ECP5 target synthesis, place and route (the harness ``<n>_ip_board``) and a bitstream.
+
+    Parameters
+    ----------
+    model : str
+        Shipped model name or model folder (:func:`model_folder`).
+    target : str
+        ``ecp5-85k`` (or another key of :data:`beamloop.fpga.synth.ECP5_DEVICES`), else a Xilinx part for the
+        hls4ml project (the IP's synthesis then needs Vivado: skipped).
+    out : str or Path
+    dwells : beamloop.fpga.ip_sim.Dwells, optional
+        Streamed in the simulation (default :func:`default_dwells`).
+    latency_cutoff, pre_cutoff : float
+        da4ml adder delays per stage of the tail and of the precompute.
+    freq_mhz : float
+        Clock constraint for place and route.
+    run_sim, run_hls : bool
+    history_impl : str
+    hls_samples : int
+        Random feature vectors for the hls4ml C simulation against QONNX.
+    seed : int
+        nextpnr placement seed.
+    record : bool
+        Write the measured latency into the model's manifest entry (``logic``), which
+        :attr:`beamloop.edge.trigger.model.ModelTrigger.logic_latency_ns` reads.
+    progress : callable
+
+    Returns
+    -------
+    dict
+        The report (also ``out/report.json`` and ``.md``); ``latency_ns`` at fmax.
+    """
+    from beamloop.fpga.ip import write_ip
+    from beamloop.fpga.synth import ECP5_DEVICES, synth_ecp5
+
+    out = Path(out)
+    name, d = model_folder(model)
+    design = write_ip(name, out / "ip", model_dir=d, latency_cutoff=latency_cutoff, pre_cutoff=pre_cutoff,
+                      history_impl=history_impl)
+    progress(f"ip: precompute {design.pre.stages} stages, tail {design.tail.stages} stages, latency "
+             f"{design.latency_cycles} cycles, minimum sample interval {design.min_interval} cycles")
+    rep = _ip_report(design, name, d, target)
+    if run_sim:
+        from beamloop.fpga.ip_sim import simulate_stream
+
+        rep["sim"] = simulate_stream(design, dwells if dwells is not None else default_dwells(), out / "sim",
+                                     model_dir=d, progress=progress).as_dict()
+    entry = json.loads((d / "manifest.json").read_text())["models"][name]
+    if run_hls and entry.get("files", {}).get("qonnx"):
+        from beamloop.fpga.hls import hls_check
+        from beamloop.fpga.qonnx_trace import qonnx_reference
+        from beamloop.fpga.sim import sample_inputs
+
+        q = d / entry["files"]["qonnx"]
+        x = sample_inputs(hls_samples, design.dims[0], design.features["input_bits"], seed=0)
+        part = target if target not in ECP5_DEVICES else "xcu250-figd2104-2L-e"
+        rep["hls"] = hls_check(q, x, qonnx_reference(q, x), out / "hls", part=part, progress=progress).as_dict()
+    if target in ECP5_DEVICES:
+        s = synth_ecp5(design.board_sources, design.top_board, out / "ecp5", target=target, freq_mhz=freq_mhz,
+                       seed=seed, progress=progress)
+        rep["synth"] = s.as_dict()
+        lat = (rep.get("sim") or {}).get("latency_cycles") or design.latency_cycles
+        rep["latency_ns"] = latency_ns(lat, s.fmax_mhz)
+        rep["latency_ns_at_constraint"] = latency_ns(lat, freq_mhz)
+        rep["notes"].append(
+            f"Resources and fmax are of the place-and-route harness {design.top_board}: the Wishbone top with a "
+            "register on every pin (137 extra FF), so that every path inside the IP is timed.")
+    else:
+        rep["synth"] = {"target": target, "part": target,
+                        "status": "skipped: Xilinx parts need Vivado for synthesis of the IP (sources in "
+                                  f"{design.out_dir}/src, {design.out_dir}/pre/src, {design.out_dir}/tail/src); the "
+                                  "hls4ml project of the network is made and C-simulated"}
+    if record:
+        rep["recorded"] = str(record_logic(name, d, rep))
+    write_report(rep, out / "report.json")
+    progress(f"report: {out / 'report.json'}, {out / 'report.md'}")
+    return rep
+
+
+def record_logic(name: str, model_dir: Path, rep: dict) -> Path:
+    """Store a build's latency in the model's manifest entry as ``logic``: ``latency_cycles``, ``latency_ns``
+    (at fmax), ``fmax_mhz``, ``target``, ``part``, ``min_interval_cycles``, ``date``; returns the manifest path.
+
+    Raises
+    ------
+    ValueError
+        The report has no place-and-route figures.
+    """
+    syn = rep.get("synth") or {}
+    if not syn.get("fmax_mhz"):
+        raise ValueError("nothing to record: the build has no place-and-route result")
+    path = Path(model_dir) / "manifest.json"
+    manifest = json.loads(path.read_text())
+    rtl = rep.get("rtl") or {}
+    manifest["models"][name]["logic"] = {
+        "target": syn.get("target"), "part": syn.get("part"), "fmax_mhz": round(float(syn["fmax_mhz"]), 2),
+        "latency_cycles": int((rep.get("sim") or {}).get("latency_cycles") or rtl.get("latency_cycles")),
+        "latency_ns": round(float(rep["latency_ns"]), 2), "min_interval_cycles": rtl.get("min_interval_cycles"),
+        "latency_cutoff": rtl.get("latency_cutoff"), "ip_version": "1.0", "date": time.strftime("%Y-%m-%d")}
+    path.write_text(json.dumps(manifest, indent=2))
+    return path

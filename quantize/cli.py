@@ -9,6 +9,8 @@
 - ``beamloop quantize eval``: ROC PNG, false-trigger rate per second of dwell, detection delay, float vs
   quantized and the classical triggers on the same held-out dwells; for the 4D-STEM trigger, ROC and
   accuracy per dose against a virtual ADF detector. It reads the shipped models by default.
+- ``beamloop quantize streams --out FILE``: simulated parked-probe dwells (events anywhere, the training
+  nuisances) in the file format ``beamloop fpga sim --stream`` reads.
 
 torch, brevitas and qonnx (the ``quant`` extra) are imported by the command functions only.
 """
@@ -190,6 +192,19 @@ def cmd_eval(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_streams(a: argparse.Namespace) -> int:
+    """``beamloop quantize streams``: write simulated dwells for ``beamloop fpga sim --stream``; exit status."""
+    from beamloop.quantize.data import StreamConditions, check_dwells, save_dwells
+
+    cond = StreamConditions.clean() if a.clean else StreamConditions()
+    st = check_dwells(a.dwells, a.length, a.seed, cond)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    save_dwells(st, a.out)
+    print(f"wrote {a.out}: {len(st)} dwells, {sum(len(c) for c in st.counts)} samples, "
+          f"{int((st.event >= 0).sum())} with an event")
+    return 0
+
+
 def register(subparsers) -> None:
     """Add ``quantize`` with its ``train``, ``export`` and ``eval`` subcommands to the ``beamloop`` parser."""
     q = subparsers.add_parser("quantize", help="trigger models: quantization-aware training, export, evaluation")
@@ -245,3 +260,11 @@ def register(subparsers) -> None:
     v.add_argument("--roc-delay", type=int, default=16, help="lowered samples before the ROC's positive decisions")
     v.add_argument("--update-manifest", action="store_true", help="store the figures in the model's manifest entry")
     v.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("streams", help="simulated parked-probe dwells for `beamloop fpga sim --stream`")
+    s.add_argument("--out", required=True, help=".npz file to write")
+    s.add_argument("--dwells", type=int, default=200)
+    s.add_argument("--length", type=int, default=1000, help="samples per dwell")
+    s.add_argument("--seed", type=int, default=500)
+    s.add_argument("--clean", action="store_true", help="the main job's steady microscope instead of the nuisances")
+    s.set_defaults(func=cmd_streams)

@@ -19,7 +19,10 @@ sample on an S2 column. On top of the microscope's physics a stream here may hav
 
 :func:`training_segments` makes short segments (history + a few decisions) for training;
 :func:`dwell_streams` makes whole dwells from the moment the beam is unblanked, with the event time drawn
-from the knock-on rate at the column (:func:`beamloop.edge.sim.parked.knockon_rate`), for evaluation.
+from the knock-on rate at the column (:func:`beamloop.edge.sim.parked.knockon_rate`), for evaluation;
+:func:`check_dwells` makes fixed-length dwells with events anywhere, the first history included, for
+sample-by-sample checks of a trigger implementation against the runtime (the FPGA logic), and
+:func:`save_dwells` writes them in the file format ``beamloop fpga sim --stream`` reads.
 """
 
 from __future__ import annotations
@@ -337,3 +340,39 @@ def dwell_streams(n_dwells: int, cond: StreamConditions, seed: int, min_event: i
         out.event[i], out.rate0[i], out.drop[i], out.current_pA[i] = ev, r0, drop, cur
         out.kind.append(kind)
     return out
+
+
+def check_dwells(n_dwells: int, length: int, seed: int, cond: StreamConditions | None = None,
+                 event_fraction: float = 0.8) -> Streams:
+    """Dwells of ``length`` samples from the moment the beam is unblanked, for sample-by-sample checks of a
+    trigger implementation (the FPGA logic against the integer runtime).
+
+    An event (an ejection, or a hop with ``cond.hop_fraction``) falls uniformly anywhere in the dwell but its
+    last 64 samples in ``event_fraction`` of the dwells, so also within the first history, where only a
+    trigger started with the dwell's expected rate can decide. The nuisances are ``cond``'s (default the
+    training ranges, :class:`StreamConditions`: beam-current noise and trend, probe offset and drift,
+    background, S1 targets). ``Streams.rate0`` is each dwell's expected rate at its first sample (what the
+    frame's column intensity predicts).
+
+    Raises
+    ------
+    ValueError
+        ``length`` of 64 samples or fewer.
+    """
+    if length <= 64:
+        raise ValueError(f"dwells must be longer than 64 samples, got {length}")
+    return training_segments(n_dwells, length, (0, length - 64), event_fraction, cond or StreamConditions(), seed)
+
+
+def save_dwells(streams: Streams, path, expected_rate: np.ndarray | None = None) -> None:
+    """Write dwells as the ``.npz`` that ``beamloop fpga sim --stream`` reads (:class:`beamloop.fpga.ip_sim.Dwells`):
+    ``counts`` (all dwells concatenated, uint16), ``offsets`` (n + 1 sample offsets), ``expected_rate``
+    (counts per sample given at each dwell's start, NaN for none; default ``streams.rate0`` for every other
+    dwell, starting with the second, and none for the others) and ``event`` (event sample or -1)."""
+    n = len(streams)
+    if expected_rate is None:
+        expected_rate = np.where(np.arange(n) % 2 == 1, streams.rate0, np.nan)
+    offsets = np.concatenate([[0], np.cumsum([len(c) for c in streams.counts])]).astype(np.int64)
+    counts = np.concatenate(streams.counts).astype(np.uint16) if n else np.zeros(0, np.uint16)
+    np.savez(path, counts=counts, offsets=offsets, expected_rate=np.asarray(expected_rate, np.float64),
+             event=np.asarray(streams.event, np.int64))

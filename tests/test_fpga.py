@@ -131,12 +131,13 @@ def test_wrapper_rtl_layout(tiny, tmp_path):
 
 
 @needs_icarus
-def test_cli_sim_is_bit_exact_and_measures_latency(tiny, tmp_path, capsys):
+def test_cli_model_only_sim_is_bit_exact_and_measures_latency(tiny, tmp_path, capsys):
     pytest.importorskip("cocotb")
     from beamloop.edge.cli import main
 
     out = tmp_path / "sim"
-    assert main(["fpga", "sim", str(tiny), "--out", str(out), "--samples", "600", "--latency-cutoff", "3"]) == 0
+    assert main(["fpga", "sim", str(tiny), "--model-only", "--out", str(out), "--samples", "600",
+                 "--latency-cutoff", "3"]) == 0
     rep = json.loads((out / "report.json").read_text())
     s = rep["sim"]
     assert s["samples"] == 600 and s["exact"] == 600 and s["bit_exact_fraction"] == 1.0
@@ -207,7 +208,8 @@ def test_qat_to_bitstream_end_to_end(tiny, tmp_path):
     from beamloop.edge.cli import main
 
     out = tmp_path / "build"
-    assert main(["fpga", "build", str(tiny), "--target", "ecp5-85k", "--out", str(out), "--latency-cutoff", "3"]) == 0
+    assert main(["fpga", "build", str(tiny), "--model-only", "--target", "ecp5-85k", "--out", str(out),
+                 "--latency-cutoff", "3"]) == 0
     rep = json.loads((out / "report.json").read_text())
     assert rep["sim"]["exact"] == rep["sim"]["samples"] == 10_000
     assert rep["hls"]["exact"] == rep["hls"]["samples"] == 10_000
