@@ -223,16 +223,16 @@ def test_point_queue_of_a_parked_probe_runs_on_the_clock(controller, clock):
     ctl, backend, wire = controller
     fid = wire("acquire_frame", **FRAME)["frame_id"]
     q = wire("queue_points", points=[[0.25, 0.25], [0.75, 0.5]], dwell_us=80.0, frame_id=fid)
-    assert q == {"queue_id": 1, "points": 2, "samples_per_point": 8}
+    assert q == {"queue_id": 1, "points": 2, "samples_per_point": 8, "dwell_us": 80.0}
     assert ctl.blanked is False and backend.log[-2:] == [("park", 0.25, 0.25, fid), ("blank", False)]
     wire.refused("busy", "set_probe", x=0.5, y=0.5, frame_id=fid)
     wire.refused("busy", "acquire_frame", **FRAME)
     assert wire("fetch_points", queue_id=1) == {"queue_id": 1, "state": "running", "done": 0, "total": 2,
                                                  "mean_counts": []}
-    clock.t += 1e-3
-    ctl.step()  # the first point's 8 samples; blank between points; the second point starts now
+    clock.t += 80e-6
+    ctl.step()  # the first point's 8 samples; blank between points; the second point starts where it ended
     assert backend.log[-3:] == [("blank", True), ("park", 0.75, 0.5, fid), ("blank", False)]
-    clock.t += 1e-3
+    clock.t += 80e-6
     ctl.step()
     assert wire("fetch_points", queue_id=1) == {"queue_id": 1, "state": "done", "done": 2, "total": 2,
                                                  "mean_counts": [3.5, 3.5]}
@@ -248,7 +248,7 @@ def test_point_queue_of_a_point_probe_measures_a_point_a_step(controller):
     fid = wire("acquire_frame", **FRAME)["frame_id"]
     q = wire("queue_points", points=[[0.25, 0.5], [0.5, 0.75]], dwell_us=50.0, frame_id=fid, signal="BF",
              blank_between=False)
-    assert q == {"queue_id": 1, "points": 2, "samples_per_point": 1} and ctl.queue is not None
+    assert q == {"queue_id": 1, "points": 2, "samples_per_point": 1, "dwell_us": 50.0} and ctl.queue is not None
     # wire() served the request and then took one step: the first point is measured
     assert backend.log[-2:] == [("blank", False), ("measure", 0.25, 0.5, 50.0, "bf")]
     ctl.step()
@@ -340,7 +340,8 @@ def test_backend_only_calls_are_served_besides_the_standard_ones(clock, req_sock
         wire = Wire(ctl, sock)
         assert wire("fake_echo", a=1) == {"echo": {"a": 1}}
         assert wire("get_capabilities")["calls"] == sorted(
-            ["acquire_frame", "blank", "fake_echo", "get_capabilities", "get_state", "heartbeat", "set_probe"])
+            ["acquire_frame", "blank", "fake_echo", "get_capabilities", "get_state", "heartbeat", "set_probe",
+             "stop"])
     with pytest.raises(ValueError, match="standard"):
         ScanController(FakeBackend(), calls={"blank": calls["fake_echo"]})
 

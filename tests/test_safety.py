@@ -11,7 +11,7 @@ import zmq
 
 from beamloop.edge.cli.options import add_safety_arguments, safety_options
 from beamloop.edge.control.protocol import BridgeError, encode_request
-from beamloop.edge.control.safety import BeamSafety, RateLimiter, SafetyLimits, SequenceTracker
+from beamloop.edge.control.safety import BeamSafety, ClientRates, RateLimiter, SafetyLimits, SequenceTracker
 from beamloop.edge.control.server import BridgeServer
 from beamloop.edge.frame.scanframe import ScanFrame
 from beamloop.edge.path import frame_path
@@ -249,7 +249,7 @@ def test_client_retry_after_timeout_is_applied_once(counting_server, bridge_clie
 
 def test_live_rate_limit(counting_server, bridge_client):
     ctl, server = counting_server
-    server.safety.rate = RateLimiter(rate=0.001, burst=3)
+    server.safety.rates = ClientRates(rate=0.001, burst=3)
     client = bridge_client(server.endpoint, timeout_ms=2000)
     client.get_state(), client.get_state(), client.get_state()
     with pytest.raises(BridgeError) as err:

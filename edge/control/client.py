@@ -7,6 +7,13 @@ frame id current) and never sends one that fails; the server validates again and
 (:mod:`beamloop.edge.control.keys`) both ends use CURVE authentication and encryption (CurveZMQ, ZeroMQ RFC 26).
 After a timeout the client closes and reopens its socket and may resend the request with the same sequence
 number (the "lazy pirate" pattern, P. Hintjens, "ZeroMQ: The Guide", ch. 4), which the server applies once.
+
+Timeouts: ``timeout_ms`` bounds both the send (``ZMQ_SNDTIMEO``: a REQ socket with no connected peer, e.g.
+after a server refused this client's CURVE key and dropped the connection, would otherwise block in
+``send`` for ever; libzmq API reference, ``zmq_setsockopt``) and the wait for the reply. With keys, a socket
+monitor (``zmq_socket_monitor``) notes a refused CURVE handshake so that the timeout says so. A
+``peer_gone`` callable (e.g. polling the controller's process) is asked every 100 ms while waiting, so that
+a controller that died is reported at once (``unavailable``) instead of after every retry's timeout.
 """
 
 from __future__ import annotations
@@ -75,6 +82,9 @@ class BridgeClient:
         socket; the server applies it once (:mod:`beamloop.edge.control.safety`). 0: a timeout raises at once.
     keys : ClientKeys, optional
         CURVE keys (:mod:`beamloop.edge.control.keys`); required by a server that has keys.
+    peer_gone : callable() -> str or None, optional
+        Asked every 100 ms while waiting: None while the controller can still answer, else why it cannot
+        (e.g. ``"simulator exited with status -9"``), which ends the call with ``unavailable``.
 
     Attributes
     ----------
@@ -91,9 +101,12 @@ class BridgeClient:
 
     def __init__(self, endpoint: str, *, timeout_ms: int = 2000, context: zmq.Context | None = None,
                  on_round_trip: Callable[[str, int], None] | None = None, retries: int = 0,
-                 keys: ClientKeys | None = None) -> None:
+                 keys: ClientKeys | None = None, peer_gone: Callable[[], str | None] | None = None) -> None:
         self.endpoint = endpoint
-        self.timeout_ms = int(timeout_ms)
+        self.timeout_ms = max(int(timeout_ms), 1)
+        self.peer_gone = peer_gone
+        self._monitor: zmq.Socket | None = None
+        self.handshake_error = ""
         self.retries = max(int(retries), 0)
         self.keys = keys
         self.client_id = uuid.uuid4().hex
@@ -108,19 +121,54 @@ class BridgeClient:
         self._connect()
 
     def _connect(self) -> None:
-        if self._sock is not None:
-            self._sock.close(linger=0)
+        self._close_socket()
         self._sock = self._ctx.socket(zmq.REQ)
         self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.SNDTIMEO, self.timeout_ms)
         if self.keys is not None:
             secure_client_socket(self._sock, self.keys)
+            try:
+                self._monitor = self._sock.get_monitor_socket(
+                    zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+            except zmq.ZMQError:
+                self._monitor = None  # a diagnostic only
         self._sock.connect(self.endpoint)
 
-    def close(self) -> None:
-        """Close the socket."""
+    def _close_socket(self) -> None:
+        if self._monitor is not None:
+            try:
+                if self._sock is not None:
+                    self._sock.disable_monitor()
+            except zmq.ZMQError:
+                pass
+            self._monitor.close(linger=0)
+            self._monitor = None
         if self._sock is not None:
             self._sock.close(linger=0)
             self._sock = None
+
+    def close(self) -> None:
+        """Close the socket."""
+        self._close_socket()
+
+    def _read_monitor(self) -> None:
+        """Note a refused CURVE handshake, from the socket monitor's events."""
+        if self._monitor is None:
+            return
+        from zmq.utils.monitor import recv_monitor_message
+
+        while self._monitor.poll(0):
+            try:
+                ev = recv_monitor_message(self._monitor, zmq.NOBLOCK)
+            except zmq.ZMQError:
+                return
+            if ev.get("event") == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                self.handshake_error = (f"the bridge refused this client's CURVE key (ZAP status {ev.get('value')}): "
+                                        "its public key is not in the bridge's authorized folder")
+            elif ev.get("event") in (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
+                self.handshake_error = ("the CURVE handshake with the bridge failed (wrong server key, or a bridge "
+                                        "without keys)")
 
     def __enter__(self) -> BridgeClient:
         return self
@@ -153,24 +201,65 @@ class BridgeClient:
         self.counters.heartbeats += 1
         return self._exchange("heartbeat", {}, BeamLogEntry(time.monotonic_ns(), "heartbeat", {}, True, False))
 
+    @property
+    def socket(self) -> zmq.Socket:
+        """The REQ socket (reopened after every timeout).
+
+        Raises
+        ------
+        BridgeError
+            (``unavailable``) the client was closed.
+        """
+        if self._sock is None:
+            raise BridgeError("unavailable", "the bridge client is closed")
+        return self._sock
+
+    def _wait_reply(self, call: str, entry: BeamLogEntry) -> bool:
+        """Whether a reply arrived within ``timeout_ms``; raises ``unavailable`` once ``peer_gone`` says so."""
+        if self.peer_gone is None:
+            return bool(self.socket.poll(self.timeout_ms, zmq.POLLIN))
+        t_end = time.monotonic() + self.timeout_ms / 1000
+        while True:
+            left = t_end - time.monotonic()
+            if self.socket.poll(max(min(int(left * 1000), 100), 0), zmq.POLLIN):
+                return True
+            gone = self.peer_gone()
+            if gone:
+                self._connect()  # a REQ socket that sent and got nothing must not send again
+                entry.error, entry.message = "unavailable", gone
+                raise BridgeError("unavailable", gone, call)
+            if left <= 0:
+                return False
+
     def _exchange(self, call: str, args: dict, entry: BeamLogEntry) -> dict:
         self._seq += 1
         seq = self._seq
         request = encode_request(call, seq, args, self.client_id)
         t0 = time.perf_counter_ns()
+        if self.peer_gone is not None and (gone := self.peer_gone()):
+            entry.error, entry.message = "unavailable", gone
+            raise BridgeError("unavailable", gone, call)
         for attempt in range(self.retries + 1):
             if attempt:
                 self.counters.retries += 1
             self.last_sent = time.monotonic()
-            self._sock.send(request)
-            if self._sock.poll(self.timeout_ms, zmq.POLLIN):
+            try:
+                self.socket.send(request)  # ZMQ_SNDTIMEO: no connected peer cannot block it for ever
+                sent = True
+            except zmq.Again:
+                sent = False
+            if sent and self._wait_reply(call, entry):
                 break
             self.counters.timeouts += 1
+            self._read_monitor()
             self._connect()
         else:
-            entry.error, entry.message = "timeout", f"no reply within {self.timeout_ms} ms"
-            raise BridgeTimeout(call, self.timeout_ms)
-        buf = self._sock.recv()
+            why = f"no reply within {self.timeout_ms} ms"
+            if self.handshake_error:
+                why += f"; {self.handshake_error}"
+            entry.error, entry.message = "timeout", why
+            raise BridgeTimeout(call, self.timeout_ms, self.handshake_error)
+        buf = self.socket.recv()
         entry.rtt_ns = time.perf_counter_ns() - t0
         try:
             rseq, result = decode_reply(buf, call)
@@ -244,8 +333,29 @@ class BridgeClient:
 
     def blank(self, on: bool) -> dict:
         """Blank (``True``) or unblank (``False``) the beam; returns ``{"blanked": bool}`` (and what else the
-        controller reports)."""
-        return self.call("blank", on=bool(on))
+        controller reports).
+
+        Raises
+        ------
+        BridgeError
+            As :meth:`call`; also (``internal``) when the reply says the blanker is not in the state asked
+            for (a reply must never be taken for a blank that did not happen).
+        """
+        res = self.call("blank", on=bool(on))
+        if res.get("blanked") is not bool(on):
+            raise BridgeError("internal", f"blank(on={bool(on)}) was answered with blanked="
+                                          f"{res.get('blanked')!r}", "blank")
+        return res
+
+    def stop(self) -> dict:
+        """End whatever the beam is doing (point queue, parked dwell) and blank it; returns ``{"blanked": True}``.
+
+        Raises as :meth:`blank`.
+        """
+        res = self.call("stop")
+        if res.get("blanked") is not True:
+            raise BridgeError("internal", f"stop was answered with blanked={res.get('blanked')!r}", "stop")
+        return res
 
     def queue_points(self, points, dwell_us: float, frame_id: int, signal: str = "haadf",
                      blank_between: bool = True) -> dict:

@@ -29,11 +29,27 @@ guard the beam, without asking the hardware.
 Time comes from an injectable ``clock`` (monotonic seconds): the watchdog, the parked-beam time limit, the
 pacing of parked-probe samples and the serve loop's duration all read it, so tests can run them on a clock
 they move by hand.
+
+Beam safety (:mod:`beamloop.edge.control.safety`): the controller reports every change it makes to the beam
+to its guard as it makes it (before asking the hardware to unblank, after it read the blanker back), so the
+guard never depends on a reply. A handler that fails after it may have changed the beam (or while asking
+the hardware) gets the beam blanked before the error reply goes out. A blank the hardware refuses is tried
+again at every turn of the serve loop. :meth:`ScanController.serve` also starts the bridge's backstop timer
+(:meth:`beamloop.edge.control.server.BridgeServer.start_backstop`), a thread of its own that blanks the beam
+when its owner is silent and the serve loop is held up, through the backend directly if the loop holds the
+lock.
+
+Point queues of a :class:`ParkedProbe` backend are timed as a scan sequencer times them: each point lasts
+exactly its samples (``dwell_us`` rounded down to whole samples, checked again against the dwell and dose
+limits), the next point starts where the last one ended, whenever the serve loop gets to produce the
+samples, and ``dwell_end`` reports the sample at which the beam went off.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -42,11 +58,11 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import zmq
 
-from beamloop.edge.control.keys import ServerKeys
+from beamloop.edge.control.keys import ServerKeys, check_bind
 from beamloop.edge.control.protocol import BridgeError, ScanLimits, check_channels, parse_acquire_frame
-from beamloop.edge.control.safety import BeamSafety, SafetyLimits
+from beamloop.edge.control.safety import BeamSafety, SafetyLimits, fraction_pair
 from beamloop.edge.control.server import BridgeServer
-from beamloop.edge.frame.scanframe import BeamPositionError, ScanFrame, check_fraction
+from beamloop.edge.frame.scanframe import BeamPositionError, ScanFrame
 from beamloop.streams.native.sender import FrameSender
 
 log = logging.getLogger("beamloop.control")
@@ -54,11 +70,18 @@ log = logging.getLogger("beamloop.control")
 Handler = Callable[[dict], dict]
 """A bridge call's handler: the request's ``args`` in, the result map out (or a raised :class:`BridgeError`)."""
 
-CALLS = ("get_capabilities", "get_state", "acquire_frame", "set_probe", "blank")
+CALLS = ("get_capabilities", "get_state", "acquire_frame", "set_probe", "blank", "stop")
 """Calls every :class:`ScanController` serves (besides ``heartbeat``, which the server adds)."""
 
 QUEUE_CALLS = ("queue_points", "fetch_points", "abort_points")
 """Calls of a controller whose backend can visit points (:class:`ParkedProbe` or :class:`PointProbe`)."""
+
+
+MAX_BLOCK_SAMPLES = 1 << 20
+"""Most samples in one parked-probe message."""
+
+SAMPLE_TIME_US = (0.01, 1e6)
+"""Shortest and longest parked-probe sample time, microseconds (10 ns: a fast ADC's sample; 1 s)."""
 
 
 # what a backend declares and returns ------------------------------------------------------------------
@@ -69,9 +92,10 @@ class ParkedStream:
     Attributes
     ----------
     sample_time_us : float
-        Time per sample (one detector count value), microseconds.
+        Time per sample (one detector count value), microseconds, in :data:`SAMPLE_TIME_US`.
     block_samples : int
-        Samples per stream message (one frame of shape ``(1, block_samples)``).
+        Samples per stream message (one frame of shape ``(1, block_samples)``), 1 to
+        :data:`MAX_BLOCK_SAMPLES`.
     channel : str
         Channel name of the parked series.
     dtype : str
@@ -79,6 +103,11 @@ class ParkedStream:
     user_data : mapping
         Extra fields of the parked series' ``user_data`` (after ``kind``, ``probe_position``, ``frame_id``,
         ``sample_time_s``).
+
+    Raises
+    ------
+    ValueError
+        ``block_samples`` or ``sample_time_us`` outside its range.
     """
 
     sample_time_us: float
@@ -86,6 +115,16 @@ class ParkedStream:
     channel: str = "haadf"
     dtype: str = "uint16"
     user_data: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.block_samples, int) and not isinstance(self.block_samples, bool)
+                and 1 <= self.block_samples <= MAX_BLOCK_SAMPLES):
+            raise ValueError(f"block_samples must be a whole number in [1, {MAX_BLOCK_SAMPLES}], "
+                             f"got {self.block_samples!r}")
+        lo, hi = SAMPLE_TIME_US
+        if not (isinstance(self.sample_time_us, (int, float)) and math.isfinite(self.sample_time_us)
+                and lo <= self.sample_time_us <= hi):
+            raise ValueError(f"sample_time_us must be in [{lo:g}, {hi:g}] us, got {self.sample_time_us!r}")
 
     @property
     def block_s(self) -> float:
@@ -216,8 +255,11 @@ class ScanBackend(Protocol):
     """The hardware (or physics) calls of a scan controller; :class:`ScanController` owns everything else.
 
     A backend only executes. It keeps no beam state of its own that the controller relies on, and is
-    called from the controller's thread only. Methods may raise :class:`BridgeError` to refuse a
-    request (the code and message go back to the client).
+    called under the controller's lock, one call at a time; only ``set_blanked(True)`` may also come from
+    the backstop timer's thread, without the lock, when the controller is stuck in another call (it must
+    then be safe to call concurrently). Methods may raise :class:`BridgeError` to refuse a request (the
+    code and message go back to the client); any other exception is an ``internal`` error, after which
+    the controller blanks the beam.
     """
 
     def capabilities(self) -> Capabilities:
@@ -282,6 +324,10 @@ class ScanController:
     frames : str
         Frame stream endpoint to bind (PUSH). Sends give up after 200 ms, so that a detector with nobody
         listening cannot stall the controller; what is not delivered is counted (:attr:`dropped_messages`).
+        Only local endpoints unless ``insecure_frames``: the frame stream is neither encrypted nor
+        authenticated, and frames decide where the beam goes.
+    insecure_frames : bool
+        Allow binding the frame stream to a network-reachable endpoint.
     limits : SafetyLimits, optional
         The bridge's safety rules; default: :class:`SafetyLimits` with the backend's longest pixel dwell.
     keys : ServerKeys, optional
@@ -295,6 +341,9 @@ class ScanController:
         Frame stream encoding.
     calls : mapping name -> handler, optional
         Backend-only calls to serve besides the standard ones (e.g. the simulator's ground truth).
+    backstop : bool or None
+        Start the watchdog's backstop timer thread in :meth:`serve` (default: when the clock is
+        :func:`time.monotonic`; a test on a hand-moved clock starts it with :meth:`start_backstop`).
 
     Attributes
     ----------
@@ -325,16 +374,20 @@ class ScanController:
     ValueError
         A name in ``calls`` is a standard call.
     zmq.ZMQError, beamloop.edge.control.keys.InsecureBindError
-        An endpoint cannot be bound, or may not be without keys (nothing is left open).
+        An endpoint cannot be bound, or may not be (the bridge without keys, the frame stream without
+        ``insecure_frames``); nothing is left open.
     """
 
     def __init__(self, backend: ScanBackend, *, control: str = "tcp://127.0.0.1:*",
                  frames: str = "tcp://127.0.0.1:*", limits: SafetyLimits | None = None,
                  keys: ServerKeys | None = None, context: zmq.Context | None = None,
                  clock: Callable[[], float] = time.monotonic, encoding: str = "raw",
-                 calls: Mapping[str, Handler] | None = None) -> None:
+                 calls: Mapping[str, Handler] | None = None, insecure_frames: bool = False,
+                 backstop: bool | None = None) -> None:
         if not isinstance(backend, ScanBackend):
             raise TypeError(f"{type(backend).__name__} does not implement ScanBackend")
+        if not insecure_frames:
+            check_bind(frames, None, what="frame stream", insecure_option="--insecure")
         self.backend = backend
         self.caps = backend.capabilities()
         stream = self.caps.parked_stream
@@ -354,13 +407,19 @@ class ScanController:
         self._pending: tuple[ScanFrame, tuple[str, ...]] | None = None
         self._next_block = 0.0
         self._running = False
+        self._lock = threading.RLock()
+        self._beam_epoch = 0  # counts the controller's requests to the hardware that change the beam
+        self._call_epoch = 0  # the epoch when the running handler started
+        self._backstop = backstop if backstop is not None else clock is time.monotonic
         self.blanked = bool(backend.set_blanked(True))  # the state held here starts true
         handlers = self._handlers(calls or {})
         self.safety = BeamSafety(limits or SafetyLimits(max_pixel_dwell_us=self.caps.limits.dwell_us[1]),
-                                 blank=self._safety_blank, park=self._safety_park, clock=clock)
+                                 blank=self._safety_blank, park=self._safety_park, clock=clock,
+                                 beam_from_replies=False)
         self.sender = FrameSender(frames, bind=True, encoding=encoding, context=context, send_timeout_ms=200)
         try:
-            self.server = BridgeServer(control, handlers, context=context, safety=self.safety, keys=keys)
+            self.server = BridgeServer(control, handlers, context=context, safety=self.safety, keys=keys,
+                                       lock=self._lock, on_error=self._handler_failed)
         except BaseException:
             self.sender.close(linger_ms=0)
             raise
@@ -370,7 +429,8 @@ class ScanController:
     def _handlers(self, calls: Mapping[str, Handler]) -> dict[str, Handler]:
         handlers: dict[str, Handler] = {
             "get_capabilities": self._get_capabilities, "get_state": self._get_state,
-            "acquire_frame": self._acquire_frame, "set_probe": self._set_probe, "blank": self._blank}
+            "acquire_frame": self._acquire_frame, "set_probe": self._set_probe, "blank": self._blank,
+            "stop": self._stop}
         if self._parked is not None or self._point_probe is not None:
             handlers.update(queue_points=self._queue_points, fetch_points=self._fetch_points,
                             abort_points=self._abort_points)
@@ -378,17 +438,68 @@ class ScanController:
         if clash:
             raise ValueError(f"calls {clash} are standard calls of the scan controller")
         handlers.update(calls)
-        return handlers
+        return {name: self._watched(fn) for name, fn in handlers.items()}
+
+    def _watched(self, fn: Handler) -> Handler:
+        """``fn`` that notes the beam's epoch when it starts (for :meth:`_handler_failed`)."""
+        def run(args: dict) -> dict:
+            self._call_epoch = self._beam_epoch
+            return fn(args)
+
+        run.__doc__ = fn.__doc__
+        return run
+
+    def _handler_failed(self, call: str, exc: BaseException) -> str:
+        """The server's hook after a handler raised (under the lock): blank the beam if the handler may have
+        changed it (it asked the hardware to park, blank or unblank) or failed unexpectedly with the beam
+        on; returns the note for the error reply."""
+        refused = isinstance(exc, (BridgeError, BeamPositionError))
+        if self._beam_epoch == self._call_epoch and (refused or self.blanked):
+            return ""
+        log.error("%s failed with the beam possibly changed (%s: %s); blanking it", call, type(exc).__name__, exc)
+        action = self.safety.blank_now(f"error in {call}")
+        self.safety.counters.error_blanks += 1
+        return ("the controller blanked the beam" if action.endswith(": blank")
+                else f"the controller could not blank the beam ({action}); it keeps trying")
 
     # lifecycle -----------------------------------------------------------------------------------------
     def close(self) -> None:
         """End an open parked series, blank the beam and close both sockets (closing twice is harmless)."""
+        self.server.stop_backstop()
+        with self._lock:
+            try:
+                if self.queue is not None:
+                    self._end_queue("shutdown")
+                self._end_dwell("shutdown")
+            finally:
+                try:
+                    self._set_blanked(True)
+                finally:
+                    self.sender.close(linger_ms=200)
+                    self.server.close()
+
+    def reload_keys(self) -> bool:
+        """Read the bridge's folder of authorized client keys again (e.g. on SIGHUP); returns whether the
+        bridge has keys (:meth:`beamloop.edge.control.server.BridgeServer.reload_keys`)."""
+        return self.server.reload_keys()
+
+    def start_backstop(self, **options: Any) -> None:
+        """Start the watchdog's backstop timer (:meth:`beamloop.edge.control.server.BridgeServer.start_backstop`),
+        which blanks through :meth:`emergency_blank` when the serve loop holds the lock too long."""
+        self.server.start_backstop(emergency=self.emergency_blank, **options)
+
+    def emergency_blank(self, reason: str) -> None:
+        """Blank through the backend without the lock (from the backstop's thread, while a handler hangs),
+        then have the guard blank again properly, under the lock, at its next poll. Never raises."""
         try:
-            self._end_dwell("shutdown")
-            self._set_blanked(True)
-        finally:
-            self.sender.close(linger_ms=200)
-            self.server.close()
+            self.backend.set_blanked(True)
+            ok = True
+        except Exception as exc:  # noqa: BLE001 - reported, and the guard keeps trying
+            log.error("emergency blank failed: %s: %s", type(exc).__name__, exc)
+            ok = False
+        self.safety.request_blank(reason)
+        self.events.append({"type": "safety", "action": "blank" if ok else "blank_failed", "reason": reason,
+                            "emergency": True, "t_ns": self._now_ns()})
 
     def __enter__(self) -> ScanController:
         return self
@@ -408,17 +519,24 @@ class ScanController:
 
         Notes
         -----
-        Also stops after :meth:`stop_serving` (e.g. called by a ``shutdown`` handler).
+        Also stops after :meth:`stop_serving` (e.g. called by a ``shutdown`` handler). Runs the watchdog's
+        backstop timer meanwhile (see ``backstop`` of the class).
         """
         self._running = True
         t_end = None if duration_s is None else self._clock() + duration_s
-        while self._running:
-            if stop is not None and stop():
-                break
-            now = self._clock()
-            if t_end is not None and now >= t_end:
-                break
-            self.handle_one(self._wait_ms(now))
+        if self._backstop:
+            self.start_backstop()
+        try:
+            while self._running:
+                if stop is not None and stop():
+                    break
+                now = self._clock()
+                if t_end is not None and now >= t_end:
+                    break
+                self.handle_one(self._wait_ms(now))
+        finally:
+            if self._backstop:
+                self.server.stop_backstop()
 
     def stop_serving(self) -> None:
         """Make :meth:`serve` return after the request it is serving."""
@@ -433,12 +551,25 @@ class ScanController:
 
     def step(self) -> None:
         """Do what is due without a request: acquire a requested frame, send the parked-probe samples
-        due by the clock (ending queued points), or measure the next queued point."""
-        self.run_pending()
-        if self._parked is not None:
-            self._advance_dwell()
-        elif self.queue is not None:
-            self._measure_next_point()
+        due by the clock (ending queued points), or measure the next queued point.
+
+        An error on the way (a backend or stream failure) is logged and recorded as an event, and the beam
+        is blanked; the serve loop goes on."""
+        with self._lock:
+            epoch = self._beam_epoch
+            try:
+                self.run_pending()
+                if self._parked is not None:
+                    self._advance_dwell()
+                elif self.queue is not None:
+                    self._measure_next_point()
+            except Exception as exc:  # noqa: BLE001 - the serve loop must go on, with the beam safe
+                log.error("scan controller step failed: %s: %s", type(exc).__name__, exc)
+                self.events.append({"type": "error", "where": "step", "error": f"{type(exc).__name__}: {exc}",
+                                    "t_ns": self._now_ns()})
+                if self._beam_epoch != epoch or not self.blanked or self.queue is not None:
+                    self.safety.blank_now("error in step")
+                    self.safety.counters.error_blanks += 1
 
     def run_pending(self) -> None:
         """Acquire and send the frame asked for by the last ``acquire_frame``, if not done yet."""
@@ -488,7 +619,7 @@ class ScanController:
     def _check_position(self, args: dict) -> tuple[float, float, int]:
         if "x" not in args or "y" not in args or "frame_id" not in args:
             raise BridgeError("bad_request", "set_probe needs x, y and frame_id")
-        fx, fy = check_fraction(args["x"], args["y"])
+        fx, fy = fraction_pair(args["x"], args["y"])
         fid = args["frame_id"]
         if self.frame is None or not isinstance(fid, int) or fid != self.frame.frame_id:
             cur = None if self.frame is None else self.frame.frame_id
@@ -505,6 +636,7 @@ class ScanController:
         self._end_dwell("scan")
         self.probe = None
         self.frame = scan
+        self._report()
         self._pending = (scan, req.channels)
         return {"frame_id": scan.frame_id, "scan": scan.as_dict(), **extras}
 
@@ -517,15 +649,21 @@ class ScanController:
             self._start_dwell(None)
         return {"applied": {"x": ax, "y": ay, "frame_id": fid}, "blanked": self.blanked}
 
-    def _blank(self, args: dict) -> dict:
+    def _stop(self, args: dict) -> dict:
+        """``stop``: end a running point queue and a parked series, and blank the beam."""
+        return self._blank({"on": True}, "stopped")
+
+    def _blank(self, args: dict, reason: str = "blanked") -> dict:
         on = args.get("on")
         if not isinstance(on, bool):
             raise BridgeError("bad_request", "blank needs on (boolean)")
         if on:
-            if self.queue is not None:
-                self._finish_queue("aborted")
-            self._end_dwell("blanked")
-            self._set_blanked(True)
+            try:
+                if self.queue is not None:
+                    self._end_queue("aborted")
+                self._end_dwell(reason)
+            finally:
+                self._set_blanked(True)  # whatever failed before, the beam goes off
         else:
             self._check_idle()
             self._set_blanked(False)
@@ -547,14 +685,22 @@ class ScanController:
         channel = check_channels([args.get("signal", self.caps.limits.channels[0])], self.caps.limits)[0]
         checked = [self._check_position({"x": x, "y": y, "frame_id": fid})[:2] for x, y in pts]
         ps = self._parked
-        n = 1 if ps is None else max(int(round(dwell_us / ps.sample_time_us)), 1)
+        n = 1
+        if ps is not None:
+            # whole samples, never more than asked for: the dwell (and dose) the sequencer really applies
+            n = int(math.floor(dwell_us / ps.sample_time_us + 1e-9))
+            if n < 1:
+                raise BridgeError("out_of_range", f"dwell {dwell_us:g} us per point is shorter than one sample "
+                                                  f"({ps.sample_time_us:g} us) of this controller")
+            dwell_us = n * ps.sample_time_us
+            self.safety.check_point_dwell(dwell_us)
         qid = len(self._queues) + 1
+        self._end_dwell("moved")
         self.queue = self._queues[qid] = PointQueue(qid, checked, fid, dwell_us, channel, n,
                                                     bool(args.get("blank_between", True)))
-        self._end_dwell("moved")
         if ps is not None:
-            self._next_queue_point()
-        return {"queue_id": qid, "points": len(checked), "samples_per_point": n}
+            self._next_queue_point(self._clock())
+        return {"queue_id": qid, "points": len(checked), "samples_per_point": n, "dwell_us": dwell_us}
 
     def _queue_state(self, qid) -> PointQueue:
         if not isinstance(qid, int) or isinstance(qid, bool):
@@ -576,13 +722,27 @@ class ScanController:
         return {"queue_id": q.id, "state": q.state, "blanked": self.blanked}
 
     # the beam ---------------------------------------------------------------------------------------------
+    def _report(self, moved: bool = False) -> None:
+        """Tell the guard the beam's state as held here."""
+        pos = None if self.probe is None else (self.probe[0], self.probe[1])
+        self.safety.beam_changed(self.blanked, pos, queue=self.queue is not None, moved=moved)
+
     def _set_blanked(self, on: bool) -> None:
-        self.blanked = bool(self.backend.set_blanked(on))
+        self._beam_epoch += 1
+        if not on:  # on from the moment it is asked for, whatever the hardware then says or raises
+            self.blanked = False
+            self._report()
+        try:
+            self.blanked = bool(self.backend.set_blanked(on))
+        finally:
+            self._report()
 
     def _park(self, fx: float, fy: float, frame_id: int) -> tuple[float, float]:
         self.run_pending()  # the backend parks on a frame it has acquired
+        self._beam_epoch += 1
         ax, ay = self.backend.park(fx, fy, frame_id)
         self.probe = (ax, ay, frame_id)
+        self._report(moved=True)
         return ax, ay
 
     def _record(self, event: dict) -> dict:
@@ -597,13 +757,20 @@ class ScanController:
         self.events.append({"type": "dropped", "what": what, "error": str(exc), "t_ns": self._now_ns()})
         log.warning("%s not delivered: %s", what, exc)
 
-    # safety actions (called by self.safety: watchdog, parked-beam time limit) ----------------------------------
+    # safety actions (called by self.safety: watchdog, parked-beam time limit, failed handlers) ---------------
     def _safety_blank(self, reason: str) -> None:
-        """Blank the beam now, ending a running point queue or parked series (``reason`` in the event)."""
-        if self.queue is not None:
-            self._finish_queue(reason)
-        self._end_dwell(reason)
-        self._set_blanked(True)
+        """Blank the beam now, ending a running point queue or parked series (``reason`` in the event); the
+        blanker is set even when ending those fails. Raises when the hardware refuses to blank (the guard
+        counts it and tries again)."""
+        try:
+            if self.queue is not None:
+                self._end_queue(reason)
+            self._end_dwell(reason)
+        except Exception as exc:  # noqa: BLE001 - the blank below matters more
+            log.error("ending the dwell before a safety blank failed: %s: %s", type(exc).__name__, exc)
+        finally:
+            self.queue, self.dwell = None, None
+            self._set_blanked(True)
         self.events.append({"type": "safety", "action": "blank", "reason": reason, "t_ns": self._now_ns()})
 
     def _safety_park(self, fx: float, fy: float) -> None:
@@ -622,7 +789,9 @@ class ScanController:
         self.events.append({"type": "safety", "action": "park", "position": [fx, fy], "t_ns": self._now_ns()})
 
     # parked probe ---------------------------------------------------------------------------------------------
-    def _start_dwell(self, max_samples: int | None) -> None:
+    def _start_dwell(self, max_samples: int | None, t0: float | None = None) -> None:
+        """Open a parked series at the probe; ``t0``: clock time the beam went on here (default now; a queued
+        point starts where the last one ended)."""
         ps = self._parked
         if ps is None or self.probe is None:
             return
@@ -635,9 +804,16 @@ class ScanController:
         except TimeoutError as exc:
             self._dropped("parked-probe series start", exc)
             series = None
-        now = self._clock()
-        self.dwell = Dwell(fx, fy, fid, -1 if series is None else series.series_id, now, max_samples)
-        self._next_block = now + ps.block_s
+        start = self._clock() if t0 is None else t0
+        self.dwell = Dwell(fx, fy, fid, -1 if series is None else series.series_id, start, max_samples)
+        self._next_block = self._block_end(self.dwell)
+
+    def _block_end(self, d: Dwell) -> float:
+        """Clock time the next block of ``d`` is complete: a full block, or a queued point's last samples."""
+        ps = self._parked
+        assert ps is not None
+        n = ps.block_samples if d.max_samples is None else min(ps.block_samples, d.max_samples - d.samples)
+        return d.started + (d.samples + n) * ps.sample_time_us * 1e-6
 
     def _end_dwell(self, reason: str) -> None:
         d, ps = self.dwell, self._parked
@@ -648,18 +824,22 @@ class ScanController:
             self.sender.end_series({"reason": reason, "samples": d.samples})
         except TimeoutError as exc:
             self._dropped(f"end of parked series {d.series_id}", exc)
-        # the beam went off now: count samples by the sample clock, not by blocks already sent
-        clock = int((self._clock() - d.started) / (ps.sample_time_us * 1e-6))
+        if reason == "point_done" and d.max_samples is not None:
+            off = d.samples  # sequencer-timed: the beam went off exactly after the point's samples
+        else:  # the beam went off now: count samples by the sample clock, not by blocks already sent
+            clock = int((self._clock() - d.started) / (ps.sample_time_us * 1e-6))
+            off = max(clock, d.samples - ps.block_samples)
         self.events.append({"type": "dwell_end", "series_id": d.series_id, "frame_id": d.frame_id, "reason": reason,
-                            "samples": d.samples, "beam_off_sample": max(clock, d.samples - ps.block_samples),
+                            "samples": d.samples, "beam_off_sample": off,
                             "position": [d.fx, d.fy], "t_ns": self._now_ns(),
                             "ejection_samples": [e["sample"] for e in d.events]})
 
     def _advance_dwell(self) -> None:
-        d, ps, probe = self.dwell, self._parked, self._parked_probe
-        if d is None or ps is None or probe is None:
+        ps, probe = self._parked, self._parked_probe
+        if ps is None or probe is None:
             return
-        while self.dwell is d and self._clock() >= self._next_block:
+        while self.dwell is not None and self._clock() >= self._next_block:
+            d = self.dwell
             n = ps.block_samples if d.max_samples is None else min(ps.block_samples, d.max_samples - d.samples)
             counts, events = probe.parked_samples(n, d)
             d.events.extend(self._record(ev) for ev in events)
@@ -672,22 +852,24 @@ class ScanController:
                     self.sender.send_frame(counts[None, :], user_data={"first_sample": d.samples - n, "valid": n})
                 except TimeoutError as exc:
                     self._dropped(f"parked samples {d.samples - n}..{d.samples}", exc)
-            self._next_block += ps.block_s
             if d.max_samples is not None and d.samples >= d.max_samples:
-                self._end_point()
+                self._end_point()  # the next point, if any, starts where this one ended
+            else:
+                self._next_block = self._block_end(d)
 
     # point queues ---------------------------------------------------------------------------------------------
-    def _next_queue_point(self) -> None:
+    def _next_queue_point(self, t0: float) -> None:
         q = self.queue
         assert q is not None
         fx, fy = q.points[len(q.mean_counts)]
         self._park(fx, fy, q.frame_id)
         self._set_blanked(False)
-        self._start_dwell(q.samples)
+        self._start_dwell(q.samples, t0)
 
     def _end_point(self) -> None:
-        q, d = self.queue, self.dwell
-        assert q is not None and d is not None
+        q, d, ps = self.queue, self.dwell, self._parked
+        assert q is not None and d is not None and ps is not None
+        t_end = d.started + d.samples * ps.sample_time_us * 1e-6
         q.mean_counts.append(d.counts_sum / max(d.samples, 1))
         self._end_dwell("point_done")
         if len(q.mean_counts) >= len(q.points):
@@ -695,7 +877,7 @@ class ScanController:
         else:
             if q.blank_between:
                 self._set_blanked(True)
-            self._next_queue_point()
+            self._next_queue_point(t_end)
 
     def _measure_next_point(self) -> None:
         q, probe = self.queue, self._point_probe
@@ -716,6 +898,7 @@ class ScanController:
         self._end_dwell(state)
         q.state = state
         self.queue = None
+        self._report()
 
     def _finish_queue(self, state: str) -> None:
         self._end_queue(state)

@@ -60,7 +60,7 @@ class ServerKeys:
             The secret file is missing or holds no secret key, or the folder is missing or holds no
             ``*.key`` file (a server nobody may use is a configuration error).
         """
-        public, secret = _load(secret_file, need_secret=True)
+        public, secret = _load_secret(secret_file)
         folder = Path(authorized_dir)
         if not folder.is_dir() or not any(folder.glob("*" + PUBLIC_SUFFIX)):
             raise KeyFileError(f"{folder}: no folder of authorized client public keys (*{PUBLIC_SUFFIX}); "
@@ -85,9 +85,15 @@ class ClientKeys:
         KeyFileError
             A file is missing or does not hold the key it should.
         """
-        public, secret = _load(secret_file, need_secret=True)
+        public, secret = _load_secret(secret_file)
         server_public, _ = _load(server_public_file, need_secret=False)
         return cls(public, secret, server_public)
+
+
+def _load_secret(path: str | Path) -> tuple[bytes, bytes]:
+    public, secret = _load(path, need_secret=True)
+    assert secret is not None  # _load raised otherwise
+    return public, secret
 
 
 def _load(path: str | Path, need_secret: bool) -> tuple[bytes, bytes | None]:
@@ -184,21 +190,40 @@ def is_local_endpoint(endpoint: str) -> bool:
         return False
 
 
-def check_bind(endpoint: str, keys: ServerKeys | None) -> None:
-    """Refuse to bind the bridge to a network-reachable endpoint without keys.
+def check_bind(endpoint: str, keys: ServerKeys | None, *, what: str = "control bridge",
+               insecure_option: str | None = None) -> None:
+    """Refuse to bind a socket that steers the beam to a network-reachable endpoint without keys.
+
+    Parameters
+    ----------
+    endpoint : str
+        The endpoint to bind.
+    keys : ServerKeys or None
+        The socket's CURVE keys (the frame stream has none yet: pass None).
+    what : str
+        The socket, in the message: ``"control bridge"`` (default) or ``"frame stream"``.
+    insecure_option : str, optional
+        The command-line option that allows the bind anyway (e.g. ``"--insecure"``), named in the message.
 
     Raises
     ------
     InsecureBindError
         ``keys`` is None and ``endpoint`` is not local (:func:`is_local_endpoint`).
     """
-    if keys is None and not is_local_endpoint(endpoint):
+    if keys is not None or is_local_endpoint(endpoint):
+        return
+    if what != "control bridge":
         raise InsecureBindError(
-            f"refusing to bind the control bridge to {endpoint} without CURVE keys: anyone who can reach this "
-            "address could move the electron beam. Bind to tcp://127.0.0.1 (or ipc://) for a service on this "
-            "host, or create keys with `beamloop keys create server client --dir keys/`, authorize the client "
-            "with `beamloop keys authorize keys/client.key --dir keys/authorized/` and give the server its keys "
-            "(`--keys keys/server.key_secret --authorized keys/authorized/`)")
+            f"refusing to bind the {what} to {endpoint}: it is neither encrypted nor authenticated, and the "
+            "frames it carries decide where the electron beam goes. Bind to tcp://127.0.0.1 (or ipc://) for a "
+            "service on this host" + (f", or pass {insecure_option} if this network is trusted"
+                                      if insecure_option else ""))
+    raise InsecureBindError(
+        f"refusing to bind the control bridge to {endpoint} without CURVE keys: anyone who can reach this "
+        "address could move the electron beam. Bind to tcp://127.0.0.1 (or ipc://) for a service on this "
+        "host, or create keys with `beamloop keys create server client --dir keys/`, authorize the client "
+        "with `beamloop keys authorize keys/client.key --dir keys/authorized/` and give the server its keys "
+        "(`--keys keys/server.key_secret --authorized keys/authorized/`)")
 
 
 def secure_server_socket(sock: zmq.Socket, keys: ServerKeys) -> None:

@@ -18,7 +18,20 @@ blanking, point lists.
 ``heartbeat``          no arguments: the client is alive (feeds the controller's watchdog)
 ``queue_points``       ``points [[x, y], ...]``, ``dwell_us``, ``signal``, ``blank_between``: visit
                        points one after another; ``fetch_points`` / ``abort_points`` by ``queue_id``
+``stop``               no arguments: end whatever the beam is doing (point queue, parked dwell) and
+                       blank it
 =====================  ==========================================================================
+
+Calls that make the beam safer (:func:`makes_safer`: ``blank`` with ``on: true``, ``abort_points``,
+``stop``) are never refused for the rate, the size of the request, its sequence number or a malformed
+field other than the call itself: they are applied, and what was odd is reported in the reply's
+``notes``.
+
+Sizes: a server reads at most :data:`MAX_MESSAGE_BYTES` per message (the ZeroMQ socket option
+``ZMQ_MAXMSGSIZE``: libzmq disconnects a peer that sends a larger message, before reading it whole;
+libzmq API reference, ``zmq_setsockopt``) and decodes at most :data:`MAX_REQUEST_BYTES` (larger requests
+are refused as ``bad_request`` unless their first fields name a call that makes the beam safer,
+:func:`peek_request`), so that no request can hold the controller for long.
 
 Wire format: every request is one ZeroMQ message holding the CBOR [2]_ map ``{"call": name, "seq": n,
 "args": {...}, "client": id}`` (``client``, optional, is the client's random id: with ``seq`` it lets the
@@ -26,9 +39,12 @@ server apply a retried request once); every reply is ``{"seq": n, "ok": true, "r
 ``{"seq": n, "ok": false, "error": code, "message": text}``. Replies echo what was applied (e.g. the
 position the probe was actually parked at). Error codes: ``out_of_range`` (a position or parameter
 outside its limits), ``stale_frame`` (a position refers to a frame that is no longer current), ``busy``
-(the controller is doing something that this call would disturb), ``bad_request`` (malformed),
-``unknown_call``, ``internal``, ``rate_limited`` (too many requests per second), ``stale_seq`` (a sequence
-number older than one already applied); the client adds ``timeout``.
+(the controller is doing something that this call would disturb), ``bad_request`` (malformed, too large,
+or a sequence number reused for a different request), ``unknown_call``, ``internal``, ``rate_limited``
+(too many requests per second from this client), ``stale_seq`` (a sequence number older than one already
+applied); the client adds ``timeout`` (no reply in time) and ``unavailable`` (the controller's process is
+known to have exited). A map wrapped in the self-described CBOR tag 55799 (RFC 8949, section 3.4.6) is
+read as the map.
 
 Both ends are built on this module: :mod:`beamloop.edge.control.client` and
 :mod:`beamloop.edge.control.server`.
@@ -42,6 +58,7 @@ References
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -50,8 +67,25 @@ from typing import Any
 import cbor2
 
 ERROR_CODES = ("out_of_range", "stale_frame", "busy", "bad_request", "unknown_call", "internal", "rate_limited",
-               "stale_seq", "timeout")
-"""Every error code a reply (or, for ``timeout``, the client) may carry."""
+               "stale_seq", "timeout", "unavailable")
+"""Every error code a reply (or, for ``timeout`` and ``unavailable``, the client) may carry."""
+
+SAFER_CALLS = ("blank", "abort_points", "stop")
+"""Calls that can make the beam safer (``blank`` only with ``on: true``; see :func:`makes_safer`)."""
+
+MAX_MESSAGE_BYTES = 1 << 24
+"""Largest message a server socket reads (``ZMQ_MAXMSGSIZE``, 16 MiB); libzmq drops the connection of a
+peer that sends more."""
+
+MAX_REQUEST_BYTES = 1 << 20
+"""Largest request a server decodes (1 MiB: ~50 000 queued points); larger ones are refused unread
+(:func:`decode_envelope`)."""
+
+PEEK_ITEMS = 64
+"""Data items :func:`peek_request` reads at most from the start of an oversized request."""
+
+MAX_SEQ = (1 << 63) - 1
+"""Largest sequence number (a signed 64-bit integer); sequence numbers are 0 .. MAX_SEQ."""
 
 BEAM_CALLS = ("set_probe", "blank", "queue_points")
 """Calls that move, blank or unblank the beam: after one of them the controller's watchdog watches its
@@ -95,10 +129,12 @@ class BridgeTimeout(BridgeError):
         The call that timed out.
     timeout_ms : int
         How long the client waited for each reply, milliseconds.
+    detail : str, optional
+        What else the client knows (e.g. that the server refused its CURVE key).
     """
 
-    def __init__(self, call: str, timeout_ms: int) -> None:
-        super().__init__("timeout", f"no reply within {timeout_ms} ms", call)
+    def __init__(self, call: str, timeout_ms: int, detail: str = "") -> None:
+        super().__init__("timeout", f"no reply within {timeout_ms} ms" + (f"; {detail}" if detail else ""), call)
 
 
 @dataclass(frozen=True)
@@ -110,17 +146,42 @@ class Request:
     call : str
         The call's name.
     seq : int
-        The sender's sequence number.
+        The sender's sequence number (-1 when a request that makes the beam safer carried none usable).
     args : dict
         The call's arguments.
     client : str or None
         The sender's id; None when the request carries none.
+    digest : bytes
+        BLAKE2b digest (16 bytes) of the request's bytes: a retry must resend the same bytes.
+    notes : tuple of str
+        What was wrong with a request that makes the beam safer, applied all the same (empty otherwise).
     """
 
     call: str
     seq: int
     args: dict
     client: str | None = None
+    digest: bytes = b""
+    notes: tuple[str, ...] = ()
+
+
+def makes_safer(call: Any, args: Any) -> bool:
+    """Whether a request can only make the beam safer: ``blank`` with ``on`` true, ``abort_points``, ``stop``.
+
+    Parameters
+    ----------
+    call : object
+        The request's ``call`` field.
+    args : object
+        Its ``args`` field.
+
+    Returns
+    -------
+    bool
+    """
+    if call == "blank":
+        return isinstance(args, Mapping) and args.get("on") is True
+    return call in ("abort_points", "stop")
 
 
 def encode_request(call: str, seq: int, args: Mapping, client: str | None = None) -> bytes:
@@ -147,13 +208,45 @@ def encode_request(call: str, seq: int, args: Mapping, client: str | None = None
     return cbor2.dumps(msg)
 
 
-def decode_envelope(buf: bytes) -> Request:
+def _thaw(obj: Any, depth: int = 0) -> Any:
+    """``obj`` with every map a plain dict: cbor2 decodes the maps under tag 55799 as frozendicts."""
+    if depth > 16:
+        return obj
+    if isinstance(obj, Mapping):
+        return {k: _thaw(v, depth + 1) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_thaw(v, depth + 1) for v in obj]
+    return obj
+
+
+def short_repr(obj: Any, limit: int = 80) -> str:
+    """``repr(obj)`` cut to ``limit`` characters (for error messages about requests of any size)."""
+    text = repr(obj) if not isinstance(obj, (list, dict, bytes, str)) or len(obj) < limit else \
+        f"<{type(obj).__name__} of {len(obj)} items>"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _valid_seq(seq: Any) -> bool:
+    return isinstance(seq, int) and not isinstance(seq, bool) and 0 <= seq <= MAX_SEQ
+
+
+def _valid_client(client: Any) -> bool:
+    return client is None or (isinstance(client, str) and 0 < len(client) <= MAX_CLIENT_ID)
+
+
+def decode_envelope(buf: bytes, max_bytes: int = MAX_REQUEST_BYTES) -> Request:
     """Decode a request with every field.
+
+    A request that makes the beam safer (:func:`makes_safer`) is returned even when it is larger than
+    ``max_bytes`` (read by :func:`peek_request`), or its ``seq`` or ``client`` is unusable (seq -1, client
+    None); what was wrong is in :attr:`Request.notes`.
 
     Parameters
     ----------
     buf : bytes
         One request message.
+    max_bytes : int
+        Largest request decoded (default :data:`MAX_REQUEST_BYTES`).
 
     Returns
     -------
@@ -162,21 +255,148 @@ def decode_envelope(buf: bytes) -> Request:
     Raises
     ------
     BridgeError
-        (``bad_request``) not CBOR, not a map, ``call`` / ``seq`` / ``args`` missing or mistyped, or a
-        ``client`` that is not text of at most :data:`MAX_CLIENT_ID` characters.
+        (``bad_request``) larger than ``max_bytes``, not CBOR, not a map, ``call`` / ``seq`` / ``args``
+        missing or mistyped, a ``seq`` outside 0 .. :data:`MAX_SEQ`, or a ``client`` that is not text of
+        at most :data:`MAX_CLIENT_ID` characters.
     """
-    try:
-        msg = cbor2.loads(buf, max_depth=16, allow_duplicate_keys=False)
-    except Exception as exc:
-        raise BridgeError("bad_request", f"request is not valid CBOR ({type(exc).__name__}: {exc})") from None
+    digest = hashlib.blake2b(buf, digest_size=16).digest()
+    notes: list[str] = []
+    if len(buf) > max_bytes:
+        peek = peek_request(buf)
+        too_big = f"request of {len(buf)} bytes exceeds the {max_bytes}-byte bound"
+        if peek is None or not makes_safer(peek.get("call"), peek.get("args")):
+            raise BridgeError("bad_request", too_big + "; not read")
+        msg: Any = peek
+        notes.append(too_big)
+    else:
+        try:
+            msg = cbor2.loads(buf, max_depth=16, allow_duplicate_keys=False)
+        except Exception as exc:
+            raise BridgeError("bad_request", f"request is not valid CBOR ({type(exc).__name__}: {exc})") from None
+        if isinstance(msg, cbor2.CBORTag) and msg.tag == 55799:  # self-described CBOR, when not unwrapped
+            msg = msg.value
+        if isinstance(msg, Mapping) and not isinstance(msg, dict):
+            msg = _thaw(msg)
     if not isinstance(msg, dict):
         raise BridgeError("bad_request", f"request is a {type(msg).__name__}, expected a map")
     call, seq, args, client = msg.get("call"), msg.get("seq"), msg.get("args", {}), msg.get("client")
+    if isinstance(call, str) and makes_safer(call, args):
+        if not isinstance(args, Mapping):
+            notes.append(f"args {short_repr(args, 24)} is not a map")
+            args = {}
+        if not _valid_seq(seq):
+            notes.append(f"unusable seq {short_repr(seq, 24)}")
+            seq = -1
+        if not _valid_client(client):
+            notes.append("unusable client id")
+            client = None
+        return Request(call, seq if isinstance(seq, int) else -1, dict(args), client, digest, tuple(notes))
     if not isinstance(call, str) or not isinstance(seq, int) or isinstance(seq, bool) or not isinstance(args, dict):
         raise BridgeError("bad_request", "request needs call (text), seq (integer) and args (map)")
-    if client is not None and not (isinstance(client, str) and 0 < len(client) <= MAX_CLIENT_ID):
+    if not _valid_seq(seq):
+        raise BridgeError("bad_request", f"request seq {seq} outside 0 .. {MAX_SEQ}")
+    if not _valid_client(client):
         raise BridgeError("bad_request", f"request client id must be text of 1 to {MAX_CLIENT_ID} characters")
-    return Request(call, seq, args, client)
+    return Request(call, seq, args, client, digest)
+
+
+def _head(buf: bytes, i: int) -> tuple[int, int, int]:
+    """``(major type, argument, index after the head)`` of the CBOR data item at ``buf[i]`` (RFC 8949,
+    section 3); raises ValueError for indefinite lengths or a head running past the end."""
+    b = buf[i]
+    major, info = b >> 5, b & 31
+    i += 1
+    if info < 24:
+        return major, info, i
+    if info > 27:
+        raise ValueError("indefinite length or reserved value")
+    n = 1 << (info - 24)
+    if i + n > len(buf):
+        raise ValueError("truncated head")
+    return major, int.from_bytes(buf[i:i + n], "big"), i + n
+
+
+def peek_request(buf: bytes, max_items: int = PEEK_ITEMS) -> dict | None:
+    """The simple fields of a request too large to decode, read from its start without decoding the rest.
+
+    Reads the top-level map's keys in order: text and integer values, and an ``args`` map of simple values
+    (booleans, integers, short text); a byte or text string of any length under another key is skipped by
+    its length. Stops at an array or a nested map anywhere but ``args``, a head of indefinite length, or
+    after ``max_items`` data items, keeping what it read before: the cost is bounded whatever the request
+    holds.
+
+    Parameters
+    ----------
+    buf : bytes
+        The request's bytes.
+    max_items : int
+        Data items read at most.
+
+    Returns
+    -------
+    dict or None
+        ``{"call": ..., "seq": ..., "client": ..., "args": {...}}`` as far as read, or None when the request
+        is not a map or nothing could be read.
+    """
+    items = 0
+
+    def head(i: int) -> tuple[int, int, int]:
+        nonlocal items
+        items += 1
+        if items > max_items:
+            raise ValueError("too many items")
+        return _head(buf, i)
+
+    def text(i: int, n: int) -> tuple[str, int]:
+        if n > 256 or i + n > len(buf):
+            raise ValueError("long or truncated text")
+        return bytes(buf[i:i + n]).decode("utf-8"), i + n
+
+    def simple(i: int) -> tuple[Any, int]:
+        major, arg, i = head(i)
+        if major == 0:
+            return arg, i
+        if major == 1:
+            return -1 - arg, i
+        if major == 3 and arg <= 256:
+            return text(i, arg)
+        if major in (2, 3):
+            return None, i + arg  # skipped by its length
+        if major == 7 and arg in (20, 21, 22):
+            return (None if arg == 22 else arg == 21), i
+        raise ValueError("not a simple value")
+
+    out: dict[str, Any] = {}
+    try:
+        major, n, i = head(0)
+        if major == 6 and n == 55799:
+            major, n, i = head(i)
+        if major != 5:
+            return None
+        for _ in range(n):
+            kmajor, klen, i = head(i)
+            if kmajor != 3:
+                return None
+            key, i = text(i, klen)
+            if key == "args":
+                amajor, alen, i = head(i)
+                if amajor != 5:
+                    return None
+                args = {}
+                for _ in range(alen):
+                    kmajor, klen, i = head(i)
+                    if kmajor != 3:
+                        return None
+                    akey, i = text(i, klen)
+                    args[akey], i = simple(i)
+                out["args"] = args
+            else:
+                out[key], i = simple(i)
+            if i > len(buf):
+                break
+    except (ValueError, IndexError, UnicodeDecodeError):
+        pass  # what was read so far stands
+    return out or None
 
 
 def encode_reply(seq: int, result: Mapping | None = None, error: BridgeError | None = None) -> bytes:
@@ -301,12 +521,18 @@ def parse_acquire_frame(args: Mapping[str, Any], limits: ScanLimits) -> AcquireR
     Raises
     ------
     BridgeError
-        ``bad_request``: ``shape`` or ``fov_nm`` missing or not two numbers, ``dwell_us`` not a number,
+        ``bad_request``: ``shape`` missing or not two integers (``[64.7, 64.2]`` is refused, not truncated),
+        ``fov_nm`` missing or not two numbers, ``dwell_us`` not a number,
         ``channels`` not a non-empty list of names or naming one twice; ``out_of_range``: a size, field of
         view or dwell outside the limits, or a channel the controller does not have.
     """
+    shape = args.get("shape")
+    if not (isinstance(shape, list) and len(shape) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in shape)):
+        raise BridgeError("bad_request", "acquire_frame needs shape [rows, cols], fov_nm [h, w], dwell_us: shape "
+                                         f"must be two integers, got {short_repr(shape)}")
+    rows, cols = shape
     try:
-        rows, cols = (int(v) for v in args["shape"])
         h_nm, w_nm = (float(v) for v in args["fov_nm"])
         dwell = float(args.get("dwell_us", limits.default_dwell_us))
     except (KeyError, TypeError, ValueError, OverflowError) as exc:
@@ -347,12 +573,15 @@ def check_channels(channels: Any, limits: ScanLimits) -> tuple[str, ...]:
         ``bad_request``: not a non-empty list of text, or a name given twice; ``out_of_range``: a channel
         the controller does not have.
     """
+    if isinstance(channels, str):
+        raise BridgeError("bad_request", "channels must be a non-empty list of names, got the text "
+                                         f"{short_repr(channels)} (write [{short_repr(channels)}])")
     if not isinstance(channels, list) or not channels or not all(isinstance(c, str) for c in channels):
-        raise BridgeError("bad_request", "channels must be a non-empty list of names")
+        raise BridgeError("bad_request", f"channels must be a non-empty list of names, got {short_repr(channels)}")
     names = tuple(c.lower() for c in channels)
     if len(set(names)) != len(names):
-        raise BridgeError("bad_request", f"channels {channels} name a channel more than once")
+        raise BridgeError("bad_request", f"channels {short_repr(channels)} name a channel more than once")
     if not all(c in limits.channels for c in names):
-        raise BridgeError("out_of_range", f"channels {channels} not all available; this scan device has "
+        raise BridgeError("out_of_range", f"channels {short_repr(channels)} not all available; this scan device has "
                                           f"{list(limits.channels)}")
     return names

@@ -14,20 +14,32 @@ dwell per point        ``queue_points``' ``dwell_us`` at most ``max_point_dwell_
 dose per point         electrons per point ``I t / e`` at most ``max_point_electrons`` (needs the probe
                        current); lowers the parked-beam time limit to match (``out_of_range``)
 pixel dwell            ``acquire_frame``'s ``dwell_us`` at most ``max_pixel_dwell_us`` (``out_of_range``)
-rate                   at most ``max_commands_per_s`` requests per second, ``command_burst`` at once
-                       (token bucket); the rest are refused unapplied (``rate_limited``)
-sequence numbers       a request is applied at most once: a retry carrying the same client id and
-                       ``seq`` gets the first reply again without running the call; an older ``seq``
-                       from that client is refused (``stale_seq``)
+rate                   at most ``max_commands_per_s`` requests per second, ``command_burst`` at once, per
+                       client id (token buckets; requests without an id share one); the rest are refused
+                       unapplied (``rate_limited``)
+sequence numbers       a request is applied at most once: a retry carrying the same client id, ``seq``
+                       and bytes gets the first reply again without running the call; the same ``seq``
+                       with other bytes is refused (``bad_request``), an older ``seq`` from that client
+                       too (``stale_seq``); ``get_state`` and the other read-only calls
+                       (:data:`UNCACHED_CALLS`) always run
+safer calls            a call that makes the beam safer (:func:`~beamloop.edge.control.protocol.makes_safer`:
+                       blank on, ``abort_points``, ``stop``) passes every rule above unrefused
 watchdog               while the beam is on (unblanked, or running a point queue), the client that last
-                       drove it must be heard from (any request, ``heartbeat`` when idle) every
-                       ``watchdog_s``; when it falls silent the beam is blanked, or parked at
-                       ``safe_position`` (``on_watchdog="park"``). A blanked beam needs no watching, so a
-                       service busy between dwells does not trip it
+                       turned it on or moved it must be heard from (any request admitted past the rate
+                       limit and the sequence numbers; ``heartbeat`` when idle) every ``watchdog_s``; when
+                       it falls silent the beam is blanked, or parked at ``safe_position``
+                       (``on_watchdog="park"``). A blanked beam needs no watching, so a service busy
+                       between dwells does not trip it
 =====================  ==================================================================================
 
+The beam's state (blanked or not, where the probe is, whether a point queue runs) comes from the scan
+controller, which reports every change it makes (:meth:`BeamSafety.beam_changed`), including changes by a
+handler that then failed; a guard without a controller (``beam_from_replies=True``) learns it from the
+replies instead. A blank that fails is tried again at every :meth:`BeamSafety.poll`.
+
 Every refusal and every action is counted (:class:`SafetyCounters`), and reported by ``get_state`` of
-controllers that include :meth:`BeamSafety.state`.
+controllers that include :meth:`BeamSafety.state`. The guard is not thread-safe: its owner (the server, or
+the controller and its watchdog timer) serialises the calls.
 """
 
 from __future__ import annotations
@@ -37,8 +49,9 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Any
 
-from beamloop.edge.control.protocol import BEAM_CALLS, BridgeError
+from beamloop.edge.control.protocol import BridgeError, makes_safer, short_repr
 from beamloop.edge.frame.scanframe import BeamPositionError, ScanFrame, check_fraction
 from beamloop.edge.physics import electrons_per_second
 
@@ -112,14 +125,21 @@ class SafetyLimits:
     def point_time_limit_s(self) -> float:
         """Longest unblanked time at one position allowed by both the dwell and the dose limit, seconds."""
         t = self.max_point_dwell_s
-        if self.max_point_electrons is not None:
-            t = min(t, self.max_point_electrons / self.electrons_per_s)
+        eps = self.electrons_per_s
+        if self.max_point_electrons is not None and eps is not None:
+            t = min(t, self.max_point_electrons / eps)
         return t
 
 
 @dataclass
 class SafetyCounters:
-    """Requests refused and actions taken by :class:`BeamSafety`."""
+    """Requests refused and actions taken by :class:`BeamSafety` (and its controller).
+
+    ``reused_seq`` counts requests refused for a sequence number reused with other bytes; ``safer_calls``
+    the calls admitted because they make the beam safer; ``error_blanks`` the blanks after a handler failed
+    with the beam changed; ``blank_failures`` the blanks the hardware refused (tried again);
+    ``backstop_trips`` the watchdog's actions by the controller's timer thread while its serve loop was held
+    up."""
 
     refused_position: int = 0
     refused_stale_frame: int = 0
@@ -128,8 +148,13 @@ class SafetyCounters:
     rate_limited: int = 0
     duplicates: int = 0
     stale_seq: int = 0
+    reused_seq: int = 0
+    safer_calls: int = 0
     watchdog_trips: int = 0
     dwell_limit_blanks: int = 0
+    error_blanks: int = 0
+    blank_failures: int = 0
+    backstop_trips: int = 0
     heartbeats: int = 0
 
 
@@ -157,8 +182,36 @@ class RateLimiter:
         return False
 
 
+class ClientRates:
+    """One :class:`RateLimiter` per client id (requests without an id share the bucket of ``None``).
+
+    Remembers ``max_clients`` buckets, the least recently used forgotten first (a forgotten client starts
+    again with a full bucket).
+    """
+
+    def __init__(self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic,
+                 max_clients: int = 64) -> None:
+        self.rate, self.burst, self._clock, self.max_clients = float(rate), int(burst), clock, int(max_clients)
+        self._buckets: OrderedDict[str | None, RateLimiter] = OrderedDict()
+
+    def allow(self, client: str | None) -> bool:
+        """Take a token from ``client``'s bucket if it has one; return whether the request may go on."""
+        bucket = self._buckets.get(client)
+        if bucket is None:
+            bucket = self._buckets[client] = RateLimiter(self.rate, self.burst, self._clock)
+            while len(self._buckets) > self.max_clients:
+                self._buckets.popitem(last=False)
+        else:
+            self._buckets.move_to_end(client)
+        return bucket.allow()
+
+    def bucket(self, client: str | None) -> RateLimiter | None:
+        """The bucket of ``client``, None when it has none (yet)."""
+        return self._buckets.get(client)
+
+
 class SequenceTracker:
-    """Last sequence number and reply per client, so that a retried request is applied once.
+    """Last sequence number, request digest and reply per client, so that a retried request is applied once.
 
     Remembers ``max_clients`` clients (least recently heard forgotten first); requests without a
     client id are not tracked.
@@ -166,44 +219,78 @@ class SequenceTracker:
 
     def __init__(self, max_clients: int = 64) -> None:
         self.max_clients = int(max_clients)
-        self._last: OrderedDict[str, tuple[int, bytes]] = OrderedDict()
+        self._last: OrderedDict[str, tuple[int, bytes, bytes]] = OrderedDict()
 
-    def replay(self, client: str | None, seq: int) -> bytes | None:
-        """The reply already sent for ``(client, seq)``, or None for a new request.
+    def replay(self, client: str | None, seq: int, digest: bytes = b"") -> bytes | None:
+        """The reply already sent for ``(client, seq)`` with this request ``digest``, or None for a new request.
 
         Raises
         ------
         BridgeError
-            (``stale_seq``) ``seq`` is older than the last one applied for this client.
+            ``stale_seq``: ``seq`` is older than the last one applied for this client; ``bad_request``:
+            ``seq`` is the last one, but the request's bytes differ (a sequence number reused for another
+            request, which must not get the other's reply).
         """
         if client is None or client not in self._last:
             return None
-        last_seq, reply = self._last[client]
+        last_seq, last_digest, reply = self._last[client]
         self._last.move_to_end(client)
         if seq == last_seq:
+            if digest != last_digest:
+                raise BridgeError("bad_request", f"request {seq} of client {client} reuses the sequence number of "
+                                                 "a different request; not applied")
             return reply
         if seq < last_seq:
             raise BridgeError("stale_seq", f"request {seq} of client {client} is older than request {last_seq}, "
                                            "already applied")
         return None
 
-    def remember(self, client: str | None, seq: int, reply: bytes) -> None:
-        """Keep the reply to ``(client, seq)``."""
-        if client is None:
+    def remember(self, client: str | None, seq: int, reply: bytes, digest: bytes = b"") -> None:
+        """Keep the reply to ``(client, seq)`` and the digest of its request."""
+        if client is None or seq < 0:
             return
-        self._last[client] = (seq, reply)
+        if client in self._last and self._last[client][0] > seq:
+            return  # never step back (a safer call may carry an old number)
+        self._last[client] = (seq, digest, reply)
         self._last.move_to_end(client)
         while len(self._last) > self.max_clients:
             self._last.popitem(last=False)
 
 
+UNCACHED_CALLS = ("get_state", "get_capabilities", "fetch_points", "heartbeat")
+"""Read-only calls: they always run (never answered from the reply cache) and leave sequence numbers alone."""
+
+BEAM_ON_CALLS = ("set_probe", "blank", "queue_points")
+"""Calls whose sender becomes the beam's owner, the client the watchdog listens to (``blank`` only with
+``on: false``)."""
+
+
 @dataclass
 class _Beam:
-    """What the guard knows of the beam from the replies it has seen."""
+    """What the guard knows of the beam (from the controller, or from replies)."""
 
     blanked: bool = True
     position: tuple[float, float] | None = None
     on_since: float | None = None  # unblanked at ``position`` since (clock seconds); None: not timed here
+    queue: bool = False  # a point queue runs (each point timed by its checked dwell)
+
+
+def fraction_pair(x: Any, y: Any) -> tuple[float, float]:
+    """:func:`~beamloop.edge.frame.scanframe.check_fraction` for any input: also an integer too large for a
+    float (``10**400``) or a bool is ``out_of_range``, never an ``OverflowError``.
+
+    Raises
+    ------
+    BeamPositionError
+        (``out_of_range``) not two real numbers, not finite, or outside [0, 1].
+    """
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (x, y)):
+        raise BeamPositionError("out_of_range", f"beam position ({short_repr(x)}, {short_repr(y)}) is not a pair of "
+                                                "numbers")
+    if any(isinstance(v, int) and not -1 <= v <= 2 for v in (x, y)):
+        raise BeamPositionError("out_of_range", f"beam position ({short_repr(x, 24)}, {short_repr(y, 24)}) lies "
+                                                "outside the scan frame [0, 1]")
+    return check_fraction(x, y)
 
 
 class BeamSafety:
@@ -214,63 +301,112 @@ class BeamSafety:
     limits : SafetyLimits
     blank : callable(reason: str), optional
         Blanks the beam at once (called by the watchdog and the dwell limit); without it neither can act.
+        May raise: the failure is counted and the blank tried again at the next :meth:`poll`.
     park : callable(x, y), optional
         Parks the probe at fractions of the current frame (``on_watchdog="park"``); falls back to
         ``blank`` when absent or when no frame is current.
     clock : callable, optional
         Seconds, monotonic (default :func:`time.monotonic`); tests pass their own.
+    beam_from_replies : bool
+        Learn the beam's state from the replies of the calls (a guard in front of plain handlers); False
+        for a controller that reports it (:meth:`beam_changed`).
 
     Attributes
     ----------
     frame : ScanFrame or None
         The current frame, from the last successful ``acquire_frame`` reply.
     counters : SafetyCounters
+    rates : ClientRates
+    sequences : SequenceTracker
+    owner : str or None
+        The client the watchdog listens to.
     """
 
     def __init__(self, limits: SafetyLimits | None = None, *, blank: Callable[[str], None] | None = None,
                  park: Callable[[float, float], None] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, beam_from_replies: bool = True) -> None:
         self.limits = limits or SafetyLimits()
         self._blank = blank
         self._park = park
         self._clock = clock
-        self.rate = RateLimiter(self.limits.max_commands_per_s, self.limits.command_burst, clock)
+        self.beam_from_replies = beam_from_replies
+        self.rates = ClientRates(self.limits.max_commands_per_s, self.limits.command_burst, clock,
+                                 self.limits.max_clients)
         self.sequences = SequenceTracker(self.limits.max_clients)
         self.counters = SafetyCounters()
         self.frame: ScanFrame | None = None
         self.beam = _Beam()
-        self._owner: str | None = None
+        self.owner: str | None = None
         self._armed = False
         self._last_heard = clock()
+        self._blank_pending = ""
         self.last_action = ""
 
+    @property
+    def clock(self) -> Callable[[], float]:
+        """The guard's clock (seconds)."""
+        return self._clock
+
+    @property
+    def armed(self) -> bool:
+        """Whether the watchdog is watching (the beam is on, or a point queue runs)."""
+        return self._armed
+
+    @property
+    def last_heard(self) -> float:
+        """Clock time the owner was last heard from, seconds."""
+        return self._last_heard
+
     # before a call --------------------------------------------------------------------------------
-    def admit(self, client: str | None, seq: int, call: str, args: dict) -> bytes | None:
+    def admit(self, client: str | None, seq: int, call: str, args: dict, digest: bytes = b"",
+              safer: bool | None = None) -> bytes | None:
         """Check a decoded request before its handler runs.
 
         Returns the earlier reply when this is a retry of a request already applied (the caller sends
         it again and runs nothing), else None.
 
+        Parameters
+        ----------
+        client : str or None
+        seq : int
+        call : str
+        args : dict
+        digest : bytes
+            Digest of the request's bytes (:attr:`beamloop.edge.control.protocol.Request.digest`).
+        safer : bool, optional
+            Whether the call makes the beam safer (default: :func:`~beamloop.edge.control.protocol.makes_safer`);
+            such a call is admitted whatever its rate or sequence number.
+
         Raises
         ------
         BridgeError
-            ``stale_seq``, ``rate_limited``, ``out_of_range`` (position, dwell or dose), ``stale_frame``,
-            ``bad_request`` (missing position fields); the request must not be applied.
+            ``stale_seq``, ``bad_request`` (a reused sequence number, missing position fields),
+            ``rate_limited``, ``out_of_range`` (position, dwell or dose), ``stale_frame``; the request
+            must not be applied.
         """
-        try:
-            cached = self.sequences.replay(client, seq)
-        except BridgeError:
-            self.counters.stale_seq += 1
-            raise
-        if client == self._owner:
-            self._last_heard = self._clock()
-        if cached is not None:
-            self.counters.duplicates += 1
-            return cached
-        if not self.rate.allow():
-            self.counters.rate_limited += 1
+        if safer if safer is not None else makes_safer(call, args):
+            self.counters.safer_calls += 1
+            self._heard(client)
+            return None
+        if call not in UNCACHED_CALLS:
+            try:
+                cached = self.sequences.replay(client, seq, digest)
+            except BridgeError as exc:
+                if exc.code == "stale_seq":
+                    self.counters.stale_seq += 1
+                else:
+                    self.counters.reused_seq += 1
+                raise
+            if cached is not None:
+                self.counters.duplicates += 1
+                self._heard(client)
+                return cached
+        if not self.rates.allow(client):
+            self.counters.rate_limited += 1  # refused: not heard, so a flood cannot feed the watchdog
             raise BridgeError("rate_limited", f"more than {self.limits.max_commands_per_s:g} requests per second "
-                                              f"(burst {self.limits.command_burst}); {call} not applied", call)
+                                              f"(burst {self.limits.command_burst}) from client {client}; {call} "
+                                              "not applied", call)
+        self._heard(client)
         if call == "set_probe":
             self.check_position(args.get("x"), args.get("y"), args.get("frame_id"), call)
         elif call == "queue_points":
@@ -279,7 +415,16 @@ class BeamSafety:
             self._check_pixel_dwell(args)
         elif call == "heartbeat":
             self.counters.heartbeats += 1
+        if call in BEAM_ON_CALLS and not (call == "blank" and args.get("on") is not False):
+            self._take_owner(client)
         return None
+
+    def _heard(self, client: str | None) -> None:
+        if client == self.owner:
+            self._last_heard = self._clock()
+
+    def _take_owner(self, client: str | None) -> None:
+        self.owner, self._last_heard = client, self._clock()
 
     def check_position(self, x, y, frame_id, call: str = "set_probe") -> tuple[float, float]:
         """Validate one position: finite fractions in [0, 1] of the current frame. Returns ``(x, y)``.
@@ -290,17 +435,15 @@ class BeamSafety:
             ``out_of_range`` (not numbers, not finite, outside the frame) or ``stale_frame``.
         """
         try:
-            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (x, y)):
-                raise BeamPositionError("out_of_range", f"beam position ({x!r}, {y!r}) is not a pair of numbers")
-            fx, fy = check_fraction(x, y)
+            fx, fy = fraction_pair(x, y)
         except BeamPositionError as exc:
             self.counters.refused_position += 1
             raise BridgeError(exc.code, str(exc), call) from None
         if self.frame is None or isinstance(frame_id, bool) or frame_id != self.frame.frame_id:
             self.counters.refused_stale_frame += 1
             cur = None if self.frame is None else self.frame.frame_id
-            raise BridgeError("stale_frame", f"position refers to frame {frame_id!r}, the current frame is {cur}",
-                              call)
+            raise BridgeError("stale_frame", f"position refers to frame {short_repr(frame_id, 24)}, the current "
+                                             f"frame is {cur}", call)
         return fx, fy
 
     def _check_queue(self, args: dict) -> None:
@@ -312,19 +455,32 @@ class BeamSafety:
         if isinstance(dwell_us, bool) or not isinstance(dwell_us, (int, float)) or not (
                 math.isfinite(dwell_us) and dwell_us > 0):
             self.counters.refused_dwell += 1
-            raise BridgeError("out_of_range", f"dwell {dwell_us!r} us is not a positive number", "queue_points")
+            raise BridgeError("out_of_range", f"dwell {short_repr(dwell_us, 24)} us is not a positive number",
+                              "queue_points")
+        self.check_point_dwell(float(dwell_us))
+
+    def check_point_dwell(self, dwell_us: float, call: str = "queue_points") -> None:
+        """Check the dwell of a queued point against the dwell and dose limits (controllers call it again
+        with the dwell they will really apply, e.g. rounded to whole samples).
+
+        Raises
+        ------
+        BridgeError
+            (``out_of_range``) too long, or too many electrons.
+        """
         lim = self.limits
         if dwell_us * 1e-6 > lim.max_point_dwell_s:
             self.counters.refused_dwell += 1
             raise BridgeError("out_of_range", f"dwell {dwell_us:g} us per point exceeds the limit "
-                                              f"{lim.max_point_dwell_s * 1e6:g} us", "queue_points")
-        if lim.max_point_electrons is not None:
-            electrons = lim.electrons_per_s * dwell_us * 1e-6
+                                              f"{lim.max_point_dwell_s * 1e6:g} us", call)
+        eps = lim.electrons_per_s
+        if lim.max_point_electrons is not None and eps is not None:
+            electrons = eps * dwell_us * 1e-6
             if electrons > lim.max_point_electrons:
                 self.counters.refused_dose += 1
                 raise BridgeError("out_of_range", f"dose {electrons:.4g} electrons per point ({dwell_us:g} us at "
                                                   f"{lim.current_pA:g} pA) exceeds the limit "
-                                                  f"{lim.max_point_electrons:.4g}", "queue_points")
+                                                  f"{lim.max_point_electrons:.4g}", call)
 
     def _check_pixel_dwell(self, args: dict) -> None:
         if "dwell_us" not in args:
@@ -333,7 +489,8 @@ class BeamSafety:
         if isinstance(d, bool) or not isinstance(d, (int, float)) or not (math.isfinite(d) and d > 0):
             # not left to the controller: text such as "1e9" would pass many a float() in a handler
             self.counters.refused_dwell += 1
-            raise BridgeError("out_of_range", f"pixel dwell {d!r} us is not a positive number", "acquire_frame")
+            raise BridgeError("out_of_range", f"pixel dwell {short_repr(d, 24)} us is not a positive number",
+                              "acquire_frame")
         if d > self.limits.max_pixel_dwell_us:
             self.counters.refused_dwell += 1
             raise BridgeError("out_of_range", f"pixel dwell {d:g} us exceeds the limit "
@@ -341,43 +498,87 @@ class BeamSafety:
 
     # after a call -----------------------------------------------------------------------------------
     def applied(self, client: str | None, call: str, args: dict, result: dict) -> None:
-        """Learn from a call the controller applied: the current frame, the beam's state, who drives it."""
-        now = self._clock()
+        """Learn from a call the controller applied: the current frame and, with ``beam_from_replies``, the
+        beam's state."""
         if call == "acquire_frame":
             try:
                 self.frame = ScanFrame.from_dict(result["scan"])
-            except (KeyError, TypeError, ValueError):
+            except (KeyError, TypeError, ValueError, OverflowError):
                 self.frame = None  # positions are refused until a frame is known
+        if not self.beam_from_replies:
+            return
+        if call in BEAM_ON_CALLS and not (call == "blank" and args.get("on") is not False):
+            self._take_owner(client)
+        if call == "acquire_frame":
             self.beam.position, self.beam.on_since = None, None
         elif call == "set_probe":
             self.beam.position = (float(args["x"]), float(args["y"]))
             self.beam.on_since = None
         elif call == "queue_points":
-            self.beam.position, self.beam.on_since = None, None  # each point timed by its checked dwell
+            self.beam.position, self.beam.on_since = None, None
         blanked = result.get("blanked") if isinstance(result, dict) else None
         if isinstance(blanked, bool):
             if blanked:
-                self.beam.on_since = None
-            elif self.beam.position is not None and (self.beam.blanked or self.beam.on_since is None):
-                self.beam.on_since = now
-            self.beam.blanked = blanked
-            self._armed = not blanked
-        if call in BEAM_CALLS:
-            self._owner, self._last_heard = client, now
+                self.beam.queue = False  # blanking ends a point queue
+            self._set_beam(blanked, self.beam.position, moved=False)
         if call == "queue_points":
+            self.beam.queue = True
             self._armed = True  # the controller runs the points with the beam on
 
-    def remember(self, client: str | None, seq: int, reply: bytes) -> None:
-        """Keep the reply sent for ``(client, seq)`` for a retry of the same request."""
-        self.sequences.remember(client, seq, reply)
+    def beam_changed(self, blanked: bool, position: tuple[float, float] | None = None, *, queue: bool = False,
+                     moved: bool = False) -> None:
+        """The controller's report of the beam after it told the hardware something (or was about to).
+
+        Parameters
+        ----------
+        blanked : bool
+            The blanker (a controller that asks to unblank reports False before asking).
+        position : (x, y) or None
+            Where the probe is parked, fractions of the current frame; None: not parked (scanning).
+        queue : bool
+            A point queue runs (its points are timed by their checked dwell, not by the parked-beam limit).
+        moved : bool
+            The probe moved: a new point starts (its parked time counts from now).
+        """
+        self.beam.queue = queue
+        if moved or position != self.beam.position:
+            self.beam.on_since = None
+        self.beam.position = position
+        self._set_beam(blanked, position, moved=moved)
+        if queue:
+            self.beam.on_since = None
+            self._armed = True
+        if blanked:
+            self._blank_pending = ""
+
+    def _set_beam(self, blanked: bool, position, moved: bool) -> None:
+        b = self.beam
+        if blanked:
+            b.on_since = None
+        elif position is not None and not b.queue and (b.blanked or b.on_since is None):
+            b.on_since = self._clock()
+        b.blanked = blanked
+        self._armed = (not blanked) or b.queue
+
+    def remember(self, client: str | None, seq: int, reply: bytes, digest: bytes = b"") -> None:
+        """Keep the reply sent for ``(client, seq)`` (and its request's ``digest``) for a retry."""
+        self.sequences.remember(client, seq, reply, digest)
 
     # between calls --------------------------------------------------------------------------------
-    def poll(self) -> str:
-        """Run the watchdog and the parked-beam time limit; call often (every server loop).
+    def overdue(self, grace_s: float = 0.0) -> bool:
+        """Whether the watchdog should have acted more than ``grace_s`` ago (for a backstop timer)."""
+        w = self.limits.watchdog_s
+        return w is not None and self._armed and self._clock() - self._last_heard > w + grace_s
 
-        Returns the action taken (``"watchdog: blank"``, ``"watchdog: park"``, ``"dwell_limit: blank"``)
-        or an empty string.
+    def poll(self) -> str:
+        """Run the watchdog and the parked-beam time limit, and retry a blank that failed; call often (every
+        server loop, and from the controller's watchdog timer).
+
+        Returns the action taken (``"watchdog: blank"``, ``"watchdog: park"``, ``"dwell_limit: blank"``,
+        ``"...: blank failed"``) or an empty string.
         """
+        if self._blank_pending:
+            return self._act(self._blank_pending, park=False)
         now = self._clock()
         lim = self.limits
         if lim.watchdog_s is not None and self._armed and now - self._last_heard > lim.watchdog_s:
@@ -392,18 +593,36 @@ class BeamSafety:
             return action
         return ""
 
+    def blank_now(self, reason: str) -> str:
+        """Blank the beam at once (e.g. after a handler failed with the beam changed); returns the action."""
+        return self._act(reason, park=False)
+
+    def request_blank(self, reason: str) -> None:
+        """Have the next :meth:`poll` blank the beam (safe to call from another thread: one assignment)."""
+        self._blank_pending = reason
+
     def _act(self, reason: str, park: bool) -> str:
-        if park and self._park is not None and self.frame is not None:
-            x, y = self.limits.safe_position
-            self._park(x, y)
-            self.beam.position, self.beam.on_since = (x, y), None  # the safe position is not time-limited
-            self.last_action = f"{reason}: park"
-        elif self._blank is not None:
+        try:
+            if park and self._park is not None and self.frame is not None:
+                x, y = self.limits.safe_position
+                self._park(x, y)
+                self.beam.position, self.beam.on_since = (x, y), None  # the safe position is not time-limited
+                self._armed = False  # until the beam is driven again
+                self.last_action = f"{reason}: park"
+                return self.last_action
+            if self._blank is None:
+                self.last_action = f"{reason}: no action available"
+                return self.last_action
             self._blank(reason)
-            self.beam.blanked, self.beam.on_since = True, None
-            self.last_action = f"{reason}: blank"
-        else:
-            self.last_action = f"{reason}: no action available"
+        except Exception as exc:  # noqa: BLE001 - the hardware refused; keep trying at every poll
+            self.counters.blank_failures += 1
+            self._blank_pending = reason
+            self.last_action = f"{reason}: blank failed ({type(exc).__name__}: {exc})"
+            return self.last_action
+        self._blank_pending = ""
+        self.beam.blanked, self.beam.on_since = True, None
+        self._armed = self.beam.queue and not self.beam.blanked
+        self.last_action = f"{reason}: blank"
         return self.last_action
 
     def heartbeat(self, args: dict) -> dict:
@@ -414,4 +633,5 @@ class BeamSafety:
         """Limits, counters, watchdog state and last action, as a plain dict (CBOR/JSON)."""
         return {"limits": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self.limits).items()},
                 "counters": asdict(self.counters), "watchdog_armed": self._armed, "last_action": self.last_action,
-                "frame_id": None if self.frame is None else self.frame.frame_id}
+                "frame_id": None if self.frame is None else self.frame.frame_id,
+                "blank_pending": bool(self._blank_pending)}
