@@ -7,17 +7,19 @@ process. Receivers, each in turn (order rotated between trials):
 
 - ``pyzmq_raw``: a plain pyzmq PULL loop that receives every message and does nothing (the ceiling of
   receiving in Python on this machine);
-- ``beamloop``: :class:`beamloop.streams.dectris.receiver.DetectorReceiver` (receive, validate, decode into frame stacks);
-- ``beamloop_adf``: the same plus a virtual ADF detector on every frame (:func:`beamloop.edge.analysis.live4d.virtual_stack`);
+- ``beamloop``: :class:`beamloop.streams.dectris.receiver.DetectorReceiver` (receive, validate, decode into frame
+  stacks);
+- ``beamloop_adf``: the same plus a virtual ADF detector on every frame
+  (:func:`beamloop.edge.analysis.live4d.virtual_stack`);
 - ``libertem``: libertem-dectris' ``DectrisConnection`` + ``CamClient.decode_range_into_buffer``.
 
 Frames per second are counted from the first to the last image at the receiver; CPU time per frame is the
 receiver process's (its ZeroMQ I/O thread included). The machine has 2 cores shared by the sender, the
 receiver and whatever else runs: results are noisy (the JSON records the load average).
 
-Usage: ``python bench/streams_receive.py [--quick]``; writes ``bench/results/streams_receive.json`` and
-``bench/results/streams_receive.png`` (``--quick``: ``streams_receive_quick.*``, so that a quick run, e.g. the
-bench suite's, never overwrites the full figures). ``run(quick)`` returns the same dict.
+Usage: ``python -m beamloop.bench.streams_receive [--quick] [--out DIR]``; writes ``streams_receive.json`` and
+``streams_receive.png`` in ``DIR`` (default ``bench/results``; ``--quick``: ``streams_receive_quick.*``, so that a
+quick run, e.g. the bench suite's, never overwrites the full figures). ``run(quick, out)`` returns the same dict.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import multiprocessing as mp
 import os
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -83,7 +86,8 @@ def _recv_raw(uri: str, n: int) -> tuple[float, float]:
 
 def _recv_beamloop(uri: str, n: int, adf: bool) -> tuple[float, float]:
     from beamloop.edge.analysis import live4d
-    from beamloop.streams.dectris.receiver import DetectorReceiver, FrameStack, SeriesStart
+    from beamloop.streams.dectris.receiver import DetectorReceiver
+    from beamloop.streams.dectris.series import FrameStack, SeriesStart
 
     got, t0, masks, total = 0, None, None, 0.0
     with DetectorReceiver(uri, stack_size=64) as rx:
@@ -140,13 +144,10 @@ def _one(receiver: str, dump: str, n: int, det: int, workdir: str) -> dict:
     uri = q.get(timeout=60)
     try:
         if receiver == "libertem":
-            import threading
-
             threading.Timer(0.5, go.set).start()  # LiberTEM connects inside its call
             wall, cpu = _recv_libertem(uri, n, det, workdir)
         else:
-            threading_go = __import__("threading").Timer(0.3, go.set)
-            threading_go.start()
+            threading.Timer(0.3, go.set).start()
             if receiver == "pyzmq_raw":
                 wall, cpu = _recv_raw(uri, n)
             else:
@@ -159,8 +160,9 @@ def _one(receiver: str, dump: str, n: int, det: int, workdir: str) -> dict:
     return {"frames_per_s": (n - 1) / wall, "cpu_us_per_frame": 1e6 * cpu / n}
 
 
-def run(quick: bool = False) -> dict:
-    """Run the benchmark; returns (and writes) the results dict. ``quick``: fewer frames, one trial."""
+def run(quick: bool = False, out_dir: Path = RESULTS) -> dict:
+    """Run the benchmark; returns (and writes into ``out_dir``) the results dict. ``quick``: fewer frames, one
+    trial."""
     from beamloop.streams.dectris.simplon import series_messages, write_dump
 
     sizes = {96: 20_000 if quick else 100_000, 256: 4_000 if quick else 20_000}
@@ -194,20 +196,20 @@ def run(quick: bool = False) -> dict:
                 "cpu_ratio_libertem_to_beamloop_adf": cpu["libertem"] / cpu["beamloop_adf"],
             }
     out["machine"]["load_after"] = os.getloadavg()
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"{NAME}_quick" if quick else NAME
-    (RESULTS / f"{stem}.json").write_text(json.dumps(out, indent=1))
-    _plot(out, stem)
+    (out_dir / f"{stem}.json").write_text(json.dumps(out, indent=1))
+    _plot(out, out_dir / f"{stem}.png")
     return out
 
 
-def _plot(out: dict, stem: str) -> None:
-    import matplotlib
+def _plot(out: dict, path: Path) -> None:
+    """Bar chart of the median rates per frame size."""
+    from matplotlib.figure import Figure  # no pyplot: the caller's matplotlib backend stays as it is
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(out["sizes"]), figsize=(5 * len(out["sizes"]), 3.6))
+    fig = Figure(figsize=(5 * len(out["sizes"]), 3.6))
+    axes = fig.subplots(1, len(out["sizes"]))
     for ax, (size, r) in zip(np.atleast_1d(axes), out["sizes"].items()):
         med = r["frames_per_s_median"]
         ax.bar(list(med), [v / 1e3 for v in med.values()], color=["grey", "tab:blue", "tab:cyan", "tab:orange"])
@@ -216,12 +218,12 @@ def _plot(out: dict, stem: str) -> None:
         ax.tick_params(axis="x", rotation=20)
     fig.suptitle("receive + decode, DectrisSim sender, 2 shared cores")
     fig.tight_layout()
-    fig.savefig(RESULTS / f"{stem}.png", dpi=100)
-    plt.close(fig)
+    fig.savefig(path, dpi=100)
 
 
 if __name__ == "__main__":
-    res = run(quick="--quick" in sys.argv)
+    argv = sys.argv[1:]
+    res = run(quick="--quick" in argv, out_dir=Path(argv[argv.index("--out") + 1]) if "--out" in argv else RESULTS)
     for size, r in res["sizes"].items():
         print(size, {k: round(v) for k, v in r["frames_per_s_median"].items()},
               f"beamloop/libertem {r['ratio_beamloop_to_libertem']:.2f}",

@@ -18,6 +18,9 @@ NS = 1_000_000_000
 MAX_NS = (1 << 63) - 1
 """Largest time a receiver accepts, nanoseconds: the int64 range its time arrays hold (about 292 years)."""
 
+MAX_ID = (1 << 63) - 1
+"""Largest image id a receiver accepts: the int64 range its id arrays hold."""
+
 DEFAULT_MAX_GAP = 1 << 16
 """Forward jumps of more frame ids than this wait for the next id to confirm them (see :class:`FrameIdTracker`)."""
 

@@ -29,7 +29,8 @@ HAVE_ATHERIS = importlib.util.find_spec("atheris") is not None
 TARGETS = ("native_header", "bridge_request", "bridge_reply", "image_file", "stream_v2_message",
            "simplon1_receiver", "stream2_receiver")
 SHORT_RUNS = {"image_file": 300, "simplon1_receiver": 500, "stream2_receiver": 500}
-NUMBA_MODULES = ("beamloop.streams.dectris.codecs", "beamloop.streams.dectris.receiver", "beamloop.streams.dectris.zmqfast")
+NUMBA_MODULES = ("beamloop.streams.dectris.codecs", "beamloop.streams.dectris.receiver",
+                 "beamloop.streams.dectris.zmqfast")
 """Modules with numba-compiled functions; instrumenting them breaks their compilation."""
 LONG_RUNS = int(os.environ.get("BEAMLOOP_ATHERIS_RUNS", "100000"))
 MSG_SEP = b"\n==msg==\n"
@@ -49,10 +50,10 @@ def _good_series(protocol: str) -> bytes:
         msgs = [[bytes(memoryview(p).cast("B")) for p in m] for m in simplon.series_messages(frames, series=3)]
     else:
         from beamloop.streams.dectris import stream_v2
-        from beamloop.streams.dectris.receiver import DetectorSeries
+        from beamloop.streams.dectris.series import DetectorSeries
 
         s = DetectorSeries("stream2", 1, "atheris", ("threshold_1",), frames.shape[1:], frames.dtype, len(frames))
-        date = datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc)
+        date = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
         msgs = [[stream_v2.encode_start(s)]]
         msgs += [[stream_v2.encode_image(s, i, {"threshold_1": stream_v2.image_array(f.tobytes(), f.shape, f.dtype,
                                                                                      "none")}, series_date=date)]
@@ -74,12 +75,15 @@ def _targets():
     import atheris
 
     # numba compiles from bytecode, which atheris' instrumentation changes: its modules stay uninstrumented
-    with atheris.instrument_imports(include=["streams", "edge"], exclude=list(NUMBA_MODULES)):
+    # (atheris matches ``include`` on the top-level package: everything of beamloop imported here)
+    with atheris.instrument_imports(include=["beamloop"], exclude=list(NUMBA_MODULES)):
         from beamloop.edge.control.protocol import BridgeError, decode_envelope, decode_reply
         from beamloop.edge.io.imageio import ImageReadError, read_image
-        from beamloop.streams.dectris import receiver  # noqa: F401 - instrumented for the receiver targets
-        from beamloop.streams.dectris import simplon  # noqa: F401 - instrumented for the receiver targets
-        from beamloop.streams.dectris import stream_v2  # noqa: F401 - instrumented for the receiver targets
+        from beamloop.streams.dectris import (
+            receiver,  # noqa: F401 - instrumented for the receiver targets
+            simplon,  # noqa: F401 - instrumented for the receiver targets
+            stream_v2,  # noqa: F401 - instrumented for the receiver targets
+        )
         from beamloop.streams.errors import MalformedMessage
         from beamloop.streams.native.protocol import decode_header
 

@@ -1,4 +1,4 @@
-"""Fuzzing the DECTRIS decoders (streams/simplon.py, streams/stream_v2.py, streams/detector.py) with hypothesis.
+"""Fuzzing the DECTRIS decoders (beamloop.streams.dectris: simplon, stream_v2, receiver) with hypothesis.
 
 Properties: ``stream_v2.loads`` and ``series_from_start`` raise nothing but :class:`MalformedMessage`; a
 :class:`DetectorReceiver`, fed damaged and arbitrary messages of either protocol over a real socket, raises
@@ -13,13 +13,16 @@ import time
 import cbor2
 import numpy as np
 import pytest
-import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-simplon = pytest.importorskip("beamloop.streams.dectris.simplon", reason="the SIMPLON v1 decoder (issue 4) or its dependencies (dectris-compression) are not importable")
-stream_v2 = pytest.importorskip("beamloop.streams.dectris.stream_v2", reason="the Stream V2 decoder (issue 4) or its dependencies are not importable")
-from beamloop.streams.dectris.receiver import DetectorReceiver, DetectorSeries, FrameStack, SeriesEnd  # noqa: E402
+simplon = pytest.importorskip("beamloop.streams.dectris.simplon",
+                              reason="the SIMPLON v1 decoder or its dependency dectris-compression is missing")
+stream_v2 = pytest.importorskip("beamloop.streams.dectris.stream_v2",
+                                reason="the Stream V2 decoder or its dependencies (cbor2) are not importable")
+from detector_events import pushed_receiver  # noqa: E402
+
+from beamloop.streams.dectris.series import DetectorSeries, FrameStack, SeriesEnd  # noqa: E402
 from beamloop.streams.errors import MalformedMessage, ProtocolError  # noqa: E402
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
@@ -127,14 +130,9 @@ test_stream_v2_loads_long = pytest.mark.slow(LONG(given(_v2_bytes)(check_loads))
 
 @pytest.fixture(scope="module", params=["simplon1", "stream2"])
 def link(request):
-    rx = DetectorReceiver("tcp://127.0.0.1:0", protocol=request.param, bind=True, stack_size=4)
-    tx = zmq.Context.instance().socket(zmq.PUSH)
-    tx.setsockopt(zmq.LINGER, 0)
-    tx.connect(rx.endpoint)
-    time.sleep(0.05)
-    yield request.param, tx, rx
-    tx.close()
-    rx.close()
+    with pushed_receiver(request.param, stack_size=4) as (tx, rx):
+        time.sleep(0.05)
+        yield request.param, tx, rx
 
 
 _example = itertools.count(100)

@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 
 from beamloop.streams.dectris import codecs
-from beamloop.streams.dectris.receiver import DetectorReceiver, FrameStack, SeriesEnd, SeriesStart
+from beamloop.streams.dectris.receiver import DetectorReceiver
 from beamloop.streams.dectris.recorder import Recorder, data_files, iter_chunks, read_frames, record, recording_info
+from beamloop.streams.dectris.series import FrameStack, SeriesEnd
 from beamloop.streams.dectris.simplon import SimplonSender
 from beamloop.streams.dectris.stream_v2 import Stream2Sender
 
@@ -87,7 +88,7 @@ def test_layout_a_dectris_user_recognises_and_chunks_are_the_stream_blobs(tmp_pa
     assert np.array_equal(got, frames) and ids.tolist() == [0, 1, 2, 3, 4, 7, 8, 9, 10, 11, 12, 13]
     # bslz4 frames are stored as the very bytes that were streamed
     codec = codecs.Codec(codecs.BSLZ4, 4)
-    for (iid, blob), f in zip(iter_chunks(master), frames):
+    for (_, blob), f in zip(iter_chunks(master), frames):
         assert blob == codecs.encode(f, codec)
 
 
@@ -161,6 +162,8 @@ def test_sigkill_mid_series_leaves_every_flushed_frame_intact(tmp_path):
                 break
         proc.wait(30)
         reader.join(5)
+        proc.stdout.close()
+        proc.stderr.close()
     assert killed_at is not None and killed_at < n - 1, "the recorder was not killed mid-series"
     assert proc.returncode == -signal.SIGKILL
     flushed = reported[-1]

@@ -28,7 +28,7 @@ def test_round_trip_single_and_stack(dtype, algorithm, big):
     codec = Codec(algorithm, dtype.itemsize, big)
     blobs = [bytes(memoryview(codecs.encode(f, codec)).cast("B")) for f in frames]
     out = np.zeros_like(frames)
-    for f, b, o in zip(frames, blobs, out):
+    for b, o in zip(blobs, out):
         codecs.decode_into(b, codec, o)
     assert np.array_equal(out, frames)
     arena = np.frombuffer(b"".join(blobs), np.uint8).copy()

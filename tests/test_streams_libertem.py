@@ -11,7 +11,8 @@ import time
 import numpy as np
 import pytest
 
-from beamloop.streams.dectris.receiver import DetectorReceiver, FrameStack, SeriesEnd, SeriesStart
+from beamloop.streams.dectris.receiver import DetectorReceiver
+from beamloop.streams.dectris.series import FrameStack, SeriesEnd, SeriesStart
 from beamloop.streams.dectris.simplon import SimplonSender, series_messages, write_dump
 
 ld = pytest.importorskip("libertem_dectris", reason="libertem-dectris not installed (pip install '.[detector]')")

@@ -6,15 +6,11 @@ import time
 import cbor2
 import numpy as np
 import pytest
-import zmq
+from detector_events import collect, pushed_receiver, sender_link
 
-from beamloop.streams.dectris import codecs
-from beamloop.streams.dectris import stream_v2
-from beamloop.streams.dectris.receiver import DetectorReceiver, DetectorSeries, FrameStack, SeriesEnd, SeriesStart
-from beamloop.streams.errors import FrameMismatch, MalformedMessage, OversizedMessage, UnexpectedMessage
-from beamloop.streams.dectris.stream_v2 import Stream2Sender
-
-from detector_events import collect
+from beamloop.streams.dectris import codecs, stream_v2
+from beamloop.streams.dectris.series import DetectorSeries, FrameStack, SeriesEnd, SeriesStart
+from beamloop.streams.errors import MalformedMessage, OversizedMessage
 
 SHAPE = (40, 56)
 
@@ -27,9 +23,7 @@ def frames_of(n, dtype, seed=0):
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.uint32])
 def test_round_trip_two_channels(compression, dtype):
     a, b = frames_of(9, dtype, 1), frames_of(9, dtype, 2)
-    with Stream2Sender("tcp://127.0.0.1:0", compression=compression) as tx, \
-            DetectorReceiver(tx.endpoint, protocol="stream2", stack_size=4) as rx:
-        time.sleep(0.05)
+    with sender_link("stream2", sender_kw={"compression": compression}, stack_size=4) as (tx, rx):
         series = tx.start_series(SHAPE, dtype, 9, channels=("threshold_1", "threshold_2"), count_time=1e-4,
                                  config={"user_data": {"scan": [3, 3]}, "threshold_energy": {"threshold_1": 8e3,
                                                                                              "threshold_2": 1.6e4}})
@@ -56,7 +50,7 @@ def test_tags_are_those_of_the_spec():
     s = DetectorSeries("stream2", 3, "uid-1", ("threshold_1",), (2, 3), np.dtype("<u2"), 1, 1e-3, 1e-3, {})
     frame = np.arange(6, dtype="<u2").reshape(2, 3)
     blob = codecs.encode(frame, codecs.Codec(codecs.BSLZ4, 2))
-    date = dt.datetime(2026, 11, 21, 12, 0, tzinfo=dt.timezone.utc)
+    date = dt.datetime(2026, 11, 21, 12, 0, tzinfo=dt.UTC)
     msg = stream_v2.encode_image(s, 0, {"threshold_1": stream_v2.image_array(blob, (2, 3), "<u2", "bslz4")},
                                  series_date=date, times_ns=(0, 1_000_000, 1_000_000))
     assert msg[:3] == b"\xd9\xd9\xf7"  # tag 55799
@@ -89,7 +83,7 @@ def test_independent_decode_as_in_the_dectris_example():
     frame = frames_of(1, np.uint16)[0]
     s = DetectorSeries("stream2", 0, "u", ("t",), SHAPE, np.dtype("<u2"), 1)
     blob = codecs.encode(frame, codecs.Codec(codecs.BSLZ4, 2))
-    date = dt.datetime.now(dt.timezone.utc)
+    date = dt.datetime.now(dt.UTC)
     msg = cbor2.loads(stream_v2.encode_image(s, 5, {"t": stream_v2.image_array(blob, SHAPE, "<u2", "bslz4")},
                                              series_date=date, times_ns=(1, 2, 1)), tag_hook=hook)
     assert msg["type"] == "image" and msg["image_id"] == 5 and list(msg)[0] == "type"
@@ -103,20 +97,15 @@ def test_independent_decode_as_in_the_dectris_example():
 @pytest.fixture
 def raw_link():
     """A receiver bound on a free port and a plain PUSH socket connected to it."""
-    ctx = zmq.Context.instance()
-    rx = DetectorReceiver("tcp://127.0.0.1:0", protocol="stream2", bind=True, stack_size=8)
-    tx = ctx.socket(zmq.PUSH)
-    tx.connect(rx.endpoint)
-    yield tx, rx
-    tx.close(linger=0)
-    rx.close()
+    with pushed_receiver("stream2", stack_size=8) as (tx, rx):
+        yield tx, rx
 
 
 def test_bad_messages_are_counted_and_nothing_else_is_lost(raw_link):
     tx, rx = raw_link
     s = DetectorSeries("stream2", 1, "uid", ("t",), SHAPE, np.dtype("<u2"), 4)
     frames = frames_of(4, np.uint16)
-    date = dt.datetime.now(dt.timezone.utc)
+    date = dt.datetime.now(dt.UTC)
     codec = codecs.Codec(codecs.BSLZ4, 2)
 
     def image(i, frame=None, **kw):
@@ -175,9 +164,7 @@ def test_start_message_checks():
 
 def test_latest_mode_stream2():
     frames = frames_of(10, np.uint16)
-    with Stream2Sender("tcp://127.0.0.1:0") as tx, DetectorReceiver(tx.endpoint, protocol="stream2",
-                                                                     mode="latest", rcvhwm=100) as rx:
-        time.sleep(0.05)
+    with sender_link("stream2", mode="latest", rcvhwm=100) as (tx, rx):
         tx.start_series(SHAPE, np.uint16, 10)
         assert isinstance(rx.recv(2000), SeriesStart)
         for f in frames:
@@ -193,7 +180,7 @@ def test_unended_series_keeps_its_frames_and_name(raw_link, next_shape):
     """A series that starts while the stack holds frames of an unended one: those frames are delivered first,
     under the old series' name, and the new series' frames are its own (once relabelled: hypothesis)."""
     tx, rx = raw_link
-    date = dt.datetime.now(dt.timezone.utc)
+    date = dt.datetime.now(dt.UTC)
     a = DetectorSeries("stream2", 1, "series-a", ("t",), SHAPE, np.dtype("<u2"), 5)
     b = DetectorSeries("stream2", 1, "series-b", ("t",), next_shape, np.dtype("<u2"), 3)
     fa = frames_of(2, np.uint16, 7)
@@ -232,6 +219,6 @@ def test_huge_series_announcement_is_rejected_before_allocation(raw_link):
     tx.send(stream_v2.encode_start(good))
     with pytest.raises(OversizedMessage, match="max_ring_bytes"):
         rx.recv(2000)
-    assert rx.counters.oversized == 1 and rx.series is None and rx._ring is None
+    assert rx.counters.oversized == 1 and rx.series is None and rx.slot_nbytes == 0  # no ring allocated
     ev = rx.recv(2000)
     assert isinstance(ev, SeriesStart) and ev.series.series_unique_id == "good"

@@ -1,7 +1,7 @@
 """Frame compression used by DECTRIS detectors: bitshuffle-LZ4 and LZ4, encode and decode.
 
-Framings (DECTRIS SIMPLON API manual; Stream V2 spec and CBOR tag 56500 in github.com/dectris/documentation;
-../shared/notes/detector-protocols.md):
+Framings (DECTRIS SIMPLON API reference manual, stream interface; DECTRIS Stream V2 documentation and its CBOR
+tag 56500, github.com/dectris/documentation):
 
 ``bslz4``
     The bitshuffle HDF5 filter framing (github.com/kiyo-masui/bitshuffle, ``src/bshuf_h5filter.c``): a 12-byte

@@ -4,11 +4,14 @@ A detector sends one message per frame, up to ~120k per second (DECTRIS ARINA). 
 microseconds per frame, not more, so :class:`DetectorReceiver` keeps the per-frame work down to reading
 the message parts and validating their headers: every compressed blob is read straight into a slot of a
 preallocated arena (``zmq.Socket.recv_into``, no allocation), and whole stacks of frames are decompressed
-by one numba call into a preallocated ``(stack, rows, cols)`` array (:func:`beamloop.streams.dectris.codecs.decode_stack`).
+by one numba call into a preallocated ``(stack, rows, cols)`` array
+(:func:`beamloop.streams.dectris.codecs.decode_stack`).
 Consumers (virtual detectors, the recorder, the edge service) get a :class:`FrameStack` per batch.
 
-Message layouts live in :mod:`beamloop.streams.dectris.simplon` and :mod:`beamloop.streams.dectris.stream_v2`; each provides a *protocol
-adapter* that reads one message from the socket and says what it was.
+Message layouts live in :mod:`beamloop.streams.dectris.simplon` and :mod:`beamloop.streams.dectris.stream_v2`;
+each provides a *protocol adapter* (registered in :data:`beamloop.streams.dectris.PROTOCOLS`) that reads one
+message from the socket and writes what it carries through the receiver's public
+:class:`beamloop.streams.dectris.sink.RingSink` interface, which :class:`DetectorReceiver` implements.
 
 Flow control (``mode``):
 
@@ -32,149 +35,26 @@ from __future__ import annotations
 import collections
 import logging
 import time
-from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import zmq
 
-from beamloop.streams.dectris import codecs
+from beamloop.streams._ids import MAX_ID, FrameIdTracker
+from beamloop.streams._series import check_ring_bound, note_unended
+from beamloop.streams._socket import SocketOwner, open_pull
 from beamloop.streams.counters import StreamCounters
-from beamloop.streams.errors import MalformedMessage, OversizedMessage, ProtocolError, UnexpectedMessage
+from beamloop.streams.dectris import codecs, get_adapter
+from beamloop.streams.dectris.series import ChannelStack, DetectorSeries, FrameStack, SeriesEnd, SeriesStart
+from beamloop.streams.dectris.sink import FreeSlots
+from beamloop.streams.errors import FrameMismatch, MalformedMessage, ProtocolError, UnexpectedMessage
 
 log = logging.getLogger(__name__)
 
 MODES = ("lossless", "latest")
 """Flow-control modes of :class:`DetectorReceiver`."""
 
-NS = 1_000_000_000
 _FULL, _EMPTY = 0, 1  # beamloop.streams.dectris.zmqfast return codes
 _MAX_DRAIN = 10_000  # latest mode: messages read per recv() at most before the newest is delivered
-
-
-@dataclass(frozen=True)
-class DetectorSeries:
-    """What every frame of a series looks like, as announced by the detector.
-
-    Attributes
-    ----------
-    protocol : {"simplon1", "stream2"}
-    series_id : int
-    series_unique_id : str
-        Stream V2's unique id; SIMPLON v1 has none and gets ``"simplon1-<series>"``.
-    channels : tuple of str
-        Channel (threshold) names; SIMPLON v1 has one, ``"data"``.
-    shape : (rows, cols)
-        Frame shape in detector pixels (rows = ``image_size_y`` / ``y_pixels_in_detector``).
-    dtype : numpy.dtype
-        Little-endian pixel type (uint8, uint16 or uint32).
-    number_of_images : int
-        Frames announced (0 when unknown).
-    count_time, frame_time : float
-        Seconds of exposure per frame, and between frame starts.
-    config : dict
-        The detector configuration as sent (SIMPLON v1 config part; Stream V2 start-message fields other
-        than the image data), for recorders and users.
-    """
-
-    protocol: str
-    series_id: int
-    series_unique_id: str
-    channels: tuple[str, ...]
-    shape: tuple[int, int]
-    dtype: np.dtype
-    number_of_images: int = 0
-    count_time: float = 0.0
-    frame_time: float = 0.0
-    config: dict = field(default_factory=dict)
-
-    @property
-    def frame_nbytes(self) -> int:
-        """Bytes of one uncompressed frame of one channel."""
-        return int(self.shape[0] * self.shape[1] * np.dtype(self.dtype).itemsize)
-
-
-@dataclass
-class SeriesStart:
-    """A series was armed. ``recv_ns`` is ``time.monotonic_ns()`` at receipt."""
-
-    series: DetectorSeries
-    recv_ns: int
-
-
-@dataclass
-class SeriesEnd:
-    """A series ended: ``frames`` were received in it; ``missing`` were announced or skipped but never came."""
-
-    series: DetectorSeries
-    frames: int
-    missing: int
-    recv_ns: int
-
-
-class ChannelStack:
-    """One channel's part of a :class:`FrameStack`.
-
-    Attributes
-    ----------
-    frames : ndarray (n, rows, cols) or None
-        Decoded frames (views into the receiver's preallocated stacks); ``None`` when the receiver does
-        not decode (``decode=False``).
-    arena : ndarray (slots * capacity,), uint8
-        The received blobs; blob ``i`` is ``arena[offsets[i]:offsets[i] + lengths[i]]``.
-    offsets, lengths : ndarray (n,), int64
-    codec : beamloop.streams.dectris.codecs.Codec
-        How the blobs are encoded.
-    """
-
-    __slots__ = ("frames", "arena", "offsets", "lengths", "codec")
-
-    def __init__(self, frames, arena, offsets, lengths, codec):
-        self.frames = frames
-        self.arena = arena
-        self.offsets = offsets
-        self.lengths = lengths
-        self.codec = codec
-
-    def blob(self, i: int) -> memoryview:
-        """The encoded bytes of frame ``i`` (a view, valid as long as the stack)."""
-        o = int(self.offsets[i])
-        return memoryview(self.arena)[o:o + int(self.lengths[i])]
-
-
-@dataclass
-class FrameStack:
-    """A batch of consecutive frames of one series.
-
-    Everything is a view into the receiver's preallocated ring of stacks: valid until ``stacks - 1``
-    further stacks have been received (``DetectorReceiver(stacks=...)``). Copy what you keep longer.
-
-    Attributes
-    ----------
-    series : DetectorSeries
-    image_ids : ndarray (n,), int64
-        Frame ids within the series (0-based).
-    times_ns : ndarray (n, 3), int64
-        ``start_time``, ``stop_time``, ``real_time`` of each frame, nanoseconds (detector clock).
-    channels : dict name -> ChannelStack
-    recv_ns, decoded_ns : int
-        ``time.monotonic_ns()`` when the first frame of the stack arrived and when decoding finished.
-    """
-
-    series: DetectorSeries
-    image_ids: np.ndarray
-    times_ns: np.ndarray
-    channels: dict
-    recv_ns: int
-    decoded_ns: int
-
-    def __len__(self) -> int:
-        return len(self.image_ids)
-
-    @property
-    def frames(self) -> np.ndarray | None:
-        """Decoded frames of the first channel, shape (n, rows, cols)."""
-        return self.channels[self.series.channels[0]].frames
 
 
 class _Ring:
@@ -220,22 +100,28 @@ class _Ring:
         return size * nstacks * len(series.channels) * per_frame
 
     def matches(self, series: DetectorSeries, size: int, nstacks: int, decode: bool) -> bool:
+        """Whether this ring's buffers fit ``series`` as they are (same channels, shape, dtype and layout)."""
         return (self.series.channels == series.channels and self.series.shape == series.shape
                 and np.dtype(self.series.dtype) == np.dtype(series.dtype) and self.size == size
                 and self.nstacks == nstacks and (self.frames is not None) == decode)
 
     def slot_view(self, channel: str) -> memoryview:
+        """The arena slot the next image of ``channel`` is read into."""
         return self.views[channel][self.stack * self.size + self.wslot]
 
 
-class DetectorReceiver:
+class DetectorReceiver(SocketOwner):
     """A PULL socket receiving a DECTRIS detector stream into preallocated frame stacks.
+
+    It implements :class:`beamloop.streams.dectris.sink.RingSink`, the interface its protocol adapter
+    writes series and images through.
 
     Parameters
     ----------
     endpoint : str
         ZeroMQ endpoint of the detector (it binds: DCU port 9999 for SIMPLON v1, 31001 for Stream V2).
-    protocol : {"simplon1", "stream2"}
+    protocol : str
+        A protocol registered in :data:`beamloop.streams.dectris.PROTOCOLS` (``"simplon1"``, ``"stream2"``).
     bind : bool
         Bind instead of connect (for senders that connect).
     mode : {"lossless", "latest"}
@@ -265,7 +151,7 @@ class DetectorReceiver:
     ValueError
         Unknown protocol or mode, ``stacks`` < 2, ``stack_size`` < 1 or ``max_ring_bytes`` < 1.
     zmq.ZMQError
-        The endpoint cannot be connected or bound.
+        The endpoint cannot be connected or bound (the message names it).
     """
 
     def __init__(self, endpoint: str, *, protocol: str = "simplon1", bind: bool = False, mode: str = "lossless",
@@ -278,55 +164,30 @@ class DetectorReceiver:
             raise ValueError(f"need stacks >= 2 and stack_size >= 1, got {stacks}, {stack_size}")
         if max_ring_bytes < 1:
             raise ValueError(f"max_ring_bytes must be positive, got {max_ring_bytes}")
+        adapter = get_adapter(protocol)
         self.max_ring_bytes = int(max_ring_bytes)
-        from beamloop.streams.dectris import simplon
-        from beamloop.streams.dectris import stream_v2
-
-        adapters = {"simplon1": simplon.SimplonAdapter, "stream2": stream_v2.Stream2Adapter}
-        if protocol not in adapters:
-            raise ValueError(f"unknown protocol {protocol!r}; expected one of {sorted(adapters)}")
         self.protocol = protocol
         self.mode = mode
         self.stack_size = 2 if mode == "latest" else int(stack_size)
         self.nstacks = int(stacks)
         self.decode = bool(decode)
         self.counters = StreamCounters()
-        self.series: DetectorSeries | None = None
-        self._ctx = context or zmq.Context.instance()
-        self._sock = self._ctx.socket(zmq.PULL)
-        self._sock.setsockopt(zmq.RCVHWM, rcvhwm if rcvhwm is not None else (1000 if mode == "lossless" else 4))
-        self._sock.setsockopt(zmq.LINGER, 0)
-        if bind:
-            self._sock.bind(endpoint)
-            self.endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        else:
-            self._sock.connect(endpoint)
-            self.endpoint = endpoint
+        self._series: DetectorSeries | None = None
+        sock, ep = open_pull(endpoint, bind=bind, rcvhwm=rcvhwm if rcvhwm is not None else
+                             (1000 if mode == "lossless" else 4), context=context)
+        SocketOwner.__init__(self, sock, ep)
         self._poller = zmq.Poller()
-        self._poller.register(self._sock, zmq.POLLIN)
-        self._adapter = adapters[protocol](self, max_header_bytes=max_header_bytes, verify_hash=verify_hash)
+        self._poller.register(sock, zmq.POLLIN)
         self._ring: _Ring | None = None
         self._pending: collections.deque = collections.deque()
-        self._next_id = 0
-        self._series_frames = 0
+        self._ids = FrameIdTracker(self.counters)
         self._stack_recv_ns = 0
-
-    # lifecycle ---------------------------------------------------------------------------------------------
-    def close(self) -> None:
-        """Close the socket (messages still queued are dropped)."""
-        if not self._sock.closed:
-            self._sock.close(linger=0)
-
-    def __enter__(self) -> "DetectorReceiver":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+        self._adapter = adapter(sock, self, max_header_bytes=max_header_bytes, verify_hash=verify_hash)
 
     @property
-    def socket(self) -> zmq.Socket:
-        """The PULL socket (for adapters and pollers)."""
-        return self._sock
+    def series(self) -> DetectorSeries | None:
+        """The open series; None between series."""
+        return self._series
 
     # receiving ---------------------------------------------------------------------------------------------
     def recv(self, timeout_ms: int | None = None) -> SeriesStart | FrameStack | SeriesEnd | None:
@@ -356,11 +217,12 @@ class DetectorReceiver:
         drained = 0
         read = self._adapter.read
         fast = getattr(self._adapter, "fast_read", None) if not latest else None
+        sock = self._sock
         while True:
             ring = self._ring
             if ring is not None and ring.fill:
                 if ring.fill == ring.size and not latest:
-                    if self._sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                    if sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                         self.counters.saturated += 1
                     return self._finish_stack()
                 if latest and drained >= _MAX_DRAIN:
@@ -377,8 +239,8 @@ class DetectorReceiver:
             drained += 1
             try:
                 code = None
-                if fast is not None and ring is not None and self.series is not None:
-                    code = fast(ring)  # many images at once, compiled (beamloop.streams.dectris.zmqfast)
+                if fast is not None and ring is not None and self._series is not None:
+                    code = fast()  # many images at once, compiled (beamloop.streams.dectris.zmqfast)
                     if code == _FULL:
                         continue
                     if code == _EMPTY:
@@ -403,22 +265,22 @@ class DetectorReceiver:
             if ring is not None and ring.fill:  # frames before this event go first
                 self._pending.append(event)
                 return self._finish_stack()
-            if self._pending:  # e.g. the last stack of the previous series, finished by _begin_series
+            if self._pending:  # e.g. the last stack of the previous series, finished by begin_series
                 self._pending.append(event)
                 return self._pending.popleft()
             return event
 
-    # called by adapters ------------------------------------------------------------------------------------
-    def _begin_series(self, series: DetectorSeries) -> SeriesStart:
-        need = _Ring.nbytes(series, self.stack_size, self.nstacks, self.decode)
-        if need > self.max_ring_bytes:
-            raise OversizedMessage(
-                f"series {series.series_id} announces {len(series.channels)} channel(s) of {series.shape[0]}x"
-                f"{series.shape[1]} {np.dtype(series.dtype)} frames: {need} bytes for {self.nstacks} stacks of "
-                f"{self.stack_size}, over the {self.max_ring_bytes}-byte bound (max_ring_bytes)")
-        if self.series is not None:
-            self.counters.count_error(UnexpectedMessage(
-                f"series {series.series_id} started while series {self.series.series_id} was open"))
+    # the RingSink interface (beamloop.streams.dectris.sink), for the protocol adapter -----------------------
+    @property
+    def slot_nbytes(self) -> int:
+        """Bytes of one channel's slot in the ring (the blob bound); 0 before the first series."""
+        return self._ring.capacity if self._ring is not None else 0
+
+    def begin_series(self, series: DetectorSeries) -> SeriesStart:
+        """Open ``series``: :meth:`beamloop.streams.dectris.sink.RingSink.begin_series`."""
+        check_ring_bound(series, _Ring.nbytes(series, self.stack_size, self.nstacks, self.decode),
+                         self.max_ring_bytes, f"{self.nstacks} stacks of {self.stack_size}")
+        note_unended(self.counters, self._series, series)
         ring = self._ring
         if ring is not None and ring.fill:  # frames of the previous series leave under its name, first
             self._pending.append(self._finish_stack())
@@ -426,48 +288,61 @@ class DetectorReceiver:
             self._ring = _Ring(series, self.stack_size, self.nstacks, self.decode)
         else:
             self._ring.series = series
-        self.series = series
-        self._next_id = 0
-        self._series_frames = 0
+        self._series = series
+        self._ids.start()
         self.counters.series_started += 1
         return SeriesStart(series, time.monotonic_ns())
 
-    def _end_series(self, series_id: int) -> SeriesEnd:
-        series = self.series
+    def end_series(self, series_id: int) -> SeriesEnd:
+        """Close the open series: :meth:`beamloop.streams.dectris.sink.RingSink.end_series`."""
+        series = self._series
         if series is None or series.series_id != series_id:
             raise UnexpectedMessage(f"end of series {series_id} that is not open")
-        missing = max(series.number_of_images - self._next_id, 0) if series.number_of_images else 0
+        missing = self._ids.end(series.number_of_images)
         if missing:
-            self.counters.gaps += 1
-            self.counters.missing_frames += missing
             log.warning("series %s ended with %d announced frames missing", series.series_id, missing)
         self.counters.series_ended += 1
-        self.series = None
-        return SeriesEnd(series, self._series_frames, missing, time.monotonic_ns())
+        self._series = None
+        return SeriesEnd(series, self._ids.frames, missing, time.monotonic_ns())
 
-    def _check_image(self, image_id: int, series_id: int) -> _Ring:
-        """The ring to receive image ``image_id`` into; raises when no series is open or it is foreign."""
-        if self.series is None:
+    def check_image(self, image_id: int, series_id: object) -> DetectorSeries:
+        """The open series, which image ``image_id`` must match:
+        :meth:`beamloop.streams.dectris.sink.RingSink.check_image`."""
+        if image_id > MAX_ID:
+            raise MalformedMessage(f"image id {image_id} is beyond the int64 range")
+        series = self._series
+        if series is None:
             raise UnexpectedMessage(f"image {image_id} arrived with no open series (no header message)")
-        if series_id != self.series.series_id:
+        if series_id != series.series_id:
             raise UnexpectedMessage(f"image {image_id} belongs to series {series_id}, "
-                                    f"not the open series {self.series.series_id}")
-        return self._ring
+                                    f"not the open series {series.series_id}")
+        return series
 
-    def _commit_image(self, ring: _Ring, image_id: int, start_ns: int, stop_ns: int, real_ns: int) -> None:
-        """Account for an image whose blobs are in the current slot, and advance the slot."""
-        gap = image_id - self._next_id
-        if gap > 0:
-            self.counters.gaps += 1
-            self.counters.missing_frames += gap
-            log.warning("frame ids jumped from %d to %d: %d frames lost upstream (detector outran us?)",
-                        self._next_id - 1, image_id, gap)
-        elif gap < 0:
-            self.counters.reordered += 1
-        if image_id >= self._next_id:
-            self._next_id = image_id + 1
-        self._series_frames += 1
+    def set_codec(self, channel: str, codec: codecs.Codec, what: str) -> None:
+        """Record the codec of ``channel``'s blob: :meth:`beamloop.streams.dectris.sink.RingSink.set_codec`."""
+        ring = self._ring
+        held = ring.codecs.get(channel)
+        if ring.fill and held is not None and held != codec:
+            raise FrameMismatch(f"{what} differs from the frames before it")
+        ring.codecs[channel] = codec
+
+    def slot_view(self, channel: str) -> memoryview:
+        """The current slot of ``channel``: :meth:`beamloop.streams.dectris.sink.RingSink.slot_view`."""
+        return self._ring.slot_view(channel)
+
+    def set_blob_nbytes(self, channel: str, nbytes: int) -> None:
+        """The length of ``channel``'s blob: :meth:`beamloop.streams.dectris.sink.RingSink.set_blob_nbytes`."""
+        ring = self._ring
+        ring.lengths[channel][ring.stack, ring.wslot] = nbytes
+
+    def commit_image(self, image_id: int, start_ns: int, stop_ns: int, real_ns: int) -> None:
+        """Account for the image in the current slot and advance the slot (in latest mode, the newest image
+        replaces the one held): :meth:`beamloop.streams.dectris.sink.RingSink.commit_image`."""
+        gap = self._ids.see(image_id)
+        if gap:
+            log.warning("frame ids jumped to %d: %d frames lost upstream (detector outran us?)", image_id, gap)
         self.counters.frames += 1
+        ring = self._ring
         if ring.fill == 0:
             self._stack_recv_ns = time.monotonic_ns()
         s, w = ring.stack, ring.wslot
@@ -486,6 +361,25 @@ class DetectorReceiver:
             ring.fill = w + 1
             ring.wslot = w + 1
 
+    def free_slots(self, channel: str) -> FreeSlots:
+        """The free slots of the stack being filled: :meth:`beamloop.streams.dectris.sink.RingSink.free_slots`."""
+        ring = self._ring
+        s, a = ring.stack, ring.fill
+        if a == 0:
+            self._stack_recv_ns = time.monotonic_ns()
+        return FreeSlots(ring.arenas[channel], ring.capacity, s * ring.size + a, ring.size - a,
+                         ring.lengths[channel][s, a:], ring.image_ids[s, a:], ring.times[s, a:],
+                         self._ids.next_id, self._series.series_id)
+
+    def commit_run(self, n: int) -> None:
+        """Commit ``n`` images of the last :meth:`free_slots`:
+        :meth:`beamloop.streams.dectris.sink.RingSink.commit_run`."""
+        ring = self._ring
+        ring.fill = ring.wslot = ring.fill + n
+        self._ids.advance(n)
+        self.counters.frames += n
+
+    # delivering --------------------------------------------------------------------------------------------
     def _finish_stack(self) -> FrameStack:
         ring = self._ring
         s = ring.stack
@@ -503,9 +397,10 @@ class DetectorReceiver:
             if bad.any():  # keep the good frames, in order, at the front of the stack
                 keep = np.flatnonzero(~bad)
                 n = len(keep)
-                for arr in (ids, times, offs, *lens.values(), *frames.values()):
+                for arr in (ids, times, *lens.values(), *frames.values()):
                     arr[:n] = arr[keep]
-                ids, times, offs = ids[:n], times[:n], offs[:n]
+                # the slot offsets are the ring's fixed layout: never compact them in place (a copy, errors only)
+                ids, times, offs = ids[:n], times[:n], offs[keep]
                 lens = {ch: v[:n] for ch, v in lens.items()}
                 frames = {ch: v[:n] for ch, v in frames.items()}
             self.counters.decoded += n
@@ -524,20 +419,3 @@ class DetectorReceiver:
             self.counters.frames -= 1
             log.warning("%s", exc)
         return bad
-
-
-def rational_ns(value: Any, what: str) -> int:
-    """Nanoseconds of a Stream V2 rational ``[numerator, denominator]`` (seconds).
-
-    Raises ``MalformedMessage`` for anything but two non-negative integers with a positive denominator.
-    """
-    if (not isinstance(value, (list, tuple)) or len(value) != 2
-            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value) or value[1] == 0):
-        raise MalformedMessage(f"{what} must be a rational [numerator, denominator > 0], got {value!r}")
-    return value[0] * NS // value[1]
-
-
-def check_oversize(n: int, capacity: int, what: str) -> None:
-    """Raise ``OversizedMessage`` when a part of ``n`` bytes exceeded its ``capacity``-byte buffer."""
-    if n > capacity:
-        raise OversizedMessage(f"{what} of {n} bytes exceeds the {capacity}-byte bound")

@@ -35,14 +35,15 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import h5py
 import numpy as np
 
 from beamloop.streams.dectris import codecs
-from beamloop.streams.dectris.receiver import DetectorSeries, FrameStack
+from beamloop.streams.dectris.series import DetectorSeries, FrameStack, SeriesEnd, SeriesStart
+from beamloop.streams.errors import ProtocolError
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +181,7 @@ class Recorder:
         if self.series is not None and not self._ended:
             self.end()
 
-    def __enter__(self) -> "Recorder":
+    def __enter__(self) -> Recorder:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -365,9 +366,6 @@ def record(receiver, recorder_factory: Callable[[DetectorSeries], Recorder], *, 
     Returns the master files written. Protocol errors are counted by the receiver and logged; they never
     stop the recording.
     """
-    from beamloop.streams.dectris.receiver import SeriesEnd, SeriesStart
-    from beamloop.streams.errors import ProtocolError
-
     rec: Recorder | None = None
     masters: list[Path] = []
     ended = 0

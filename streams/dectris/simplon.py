@@ -1,6 +1,6 @@
 """DECTRIS SIMPLON stream, version 1: JSON headers and binary blobs in multipart ZeroMQ messages.
 
-Layout (DECTRIS SIMPLON API manual, stream interface; ../shared/notes/detector-protocols.md):
+Layout (DECTRIS SIMPLON API reference manual, "Stream Interface", stream format version 1):
 
 - series header: ``{"htype": "dheader-1.0", "series": N, "header_detail": "basic"|"all"|"none"}``, then
   (unless ``none``) the detector configuration as JSON (``x_pixels_in_detector``, ``y_pixels_in_detector``,
@@ -26,17 +26,17 @@ import json
 import logging
 import struct
 import time
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Iterable, Mapping
 
 import numpy as np
 import zmq
 
-from beamloop.streams.dectris import codecs
-from beamloop.streams.dectris import zmqfast
-from beamloop.streams.dectris.receiver import DetectorSeries, check_oversize
-from beamloop.streams.errors import FrameMismatch, MalformedMessage, TruncatedMessage
-from beamloop.streams.native.sender import open_push_socket
+from beamloop.streams._socket import SocketOwner, open_push
+from beamloop.streams.dectris import codecs, zmqfast
+from beamloop.streams.dectris.series import DetectorSeries, SeriesEnd, SeriesStart
+from beamloop.streams.dectris.sink import RingSink
+from beamloop.streams.errors import FrameMismatch, MalformedMessage, TruncatedMessage, check_oversize
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ def end_parts(series: int) -> list[bytes]:
 # --- sending --------------------------------------------------------------------------------------------------
 
 
-class SimplonSender:
+class SimplonSender(SocketOwner):
     """A PUSH socket that sends SIMPLON stream v1 series, as a DECTRIS DCU does.
 
     Parameters
@@ -179,14 +179,14 @@ class SimplonSender:
     Raises
     ------
     zmq.ZMQError
-        The endpoint cannot be bound or connected.
+        The endpoint cannot be bound or connected (the message names it).
     """
 
     def __init__(self, endpoint: str = f"tcp://*:{DEFAULT_PORT}", *, bind: bool = True, encoding: str = "bslz4",
                  sndhwm: int = 1000, send_timeout_ms: int | None = None, context: zmq.Context | None = None) -> None:
         self.encoding = encoding
-        self._sock, self.endpoint = open_push_socket(endpoint, bind=bind, sndhwm=sndhwm, linger_ms=2000,
-                                                     send_timeout_ms=send_timeout_ms, context=context)
+        SocketOwner.__init__(self, *open_push(endpoint, bind=bind, sndhwm=sndhwm, linger_ms=2000,
+                                              send_timeout_ms=send_timeout_ms, context=context))
         self.series = 0
         self.shape: tuple[int, int] | None = None
         self.dtype: np.dtype | None = None
@@ -194,17 +194,6 @@ class SimplonSender:
         self._next = 0
         self._t0 = 0
         self.frames_sent = 0
-
-    def close(self, linger_ms: int | None = None) -> None:
-        """Close the socket; queued messages get ``linger_ms`` (default 2 s) to leave."""
-        if not self._sock.closed:
-            self._sock.close(linger=linger_ms)
-
-    def __enter__(self) -> "SimplonSender":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def start_series(self, shape: tuple[int, int], dtype, nimages: int, *, series: int | None = None,
                      count_time: float = 1e-4, frame_time: float = 1e-4, config: Mapping | None = None) -> dict:
@@ -334,16 +323,26 @@ class _Template:
 
 
 class SimplonAdapter:
-    """Reads SIMPLON v1 messages for a :class:`beamloop.streams.dectris.receiver.DetectorReceiver` (not used directly).
+    """Reads SIMPLON v1 messages into a :class:`beamloop.streams.dectris.sink.RingSink` (the protocol adapter
+    of ``DetectorReceiver(protocol="simplon1")``; not used directly).
 
-    Images go straight into the receiver's preallocated stack: header parts into a fixed buffer, the blob
+    Images go straight into the sink's preallocated stack: header parts into a fixed buffer, the blob
     into its slot of the arena. Every part is validated against the series; a bad message raises a
     :class:`beamloop.streams.errors.ProtocolError` and the receiver discards its remaining parts.
+
+    Parameters
+    ----------
+    socket, sink
+        The PULL socket it reads and the sink it writes (:class:`beamloop.streams.dectris.sink.ProtocolAdapter`).
+    max_header_bytes : int
+        Bound on every JSON part (its buffer's size).
+    verify_hash : bool
+        Check each blob's md5 against its ``hash`` (and stay on the Python path).
     """
 
-    def __init__(self, receiver, *, max_header_bytes: int, verify_hash: bool) -> None:
-        self.rx = receiver
-        self.sock = receiver.socket
+    def __init__(self, socket: zmq.Socket, sink: RingSink, *, max_header_bytes: int, verify_hash: bool) -> None:
+        self.sink = sink
+        self.sock = socket
         self.verify_hash = verify_hash
         self._hbuf = bytearray(max_header_bytes)
         self._hview = memoryview(self._hbuf)
@@ -365,7 +364,7 @@ class SimplonAdapter:
         else:
             n = _recv_into(self.sock, self._hview, flags=flags)
             data = None
-        self.rx.counters.bytes += n
+        self.sink.counters.bytes += n
         check_oversize(n, len(self._hbuf), what)
         return data[:n] if data is not None else self._hview[:n].tobytes()
 
@@ -374,15 +373,16 @@ class SimplonAdapter:
             n, _ = self._pre.popleft()  # already in this slot of the arena
         else:
             n = _recv_into(self.sock, view)
-        self.rx.counters.bytes += n
+        self.sink.counters.bytes += n
         return n
 
     def _has_more(self) -> bool:
         return bool(self._pre) or bool(_getsockopt(self.sock, _RCVMORE))
 
-    # --- the compiled path (beamloop.streams.dectris.zmqfast) ------------------------------------------------------------------
+    # --- the compiled path (beamloop.streams.dectris.zmqfast) ---------------------------------------------------
     def _fast_state(self):
-        """Arrays for :func:`beamloop.streams.dectris.zmqfast.recv_images`, once all three templates are learnt; else None."""
+        """Arrays for :func:`beamloop.streams.dectris.zmqfast.recv_images` once all three templates are learnt;
+        else None."""
         if self._fast is not None:
             return self._fast
         ts = (self._t_image, self._t_imaged, self._t_config)
@@ -395,49 +395,46 @@ class SimplonAdapter:
                         *(ts[2].index[k] for k in _TIMES)], np.int64)
         self._fast = {
             "hbuf": np.zeros((4, cap), np.uint8), "cap": cap, "idx": idx,
-            "state": np.zeros(2, np.int64), "counters": np.zeros(6, np.int64), "lens": np.zeros(4, np.int64),
+            "state": np.zeros(2, np.int64), "lens": np.zeros(4, np.int64),
             "optval": np.zeros(1, np.int32), "optlen": np.zeros(1, np.uint64),
         }
         return self._fast
 
-    def fast_read(self, ring) -> int | None:
-        """Receive images with the compiled loop into ``ring``'s current stack.
+    def fast_read(self) -> int | None:
+        """Receive images with the compiled loop into the sink's free slots (:meth:`RingSink.free_slots`).
 
-        Returns ``zmqfast.FULL`` / ``EMPTY`` / ``DEVIATE`` (then :meth:`read` finishes the deviating message
-        from the parts already read), or None when the compiled path is not ready (templates not learnt).
+        Only images with the next expected id pass the compiled loop; any other id deviates to :meth:`read`.
+
+        Returns
+        -------
+        int or None
+            ``zmqfast.FULL`` / ``EMPTY`` / ``DEVIATE`` (then :meth:`read` finishes the deviating message
+            from the parts already read), or None when the compiled path is not ready (templates not learnt).
+
+        Raises
+        ------
+        OSError
+            ``zmq_recv`` failed.
+        TruncatedMessage
+            A part of the deviating message could not be read.
         """
         f = self._fast_state()
         if f is None:
             return None
-        rx = self.rx
-        room = ring.size - ring.fill
-        if room == 0:
+        slots = self.sink.free_slots(CHANNEL)
+        if slots.room == 0:
             return zmqfast.FULL
-        s, a = ring.stack, ring.fill
-        state, counters = f["state"], f["counters"]
-        state[0] = rx._next_id
-        counters[:] = 0
+        state = f["state"]
+        state[0] = 0
         t = (self._t_image, self._t_imaged, self._t_config)
-        if a == 0:
-            rx._stack_recv_ns = time.monotonic_ns()
         code, k = zmqfast.recv_images(
             self.sock.underlying, f["hbuf"], f["cap"], t[0].tpl, t[0].holes, t[1].tpl, t[1].holes, t[2].tpl,
-            t[2].holes, f["idx"], rx.series.series_id, ring.arenas[CHANNEL], ring.capacity, s * ring.size + a, room,
-            ring.lengths[CHANNEL][s, a:], ring.image_ids[s, a:], ring.times[s, a:], state, counters, f["lens"],
-            f["optval"], f["optlen"])
-        ring.fill = ring.wslot = a + k
-        rx._next_id = int(state[0])
-        rx._series_frames += k
-        c = rx.counters
-        c.frames += int(counters[zmqfast.C_FRAMES])
-        c.bytes += int(counters[zmqfast.C_BYTES])
-        c.messages += int(counters[zmqfast.C_MESSAGES])
-        if counters[zmqfast.C_GAPS]:
-            c.gaps += int(counters[zmqfast.C_GAPS])
-            c.missing_frames += int(counters[zmqfast.C_MISSING])
-            log.warning("frame ids jumped %d times: %d frames lost upstream (detector outran us?)",
-                        counters[zmqfast.C_GAPS], counters[zmqfast.C_MISSING])
-        c.reordered += int(counters[zmqfast.C_REORDERED])
+            t[2].holes, f["idx"], slots.series_id, slots.next_id, slots.arena, slots.capacity, slots.first_slot,
+            slots.room, slots.lengths, slots.image_ids, slots.times, state, f["lens"], f["optval"], f["optlen"])
+        self.sink.commit_run(k)
+        c = self.sink.counters
+        c.bytes += int(state[0])
+        c.messages += k
         if code == zmqfast.ERROR:
             raise OSError(f"zmq_recv failed with errno {int(f['lens'][0])}")
         if code == zmqfast.DEVIATE:
@@ -471,12 +468,17 @@ class SimplonAdapter:
         """Read and drop the remaining parts of the current message."""
         self._pre.clear()
         while _getsockopt(self.sock, _RCVMORE):
-            self.rx.counters.bytes += self.sock.recv_into(self._hview)
+            self.sink.counters.bytes += self.sock.recv_into(self._hview)
 
-    def read(self, flags: int = 0):
+    def read(self, flags: int = 0) -> SeriesStart | SeriesEnd | None:
         """Read one message; returns a SeriesStart/SeriesEnd event, or None for an image or a header part.
 
         ``flags=zmq.NOBLOCK`` raises ``zmq.Again`` when no message waits (nothing is consumed then).
+
+        Raises
+        ------
+        ProtocolError
+            The message is malformed, truncated, oversized, unexpected or does not match its series.
         """
         raw = self._recv_header("message part 0", flags)
         vals = self._t_image.match(raw)
@@ -501,7 +503,7 @@ class SimplonAdapter:
             return self._header(msg)
         if htype == "dseries_end-1.0":
             self._no_more("dseries_end")
-            return self.rx._end_series(msg.get("series"))
+            return self.sink.end_series(msg.get("series"))
         if htype in _APPENDIX_HTYPES:
             self.discard_rest()
             return None
@@ -512,7 +514,7 @@ class SimplonAdapter:
         if s is None:
             raise MalformedMessage("detector config is empty")
         self._reset_templates()
-        return self.rx._begin_series(s)
+        return self.sink.begin_series(s)
 
     def _header(self, msg: dict):
         series = msg.get("series")
@@ -532,13 +534,13 @@ class SimplonAdapter:
         self.discard_rest()  # 'all': flatfield, pixel mask, count-rate tables (not used here)
         return self._begin(series, config)
 
-    def _image(self, frame: int, series, digest):
-        rx = self.rx
-        ring = rx._check_image(frame, series)
+    def _image(self, frame: int, series, digest) -> None:
+        sink = self.sink
+        s = sink.check_image(frame, series)
         self._more(f"frame {frame}: dimage_d part")
-        size = self._image_d(self._recv_header("dimage_d part"), ring, frame)
+        size = self._image_d(self._recv_header("dimage_d part"), s, frame)
         self._more(f"frame {frame}: blob part")
-        view = ring.views[CHANNEL][ring.stack * ring.size + ring.wslot]
+        view = sink.slot_view(CHANNEL)
         n = self._recv_blob(view)
         check_oversize(n, len(view), f"frame {frame} blob")
         if size is not None and n != size:
@@ -552,9 +554,8 @@ class SimplonAdapter:
         if t is None:
             t = self._dconfig(raw, frame)
         self._no_more(f"frame {frame}")
-        ring.lengths[CHANNEL][ring.stack, ring.wslot] = n
-        rx._commit_image(ring, frame, t[0], t[1], t[2])
-        return None
+        sink.set_blob_nbytes(CHANNEL, n)
+        sink.commit_image(frame, t[0], t[1], t[2])
 
     def _dconfig(self, raw: bytes, frame: int) -> tuple:
         cfg = self._json(raw, "dconfig part")
@@ -567,12 +568,11 @@ class SimplonAdapter:
             self._t_config.learn(raw, _TIMES)
         return t
 
-    def _image_d(self, raw: bytes, ring, frame: int) -> int | None:
+    def _image_d(self, raw: bytes, s: DetectorSeries, frame: int) -> int | None:
         """Validate a dimage_d part against the series; set the channel's codec; return the declared size."""
         vals = self._t_imaged.match(raw)
         if vals is not None:
             return vals[0]
-        s = ring.series
         d = self._json(raw, f"frame {frame}: dimage_d")
         if d.get("htype") != "dimage_d-1.0":
             raise MalformedMessage(f"frame {frame}: part 1 is not a dimage_d-1.0 object")
@@ -585,10 +585,7 @@ class SimplonAdapter:
         if not isinstance(ptype, str) or PIXEL_TYPES.get(ptype) != np.dtype(s.dtype):
             raise FrameMismatch(f"frame {frame}: pixel type {ptype!r}, series announced {np.dtype(s.dtype)}")
         codec = codecs.parse_simplon_encoding(d.get("encoding"), s.dtype)
-        held = ring.codecs.get(CHANNEL)
-        if ring.fill and held is not None and held != codec:
-            raise FrameMismatch(f"frame {frame}: encoding {d.get('encoding')!r} differs from the frames before it")
-        ring.codecs[CHANNEL] = codec
+        self.sink.set_codec(CHANNEL, codec, f"frame {frame}: encoding {d.get('encoding')!r}")
         if size is not None:
             self._t_imaged.learn(raw, ("size",))
         return size

@@ -1,14 +1,15 @@
 """DECTRIS Stream V2: one CBOR message per event (``start``, ``image``, ``end``) over ZeroMQ PUSH/PULL.
 
-Spec: github.com/dectris/documentation, ``stream_v2/README.md`` and ``cbor/dectris-compression-tag.md``
-(summary in ../shared/notes/detector-protocols.md). What this module sends and checks:
+Spec: DECTRIS Stream V2 documentation (github.com/dectris/documentation, ``stream_v2/README.md`` and
+``cbor/dectris-compression-tag.md``); CBOR is RFC 8949, its typed and multi-dimensional arrays RFC 8746.
+What this module sends and checks:
 
 - Every message is a CBOR map (RFC 8949) whose first key is ``type``, wrapped in the self-describe tag
   55799 (accepted with or without it).
 - ``start``: ``series_id``, ``series_unique_id``, ``arm_date`` (tag 0 date/time string), ``channels``,
   ``image_size_x``, ``image_size_y``, ``image_dtype``, ``number_of_images``, ``count_time``,
   ``frame_time``, ``threshold_energy`` (channel -> eV), ``user_data``; other spec fields pass through into
-  :attr:`beamloop.streams.dectris.receiver.DetectorSeries.config`.
+  :attr:`beamloop.streams.dectris.series.DetectorSeries.config`.
 - ``image``: ``series_id``, ``series_unique_id``, ``series_date`` (tag 0), ``image_id``, ``start_time`` /
   ``stop_time`` / ``real_time`` as rationals ``[numerator, denominator]`` seconds, ``user_data``, and
   ``data``: channel -> RFC 8746 row-major multi-dimensional array, tag 40 ``[[rows, cols], typed array]``,
@@ -25,17 +26,20 @@ from __future__ import annotations
 import datetime as _dt
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import cbor2
 import numpy as np
 import zmq
 
+from beamloop.streams._ids import NS, rational_ns
+from beamloop.streams._socket import SocketOwner, open_push
 from beamloop.streams.dectris import codecs
-from beamloop.streams.dectris.receiver import NS, DetectorSeries, check_oversize, rational_ns
-from beamloop.streams.errors import FrameMismatch, MalformedMessage, UnexpectedMessage
-from beamloop.streams.native.sender import open_push_socket
+from beamloop.streams.dectris.series import DetectorSeries, SeriesEnd, SeriesStart
+from beamloop.streams.dectris.sink import RingSink
+from beamloop.streams.errors import FrameMismatch, MalformedMessage, UnexpectedMessage, check_oversize
 
 PROTOCOL = "stream2"
 DEFAULT_PORT = 31001
@@ -128,7 +132,7 @@ def loads(buf) -> dict:
 
 
 def _dumps(msg: dict) -> bytes:
-    return cbor2.dumps(cbor2.CBORTag(SELF_DESCRIBE, msg), timezone=_dt.timezone.utc)
+    return cbor2.dumps(cbor2.CBORTag(SELF_DESCRIBE, msg), timezone=_dt.UTC)
 
 
 def encode_start(series: DetectorSeries, *, arm_date: _dt.datetime | None = None) -> bytes:
@@ -139,7 +143,7 @@ def encode_start(series: DetectorSeries, *, arm_date: _dt.datetime | None = None
         "type": "start",
         "series_id": int(series.series_id),
         "series_unique_id": series.series_unique_id,
-        "arm_date": arm_date or _dt.datetime.now(_dt.timezone.utc),
+        "arm_date": arm_date or _dt.datetime.now(_dt.UTC),
         "channels": list(series.channels),
         "count_time": float(series.count_time),
         "frame_time": float(series.frame_time),
@@ -197,7 +201,7 @@ def encode_end(series: DetectorSeries) -> bytes:
 # --- sending ----------------------------------------------------------------------------------------------------
 
 
-class Stream2Sender:
+class Stream2Sender(SocketOwner):
     """A PUSH socket that sends DECTRIS Stream V2 series.
 
     Parameters
@@ -215,7 +219,7 @@ class Stream2Sender:
     ValueError
         Unknown compression.
     zmq.ZMQError
-        The endpoint cannot be bound or connected.
+        The endpoint cannot be bound or connected (the message names it).
     """
 
     def __init__(self, endpoint: str = f"tcp://*:{DEFAULT_PORT}", *, bind: bool = True, compression: str = "bslz4",
@@ -223,26 +227,15 @@ class Stream2Sender:
         if compression not in COMPRESSIONS:
             raise ValueError(f"unknown compression {compression!r}; expected one of {COMPRESSIONS}")
         self.compression = compression
-        self._sock, self.endpoint = open_push_socket(endpoint, bind=bind, sndhwm=sndhwm, linger_ms=2000,
-                                                     send_timeout_ms=send_timeout_ms, context=context)
+        SocketOwner.__init__(self, *open_push(endpoint, bind=bind, sndhwm=sndhwm, linger_ms=2000,
+                                              send_timeout_ms=send_timeout_ms, context=context))
         self.series: DetectorSeries | None = None
         self._next_series = 0
         self._next = 0
-        self._date = _dt.datetime.now(_dt.timezone.utc)
+        self._date = _dt.datetime.now(_dt.UTC)
         self._t0 = 0
         self._codec: codecs.Codec | None = None
         self.frames_sent = 0
-
-    def close(self, linger_ms: int | None = None) -> None:
-        """Close the socket; queued messages get ``linger_ms`` (default 2 s) to leave."""
-        if not self._sock.closed:
-            self._sock.close(linger=linger_ms)
-
-    def __enter__(self) -> "Stream2Sender":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def start_series(self, shape: tuple[int, int], dtype, nimages: int, *, channels=("threshold_1",),
                      count_time: float = 1e-4, frame_time: float = 1e-4, series_id: int | None = None,
@@ -255,7 +248,7 @@ class Stream2Sender:
         sid = self._next_series if series_id is None else int(series_id)
         self.series = DetectorSeries(PROTOCOL, sid, str(uuid.uuid4()), tuple(channels), (int(shape[0]), int(shape[1])),
                                      dtype, int(nimages), float(count_time), float(frame_time), dict(config or {}))
-        self._date = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0)
+        self._date = _dt.datetime.now(_dt.UTC).replace(microsecond=0)
         self._send(encode_start(self.series, arm_date=self._date))
         self._codec = codecs.Codec(self.compression if self.compression != "none" else codecs.NONE, dtype.itemsize)
         self._next_series = sid + 1
@@ -362,16 +355,26 @@ def series_from_start(msg: Mapping) -> DetectorSeries:
 
 
 class Stream2Adapter:
-    """Reads Stream V2 messages for a :class:`beamloop.streams.dectris.receiver.DetectorReceiver` (not used directly).
+    """Reads Stream V2 messages into a :class:`beamloop.streams.dectris.sink.RingSink` (the protocol adapter of
+    ``DetectorReceiver(protocol="stream2")``; not used directly).
 
     The whole message is read into one preallocated buffer bounded by ``max_header_bytes`` plus the blob
     bound of every channel; the CBOR is decoded (tags kept as :class:`MultiDimArray` etc.), checked against
-    the series, and each channel's blob copied into its slot of the receiver's arena.
+    the series, and each channel's blob copied into its slot of the sink's arena.
+
+    Parameters
+    ----------
+    socket, sink
+        The PULL socket it reads and the sink it writes (:class:`beamloop.streams.dectris.sink.ProtocolAdapter`).
+    max_header_bytes : int
+        Bound on a message minus the blob bound of its channels.
+    verify_hash : bool
+        Unused (Stream V2 messages carry no hash).
     """
 
-    def __init__(self, receiver, *, max_header_bytes: int, verify_hash: bool) -> None:
-        self.rx = receiver
-        self.sock = receiver.socket
+    def __init__(self, socket: zmq.Socket, sink: RingSink, *, max_header_bytes: int, verify_hash: bool) -> None:
+        self.sink = sink
+        self.sock = socket
         self.max_header_bytes = max_header_bytes
         self._buf = bytearray(max_header_bytes)
         self._view = memoryview(self._buf)
@@ -379,22 +382,27 @@ class Stream2Adapter:
     def discard_rest(self) -> None:
         """Drop further parts of the current message (Stream V2 messages have one)."""
         while self.sock.get(zmq.RCVMORE):
-            self.rx.counters.bytes += self.sock.recv_into(self._view)
+            self.sink.counters.bytes += self.sock.recv_into(self._view)
 
-    def _bound(self) -> None:
-        ring = self.rx._ring
-        need = self.max_header_bytes + (ring.capacity * len(ring.series.channels) if ring is not None else 0)
+    def _bound(self, series: DetectorSeries) -> None:
+        """Grow the message buffer to hold a message of ``series`` (header bound plus every channel's blob)."""
+        need = self.max_header_bytes + self.sink.slot_nbytes * len(series.channels)
         if len(self._buf) < need:
             self._buf = bytearray(need)
             self._view = memoryview(self._buf)
 
-    def read(self, flags: int = 0):
+    def read(self, flags: int = 0) -> SeriesStart | SeriesEnd | None:
         """Read one message; returns a SeriesStart/SeriesEnd event, or None for an image (into the stack).
 
         ``flags=zmq.NOBLOCK`` raises ``zmq.Again`` when no message waits (nothing is consumed then).
+
+        Raises
+        ------
+        ProtocolError
+            The message is malformed, oversized, unexpected or does not match its series.
         """
         n = self.sock.recv_into(self._view, flags=flags)
-        self.rx.counters.bytes += n
+        self.sink.counters.bytes += n
         check_oversize(n, len(self._buf), "Stream V2 message")
         if self.sock.get(zmq.RCVMORE):
             raise MalformedMessage("Stream V2 message has more than one part")
@@ -403,23 +411,22 @@ class Stream2Adapter:
         if kind == "image":
             return self._image(msg)
         if kind == "start":
-            ev = self.rx._begin_series(series_from_start(msg))
-            self._bound()
+            ev = self.sink.begin_series(series_from_start(msg))
+            self._bound(ev.series)
             return ev
         if kind == "end":
-            series = self.rx.series
+            series = self.sink.series
             sid = _int(msg, "series_id", "end")
             if series is not None and msg.get("series_unique_id") != series.series_unique_id:
                 raise UnexpectedMessage(f"end of series {msg.get('series_unique_id')!r}, "
                                         f"open series is {series.series_unique_id!r}")
-            return self.rx._end_series(sid)
+            return self.sink.end_series(sid)
         raise MalformedMessage(f"unknown message type {kind!r} (expected start, image or end)")
 
-    def _image(self, msg: dict):
-        rx = self.rx
+    def _image(self, msg: dict) -> None:
+        sink = self.sink
         image_id = _int(msg, "image_id", "image")
-        ring = rx._check_image(image_id, msg.get("series_id"))
-        s = ring.series
+        s = sink.check_image(image_id, msg.get("series_id"))
         if msg.get("series_unique_id") != s.series_unique_id:
             raise UnexpectedMessage(f"image {image_id} belongs to series {msg.get('series_unique_id')!r}, "
                                     f"not the open series {s.series_unique_id!r}")
@@ -431,17 +438,13 @@ class Stream2Adapter:
                  for k in ("start_time", "stop_time", "real_time")]
         for ch, item in data.items():
             codec, payload = self._check_array(item, s, image_id, ch)
-            held = ring.codecs.get(ch)
-            if ring.fill and held is not None and held != codec:
-                raise FrameMismatch(f"image {image_id} channel {ch!r}: compression differs from the frames before it")
-            ring.codecs[ch] = codec
-            view = ring.slot_view(ch)
+            sink.set_codec(ch, codec, f"image {image_id} channel {ch!r}: compression")
+            view = sink.slot_view(ch)
             nb = len(payload)
             check_oversize(nb, len(view), f"image {image_id} channel {ch!r} blob")
             view[:nb] = payload
-            ring.lengths[ch][ring.stack, ring.wslot] = nb
-        rx._commit_image(ring, image_id, *times)
-        return None
+            sink.set_blob_nbytes(ch, nb)
+        sink.commit_image(image_id, *times)
 
     @staticmethod
     def _check_array(item, s: DetectorSeries, image_id: int, ch: str) -> tuple[codecs.Codec, bytes]:

@@ -1,14 +1,16 @@
 """A compiled receive loop for SIMPLON v1 images: numba calling libzmq directly, no Python per frame.
 
 At ~100k frames per second even a few microseconds of Python per frame is the bottleneck. Once a series'
-first image has been validated in Python (:class:`beamloop.streams.dectris.simplon.SimplonAdapter`), its three JSON parts
-are known byte for byte except for a few numbers and the hash (``_Template``). This module's numba kernel
+first image has been validated in Python (:class:`beamloop.streams.dectris.simplon.SimplonAdapter`), its three JSON
+parts are known byte for byte except for a few numbers and the hash (``_Template``). This module's numba kernel
 then receives image after image with ``zmq_recv`` (the libzmq that pyzmq itself loaded, through ctypes, on
-the socket's own handle ``zmq.Socket.underlying``), checks each JSON part against its template (the same
-test the Python path makes), reads each blob straight into its slot of the receiver's arena, and does the
-frame-id bookkeeping, until the stack is full, the socket is empty, or a message deviates in any way. A
-deviating message is handed back with the parts already read, and the Python path finishes it (with the
-full checks and the clear errors); so behaviour is identical, only faster.
+the socket's own handle ``zmq.Socket.underlying``; libzmq API ``zmq_recv(3)``, ``zmq_getsockopt(3)``
+``ZMQ_RCVMORE``), checks each JSON part against its template (the same test the Python path makes), and reads
+each blob straight into its slot of the receiver's arena, until the stack is full, the socket is empty, or a
+message deviates in any way. An image whose id is not the next one expected deviates too: the kernel keeps no
+frame-id bookkeeping, :class:`beamloop.streams._ids.FrameIdTracker` does it all. A deviating message is handed
+back with the parts already read, and the Python path finishes it (with the full checks and the clear errors);
+so behaviour is identical, only faster.
 
 The kernel runs with the GIL released. If libzmq cannot be located (``available()`` is False) receivers
 simply stay on the Python path.
@@ -31,11 +33,10 @@ EAGAIN = 11
 
 # return codes of recv_images
 FULL, EMPTY, DEVIATE, ERROR = 0, 1, 2, 3
-# counters filled by recv_images
-C_FRAMES, C_BYTES, C_MESSAGES, C_GAPS, C_MISSING, C_REORDERED = range(6)
 
 
 def _libzmq_path() -> str | None:
+    """Path of the libzmq that pyzmq loaded (from ``/proc/self/maps``), else the system's, else None."""
     import zmq  # noqa: F401  (loads libzmq into the process)
 
     try:
@@ -49,6 +50,7 @@ def _libzmq_path() -> str | None:
 
 
 def _load():
+    """ctypes bindings of ``zmq_recv``, ``zmq_getsockopt``, ``zmq_errno``, or None without a libzmq."""
     path = _libzmq_path()
     if path is None:
         return None
@@ -127,9 +129,10 @@ if _FUNCS is not None:
         return True
 
     @numba.njit(nogil=True, cache=False)
-    def recv_images(sock, hbuf, cap, tpl0, holes0, tpl1, holes1, tpl3, holes3, idx, series, arena, capacity,
-                    slot0, room, lengths, ids, times, state, counters, lens, optval, optlen):
-        """Receive up to ``room`` SIMPLON v1 images into slots ``slot0..`` of ``arena``.
+    def recv_images(sock, hbuf, cap, tpl0, holes0, tpl1, holes1, tpl3, holes3, idx, series, next_id, arena,
+                    capacity, slot0, room, lengths, ids, times, state, lens, optval, optlen):
+        """Receive up to ``room`` SIMPLON v1 images with the consecutive ids ``next_id, next_id + 1, ...`` into
+        slots ``slot0..`` of ``arena``.
 
         Parameters (arrays are the receiver's, written in place)
         ----------
@@ -142,22 +145,23 @@ if _FUNCS is not None:
             Hole index of frame, series (dimage), size (dimage_d), start, stop, real time (dconfig).
         series : int
             Open series number.
+        next_id : int
+            Id the first image must have; every further one, the next.
         arena : uint8, capacity : int
             Blob slots.
         lengths, ids : int64 (room,), times : int64 (room, 3)
             Outputs per received frame.
         state : int64 (2,)
-            ``[next expected frame id, part index of a deviating message]``.
-        counters : int64 (6,)
-            Incremented: frames, bytes, messages, gaps, missing frames, reordered.
+            ``[bytes received, part index of a deviating message]``.
         lens : int64 (4,)
             Lengths of the parts read of a deviating message.
 
         Returns
         -------
         (code, k)
-            ``k`` frames committed; code FULL, EMPTY (no message waiting), DEVIATE (the message at ``k``
-            needs the Python path; ``state[1]`` parts of it were read) or ERROR (zmq error, ``lens[0]`` = errno).
+            ``k`` frames received, with ids ``next_id .. next_id + k - 1``; code FULL, EMPTY (no message
+            waiting), DEVIATE (the message at ``k`` needs the Python path; ``state[1]`` parts of it were read)
+            or ERROR (zmq error, ``lens[0]`` = errno).
         """
         v0 = np.zeros(holes0.shape[0], np.int64)
         v1 = np.zeros(holes1.shape[0], np.int64)
@@ -173,7 +177,8 @@ if _FUNCS is not None:
                 return ERROR, k
             lens[0] = n0
             state[1] = 1
-            if n0 > cap or not _match(hbuf[0], n0, tpl0, holes0, v0) or v0[idx[1]] != series:
+            if (n0 > cap or not _match(hbuf[0], n0, tpl0, holes0, v0) or v0[idx[1]] != series
+                    or v0[idx[0]] != next_id + k):
                 return DEVIATE, k
             if not _more(sock, optval, optlen):
                 return DEVIATE, k
@@ -200,23 +205,12 @@ if _FUNCS is not None:
             if _more(sock, optval, optlen):
                 state[1] = 5
                 return DEVIATE, k
-            frame = v0[idx[0]]
-            gap = frame - state[0]
-            if gap > 0:
-                counters[C_GAPS] += 1
-                counters[C_MISSING] += gap
-            elif gap < 0:
-                counters[C_REORDERED] += 1
-            if frame >= state[0]:
-                state[0] = frame + 1
-            ids[k] = frame
+            ids[k] = next_id + k
             lengths[k] = n2
             times[k, 0] = v3[idx[3]]
             times[k, 1] = v3[idx[4]]
             times[k, 2] = v3[idx[5]]
-            counters[C_FRAMES] += 1
-            counters[C_MESSAGES] += 1
-            counters[C_BYTES] += n0 + n1 + n2 + n3
+            state[0] += n0 + n1 + n2 + n3
             k += 1
         return FULL, k
 
@@ -232,7 +226,7 @@ def warm_up() -> None:
     u8, i64 = np.zeros(8, np.uint8), np.zeros(8, np.int64)
     holes = np.zeros((1, 3), np.int64)
     times = np.zeros((2, 3), np.int64)
-    recv_images(0, np.zeros((4, 8), np.uint8), 8, u8, holes, u8, holes, u8, holes, i64[:6], 0, u8, 8, 0, 0,
-                i64[:2], i64[2:4], times, i64[4:6], np.zeros(6, np.int64), np.zeros(4, np.int64),
-                np.zeros(1, np.int32), np.zeros(1, np.uint64))
+    recv_images(0, np.zeros((4, 8), np.uint8), 8, u8, holes, u8, holes, u8, holes, i64[:6], 0, 0, u8, 8, 0, 0,
+                i64[:2], i64[2:4], times, i64[4:6], np.zeros(4, np.int64), np.zeros(1, np.int32),
+                np.zeros(1, np.uint64))
     _warm = True
