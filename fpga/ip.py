@@ -112,9 +112,10 @@ REGISTERS = (
     Register("CTRL", 0x04, "RW", "0", "bit 0 ENABLE: a decision whose score reaches THRESHOLD sets the latch "
              "(0: scores are computed, the latch is never set). bit 1 START (write 1; reads 0): begin a dwell: "
              "clear the history, SAMPLE_COUNT, the latch and LAST_TRIGGER_SAMPLE, and pre-fill the history "
-             "from EXPECTED_RATE when it is not 0 (s_axis_tready low meanwhile: history + L_pre + 1 "
-             "cycles from the write)."),
-    Register("STATUS", 0x08, "RW1C", "0x2", "bit 0 BLANK: the latch (the blank output); write 1 to clear it "
+             "from EXPECTED_RATE when it is not 0; acted on in the cycle after the write (a sample taken in the "
+             "write's cycle is dropped), s_axis_tready low from then on for history + L_pre + 1 cycles with a "
+             "rate, L_pre + 1 without."),
+    Register("STATUS", 0x08, "RW1C", "0x2 (READY from L_pre cycles after reset)", "bit 0 BLANK: the latch (the blank output); write 1 to clear it "
              "(rearm); a decision that fires in the same cycle wins. bit 1 READY (s_axis_tready). bit 2 "
              "HISTORY_FULL: the next sample is decided on. bit 3 PREFILL: the expected-rate pre-fill is "
              "running. Bits 1-3 read-only."),
@@ -220,7 +221,7 @@ class IPDesign:
         Minimum clock cycles between accepted samples (``pre.stages + 2``).
     prefill_cycles : int
         Clock edges from a START write to the first accepted sample with an expected rate
-        (``history + pre.stages + 1``).
+        (``history + pre.stages + 2``).
     sample_clip : int
         Largest sample value held (larger ones are clipped on entry).
     score_bits : int
@@ -497,7 +498,7 @@ def write_ip(model: str = "ejection", out_dir: str | Path = "ip", model_dir: Pat
                       latency_cutoff=float(latency_cutoff), pre_cutoff=float(pc), clip_input=bool(clip_input),
                       pre=pre, tail=tail,
                       latency_cycles=tail.stages + 1, min_interval=pre.stages + 2,
-                      prefill_cycles=spec.history + pre.stages + 1, sample_clip=sample_clip(spec),
+                      prefill_cycles=spec.history + pre.stages + 2, sample_clip=sample_clip(spec),
                       score_bits=int(s_bits), score_step=int(s_step))
     core = out / "src" / f"{prefix}_core.v"
     core.write_text(core_verilog(design, spec))
@@ -709,7 +710,7 @@ module {p}_core (
     reg [{latc_bits - 1}:0] cyc;  // free-running cycle stamp
     wire wr = reg_req & reg_we;
     wire wr_ctrl = wr & (reg_addr == 6'd{regs['CTRL']}) & reg_wstrb[0];
-    wire start = wr_ctrl & reg_wdata[1];
+    reg start;  // START, acted on in the cycle after the write (its decode stays off the sample path)
 
     // ---- history
     reg [{hb - 1}:0] held;  // samples held for the next decision (saturates at {h - 1})
@@ -724,8 +725,8 @@ module {p}_core (
     reg [{_bits(lp + 1) - 1}:0] pre_cnt;  // precompute cycles left
     reg push_q;  // the history takes a sample one cycle after it is accepted (short enable paths)
     reg [{sbw - 1}:0] val_q;
-    wire ready = (pre_cnt == 0) & ~pf_active & ~push_q;
-    assign s_axis_tready = ready & ~start;  // no sample is taken in the cycle of a START write
+    wire ready = (pre_cnt == 0) & ~pf_active & ~push_q & ~start;
+    assign s_axis_tready = ready;
     wire accept = s_axis_tvalid & s_axis_tready;
     wire [{sbw - 1}:0] x_clip = (s_axis_tdata > {SAMPLE_BITS}'d{sc}) ? {sbw}'d{sc} : s_axis_tdata[{sbw - 1}:0];
     wire push = accept | pf_active;
@@ -754,7 +755,7 @@ module {p}_core (
                 pf_n <= pf_n + {hb}'d1;
                 if (pf_n == {hb}'d{h - 2}) pf_active <= 1'b0;
             end
-            if (start) begin  // a new dwell (no sample is accepted in this cycle)
+            if (start) begin  // a new dwell (a sample taken in the cycle of the START write is dropped)
                 held <= 0;
                 rch <= {nb + 1}'b{rch_init};
                 {hist_start_s}
@@ -789,8 +790,8 @@ module {p}_core (
     wire signed [31:0] score_v = $signed(score_w) <<< {sh};
     always @(posedge clk) begin
         {tail_loads}
-        if (accept) begin  // stage 0's input register: the sample and P of its decision
-            {x_load}
+        if (ready) begin  // stage 0's input register: loaded while ready, so it holds the accepted sample and
+            {x_load}  // P of its decision (the enable is a function of registers, not of tvalid)
             p_reg <= {p}_pre_out;
         end
         if (rst) begin
@@ -812,10 +813,12 @@ module {p}_core (
                     ($signed(thr_reg) <= $signed({neg}32'd{abs(lo_w) * step})) ? {neg}{tw_bits}'sd{abs(lo_w)} :
                     ($signed(thr_reg) + $signed(32'd{step - 1})) >>> {sh};
         reg_ack <= reg_req;
+        start <= wr_ctrl & reg_wdata[1];
         score_valid <= 1'b0;
         score_fire <= 1'b0;
         if (rst) begin
             cyc <= 0;
+            start <= 1'b0;
             enable <= 1'b0;
             blank_r <= 1'b0;
             thr_reg <= 32'h{thr_reset:08X};

