@@ -17,7 +17,7 @@ A frame path run frame by frame (the service's own stages, with their latency)::
     >>> path = beamloop.frame_path("classical", "MoS2")
     >>> ctx = path.run(frame.counts, 0.15)
     >>> path.names
-    ('preprocess', 'find', 'classify', 'vacancies')
+    ('background', 'preprocess', 'find', 'classify', 'vacancies', 'ood')
 
 Live frames from a detector stream, and the closed loop on the simulated microscope::
 

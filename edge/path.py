@@ -9,14 +9,16 @@ service drives the beam: bridge (:mod:`beamloop.edge.control.client`) and trigge
 =================  ==========================================================  ================================
 path               stages (latency key: class)                                 slots written
 =================  ==========================================================  ================================
-``classical``      preprocess: :class:`~beamloop.edge.stages.preprocess.Preprocess`   smooth, noise
-                   find: :class:`~beamloop.edge.stages.find.FindPeaks`                columns
+``classical``      background: :class:`~beamloop.edge.stages.background.Background`    extras (frame)
+                   preprocess: :class:`~beamloop.edge.stages.preprocess.Preprocess`   smooth, noise
+                   find: :class:`~beamloop.edge.stages.find.FindPeaks`                columns, extras
                    classify: :class:`~beamloop.edge.stages.classify.Classify`         columns (classes)
                    vacancies: :class:`~beamloop.edge.stages.vacancies.InferVacancySites` (MoS2)  columns, bonds
+                   ood: :class:`~beamloop.edge.stages.ood.OODAlarm`                   extras (ood, uncertainty)
                    policy: :class:`~beamloop.edge.stages.policy.VacancyLinePolicy` (with a policy)  targets
 ``unet``           preprocess: :class:`~beamloop.edge.stages.unet.UNetNormalise`       extras
                    find: :class:`~beamloop.edge.stages.unet.UNetFind`                  columns, extras
-                   vacancies, policy: as above
+                   vacancies, ood, policy: as above
 =================  ==========================================================  ================================
 """
 
@@ -207,24 +209,36 @@ class FramePath:
 # the two stage lists
 # --------------------------------------------------------------------------------------------------------
 def classical_stages(material: str | Material = MOS2, policy: VacancyLinePolicy | None = None,
-                     config: FinderConfig | None = None) -> list[FrameStage]:
-    """preprocess -> find -> classify -> (MoS2) vacancies -> (with a policy) policy."""
+                     config: FinderConfig | None = None, background: str = "auto", ood: bool = True
+                     ) -> list[FrameStage]:
+    """background -> preprocess -> find -> classify -> (MoS2) vacancies -> ood -> (with a policy) policy.
+
+    ``background``: ``"auto"`` (the stage works on series without a pixel size), ``"on"``, or ``"off"`` (no
+    background stage); ``ood``: the out-of-distribution stage (:mod:`beamloop.edge.stages.ood`)."""
+    from beamloop.edge.stages.background import Background
+    from beamloop.edge.stages.ood import OODAlarm
+
     m = material_named(material)
-    stages: list[FrameStage] = [Preprocess(config), FindPeaks(config), Classify()]
+    bg = background != "off"
+    stages: list[FrameStage] = ([Background(background, config)] if bg else []) + [
+        Preprocess(config, from_background=bg), FindPeaks(config, from_background=bg), Classify()]
     if m.name == MOS2.name:
         stages.append(InferVacancySites("smooth"))
+    if ood:
+        stages.append(OODAlarm("classical"))
     if policy is not None:
         stages.append(policy)
     return stages
 
 
-def unet_stages(material: str | Material = MOS2, policy: VacancyLinePolicy | None = None, unet=None
-                ) -> list[FrameStage]:
-    """preprocess (normalise) -> find (network, extraction) -> (MoS2) vacancies -> (with a policy) policy.
+def unet_stages(material: str | Material = MOS2, policy: VacancyLinePolicy | None = None, unet=None,
+                ood: bool = True) -> list[FrameStage]:
+    """preprocess (normalise) -> find (network, extraction) -> (MoS2) vacancies -> ood -> (with a policy) policy.
 
     ``unet`` is a :class:`~beamloop.edge.stages.unet.UNetFinder`; by default the shipped FP32 model on the
     best device.
     """
+    from beamloop.edge.stages.ood import OODAlarm
     from beamloop.edge.stages.unet import UNetFind, UNetFinder, UNetNormalise
 
     m = material_named(material)
@@ -232,6 +246,8 @@ def unet_stages(material: str | Material = MOS2, policy: VacancyLinePolicy | Non
     stages: list[FrameStage] = [UNetNormalise(finder), UNetFind(finder)]
     if m.name == MOS2.name:
         stages.append(InferVacancySites("image"))
+    if ood:
+        stages.append(OODAlarm("unet", finder.model_dir))
     if policy is not None:
         stages.append(policy)
     return stages
@@ -246,8 +262,9 @@ def register_path(name: str, build: Callable[..., list[FrameStage]]) -> None:
     PATHS[name] = build
 
 
-register_path("classical", lambda material, policy=None, config=None, **_: classical_stages(material, policy, config))
-register_path("unet", lambda material, policy=None, unet=None, **_: unet_stages(material, policy, unet))
+register_path("classical", lambda material, policy=None, config=None, background="auto", ood=True, **_:
+              classical_stages(material, policy, config, background, ood))
+register_path("unet", lambda material, policy=None, unet=None, ood=True, **_: unet_stages(material, policy, unet, ood))
 
 METHODS = tuple(PATHS)
 """Column finders the frame path offers (``--method``)."""
@@ -255,7 +272,7 @@ METHODS = tuple(PATHS)
 
 def frame_path(method: str = "classical", material: str | Material = MOS2, policy: VacancyLinePolicy | None = None,
                latency: LatencyRecorder | None = None, *, config: FinderConfig | None = None,
-               period_px: float | None = None, unet=None) -> FramePath:
+               period_px: float | None = None, unet=None, background: str = "auto", ood: bool = True) -> FramePath:
     """A :class:`FramePath` of the named stage list.
 
     Parameters
@@ -271,6 +288,11 @@ def frame_path(method: str = "classical", material: str | Material = MOS2, polic
         Lattice period for frames without a pixel size (see :class:`FramePath`).
     unet : UNetFinder, optional
         The learned finder (``method="unet"``).
+    background : {"auto", "on", "off"}
+        The classical path's background stage (:mod:`beamloop.edge.stages.background`): ``auto`` works on
+        series without a pixel size.
+    ood : bool
+        Include the out-of-distribution stage (:mod:`beamloop.edge.stages.ood`).
 
     Raises
     ------
@@ -279,5 +301,5 @@ def frame_path(method: str = "classical", material: str | Material = MOS2, polic
     """
     if method not in PATHS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    return FramePath(PATHS[method](material_named(material), policy, config=config, unet=unet), material, latency,
-                     period_px=period_px)
+    return FramePath(PATHS[method](material_named(material), policy, config=config, unet=unet, background=background,
+                                   ood=ood), material, latency, period_px=period_px)

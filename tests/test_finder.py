@@ -40,7 +40,7 @@ def test_subpixel_positions_of_isolated_gaussians(refine):
 
 def test_min_distance_suppresses_close_maxima():
     img = gaussian_peaks((60, 60), [(20, 30), (25, 30), (45, 30)], 1.5)
-    cfg = FinderConfig(sigma_px=1.0, min_distance_px=8.0, background_px=10)
+    cfg = FinderConfig(sigma_px=1.0, min_distance_px=8.0, background_px=10, split_pairs=False)
     cols = ColumnFinder(cfg).find(img.astype(np.float32))
     assert len(cols) == 2
     assert sorted(np.round(cols.x).astype(int).tolist()) in ([20, 45], [25, 45])

@@ -63,9 +63,9 @@ def test_construction_checks_the_slot_order_names_and_protocol():
     with pytest.raises(PathError, match="FrameStage protocol"):
         FramePath([object()], GENERIC)
     p = frame_path("classical", "MoS2", VacancyLinePolicy(2))
-    assert p.names == ("preprocess", "find", "classify", "vacancies", "policy")
+    assert p.names == ("background", "preprocess", "find", "classify", "vacancies", "ood", "policy")
     assert all(isinstance(s, FrameStage) for s in p.stages)
-    assert frame_path("classical", "generic").names == ("preprocess", "find", "classify")
+    assert frame_path("classical", "generic").names == ("background", "preprocess", "find", "classify", "ood")
 
 
 def test_prepare_runs_on_metadata_changes_only_and_reset_reaches_every_stage():

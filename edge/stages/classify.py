@@ -13,7 +13,8 @@ Empty lattice sites (vacancies) are not found here but inferred from the lattice
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -73,12 +74,13 @@ def classify_mos2(cols: ColumnTable) -> ColumnTable:
         if s_sel.any():
             s2_level = float(np.median(logi[s_sel]))
             cls[s_sel & (logi < s2_level - 0.5 * math.log(2.0))] = 2
-    return ColumnTable(cols.x, cols.y, cols.intensity, cols.score, cls, MOS2_CLASSES)
+    return ColumnTable(cols.x, cols.y, cols.intensity, cols.score, cls, MOS2_CLASSES, cols.near_edge)
 
 
 def classify_generic(cols: ColumnTable) -> ColumnTable:
     """Every found column labelled ``column`` (``cls = 0``): materials without an intensity model."""
-    return ColumnTable(cols.x, cols.y, cols.intensity, cols.score, np.zeros(len(cols), np.int8), GENERIC_CLASSES)
+    return ColumnTable(cols.x, cols.y, cols.intensity, cols.score, np.zeros(len(cols), np.int8), GENERIC_CLASSES,
+                       cols.near_edge)
 
 
 CLASSIFIERS: dict[str, Callable[[ColumnTable], ColumnTable]] = {}

@@ -38,8 +38,10 @@ class Target:
 class VacancyLinePolicy(StageBase):
     """Frame stage ``policy``: choose the S2 columns along one lattice row through the middle of the field.
 
-    Reads ``columns``, ``bonds`` and ``scan``; writes ``targets`` (empty without a scan frame, without
-    bonds, or when the frame's ``want_targets`` is false).
+    Reads ``columns``, ``bonds``, ``scan`` and ``extras``; writes ``targets`` (empty without a scan frame,
+    without bonds, when the frame's ``want_targets`` is false, or when the out-of-distribution stage raised
+    its alarm, ``extras["ood"]``). Columns whose uncertainty (``extras["column_uncertainty"]``, when a stage
+    wrote it) exceeds ``max_uncertainty`` are never targets.
 
     The row is fixed on the first frame (through the S column nearest the frame centre, along the S-S
     lattice vector closest to the fast axis) and kept in fractional coordinates for later frames, so
@@ -53,15 +55,21 @@ class VacancyLinePolicy(StageBase):
         Columns within this fraction of the S-S distance from the row belong to it.
     edge_margin_px : float
         Columns closer to the frame edge are never targeted.
+    max_uncertainty : float
+        Columns with a higher per-column uncertainty are never targeted (the classical path's uncertainty is
+        the detection threshold over the column's score: 0.5 = twice the threshold; the U-Net's is its
+        ensemble uncertainty).
     """
 
     name = "policy"
-    reads = ("columns", "bonds", "scan")
+    reads = ("columns", "bonds", "scan", "extras")
     writes = ("targets",)
 
-    def __init__(self, targets_per_frame: int = 4, line_width: float = 0.3, edge_margin_px: float = 12.0) -> None:
+    def __init__(self, targets_per_frame: int = 4, line_width: float = 0.3, edge_margin_px: float = 12.0,
+                 max_uncertainty: float = 0.5) -> None:
         if targets_per_frame < 0:
             raise ValueError("targets_per_frame must be >= 0")
+        self.max_uncertainty = float(max_uncertainty)
         self.targets_per_frame = int(targets_per_frame)
         self.line_width = float(line_width)
         self.edge_margin_px = float(edge_margin_px)
@@ -75,12 +83,14 @@ class VacancyLinePolicy(StageBase):
 
     def process(self, ctx: FrameContext) -> None:
         """``ctx.targets`` for this frame (:meth:`select`), or none."""
-        if ctx.scan is None or not ctx.want_targets:
+        ood = ctx.extras.get("ood")
+        if ctx.scan is None or not ctx.want_targets or (ood is not None and ood.get("alarm")):
             ctx.targets = []
         else:
-            ctx.targets = self.select(ctx.columns, ctx.scan, ctx.bonds)
+            ctx.targets = self.select(ctx.columns, ctx.scan, ctx.bonds, ctx.extras.get("column_uncertainty"))
 
-    def select(self, cols: ColumnTable, scan: ScanFrame, bonds: np.ndarray | None) -> list[Target]:
+    def select(self, cols: ColumnTable, scan: ScanFrame, bonds: np.ndarray | None,
+               uncertainty: np.ndarray | None = None) -> list[Target]:
         """Targets for this frame.
 
         Parameters
@@ -91,6 +101,8 @@ class VacancyLinePolicy(StageBase):
             The frame they were found in.
         bonds : ndarray (3, 2) or None
             Mo-S bond vectors in pixels (:func:`beamloop.edge.stages.vacancies.bond_vectors`); none -> no targets.
+        uncertainty : ndarray (n,), optional
+            Per-column uncertainty; rows above ``max_uncertainty`` are left out (NaN rows are kept).
         """
         if bonds is None or len(cols) == 0 or self.targets_per_frame == 0:
             return []
@@ -120,6 +132,8 @@ class VacancyLinePolicy(StageBase):
         ok = ((cols.cls == s2) & (np.abs(across) < self.line_width * spacing)
               & (xy[:, 0] >= m) & (xy[:, 0] <= scan.shape[1] - 1 - m)
               & (xy[:, 1] >= m) & (xy[:, 1] <= scan.shape[0] - 1 - m))
+        if uncertainty is not None and len(uncertainty) == len(cols):
+            ok &= ~(np.asarray(uncertainty) > self.max_uncertainty)
         idx = np.flatnonzero(ok)
         idx = idx[np.argsort(along[idx])][: self.targets_per_frame]
         out = []

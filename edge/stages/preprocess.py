@@ -97,17 +97,23 @@ class Preprocess(StageBase):
     config : FinderConfig, optional
         Fixed finder parameters (their ``sigma_px``); by default derived from each series' metadata
         (:meth:`beamloop.edge.stages.find.FinderConfig.for_meta`).
+    from_background : bool
+        Smooth the background stage's ``extras["frame"]`` (:mod:`beamloop.edge.stages.background`) instead of
+        the frame.
     """
 
     name = "preprocess"
-    reads = ("image",)
+    reads: tuple[str, ...] = ("image",)
     writes = ("smooth", "noise")
 
     pre: Preprocessor
     """The smoother of the current series (made by :meth:`prepare`)."""
 
-    def __init__(self, config: FinderConfig | None = None) -> None:
+    def __init__(self, config: FinderConfig | None = None, from_background: bool = False) -> None:
         self.config = config
+        self.from_background = bool(from_background)
+        if from_background:
+            self.reads = ("image", "extras")
 
     def prepare(self, meta: FrameMeta) -> None:
         """A :class:`Preprocessor` for the series' scale, with buffers for its shape.
@@ -125,5 +131,5 @@ class Preprocess(StageBase):
         self.pre.allocate(meta.shape)
 
     def process(self, ctx: FrameContext) -> None:
-        """``ctx.smooth, ctx.noise`` from ``ctx.image``."""
-        ctx.smooth, ctx.noise = self.pre.run(ctx.image)
+        """``ctx.smooth, ctx.noise`` from ``ctx.image`` (or the background stage's ``extras["frame"]``)."""
+        ctx.smooth, ctx.noise = self.pre.run(ctx.extras["frame"] if self.from_background else ctx.image)

@@ -1,0 +1,105 @@
+"""Background kernels (numba): a smooth background surface from block quantiles, subtracted in one pass.
+
+The background of a HAADF frame (a support film, a nanoparticle's projected-thickness envelope, a
+thickness gradient) varies on scales of several lattice periods; the columns stand on it. A low quantile
+of the frame in blocks about one period wide sits in the valleys between columns; those block values,
+smoothed across neighbouring blocks and interpolated bilinearly, are a smooth fit of the background (the
+linear, block-wise counterpart of the rolling ball of S. R. Sternberg, "Biomedical image processing",
+Computer 16, 22 (1983); scikit-image's ``restoration.rolling_ball`` costs about 100 times more here).
+
+Plain functions over caller-owned buffers: nothing here allocates per frame.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+
+def grid_shape(shape: tuple[int, int], block: int) -> tuple[int, int]:
+    """Blocks per axis for a frame of ``shape`` cut into ``block``-pixel squares (the last one may be partial)."""
+    return (-(-int(shape[0]) // block), -(-int(shape[1]) // block))
+
+
+@numba.njit(cache=True, nogil=True)
+def block_quantiles(img, block, quantile, scratch, grid):
+    """A low quantile of ``img`` (2-D, any real dtype) in each ``block`` x ``block`` square, into ``grid``
+    (float32, :func:`grid_shape`), from at most 16 x 16 evenly strided samples per block; the q-th smallest
+    is kept by insertion into a sorted list (``scratch``, float32, at least 257 long)."""
+    rows, cols = img.shape
+    gy, gx = grid.shape
+    step = max(block // 16, 1)
+    for bi in range(gy):
+        i0 = bi * block
+        i1 = min(i0 + block, rows)
+        for bj in range(gx):
+            j0 = bj * block
+            j1 = min(j0 + block, cols)
+            m = ((i1 - i0 + step - 1) // step) * ((j1 - j0 + step - 1) // step)
+            q = min(int(quantile * (m - 1) + 0.5), m - 1)
+            filled = 0
+            for i in range(i0, i1, step):
+                for j in range(j0, j1, step):
+                    v = np.float32(img[i, j])
+                    if filled <= q:
+                        p = filled
+                        filled += 1
+                    elif v < scratch[q]:
+                        p = q
+                    else:
+                        continue
+                    while p > 0 and scratch[p - 1] > v:
+                        scratch[p] = scratch[p - 1]
+                        p -= 1
+                    scratch[p] = v
+            grid[bi, bj] = scratch[q]
+
+
+@numba.njit(cache=True, nogil=True)
+def smooth_grid(grid, tmp, passes):
+    """``passes`` times a 3 x 3 mean of ``grid`` (edge blocks average their existing neighbours), in place;
+    ``tmp`` has the grid's shape."""
+    gy, gx = grid.shape
+    for _ in range(passes):
+        for i in range(gy):
+            for j in range(gx):
+                s = 0.0
+                c = 0
+                for a in range(max(i - 1, 0), min(i + 2, gy)):
+                    for b in range(max(j - 1, 0), min(j + 2, gx)):
+                        s += grid[a, b]
+                        c += 1
+                tmp[i, j] = s / c
+        for i in range(gy):
+            for j in range(gx):
+                grid[i, j] = tmp[i, j]
+
+
+@numba.njit(cache=True, nogil=True)
+def subtract_surface(img, grid, block, out):
+    """``out = img - surface`` (float32), the surface interpolated bilinearly between block centres (clamped
+    beyond the outermost centres)."""
+    rows, cols = img.shape
+    gy, gx = grid.shape
+    inv = 1.0 / block
+    for i in range(rows):
+        fy = (i + 0.5) * inv - 0.5
+        if fy < 0.0:
+            fy = 0.0
+        if fy > gy - 1:
+            fy = gy - 1.0
+        a = min(int(fy), gy - 2) if gy > 1 else 0
+        wy = fy - a if gy > 1 else 0.0
+        a1 = min(a + 1, gy - 1)
+        for j in range(cols):
+            fx = (j + 0.5) * inv - 0.5
+            if fx < 0.0:
+                fx = 0.0
+            if fx > gx - 1:
+                fx = gx - 1.0
+            b = min(int(fx), gx - 2) if gx > 1 else 0
+            wx = fx - b if gx > 1 else 0.0
+            b1 = min(b + 1, gx - 1)
+            bg = ((1.0 - wy) * ((1.0 - wx) * grid[a, b] + wx * grid[a, b1])
+                  + wy * ((1.0 - wx) * grid[a1, b] + wx * grid[a1, b1]))
+            out[i, j] = np.float32(float(img[i, j]) - bg)
