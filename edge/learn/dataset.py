@@ -29,10 +29,10 @@ import numpy as np
 from scipy.ndimage import gaussian_filter
 
 from beamloop.edge.frame.scanframe import ScanFrame
-from beamloop.edge.stages.unet import HEAT_SIGMA_PX, SEG_CLASSES, normalise_frame
 from beamloop.edge.sim import distortion as dist
 from beamloop.edge.sim import lattice, profiles, structures
 from beamloop.edge.sim.render import ColumnRenderer
+from beamloop.edge.stages.unet import HEAT_SIGMA_PX, SEG_CLASSES, normalise_frame
 
 TRAIN_STRUCTURES = {
     "MoS2": 0.34, "WS2": 0.07, "MoSe2": 0.06, "MoTe2": 0.04, "graphene": 0.05, "hBN": 0.03,
@@ -114,7 +114,7 @@ class TileSet:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "TileSet":
+    def load(cls, path: str | Path) -> TileSet:
         """Read a file written by :meth:`save`. Raises ``OSError``/``KeyError`` for a missing or foreign file."""
         with np.load(Path(path), allow_pickle=False) as d:
             return cls(d["expected"], d["pixel_size_A"], d["columns"], d["offsets"], d["structures"])
@@ -200,7 +200,9 @@ def render_tile(cfg: TileConfig, shape: tuple[int, int] = (128, 128)) -> tuple[n
     extent = (-w / 2 - margin, w / 2 + margin, -h / 2 - margin, h / 2 + margin)
     spec = build_specimen(cfg, extent, rng)
     table = profiles.profile_table(spec.elements, round(cfg.blur_sigma_A, 2))
-    scan = ScanFrame(0, (rows, cols), (h / 10, w / 10), dwell_us=float(rng.uniform(2, 20)))
+    acq = np.random.default_rng(cfg.seed + 1)  # acquisition choices added later: their own stream
+    aniso = float(acq.uniform(-0.04, 0.04)) if acq.random() < 0.5 else 0.0  # scan calibration: non-square pixels
+    scan = ScanFrame(0, (rows, cols), (h * (1 + aniso) / 10, w / 10), dwell_us=float(rng.uniform(2, 20)))
     frame_time = rows * cols * scan.dwell_us * 1e-6
     d = (dist.ScanDistortion.typical(rng, frame_time, cfg.distortion_scale) if cfg.distortion_scale > 0
          else dist.ScanDistortion())
@@ -237,12 +239,55 @@ def _profile_sigma_A(table: profiles.ProfileTable) -> float:
     return max(k, 1) * table.dr / 1.1774
 
 
-def build_tileset(n: int, shape: tuple[int, int] = (128, 128), seed: int = 0,
-                  structures_weights: dict[str, float] | None = None, progress: bool = True) -> TileSet:
-    """Render ``n`` tiles (see :func:`sample_tile_config` and :func:`render_tile`).
+def multislice_tile(cell, shape: tuple[int, int], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, float]:
+    """One noise-free tile resampled from an abTEM cell image (:func:`beamloop.edge.sim.multislice.render_frame`)
+    at a random pixel size (0.05-0.3 Angstrom, log-uniform), rotation and scan distortion.
 
-    Raises ``ValueError`` for ``n < 1``.
+    Returns ``(expected, columns, pixel_size_A)`` in the layout of :func:`render_tile`: every column is a
+    generic ``column``; its amplitude is the tile's value at the column above the tile's 5th percentile, its
+    sigma the Gaussian-equivalent width of the cell image's brightest peak.
     """
+    from beamloop.edge.sim.multislice import render_frame
+
+    px = float(math.exp(rng.uniform(math.log(0.05), math.log(0.3))))
+    rf = render_frame(cell, shape, px, rng, distortion_scale=float(rng.uniform(0, 2)))
+    exp = rf.expected
+    rows, cols = shape
+    ii = np.clip(np.rint(rf.truth_xy[:, 1]).astype(int), 0, rows - 1)
+    jj = np.clip(np.rint(rf.truth_xy[:, 0]).astype(int), 0, cols - 1)
+    level = exp[ii, jj].astype(np.float64)
+    amp = np.maximum(level - float(np.percentile(exp, 5)), 0.0)
+    sigma_px = _cell_sigma_A(cell) / px
+    out = np.stack([rf.truth_xy[:, 0], rf.truth_xy[:, 1], np.full(len(ii), GENERIC_CLASS), amp, level,
+                    np.full(len(ii), sigma_px)], axis=1)
+    return exp.astype(np.float32), out.astype(np.float32), px
+
+
+def _cell_sigma_A(cell) -> float:
+    """Gaussian-equivalent sigma (half width at half maximum / 1.1774) of a cell image's brightest peak, Angstrom,
+    measured on the Fourier-upsampled image along x."""
+    from beamloop.edge.sim.multislice import _upsampled
+
+    img = _upsampled(cell.image, 8)
+    i, j = np.unravel_index(int(np.argmax(img)), img.shape)
+    row = np.roll(img[i], -j)
+    base = float(np.percentile(img, 5))
+    half = base + 0.5 * (float(row[0]) - base)
+    k = int(np.argmax(row < half))
+    return max(k, 1) * (cell.cell_A[0] / img.shape[1]) / 1.1774
+
+
+def build_tileset(n: int, shape: tuple[int, int] = (128, 128), seed: int = 0,
+                  structures_weights: dict[str, float] | None = None, progress: bool = True,
+                  cells: list | None = None, multislice_fraction: float = 0.0) -> TileSet:
+    """Render ``n`` tiles (see :func:`sample_tile_config` and :func:`render_tile`); a fraction
+    ``multislice_fraction`` of them from the abTEM cell images ``cells`` (:func:`multislice_tile`; their
+    structure is recorded as ``"<name>/abtem"``).
+
+    Raises ``ValueError`` for ``n < 1``, or a multislice fraction without cells.
+    """
+    if multislice_fraction > 0 and not cells:
+        raise ValueError("multislice_fraction > 0 needs abTEM cell images (cells)")
     if n < 1:
         raise ValueError(f"need at least one tile, got {n}")
     from tqdm import tqdm
@@ -251,12 +296,19 @@ def build_tileset(n: int, shape: tuple[int, int] = (128, 128), seed: int = 0,
     exp = np.empty((n, *shape), np.float32)
     px = np.empty(n, np.float32)
     cols, names = [], []
+    n_ms = int(round(multislice_fraction * n)) if cells else 0
+    ms_rng = np.random.default_rng(seed + 7_000_000)
     for k in tqdm(range(n), desc="simulating tiles", disable=not progress, unit="tile"):
-        cfg = sample_tile_config(rng, structures_weights)
-        exp[k], c = render_tile(cfg, shape)
-        px[k] = cfg.pixel_size_A
+        if k < n - n_ms:
+            cfg = sample_tile_config(rng, structures_weights)
+            exp[k], c = render_tile(cfg, shape)
+            px[k] = cfg.pixel_size_A
+            names.append(cfg.structure)
+        else:
+            cell = cells[int(ms_rng.integers(len(cells)))]
+            exp[k], c, px[k] = multislice_tile(cell, shape, ms_rng)
+            names.append(f"{cell.structure}/abtem")
         cols.append(c)
-        names.append(cfg.structure)
     offsets = np.concatenate([[0], np.cumsum([len(c) for c in cols])]).astype(np.int64)
     return TileSet(exp, px, np.concatenate(cols), offsets, np.asarray(names))
 
@@ -332,6 +384,97 @@ def draw_targets(columns: np.ndarray, snr: np.ndarray, shape: tuple[int, int], f
     return heat, weight, cmap
 
 
+def acquisition_model(expected: np.ndarray, columns: np.ndarray, pixel_size_A: float, rng: np.random.Generator
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Random probe tails and specimen backgrounds on a noise-free tile (fractions of the beam).
+
+    Each with its own probability: probe tails (a fraction 5-35 % of the intensity spread by a Gaussian of
+    0.4-1.5 Angstrom, as aberrations and the source spread a real probe's intensity: e.g. Kirkland, *Advanced
+    Computing in Electron Microscopy*, ch. 3); amorphous carbon support (a 0.3-1 Angstrom correlated random
+    field, 5-60 % of the median column amplitude); a nanoparticle envelope (an elliptical particle whose
+    projected thickness ``sqrt(1 - r^2)`` scales the columns and adds 1-12 median column amplitudes of diffuse
+    signal); a thickness gradient (columns and background scaled by a linear ramp of -50..+50 % across the
+    tile). Column amplitudes and levels are updated so that :func:`column_snr` stays right.
+
+    Parameters
+    ----------
+    expected : ndarray (rows, cols) float64
+    columns : ndarray (m, 6)
+        :class:`TileSet` rows of the tile.
+    pixel_size_A : float
+    rng : numpy.random.Generator
+
+    Returns
+    -------
+    expected, columns : new arrays (the inputs are not modified)
+    """
+    rows, cols_n = expected.shape
+    out = expected.copy()
+    c = columns.copy()
+    amp = c[:, 3].astype(np.float64)
+    occupied = amp[amp > 0]
+    a_med = float(np.median(occupied)) if len(occupied) else float(np.median(out))
+    ii = np.clip(np.rint(c[:, 1]).astype(int), 0, rows - 1)
+    jj = np.clip(np.rint(c[:, 0]).astype(int), 0, cols_n - 1)
+    if rng.random() < 0.35:  # probe tails
+        f = float(rng.uniform(0.05, 0.35))
+        wide = gaussian_filter(out, float(rng.uniform(0.4, 1.5)) / pixel_size_A, mode="reflect")
+        out = (1 - f) * out + f * wide
+        c[:, 3] *= 1 - f
+    scale = np.ones_like(out)
+    if rng.random() < 0.2:  # thickness gradient
+        g = float(rng.uniform(-0.5, 0.5))
+        ang = rng.uniform(0, 2 * math.pi)
+        yy, xx = np.mgrid[0:rows, 0:cols_n]
+        ramp = ((xx - cols_n / 2) * math.cos(ang) + (yy - rows / 2) * math.sin(ang)) / max(rows, cols_n)
+        scale *= np.maximum(1.0 + 2.0 * g * ramp, 0.1)
+    if rng.random() < 0.2:  # nanoparticle envelope
+        yy, xx = np.mgrid[0:rows, 0:cols_n]
+        cy, cx = rng.uniform(-0.3, 1.3) * rows, rng.uniform(-0.3, 1.3) * cols_n
+        ra, rb = rng.uniform(0.4, 1.5) * rows, rng.uniform(0.4, 1.5) * cols_n
+        th = np.sqrt(np.clip(1 - ((yy - cy) / ra) ** 2 - ((xx - cx) / rb) ** 2, 0, 1))
+        th = gaussian_filter(th, 2.0)
+        scale *= 0.15 + 0.85 * th
+        out += float(rng.uniform(1, 12)) * a_med * th
+    out = out * scale if not np.all(scale == 1) else out
+    c[:, 3] *= scale[ii, jj]
+    if rng.random() < 0.3:  # amorphous carbon support
+        field = gaussian_filter(rng.normal(size=out.shape), float(rng.uniform(0.3, 1.0)) / pixel_size_A)
+        field = (field - field.min()) / max(float(np.ptp(field)), 1e-12)
+        out += float(rng.uniform(0.05, 0.6)) * a_med * field
+    c[:, 4] = out[ii, jj]
+    return out, c
+
+
+def detector_model(img: np.ndarray, lam: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Random detector and scan artefacts on a Poisson-counted tile (counts, float64): gain (0.3-30 ADU per
+    electron), offset (up to 30,000 ADU), Gaussian read noise, 16-bit integer output, saturation of the
+    brightest 0.1-2 % of pixels, and line artefacts (a repeated or dropped scan line, a line with a spike).
+    Each with its own probability; returns a new array."""
+    out = img.copy()
+    rows = out.shape[0]
+    sd = math.sqrt(max(float(lam.mean()), 1e-9))
+    if rng.random() < 0.4:
+        out *= float(math.exp(rng.uniform(math.log(0.3), math.log(30.0))))
+        sd *= 1.0
+    if rng.random() < 0.3:
+        out += rng.normal(0, rng.uniform(0.1, 1.0) * sd * max(float(out.std()) / max(float(img.std()), 1e-9), 1e-3),
+                          out.shape)
+    if rng.random() < 0.4:
+        out += float(rng.uniform(0, 30000))
+    if rng.random() < 0.3:
+        out = np.clip(np.rint(out), 0, 65535)
+    if rng.random() < 0.15:  # saturation
+        out = np.minimum(out, np.percentile(out, 100 - rng.uniform(0.1, 2.0)))
+    if rng.random() < 0.15:  # line artefacts
+        r = int(rng.integers(1, rows))
+        if rng.random() < 0.5:
+            out[r] = out[r - 1]
+        else:
+            out[r] += float(rng.uniform(1, 5)) * float(out.std())
+    return out
+
+
 class Augmenter:
     """Makes training batches from a :class:`TileSet`: dose, noise, detector and scan artefacts, flips.
 
@@ -343,10 +486,14 @@ class Augmenter:
         Dose drawn log-uniformly, e-/Angstrom^2 (issue: 1e3-1e6), unless ``dose_sampler`` is given.
     dose_sampler : callable, optional
         ``dose_sampler(rng) -> dose`` in e-/Angstrom^2.
+    acquisition : bool
+        Also draw probe tails, backgrounds (:func:`acquisition_model`) and detector models
+        (:func:`detector_model`).
     """
 
     def __init__(self, tiles: TileSet, rng: np.random.Generator, dose_range: tuple[float, float] = (1e3, 1e6),
-                 dose_sampler=None):
+                 dose_sampler=None, acquisition: bool = False):
+        self.acquisition = bool(acquisition)
         self.tiles = tiles
         self.rng = rng
         self.log_dose = (math.log(dose_range[0]), math.log(dose_range[1]))
@@ -358,7 +505,11 @@ class Augmenter:
         t = self.tiles
         dose = self.dose_sampler(rng) if self.dose_sampler else math.exp(rng.uniform(*self.log_dose))
         ne = dose * float(t.pixel_size_A[k]) ** 2
-        lam = t.expected[k].astype(np.float64) * ne
+        cols = t.tile_columns(k)
+        expected = t.expected[k].astype(np.float64)
+        if self.acquisition:
+            expected, cols = acquisition_model(expected, cols, float(t.pixel_size_A[k]), rng)
+        lam = expected * ne
         img = rng.poisson(lam).astype(np.float64)
         rows = img.shape[0]
         if rng.random() < 0.4:  # per-line gain and offset: scan-line streaks
@@ -366,6 +517,8 @@ class Augmenter:
             img += rng.normal(0, rng.uniform(0, 0.3), (rows, 1)) * math.sqrt(max(lam.mean(), 1e-9))
         if rng.random() < 0.3:  # detector read noise
             img += rng.normal(0, rng.uniform(0, 0.5) * math.sqrt(max(lam.mean(), 1e-9)), img.shape)
+        if self.acquisition:
+            img = detector_model(img, lam, rng)
         if rng.random() < 0.25:  # contrast-stretched 8-bit export with clipping
             lo, hi = np.percentile(img, [rng.uniform(0, 3), rng.uniform(97, 100)])
             img = np.clip(np.rint((img - lo) / max(hi - lo, 1e-9) * 255), 0, 255)
@@ -374,7 +527,6 @@ class Augmenter:
             img = img[:, ::-1]
         if fy:
             img = img[::-1, :]
-        cols = t.tile_columns(k)
         heat, weight, cmap = draw_targets(cols, column_snr(cols, ne), img.shape, fx, fy)
         return normalise_frame(np.ascontiguousarray(img, np.float32)), heat, weight, cmap
 

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from beamloop.edge.analysis.scoring import Score, combine, match, score_frame
 from beamloop.edge.frame.columns import ColumnTable
 from beamloop.edge.learn.dataset import SNR_IGNORE, SNR_VISIBLE, column_snr, render_tile, sample_tile_config
-from beamloop.edge.analysis.scoring import Score, combine, match, score_frame
 from beamloop.edge.sim.frames import mos2_frame
 
 DOSES = (1e3, 1e4, 1e5, 1e6)

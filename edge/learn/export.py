@@ -110,7 +110,8 @@ def _sha256(path: Path) -> str:
 
 
 def export_all(work: Path, to: Path | None = None, quick: bool = False, progress: bool = True) -> dict:
-    """Export the members trained in ``work`` to ``to`` (default: the package's model folder) in all three
+    """Export the members trained in ``work`` to ``to`` (default: ``<work>/model``; ``beamloop export --ship``
+    copies it into the package) in all three
     precisions, evaluate each on the held-out sets, and write ``manifest.json``.
 
     Returns
@@ -123,12 +124,10 @@ def export_all(work: Path, to: Path | None = None, quick: bool = False, progress
     FileNotFoundError
         No trained members in ``work``.
     """
-    from beamloop.edge.learn import evaluate
     from beamloop.edge.learn.train import load_members
-    from beamloop.edge.stages.unet import UNetFinder
 
     work = Path(work)
-    to = Path(to) if to else default_model_dir()
+    to = Path(to) if to else work / "model"
     to.mkdir(parents=True, exist_ok=True)
     members = load_members(work)
     t0 = time.perf_counter()
@@ -177,7 +176,7 @@ def write_metrics(to: Path | None = None, quick: bool = False, progress: bool = 
         No manifest or model files in ``to``.
     """
     from beamloop.edge.learn import evaluate
-    from beamloop.edge.stages.unet import UNetFinder, default_model_dir, load_manifest
+    from beamloop.edge.stages.unet import UNetFinder, load_manifest
 
     to = Path(to) if to else default_model_dir()
     manifest = load_manifest(to)

@@ -51,6 +51,14 @@ class TrainConfig:
         Steps between validation losses (on held-out tiles: other seed, other structures).
     mos2_boost : float
         MoS2 tiles are drawn this many times more often than others (the service's main specimen).
+    multislice_fraction : float
+        Fraction of the tiles resampled from abTEM cell images (:data:`beamloop.edge.learn.multislice_set.TRAIN_CELLS`,
+        no dichalcogenide among them); 0: the project's own simulator only.
+    abtem_cache : str
+        Folder of the cached abTEM cell images (simulated there on first use; needs abTEM).
+    acquisition : bool
+        Draw probe tails, backgrounds and detector models per sample
+        (:func:`beamloop.edge.learn.dataset.acquisition_model`, :func:`~beamloop.edge.learn.dataset.detector_model`).
     ema_decay : float
         The saved weights are an exponential moving average of the trained ones with this decay per step
         (Polyak averaging: smoother, better-localising heat maps at the end of a short schedule).
@@ -67,6 +75,9 @@ class TrainConfig:
     val_every: int = 100
     mos2_boost: float = 1.5
     ema_decay: float = 0.995
+    multislice_fraction: float = 0.2
+    abtem_cache: str = "out/abtem"
+    acquisition: bool = True
 
 
 def loss_terms(logits, heat, weight, classes):
@@ -90,11 +101,18 @@ def total_loss(lh, lc):
 
 
 def _tiles(cfg: TrainConfig, out: Path, progress: bool) -> TileSet:
-    path = out / f"tiles_{cfg.tiles}x{cfg.tile}_s{cfg.seed}.npz"
+    ms = f"_ms{int(round(100 * cfg.multislice_fraction))}" if cfg.multislice_fraction > 0 else ""
+    path = out / f"tiles_{cfg.tiles}x{cfg.tile}_s{cfg.seed}{ms}.npz"
     if path.exists():
         log.info("reusing %s", path)
         return TileSet.load(path)
-    ts = build_tileset(cfg.tiles, (cfg.tile, cfg.tile), cfg.seed, progress=progress)
+    cells = None
+    if cfg.multislice_fraction > 0:
+        from beamloop.edge.learn.multislice_set import train_cells
+
+        cells = train_cells(cfg.abtem_cache)
+    ts = build_tileset(cfg.tiles, (cfg.tile, cfg.tile), cfg.seed, progress=progress, cells=cells,
+                       multislice_fraction=cfg.multislice_fraction)
     ts.save(path)
     return ts
 
@@ -111,15 +129,14 @@ def validation_set(n: int = 24, tile: int = 128, seed: int = 10_000) -> tuple:
 def train_member(k: int, tiles: TileSet, val, cfg: TrainConfig, progress: bool = True):
     """Train member ``k``; returns ``(model, history)`` with history ``{"step", "loss", "val_step", "val_loss"}``."""
     import torch
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
     from tqdm import tqdm
 
     from beamloop.edge.learn.model import UNet
 
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
     torch.manual_seed(cfg.seed + 1 + k)
     rng = np.random.default_rng(cfg.seed + 1 + k)
-    aug = Augmenter(tiles, rng, dose_sampler=training_dose)
+    aug = Augmenter(tiles, rng, dose_sampler=training_dose, acquisition=cfg.acquisition)
     model = UNet().to(memory_format=torch.channels_last)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
@@ -227,6 +244,7 @@ def train(out: str | Path, cfg: TrainConfig | None = None, progress: bool = True
         "total_seconds": round(time.perf_counter() - t0, 1),
         "final_val_loss": [h["val_loss"][-1] for h in histories],
         "train_structures": TRAIN_STRUCTURES,
+        "tile_sources": {str(k): int(v) for k, v in zip(*np.unique(tiles.structures, return_counts=True))},
         "torch": torch.__version__,
         "threads": cfg.threads,
         "date": time.strftime("%Y-%m-%d"),

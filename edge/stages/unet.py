@@ -23,7 +23,6 @@ import time
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 import numpy as np
