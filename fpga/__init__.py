@@ -1,11 +1,14 @@
 """Trigger models compiled to FPGA logic.
 
-QONNX -> :mod:`beamloop.fpga.qonnx_trace` (da4ml) -> :mod:`beamloop.fpga.rtl` (pipelined Verilog in our trigger
-wrapper) -> :mod:`beamloop.fpga.sim` (cocotb + Icarus, bit-exact against qonnx) -> :mod:`beamloop.fpga.synth` (yosys,
-nextpnr-ecp5, ecppack); in parallel :mod:`beamloop.fpga.hls` (hls4ml C simulation; HLS synthesis where Vitis
-exists). :mod:`beamloop.fpga.flow` runs them, :mod:`beamloop.fpga.report` writes the report,
-:mod:`beamloop.fpga.cli` is ``beamloop fpga``. Heavy packages (hls4ml, da4ml, cocotb, qonnx) are imported inside
-functions only.
+The trigger IP: :mod:`beamloop.fpga.ip` writes the whole ejection trigger (raw ADF samples in through AXI4-Stream,
+history, running block sums, the integer network as two da4ml pipelines, threshold, latching blank, a Wishbone
+B4 classic or AXI4-Lite register block); :mod:`beamloop.fpga.ip_sim` (benches in :mod:`beamloop.fpga.cocotb_ip`)
+simulates it in cocotb + Icarus against the integer runtime on dwells; :mod:`beamloop.fpga.synth` runs yosys,
+nextpnr-ecp5 and ecppack; :mod:`beamloop.fpga.hls` C-simulates the network with hls4ml (HLS synthesis where
+Vitis exists). :mod:`beamloop.fpga.flow` runs them, :mod:`beamloop.fpga.report` writes the report,
+:mod:`beamloop.fpga.cli` is ``beamloop fpga``. The earlier model-only flow (QONNX -> :mod:`beamloop.fpga.qonnx_trace`
+(da4ml) -> :mod:`beamloop.fpga.rtl`, the network on a ready feature vector -> :mod:`beamloop.fpga.sim` against
+qonnx) is kept. Heavy packages (hls4ml, da4ml, cocotb, qonnx) are imported inside functions only.
 """
 
 DEFAULT_LATENCY_CUTOFF = 1.0

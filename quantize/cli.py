@@ -11,6 +11,8 @@
   accuracy per dose against a virtual ADF detector. It reads the shipped models by default.
 - ``beamloop quantize streams --out FILE``: simulated parked-probe dwells (events anywhere, the training
   nuisances) in the file format ``beamloop fpga sim --stream`` reads.
+- ``beamloop quantize ship NAME --model-dir DIR``: copy a trained model (its files and manifest entry, with the
+  metrics ``eval --update-manifest`` stored) into the installed package, as ``train --ship`` does.
 
 torch, brevitas and qonnx (the ``quant`` extra) are imported by the command functions only.
 """
@@ -192,6 +194,15 @@ def cmd_eval(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ship(a: argparse.Namespace) -> int:
+    """``beamloop quantize ship``: copy a trained model into the installed package; exit status."""
+    try:
+        _ship(a, a.name)
+    except KeyError:
+        raise ValueError(f"no model {a.name!r} in {Path(a.model_dir) / 'manifest.json'}") from None
+    return 0
+
+
 def cmd_streams(a: argparse.Namespace) -> int:
     """``beamloop quantize streams``: write simulated dwells for ``beamloop fpga sim --stream``; exit status."""
     from beamloop.quantize.data import StreamConditions, check_dwells, save_dwells
@@ -260,6 +271,11 @@ def register(subparsers) -> None:
     v.add_argument("--roc-delay", type=int, default=16, help="lowered samples before the ROC's positive decisions")
     v.add_argument("--update-manifest", action="store_true", help="store the figures in the model's manifest entry")
     v.set_defaults(func=cmd_eval)
+
+    h = sub.add_parser("ship", help="copy a trained model (files + manifest entry) into the installed package")
+    h.add_argument("name", help="model name (manifest entry)")
+    h.add_argument("--model-dir", default=str(DEFAULT_MODEL_DIR), help="folder the model was trained into")
+    h.set_defaults(func=cmd_ship, ship=True)
 
     s = sub.add_parser("streams", help="simulated parked-probe dwells for `beamloop fpga sim --stream`")
     s.add_argument("--out", required=True, help=".npz file to write")

@@ -188,14 +188,32 @@ def test_cli_fpga_sim_streams_a_model_folder(tmp_path, history):
 
     _tiny_model(tmp_path / "m")
     out = tmp_path / "o"
-    assert main(["fpga", "sim", str(tmp_path / "m"), "--out", str(out), "--dwells", "3", "--dwell-samples", "300",
-                 "--history", history, "--latency-cutoff", "2"]) == 0
+    if history == "sr":  # simulated parked-probe dwells from `beamloop quantize streams`
+        assert main(["quantize", "streams", "--out", str(tmp_path / "d.npz"), "--dwells", "3", "--length", "300"]) == 0
+        source = ["--stream", str(tmp_path / "d.npz")]
+    else:  # the synthetic Poisson dwells
+        source = ["--dwells", "3", "--dwell-samples", "300"]
+    assert main(["fpga", "sim", str(tmp_path / "m"), "--out", str(out), "--history", history, "--latency-cutoff", "2",
+                 *source]) == 0
     rep = json.loads((out / "report.json").read_text())
     s = rep["sim"]
-    assert s["all_exact"] and s["samples"] == 900 and s["exact"] == s["decided"] > 800
+    assert s["all_exact"] and s["samples"] == 900 and s["exact"] == s["decided"] == 900 - 2 * 21
     assert s["latency_cycles"] == rep["rtl"]["stages"] + 1 and rep["rtl"]["history_impl"] == history
     md = (out / "report.md").read_text()
     assert "| 0x2C | CONFIG | RO |" in md and re.search(r"firing sample equal in 3 / 3 dwells", md)
+
+
+def test_quantize_ship_copies_a_trained_model(tmp_path, monkeypatch):
+    """``beamloop quantize ship`` copies a model folder's files and manifest entry into the package folder."""
+    import beamloop.quantize.cli as qcli
+    from beamloop.edge.cli import main
+
+    _tiny_model(tmp_path / "trained")
+    monkeypatch.setattr(qcli, "MODEL_DIR", tmp_path / "package")
+    assert main(["quantize", "ship", "tiny", "--model-dir", str(tmp_path / "trained")]) == 0
+    assert (tmp_path / "package" / "tiny_int.npz").is_file()
+    assert load_manifest(tmp_path / "package")["models"]["tiny"]["threshold"]["score"] == 300
+    assert main(["quantize", "ship", "absent", "--model-dir", str(tmp_path / "trained")]) == 1
 
 
 def test_rate_word_is_the_register_format():
