@@ -15,6 +15,7 @@ feature spec and for comparison.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -396,8 +397,13 @@ def build(model: str, target: str, out: str | Path, dwells=None, latency_cutoff:
 
 
 def record_logic(name: str, model_dir: Path, rep: dict) -> Path:
-    """Store a build's latency in the model's manifest entry as ``logic``: ``latency_cycles``, ``latency_ns``
-    (at fmax), ``fmax_mhz``, ``target``, ``part``, ``min_interval_cycles``, ``date``; returns the manifest path.
+    """Store a build's latency in the model's manifest entry as ``logic``; returns the manifest path.
+
+    The entry: ``latency_cycles``; ``clock_mhz``, the clock the IP is rated for (the place-and-route
+    constraint when fmax reaches it, else fmax rounded down to 0.1 MHz); ``latency_ns`` at that clock (what
+    :attr:`beamloop.edge.trigger.model.ModelTrigger.logic_latency_ns` returns); ``fmax_mhz`` and
+    ``latency_ns_at_fmax``; ``target``, ``part``, ``min_interval_cycles``, ``latency_cutoff``, ``ip_version``,
+    ``date``.
 
     Raises
     ------
@@ -410,10 +416,14 @@ def record_logic(name: str, model_dir: Path, rep: dict) -> Path:
     path = Path(model_dir) / "manifest.json"
     manifest = json.loads(path.read_text())
     rtl = rep.get("rtl") or {}
+    cycles = int((rep.get("sim") or {}).get("latency_cycles") or rtl.get("latency_cycles"))
+    fmax = float(syn["fmax_mhz"])
+    clock = float(syn.get("target_mhz") or fmax)
+    clock = clock if fmax >= clock else math.floor(fmax * 10) / 10
     manifest["models"][name]["logic"] = {
-        "target": syn.get("target"), "part": syn.get("part"), "fmax_mhz": round(float(syn["fmax_mhz"]), 2),
-        "latency_cycles": int((rep.get("sim") or {}).get("latency_cycles") or rtl.get("latency_cycles")),
-        "latency_ns": round(float(rep["latency_ns"]), 2), "min_interval_cycles": rtl.get("min_interval_cycles"),
+        "target": syn.get("target"), "part": syn.get("part"), "latency_cycles": cycles, "clock_mhz": clock,
+        "latency_ns": round(cycles * 1000.0 / clock, 2), "fmax_mhz": round(fmax, 2),
+        "latency_ns_at_fmax": round(cycles * 1000.0 / fmax, 2), "min_interval_cycles": rtl.get("min_interval_cycles"),
         "latency_cutoff": rtl.get("latency_cutoff"), "ip_version": "1.0", "date": time.strftime("%Y-%m-%d")}
     path.write_text(json.dumps(manifest, indent=2))
     return path

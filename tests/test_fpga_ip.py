@@ -216,6 +216,25 @@ def test_quantize_ship_copies_a_trained_model(tmp_path, monkeypatch):
     assert main(["quantize", "ship", "absent", "--model-dir", str(tmp_path / "trained")]) == 1
 
 
+def test_record_logic_feeds_the_runtime_latency(tmp_path):
+    """``fpga build --record`` stores the latency at the rated clock; ModelTrigger reads it for the emulation."""
+    from beamloop.fpga.flow import record_logic
+
+    _tiny_model(tmp_path)
+    rep = {"synth": {"fmax_mhz": 104.37, "target_mhz": 100.0, "target": "ecp5-85k", "part": "LFE5U-85F-6BG381C"},
+           "sim": {"latency_cycles": 9}, "rtl": {"latency_cycles": 9, "min_interval_cycles": 12, "latency_cutoff": 1.0}}
+    record_logic("tiny", tmp_path, rep)
+    t = ModelTrigger("tiny", model_dir=tmp_path)
+    assert t.logic_latency_cycles == 9 and t.logic_latency_ns == 90.0  # 9 cycles at the 100 MHz it meets
+    assert t.logic["latency_ns_at_fmax"] == pytest.approx(86.23, abs=0.01)
+    rep["synth"]["fmax_mhz"] = 87.66  # misses 100 MHz: rated at fmax, rounded down
+    record_logic("tiny", tmp_path, rep)
+    t = ModelTrigger("tiny", model_dir=tmp_path)
+    assert t.logic["clock_mhz"] == 87.6 and t.logic_latency_ns == pytest.approx(9 * 1000 / 87.6, abs=0.01)
+    with pytest.raises(ValueError, match="place-and-route"):
+        record_logic("tiny", tmp_path, {"synth": {}})
+
+
 def test_rate_word_is_the_register_format():
     # EXPECTED_RATE holds rate_word: unsigned, 16 fractional bits
     assert rate_word(7.5) == 7 * 65536 + 32768

@@ -594,9 +594,10 @@ class ModelTrigger(TriggerState):
 
     @property
     def logic_latency_ns(self) -> float:
-        """Nanoseconds from a sample entering the FPGA trigger to its blank output at the logic's clock
-        (``logic.latency_ns`` of the manifest entry); NaN when the model has no logic build. The blanking
-        time of a decision on sample ``k`` of a dwell is the end of sample ``k`` plus this."""
+        """Nanoseconds from a sample entering the FPGA trigger to its blank output at the clock the logic is
+        rated for (``logic.latency_ns`` of the manifest entry: ``latency_cycles`` at ``logic.clock_mhz``); NaN
+        when the model has no logic build. The blanking time of a decision on sample ``k`` of a dwell is the
+        end of sample ``k`` plus this."""
         v = self.logic.get("latency_ns")
         return math.nan if v is None else float(v)
 
