@@ -36,8 +36,8 @@ class FindOutcome:
 
 
 def find_columns(image: np.ndarray, pixel_size_A: float | None = None, material: str = "generic",
-                 method: str = "classical", spacing_px: float | None = None, *, path: FramePath | None = None
-                 ) -> tuple[ColumnTable, FrameContext]:
+                 method: str = "classical", spacing_px: float | None = None, *, path: FramePath | None = None,
+                 background: str = "on") -> tuple[ColumnTable, FrameContext]:
     """Find and classify the columns of one 2-D image with a frame path (the same stages as the service).
 
     Parameters
@@ -52,6 +52,10 @@ def find_columns(image: np.ndarray, pixel_size_A: float | None = None, material:
         The lattice period in pixels (instead of the estimated one).
     path : FramePath, optional
         A path to reuse (e.g. one holding a loaded U-Net); by default a new one of ``method``/``material``.
+    background : {"on", "auto", "off"}
+        The classical path's background stage (:mod:`beamloop.edge.stages.background`); on by default for
+        files (a support film or a particle's envelope is common in them; it costs about a millisecond at
+        1024 x 1024).
 
     Returns
     -------
@@ -66,7 +70,7 @@ def find_columns(image: np.ndarray, pixel_size_A: float | None = None, material:
     ValueError
         Unknown method or material.
     """
-    path = path or frame_path(method, material, period_px=spacing_px)
+    path = path or frame_path(method, material, period_px=spacing_px, background=background)
     check_frame(image)
     meta = FrameMeta.of(image, pixel_size_A, path.material, period_px=spacing_px)
     path.prepare(meta, image)  # per image: the scale of one image is not the next one's
@@ -110,12 +114,29 @@ def write_uncertainty_csv(path: Path, seg) -> Path:
     return path
 
 
+def write_ood_json(path: Path, ctx: FrameContext, extra: dict | None = None) -> Path:
+    """``<stem>_ood.json``: the out-of-distribution stage's score, alarm, threshold and per-statistic z-scores
+    (:mod:`beamloop.edge.stages.ood`), the scale used, and the frame's detection threshold."""
+    import json
+
+    o = ctx.extras.get("ood", {})
+    meta = ctx.meta
+    doc = {"score": o.get("score"), "alarm": o.get("alarm"), "threshold": o.get("threshold"),
+           "features": o.get("features", {}), "z": o.get("z", {}),
+           "period_px": getattr(meta, "period_px", None), "column_sigma_px": getattr(meta, "column_sigma_px", None),
+           "threshold_snr": ctx.extras.get("threshold_snr"), **(extra or {})}
+    path.write_text(json.dumps(doc, indent=1, default=float))
+    return path
+
+
 def find_files(paths, out: Path, pixel_size_A: float | None = None, method: str = "classical",
                material: str = "generic", spacing_px: float | None = None, *, device: str = "auto",
-               precision: str = "fp32") -> list[FindOutcome]:
-    """Run the finder on every image file; write ``<stem>_columns.csv`` and ``<stem>_overlay.png`` in ``out``.
+               precision: str = "fp32", background: str = "on") -> list[FindOutcome]:
+    """Run the finder on every image file; write ``<stem>_columns.csv`` (with ``near_edge`` and the per-column
+    ``uncertainty``), ``<stem>_ood.json`` (:func:`write_ood_json`) and ``<stem>_overlay.png`` in ``out``.
 
-    Stacks (3-D data) are processed frame by frame with ``<stem>_<k>`` names. A file that cannot be read
+    Stacks (3-D data) are processed frame by frame with ``<stem>_<k>`` names. ``background`` as in
+    :func:`find_columns`. A file that cannot be read
     or processed is reported in its outcome's ``error`` and the others go on. ``method="unet"`` uses the
     U-Net ensemble (:class:`beamloop.edge.stages.unet.UNetFinder` on ``device`` at ``precision``; it needs no pixel size
     or spacing) and also writes ``<stem>_uncertainty.png`` and ``<stem>_uncertainty.csv``.
@@ -138,7 +159,7 @@ def find_files(paths, out: Path, pixel_size_A: float | None = None, method: str 
         from beamloop.edge.stages.unet import UNetFinder
 
         unet = UNetFinder(precision=precision, device=device)
-    path = frame_path(method, material, period_px=spacing_px, unet=unet)
+    path = frame_path(method, material, period_px=spacing_px, unet=unet, background=background)
     outcomes = []
     for path_in in map(Path, paths):
         try:
@@ -157,10 +178,12 @@ def find_files(paths, out: Path, pixel_size_A: float | None = None, method: str 
                 continue
             seg = ctx.segment
             cfg = FinderConfig.for_meta(ctx.meta) if method == "classical" else None
-            csv = cols.write_csv(out / f"{stem}_columns.csv", size)
+            csv = cols.write_csv(out / f"{stem}_columns.csv", size, uncertainty=ctx.extras.get("column_uncertainty"))
+            write_ood_json(out / f"{stem}_ood.json", ctx, {"file": str(path_in), "method": method})
             counts = {n: int((cols.cls == i).sum()) for i, n in enumerate(cols.class_names)}
+            alarm = bool(ctx.extras.get("ood", {}).get("alarm"))
             title = (f"{path_in.name} ({method}): {len(cols)} columns {counts}"
-                     f"{'' if size else ' (pixel size unknown)'}")
+                     f"{'' if size else ' (pixel size unknown)'}{' - OUT OF DISTRIBUTION' if alarm else ''}")
             ov = save_overlay(out / f"{stem}_overlay.png", frame, cols, pixel_size_A=size, title=title)
             unc = None
             if seg is not None:

@@ -197,3 +197,18 @@ def test_acquisition_and_detector_models_keep_the_targets_consistent():
             assert cols.shape == ts.tile_columns(k).shape and (cols[:, 3] >= 0).all()
             img = ds.detector_model(rng.poisson(exp * 50).astype(np.float64), exp * 50, rng)
             assert img.shape == (64, 64) and np.isfinite(img).all()
+
+
+def test_find_writes_the_ood_report_and_per_column_uncertainty(tmp_path):
+    import json
+
+    from beamloop.edge.cli import main
+
+    f = mos2_frame(shape=(128, 128), seed=4)
+    np.save(tmp_path / "frame.npy", f.counts)
+    assert main(["find", str(tmp_path / "frame.npy"), "--out", str(tmp_path)]) == 0
+    table, header = read_csv(tmp_path / "frame_columns.csv")
+    assert header[-2:] == ["near_edge", "uncertainty"] and len(table) > 50
+    doc = json.loads((tmp_path / "frame_ood.json").read_text())
+    assert {"score", "alarm", "features", "period_px", "threshold_snr"} <= set(doc)
+    assert doc["period_px"] == pytest.approx(21.0, rel=0.1)  # MoS2 a = 3.16 A at 0.15 A/px, estimated

@@ -33,7 +33,7 @@ def cmd_find(a: argparse.Namespace) -> int:
     from beamloop.edge.io.imageio import image_files
 
     outcomes = find_files(image_files(a.images), Path(a.out), a.pixel_size, a.method, a.material, a.spacing_px,
-                          device=a.device, precision=a.precision)
+                          device=a.device, precision=a.precision, background=a.background)
     bad = 0
     for o in outcomes:
         if o.error:
@@ -51,4 +51,7 @@ def register(sub) -> None:
     f.add_argument("--out", required=True, help="output folder")
     f.add_argument("--pixel-size", type=parse_positive, default=None, help="Angstrom per pixel (overrides the file)")
     add_finder_arguments(f, default_material="generic")
+    f.add_argument("--background", choices=("on", "auto", "off"), default="on",
+                   help="subtract a smooth background (support film, particle envelope) before finding; auto: "
+                        "only for images without a pixel size")
     f.set_defaults(func=cmd_find)
