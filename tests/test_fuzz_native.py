@@ -1,4 +1,4 @@
-"""Fuzzing the native frame stream (streams/protocol.py, streams/receiver.py) with hypothesis.
+"""Fuzzing the native frame stream (beamloop.streams.native: protocol, receiver) with hypothesis.
 
 Properties: ``decode_header`` raises nothing but :class:`MalformedMessage`; the receiver, fed any
 sequence of multipart messages over a real socket, raises nothing but :class:`ProtocolError`, counts
@@ -13,13 +13,13 @@ import cbor2
 import lz4.block
 import numpy as np
 import pytest
-import zmq
+from detector_events import pushed
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from beamloop.streams.native import protocol
 from beamloop.streams.errors import MalformedMessage, OversizedMessage, ProtocolError
-from beamloop.streams.native.receiver import Frame, FrameReceiver, StreamEnd, StreamStart
+from beamloop.streams.native import protocol
+from beamloop.streams.native.receiver import FrameReceiver, ImageEvent, SeriesEnd, SeriesStart
 
 FAST = settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
 LONG = settings(max_examples=20_000, deadline=None, suppress_health_check=list(HealthCheck))
@@ -151,15 +151,9 @@ def too_big(part0: bytes) -> bool:
 
 @pytest.fixture(scope="module")
 def link():
-    ctx = zmq.Context.instance()
-    rx = FrameReceiver("tcp://127.0.0.1:0", bind=True, ring=RING)
-    tx = ctx.socket(zmq.PUSH)
-    tx.setsockopt(zmq.LINGER, 0)
-    tx.connect(rx.endpoint)
-    time.sleep(0.05)
-    yield tx, rx
-    tx.close()
-    rx.close()
+    with pushed(FrameReceiver("tcp://127.0.0.1:0", bind=True, ring=RING)) as (tx, rx):
+        time.sleep(0.05)
+        yield tx, rx
 
 
 def good_series(tx, rng):
@@ -173,10 +167,10 @@ def good_series(tx, rng):
 
 
 def expect_good_series(rx, frame):
-    assert isinstance(rx.recv(3000), StreamStart)
+    assert isinstance(rx.recv(3000), SeriesStart)
     ev = rx.recv(3000)
-    assert isinstance(ev, Frame) and ev.data["haadf"].tobytes() == frame.tobytes()
-    assert isinstance(rx.recv(3000), StreamEnd)
+    assert isinstance(ev, ImageEvent) and ev.data["haadf"].tobytes() == frame.tobytes()
+    assert isinstance(rx.recv(3000), SeriesEnd)
 
 
 def check_receiver(link, messages):
@@ -219,41 +213,27 @@ def test_huge_frame_announcement_is_a_protocol_error(cols, rows):
     uncounted, ending the service); now the ring bound rejects it as oversized, and the next series arrives."""
     msg = _as_map(protocol.encode_start(SERIES))
     msg.update(image_size_x=cols, image_size_y=rows, image_dtype="uint32")
-    ctx = zmq.Context.instance()
-    with FrameReceiver("tcp://127.0.0.1:0", bind=True) as rx:
-        tx = ctx.socket(zmq.PUSH)
-        tx.setsockopt(zmq.LINGER, 0)
-        tx.connect(rx.endpoint)
+    with pushed(FrameReceiver("tcp://127.0.0.1:0", bind=True)) as (tx, rx):
         tx.send(cbor2.dumps(cbor2.CBORTag(protocol.SELF_DESCRIBE_TAG, msg)))
         tx.send(protocol.encode_start(SERIES))
-        try:
-            with pytest.raises(OversizedMessage, match="max_ring_bytes"):
-                rx.recv(3000)
-            assert rx.counters.oversized == 1 and rx.counters.rejected == 1 and rx.series is None
-            ev = rx.recv(3000)
-            assert ev.series == SERIES and rx.counters.series_started == 1
-        finally:
-            tx.close()
+        with pytest.raises(OversizedMessage, match="max_ring_bytes"):
+            rx.recv(3000)
+        assert rx.counters.oversized == 1 and rx.counters.rejected == 1 and rx.series is None
+        ev = rx.recv(3000)
+        assert ev.series == SERIES and rx.counters.series_started == 1
 
 
 def test_ring_bound_is_exact():
     """A series needing exactly ``max_ring_bytes`` is accepted, one byte less of bound rejects it."""
     need = 4 * SERIES.frame_nbytes * len(SERIES.channels) + SERIES.max_blob_nbytes
-    ctx = zmq.Context.instance()
     for bound, ok in ((need, True), (need - 1, False)):
-        with FrameReceiver("tcp://127.0.0.1:0", bind=True, ring=4, max_ring_bytes=bound) as rx:
-            tx = ctx.socket(zmq.PUSH)
-            tx.setsockopt(zmq.LINGER, 0)
-            tx.connect(rx.endpoint)
+        with pushed(FrameReceiver("tcp://127.0.0.1:0", bind=True, ring=4, max_ring_bytes=bound)) as (tx, rx):
             tx.send(protocol.encode_start(SERIES))
-            try:
-                if ok:
-                    assert rx.recv(3000).series == SERIES
-                else:
-                    with pytest.raises(OversizedMessage):
-                        rx.recv(3000)
-            finally:
-                tx.close()
+            if ok:
+                assert rx.recv(3000).series == SERIES
+            else:
+                with pytest.raises(OversizedMessage):
+                    rx.recv(3000)
 
 
 # the service keeps running -----------------------------------------------------------------------------------
@@ -262,15 +242,9 @@ def service():
     from beamloop.edge.path import frame_path
     from beamloop.edge.service import EdgeService
 
-    ctx = zmq.Context.instance()
-    rx = FrameReceiver("tcp://127.0.0.1:0", bind=True, ring=RING)
-    tx = ctx.socket(zmq.PUSH)
-    tx.setsockopt(zmq.LINGER, 0)
-    tx.connect(rx.endpoint)
-    time.sleep(0.05)
-    yield tx, EdgeService(rx, frame_path("classical", "generic"))
-    tx.close()
-    rx.close()
+    with pushed(FrameReceiver("tcp://127.0.0.1:0", bind=True, ring=RING)) as (tx, rx):
+        time.sleep(0.05)
+        yield tx, EdgeService(rx, frame_path("classical", "generic"))
 
 
 @settings(FAST, max_examples=40)

@@ -7,10 +7,15 @@ import numpy as np
 import pytest
 import zmq
 
+from beamloop.streams.errors import (
+    FrameMismatch,
+    MalformedMessage,
+    OversizedMessage,
+    TruncatedMessage,
+    UnexpectedMessage,
+)
 from beamloop.streams.native import protocol
-from beamloop.streams.errors import (FrameMismatch, MalformedMessage, OversizedMessage, TruncatedMessage,
-                            UnexpectedMessage)
-from beamloop.streams.native.receiver import Frame, FrameReceiver, StreamEnd, StreamStart
+from beamloop.streams.native.receiver import FrameReceiver, ImageEvent, SeriesEnd, SeriesStart
 from beamloop.streams.native.sender import FrameSender
 
 
@@ -44,19 +49,19 @@ def test_round_trip_bit_exact(encoding, dtype):
             tx.send_frame(f, user_data={"probe_position": [0.25, 0.5]})
         tx.end_series({"reason": "done"})
         start = recv(rx)
-        assert isinstance(start, StreamStart)
+        assert isinstance(start, SeriesStart)
         assert start.series.shape == (37, 53) and start.series.dtype == np.dtype(dtype)
         assert start.series.user_data == {"pixel_size_A": 0.15, "scan": {"frame_id": 7}}
         assert start.series.number_of_images == 3 and start.series.count_time == 1e-3
         for k, f in enumerate(frames):
             ev = recv(rx)
-            assert isinstance(ev, Frame) and ev.image_id == k and ev.gap == 0
+            assert isinstance(ev, ImageEvent) and ev.image_id == k and ev.gap == 0
             assert ev.data["haadf"].dtype == np.dtype(dtype)
             assert ev.data["haadf"].tobytes() == f.tobytes()
             assert ev.header.user_data["probe_position"] == [0.25, 0.5]
             assert ev.transport_ns is not None and ev.transport_ns >= 0
         end = recv(rx)
-        assert isinstance(end, StreamEnd) and end.frames == 3 and end.missing == 0
+        assert isinstance(end, SeriesEnd) and end.frames == 3 and end.missing == 0
         assert end.header.user_data == {"reason": "done"}
         c = rx.counters
         assert (c.frames, c.series_started, c.series_ended, c.rejected, c.gaps) == (3, 1, 1, 0, 0)
@@ -68,7 +73,7 @@ def test_multichannel_and_times(link):
     a = np.arange(64, dtype=np.uint16).reshape(8, 8)
     time.sleep(0.005)  # times count from arming; the frame's exposure must fit after it
     tx.send_frame({"haadf": a, "bf": a[::-1].copy()}, exposure_ns=1_500_000)
-    assert isinstance(recv(rx), StreamStart)
+    assert isinstance(recv(rx), SeriesStart)
     ev = recv(rx)
     assert np.array_equal(ev.data["haadf"], a) and np.array_equal(ev.data["bf"], a[::-1])
     assert ev.header.real_time_ns == 1_500_000
@@ -109,7 +114,7 @@ def _good_frame_after(tx, rx, value=9):
     """After a rejected message the next frame arrives intact (nothing else lost)."""
     tx.send_frame(np.full(tx.series.shape, value, tx.series.dtype))
     ev = recv(rx)
-    assert isinstance(ev, Frame) and np.all(ev.data["haadf"] == value)
+    assert isinstance(ev, ImageEvent) and np.all(ev.data["haadf"] == value)
 
 
 def _image_header(series, blob_size, encoding="raw", image_id=0):
@@ -198,7 +203,7 @@ def test_oversized_header_is_discarded():
         with pytest.raises(UnexpectedMessage, match="not open"):
             recv(rx)
         tx.start_series(["haadf"], (4, 4), np.uint16)
-        assert isinstance(recv(rx), StreamStart)
+        assert isinstance(recv(rx), SeriesStart)
         _good_frame_after(tx, rx)
 
 
@@ -255,6 +260,6 @@ def test_receiver_ring_must_hold_two_frames():
 
 def test_send_timeout_without_peer():
     with FrameSender("tcp://127.0.0.1:0", sndhwm=1, send_timeout_ms=50) as tx:
-        tx._sock.setsockopt(zmq.SNDTIMEO, 50)
+        tx.socket.setsockopt(zmq.SNDTIMEO, 50)
         with pytest.raises(TimeoutError, match="timed out"):
             tx.start_series(["haadf"], (4, 4), np.uint16)

@@ -32,13 +32,15 @@ from __future__ import annotations
 
 import datetime as _dt
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import cbor2
 import lz4.block
 import numpy as np
 
+from beamloop.streams._ids import NS, rational_ns
 from beamloop.streams.errors import FrameMismatch, MalformedMessage, TruncatedMessage, UnexpectedMessage
 
 PROTOCOL = "beamloop-stream/1"
@@ -63,8 +65,6 @@ DEFAULT_CHANNEL = "haadf"
 
 ENCODINGS = ("raw", "lz4")
 """Blob encodings understood by :func:`decode_blob_into`."""
-
-NS = 1_000_000_000
 
 
 def _dtype_name(dtype: np.dtype) -> str:
@@ -110,7 +110,7 @@ class SeriesHeader:
     count_time: float = 0.0
     frame_time: float = 0.0
     user_data: dict = field(default_factory=dict)
-    arm_date: _dt.datetime = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc))
+    arm_date: _dt.datetime = field(default_factory=lambda: _dt.datetime.now(_dt.UTC))
 
     @property
     def frame_nbytes(self) -> int:
@@ -199,7 +199,7 @@ def new_series(
 
 
 def _dumps(msg: dict) -> bytes:
-    return cbor2.dumps(cbor2.CBORTag(SELF_DESCRIBE_TAG, msg), timezone=_dt.timezone.utc)
+    return cbor2.dumps(cbor2.CBORTag(SELF_DESCRIBE_TAG, msg), timezone=_dt.UTC)
 
 
 def encode_start(series: SeriesHeader) -> bytes:
@@ -240,10 +240,18 @@ def encode_image_header(
     blobs : list of (encoding, size)
         One entry per channel of ``series``, in channel order; ``size`` is the blob's length in bytes.
     start_time_ns, stop_time_ns, real_time_ns : int
-        Nanoseconds since the series was armed; sent as Stream V2 rationals ``[ns, 1e9]``.
+        Nanoseconds since the series was armed (``real_time``: the exposure); sent as Stream V2 rationals
+        ``[ns, 1e9]``. Never negative (:func:`beamloop.streams._ids.rational_ns` rejects negative times).
+
+    Raises
+    ------
+    ValueError
+        Not one blob per channel, or a negative time.
     """
     if len(blobs) != len(series.channels):
         raise ValueError(f"{len(blobs)} blobs for {len(series.channels)} channels")
+    if min(start_time_ns, stop_time_ns, real_time_ns) < 0:
+        raise ValueError(f"image times must be >= 0 ns, got {start_time_ns}, {stop_time_ns}, {real_time_ns}")
     return _dumps(
         {
             "type": "image",
@@ -280,18 +288,6 @@ def _get(msg: Mapping, name: str, types: type | tuple, where: str) -> Any:
     return value
 
 
-def _rational_ns(msg: Mapping, name: str) -> int:
-    value = msg.get(name, [0, NS])
-    if (
-        not isinstance(value, list)
-        or len(value) != 2
-        or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-        or value[1] <= 0
-    ):
-        raise MalformedMessage(f"image message: field {name!r} must be a rational [num, den>0], got {value!r}")
-    return value[0] * NS // value[1]
-
-
 def _user_data(msg: Mapping, where: str) -> dict:
     ud = msg.get("user_data", {})
     if not isinstance(ud, dict):
@@ -315,7 +311,7 @@ def decode_header(buf: bytes | memoryview) -> SeriesHeader | ImageHeader | EndHe
     ------
     MalformedMessage
         Not CBOR, not wrapped in tag 55799, not a map, an unknown ``type``, a missing field or one of
-        the wrong type or range, an unknown dtype or encoding.
+        the wrong type or range (a negative time among them), an unknown dtype or encoding.
     """
     buf = memoryview(buf)
     if bytes(buf[:3]) != SELF_DESCRIBE_PREFIX:
@@ -356,7 +352,7 @@ def _decode_start(msg: dict) -> SeriesHeader:
         raise MalformedMessage(f"start message: frame size {rows}x{cols} out of range")
     arm = msg.get("arm_date")
     if not isinstance(arm, _dt.datetime):
-        arm = _dt.datetime.now(_dt.timezone.utc)
+        arm = _dt.datetime.now(_dt.UTC)
     nimg = _get(msg, "number_of_images", int, w)
     if nimg < 0:
         raise MalformedMessage(f"start message: number_of_images {nimg} is negative")
@@ -372,6 +368,11 @@ def _decode_start(msg: dict) -> SeriesHeader:
         user_data=_user_data(msg, w),
         arm_date=arm,
     )
+
+
+def _time_ns(msg: Mapping, name: str) -> int:
+    """An image time field (Stream V2 rational seconds, default 0) in nanoseconds."""
+    return rational_ns(msg.get(name, [0, NS]), f"image message: field {name!r}")
 
 
 def _decode_image(msg: dict) -> ImageHeader:
@@ -396,9 +397,9 @@ def _decode_image(msg: dict) -> ImageHeader:
         series_unique_id=_get(msg, "series_unique_id", str, w),
         image_id=image_id,
         blobs=tuple(blobs),
-        start_time_ns=_rational_ns(msg, "start_time"),
-        stop_time_ns=_rational_ns(msg, "stop_time"),
-        real_time_ns=_rational_ns(msg, "real_time"),
+        start_time_ns=_time_ns(msg, "start_time"),
+        stop_time_ns=_time_ns(msg, "stop_time"),
+        real_time_ns=_time_ns(msg, "real_time"),
         user_data=_user_data(msg, w),
     )
 

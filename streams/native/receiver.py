@@ -1,29 +1,39 @@
-"""Receiving the native beamloop stream into preallocated frame buffers."""
+"""Receiving the native beamloop stream into preallocated frame buffers.
+
+:class:`FrameReceiver` returns the series events every stream receiver returns (:class:`SeriesStart`,
+:class:`SeriesEnd`, from :mod:`beamloop.streams.events`) and one :class:`ImageEvent` per image.
+"""
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import zmq
 
-from beamloop.streams.native import protocol
+from beamloop.streams._ids import FrameIdTracker
+from beamloop.streams._series import check_ring_bound, note_unended
+from beamloop.streams._socket import SocketOwner, open_pull
 from beamloop.streams.counters import StreamCounters
-from beamloop.streams.errors import MalformedMessage, OversizedMessage, ProtocolError, TruncatedMessage, UnexpectedMessage
+from beamloop.streams.errors import (
+    MalformedMessage,
+    OversizedMessage,
+    ProtocolError,
+    TruncatedMessage,
+    UnexpectedMessage,
+    check_oversize,
+)
+from beamloop.streams.events import SeriesEnd, SeriesStart
+from beamloop.streams.native import protocol
+
+__all__ = ["FrameReceiver", "ImageEvent", "SeriesStart", "SeriesEnd"]
 
 
 @dataclass
-class StreamStart:
-    """A series began. ``series`` describes every frame to come; ``recv_ns`` is ``time.monotonic_ns()``."""
-
-    series: protocol.SeriesHeader
-    recv_ns: int
-
-
-@dataclass
-class Frame:
-    """One received frame.
+class ImageEvent:
+    """One received image (a frame of a scan, or a block of parked-probe samples).
 
     Attributes
     ----------
@@ -35,7 +45,8 @@ class Frame:
         Views into the receiver's ring of preallocated buffers: valid until ``ring`` more frames have
         been received. Copy what you need to keep longer.
     gap : int
-        Image ids skipped immediately before this one (0 when the stream is complete).
+        Image ids lost immediately before this one (0 when the stream is complete; see
+        :meth:`beamloop.streams._ids.FrameIdTracker.see`).
     recv_ns, decoded_ns : int
         ``time.monotonic_ns()`` when the message's first part was read and when all blobs were decoded.
     """
@@ -59,22 +70,26 @@ class Frame:
         return self.recv_ns - sent if isinstance(sent, int) else None
 
 
-@dataclass
-class StreamEnd:
-    """A series ended. ``frames`` images were received in it, ``missing`` were announced but never came."""
-
-    header: protocol.EndHeader
-    frames: int
-    missing: int
-    recv_ns: int = field(default=0)
+_RENAMED = {"Frame": ImageEvent, "StreamStart": SeriesStart, "StreamEnd": SeriesEnd}
 
 
-class FrameReceiver:
+def __getattr__(name: str):
+    """The former event names ``Frame``, ``StreamStart``, ``StreamEnd``, with a ``DeprecationWarning``."""
+    if name in _RENAMED:
+        new = _RENAMED[name]
+        warnings.warn(f"beamloop.streams.native.receiver.{name} is now {new.__module__}.{new.__name__}",
+                      DeprecationWarning, stacklevel=2)
+        return new
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class FrameReceiver(SocketOwner):
     """A PULL socket that receives the native beamloop stream into a ring of preallocated frames.
 
-    Every message is validated (:func:`beamloop.streams.native.protocol.decode_header`, :func:`beamloop.streams.native.protocol.check_image`);
-    a bad one raises a :class:`beamloop.streams.errors.ProtocolError` naming what was wrong, is counted in
-    :attr:`counters`, and its remaining parts are discarded so that the next message reads intact.
+    Every message is validated (:func:`beamloop.streams.native.protocol.decode_header`,
+    :func:`beamloop.streams.native.protocol.check_image`); a bad one raises a
+    :class:`beamloop.streams.errors.ProtocolError` naming what was wrong, is counted in :attr:`counters`, and its
+    remaining parts are discarded so that the next message reads intact.
     Raw blobs are read directly into the ring (no copy in Python); LZ4 blobs are read into one
     preallocated scratch buffer and decompressed into the ring.
 
@@ -102,7 +117,7 @@ class FrameReceiver:
     ValueError
         ``ring`` below 2, or ``max_ring_bytes`` below 1.
     zmq.ZMQError
-        The endpoint cannot be bound or connected.
+        The endpoint cannot be bound or connected (the message names it).
     """
 
     def __init__(
@@ -121,16 +136,7 @@ class FrameReceiver:
         if max_ring_bytes < 1:
             raise ValueError(f"max_ring_bytes must be positive, got {max_ring_bytes}")
         self.max_ring_bytes = int(max_ring_bytes)
-        self._ctx = context or zmq.Context.instance()
-        self._sock = self._ctx.socket(zmq.PULL)
-        self._sock.setsockopt(zmq.RCVHWM, rcvhwm)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        if bind:
-            self._sock.bind(endpoint)
-            self.endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        else:
-            self._sock.connect(endpoint)
-            self.endpoint = endpoint
+        SocketOwner.__init__(self, *open_pull(endpoint, bind=bind, rcvhwm=rcvhwm, context=context))
         self.ring = ring
         self.counters = StreamCounters()
         self.series: protocol.SeriesHeader | None = None
@@ -139,25 +145,12 @@ class FrameReceiver:
         self._buffers: dict[str, np.ndarray] = {}
         self._scratch = bytearray(0)
         self._slot = 0
-        self._next_id = 0
-        self._series_frames = 0
+        self._ids = FrameIdTracker(self.counters)
         self._poller = zmq.Poller()
         self._poller.register(self._sock, zmq.POLLIN)
 
-    # lifecycle -----------------------------------------------------------------------------------
-    def close(self) -> None:
-        """Close the socket (pending messages are dropped)."""
-        if not self._sock.closed:
-            self._sock.close(linger=0)
-
-    def __enter__(self) -> "FrameReceiver":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
     # receiving -----------------------------------------------------------------------------------
-    def recv(self, timeout_ms: int | None = None) -> StreamStart | Frame | StreamEnd | None:
+    def recv(self, timeout_ms: int | None = None) -> SeriesStart | ImageEvent | SeriesEnd | None:
         """Receive the next message.
 
         Parameters
@@ -167,7 +160,7 @@ class FrameReceiver:
 
         Returns
         -------
-        StreamStart, Frame, StreamEnd, or None when the timeout passed with no message.
+        SeriesStart, ImageEvent, SeriesEnd, or None when the timeout passed with no message.
 
         Raises
         ------
@@ -182,8 +175,7 @@ class FrameReceiver:
         self.counters.messages += 1
         self.counters.bytes += n
         try:
-            if n > len(self._header_buf):
-                raise OversizedMessage(f"message part 0 of {n} bytes exceeds the {len(self._header_buf)}-byte bound")
+            check_oversize(n, len(self._header_buf), "message part 0")
             header = protocol.decode_header(self._header_view[:n])
             if isinstance(header, protocol.ImageHeader):
                 return self._image(header, recv_ns)
@@ -196,38 +188,26 @@ class FrameReceiver:
             self.counters.count_error(exc)
             raise
 
-    def _start(self, series: protocol.SeriesHeader, recv_ns: int) -> StreamStart:
-        if self.series is not None:
-            self.counters.count_error(
-                UnexpectedMessage(f"series {series.series_id} started while series {self.series.series_id} was open")
-            )
-        need = self.ring * series.frame_nbytes * len(series.channels) + series.max_blob_nbytes
-        if need > self.max_ring_bytes:
-            raise OversizedMessage(
-                f"series {series.series_id} announces {len(series.channels)} channel(s) of {series.shape[0]}x"
-                f"{series.shape[1]} {series.dtype} frames: {need} bytes for a ring of {self.ring}, over the "
-                f"{self.max_ring_bytes}-byte bound (max_ring_bytes)"
-            )
+    def _start(self, series: protocol.SeriesHeader, recv_ns: int) -> SeriesStart:
+        note_unended(self.counters, self.series, series)
+        check_ring_bound(series, self.ring * series.frame_nbytes * len(series.channels) + series.max_blob_nbytes,
+                         self.max_ring_bytes, f"a ring of {self.ring}")
         self._allocate(series)
         self.series = series
-        self._next_id = 0
-        self._series_frames = 0
+        self._ids.start()
         self.counters.series_started += 1
-        return StreamStart(series, recv_ns)
+        return SeriesStart(series, recv_ns)
 
-    def _end(self, header: protocol.EndHeader, recv_ns: int) -> StreamEnd:
+    def _end(self, header: protocol.EndHeader, recv_ns: int) -> SeriesEnd:
         series = self.series
         if series is None or header.series_unique_id != series.series_unique_id:
             raise UnexpectedMessage(f"end of series {header.series_id} that is not open")
-        missing = max(series.number_of_images - self._next_id, 0) if series.number_of_images else 0
-        if missing:
-            self.counters.gaps += 1
-            self.counters.missing_frames += missing
+        missing = self._ids.end(series.number_of_images)
         self.counters.series_ended += 1
         self.series = None
-        return StreamEnd(header, self._series_frames, missing, recv_ns)
+        return SeriesEnd(series, self._ids.frames, missing, recv_ns, header)
 
-    def _image(self, header: protocol.ImageHeader, recv_ns: int) -> Frame:
+    def _image(self, header: protocol.ImageHeader, recv_ns: int) -> ImageEvent:
         series = self.series
         protocol.check_image(series, header)
         slot = self._slot
@@ -249,17 +229,10 @@ class FrameReceiver:
                 protocol.decode_blob_into(memoryview(self._scratch)[:got], "lz4", out)
             data[blob.channel] = out
         self._expect_no_more_parts(f"image {header.image_id}")
-        gap = header.image_id - self._next_id
-        if gap > 0:
-            self.counters.gaps += 1
-            self.counters.missing_frames += gap
-        elif gap < 0:
-            self.counters.reordered += 1
-        self._next_id = max(self._next_id, header.image_id + 1)
+        gap = self._ids.see(header.image_id)
         self._slot = (slot + 1) % self.ring
-        self._series_frames += 1
         self.counters.frames += 1
-        return Frame(series, header, data, max(gap, 0), recv_ns, time.monotonic_ns())
+        return ImageEvent(series, header, data, gap, recv_ns, time.monotonic_ns())
 
     @staticmethod
     def _check_blob_size(header: protocol.ImageHeader, blob: protocol.BlobInfo, got: int, capacity: int) -> None:

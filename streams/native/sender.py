@@ -3,41 +3,16 @@
 from __future__ import annotations
 
 import time
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 import zmq
 
+from beamloop.streams._socket import SocketOwner, open_push
 from beamloop.streams.native import protocol
 
 
-
-def open_push_socket(endpoint: str, *, bind: bool, sndhwm: int, linger_ms: int, send_timeout_ms: int | None,
-                     context: zmq.Context | None = None) -> tuple[zmq.Socket, str]:
-    """A ZeroMQ PUSH socket for a frame sender (native, SIMPLON v1 or Stream V2), bound or connected.
-
-    ``sndhwm``: messages queued before sends block (lossless back-pressure); ``linger_ms``: how long queued
-    messages get to leave at close; ``send_timeout_ms``: a send that blocks longer raises ``zmq.Again``
-    (None: wait). Returns the socket and its endpoint (with the port the system chose for ``:0`` / ``*``).
-
-    Raises
-    ------
-    zmq.ZMQError
-        The endpoint cannot be bound or connected.
-    """
-    sock = (context or zmq.Context.instance()).socket(zmq.PUSH)
-    sock.setsockopt(zmq.SNDHWM, sndhwm)
-    sock.setsockopt(zmq.LINGER, linger_ms)
-    if send_timeout_ms is not None:
-        sock.setsockopt(zmq.SNDTIMEO, send_timeout_ms)
-    if bind:
-        sock.bind(endpoint)
-        return sock, sock.getsockopt_string(zmq.LAST_ENDPOINT)
-    sock.connect(endpoint)
-    return sock, endpoint
-
-
-class FrameSender:
+class FrameSender(SocketOwner):
     """A PUSH socket that sends series of frames in the native beamloop stream.
 
     Frames are handed to ZeroMQ without copying (``raw`` encoding): do not modify an array after
@@ -64,7 +39,7 @@ class FrameSender:
     Raises
     ------
     zmq.ZMQError
-        The endpoint cannot be bound or connected.
+        The endpoint cannot be bound or connected (the message names it).
     ValueError
         Unknown encoding.
 
@@ -90,25 +65,13 @@ class FrameSender:
         if encoding not in protocol.ENCODINGS:
             raise ValueError(f"unknown encoding {encoding!r}; expected one of {protocol.ENCODINGS}")
         self.encoding = encoding
-        self._sock, self.endpoint = open_push_socket(endpoint, bind=bind, sndhwm=sndhwm, linger_ms=linger_ms,
-                                                     send_timeout_ms=send_timeout_ms, context=context)
+        SocketOwner.__init__(self, *open_push(endpoint, bind=bind, sndhwm=sndhwm, linger_ms=linger_ms,
+                                              send_timeout_ms=send_timeout_ms, context=context))
         self.series: protocol.SeriesHeader | None = None
         self._next_series_id = 0
         self._next_image_id = 0
         self._armed_ns = 0
         self.frames_sent = 0
-
-    # lifecycle -----------------------------------------------------------------------------------
-    def close(self, linger_ms: int | None = None) -> None:
-        """Close the socket; queued messages get ``linger_ms`` (default: the constructor's) to leave."""
-        if not self._sock.closed:
-            self._sock.close(linger=linger_ms)
-
-    def __enter__(self) -> "FrameSender":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     # series --------------------------------------------------------------------------------------
     def start_series(
@@ -177,7 +140,7 @@ class FrameSender:
         RuntimeError
             No open series.
         ValueError
-            Missing channel, wrong shape or dtype.
+            Missing channel, wrong shape or dtype, or a negative ``exposure_ns``.
         TimeoutError
             The send timed out (peer gone or too slow, ``send_timeout_ms``).
         """
