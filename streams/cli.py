@@ -8,7 +8,11 @@
   (``{"event": "flushed", "frames": N, ...}``): those frames survive any crash of the recorder.
 - ``beamloop stream SOURCE --bind tcp://*:9999 [--protocol simplon1|stream2] [--rate HZ]``: act as a
   detector: replay a recording (``*_master.h5``; bitshuffle-LZ4 chunks are sent as they are stored), or
-  with ``SOURCE = sim4d`` a simulated 4D-STEM scan of MoS2 (:mod:`beamloop.edge.sim.fourd`).
+  with ``SOURCE = sim4d`` a simulated 4D-STEM scan.
+
+This module imports nothing outside :mod:`beamloop.streams`: the live imaging of ``receive --scan`` and the
+frames of ``stream sim4d`` come from whoever registers the commands (:func:`register`; the ``beamloop``
+command passes those of :mod:`beamloop.edge.cli.stream4d`).
 """
 
 from __future__ import annotations
@@ -19,16 +23,62 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
-from beamloop.edge.cli import parse_positive, parse_shape  # the main command's argument types
+from beamloop.streams._cliargs import parse_positive, parse_shape
 
 PROTOCOLS = ("simplon1", "stream2")
+"""Protocols the commands offer (``--protocol``); the receivers' registry is
+:data:`beamloop.streams.dectris.PROTOCOLS`."""
 
 
-def register(subparsers) -> None:
-    """Add the ``receive``, ``record`` and ``stream`` subcommands (called by ``beamloop.edge.cli``)."""
+class LiveImager(Protocol):
+    """Virtual images of a scan, assembled from frame stacks as they arrive (``receive --scan``)."""
+
+    def update_stack(self, stack) -> None:
+        """Add the frames of a :class:`beamloop.streams.dectris.series.FrameStack` (first channel) to the images;
+        frame ``image_id`` belongs to scan position ``image_id % (rows * cols)`` in raster order."""
+
+    @property
+    def images(self) -> dict[str, np.ndarray]:
+        """The images so far: name -> (rows, cols) array of the scan."""
+
+
+class LiveImagerFactory(Protocol):
+    """Makes the :class:`LiveImager` of a series (the ``live_imager`` of :func:`register`)."""
+
+    def __call__(self, scan_shape: tuple[int, int], detector_shape: tuple[int, int], *,
+                 bf_radius: float | None, adf_radii: tuple[float, float] | None,
+                 centre: tuple[float, float] | None) -> LiveImager:
+        """Parameters: the scan (rows, cols) and detector (rows, cols) shapes in pixels; the virtual
+        bright-field disk radius and the annular dark-field radii (inner, outer), detector pixels; the beam
+        centre (row, col), detector pixels. None: the provider's default."""
+
+
+class Sim4DSource(Protocol):
+    """Frames of a simulated 4D-STEM scan (the ``sim4d_source`` of :func:`register`)."""
+
+    def __call__(self, scan_shape: tuple[int, int], detector_px: int, electrons: float, seed: int) -> np.ndarray:
+        """Returns ``(rows * cols, detector_px, detector_px)`` unsigned-integer diffraction patterns (uint8,
+        uint16 or uint32), in raster order, with ``electrons`` electrons per probe position on average;
+        the same ``seed`` gives the same frames."""
+
+
+def register(subparsers, *, live_imager: LiveImagerFactory | None = None,
+             sim4d_source: Sim4DSource | None = None) -> None:
+    """Add the ``receive``, ``record`` and ``stream`` subcommands.
+
+    Parameters
+    ----------
+    subparsers : argparse._SubParsersAction
+        From ``ArgumentParser.add_subparsers()``.
+    live_imager : LiveImagerFactory, optional
+        Makes the virtual images of ``receive --scan``; without it ``--scan`` is refused (exit status 2).
+    sim4d_source : Sim4DSource, optional
+        Simulates the frames of ``stream sim4d``; without it that source is refused (exit status 2).
+    """
     p = subparsers.add_parser("receive", help="receive a DECTRIS detector stream, show live counters and images")
     p.add_argument("endpoint", help="detector endpoint, e.g. tcp://192.168.1.10:9999 (SIMPLON v1) or :31001 (V2)")
     p.add_argument("--protocol", choices=PROTOCOLS, default="simplon1")
@@ -43,7 +93,7 @@ def register(subparsers) -> None:
     p.add_argument("--duration", type=parse_positive, help="stop after this many seconds")
     p.add_argument("--out", type=Path, help="write live images (PNG, .npy) and counters (JSON) here")
     p.add_argument("--quiet", action="store_true", help="no live counter lines")
-    p.set_defaults(func=cmd_receive)
+    p.set_defaults(func=cmd_receive, live_imager=live_imager)
 
     p = subparsers.add_parser("record", help="record a detector stream losslessly to HDF5 (DECTRIS layout)")
     p.add_argument("endpoint")
@@ -58,7 +108,7 @@ def register(subparsers) -> None:
     p.set_defaults(func=cmd_record)
 
     p = subparsers.add_parser("stream", help="act as a DECTRIS detector: replay a recording or simulate 4D-STEM")
-    p.add_argument("source", help="a *_master.h5 recording, or 'sim4d' for a simulated 4D-STEM scan of MoS2")
+    p.add_argument("source", help="a *_master.h5 recording, or 'sim4d' for a simulated 4D-STEM scan")
     p.add_argument("--bind", default=None, help="endpoint to bind (default tcp://*:9999 v1, tcp://*:31001 V2)")
     p.add_argument("--protocol", choices=PROTOCOLS, default="simplon1")
     p.add_argument("--compression", choices=("bslz4", "lz4", "none"), default="bslz4",
@@ -69,7 +119,7 @@ def register(subparsers) -> None:
     p.add_argument("--detector", type=int, default=96, help="sim4d: detector pixels per side (default 96)")
     p.add_argument("--electrons", type=parse_positive, default=5000.0, help="sim4d: electrons per probe position")
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=cmd_stream)
+    p.set_defaults(func=cmd_stream, sim4d_source=sim4d_source)
 
 
 # --- receive -----------------------------------------------------------------------------------------------------
@@ -97,10 +147,19 @@ def _status_line(c: dict, rate: float) -> str:
 
 
 def cmd_receive(a: argparse.Namespace) -> int:
-    """``beamloop receive``: receive a detector stream, print live counters, assemble virtual images; exit status."""
-    from beamloop.streams.dectris.receiver import DetectorReceiver, FrameStack, SeriesEnd, SeriesStart
+    """``beamloop receive``: receive a detector stream, print live counters, assemble virtual images.
+
+    Returns the exit status: 0, or 2 for ``--scan`` without a live imager registered.
+    """
+    from beamloop.streams.dectris.receiver import DetectorReceiver
+    from beamloop.streams.dectris.series import FrameStack, SeriesEnd, SeriesStart
     from beamloop.streams.errors import ProtocolError
 
+    make_imager = getattr(a, "live_imager", None)
+    if a.scan and make_imager is None:
+        print("receive --scan: no live imager registered (beamloop.streams.cli.register(..., live_imager=...))",
+              file=sys.stderr)
+        return 2
     stop = _Stop()
     t_end = time.monotonic() + a.duration if a.duration else None
     imager = None
@@ -119,7 +178,8 @@ def cmd_receive(a: argparse.Namespace) -> int:
                 print(f"series {s.series_id}: {s.number_of_images} frames of {s.shape[0]}x{s.shape[1]} {s.dtype}",
                       file=sys.stderr, flush=True)
                 if a.scan:
-                    imager = _imager(a, s.shape)
+                    imager = make_imager(a.scan, s.shape, bf_radius=a.bf, adf_radii=tuple(a.adf) if a.adf else None,
+                                         centre=tuple(a.centre) if a.centre else None)
             elif isinstance(ev, FrameStack) and imager is not None:
                 imager.update_stack(ev)
             elif isinstance(ev, SeriesEnd):
@@ -140,29 +200,17 @@ def cmd_receive(a: argparse.Namespace) -> int:
     return 0
 
 
-def _imager(a: argparse.Namespace, det_shape: tuple[int, int]):
-    from beamloop.edge.analysis import live4d
-
-    centre = tuple(a.centre) if a.centre else ((det_shape[0] - 1) / 2, (det_shape[1] - 1) / 2)
-    half = min(det_shape) / 2
-    bf = a.bf or half / 3
-    rin, rout = a.adf if a.adf else (bf * 1.25, half)
-    masks = {"bf": live4d.disk_mask(det_shape, bf, centre), "adf": live4d.annulus_mask(det_shape, rin, rout, centre)}
-    return live4d.LiveImager(a.scan, masks, com_centre=centre, com_radius=bf * 1.5)
-
-
-def _write_outputs(out: Path, counters: dict, imager) -> None:
+def _write_outputs(out: Path, counters: dict, imager: LiveImager | None) -> None:
+    """``counters.json``, and with an imager each image as ``<name>.npy`` and all in ``virtual_images.png``."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "counters.json").write_text(json.dumps(counters, indent=1))
     if imager is None:
         return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: the caller's matplotlib backend stays as it is
 
     imgs = imager.images
-    fig, axes = plt.subplots(1, len(imgs), figsize=(3 * len(imgs), 3.2))
+    fig = Figure(figsize=(3 * len(imgs), 3.2))
+    axes = fig.subplots(1, len(imgs))
     for ax, (name, img) in zip(np.atleast_1d(axes), imgs.items()):
         np.save(out / f"{name}.npy", img)
         ax.imshow(img, cmap="gray")
@@ -170,7 +218,6 @@ def _write_outputs(out: Path, counters: dict, imager) -> None:
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(out / "virtual_images.png", dpi=100)
-    plt.close(fig)
 
 
 # --- record ------------------------------------------------------------------------------------------------------
@@ -210,7 +257,7 @@ def cmd_record(a: argparse.Namespace) -> int:
 
 def cmd_stream(a: argparse.Namespace) -> int:
     """``beamloop stream``: send a recording, or a simulated 4D-STEM scan, as SIMPLON v1 or Stream V2;
-    exit status (2: missing recording)."""
+    exit status (2: missing recording, or ``sim4d`` without a simulator registered)."""
     from beamloop.streams.dectris import codecs
     from beamloop.streams.dectris.simplon import SimplonSender
     from beamloop.streams.dectris.stream_v2 import Stream2Sender
@@ -218,7 +265,11 @@ def cmd_stream(a: argparse.Namespace) -> int:
     v1 = a.protocol == "simplon1"
     endpoint = a.bind or ("tcp://*:9999" if v1 else "tcp://*:31001")
     if a.source == "sim4d":
-        frames = _sim4d(a)
+        if a.sim4d_source is None:
+            print("stream sim4d: no simulator registered (beamloop.streams.cli.register(..., sim4d_source=...))",
+                  file=sys.stderr)
+            return 2
+        frames = a.sim4d_source(tuple(a.scan), a.detector, a.electrons, a.seed)
         shape, dtype, ct = frames.shape[1:], frames.dtype, 1e-4
         compression = a.compression
         blobs = None
@@ -264,18 +315,3 @@ def cmd_stream(a: argparse.Namespace) -> int:
         print(f"sent {n} frames ({rate:.0f}/s)", file=sys.stderr, flush=True)
     return 0
 
-
-def _sim4d(a: argparse.Namespace) -> np.ndarray:
-    from beamloop.edge.frame.scanframe import ScanFrame
-    from beamloop.edge.sim import lattice
-    from beamloop.edge.sim.fourd import FourDConfig, FourDMicroscope
-
-    rng = np.random.default_rng(a.seed)
-    rows, cols = a.scan
-    step_A = 0.2
-    spec = lattice.mos2((-rows * step_A, rows * step_A, -cols * step_A, cols * step_A))
-    lattice.add_point_defects(spec, rng)
-    cfg = FourDConfig(detector_shape=(a.detector, a.detector), disk_radius_px=a.detector / 6,
-                      df_width_px=a.detector / 4)
-    scan = ScanFrame(0, (rows, cols), (rows * step_A / 10, cols * step_A / 10))
-    return FourDMicroscope(spec, cfg).scan(scan, a.electrons, rng).reshape(rows * cols, a.detector, a.detector)

@@ -1,8 +1,10 @@
-"""``beamloop stream`` / ``receive`` / ``record`` (streams/cli.py) end to end over real sockets.
+"""``beamloop stream`` / ``receive`` / ``record`` (beamloop.streams.cli) end to end over real sockets.
 
-The simulated 4D-STEM scan is sent as a detector would, received with live virtual images, and the images are
-checked against a plain numpy reduction of the very frames that were sent; a recording is replayed in the
-other protocol and received bit-exact.
+The commands are registered as the ``beamloop`` command registers them, with edge's live imager and 4D-STEM
+simulator (beamloop.edge.cli.stream4d). The simulated scan is sent as a detector would, received with live
+virtual images, and the images are checked against a plain numpy reduction of the very frames that were sent;
+a recording is replayed in the other protocol and received bit-exact. Registered without those providers, the
+commands refuse ``--scan`` and ``sim4d`` with a message.
 """
 
 import argparse
@@ -15,6 +17,7 @@ import numpy as np
 import pytest
 
 from beamloop.edge.analysis import live4d
+from beamloop.edge.cli import stream4d
 from beamloop.streams import cli
 from beamloop.streams.dectris.recorder import read_frames
 
@@ -31,10 +34,18 @@ def keep_signal_handlers():
         signal.signal(s, h)
 
 
-def parse(argv):
+def parse(argv, providers=True):
     p = argparse.ArgumentParser()
-    cli.register(p.add_subparsers())
+    if providers:
+        stream4d.register(p.add_subparsers())
+    else:
+        cli.register(p.add_subparsers())
     return p.parse_args(argv)
+
+
+def sent_frames(sargs):
+    """The frames ``stream sim4d`` sent (the same seed gives the same frames)."""
+    return stream4d.sim4d_frames(sargs.scan, sargs.detector, sargs.electrons, sargs.seed)
 
 
 def free_endpoint() -> str:
@@ -84,7 +95,7 @@ def test_stream_sim4d_and_receive_live_images(tmp_path, protocol, compression):
     n = SCAN[0] * SCAN[1]
     assert counters["frames"] == n and counters["decoded"] == n and counters["rejected"] == 0
     assert counters["series_ended"] == 1 and counters["missing_frames"] == 0
-    want = expected_images(cli._sim4d(sargs))  # the same seed: the frames that were sent
+    want = expected_images(sent_frames(sargs))
     for name, img in want.items():
         np.testing.assert_allclose(np.load(tmp_path / f"{name}.npy"), img, rtol=1e-12)
     assert np.load(tmp_path / "com_row.npy").shape == SCAN and (tmp_path / "virtual_images.png").stat().st_size
@@ -103,7 +114,7 @@ def test_record_then_replay_in_the_other_protocol(tmp_path, capsys):
     events = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert events[-1]["event"] == "done" and events[-1]["counters"]["frames"] == SCAN[0] * SCAN[1]
     master = tmp_path / "rec" / "scan_master.h5"
-    frames = cli._sim4d(sargs)
+    frames = sent_frames(sargs)
     stored, ids = read_frames(master)
     assert np.array_equal(stored, frames) and ids.tolist() == list(range(len(frames)))
 
@@ -120,3 +131,11 @@ def test_stream_refuses_a_missing_recording(tmp_path, capsys):
     args = parse(["stream", str(tmp_path / "nothing_master.h5"), "--bind", free_endpoint(), "--wait", "0"])
     assert args.func(args) == 2
     assert "cannot read recording" in capsys.readouterr().err
+
+
+def test_without_providers_scan_and_sim4d_are_refused(capsys):
+    """streams.cli registered on its own (no edge): ``receive --scan`` and ``stream sim4d`` exit 2 and say why."""
+    args = parse(["receive", free_endpoint(), "--scan", "4x5", "--duration", "0.1"], providers=False)
+    assert args.func(args) == 2 and "no live imager registered" in capsys.readouterr().err
+    args = parse(["stream", "sim4d", "--bind", free_endpoint(), "--wait", "0"], providers=False)
+    assert args.func(args) == 2 and "no simulator registered" in capsys.readouterr().err
