@@ -115,7 +115,8 @@ REGISTERS = (
              "from EXPECTED_RATE when it is not 0; acted on in the cycle after the write (a sample taken in the "
              "write's cycle is dropped), s_axis_tready low from then on for history + L_pre + 1 cycles with a "
              "rate, L_pre + 1 without."),
-    Register("STATUS", 0x08, "RW1C", "0x2 (READY from L_pre cycles after reset)", "bit 0 BLANK: the latch (the blank output); write 1 to clear it "
+    Register("STATUS", 0x08, "RW1C", "0x2 (READY from L_pre cycles after reset)",
+             "bit 0 BLANK: the latch (the blank output); write 1 to clear it "
              "(rearm); a decision that fires in the same cycle wins. bit 1 READY (s_axis_tready). bit 2 "
              "HISTORY_FULL: the next sample is decided on. bit 3 PREFILL: the expected-rate pre-fill is "
              "running. Bits 1-3 read-only."),
@@ -672,6 +673,7 @@ def core_verilog(d: IPDesign, spec) -> str:
         f"6'd{regs['CONFIG']}: reg_rdata <= 32'h{cfg_word:08X};",
         "default: reg_rdata <= 32'd0;"])
     thr_reset = d.threshold & 0xFFFFFFFF
+    rate_hi = 31 if sbw >= 16 else sbw + 15  # the integer part's bits that fit a held sample
     neg = "-" if lo_w < 0 else ""
     return f"""`timescale 1 ns / 1 ps
 // beamloop trigger IP core (fpga/ip.py), model {d.model}: {d.dims} MLP on {spec.window} samples + {nb} block sums
@@ -718,10 +720,11 @@ module {p}_core (
     wire full = rch[{nb}];
     reg pf_active;  // expected-rate pre-fill running
     reg [{hb - 1}:0] pf_n;
-    reg [47:0] pf_acc;  // j * rate, 16 fractional bits
-    wire [47:0] pf_next = pf_acc + {{16'd0, rate_reg}};
-    wire [31:0] pf_count = pf_next[47:16] - pf_acc[47:16];
-    wire [{sbw - 1}:0] pf_val = (pf_count > 32'd{sc}) ? {sbw}'d{sc} : pf_count[{sbw - 1}:0];
+    // count j = floor((j + 1) r) - floor(j r) = (rate >> 16) + carry of the fraction of j r plus rate's fraction
+    reg [15:0] pf_frac;  // fraction of j * rate
+    reg [{sbw - 1}:0] pf_c0, pf_c1;  // min(rate >> 16, clip), min((rate >> 16) + 1, clip)
+    wire [16:0] pf_sum = {{1'b0, pf_frac}} + {{1'b0, rate_reg[15:0]}};
+    wire [{sbw - 1}:0] pf_val = pf_sum[16] ? pf_c1 : pf_c0;
     reg [{_bits(lp + 1) - 1}:0] pre_cnt;  // precompute cycles left
     reg push_q;  // the history takes a sample one cycle after it is accepted (short enable paths)
     reg [{sbw - 1}:0] val_q;
@@ -742,7 +745,9 @@ module {p}_core (
             push_q <= 1'b0;
             pf_active <= 1'b0;
             pf_n <= 0;
-            pf_acc <= 48'd0;
+            pf_frac <= 16'd0;
+            pf_c0 <= 0;
+            pf_c1 <= 0;
             {hist_reset_s}
         end else begin
             if (push_q) begin
@@ -751,7 +756,7 @@ module {p}_core (
                 rch <= {{{rch_next}}};
             end
             if (pf_active) begin
-                pf_acc <= pf_next;
+                pf_frac <= pf_sum[15:0];
                 pf_n <= pf_n + {hb}'d1;
                 if (pf_n == {hb}'d{h - 2}) pf_active <= 1'b0;
             end
@@ -761,7 +766,9 @@ module {p}_core (
                 {hist_start_s}
                 pf_active <= rate_reg != 32'd0;
                 pf_n <= 0;
-                pf_acc <= {{16'd0, rate_reg}};
+                pf_frac <= rate_reg[15:0];  // j = 1
+                pf_c0 <= (rate_reg[31:16] > 16'd{sc}) ? {sbw}'d{sc} : rate_reg[{rate_hi}:16];
+                pf_c1 <= (rate_reg[31:16] >= 16'd{sc}) ? {sbw}'d{sc} : rate_reg[{rate_hi}:16] + {sbw}'d1;
             end
         end
     end
