@@ -6,13 +6,14 @@ The CLI (``beamloop serve``, ``beamloop run``), the benchmarks and the tests all
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from beamloop.edge.control.client import BridgeClient
 from beamloop.edge.frame.latency import LatencyRecorder
-from beamloop.edge.path import FramePath, frame_path
+from beamloop.edge.path import DEFAULT_MEMORY_BUDGET, FramePath, frame_path
 from beamloop.edge.service import EdgeService, latency_keys
 from beamloop.edge.stages.find import FinderConfig
 from beamloop.edge.stages.policy import VacancyLinePolicy
@@ -40,6 +41,10 @@ class ServiceConfig:
         The U-Net's precision and ONNX Runtime device (``method="unet"``).
     heartbeat_s : float or None
         Heartbeat period towards the scan controller's watchdog, seconds.
+    memory_budget_mib : float
+        Working memory the frame path may need for one series, MiB
+        (:meth:`beamloop.edge.path.FramePath.check_budget`); also the bound on the receive ring that
+        :func:`receiver_ring_bytes` gives the service's receiver.
     """
 
     material: str = "MoS2"
@@ -50,6 +55,26 @@ class ServiceConfig:
     precision: str = "fp32"
     device: str = "auto"
     heartbeat_s: float | None = 0.25
+    memory_budget_mib: float = DEFAULT_MEMORY_BUDGET / 2**20
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.memory_budget_mib, (int, float)) and math.isfinite(self.memory_budget_mib)
+                and self.memory_budget_mib > 0):
+            raise ValueError(f"memory_budget_mib must be a positive number, got {self.memory_budget_mib!r}")
+        if self.targets_per_frame is not None and not (isinstance(self.targets_per_frame, int)
+                                                       and self.targets_per_frame >= 0):
+            raise ValueError(f"targets_per_frame must be a whole number >= 0, got {self.targets_per_frame!r}")
+
+    @property
+    def memory_budget_bytes(self) -> int:
+        """``memory_budget_mib`` in bytes."""
+        return int(self.memory_budget_mib * 2**20)
+
+
+def receiver_ring_bytes(cfg: ServiceConfig) -> int:
+    """The ``max_ring_bytes`` of the service's frame receiver: the same budget as the frame path's, so that a
+    series too large for one is refused by the other before anything is allocated."""
+    return cfg.memory_budget_bytes
 
 
 def build_path(cfg: ServiceConfig, latency: LatencyRecorder | None = None) -> FramePath:
@@ -71,6 +96,7 @@ def build_path(cfg: ServiceConfig, latency: LatencyRecorder | None = None) -> Fr
     config = FinderConfig.for_spacing(cfg.spacing_px) if cfg.spacing_px else None
     path = frame_path(cfg.method, cfg.material, policy, config=config, unet=unet)
     path.latency = latency if latency is not None else LatencyRecorder(latency_keys(path))
+    path.memory_budget_bytes = cfg.memory_budget_bytes
     return path
 
 

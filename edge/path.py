@@ -24,6 +24,7 @@ path               stages (latency key: class)                                 s
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import replace
 from typing import Callable, Sequence
@@ -40,6 +41,17 @@ from beamloop.edge.stages.find import FinderConfig, FindPeaks
 from beamloop.edge.stages.policy import VacancyLinePolicy
 from beamloop.edge.stages.preprocess import Preprocess
 from beamloop.edge.stages.vacancies import InferVacancySites
+
+BYTES_PER_PIXEL = 64
+"""Upper estimate of the frame path's working memory per frame pixel, bytes: the stages' float32 buffers
+(background, smoothed frame and its temporaries, score maps) and the float64 / complex temporaries of the
+scale estimate of a series without a pixel size."""
+
+DEFAULT_MEMORY_BUDGET = 1 << 30
+"""Working memory the frame path may need for one series, bytes (1 GiB); see :meth:`FramePath.buffer_bytes`."""
+
+MAX_FRAME_SIDE = 1 << 16
+"""Largest frame side the frame path takes, pixels."""
 
 
 class PathError(ValueError):
@@ -61,6 +73,9 @@ class FramePath:
     period_px : float, optional
         Lattice period in pixels for frames without a pixel size (the user's ``--spacing-px``); without it
         the period is estimated from the first frame of each such series.
+    memory_budget_bytes : int
+        Most working memory one series may need (:meth:`buffer_bytes`); a series that needs more is
+        refused with a :class:`~beamloop.edge.frame.stage.FrameError` before any stage allocates.
 
     Raises
     ------
@@ -78,8 +93,10 @@ class FramePath:
     """
 
     def __init__(self, stages: Sequence[FrameStage], material: str | Material = MOS2,
-                 latency: LatencyRecorder | None = None, period_px: float | None = None) -> None:
+                 latency: LatencyRecorder | None = None, period_px: float | None = None,
+                 memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET) -> None:
         self.stages = list(stages)
+        self.memory_budget_bytes = int(memory_budget_bytes)
         self.material = material_named(material)
         self.latency = latency
         self.period_px = period_px
@@ -144,6 +161,55 @@ class FramePath:
     def _needs_scale(self) -> bool:
         return any(isinstance(s, (Preprocess, FindPeaks)) and s.config is None for s in self.stages)
 
+    def buffer_bytes(self, meta: FrameMeta) -> int:
+        """Estimated working memory of the stages for a series of ``meta``, bytes.
+
+        :data:`BYTES_PER_PIXEL` per frame pixel, plus the smoothing kernel the scale implies (a
+        Gaussian truncated at 4 sigma, with float64 temporaries): the sigma is the stages' fixed one, the
+        series' ``column_sigma_px``, the material's column sigma over the pixel size, or a fifth of the
+        lattice period, whichever is known first. A stage with a ``buffer_bytes(meta)`` method adds its
+        own figure instead of the per-pixel estimate.
+        """
+        pixels = int(np.prod(meta.shape, dtype=np.float64))
+        own = [s.buffer_bytes(meta) for s in self.stages if callable(getattr(s, "buffer_bytes", None))]
+        total = sum(int(b) for b in own) if own else pixels * BYTES_PER_PIXEL
+        sigma = None
+        for s in self.stages:
+            cfg = getattr(s, "config", None)
+            if cfg is not None and isinstance(getattr(cfg, "sigma_px", None), (int, float)):
+                sigma = float(cfg.sigma_px)
+                break
+        if sigma is None:
+            if meta.column_sigma_px:
+                sigma = meta.column_sigma_px
+            elif meta.pixel_size_A and meta.material.column_sigma_A:
+                sigma = meta.material.column_sigma_A / meta.pixel_size_A
+            elif meta.period_px or self.period_px:
+                sigma = float(meta.period_px or self.period_px or 0) / 5
+        if sigma is not None and math.isfinite(sigma):
+            total += int(8 * sigma + 1) * 8 * 4
+        elif sigma is not None:
+            total = 1 << 62
+        return total
+
+    def check_budget(self, meta: FrameMeta) -> None:
+        """Refuse a series the path cannot take within its limits, before anything is allocated.
+
+        Raises
+        ------
+        FrameError
+            Frames with a side of more than :data:`MAX_FRAME_SIDE` pixels, or a series whose
+            :meth:`buffer_bytes` exceed :attr:`memory_budget_bytes`.
+        """
+        if len(meta.shape) != 2 or not all(0 < int(v) <= MAX_FRAME_SIDE for v in meta.shape):
+            raise FrameError(f"frame shape {meta.shape} is outside 1 .. {MAX_FRAME_SIDE} pixels per side")
+        need = self.buffer_bytes(meta)
+        if need > self.memory_budget_bytes:
+            scale = f", pixel size {meta.pixel_size_A:g} A" if meta.pixel_size_A else ""
+            raise FrameError(f"a series of {meta.shape[0]}x{meta.shape[1]} {meta.dtype} frames{scale} needs about "
+                             f"{need / 2**20:.0f} MiB of frame-path buffers, over the budget of "
+                             f"{self.memory_budget_bytes / 2**20:.0f} MiB")
+
     def prepare(self, meta: FrameMeta, image: np.ndarray | None = None) -> FrameMeta:
         """Prepare every stage for ``meta`` (resolving the scale from ``image`` when needed); returns the
         resolved metadata.
@@ -151,9 +217,13 @@ class FramePath:
         Raises
         ------
         FrameError
-            A stage cannot take such frames, or the scale cannot be estimated.
+            A series over the memory budget (:meth:`check_budget`, before any stage allocates), a stage
+            that cannot take such frames, or a scale that cannot be estimated.
         """
+        self.check_budget(meta)
         resolved = self._resolve(meta, image) if image is not None else meta
+        if resolved is not meta:
+            self.check_budget(resolved)
         for s in self.stages:
             s.prepare(resolved)
         self._requested = meta

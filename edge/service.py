@@ -7,6 +7,15 @@ is bridge -> trigger for one target. Experiments (:mod:`beamloop.edge.experiment
 While it waits for messages the service sends the scan controller a ``heartbeat`` whenever the bridge
 has been silent for ``heartbeat_s``, so that the controller's watchdog (:mod:`beamloop.edge.control.safety`)
 blanks the beam only when the service has really stopped.
+
+Stream metadata is input, and checked before anything is sized by it: a series whose ``kind`` is not text,
+whose ``pixel_size_A`` is not a number in :data:`beamloop.edge.frame.context.PIXEL_SIZE_A`, whose ``scan``
+frame is malformed, disagrees with the images or the pixel size, or whose frames would need more working
+memory than the frame path's budget (:meth:`beamloop.edge.path.FramePath.check_budget`) is rejected as a
+whole: counted (:attr:`ServiceStats.series_rejected`, :attr:`ServiceStats.frames_rejected`), logged once,
+and the service goes on with the next series. A frame's ``sent_ns`` is used for latency only when it is an
+integer time at most :data:`MAX_TRANSPORT_NS` before its receipt (else counted in
+:attr:`ServiceStats.bad_times`).
 """
 
 from __future__ import annotations
@@ -14,14 +23,16 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Any
 
 import numpy as np
 
 from beamloop.edge.control.client import BridgeClient
 from beamloop.edge.control.protocol import BridgeError
-from beamloop.edge.frame.context import FrameContext, FrameMeta
+from beamloop.edge.frame.context import FrameContext, FrameMeta, check_pixel_size
 from beamloop.edge.frame.latency import LatencyRecorder
 from beamloop.edge.frame.scanframe import BeamPositionError, ScanFrame
 from beamloop.edge.frame.stage import FrameError
@@ -44,6 +55,92 @@ TRIGGER = "trigger"
 """Latency key: one trigger decision on a block of parked-probe samples."""
 END_TO_END = "end_to_end"
 """Latency key: the frame leaving the detector to the controller confirming the first target's probe position."""
+
+
+MAX_TRANSPORT_NS = 3_600 * 10**9
+"""Longest time from a frame's ``sent_ns`` to its receipt that is taken as a latency (1 hour), nanoseconds."""
+
+MAX_FOV_NM = 1e5
+"""Largest field of view a scan frame may state, nanometres (100 um)."""
+
+PIXEL_SIZE_TOLERANCE = 0.05
+"""Largest relative difference between a series' ``pixel_size_A`` and its scan frame's pixel size."""
+
+REJECTED_SERIES_KEPT = 64
+"""Rejected series remembered (so that their later frames are skipped without a second warning)."""
+
+
+class Interrupted(Exception):
+    """A stop was requested (e.g. SIGINT) while the service waited: raised between messages, never in the
+    middle of one, after a dwell in progress was blanked.
+
+    Parameters
+    ----------
+    signum : int
+        The signal number (0 when the stop did not come from a signal).
+    """
+
+    def __init__(self, signum: int = 0) -> None:
+        super().__init__(f"stopped by signal {signum}" if signum else "stopped")
+        self.signum = int(signum)
+
+
+INTERRUPT_CHECK_S = 0.25
+"""Longest wait between two checks of the service's ``interrupt`` callable, seconds."""
+
+
+def sent_time_ns(ev: ImageEvent) -> int | None:
+    """The frame's ``sent_ns`` (the sender's ``time.monotonic_ns()``) when it is usable: an integer in
+    ``[0, 2**63)`` at most :data:`MAX_TRANSPORT_NS` before the frame's receipt; else None."""
+    ud = ev.header.user_data
+    sent = ud.get("sent_ns") if isinstance(ud, dict) else None
+    if (isinstance(sent, int) and not isinstance(sent, bool) and 0 <= sent < 1 << 63
+            and 0 <= ev.recv_ns - sent <= MAX_TRANSPORT_NS):
+        return sent
+    return None
+
+
+def check_scan(d: Any, shape: tuple[int, ...], pixel_size_A: float | None) -> ScanFrame:
+    """The scan frame a series states (``user_data["scan"]``), checked against its images.
+
+    Parameters
+    ----------
+    d : object
+        The stated scan frame (:meth:`beamloop.edge.frame.scanframe.ScanFrame.as_dict`).
+    shape : tuple
+        The images' shape.
+    pixel_size_A : float or None
+        The series' stated pixel size.
+
+    Returns
+    -------
+    ScanFrame
+
+    Raises
+    ------
+    FrameError
+        Not a valid scan frame, another shape than the images, a field of view beyond
+        :data:`MAX_FOV_NM`, a frame id outside ``[0, 2**63)``, or a pixel size that disagrees with the
+        series' by more than :data:`PIXEL_SIZE_TOLERANCE`.
+    """
+    if not isinstance(d, dict):
+        raise FrameError(f"scan frame {d!r:.60} is not a map")
+    try:
+        scan = ScanFrame.from_dict(d)
+    except Exception as exc:  # noqa: BLE001 - whatever the stream sent, it is a rejection, not a crash
+        raise FrameError(f"invalid scan frame: {exc}"[:200]) from None
+    if tuple(scan.shape) != tuple(shape):
+        raise FrameError(f"scan frame of {scan.shape[0]}x{scan.shape[1]} pixels for images of {shape}")
+    if not all(0 < v <= MAX_FOV_NM for v in scan.fov_nm) or not all(math.isfinite(v) for v in scan.center_nm):
+        raise FrameError(f"scan frame field of view {scan.fov_nm} nm is outside (0, {MAX_FOV_NM:g}] nm")
+    if not 0 <= scan.frame_id < 1 << 63:
+        raise FrameError(f"scan frame id {scan.frame_id} is outside [0, 2**63)")
+    if pixel_size_A is not None:
+        check_pixel_size(scan.pixel_size_A, "scan frame pixel size")
+        if abs(scan.pixel_size_A - pixel_size_A) > PIXEL_SIZE_TOLERANCE * pixel_size_A:
+            raise FrameError(f"pixel size {pixel_size_A:g} A disagrees with the scan frame's "
+                             f"{scan.pixel_size_A:g} A")
+    return scan
 
 
 def latency_keys(path: FramePath | tuple[str, ...]) -> tuple[str, ...]:
@@ -74,7 +171,8 @@ class DwellResult:
         Why the dwell ended: ``trigger`` (the trigger fired and the beam was blanked), ``max_dwell``
         (no event within the time limit), ``controller_ended`` (the scan controller ended the stream),
         ``stream_timeout`` (no samples arrived), ``rejected`` (position refused before sending),
-        ``bridge_error``.
+        ``bridge_error`` (a call failed; the beam was blanked), ``blank_failed`` (the beam could not be
+        blanked: it may still be on).
     trigger_sample : int
         Sample index (from the start of the dwell) at which the trigger fired, -1 if it did not.
     samples : int
@@ -101,13 +199,28 @@ class DwellResult:
 
 @dataclass
 class ServiceStats:
-    """Counts of what the service rejected or skipped, with the last few error texts."""
+    """Counts of what the service rejected or skipped, with the last few error texts.
+
+    ``frame_errors``: frames the frame path rejected; ``series_rejected``: series whose metadata was
+    refused, ``frames_rejected``: their frames; ``protocol_errors``: messages the receiver rejected;
+    ``skipped_messages``: images of other kinds met while waiting for a frame; ``bad_times``: frames with an
+    unusable ``sent_ns``; ``heartbeat_errors``: heartbeats that failed; ``blank_failures``: blanks that
+    failed (the beam may have stayed on)."""
 
     frame_errors: int = 0
+    series_rejected: int = 0
+    frames_rejected: int = 0
     protocol_errors: int = 0
     skipped_messages: int = 0
+    bad_times: int = 0
     heartbeat_errors: int = 0
+    blank_failures: int = 0
     errors: list = field(default_factory=list)
+
+    @property
+    def rejected(self) -> int:
+        """Frames not processed for any reason of the service's own (bad frames and rejected series)."""
+        return self.frame_errors + self.frames_rejected
 
     def note(self, text: str) -> None:
         """Keep an error text (the last 100)."""
@@ -136,12 +249,17 @@ class EdgeService:
         Send a ``heartbeat`` when the bridge has been silent this long, seconds (checked while waiting
         for messages); None: never. Keep it well below the controller's watchdog period (1 s for the
         simulated microscope). A controller that does not know the call turns heartbeats off.
+    interrupt : callable() -> int, optional
+        Asked at least every :data:`INTERRUPT_CHECK_S` while waiting: a non-zero value (a signal number)
+        raises :class:`Interrupted` (e.g. :class:`beamloop.edge.cli.StopSignals`).
     """
 
     def __init__(self, receiver: FrameReceiver, path: FramePath, bridge: BridgeClient | None = None,
                  trigger: str = "model", trigger_options: dict | None = None,
-                 latency: LatencyRecorder | None = None, heartbeat_s: float | None = 0.25) -> None:
+                 latency: LatencyRecorder | None = None, heartbeat_s: float | None = 0.25,
+                 interrupt: Callable[[], int] | None = None) -> None:
         self.receiver = receiver
+        self.interrupt = interrupt
         self.path = path
         self.bridge = bridge
         self.heartbeat_s = heartbeat_s if bridge is not None else None
@@ -150,7 +268,8 @@ class EdgeService:
         path.latency = self.latency
         self.trigger = make_trigger(trigger, **(trigger_options or {}))
         self.stats = ServiceStats()
-        self._series_meta: tuple[int, FrameMeta] | None = None
+        self._series_meta: tuple[tuple, FrameMeta, ScanFrame | None] | None = None
+        self._rejected: OrderedDict[str, str] = OrderedDict()
         if bridge is not None:
             bridge.on_round_trip = self._record_round_trip
 
@@ -165,10 +284,16 @@ class EdgeService:
         return max(self.bridge.last_sent + self.heartbeat_s, self._no_beat_before)
 
     def beat_if_due(self) -> None:
-        """Send a heartbeat if the bridge has been silent for ``heartbeat_s``; never raises.
+        """Send a heartbeat if the bridge has been silent for ``heartbeat_s``.
 
         A failed heartbeat is counted (``stats.heartbeat_errors``) and the next is tried ``heartbeat_s``
         later; ``unknown_call`` turns heartbeats off (a controller without a watchdog).
+
+        Raises
+        ------
+        BridgeError
+            (``unavailable``) the controller is known to be gone (its process exited): nothing the service
+            waits for can come any more.
         """
         if self.bridge is None or self.heartbeat_s is None or time.monotonic() < self._next_beat():
             return
@@ -181,6 +306,8 @@ class EdgeService:
             if exc.code == "unknown_call":
                 log.warning("the scan controller has no heartbeat call (no watchdog); heartbeats off")
                 self.heartbeat_s = None
+            elif exc.code == "unavailable":
+                raise
 
     # receive -> frame path -----------------------------------------------------------------------
     def _recv_once(self, timeout_ms: int):
@@ -192,28 +319,58 @@ class EdgeService:
             log.warning("stream: %s", exc)
             return False
 
+    def check_interrupt(self) -> None:
+        """Raise :class:`Interrupted` if a stop was requested (the ``interrupt`` callable says so)."""
+        if self.interrupt is not None:
+            signum = self.interrupt()
+            if signum:
+                raise Interrupted(signum)
+
     def _recv(self, timeout_ms: int):
         """Next message within ``timeout_ms`` (None when none; False for a rejected one), sending
-        heartbeats while waiting."""
+        heartbeats while waiting; raises ``unavailable`` (:meth:`beat_if_due`)."""
         deadline = time.monotonic() + timeout_ms / 1000
         while True:
+            self.check_interrupt()
             self.beat_if_due()
             now = time.monotonic()
             wait = deadline - now
             if self.heartbeat_s is not None:
                 wait = min(wait, self._next_beat() - now)
+            if self.interrupt is not None:
+                wait = min(wait, INTERRUPT_CHECK_S)
             ev = self._recv_once(max(math.ceil(wait * 1000), 0))
             if ev is not None or time.monotonic() >= deadline:
                 return ev
 
-    def _meta(self, ev: ImageEvent, image: np.ndarray) -> FrameMeta:
-        """The frame path's metadata of ``ev``'s series (made once per series)."""
-        sid = ev.series.series_id
-        if self._series_meta is None or self._series_meta[0] != sid or self._series_meta[1].shape != image.shape:
-            meta = FrameMeta.of(image, ev.series.user_data.get("pixel_size_A"), self.path.material,
-                                channel=ev.series.channels[0])
-            self._series_meta = (sid, meta)
-        return self._series_meta[1]
+    def _series(self, ev: ImageEvent, image: np.ndarray) -> tuple[FrameMeta, ScanFrame | None]:
+        """The frame path's metadata and the scan frame of ``ev``'s series, checked once per series.
+
+        Raises
+        ------
+        FrameError
+            The series' metadata is refused (see the module docstring).
+        """
+        series = ev.series
+        key = (series.series_unique_id, image.shape, image.dtype)
+        if self._series_meta is not None and self._series_meta[0] == key:
+            return self._series_meta[1], self._series_meta[2]
+        ud = series.user_data if isinstance(series.user_data, dict) else {}
+        meta = FrameMeta.of(image, ud.get("pixel_size_A"), self.path.material, channel=series.channels[0])
+        self.path.check_budget(meta)
+        scan = check_scan(ud["scan"], image.shape, meta.pixel_size_A) if "scan" in ud else None
+        self._series_meta = (key, meta, scan)
+        return meta, scan
+
+    def _reject_series(self, ev: ImageEvent, why: str) -> None:
+        uid = ev.series.series_unique_id
+        self._rejected[uid] = why
+        while len(self._rejected) > REJECTED_SERIES_KEPT:
+            self._rejected.popitem(last=False)
+        self.stats.series_rejected += 1
+        self.stats.frames_rejected += 1
+        self.stats.note(f"series {ev.series.series_id} rejected: {why}")
+        log.warning("series %d rejected: %s", ev.series.series_id, why)
 
     def next_frame(self, timeout_ms: int = 5000, want_targets: bool = True
                    ) -> tuple[ImageEvent, FrameContext, ScanFrame | None] | None:
@@ -221,9 +378,15 @@ class EdgeService:
 
         Parked-probe samples and bad messages met on the way are skipped (counted). Returns
         ``(event, context, scan)`` or None when nothing arrived within ``timeout_ms`` (per message). A
-        frame the path rejects (:class:`~beamloop.edge.frame.stage.FrameError`) is counted and skipped.
+        frame the path rejects (:class:`~beamloop.edge.frame.stage.FrameError`), and every frame of a
+        series whose metadata is refused, is counted and skipped: no message ends the service.
         The context is the path's own (reused by the next frame); its ``columns`` and ``targets`` may be kept.
         ``want_targets=False`` asks the policy for no targets (a verification frame).
+
+        Raises
+        ------
+        BridgeError
+            (``unavailable``) the scan controller is known to be gone (:meth:`beat_if_due`).
         """
         deadline = time.monotonic() + timeout_ms / 1000
         while time.monotonic() < deadline:
@@ -232,43 +395,64 @@ class EdgeService:
                 return None
             if not isinstance(ev, ImageEvent):
                 continue
-            ud = ev.series.user_data
-            if ud.get("kind", "frame") != "frame":
+            if ev.series.series_unique_id in self._rejected:
+                self.stats.frames_rejected += 1
+                continue
+            ud = ev.series.user_data if isinstance(ev.series.user_data, dict) else {}
+            kind = ud.get("kind", "frame")
+            if not isinstance(kind, str):
+                self._reject_series(ev, f"kind {kind!r:.40} is not text")
+                continue
+            if kind != "frame":
                 self.stats.skipped_messages += 1
                 continue
-            sent = ev.header.user_data.get("sent_ns")
-            if isinstance(sent, int):
+            sent = sent_time_ns(ev)
+            if sent is not None:
                 self.latency.add(RECEIVE, ev.recv_ns - sent)
+            elif "sent_ns" in ev.header.user_data:
+                self.stats.bad_times += 1
             self.latency.add(DECODE, ev.decoded_ns - ev.recv_ns)
-            scan = None
-            if isinstance(ud.get("scan"), dict):
-                try:
-                    scan = ScanFrame.from_dict(ud["scan"])
-                except ValueError as exc:
-                    self.stats.note(str(exc))
             image = frame_image(ev)
             try:
-                ctx = self.path.run(image, scan=scan, meta=self._meta(ev, image), want_targets=want_targets)
+                meta, scan = self._series(ev, image)
+            except FrameError as exc:
+                self._reject_series(ev, str(exc))
+                continue
+            try:
+                ctx = self.path.run(image, scan=scan, meta=meta, want_targets=want_targets)
             except FrameError as exc:
                 self.stats.frame_errors += 1
                 self.stats.note(f"frame {ev.image_id}: {exc}")
                 log.warning("frame %d rejected: %s", ev.image_id, exc)
                 continue
+            except Exception as exc:  # noqa: BLE001 - a stage's bug must not end the service either
+                self.stats.frame_errors += 1
+                self.stats.note(f"frame {ev.image_id}: {type(exc).__name__}: {exc}")
+                log.error("frame %d: frame path failed", ev.image_id, exc_info=True)
+                continue
             return ev, ctx, scan
         return None
 
     # bridge -> trigger ---------------------------------------------------------------------------
-    def safe_blank(self) -> bool:
-        """Blank the beam, swallowing (and counting) bridge errors; returns whether it succeeded."""
+    def safe_blank(self, attempts: int = 2) -> bool:
+        """Blank the beam, swallowing (and counting) bridge errors; returns whether the controller confirmed it.
+
+        Tries ``attempts`` times (a blank is never refused for its rate or sequence number, so a second
+        try only helps after a timeout); stops early when the controller is known to be gone.
+        """
         if self.bridge is None:
             return False
-        try:
-            self.bridge.blank(True)
-            return True
-        except BridgeError as exc:
-            self.stats.note(f"blank failed: {exc}")
-            log.error("could not blank the beam: %s", exc)
-            return False
+        for _ in range(max(int(attempts), 1)):
+            try:
+                self.bridge.blank(True)
+                return True
+            except BridgeError as exc:
+                self.stats.blank_failures += 1
+                self.stats.note(f"blank failed: {exc}")
+                log.error("could not blank the beam: %s", exc)
+                if exc.code == "unavailable":
+                    break
+        return False
 
     def parked_blocks(self, res: DwellResult, stream_timeout_ms: int) -> Iterator[np.ndarray]:
         """The blocks of parked-probe samples of the dwell ``res`` as they arrive (the valid part of each).
@@ -297,12 +481,16 @@ class EdgeService:
             if ev.series.series_id != res.series_id:
                 continue
             block = frame_image(ev)[0]
-            yield block[:ev.header.user_data.get("valid", block.shape[0])]
+            valid = ev.header.user_data.get("valid", block.shape[0])
+            if isinstance(valid, bool) or not isinstance(valid, int) or not 0 <= valid <= block.shape[0]:
+                valid = block.shape[0]  # a bogus count: the whole block
+            yield block[:valid]
 
     def dwell(self, target: Target, max_dwell_s: float = 2.0, stream_timeout_ms: int = 1000) -> DwellResult:
         """Park the beam on ``target``, unblank, and blank again when the trigger fires.
 
-        The beam is blanked on every way out: trigger, time limit, stream timeout, bridge error.
+        The beam is blanked on every way out: trigger, time limit, stream timeout, the controller ending
+        the series, bridge error; ``reason`` is ``blank_failed`` when that blank could not be confirmed.
         Never raises for bridge or stream errors; they end up in the returned :class:`DwellResult`.
 
         Raises
@@ -322,28 +510,36 @@ class EdgeService:
             return res
         except BridgeError as exc:
             res.reason, res.error = "bridge_error", str(exc)
-            self.safe_blank()
+            if not self.safe_blank():
+                res.reason = "blank_failed"
             return res
         trig = self.trigger
         trig.start()
         deadline = time.monotonic() + max_dwell_s
         blanked = False
-        blocks = self.parked_blocks(res, stream_timeout_ms)
-        for block in blocks:
-            if blanked:
-                continue  # the rest of the series, until the controller ends it
-            t0 = time.perf_counter_ns()
-            k = trig.update(block)
-            self.latency.add(TRIGGER, time.perf_counter_ns() - t0)
-            res.samples += len(block)
-            if k >= 0 or time.monotonic() > deadline:
-                res.reason = "trigger" if k >= 0 else "max_dwell"
-                res.trigger_sample = trig.trigger_sample
-                blanked = self.safe_blank()
-                if not blanked:
-                    res.reason, res.error = "bridge_error", "blank after trigger failed"
-                    break
-        if not blanked and res.reason == "stream_timeout":
-            self.safe_blank()
+        try:
+            for block in self.parked_blocks(res, stream_timeout_ms):
+                if blanked:
+                    continue  # the rest of the series, until the controller ends it
+                t0 = time.perf_counter_ns()
+                k = trig.update(block)
+                self.latency.add(TRIGGER, time.perf_counter_ns() - t0)
+                res.samples += len(block)
+                if k >= 0 or time.monotonic() > deadline:
+                    res.reason = "trigger" if k >= 0 else "max_dwell"
+                    res.trigger_sample = trig.trigger_sample
+                    blanked = self.safe_blank()
+                    if not blanked:
+                        res.error = "blank after trigger failed"
+                        break
+        except BridgeError as exc:  # the controller is gone while the beam was on
+            res.reason, res.error = "bridge_error", str(exc)
+        except Interrupted:
+            self.safe_blank()  # blank first, then let the caller stop
+            raise
+        if not blanked:  # every way out blanks, also after the controller ended the series itself
+            blanked = self.safe_blank()
+        if not blanked:
+            res.reason, res.error = "blank_failed", res.error or "blank failed"
         res.baseline_rate = trig.baseline_rate
         return res

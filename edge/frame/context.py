@@ -16,6 +16,7 @@ import numpy as np
 
 from beamloop.edge.frame.columns import ColumnTable
 from beamloop.edge.frame.scanframe import ScanFrame
+from beamloop.edge.frame.stage import FrameError
 from beamloop.edge.materials import GENERIC, Material
 
 SLOTS = ("image", "scan", "smooth", "noise", "columns", "bonds", "targets", "extras")
@@ -24,6 +25,42 @@ written by the runner, the others by stages."""
 
 INPUT_SLOTS = ("image", "scan")
 """Slots the runner fills before the first stage."""
+
+PIXEL_SIZE_A = (0.001, 100.0)
+"""Pixel sizes a series may state, Angstrom (smallest, largest): from sub-picometre sampling of a
+diffraction-limited probe to 10 nm overview pixels. Outside, the number is taken as corrupt, not as a scale:
+a pixel size drives the size of smoothing kernels and buffers."""
+
+
+def check_pixel_size(value: Any, what: str = "pixel size") -> float | None:
+    """A stated pixel size as a float in :data:`PIXEL_SIZE_A`, or None when none is stated (``None``).
+
+    Parameters
+    ----------
+    value : object
+        The stated value (e.g. a stream message's ``user_data["pixel_size_A"]``), Angstrom.
+    what : str
+        Names the value in the error message.
+
+    Returns
+    -------
+    float or None
+
+    Raises
+    ------
+    FrameError
+        Not a real number (text, a list, a bool), not finite, or outside :data:`PIXEL_SIZE_A`.
+    """
+    if value is None:
+        return None
+    lo, hi = PIXEL_SIZE_A
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise FrameError(f"{what} {value!r:.40} is not a number of Angstrom")
+    v = float(value) if not (isinstance(value, int) and abs(value) > 1e300) else math.inf
+    if not (math.isfinite(v) and lo <= v <= hi):
+        raise FrameError(f"{what} {v:g} A is outside {lo:g} .. {hi:g} A")
+    return v
+
 
 NO_IMAGE = np.zeros((0, 0), np.float32)
 """What the array slots hold before a stage writes them (read-only, empty)."""
@@ -62,16 +99,34 @@ class FrameMeta:
     channel: str = "haadf"
 
     @classmethod
-    def of(cls, image: np.ndarray, pixel_size_A: float | None = None, material: Material = GENERIC, **kw: Any
-           ) -> "FrameMeta":
+    def of(cls, image: np.ndarray, pixel_size_A: Any = None, material: Material = GENERIC, **kw: Any
+           ) -> FrameMeta:
         """Metadata of ``image`` (2-D) with the given pixel size and material.
 
-        A pixel size that is not a positive finite number is taken as unknown (None).
+        Parameters
+        ----------
+        image : ndarray (rows, cols)
+        pixel_size_A : float or None
+            Angstrom per pixel as stated by the stream or the file; None: not stated (the scale is then
+            estimated from the frames).
+        material : Material
+        **kw
+            ``period_px``, ``column_sigma_px`` (positive finite numbers or None), ``channel``.
+
+        Raises
+        ------
+        FrameError
+            A pixel size that is not a number in :data:`PIXEL_SIZE_A` (:func:`check_pixel_size`), or a
+            period or sigma that is not a positive finite number.
         """
-        ps = pixel_size_A if (isinstance(pixel_size_A, (int, float)) and not isinstance(pixel_size_A, bool)
-                              and math.isfinite(pixel_size_A) and pixel_size_A > 0) else None
+        ps = check_pixel_size(pixel_size_A)
+        for key in ("period_px", "column_sigma_px"):
+            v = kw.get(key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
+                                  or not (math.isfinite(v) and v > 0)):
+                raise FrameError(f"{key} {v!r:.40} is not a positive number of pixels")
         return cls((int(image.shape[0]), int(image.shape[1])) if image.ndim == 2 else tuple(image.shape),
-                   image.dtype, None if ps is None else float(ps), material, **kw)
+                   image.dtype, ps, material, **kw)
 
     @property
     def nn_spacing_px(self) -> float | None:
