@@ -114,7 +114,7 @@ class BridgeServer:
         self.requests = 0
         self.errors = 0
         self.last_error = ""
-        self._loop_polled = self.safety.clock()
+        self._loop_polled = time.monotonic()  # real time: the backstop asks whether the loop itself is held up
         self._backstop: tuple[threading.Thread, threading.Event] | None = None
 
     def close(self) -> None:
@@ -158,7 +158,7 @@ class BridgeServer:
         served = self._serve(timeout_ms)
         with self.lock:
             self.safety.poll()
-            self._loop_polled = self.safety.clock()
+            self._loop_polled = time.monotonic()
         return served
 
     def _serve(self, timeout_ms: int) -> bool:
@@ -240,8 +240,10 @@ class BridgeServer:
         Parameters
         ----------
         grace_s : float, optional
-            How long the serve loop may go without running the watchdog before the backstop acts, seconds
-            of the guard's clock (default: a quarter of the watchdog period, at most 0.25 s).
+            How long the serve loop may go without running the watchdog before the backstop acts, real
+            seconds (default: half the watchdog period, at most 1 s). Time in which the backstop's own
+            thread was not scheduled either (the whole process starved of CPU) does not count: after such a
+            gap the serve loop gets ``grace_s`` to serve the requests that waited.
         emergency : callable(reason), optional
             Blanks the beam without the lock, when the lock is not free within ``lock_wait_s`` (a handler
             hangs): it must be safe to call from another thread. The guard then blanks again, properly,
@@ -258,7 +260,7 @@ class BridgeServer:
         w = self.safety.limits.watchdog_s
         if w is None or self._backstop is not None:
             return
-        grace = float(grace_s) if grace_s is not None else min(w / 4, 0.25)
+        grace = float(grace_s) if grace_s is not None else min(w / 2, 1.0)
         tick = float(tick_s) if tick_s is not None else min(max(w / 20, 0.002), 0.02)
         wait = float(lock_wait_s) if lock_wait_s is not None else grace
         stop = threading.Event()
@@ -280,9 +282,14 @@ class BridgeServer:
     def _run_backstop(self, stop: threading.Event, grace: float, tick: float, wait: float,
                       emergency: Callable[[str], None] | None) -> None:
         safety = self.safety
+        t_prev = resumed = time.monotonic()
         while not stop.wait(tick):
+            now = time.monotonic()
+            if now - t_prev > tick + max(grace / 2, 0.05):
+                resumed = now  # this thread was not scheduled: the process was starved, not the loop held up
+            t_prev = now
             # lock-free reads of a few attributes: the serve loop runs the watchdog itself when it can
-            if not safety.overdue() or safety.clock() - self._loop_polled <= grace:
+            if not safety.overdue() or now - max(self._loop_polled, resumed) <= grace:
                 continue
             if self.lock.acquire(timeout=wait):
                 try:
