@@ -6,6 +6,23 @@ image files), ``replay`` (stream recorded frames to a service), and the features
 exposes ``register(subparsers)``, which adds parsers whose ``func`` takes the parsed arguments and returns an
 exit status. Modules import heavy optional packages (torch, brevitas, hls4ml) inside their command
 functions, never at import time.
+
+Exit status, the same for every command (:data:`EXIT_CODES`; ``beamloop --help`` lists them):
+
+====  ==========================================================================================
+0     done
+1     error: bad input, a configuration the scan controller refused, an endpoint that cannot be bound
+2     invalid options (argparse)
+3     no frames: a frame asked for (or any frame, for ``serve``) did not arrive
+4     the scan controller was lost: it stopped answering, or its process died
+5     the beam may still be on: a blank could not be confirmed
+6     the output could not be written (disk full, file-size limit, read-only folder); the file named
+      in the message stays readable with what was written before
+130   interrupted by SIGINT (Ctrl-C), 143 by SIGTERM (128 + the signal number), after the beam was
+      blanked and what was recorded so far was written
+====  ==========================================================================================
+
+When several things went wrong the most severe status wins: 5, then 4, 6, an interrupt, 3, 1.
 """
 
 from __future__ import annotations
@@ -13,7 +30,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import signal
 import sys
+import threading
 
 from beamloop.edge import __version__
 from beamloop.edge.cli.types import parse_positive, parse_shape  # noqa: F401  (TEMPORARY until streams.cli has its own)
@@ -35,9 +54,104 @@ COMMAND_MODULES = (
 dependencies are not installed is skipped)."""
 
 
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_NO_FRAMES = 3
+EXIT_CONTROLLER_LOST = 4
+EXIT_BEAM_UNSAFE = 5
+EXIT_OUTPUT = 6
+EXIT_SIGNAL = 128
+"""Exit status after a signal: ``EXIT_SIGNAL + signal number`` (130 for SIGINT, 143 for SIGTERM)."""
+
+EXIT_CODES = {
+    EXIT_OK: "done",
+    EXIT_ERROR: "error (bad input, refused configuration, endpoint)",
+    EXIT_USAGE: "invalid options",
+    EXIT_NO_FRAMES: "no frames arrived",
+    EXIT_CONTROLLER_LOST: "the scan controller was lost",
+    EXIT_BEAM_UNSAFE: "the beam may still be on (a blank was not confirmed)",
+    EXIT_OUTPUT: "the output could not be written (disk full, read-only)",
+    EXIT_SIGNAL + signal.SIGINT: "interrupted (SIGINT), beam blanked, results so far written",
+    EXIT_SIGNAL + signal.SIGTERM: "terminated (SIGTERM), beam blanked, results so far written",
+}
+"""Every exit status of ``beamloop`` and its meaning."""
+
+STOP_EXIT = {"beam_unsafe": EXIT_BEAM_UNSAFE, "controller_lost": EXIT_CONTROLLER_LOST, "no_frames": EXIT_NO_FRAMES,
+             "refused": EXIT_ERROR, "output": EXIT_OUTPUT}
+"""Exit status for each reason an experiment stops early
+(:data:`beamloop.edge.experiments.vacancy_line.STOP_REASONS`; ``interrupted`` gives 128 + the signal)."""
+
+_SEVERITY = (EXIT_BEAM_UNSAFE, EXIT_CONTROLLER_LOST, EXIT_OUTPUT)
+
+
+def worst_status(*codes: int) -> int:
+    """The most severe of several exit statuses (see the module docstring)."""
+    nonzero = [c for c in codes if c]
+    if not nonzero:
+        return EXIT_OK
+    for c in _SEVERITY:
+        if c in nonzero:
+            return c
+    signals = [c for c in nonzero if c > EXIT_SIGNAL]
+    if signals:
+        return signals[0]
+    return EXIT_NO_FRAMES if EXIT_NO_FRAMES in nonzero else max(nonzero)
+
+
+class StopSignals:
+    """SIGINT and SIGTERM as a request to stop, not an exception at an arbitrary line.
+
+    While installed (a context manager, in the main thread), the first SIGINT or SIGTERM only records the
+    signal: long-running loops ask :meth:`__call__` (or :attr:`signum`) between steps and stop cleanly
+    (blank the beam, write what they have). A second signal raises ``KeyboardInterrupt`` at once. Outside
+    the main thread it installs nothing.
+
+    Attributes
+    ----------
+    signum : int
+        The first signal received, 0 before any.
+    """
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._old: dict[int, object] = {}
+
+    def __call__(self) -> int:
+        """The signal received so far (0: none)."""
+        return self.signum
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)  # type: ignore[arg-type]
+        self._old.clear()
+
+    @property
+    def exit_status(self) -> int:
+        """128 + the signal received (0 before any)."""
+        return EXIT_SIGNAL + self.signum if self.signum else EXIT_OK
+
+
+def error(command: str, text: str) -> None:
+    """Print the one-line error of a command to stderr."""
+    print(f"beamloop {command}: error: {text}", file=sys.stderr, flush=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``beamloop`` command."""
-    p = argparse.ArgumentParser(prog="beamloop", description=__doc__.splitlines()[0])
+    epilog = "exit status: " + "; ".join(f"{k} {v}" for k, v in EXIT_CODES.items())
+    p = argparse.ArgumentParser(prog="beamloop", description=__doc__.splitlines()[0], epilog=epilog)
     p.add_argument("--version", action="version", version=f"beamloop {__version__}")
     p.add_argument("--log-level", default="WARNING", help="logging level (DEBUG, INFO, WARNING, ERROR)")
     sub = p.add_subparsers(dest="command", required=True)
@@ -57,9 +171,22 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    import zmq
+
+    from beamloop.edge.io.runlog import RunLogError
+
     try:
         return int(args.func(args) or 0)
+    except RunLogError as exc:
+        error(args.command, str(exc))
+        return EXIT_OUTPUT
+    except zmq.ZMQError as exc:  # a port in use, a malformed endpoint
+        error(args.command, f"{exc}")
+        return EXIT_ERROR
     except (ValueError, OSError, RuntimeError) as exc:
-        print(f"beamloop {args.command}: error: {exc}", file=sys.stderr)
-        return 1
+        error(args.command, str(exc))
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        error(args.command, "interrupted")
+        return EXIT_SIGNAL + signal.SIGINT
 

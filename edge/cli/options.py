@@ -11,7 +11,7 @@ import argparse
 from collections.abc import Callable
 from typing import TypeVar
 
-from beamloop.edge.cli.types import parse_fraction_pair, parse_nonnegative
+from beamloop.edge.cli.types import parse_fraction_pair, parse_nonnegative, parse_positive
 from beamloop.edge.control.keys import ClientKeys, KeyFileError, ServerKeys
 
 K = TypeVar("K")
@@ -36,8 +36,9 @@ def add_safety_arguments(parser: argparse.ArgumentParser) -> None:
                    help="what the watchdog does: blank the beam, or park it at --safe-position")
     g.add_argument("--safe-position", type=parse_fraction_pair, default=(0.0, 0.0), metavar="X,Y",
                    help="where the watchdog parks the probe, fractions of the current frame")
-    g.add_argument("--max-point-electrons", type=parse_nonnegative, default=None, metavar="N",
-                   help="dose limit per probe position, electrons (default: none)")
+    g.add_argument("--max-point-electrons", type=parse_positive, default=None, metavar="N",
+                   help="dose limit per probe position, electrons (default: none; 0 is refused: omit the option "
+                        "for no limit)")
 
 
 def safety_options(a: argparse.Namespace) -> dict:
@@ -52,11 +53,11 @@ def safety_options(a: argparse.Namespace) -> dict:
     -------
     dict
         ``watchdog_s`` (None for 0), ``on_watchdog``, ``safe_position`` (x, y), ``max_point_electrons`` (None
-        for 0 or absent): names shared by :class:`beamloop.edge.control.safety.SafetyLimits` and
+        when absent): names shared by :class:`beamloop.edge.control.safety.SafetyLimits` and
         :class:`beamloop.edge.sim.microscope.MicroscopeConfig`.
     """
     return {"watchdog_s": a.watchdog or None, "on_watchdog": a.on_watchdog, "safe_position": tuple(a.safe_position),
-            "max_point_electrons": a.max_point_electrons or None}
+            "max_point_electrons": a.max_point_electrons}
 
 
 # CURVE keys ---------------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Callable
 
 
 def parse_shape(text: str) -> tuple[int, int]:
@@ -63,3 +64,26 @@ def parse_fraction_pair(text: str) -> tuple[float, float]:
     if not all(math.isfinite(v) and 0.0 <= v <= 1.0 for v in (x, y)):
         raise argparse.ArgumentTypeError(f"{text!r} is not X,Y with fractions of the frame in [0, 1]")
     return x, y
+
+
+def parse_positive_int(text: str) -> int:
+    """A whole number >= 1."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a whole number >= 1")
+    return v
+
+
+def bounded(parse: Callable[[str], float], lo: float, hi: float, unit: str = "") -> Callable[[str], float]:
+    """An argparse type: ``parse(text)`` within ``[lo, hi]`` (``unit`` names it in the message)."""
+    def check(text: str) -> float:
+        v = parse(text)
+        if not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"{text!r} is outside [{lo:g}, {hi:g}]{' ' + unit if unit else ''}")
+        return v
+
+    check.__name__ = getattr(parse, "__name__", "bounded")
+    return check

@@ -1,7 +1,8 @@
 """The main job (``beamloop run``, ``make run``): the closed loop on the simulated microscope, end to end.
 
 It starts the simulated microscope in its own process (``beamloop sim``), connects the service to its
-frame stream and control bridge, writes a line of S vacancies atom by atom (:func:`beamloop.edge.experiments.vacancy_line.vacancy_line`),
+frame stream and control bridge, writes a line of S vacancies atom by atom
+(:func:`beamloop.edge.experiments.vacancy_line.vacancy_line`),
 then scores every frame against the simulator's ground truth and prints the per-stage latency, the
 accuracy per class, and the atoms removed. Outputs in ``--out``: ``run.h5`` (:mod:`beamloop.edge.io.runlog`),
 ``overlay.png`` and ``report.json``.
@@ -10,50 +11,101 @@ accuracy per class, and the atoms removed. Outputs in ``--out``: ``run.h5`` (:mo
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from beamloop.edge.app import ServiceConfig, build_service, warm_up
+from beamloop.edge.analysis.scoring import combine, match, score_frame
+from beamloop.edge.app import ServiceConfig, build_service, receiver_ring_bytes, warm_up
 from beamloop.edge.control.client import BridgeClient
 from beamloop.edge.control.protocol import BridgeError
+from beamloop.edge.experiments.vacancy_line import ExperimentConfig, ExperimentStopped, RoundRecord, vacancy_line
 from beamloop.edge.frame.latency import LatencyRecorder
-from beamloop.edge.experiments.vacancy_line import ExperimentConfig, RoundRecord, vacancy_line
 from beamloop.edge.io.overlay import save_overlay
-from beamloop.edge.io.runlog import RunLog
-from beamloop.edge.analysis.scoring import combine, match, score_frame
+from beamloop.edge.io.runlog import RunLog, RunLogError, write_text_file
 from beamloop.edge.sim.microscope import decode_ground_truth
 from beamloop.streams.native.receiver import FrameReceiver
+
+SIM_STOP_WAIT_S = 3.0
+"""How long the simulator child gets to stop by itself (after ``shutdown``, then after SIGTERM), seconds."""
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Ask Linux to send the child SIGTERM when its parent dies (``prctl(PR_SET_PDEATHSIG)``), so that a
+    ``beamloop run`` killed with SIGKILL leaves no simulator behind."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)  # 1: PR_SET_PDEATHSIG
+    except Exception:  # noqa: BLE001 - not Linux: the parent's own cleanup still stops it
+        pass
 
 
 def start_simulator(args: list[str], timeout_s: float = 120.0) -> tuple[subprocess.Popen, dict]:
     """Start ``beamloop sim --announce`` in a subprocess and wait for the line giving its endpoints.
+
+    The child runs in a session of its own (a terminal's Ctrl-C reaches only the parent, which blanks the
+    beam through the bridge before it stops the child) and is sent SIGTERM if the parent dies.
 
     Returns the process and the announced ``{"frames": ..., "control": ...}``.
 
     Raises
     ------
     RuntimeError
-        The simulator exited or did not announce itself within ``timeout_s``.
+        The simulator exited or did not announce itself within ``timeout_s`` (it is stopped then).
     """
     cmd = [sys.executable, "-m", "beamloop.edge.cli", "sim", "--announce", *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None, text=True)
+    preexec = _die_with_parent if sys.platform.startswith("linux") else None
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None, text=True, start_new_session=True,
+                            preexec_fn=preexec)
     t_end = time.monotonic() + timeout_s
-    while time.monotonic() < t_end:
-        line = proc.stdout.readline()
-        if not line:
-            if proc.poll() is not None:
-                raise RuntimeError(f"simulator exited with status {proc.returncode} before announcing its endpoints")
+    try:
+        while time.monotonic() < t_end:
+            line = proc.stdout.readline() if proc.stdout is not None else ""
+            if not line:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"simulator exited with status {proc.returncode} before announcing its "
+                                       "endpoints")
+                continue
+            if line.startswith("BEAMLOOP-SIM "):
+                return proc, json.loads(line.split(" ", 1)[1])
+        raise RuntimeError(f"simulator did not announce its endpoints within {timeout_s} s")
+    except BaseException:
+        stop_simulator(proc)
+        raise
+
+
+def stop_simulator(proc: subprocess.Popen, wait_s: float = SIM_STOP_WAIT_S) -> int:
+    """Stop a simulator child: wait ``wait_s`` for it to exit (after a ``shutdown`` call), then SIGTERM (it
+    blanks and exits), then SIGKILL. Returns its exit status."""
+    for step in (None, proc.terminate, proc.kill):
+        if step is not None:
+            try:
+                step()
+            except ProcessLookupError:
+                pass
+        try:
+            return proc.wait(timeout=wait_s)
+        except subprocess.TimeoutExpired:
             continue
-        if line.startswith("BEAMLOOP-SIM "):
-            return proc, json.loads(line.split(" ", 1)[1])
-    proc.kill()
-    raise RuntimeError(f"simulator did not announce its endpoints within {timeout_s} s")
+    return proc.wait()
+
+
+def simulator_gone(proc: subprocess.Popen):
+    """A ``peer_gone`` callable for the bridge client and the service: why the child cannot answer, or None."""
+    def gone() -> str | None:
+        code = proc.poll()
+        return None if code is None else f"the simulator process exited with status {code}"
+
+    return gone
 
 
 def dwell_rows(records: list[RoundRecord], events: list[dict]) -> list[dict]:
@@ -148,10 +200,64 @@ def print_report(latency: LatencyRecorder, accuracy, per_frame: list, trig: dict
     print(f"wrote {out / 'run.h5'}, {out / 'overlay.png'}, {out / 'report.json'}")
 
 
+def check_options(*, rounds: int, shape: tuple[int, int], pixel_size_A: float, dose_e_per_A2: float,
+                  targets_per_frame: int, current_pA: float, max_dwell_s: float) -> tuple[float, float]:
+    """Check the main job's options against the simulated microscope before anything starts.
+
+    Returns ``(dwell_us, fov_nm)``: the pixel dwell the dose needs at the current, and the field of view.
+
+    Raises
+    ------
+    ValueError
+        One line naming the option and its range: rounds or targets below 0, a frame size outside the
+        simulator's, a pixel size outside :data:`beamloop.edge.frame.context.PIXEL_SIZE_A` or a field of view
+        beyond the simulated specimen, a dose whose pixel dwell is outside the simulator's limits, a
+        longest dwell beyond its parked-beam limit.
+    """
+    from beamloop.edge.frame.context import PIXEL_SIZE_A
+    from beamloop.edge.sim.frames import electrons_per_second
+    from beamloop.edge.sim.microscope import MicroscopeConfig
+
+    sim = MicroscopeConfig()
+    if not (isinstance(rounds, int) and rounds >= 0):
+        raise ValueError(f"--rounds {rounds!r} must be a whole number >= 0")
+    if not (isinstance(targets_per_frame, int) and targets_per_frame >= 0):
+        raise ValueError(f"--targets {targets_per_frame!r} must be a whole number >= 0")
+    lo, hi = MicroscopeConfig.LIMITS["shape"]
+    if not all(isinstance(v, int) and lo <= v <= hi for v in shape):
+        raise ValueError(f"--shape {shape[0]}x{shape[1]} is outside the simulator's {lo} .. {hi} pixels per side")
+    plo, phi = PIXEL_SIZE_A
+    if not (math.isfinite(pixel_size_A) and plo <= pixel_size_A <= phi):
+        raise ValueError(f"--pixel-size {pixel_size_A:g} A is outside {plo:g} .. {phi:g} A")
+    fov_nm = shape[1] * pixel_size_A / 10
+    max_fov = sim.specimen_size_A / 10 / math.sqrt(2) - 1.0
+    if max(shape) * pixel_size_A / 10 > max_fov:
+        raise ValueError(f"a {shape[0]}x{shape[1]} frame of {pixel_size_A:g} A pixels spans "
+                         f"{max(shape) * pixel_size_A / 10:.3g} nm, more than the simulated specimen's "
+                         f"{max_fov:.3g} nm")
+    if not (math.isfinite(current_pA) and 0 < current_pA <= 1e6):
+        raise ValueError(f"--current-pA {current_pA:g} is outside (0, 1e6] pA")
+    dwell_us = dose_e_per_A2 * pixel_size_A**2 / electrons_per_second(current_pA) * 1e6
+    dlo, dhi = MicroscopeConfig.LIMITS["dwell_us"]
+    if not (math.isfinite(dwell_us) and dlo <= dwell_us <= dhi):
+        raise ValueError(f"--dose {dose_e_per_A2:g} e/A^2 needs a pixel dwell of {dwell_us:.3g} us at "
+                         f"{current_pA:g} pA and {pixel_size_A:g} A pixels, outside the simulator's {dlo:g} .. "
+                         f"{dhi:g} us")
+    if not (math.isfinite(max_dwell_s) and 0 < max_dwell_s <= sim.max_park_s):
+        raise ValueError(f"--max-dwell {max_dwell_s:g} s is outside (0, {sim.max_park_s:g}] s (the simulator's "
+                         "parked-beam limit)")
+    return dwell_us, fov_nm
+
+
 def run(out: Path, *, rounds: int = 3, shape: tuple[int, int] = (256, 256), pixel_size_A: float = 0.15,
         dose_e_per_A2: float = 1e5, targets_per_frame: int = 4, seed: int = 0, current_pA: float = 50.0,
-        trigger: str = "model", max_dwell_s: float = 2.0, quiet: bool = False) -> dict:
+        trigger: str = "model", max_dwell_s: float = 2.0, quiet: bool = False,
+        interrupt: Callable[[], int] | None = None) -> dict:
     """Run the main job and return the report (also written to ``out/report.json``).
+
+    Frames are written to ``out/run.h5`` as they are done, so a run that stops early (see ``outcome``)
+    keeps what it recorded; the report, the overlay and the run file's summary are written on the way out
+    whatever happened.
 
     Parameters
     ----------
@@ -175,55 +281,106 @@ def run(out: Path, *, rounds: int = 3, shape: tuple[int, int] = (256, 256), pixe
         ``edge/models/trigger/`` (integer arithmetic, bit-exact with its QONNX graph).
     max_dwell_s : float
         Longest dwell per target.
+    quiet : bool
+        No progress bar, no printed report.
+    interrupt : callable() -> int, optional
+        Asked while waiting; a non-zero signal number stops the experiment cleanly
+        (:class:`beamloop.edge.service.Interrupted`), e.g. :class:`beamloop.edge.cli.StopSignals`.
+
+    Returns
+    -------
+    dict
+        The report; its ``outcome`` says how the run ended: ``complete`` (bool), ``reason`` (empty, or a
+        reason of :data:`beamloop.edge.experiments.vacancy_line.STOP_REASONS`), ``message``, ``signum``,
+        ``output_errors`` (files that could not be written, with why).
 
     Raises
     ------
+    ValueError
+        An option outside its range (:func:`check_options`), before anything starts.
     RuntimeError
         The simulator could not be started.
+    beamloop.edge.io.runlog.RunLogError
+        The run file cannot be created (before the simulator starts).
     """
-    from beamloop.edge.sim.frames import electrons_per_second
-
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    dwell_us = dose_e_per_A2 * pixel_size_A**2 / electrons_per_second(current_pA) * 1e6
-    fov_nm = shape[1] * pixel_size_A / 10
+    dwell_us, fov_nm = check_options(rounds=rounds, shape=shape, pixel_size_A=pixel_size_A,
+                                     dose_e_per_A2=dose_e_per_A2, targets_per_frame=targets_per_frame,
+                                     current_pA=current_pA, max_dwell_s=max_dwell_s)
+    config = {"rounds": rounds, "shape": list(shape), "pixel_size_A": pixel_size_A, "dose_e_per_A2": dose_e_per_A2,
+              "dwell_us": dwell_us, "targets_per_frame": targets_per_frame, "seed": seed, "current_pA": current_pA,
+              "trigger": trigger}
     exp_cfg = ExperimentConfig(rounds=rounds, shape=shape, fov_nm=fov_nm, dwell_us=dwell_us,
                                targets_per_frame=targets_per_frame, max_dwell_s=max_dwell_s)
-    proc, ends = start_simulator(["--frames", "tcp://127.0.0.1:*", "--control", "tcp://127.0.0.1:*",
-                                  "--seed", str(seed), "--current-pA", str(current_pA)])
+    svc_cfg = ServiceConfig("MoS2", targets_per_frame=targets_per_frame, trigger=trigger)
+    out.mkdir(parents=True, exist_ok=True)
+    rl = RunLog(out / "run.h5", config)
+    outcome: dict = {"complete": False, "reason": "", "message": "", "signum": 0, "output_errors": []}
+    records: list[RoundRecord] = []
+    truth: dict[int, tuple] = {}
+    events: list[dict] = []
+    safety: dict = {}
+    caps: dict = {}
+    counters: dict = {}
+    bridge = service = None
+
+    def output_error(exc: Exception) -> None:
+        outcome["output_errors"].append(str(exc))
+
     try:
-        with FrameReceiver(ends["frames"], ring=8) as rx, BridgeClient(ends["control"], timeout_ms=20000) as bridge:
-            service = build_service(rx, ServiceConfig("MoS2", targets_per_frame=targets_per_frame, trigger=trigger),
-                                    bridge)
-            latency = service.latency
+        proc, ends = start_simulator(["--frames", "tcp://127.0.0.1:*", "--control", "tcp://127.0.0.1:*",
+                                      "--seed", str(seed), "--current-pA", str(current_pA)])
+    except BaseException:
+        rl.close(stopped="the simulator did not start")
+        raise
+    gone = simulator_gone(proc)
+    try:
+        with FrameReceiver(ends["frames"], ring=8, max_ring_bytes=receiver_ring_bytes(svc_cfg)) as rx, \
+                BridgeClient(ends["control"], timeout_ms=20000, peer_gone=gone) as bridge:
+            service = build_service(rx, svc_cfg, bridge)
+            service.interrupt = interrupt
             caps = bridge.get_capabilities()
             warm_up(service.path, service.trigger, shape=shape, pixel_size_A=pixel_size_A, dtypes=(np.uint16,))
+
+            def on_record(rec: RoundRecord) -> None:
+                records.append(rec)
+                try:
+                    truth[rec.index] = decode_ground_truth(bridge.call("sim_ground_truth",
+                                                                       frame_id=rec.scan.frame_id))
+                except BridgeError as exc:
+                    service.stats.note(f"no ground truth for frame {rec.scan.frame_id}: {exc}")
+                rl.add_frame(rec.image, rec.columns, pixel_size_A=rec.pixel_size_A, scan=rec.scan.as_dict(),
+                             truth=truth.get(rec.index), targets=rec.targets,
+                             attrs={"frame_id": rec.scan.frame_id, "round": rec.index})
+
             steps = rounds + 1 + rounds * targets_per_frame
             with tqdm(total=steps, desc="closed loop", unit="step", disable=quiet) as bar:
                 def progress(text: str) -> None:
                     bar.set_postfix_str(text)
                     bar.update(1)
 
-                records = vacancy_line(service, exp_cfg, progress)
-            truth = {}
-            for rec in records:
                 try:
-                    truth[rec.index] = decode_ground_truth(bridge.call("sim_ground_truth", frame_id=rec.scan.frame_id))
+                    vacancy_line(service, exp_cfg, progress, on_record)
+                    outcome["complete"] = True
+                except ExperimentStopped as exc:
+                    outcome.update(reason=exc.reason, message=exc.message, signum=exc.signum)
+                except RunLogError as exc:  # the disk is full: stop writing, blank, keep what was written
+                    service.safe_blank()
+                    outcome.update(reason="output", message=str(exc))
+                    output_error(exc)
+            if outcome["reason"] != "controller_lost":
+                try:
+                    events = bridge.call("sim_events")["events"]
+                    safety = bridge.get_state().get("safety", {})
+                    bridge.stop()
+                    bridge.call("shutdown")
                 except BridgeError as exc:
-                    service.stats.note(f"no ground truth for frame {rec.scan.frame_id}: {exc}")
-            events = bridge.call("sim_events")["events"]
-            safety = bridge.get_state().get("safety", {})
-            try:
-                bridge.blank(True)
-                bridge.call("shutdown")
-            except BridgeError:
-                pass
+                    service.stats.note(f"simulator at the end: {exc}")
             counters = rx.counters.as_dict()
     finally:
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        status = stop_simulator(proc)
+    if outcome["reason"] == "controller_lost" and status:
+        outcome["message"] += f" (the simulator exited with status {status})"
 
     per_frame = []
     for rec in records:
@@ -233,12 +390,13 @@ def run(out: Path, *, rounds: int = 3, shape: tuple[int, int] = (256, 256), pixe
                                          frame_shape=rec.image.shape))
     accuracy = combine(per_frame)
     rows = dwell_rows(records, events)
-    trig = dwell_summary(rows, caps["parked_stream"]["sample_time_us"])
+    trig = dwell_summary(rows, (caps.get("parked_stream") or {}).get("sample_time_us", float("nan")))
     verify = verify_written(records)
+    assert service is not None and bridge is not None
+    latency = service.latency
     report = {
-        "config": {"rounds": rounds, "shape": list(shape), "pixel_size_A": pixel_size_A,
-                   "dose_e_per_A2": dose_e_per_A2, "dwell_us": dwell_us, "targets_per_frame": targets_per_frame,
-                   "seed": seed, "current_pA": current_pA, "trigger": trigger},
+        "config": config,
+        "outcome": outcome,
         "latency_us": latency.summary(),
         "accuracy": accuracy.as_dict(),
         "accuracy_per_frame": [s.as_dict() for s in per_frame],
@@ -249,28 +407,42 @@ def run(out: Path, *, rounds: int = 3, shape: tuple[int, int] = (256, 256), pixe
         "stream_counters": counters,
         "bridge_counters": asdict(bridge.counters),
         "safety": safety,
-        "service": {"frame_errors": service.stats.frame_errors, "protocol_errors": service.stats.protocol_errors,
-                    "errors": service.stats.errors[-10:]},
+        "service": {"frame_errors": service.stats.frame_errors, "series_rejected": service.stats.series_rejected,
+                    "frames_rejected": service.stats.frames_rejected, "protocol_errors": service.stats.protocol_errors,
+                    "blank_failures": service.stats.blank_failures, "errors": service.stats.errors[-10:]},
     }
-    with RunLog(out / "run.h5", report["config"]) as rl:
-        for rec in records:
-            rl.add_frame(rec.image, rec.columns, pixel_size_A=rec.pixel_size_A, scan=rec.scan.as_dict(),
-                         truth=truth.get(rec.index), targets=rec.targets,
-                         attrs={"frame_id": rec.scan.frame_id, "round": rec.index})
+    try:
         rl.write_beam_log(bridge.log)
         rl.write_dwells(rows)
         rl.write_text("events", events)
         rl.set_attrs(latency=report["latency_us"], accuracy=report["accuracy"], trigger=trig,
-                     stream_counters=counters)
-    last = records[-1]
-    save_overlay(out / "overlay.png", last.image, last.columns, pixel_size_A=last.pixel_size_A,
-                 marks={"targeted": verify.get("target_xy_px", [])},
-                 title=f"verification frame {last.scan.frame_id}: {len(last.columns)} rows; magenta: targeted S2 columns")
-    (out / "report.json").write_text(json.dumps(report, indent=2, default=float))
+                     stream_counters=counters, outcome=outcome)
+    except RunLogError as exc:
+        if str(exc) not in outcome["output_errors"]:
+            output_error(exc)
+    try:
+        rl.close(stopped=outcome["reason"] and f"{outcome['reason']}: {outcome['message']}")
+    except RunLogError as exc:
+        output_error(exc)
+    try:
+        write_text_file(out / "report.json", json.dumps(report, indent=2, default=float))
+    except RunLogError as exc:
+        output_error(exc)
+    if records:
+        last = records[-1]
+        try:
+            save_overlay(out / "overlay.png", last.image, last.columns, pixel_size_A=last.pixel_size_A,
+                         marks={"targeted": verify.get("target_xy_px", [])},
+                         title=f"frame {last.scan.frame_id}: {len(last.columns)} columns; magenta: targeted S2 "
+                               "columns")
+        except OSError as exc:
+            output_error(RunLogError(exc.errno or 5, f"{out / 'overlay.png'}: {exc.strerror or exc}"))
     if not quiet:
-        print_report(latency, accuracy, per_frame, trig, verify, events, counters, service.stats, out)
+        if records:
+            print_report(latency, accuracy, per_frame, trig, verify, events, counters, service.stats, out)
         sc = safety.get("counters", {})
         print(f"beam safety: {bridge.counters.heartbeats} heartbeats sent, watchdog trips {sc.get('watchdog_trips')}, "
               f"dwell-limit blanks {sc.get('dwell_limit_blanks')}, refused positions "
-              f"{sc.get('refused_position', 0) + sc.get('refused_stale_frame', 0)}, rate limited {sc.get('rate_limited')}")
+              f"{sc.get('refused_position', 0) + sc.get('refused_stale_frame', 0)}, rate limited "
+              f"{sc.get('rate_limited')}")
     return report

@@ -33,7 +33,15 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import zmq
 
-from beamloop.edge.control.controller import Acquisition, Capabilities, Dwell, ParkedStream, ScanController
+from beamloop.edge.control.controller import (
+    MAX_BLOCK_SAMPLES,
+    SAMPLE_TIME_US,
+    Acquisition,
+    Capabilities,
+    Dwell,
+    ParkedStream,
+    ScanController,
+)
 from beamloop.edge.control.keys import ServerKeys
 from beamloop.edge.control.protocol import BridgeError, ScanLimits
 from beamloop.edge.control.safety import SafetyLimits
@@ -99,6 +107,14 @@ class MicroscopeConfig:
         Whether scanning a frame ejects atoms.
     encoding : {"raw", "lz4"}
         Frame stream encoding.
+    insecure_frames : bool
+        Allow binding the frame stream beyond loopback (it is neither encrypted nor authenticated).
+
+    Raises
+    ------
+    ValueError
+        A setting outside its range (:meth:`check`): e.g. ``block_samples`` 0, ``sample_time_us`` 1e-9,
+        ``distortion_scale`` NaN, ``max_point_electrons`` 0 (omit it for no dose limit).
     """
 
     frames: str = "tcp://127.0.0.1:5555"
@@ -125,8 +141,48 @@ class MicroscopeConfig:
     keys: ServerKeys | None = None
     scan_damage: bool = True
     encoding: str = "raw"
+    insecure_frames: bool = False
 
     LIMITS = {"shape": (16, 2048), "dwell_us": (0.05, 1000.0)}
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Refuse settings outside their range.
+
+        Raises
+        ------
+        ValueError
+            Naming the setting and its range.
+        """
+        def number(name: str, lo: float, hi: float = math.inf, *, low_open: bool = False) -> None:
+            v = getattr(self, name)
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (
+                lo < v if low_open else lo <= v) and v <= hi
+            if not ok:
+                rng = f"{'(' if low_open else '['}{lo:g}, {hi:g}]"
+                raise ValueError(f"{name} must be a finite number in {rng}, got {v!r}")
+
+        number("specimen_size_A", 0.0, 1e5, low_open=True)
+        for name in ("s_mono", "s_di", "mo_vacancy"):
+            number(name, 0.0, 1.0)
+        number("current_pA", 0.0, 1e6, low_open=True)
+        number("blur_sigma_A", 0.0, 100.0)
+        number("background_fraction", 0.0, 1.0)
+        number("distortion_scale", 0.0, 1e3)
+        number("sample_time_us", *SAMPLE_TIME_US)
+        if not (isinstance(self.block_samples, int) and not isinstance(self.block_samples, bool)
+                and 1 <= self.block_samples <= MAX_BLOCK_SAMPLES):
+            raise ValueError(f"block_samples must be a whole number in [1, {MAX_BLOCK_SAMPLES}], "
+                             f"got {self.block_samples!r}")
+        number("cross_section_barn", 0.0, 1e6)
+        number("probe_sigma_A", 0.0, 100.0, low_open=True)
+        number("max_park_s", 0.0, 3600.0, low_open=True)
+        if self.max_point_electrons is not None:
+            number("max_point_electrons", 0.0, low_open=True)
+        if self.watchdog_s is not None:
+            number("watchdog_s", 0.0, 3600.0, low_open=True)
 
 
 class SimulatedBackend:
@@ -356,7 +412,8 @@ class SimulatedMicroscope(ScanController):
         calls = {"sim_ground_truth": self._sim_ground_truth, "sim_events": self._sim_events,
                  "sim_fresh_area": self._sim_fresh_area, "shutdown": self._shutdown}
         super().__init__(SimulatedBackend(cfg), control=cfg.control, frames=cfg.frames, limits=limits, keys=cfg.keys,
-                         context=context, clock=clock, encoding=cfg.encoding, calls=calls)
+                         context=context, clock=clock, encoding=cfg.encoding, calls=calls,
+                         insecure_frames=cfg.insecure_frames)
 
     def __enter__(self) -> SimulatedMicroscope:
         return self
