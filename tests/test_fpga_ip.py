@@ -76,9 +76,12 @@ def test_split_network_is_bit_exact_with_the_runtime():
     x[rng.integers(0, len(x), 300)] = rng.integers(256, 65536, 300)  # saturating samples
     ref = t.stream_scores(x)[t.spec.history - 1:]
     f, newest = _features_as_held(x, t.spec)
-    got = reference_parts(pre, tail, t.spec, f, newest)
-    assert len(got) == len(x) - 159 and np.array_equal(got, ref)
+    got = reference_parts(pre, tail, t.spec, f, newest, threshold=1080)
+    assert got.shape == (len(x) - 159, 2) and np.array_equal(got[:, 0], ref)
+    assert np.array_equal(got[:, 1], ref - 1080)  # the decision is the sign of score - threshold
     assert len(np.unique(ref)) > 1000
+    pre1, tail1 = trace_parts(t.spec, t.mlp, threshold_input=False)  # the score alone, compared after the tail
+    assert np.array_equal(reference_parts(pre1, tail1, t.spec, f, newest), ref)
 
 
 def test_ip_layout_and_register_map(shipped_ip):
