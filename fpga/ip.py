@@ -13,11 +13,11 @@ Block diagram (one clock; ``<n>`` is the module prefix)::
                              |            (add entering, subtract      v
                              |             leaving sample)          P registers (held between samples)
                              |                                         |
-                             +--> x register (stage 0 input) ----> tail (da4ml, L_tail stages):
-                                                                  acc0 = P + W0[:, newest] * min(x, 255),
-                                                                  ReLU/requantise, hidden layers, score;
-                                                                  score >= THRESHOLD folded into the last
-                                                                  stage --> blank latch, counters
+                             +--> x register, copy of P,  ----> tail (da4ml, L_tail stages):
+                                  THRESHOLD (stage 0 input)      acc0 = P + W0[:, newest] * min(x, 255),
+                                                                  ReLU/requantise, hidden layers, score and
+                                                                  score - THRESHOLD (one adder tree); the
+                                                                  decision is its sign --> blank latch
 
 - **history**: the ``window - 1`` older samples of the next decision in registers (read in parallel by the
   precompute) and ``blocks`` delay lines of ``block`` samples each (shift registers, or LUT RAM circular
@@ -32,9 +32,10 @@ Block diagram (one clock; ``<n>`` is the module prefix)::
   once it is done (``s_axis_tready`` low for ``L_pre + 1`` cycles after each sample: the history takes the
   accepted sample one cycle later, from a register, so that its wide enables start at a flip-flop).
 - **tail** (the latency path): ``acc0 = P + W0[:, newest] * min(x, input_max)``, then the network as the
-  runtime computes it (ReLU, floor requantisation, saturation, the hidden layers, the score), the
-  threshold compare folded into the last stage. Integer arithmetic is associative, so splitting the first
-  layer's sum between the two pipelines changes no result: the score is bit-exact with the runtime.
+  runtime computes it (ReLU, floor requantisation, saturation, the hidden layers, the score), and
+  ``score - THRESHOLD`` as a second output of the last layer's adder tree: the decision is its sign bit,
+  no compare follows the last adder. Integer arithmetic is associative, so splitting the first layer's sum
+  between the two pipelines changes no result: the score is bit-exact with the runtime.
 - **dwell start**: ``CTRL.START`` clears the history; with a non-zero ``EXPECTED_RATE`` (unsigned fixed point
   with 16 fractional bits, :func:`beamloop.edge.trigger.model.rate_word`) the logic pushes the
   ``history - 1`` counts ``floor((j + 1) * rate) - floor(j * rate)`` (an accumulator adding the rate per
