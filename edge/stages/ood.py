@@ -48,12 +48,17 @@ FEATURES = {"classical": ("nn_cv", "density", "weak_fraction"),
 
 TWO_SIDED = ("density",)
 
+MAD_FLOOR = {"nn_cv": 0.005, "density": 0.01, "weak_fraction": 0.02, "spread": 0.01, "heat_std": 0.002}
+"""Smallest spread of each statistic used for its z-score (a share of 2 % of the columns, half a percent of
+the spacing): calibration frames that agree better than this would otherwise make any change an alarm."""
+
 CLASSICAL_CALIBRATION: dict = {}
 """Calibration of the classical finder's statistics (:func:`calibrate` on in-distribution frames), by material
 group (``"MoS2"``, ``"generic"``): per feature ``median`` and ``mad``, and the alarm ``threshold``. Filled from
-``ood_classical.json`` beside this module."""
+``edge/models/unet/ood_classical.json`` (package data beside the U-Net's own ``ood.json``; written by
+``python -m beamloop.bench.atomfinding_real --parts ood --write-ood-calibration``)."""
 
-_CAL_FILE = Path(__file__).with_name("ood_classical.json")
+_CAL_FILE = Path(__file__).resolve().parents[1] / "models" / "unet" / "ood_classical.json"
 
 
 def _load_classical() -> dict:
@@ -122,7 +127,8 @@ def calibrate(feature_rows: list[dict[str, float]], quantile: float = 0.99) -> d
         v = v[np.isfinite(v)]
         if len(v):
             med = float(np.median(v))
-            cal[k] = {"median": med, "mad": max(float(np.median(np.abs(v - med))), 1e-3 * max(abs(med), 1e-3))}
+            mad = max(float(np.median(np.abs(v - med))), 0.01 * abs(med), MAD_FLOOR.get(k, 1e-3))
+            cal[k] = {"median": med, "mad": mad}
     scores = [ood_score(r, cal)[0] for r in feature_rows]
     cal["threshold"] = float(np.quantile(scores, quantile)) if scores else math.inf
     return cal
