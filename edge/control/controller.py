@@ -74,6 +74,10 @@ CALLS = ("get_capabilities", "get_state", "acquire_frame", "set_probe", "blank",
 """Calls every :class:`ScanController` serves (besides ``heartbeat``, which the server adds)."""
 
 QUEUE_CALLS = ("queue_points", "fetch_points", "abort_points")
+
+BLOCKS_PER_STEP = 8
+"""Most parked-probe blocks one :meth:`ScanController.step` produces: a controller that fell behind the clock
+catches up over several turns of the serve loop, serving the requests that wait (a blank) in between."""
 """Calls of a controller whose backend can visit points (:class:`ParkedProbe` or :class:`PointProbe`)."""
 
 
@@ -593,6 +597,8 @@ class ScanController:
     def _wait_ms(self, now: float) -> int:
         if self._pending is not None or (self._point_probe is not None and self.queue is not None):
             return 0
+        if self.dwell is not None and now >= self._next_block:
+            return 0  # behind the clock: catch up
         if self.dwell is not None:
             return min(max(int((self._next_block - now) * 1000), 0), 10)
         return 10
@@ -838,7 +844,9 @@ class ScanController:
         ps, probe = self._parked, self._parked_probe
         if ps is None or probe is None:
             return
-        while self.dwell is not None and self._clock() >= self._next_block:
+        for _ in range(BLOCKS_PER_STEP):
+            if self.dwell is None or self._clock() < self._next_block:
+                break
             d = self.dwell
             n = ps.block_samples if d.max_samples is None else min(ps.block_samples, d.max_samples - d.samples)
             counts, events = probe.parked_samples(n, d)
@@ -848,10 +856,17 @@ class ScanController:
             if n < ps.block_samples:
                 counts = np.concatenate([counts, np.zeros(ps.block_samples - n, counts.dtype)])
             if self.sender.series is not None:
-                try:
-                    self.sender.send_frame(counts[None, :], user_data={"first_sample": d.samples - n, "valid": n})
-                except TimeoutError as exc:
-                    self._dropped(f"parked samples {d.samples - n}..{d.samples}", exc)
+                what = f"parked samples {d.samples - n}..{d.samples}"
+                if not self.sender.socket.poll(0, zmq.POLLOUT):
+                    # nobody takes the stream now: drop the block at once instead of holding the serve loop
+                    # (and with it every request, a blank too) for the send timeout
+                    self._dropped(what, TimeoutError("frame stream not writable (receiver gone or too slow)"))
+                else:
+                    try:
+                        self.sender.send_frame(counts[None, :], user_data={"first_sample": d.samples - n,
+                                                                           "valid": n})
+                    except TimeoutError as exc:
+                        self._dropped(what, exc)
             if d.max_samples is not None and d.samples >= d.max_samples:
                 self._end_point()  # the next point, if any, starts where this one ended
             else:

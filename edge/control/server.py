@@ -39,6 +39,10 @@ ErrorHook = Callable[[str, BaseException], str]
 error reply (e.g. that the beam was blanked), or an empty string."""
 
 NOT_REMEMBERED = ("stale_seq", "rate_limited")
+
+DRAIN_BEFORE_TRIP = 256
+"""Requests the serve loop serves, as long as they wait, before its watchdog acts: the owner's heartbeat may be
+queued behind other clients' requests (the REP socket takes one message per connection in turn)."""
 """Error replies not kept for a retry: the request was not applied, so its retry may run."""
 
 
@@ -150,12 +154,17 @@ class BridgeServer:
     def handle_one(self, timeout_ms: int = 0) -> bool:
         """Serve one request if one arrives within ``timeout_ms``; return whether one was served.
 
-        The watchdog and the parked-beam time limit run after that, whether a request came or not. A
-        request that was waiting is served before the watchdog judges the silence: a heartbeat that
-        arrived while the controller was busy elsewhere (rendering a frame, or starved of CPU) proves the
-        client alive, and must not let the watchdog blank the beam under a working service.
+        The watchdog and the parked-beam time limit run after that, whether a request came or not. The
+        requests that were waiting (up to :data:`DRAIN_BEFORE_TRIP`, each bounded in size) are served before
+        the watchdog acts: a heartbeat that arrived while the controller was busy elsewhere (rendering a
+        frame, or starved of CPU), or queued behind other clients' requests, proves the client alive, and
+        must not let the watchdog blank the beam under a working service.
         """
         served = self._serve(timeout_ms)
+        if self.safety.overdue():  # before the watchdog acts, serve what waits: the owner's heartbeat may be there
+            for _ in range(DRAIN_BEFORE_TRIP):
+                if not self.safety.overdue() or not self._serve(0):
+                    break
         with self.lock:
             self.safety.poll()
             self._loop_polled = time.monotonic()
