@@ -1,10 +1,11 @@
 """Soak: the main job's closed loop for a long time, watching memory, latency drift and counters.
 
-It runs what ``beamloop run`` runs (the simulated microscope in its own process, :func:`beamloop.edge.experiments.closed_loop.start_simulator`;
-the service with the MoS2 pipeline, the vacancy-line policy and the trigger; :func:`beamloop.edge.experiments.vacancy_line.vacancy_line`)
-over and over for ``duration_s`` (30 minutes by default, 40 s with ``--quick``). When the field of view has no
-S2 column left to write, it asks the simulator for a fresh area (``sim_fresh_area``: the removed atoms come back),
-so the beam keeps working. Every ``window_s`` it samples:
+It runs what ``beamloop run`` runs (the simulated microscope in its own process,
+:func:`beamloop.edge.experiments.closed_loop.start_simulator`; the service with the MoS2 pipeline, the
+vacancy-line policy and the trigger; :func:`beamloop.edge.experiments.vacancy_line.vacancy_line`) over and over
+for ``duration_s`` (30 minutes by default, 40 s with ``--quick``). When the field of view has no S2 column left
+to write, it asks the simulator for a fresh area (``sim_fresh_area``: the removed atoms come back), so the beam
+keeps working. Every ``window_s`` it samples:
 
 - resident memory (VmRSS of /proc) of the service process and of the simulator process, MiB; live Python
   objects of the service (:func:`gc.get_objects`); entries kept by the bridge log and the latency recorder
@@ -19,8 +20,30 @@ Summary figures: memory growth as a least-squares slope (MiB per hour) over the 
 (warm-up) one, and the total change; latency drift per stage as the slope of the window p50 (microseconds
 per hour) and the ratio of the last window's p50 to the first's.
 
-Usage: ``python -m beamloop.bench.soak [--quick] [--duration S] [--window S]``; writes ``bench/results/soak.json``
-(``soak_quick.json`` with ``--quick``) and a PNG beside it. ``run(quick)`` returns the same dict. The
+Hostile mode (``--hostile``): a hostile client runs beside the main job in a process of its own
+(:func:`hostile_client`) against the same simulator, on loopback, without keys:
+
+- floods: bursts of thousands of requests per second from several DEALER sockets and client ids (read-only
+  calls, refused beam calls, heartbeats of ids nobody owns);
+- huge requests: 20 MiB (beyond ``ZMQ_MAXMSGSIZE``: the socket drops the connection unread), 2 MiB (beyond
+  the decode bound: refused unread), 0.9 MiB CBOR lists (decoded, refused), and now and then 200 MiB;
+- replays: one sequence number reused with other content, older numbers, tag-55799 requests, ``x =
+  10**400``, fractional frame shapes, text channels, out-of-range sequence numbers;
+- garbage frames: malformed stream messages on a second frame endpoint that the service's receiver also
+  connects to (the receiver must reject them all without losing a real frame).
+
+It never sends a request that the guard would admit to move, unblank or blank the beam, nor a valid
+``acquire_frame``: those are a key holder's calls (CURVE keeps strangers out of a real bridge). Every
+``probe_every_s`` the soak also makes its own bridge client silent with the beam on (parked and
+unblanked on the current frame) and watches with another client until the watchdog blanks: the
+watchdog's latency under the hostile load. Figures: blanks refused (the main job's ``blank(on=true)``
+calls that failed; must be 0), watchdog latency (sim event time of the blank minus the silent client's
+last request), watchdog trips other than the probes' (must be 0), frames lost (frames asked for that did not
+arrive, plus gaps in the frame ids; must be 0), memory growth of both processes.
+
+Usage: ``python -m beamloop.bench.soak [--quick] [--hostile] [--duration S] [--window S]``; writes
+``bench/results/soak.json`` (``soak_quick.json`` with ``--quick``, ``soak_hostile[_quick].json`` and a
+``.md`` summary with ``--hostile``) and a PNG beside it. ``run(quick)`` returns the same dict. The
 machine has 2 cores shared with other work: figures taken while it is busy are noisy (the JSON records the
 load average).
 """
@@ -30,9 +53,10 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import multiprocessing
 import os
-import subprocess
 import time
+import uuid
 from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
@@ -87,13 +111,219 @@ def summarize(windows: list[dict]) -> dict:
         first = next((x for x in p50 if np.isfinite(x)), float("nan"))
         last = next((x for x in reversed(p50) if np.isfinite(x)), float("nan"))
         out["latency_drift"][stage] = {"p50_first_us": first, "p50_last_us": last,
-                                       "last_over_first": last / first if first and np.isfinite(first) else float("nan"),
+                                       "last_over_first": (last / first if first and np.isfinite(first)
+                                                           else float("nan")),
                                        "p50_slope_us_per_hour": slope_per_hour(t, p50)}
     return out
 
 
+# the hostile client -------------------------------------------------------------------------------------------
+def _garbage_messages() -> list[list[bytes]]:
+    """Stream messages the receiver must reject without changing its state (no valid ``start``)."""
+    import cbor2
+
+    ghost = str(uuid.uuid4())
+    return [
+        [b""], [b"\xff\x00garbage"], [cbor2.dumps([1, 2, 3])], [cbor2.dumps({"type": "nonsense"})],
+        [cbor2.dumps({"type": "start"})[:-1]], [b"x" * (1 << 17)],
+        [cbor2.dumps({"type": "end", "series_id": 99, "series_unique_id": ghost, "user_data": {}})],
+        [cbor2.dumps({"type": "image", "series_id": 99, "series_unique_id": ghost, "image_id": 0,
+                      "start_time": [0, 1], "stop_time": [0, 1], "real_time": [0, 1], "user_data": {},
+                      "data": {"haadf": {"encoding": "raw", "size": 8}}}), b"\x00" * 8],
+    ]
+
+
+def _hostile_requests() -> list[bytes]:
+    """Requests that the guard refuses (never one it would admit to move or blank the beam)."""
+    import cbor2
+
+    from beamloop.edge.control.protocol import encode_request
+
+    rid = "hostile-" + uuid.uuid4().hex[:8]
+    return [
+        encode_request("set_probe", 1000, {"x": 0.2, "y": 0.2, "frame_id": -1}, rid),  # refused, remembered
+        encode_request("set_probe", 1000, {"x": 0.9, "y": 0.9, "frame_id": -1}, rid),  # same seq, other content
+        encode_request("set_probe", 999, {"x": 0.5, "y": 0.5, "frame_id": -1}, rid),  # older seq
+        encode_request("get_state", 1000, {}, rid),  # a read: runs, never from the cache
+        cbor2.dumps(cbor2.CBORTag(55799, {"call": "get_capabilities", "seq": 1, "args": {}, "client": rid})),
+        encode_request("set_probe", 1001, {"x": 10**400, "y": 0.5, "frame_id": 1}, rid),
+        encode_request("acquire_frame", 1002, {"shape": [64.7, 64.2], "fov_nm": [1, 1]}, rid),
+        encode_request("acquire_frame", 1003, {"shape": [64, 64], "fov_nm": [1, 1], "channels": "haadf"}, rid),
+        cbor2.dumps({"call": "heartbeat", "seq": 2**80, "args": {}, "client": rid}),
+        encode_request("queue_points", 1004, {"points": [[0.5, 0.5]], "dwell_us": -1, "frame_id": -1}, rid),
+        encode_request("heartbeat", 5, {}, uuid.uuid4().hex),  # someone else's heartbeat: heard by nobody
+        b"\xa1", b"garbage", cbor2.dumps("text"),
+    ]
+
+
+def hostile_client(control: str, garbage: str, stop, report, seed: int = 0, flood_period_s: float = 10.0,
+                   flood_s: float = 2.0, huge_every_s: float = 15.0, giant_every_s: float = 300.0) -> None:
+    """The hostile client of the soak's hostile mode (run in a process of its own until ``stop`` is set).
+
+    Parameters
+    ----------
+    control : str
+        The simulator's bridge endpoint.
+    garbage : str
+        Endpoint to bind a PUSH socket on, which the service's receiver connects to.
+    stop : multiprocessing.Event
+    report : multiprocessing.Queue
+        Receives one dict of counts at the end.
+    seed : int
+    flood_period_s, flood_s : float
+        A flood of ``flood_s`` seconds every ``flood_period_s``.
+    huge_every_s, giant_every_s : float
+        Period of the huge requests (20 MiB, 2 MiB, 0.9 MiB) and of the 200 MiB one, seconds.
+    """
+    import cbor2
+    import zmq
+
+    from beamloop.edge.control.protocol import MAX_REQUEST_BYTES, encode_request
+
+    rng = np.random.default_rng(seed)
+    parent = os.getppid()
+    ctx = zmq.Context()
+    counts: Counter = Counter()
+    push = ctx.socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 0)
+    push.setsockopt(zmq.SNDHWM, 100)
+    push.bind(garbage)
+
+    def dealer() -> zmq.Socket:
+        d = ctx.socket(zmq.DEALER)
+        d.setsockopt(zmq.LINGER, 0)
+        d.setsockopt(zmq.SNDHWM, 64)
+        d.connect(control)
+        return d
+
+    flooders = [dealer() for _ in range(4)]
+    inflight = [0] * len(flooders)
+    replayer = dealer()
+    big = dealer()
+    requests = _hostile_requests()
+    garbage_msgs = _garbage_messages()
+    seq = 0
+
+    def flood_request() -> bytes:
+        """Mostly one client id (so that its rate limit engages), new sequence numbers, sometimes a new id."""
+        nonlocal seq
+        seq += 1
+        who = "flood" if rng.random() < 0.9 else uuid.uuid4().hex
+        kind = int(rng.integers(4))
+        if kind == 0:
+            return encode_request("set_probe", seq, {"x": 0.5, "y": 0.5, "frame_id": -1}, who)
+        if kind == 1:
+            return encode_request("heartbeat", seq, {}, who)
+        if kind == 2:
+            return encode_request("get_capabilities", seq, {}, who)
+        return encode_request("get_state", seq, {}, who)
+
+    def drain(sock: zmq.Socket) -> int:
+        n = 0
+        while sock.poll(0):
+            parts = sock.recv_multipart()
+            try:
+                msg = cbor2.loads(parts[-1])
+                counts["reply_" + (msg.get("error") or "ok")] += 1
+            except Exception:  # noqa: BLE001 - a count, not a check
+                counts["reply_unreadable"] += 1
+            n += 1
+        return n
+
+    t0 = time.monotonic()
+    next_huge, next_giant, next_replay, next_garbage = t0 + 1.0, t0 + 5.0, t0, t0
+    try:
+        while not stop.is_set() and os.getppid() == parent:  # ends with its parent, also one killed
+            now = time.monotonic()
+            flooding = (now - t0) % flood_period_s < flood_s
+            if flooding:
+                for k, d in enumerate(flooders):
+                    inflight[k] -= drain(d)
+                    while inflight[k] < 50:
+                        try:
+                            d.send_multipart([b"", flood_request()], zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        inflight[k] += 1
+                        counts["flood_sent"] += 1
+            else:
+                for k, d in enumerate(flooders):
+                    inflight[k] = max(inflight[k] - drain(d), 0)
+                time.sleep(0.005)
+            if now >= next_replay:
+                replayer.send_multipart([b"", requests[int(rng.integers(len(requests)))]])
+                counts["replays_sent"] += 1
+                next_replay = now + 0.02
+            drain(replayer)
+            if now >= next_garbage:
+                try:
+                    push.send_multipart(garbage_msgs[int(rng.integers(len(garbage_msgs)))], zmq.NOBLOCK)
+                    counts["garbage_frames_sent"] += 1
+                except zmq.Again:
+                    counts["garbage_frames_blocked"] += 1
+                next_garbage = now + 0.05
+            if now >= next_huge:
+                pad = b"p" * (MAX_REQUEST_BYTES + 1024)
+                big.send_multipart([b"", cbor2.dumps({"call": "get_state", "seq": 1, "args": {}, "pad": pad})])
+                big.send_multipart([b"", cbor2.dumps(list(range(1, 200_000)))])  # about 0.9 MiB: decoded
+                over = bytearray(20 << 20)
+                over[0] = 0x5A  # a byte string head, its length, then zeros: beyond ZMQ_MAXMSGSIZE
+                over[1:5] = (len(over) - 5).to_bytes(4, "big")
+                big.send_multipart([b"", over], copy=False)
+                counts["huge_sent"] += 3
+                next_huge = now + huge_every_s
+            if now >= next_giant:
+                n = 200 * 2**20  # a CBOR array of 209 M zeros, as in the probe that once held the watchdog
+                giant = bytearray(9 + n)
+                giant[0] = 0x9B
+                giant[1:9] = n.to_bytes(8, "big")
+                big.send_multipart([b"", giant], copy=False)
+                del giant
+                counts["giant_sent"] += 1
+                next_giant = now + giant_every_s
+            drain(big)
+    finally:
+        report.put(dict(counts))
+        for sock in (*flooders, replayer, big, push):
+            sock.close(linger=0)
+        ctx.term()
+
+
+def watchdog_probe(bridge, monitor, fid_xy, timeout_s: float = 10.0) -> dict:
+    """Make ``bridge``'s client silent with the beam on, and wait (polling with ``monitor``) until the
+    controller blanks it; returns the latency from the client's last request to the blank (sim event time).
+
+    ``fid_xy``: ``(frame_id, x, y)`` of a position on the current frame.
+    """
+    from beamloop.edge.control.protocol import BridgeError
+
+    fid, x, y = fid_xy
+    since = monitor.call("sim_events", since=0)["next"]
+    start_ns = time.monotonic_ns()
+    bridge.set_probe(x, y, fid)
+    bridge.blank(False)
+    last_ns = time.monotonic_ns()  # just after the reply: the watchdog counts from the request's arrival, earlier
+    t_end = time.monotonic() + timeout_s
+    blanked = False
+    while time.monotonic() < t_end:
+        time.sleep(0.02)
+        try:
+            if monitor.get_state()["blanked"]:
+                blanked = True
+                break
+        except BridgeError:
+            continue
+    evs = [e for e in monitor.call("sim_events", since=since)["events"] if e.get("type") == "safety"]
+    trip = next((e for e in evs if e.get("reason") in ("watchdog", "watchdog backstop")), None)
+    latency = (trip["t_ns"] - last_ns) / 1e9 if trip else float("nan")
+    bridge.blank(True)
+    return {"blanked": blanked, "latency_s": latency, "reason": trip.get("reason") if trip else "",
+            "start_ns": start_ns, "end_ns": time.monotonic_ns()}
+
+
 def run(quick: bool = False, duration_s: float | None = None, window_s: float | None = None,
-        out: Path | None = RESULTS, seed: int = 0, progress: bool = True) -> dict:
+        out: Path | None = RESULTS, seed: int = 0, progress: bool = True, hostile: bool = False,
+        probe_every_s: float | None = None) -> dict:
     """Run the soak and return its results (also written to ``out/soak[_quick].json`` unless ``out`` is None).
 
     Parameters
@@ -108,22 +338,27 @@ def run(quick: bool = False, duration_s: float | None = None, window_s: float | 
         Simulator seed.
     progress : bool
         Print one line per window.
+    hostile : bool
+        Run the hostile client beside the main job, and the watchdog probes (see the module docstring).
+    probe_every_s : float, optional
+        Seconds between watchdog probes (hostile mode; default 60, 8 with ``quick``).
 
     Raises
     ------
     RuntimeError
         The simulator could not be started.
     """
+    from beamloop.edge.app import ServiceConfig, build_service, warm_up
     from beamloop.edge.control.client import BridgeClient
     from beamloop.edge.control.protocol import BridgeError
-    from beamloop.edge.experiments.vacancy_line import ExperimentConfig, vacancy_line
-    from beamloop.edge.app import ServiceConfig, build_service, warm_up
-    from beamloop.edge.experiments.closed_loop import start_simulator
+    from beamloop.edge.experiments.closed_loop import simulator_gone, start_simulator, stop_simulator
+    from beamloop.edge.experiments.vacancy_line import ExperimentConfig, ExperimentStopped, vacancy_line
     from beamloop.edge.sim.frames import electrons_per_second
     from beamloop.streams.native.receiver import FrameReceiver
 
     duration_s = float(duration_s or (40.0 if quick else 1800.0))
     window_s = float(window_s or (4.0 if quick else 60.0))
+    probe_every_s = float(probe_every_s or (8.0 if quick else 60.0))
     shape = (192, 192) if quick else (256, 256)
     pixel_size_A, dose, current_pA, targets = 0.15, 1e5, 50.0, 4
     dwell_us = dose * pixel_size_A**2 / electrons_per_second(current_pA) * 1e6
@@ -133,44 +368,77 @@ def run(quick: bool = False, duration_s: float | None = None, window_s: float | 
                                   "--seed", str(seed), "--current-pA", str(current_pA)])
     reasons: Counter = Counter()
     windows: list[dict] = []
-    totals = {"chunks": 0, "frames": 0, "targets": 0, "fresh_areas": 0, "errors": []}
+    totals: dict = {"chunks": 0, "frames": 0, "targets": 0, "fresh_areas": 0, "errors": [], "stops": {}}
+    probes: list[dict] = []
+    hostile_counts: dict = {}
+    stops: Counter = Counter()
+    counters: dict = {}
     t_start = time.monotonic()
+    mp = multiprocessing.get_context("spawn")
+    stop_hostile = mp.Event()
+    report_q = mp.Queue()
+    hostile_proc = None
     try:
-        with FrameReceiver(ends["frames"], ring=8) as rx, BridgeClient(ends["control"], timeout_ms=20000,
-                                                                        retries=1) as bridge:
+        with FrameReceiver(ends["frames"], ring=8) as rx, \
+                BridgeClient(ends["control"], timeout_ms=20000, retries=1,
+                             peer_gone=simulator_gone(proc)) as bridge, \
+                BridgeClient(ends["control"], timeout_ms=20000) as monitor:
             service = build_service(rx, ServiceConfig("MoS2", targets_per_frame=targets), bridge)
             latency = service.latency
             warm_up(service.path, service.trigger, shape=shape, pixel_size_A=pixel_size_A, dtypes=(np.uint16,))
+            if hostile:
+                garbage = f"ipc:///tmp/beamloop-soak-garbage-{os.getpid()}"
+                hostile_proc = mp.Process(target=hostile_client, args=(ends["control"], garbage, stop_hostile,
+                                                                        report_q, seed), daemon=True)
+                hostile_proc.start()
+                rx.socket.connect(garbage)  # the receiver takes the hostile client's garbage frames too
             marks: dict = {}
             t0 = time.monotonic()
-            t_window = t0
+            t_window = t_probe = t0
 
             def sample() -> None:
-                state = bridge.get_state()
+                state = monitor.get_state()
                 gc.collect()
-                w = {"t_s": time.monotonic() - t0, "rss_service_mib": rss_mib(), "rss_simulator_mib": rss_mib(proc.pid),
+                w = {"t_s": time.monotonic() - t0, "rss_service_mib": rss_mib(),
+                     "rss_simulator_mib": rss_mib(proc.pid),
                      "python_objects": len(gc.get_objects()), "bridge_log_entries": len(bridge.log),
                      "load_1min": os.getloadavg()[0],
                      "latency_samples": int(sum(len(latency.samples(s)) for s in latency.summary())),
                      "latency": _window_latency(latency, marks), "frames": totals["frames"],
                      "dwells": dict(reasons), "stream_rejected": rx.counters.rejected,
-                     "bridge": asdict(bridge.counters), "safety": state.get("safety", {}).get("counters", {})}
+                     "bridge": asdict(bridge.counters), "safety": state.get("safety", {}).get("counters", {}),
+                     "probes": len(probes)}
+                if hostile_proc is not None:
+                    w["rss_hostile_mib"] = rss_mib(hostile_proc.pid)
                 windows.append(w)
                 if progress:
                     lat = w["latency"]["end_to_end"]["p50_us"]
                     print(f"soak {w['t_s']:7.1f} s: service {w['rss_service_mib']:.1f} MiB, simulator "
                           f"{w['rss_simulator_mib']:.1f} MiB, frames {w['frames']}, dwells {sum(reasons.values())}, "
                           f"end-to-end p50 {lat:.0f} us, load {w['load_1min']:.1f}, watchdog trips "
-                          f"{w['safety'].get('watchdog_trips')}", flush=True)
+                          f"{w['safety'].get('watchdog_trips')} ({len(probes)} probes)", flush=True)
 
             sample()  # the state after warm-up
             while time.monotonic() - t0 < duration_s:
-                records = vacancy_line(service, cfg)
+                try:
+                    records = vacancy_line(service, cfg)
+                except ExperimentStopped as exc:
+                    records = exc.records
+                    stops[exc.reason] += 1
+                    totals["errors"].append(f"{exc.reason}: {exc.message}")
+                    if exc.reason in ("beam_unsafe", "controller_lost"):
+                        break
                 totals["chunks"] += 1
                 totals["frames"] += len(records)
                 n_targets = sum(len(r.targets) for r in records)
                 totals["targets"] += n_targets
                 reasons.update(d.reason for r in records for d in r.dwells)
+                if hostile and time.monotonic() - t_probe >= probe_every_s and records:
+                    last = records[-1]
+                    x, y = (0.5, 0.5) if len(last.columns) == 0 else last.scan.fraction_of_pixel(
+                        last.columns.x[0], last.columns.y[0])
+                    probes.append(watchdog_probe(bridge, monitor, (last.scan.frame_id, float(x), float(y))))
+                    t_probe = time.monotonic()
                 del records
                 if n_targets == 0:  # nothing left to write here: a fresh area of the crystal
                     try:
@@ -182,30 +450,52 @@ def run(quick: bool = False, duration_s: float | None = None, window_s: float | 
                     sample()
                     t_window = time.monotonic()
             sample()
+            if hostile_proc is not None:
+                stop_hostile.set()
+                try:
+                    hostile_counts = report_q.get(timeout=60)
+                except Exception:  # noqa: BLE001 - the counts are a report, not a result
+                    hostile_counts = {}
+                hostile_proc.join(30)
             counters = {"stream": rx.counters.as_dict(), "bridge": asdict(bridge.counters),
                         "service": {"frame_errors": service.stats.frame_errors,
+                                    "series_rejected": service.stats.series_rejected,
                                     "protocol_errors": service.stats.protocol_errors,
                                     "heartbeat_errors": service.stats.heartbeat_errors,
+                                    "blank_failures": service.stats.blank_failures,
                                     "errors": service.stats.errors[-10:]},
-                        "safety": bridge.get_state().get("safety", {}).get("counters", {}),
+                        "safety": monitor.get_state().get("safety", {}).get("counters", {}),
                         "sim_events": {}}
-            events = bridge.call("sim_events", since=0)["events"]
+            events = monitor.call("sim_events", since=0)["events"]
             counters["sim_events"] = dict(Counter(e.get("type", "?") for e in events))
-            counters["sim_safety_events"] = [e for e in events if e.get("type") in ("safety", "dropped")][-20:]
+            counters["sim_safety_events"] = [e for e in events if e.get("type") in ("safety", "dropped")][-200:]
+            windows_ns = [(p["start_ns"], p["end_ns"]) for p in probes]
+            other = [e for e in events if e.get("type") == "safety" and str(e.get("reason", "")).startswith("watchdog")
+                     and not any(a <= e["t_ns"] <= b for a, b in windows_ns)]
+            counters["trips_beyond_probes"] = [
+                {**e, "bridge_before": [(x.call, x.error, (e["t_ns"] - x.t_ns) / 1e9) for x in bridge.log
+                                        if x.t_ns < e["t_ns"]][-5:]} for e in other]
+            blanks = [e for e in bridge.log if e.call in ("blank", "stop") and e.args.get("on", True) is True]
+            counters["blanks"] = {"sent": len(blanks), "refused": sum(not e.ok for e in blanks),
+                                  "refused_errors": sorted({e.error for e in blanks if not e.ok})}
             try:
-                bridge.blank(True)
+                bridge.stop()
                 bridge.call("shutdown")
             except BridgeError:
                 pass
     finally:
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        if hostile_proc is not None and hostile_proc.is_alive():
+            stop_hostile.set()
+            hostile_proc.join(10)
+            if hostile_proc.is_alive():
+                hostile_proc.kill()
+        stop_simulator(proc)
+    totals["stops"] = dict(stops)
     result = {
-        "mode": "quick" if quick else "full",
+        "mode": ("hostile_" if hostile else "") + ("quick" if quick else "full"),
         "config": {"duration_s": duration_s, "window_s": window_s, "shape": list(shape), "pixel_size_A": pixel_size_A,
-                   "dose_e_per_A2": dose, "current_pA": current_pA, "targets_per_frame": targets, "seed": seed},
+                   "dose_e_per_A2": dose, "current_pA": current_pA, "targets_per_frame": targets, "seed": seed,
+                   "hostile": hostile, "probe_every_s": probe_every_s if hostile else None},
         "wall_s": time.monotonic() - t_start,
         "load_average": list(os.getloadavg()),
         "totals": {**{k: v for k, v in totals.items() if k != "errors"}, "dwells": dict(reasons),
@@ -214,13 +504,74 @@ def run(quick: bool = False, duration_s: float | None = None, window_s: float | 
         "summary": summarize(windows),
         "windows": windows,
     }
+    if hostile:
+        result["hostile"] = hostile_counts
+        result["probes"] = probes
+        result["figures"] = hostile_figures(result)
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        name = "soak_quick" if quick else "soak"
+        name = ("soak_hostile" if hostile else "soak") + ("_quick" if quick else "")
         (out / f"{name}.json").write_text(json.dumps(result, indent=2, default=float))
         plot(result, out / f"{name}.png")
+        if hostile:
+            (out / f"{name}.md").write_text(hostile_markdown(result))
     return result
+
+
+def hostile_figures(result: dict) -> dict:
+    """The hostile soak's figures: blanks refused, watchdog latency, trips beyond the probes, frames lost,
+    memory growth (see the module docstring)."""
+    c = result["counters"]
+    probes = result.get("probes", [])
+    lat = np.array([p["latency_s"] for p in probes], float)
+    finite = lat[np.isfinite(lat)]
+    trips = c["safety"].get("watchdog_trips", 0)
+    stream = c["stream"]
+    mem = result["summary"]["memory"]
+    return {
+        "blanks_sent": c["blanks"]["sent"], "blanks_refused": c["blanks"]["refused"],
+        "watchdog_probes": len(probes), "watchdog_probes_blanked": sum(p["blanked"] for p in probes),
+        "watchdog_latency_s_max": float(finite.max()) if finite.size else float("nan"),
+        "watchdog_latency_s_p50": float(np.median(finite)) if finite.size else float("nan"),
+        "watchdog_trips": trips, "watchdog_trips_beyond_probes": len(c.get("trips_beyond_probes", [])),
+        "backstop_trips": c["safety"].get("backstop_trips", 0),
+        "frames_lost": result["totals"]["stops"].get("no_frames", 0) + stream.get("missing_frames", 0)
+        + c["sim_events"].get("dropped", 0),
+        "stream_gaps": stream.get("gaps", 0), "garbage_rejected": stream.get("rejected", 0),
+        "rate_limited": c["safety"].get("rate_limited", 0),
+        "rss_service_mib": {k: mem["rss_service_mib"][k] for k in ("first", "last", "slope_per_hour")},
+        "rss_simulator_mib": {k: mem["rss_simulator_mib"][k] for k in ("first", "last", "slope_per_hour")},
+        "frames": result["totals"]["frames"], "dwells": sum(result["totals"]["dwells"].values()),
+        "bridge_p99_us_last_window": result["windows"][-1]["latency"]["bridge"]["p99_us"],
+    }
+
+
+def hostile_markdown(result: dict) -> str:
+    """A short Markdown summary of a hostile soak."""
+    f = result["figures"]
+    h = result.get("hostile", {})
+    rows = [
+        ("duration", f"{result['config']['duration_s']:.0f} s (wall {result['wall_s']:.0f} s), load average at the "
+                     f"end {result['load_average'][0]:.1f}"),
+        ("main job", f"{f['frames']} frames, {f['dwells']} dwells ({result['totals']['dwells']})"),
+        ("hostile client", ", ".join(f"{k} {v}" for k, v in sorted(h.items()))),
+        ("blanks refused", f"**{f['blanks_refused']}** of {f['blanks_sent']} blank/stop calls of the main job"),
+        ("watchdog", f"{f['watchdog_probes_blanked']}/{f['watchdog_probes']} silent-client probes blanked; latency "
+                     f"p50 {f['watchdog_latency_s_p50']:.3f} s, **max {f['watchdog_latency_s_max']:.3f} s** (period "
+                     f"1 s); trips beyond the probes **{f['watchdog_trips_beyond_probes']}**; backstop trips "
+                     f"{f['backstop_trips']}"),
+        ("frames lost", f"**{f['frames_lost']}** (stream gaps {f['stream_gaps']}; garbage messages rejected "
+                        f"{f['garbage_rejected']})"),
+        ("memory", f"service {f['rss_service_mib']['first']:.0f} -> {f['rss_service_mib']['last']:.0f} MiB "
+                   f"({f['rss_service_mib']['slope_per_hour']:+.1f} MiB/h), simulator "
+                   f"{f['rss_simulator_mib']['first']:.0f} -> {f['rss_simulator_mib']['last']:.0f} MiB "
+                   f"({f['rss_simulator_mib']['slope_per_hour']:+.1f} MiB/h)"),
+        ("refused by rate", f"{f['rate_limited']} requests"),
+    ]
+    lines = [f"# Hostile soak ({result['mode']})", "", "| figure | value |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in rows]
+    return "\n".join(lines) + "\n"
 
 
 def plot(result: dict, path: Path) -> None:
@@ -251,17 +602,19 @@ def plot(result: dict, path: Path) -> None:
 
 
 def main(argv=None) -> int:
-    """Command line: ``python -m beamloop.bench.soak [--quick] [--duration S] [--window S] [--out DIR]``."""
+    """Command line: ``python -m beamloop.bench.soak [--quick] [--hostile] [--duration S] [--window S] [--out DIR]``."""
     p = argparse.ArgumentParser(prog="python -m beamloop.bench.soak", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="40 s instead of 30 minutes")
     p.add_argument("--duration", type=float, default=None, help="loop length, seconds")
     p.add_argument("--window", type=float, default=None, help="sampling window, seconds")
+    p.add_argument("--hostile", action="store_true", help="a hostile client beside the main job, watchdog probes")
+    p.add_argument("--probe-every", type=float, default=None, help="seconds between watchdog probes (hostile)")
     p.add_argument("--out", default=str(RESULTS))
     a = p.parse_args(argv)
-    r = run(a.quick, a.duration, a.window, Path(a.out))
+    r = run(a.quick, a.duration, a.window, Path(a.out), hostile=a.hostile, probe_every_s=a.probe_every)
     s = r["summary"]
-    print(json.dumps({"memory": s["memory"], "latency_drift": s["latency_drift"], "totals": r["totals"]}, indent=2,
-                     default=float))
+    print(json.dumps({"memory": s["memory"], "latency_drift": s["latency_drift"], "totals": r["totals"],
+                      **({"figures": r["figures"]} if a.hostile else {})}, indent=2, default=float))
     return 0
 
 

@@ -39,3 +39,19 @@ def test_short_soak(tmp_path):
     assert r["windows"][-1]["latency"]["end_to_end"]["n"] >= 0
     mem = r["summary"]["memory"]["rss_service_mib"]
     assert math.isfinite(mem["slope_per_hour"]) and mem["last"] == r["windows"][-1]["rss_service_mib"]
+
+
+def test_short_hostile_soak(tmp_path):
+    """The main job with the hostile client beside it (flood, huge requests, replays, garbage frames) and
+    watchdog probes: no blank refused, no frame lost, every silent client blanked, no other watchdog trip."""
+    r = run(quick=True, duration_s=8.0, window_s=2.0, out=tmp_path, progress=False, hostile=True, probe_every_s=2.0)
+    f = r["figures"]
+    assert f["blanks_sent"] >= 1 and f["blanks_refused"] == 0, r["counters"]["blanks"]
+    assert f["frames_lost"] == 0 and r["totals"]["stops"] == {}, r["totals"]
+    assert f["watchdog_probes"] >= 1 and f["watchdog_probes_blanked"] == f["watchdog_probes"], r["probes"]
+    assert f["watchdog_trips_beyond_probes"] == 0, r["counters"]["trips_beyond_probes"]
+    h = r["hostile"]
+    assert h["flood_sent"] > 0 and h["huge_sent"] >= 3 and h["replays_sent"] > 0 and h["garbage_frames_sent"] > 0
+    assert f["garbage_rejected"] > 0 and r["counters"]["service"]["frame_errors"] == 0
+    saved = json.loads((tmp_path / "soak_hostile_quick.json").read_text())
+    assert saved["figures"]["blanks_refused"] == 0 and (tmp_path / "soak_hostile_quick.md").read_text().startswith("#")
