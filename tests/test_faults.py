@@ -345,3 +345,36 @@ def test_serve_on_a_full_disk_exits_6_naming_the_file(tmp_path, monkeypatch, cap
     assert rc == EXIT_OUTPUT and str(tmp_path / "serve.h5") in err and "no space left" in err
     with h5py.File(tmp_path / "serve.h5") as f:
         assert len(f["frames"]) == 0 and not f.attrs["complete"]
+
+
+def test_a_failed_blank_stops_the_experiment(run_microscope):
+    """The controller cannot blank (its blanker fails): the dwell reports blank_failed and the experiment stops
+    at once (beam_unsafe), keeping the frame; it does not go on to the next target."""
+    from beamloop.edge.experiments.vacancy_line import ExperimentConfig, ExperimentStopped, vacancy_line
+    from beamloop.edge.path import frame_path
+    from beamloop.edge.service import EdgeService
+    from beamloop.edge.stages.policy import VacancyLinePolicy
+    from beamloop.streams.native.receiver import FrameReceiver
+
+    with run_microscope(seed=9, max_park_s=3.0) as mic, FrameReceiver(mic.frames_endpoint) as rx, \
+            BridgeClient(mic.control_endpoint, timeout_ms=5000) as bridge:
+        real = mic.backend.set_blanked
+
+        def broken(on):
+            if on:
+                raise RuntimeError("blanker does not answer")
+            return real(on)
+
+        service = EdgeService(rx, frame_path("classical", "MoS2", VacancyLinePolicy(3)), bridge)
+        cfg = ExperimentConfig(rounds=1, shape=(192, 192), fov_nm=192 * 0.15 / 10, dwell_us=14.4, targets_per_frame=3)
+        mic.backend.set_blanked = broken
+        try:
+            with pytest.raises(ExperimentStopped) as stop:
+                vacancy_line(service, cfg)
+        finally:
+            mic.backend.set_blanked = real
+        assert stop.value.reason == "beam_unsafe" and "could not be blanked" in stop.value.message
+        rec = stop.value.records
+        assert len(rec) == 1 and len(rec[0].dwells) == 1 and rec[0].dwells[0].reason == "blank_failed"
+        assert service.stats.blank_failures >= 2
+        assert wait_for(lambda: mic.blanked, 30)  # the controller keeps trying, and blanks once it can

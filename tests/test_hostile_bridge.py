@@ -423,3 +423,33 @@ def test_reply_decoding_is_unchanged_for_safer_calls():
     seq, result = decode_reply(cbor2.dumps({"seq": 3, "ok": True, "result": {"blanked": True, "notes": ["x"]}}),
                                "blank")
     assert seq == 3 and result["notes"] == ["x"]
+
+
+# queued points honour their dwell and the dose limit -------------------------------------------------------------
+def test_queued_points_are_timed_by_their_own_dwell(clock, req_socket):
+    """Points of 10 us (one 10-us sample each) are on for exactly one sample, not for the 1-ms block: the
+    sequencer's timeline, sample-accurate beam_off_sample, dose within the limit."""
+    backend = Backend(sample_time_us=10.0, block_samples=100)
+    limits = SafetyLimits(watchdog_s=None, max_point_electrons=5000.0, current_pA=50.0)  # 5000 e = 16 us at 50 pA
+    with ScanController(backend, limits=limits, clock=clock) as ctl, req_socket(ctl.control_endpoint) as sock:
+        wire = Wire(ctl, sock)
+        fid = wire("acquire_frame", **FRAME)["frame_id"]
+        pts = [[0.1 * k, 0.5] for k in range(1, 9)]
+        q = wire("queue_points", points=pts, dwell_us=10.0, frame_id=fid)
+        assert q["samples_per_point"] == 1 and q["dwell_us"] == 10.0
+        clock.t += 8 * 10e-6 + 1e-9  # 80 us: all eight points, not eight blocks of 1 ms
+        ctl.step()
+        ends = [e for e in ctl.events if e["type"] == "dwell_end"]
+        assert len(ends) == 8 and all(e["samples"] == 1 and e["beam_off_sample"] == 1 for e in ends)
+        assert wire("fetch_points", queue_id=q["queue_id"])["state"] == "done" and backend.blanker is True
+        # a dwell of less than a sample is refused, not stretched to one; a dwell between samples is cut
+        # down to whole samples, and the dose is checked on what is applied
+        refused = wire.send("queue_points", points=pts, dwell_us=0.01, frame_id=fid)
+        assert refused["error"] == "out_of_range" and "shorter than one sample" in refused["message"]
+        cut = wire("queue_points", points=[[0.5, 0.5]], dwell_us=15.9, frame_id=fid)
+        assert cut["samples_per_point"] == 1 and cut["dwell_us"] == 10.0
+        assert wire.send("queue_points", points=[[0.5, 0.5]], dwell_us=10.0, frame_id=fid)["error"] == "busy"
+        clock.t += 1e-3
+        ctl.step()
+        over = wire.send("queue_points", points=[[0.5, 0.5]], dwell_us=20.0, frame_id=fid)  # 6242 e > 5000
+        assert over["error"] == "out_of_range" and "electrons" in over["message"]

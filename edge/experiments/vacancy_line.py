@@ -89,7 +89,7 @@ class ExperimentStopped(RuntimeError):
         super().__init__(message)
         self.reason = reason
         self.message = message
-        self.records = list(records or [])
+        self.records = records if records is not None else []  # the experiment's own list: it may still grow
         self.signum = int(signum)
 
 
