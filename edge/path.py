@@ -171,7 +171,8 @@ class FramePath:
         own figure instead of the per-pixel estimate.
         """
         pixels = int(np.prod(meta.shape, dtype=np.float64))
-        own = [s.buffer_bytes(meta) for s in self.stages if callable(getattr(s, "buffer_bytes", None))]
+        sizers = [getattr(s, "buffer_bytes", None) for s in self.stages]
+        own = [size(meta) for size in sizers if callable(size)]
         total = sum(int(b) for b in own) if own else pixels * BYTES_PER_PIXEL
         sigma = None
         for s in self.stages:

@@ -470,11 +470,12 @@ class EdgeService:
                 res.error = f"no parked-probe samples for {stream_timeout_ms} ms"
                 return
             if isinstance(ev, SeriesStart):
-                if ev.series.user_data.get("kind") == "parked":
+                ud = getattr(ev.series, "user_data", None)
+                if isinstance(ud, dict) and ud.get("kind") == "parked":
                     res.series_id = ev.series.series_id
                 continue
             if isinstance(ev, SeriesEnd):
-                if ev.header.series_id == res.series_id:
+                if ev.series.series_id == res.series_id:
                     res.reason = res.reason or "controller_ended"
                     return
                 continue
