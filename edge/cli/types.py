@@ -44,15 +44,19 @@ def parse_nonnegative(text: str) -> float:
     return v
 
 
-def parse_count(text: str) -> int:
-    """A whole number >= 0."""
+def _whole(text: str, smallest: int) -> int:
     try:
         v = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
+    if v < smallest:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= {smallest}")
     return v
+
+
+def parse_count(text: str) -> int:
+    """A whole number >= 0."""
+    return _whole(text, 0)
 
 
 def parse_fraction_pair(text: str) -> tuple[float, float]:
@@ -68,13 +72,7 @@ def parse_fraction_pair(text: str) -> tuple[float, float]:
 
 def parse_positive_int(text: str) -> int:
     """A whole number >= 1."""
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be a whole number >= 1")
-    return v
+    return _whole(text, 1)
 
 
 def bounded(parse: Callable[[str], float], lo: float, hi: float, unit: str = "") -> Callable[[str], float]:
