@@ -195,8 +195,11 @@ def print_report(latency: LatencyRecorder, accuracy, per_frame: list, trig: dict
     if verify.get("targets"):
         print(f"  verification frame: {verify['written']} of {verify['targets']} targets now read S1 or vacancy "
               f"({verify['classes_after']})")
+    hint = ("; frames went missing: another consumer on the frame stream? (a PUSH socket deals its messages out "
+            "among all its consumers)") if counters.get("gaps") or counters.get("unexpected") else ""
     print(f"stream: {counters['frames']} frames, {counters['rejected']} rejected, {counters['missing_frames']} missing;"
-          f" service: {stats.frame_errors} bad frames, {stats.protocol_errors} protocol errors")
+          f" service: {stats.frame_errors} bad frames, {stats.series_rejected} series ({stats.frames_rejected} frames)"
+          f" rejected for their metadata, {stats.protocol_errors} protocol errors{hint}")
     print(f"wrote {out / 'run.h5'}, {out / 'overlay.png'}, {out / 'report.json'}")
 
 
