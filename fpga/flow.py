@@ -263,6 +263,19 @@ def _ip_report(design, name: str, model_dir: Path, target: str) -> dict:
             "notes": [], "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
 
 
+def _write_ip(model: str, out: Path, target: str, latency_cutoff: float, pre_cutoff: float | None,
+              history_impl: str, progress):
+    """Write ``model``'s IP into ``out/ip``; returns (design, manifest entry name, model folder, report dict)."""
+    from beamloop.fpga.ip import write_ip
+
+    name, d = model_folder(model)
+    design = write_ip(name, out / "ip", model_dir=d, latency_cutoff=latency_cutoff, pre_cutoff=pre_cutoff,
+                      history_impl=history_impl)
+    progress(f"ip: precompute {design.pre.stages} stages, tail {design.tail.stages} stages, latency "
+             f"{design.latency_cycles} cycles, minimum sample interval {design.min_interval} cycles")
+    return design, name, d, _ip_report(design, name, d, target)
+
+
 def default_dwells(n: int = 8, length: int = 1000, seed: int = 0):
     """The dwells ``beamloop fpga sim`` and ``build`` stream when given no file
     (:func:`beamloop.fpga.ip_sim.synthetic_dwells`)."""
@@ -296,16 +309,10 @@ def sim(model: str, out: str | Path, dwells=None, latency_cutoff: float = DEFAUL
     dict
         The report.
     """
-    from beamloop.fpga.ip import write_ip
     from beamloop.fpga.ip_sim import simulate_stream
 
     out = Path(out)
-    name, d = model_folder(model)
-    design = write_ip(name, out / "ip", model_dir=d, latency_cutoff=latency_cutoff, pre_cutoff=pre_cutoff,
-                      history_impl=history_impl)
-    progress(f"ip: precompute {design.pre.stages} stages, tail {design.tail.stages} stages, latency "
-             f"{design.latency_cycles} cycles, minimum sample interval {design.min_interval} cycles")
-    rep = _ip_report(design, name, d, "sim")
+    design, name, d, rep = _write_ip(model, out, "sim", latency_cutoff, pre_cutoff, history_impl, progress)
     rep["sim"] = simulate_stream(design, dwells if dwells is not None else default_dwells(), out / "sim", bus=bus,
                                  model_dir=d, progress=progress).as_dict()
     write_report(rep, out / "report.json")
@@ -349,16 +356,10 @@ def build(model: str, target: str, out: str | Path, dwells=None, latency_cutoff:
     dict
         The report (also ``out/report.json`` and ``.md``); ``latency_ns`` at fmax.
     """
-    from beamloop.fpga.ip import write_ip
     from beamloop.fpga.synth import ECP5_DEVICES, synth_ecp5
 
     out = Path(out)
-    name, d = model_folder(model)
-    design = write_ip(name, out / "ip", model_dir=d, latency_cutoff=latency_cutoff, pre_cutoff=pre_cutoff,
-                      history_impl=history_impl)
-    progress(f"ip: precompute {design.pre.stages} stages, tail {design.tail.stages} stages, latency "
-             f"{design.latency_cycles} cycles, minimum sample interval {design.min_interval} cycles")
-    rep = _ip_report(design, name, d, target)
+    design, name, d, rep = _write_ip(model, out, target, latency_cutoff, pre_cutoff, history_impl, progress)
     if run_sim:
         from beamloop.fpga.ip_sim import simulate_stream
 

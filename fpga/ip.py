@@ -940,6 +940,28 @@ endmodule
 """
 
 
+_STREAM_PORTS = f"""    input [{SAMPLE_BITS - 1}:0] s_axis_tdata,
+    input s_axis_tvalid,
+    output s_axis_tready,
+    output blank,
+    output score_valid,
+    output score_decided,
+    output score_fire,
+    output signed [31:0] score
+);"""
+"""The sample-stream and output ports both bus tops share (Verilog, ending the port list)."""
+
+
+def _core_instance(prefix: str, clk: str, rst: str, req: str, we: str, addr: str, wdata: str, wstrb: str,
+                   rdata: str) -> str:
+    """Verilog instance ``core`` of ``<prefix>_core`` with the bus signals given and the stream ports passed on."""
+    return (f"{prefix}_core core (.clk({clk}), .rst({rst}), .s_axis_tdata(s_axis_tdata), "
+            f".s_axis_tvalid(s_axis_tvalid),\n        .s_axis_tready(s_axis_tready), .reg_req({req}), .reg_we({we}), "
+            f".reg_addr({addr}),\n        .reg_wdata({wdata}), .reg_wstrb({wstrb}), .reg_rdata({rdata}), "
+            ".reg_ack(ack), .blank(blank),\n        .score_valid(score_valid), .score_decided(score_decided), "
+            ".score_fire(score_fire), .score(score));")
+
+
 def wishbone_verilog(prefix: str) -> str:
     """Verilog of ``<prefix>_ip_wb``: the core behind a Wishbone B4 classic slave (32-bit data, byte
     addresses ``wb_adr_i[7:0]``, ``wb_sel_i`` byte lanes). Every access takes two cycles: the request cycle and
@@ -958,21 +980,11 @@ module {prefix}_ip_wb (
     input wb_stb_i,
     input wb_cyc_i,
     output wb_ack_o,
-    input [{SAMPLE_BITS - 1}:0] s_axis_tdata,
-    input s_axis_tvalid,
-    output s_axis_tready,
-    output blank,
-    output score_valid,
-    output score_decided,
-    output score_fire,
-    output signed [31:0] score
-);
+{_STREAM_PORTS}
     wire ack;
     wire req = wb_cyc_i & wb_stb_i & ~ack;  // one request per classic cycle; ack ends it
-    {prefix}_core core (.clk(wb_clk_i), .rst(wb_rst_i), .s_axis_tdata(s_axis_tdata), .s_axis_tvalid(s_axis_tvalid),
-        .s_axis_tready(s_axis_tready), .reg_req(req), .reg_we(wb_we_i), .reg_addr(wb_adr_i[7:2]),
-        .reg_wdata(wb_dat_i), .reg_wstrb(wb_sel_i), .reg_rdata(wb_dat_o), .reg_ack(ack), .blank(blank),
-        .score_valid(score_valid), .score_decided(score_decided), .score_fire(score_fire), .score(score));
+    {_core_instance(prefix, "wb_clk_i", "wb_rst_i", "req", "wb_we_i", "wb_adr_i[7:2]", "wb_dat_i", "wb_sel_i",
+                    "wb_dat_o")}
     assign wb_ack_o = ack;
 endmodule
 """
@@ -1005,15 +1017,7 @@ module {prefix}_ip_axil (
     output [1:0] s_axil_rresp,
     output reg s_axil_rvalid,
     input s_axil_rready,
-    input [{SAMPLE_BITS - 1}:0] s_axis_tdata,
-    input s_axis_tvalid,
-    output s_axis_tready,
-    output blank,
-    output score_valid,
-    output score_decided,
-    output score_fire,
-    output signed [31:0] score
-);
+{_STREAM_PORTS}
     wire rst = ~aresetn;
     reg aw_full, w_full, ar_full, busy, busy_rd;
     reg [7:0] aw_addr, ar_addr;
@@ -1029,10 +1033,8 @@ module {prefix}_ip_axil (
     wire do_wr = aw_full & w_full & ~busy & ~s_axil_bvalid;
     wire do_rd = ar_full & ~busy & ~do_wr & ~s_axil_rvalid;
     wire req = do_wr | do_rd;
-    {prefix}_core core (.clk(aclk), .rst(rst), .s_axis_tdata(s_axis_tdata), .s_axis_tvalid(s_axis_tvalid),
-        .s_axis_tready(s_axis_tready), .reg_req(req), .reg_we(do_wr), .reg_addr(do_wr ? aw_addr[7:2] : ar_addr[7:2]),
-        .reg_wdata(w_data), .reg_wstrb(w_strb), .reg_rdata(rdata), .reg_ack(ack), .blank(blank),
-        .score_valid(score_valid), .score_decided(score_decided), .score_fire(score_fire), .score(score));
+    {_core_instance(prefix, "aclk", "rst", "req", "do_wr", "do_wr ? aw_addr[7:2] : ar_addr[7:2]", "w_data", "w_strb",
+                    "rdata")}
     always @(posedge aclk) begin
         if (rst) begin
             aw_full <= 1'b0;

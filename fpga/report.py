@@ -28,6 +28,27 @@ def _fmt(v, spec: str = "") -> str:
     return format(v, spec) if spec else str(v)
 
 
+def _table_tail(rep: dict, rows: list) -> list[str]:
+    """The figure table's rows (with the bitstream and a skipped synthesis's reason) as Markdown lines."""
+    syn = rep.get("synth") or {}
+    rows = rows + [("bitstream", syn.get("bitstream") or "-")]
+    if syn.get("status"):
+        rows.append(("synthesis", syn["status"]))
+    return [f"| {k} | {v} |" for k, v in rows]
+
+
+def _notes(rep: dict) -> list[str]:
+    """Tool times (with the machine note) and the report's notes as Markdown paragraphs."""
+    lines = []
+    secs = (rep.get("synth") or {}).get("seconds") or {}
+    if secs:
+        lines += ["", "Tool times: " + ", ".join(f"{k} {v:.0f} s" for k, v in secs.items())
+                  + (f" ({rep['machine_note']})" if rep.get("machine_note") else "")]
+    for note in rep.get("notes", []):
+        lines += ["", note]
+    return lines
+
+
 def ip_markdown(rep: dict) -> str:
     """Markdown text of a trigger-IP report (see the module docstring)."""
     mdl = rep.get("model", {})
@@ -62,21 +83,13 @@ def ip_markdown(rep: dict) -> str:
                                          f"({_fmt(sim.get('dwells_fired'))} fired), counters "
                                          f"{'ok' if sim.get('counters_ok') else '-'}"),
         ("hls4ml C simulation of the network", f"{_fmt(hls.get('exact'))} / {_fmt(hls.get('samples'))}"),
-        ("bitstream", syn.get("bitstream") or "-"),
     ]
-    if syn.get("status"):
-        rows.append(("synthesis", syn["status"]))
-    lines += [f"| {k} | {v} |" for k, v in rows]
+    lines += _table_tail(rep, rows)
     cp = syn.get("critical_path") or {}
     if cp:
         lines += ["", f"Critical path: {cp.get('source')} -> {cp.get('sink')}: {cp.get('logic_ns')} ns logic + "
                       f"{cp.get('routing_ns')} ns routing."]
-    secs = syn.get("seconds") or {}
-    if secs:
-        lines += ["", "Tool times: " + ", ".join(f"{k} {v:.0f} s" for k, v in secs.items())
-                  + (f" ({rep['machine_note']})" if rep.get("machine_note") else "")]
-    for note in rep.get("notes", []):
-        lines += ["", note]
+    lines += _notes(rep)
     if rep.get("registers_md"):
         lines += ["", "## Register map (32-bit words, byte offsets; Wishbone B4 classic and AXI4-Lite)", "",
                   rep["registers_md"].rstrip()]
@@ -112,18 +125,8 @@ def markdown(rep: dict) -> str:
         ("hls4ml C simulation bit-exact", f"{_fmt(hls.get('exact'))} / {_fmt(hls.get('samples'))} "
                                           f"({_fmt(hls.get('bit_exact_fraction'), '.4%')})"),
         ("hls4ml build()", (hls.get("build") or {}).get("status", "-")),
-        ("bitstream", syn.get("bitstream") or "-"),
     ]
-    if syn.get("status"):
-        rows.append(("synthesis", syn["status"]))
-    lines += [f"| {k} | {v} |" for k, v in rows]
-    secs = syn.get("seconds") or {}
-    if secs:
-        lines += ["", "Tool times: " + ", ".join(f"{k} {v:.0f} s" for k, v in secs.items())
-                  + (f" ({rep['machine_note']})" if rep.get("machine_note") else "")]
-    for note in rep.get("notes", []):
-        lines += ["", note]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _table_tail(rep, rows) + _notes(rep)) + "\n"
 
 
 def write_report(rep: dict, json_path: str | Path, md_path: str | Path | None = None) -> tuple[Path, Path]:
