@@ -212,3 +212,23 @@ def test_find_writes_the_ood_report_and_per_column_uncertainty(tmp_path):
     doc = json.loads((tmp_path / "frame_ood.json").read_text())
     assert {"score", "alarm", "features", "period_px", "threshold_snr"} <= set(doc)
     assert doc["period_px"] == pytest.approx(21.0, rel=0.1)  # MoS2 a = 3.16 A at 0.15 A/px, estimated
+
+
+def test_training_tiles_from_a_second_simulator_and_export_defaults(tmp_path):
+    from beamloop.edge.learn import dataset as ds
+    from beamloop.edge.learn.cli import default_export_dir
+    from beamloop.edge.sim.multislice import CellImage, Optics
+    from beamloop.edge.stages.unet import default_model_dir
+
+    g = np.indices((36, 30))
+    d2 = ((g[1] * 0.1 - 1.0 + 1.5) % 3.0 - 1.5) ** 2 + ((g[0] * 0.1 - 1.2 + 1.8) % 3.6 - 1.8) ** 2
+    cell = CellImage(1e-3 * np.exp(-d2 / (2 * 0.35**2)), (3.0, 3.6), np.array([[1.0, 1.2]]), np.array(["X1"]),
+                     "test", Optics(), 1.0)
+    ts = ds.build_tileset(4, (64, 64), seed=1, progress=False, cells=[cell], multislice_fraction=0.5)
+    assert list(ts.structures[2:]) == ["test/abtem", "test/abtem"]
+    cols = ts.tile_columns(3)
+    assert len(cols) > 5 and np.all(cols[:, 2] == ds.GENERIC_CLASS) and np.all(cols[:, 3] > 0)
+    with pytest.raises(ValueError, match="needs abTEM cell images"):
+        ds.build_tileset(2, (64, 64), multislice_fraction=0.5, progress=False)
+    # training never writes into the package unless asked (--ship)
+    assert default_export_dir(tmp_path) == tmp_path / "model" and default_export_dir(tmp_path) != default_model_dir()

@@ -7,11 +7,15 @@ Everything that is cheap is drawn anew at every training step (:class:`Augmenter
 Poisson noise, per-line gain and offset (scan-line streaks), read noise, 8-bit contrast stretching with
 clipping, flips, and which columns a network can be asked to see at that dose.
 
-What is drawn per tile (:func:`sample_tile_config`), following ../shared/notes/atom-finding.md and the
-issue: structure (:data:`TRAIN_STRUCTURES`; MoS2 with its Mo / S2 / S1 classes, everything else as
-generic columns), pixel size 0.05-0.3 Angstrom, lattice rotation and offset, source-size blur
-0.15-0.45 Angstrom, drift / wobble / line jitter at 0-2 times their typical size, vacancies, partial
-columns and substitutions, grain boundaries, holes, a smooth background (support film, contamination).
+What is drawn per tile (:func:`sample_tile_config`): structure (:data:`TRAIN_STRUCTURES`; MoS2 with its
+Mo / S2 / S1 classes, everything else as generic columns), pixel size 0.05-0.3 Angstrom, lattice rotation and
+offset, source-size blur 0.15-0.45 Angstrom, drift / wobble / line jitter at 0-2 times their typical size,
+non-square pixels (+-4 %), vacancies, partial columns and substitutions, grain boundaries, holes, a smooth
+background (support film, contamination). A second simulator supplies a share of the tiles
+(:func:`multislice_tile`: abTEM cells of :mod:`beamloop.edge.learn.multislice_set`), and per sample the
+augmenter can draw acquisition models (:func:`acquisition_model`: probe tails, carbon support, particle
+envelope, thickness gradient; :func:`detector_model`: gain, offset, read noise, 16-bit output, saturation,
+line artefacts).
 
 Targets (:func:`draw_targets`): a heat map with a Gaussian of :data:`beamloop.edge.stages.unet.HEAT_SIGMA_PX` at each
 visible column, a class index map near each column (:data:`beamloop.edge.stages.unet.SEG_CLASSES`), and a weight map
@@ -483,7 +487,7 @@ class Augmenter:
     tiles : TileSet
     rng : numpy.random.Generator
     dose_range : (lo, hi)
-        Dose drawn log-uniformly, e-/Angstrom^2 (issue: 1e3-1e6), unless ``dose_sampler`` is given.
+        Dose drawn log-uniformly, e-/Angstrom^2 (1e3-1e6), unless ``dose_sampler`` is given.
     dose_sampler : callable, optional
         ``dose_sampler(rng) -> dose`` in e-/Angstrom^2.
     acquisition : bool
