@@ -123,8 +123,9 @@ def _quick(work: Path, latency_cutoff: float) -> dict:
     """The IP's stream simulation on 4 simulated dwells and the hls4ml C simulation on 2,000 inputs."""
     from beamloop.fpga.flow import build
 
-    rep = build("ejection", "ecp5-85k (quick: no synthesis)", work, dwells=stream_dwells(4),
-                latency_cutoff=latency_cutoff, run_hls=True, hls_samples=2000, progress=lambda s: None)
+    rep = build("ejection", "ecp5-85k", work, dwells=stream_dwells(4), latency_cutoff=latency_cutoff, run_hls=True,
+                hls_samples=2000, run_synth=False, progress=lambda s: None)
+    rep["target"] = "ecp5-85k (quick: no synthesis)"
     rep["synth"] = {}
     return rep
 

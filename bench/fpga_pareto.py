@@ -48,13 +48,14 @@ TRAIN_COMMANDS = {
 model's features, data, epochs, mining and seed)."""
 
 CONFIGS = (
-    {"name": "ejection_c1", "model": "ejection", "cutoff": 1.0, "history": "sr"},
     {"name": "h16_c1", "model": "ejection_h16", "cutoff": 1.0, "history": "sr"},
+    {"name": "ejection_c1", "model": "ejection", "cutoff": 1.0, "history": "sr"},
+    {"name": "ejection_c1p5", "model": "ejection", "cutoff": 1.5, "history": "sr"},
     {"name": "h16_c1p5", "model": "ejection_h16", "cutoff": 1.5, "history": "sr"},
+    {"name": "h8_c1", "model": "ejection_h8", "cutoff": 1.0, "history": "sr"},
     {"name": "ejection_c2", "model": "ejection", "cutoff": 2.0, "history": "sr"},
     {"name": "ejection_c1_lutram", "model": "ejection", "cutoff": 1.0, "history": "lutram"},
     {"name": "h16_c2", "model": "ejection_h16", "cutoff": 2.0, "history": "sr"},
-    {"name": "h8_c1", "model": "ejection_h8", "cutoff": 1.0, "history": "sr"},
     {"name": "h16w4_c1", "model": "ejection_h16w4", "cutoff": 1.0, "history": "sr"},
 )
 """Configurations explored: the shipped 36-16-8-1 model and retrained 36-16-1 / 36-8-1 (6-bit weights) and

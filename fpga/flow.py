@@ -322,7 +322,7 @@ def sim(model: str, out: str | Path, dwells=None, latency_cutoff: float = DEFAUL
 def build(model: str, target: str, out: str | Path, dwells=None, latency_cutoff: float = DEFAULT_LATENCY_CUTOFF,
           freq_mhz: float = 100.0, run_sim: bool = True, run_hls: bool = True, history_impl: str = "sr",
           pre_cutoff: float | None = None, hls_samples: int = 2000, seed: int = 1, record: bool = False,
-          progress=print) -> dict:
+          run_synth: bool = True, progress=print) -> dict:
     """The trigger IP of ``model``: RTL, stream simulation against the runtime, hls4ml C simulation of the
     network, and for an ECP5 target synthesis, place and route (the harness ``<n>_ip_board``) and a bitstream.
 
@@ -340,7 +340,8 @@ def build(model: str, target: str, out: str | Path, dwells=None, latency_cutoff:
         da4ml adder delays per stage of the tail and of the precompute.
     freq_mhz : float
         Clock constraint for place and route.
-    run_sim, run_hls : bool
+    run_sim, run_hls, run_synth : bool
+        Run the stream simulation, the hls4ml C simulation, the synthesis (ECP5 targets).
     history_impl : str
     hls_samples : int
         Random feature vectors for the hls4ml C simulation against QONNX.
@@ -375,7 +376,9 @@ def build(model: str, target: str, out: str | Path, dwells=None, latency_cutoff:
         x = sample_inputs(hls_samples, design.dims[0], design.features["input_bits"], seed=0)
         part = target if target not in ECP5_DEVICES else "xcu250-figd2104-2L-e"
         rep["hls"] = hls_check(q, x, qonnx_reference(q, x), out / "hls", part=part, progress=progress).as_dict()
-    if target in ECP5_DEVICES:
+    if target in ECP5_DEVICES and not run_synth:
+        rep["synth"] = {"target": target, "status": "skipped (not asked for)"}
+    elif target in ECP5_DEVICES:
         s = synth_ecp5(design.board_sources, design.top_board, out / "ecp5", target=target, freq_mhz=freq_mhz,
                        seed=seed, progress=progress)
         rep["synth"] = s.as_dict()

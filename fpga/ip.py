@@ -566,7 +566,7 @@ def _pack(layout: list, names: list) -> str:
     return "{" + ", ".join(parts) + "}"
 
 
-def _pipeline(part: Part, inp: str, load_first: bool) -> tuple[str, str]:
+def _pipeline(part: Part, inp: str) -> tuple[str, str]:
     """Declarations and always-block body of one da4ml pipeline: stage ``i``'s input register loaded every
     cycle from stage ``i - 1``'s output (stage 0 reads ``inp`` directly: its register is the caller's).
     Returns (declarations, register loads); the pipeline output wire is ``<module>_out``."""
@@ -648,7 +648,7 @@ def core_verilog(d: IPDesign, spec) -> str:
         if w and w != (sbw if nm.startswith("winv") else sumw):
             raise ValueError(f"precompute input {nm}: da4ml width {w} differs from the register")
     pre_in = _pack(d.pre.inputs, names)
-    pre_decl, pre_loads = _pipeline(d.pre, "pre_in", False)
+    pre_decl, pre_loads = _pipeline(d.pre, "pre_in")
     # tail input: P values (the precompute's output words) then the raw sample
     p_names = []
     for k, (off, w, _sgn, stp) in enumerate(d.pre.outputs):
@@ -666,7 +666,7 @@ def core_verilog(d: IPDesign, spec) -> str:
     else:
         x_load = "x_reg <= s_axis_tdata;"
     tail_in = _pack(d.tail.inputs, p_names + ["x_reg"] + (["thr_q"] if d.threshold_input else []))
-    tail_decl, tail_loads = _pipeline(d.tail, "tail_in", False)
+    tail_decl, tail_loads = _pipeline(d.tail, "tail_in")
     s_off = d.tail.outputs[0][0]
     sw = "score_word"
     sext = f"{{{sw}[{sb - 1}], {sw}}}" if signed_score else f"{{1'b0, {sw}}}"
@@ -684,8 +684,6 @@ def core_verilog(d: IPDesign, spec) -> str:
         fire_expr = "{dec_last} & (score_w >= thr_word)"
     regs = {r.name: r.offset >> 2 for r in REGISTERS}
     latc_bits = 8
-    stamp = f"{latc_bits}"
-    dec_pipe = "dec_p" if lt > 1 else ""
     cfg_word = (min(h, 0xFFFF) << 16) | (min(d.min_interval, 255) << 8) | min(d.latency_cycles, 255)
     # shift registers carrying each sample's flags beside the tail (position i = stage i's input)
     if lt > 1:
@@ -701,7 +699,6 @@ def core_verilog(d: IPDesign, spec) -> str:
         pipes = (f"reg tv;\n    reg dec_p;\n    reg [{latc_bits - 1}:0] stamp_p;")
         tv_last, dec_last, stamp_last = "tv", "dec_p", "stamp_p"
         pipe_shift = "tv <= accept;\n            dec_p <= accept & full;\n            stamp_p <= cyc;"
-    del dec_pipe, stamp
     hist_decl_s = "\n    ".join(hist_decl)
     hist_reset_s = "\n            ".join(hist_reset)
     hist_push_s = "\n                ".join(hist_push)
