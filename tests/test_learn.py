@@ -135,7 +135,8 @@ def test_train_and_export_smoke(tmp_path):
     from beamloop.edge.cli import main
 
     rc = main(["train", "--out", str(tmp_path / "w"), "--members", "2", "--steps", "3", "--tiles", "8",
-               "--batch", "2", "--tile", "64", "--to", str(tmp_path / "m"), "--quick-eval", "--quiet"])
+               "--batch", "2", "--tile", "64", "--to", str(tmp_path / "m"), "--quick-eval", "--quiet",
+               "--multislice-fraction", "0"])
     assert rc == 0
     for name in ("member_0.pt", "member_1.pt", "history.json", "training_curve.png", "train.json"):
         assert (tmp_path / "w" / name).is_file()

@@ -107,12 +107,17 @@ def _tiles(cfg: TrainConfig, out: Path, progress: bool) -> TileSet:
         log.info("reusing %s", path)
         return TileSet.load(path)
     cells = None
-    if cfg.multislice_fraction > 0:
+    fraction = cfg.multislice_fraction
+    if fraction > 0:
         from beamloop.edge.learn.multislice_set import train_cells
 
-        cells = train_cells(cfg.abtem_cache)
+        try:
+            cells = train_cells(cfg.abtem_cache)
+        except ImportError as exc:  # no abTEM and no cached cells: the project's simulator only, said loudly
+            log.warning("no abTEM cells (%s): training on the project's simulator only", exc)
+            fraction = 0.0
     ts = build_tileset(cfg.tiles, (cfg.tile, cfg.tile), cfg.seed, progress=progress, cells=cells,
-                       multislice_fraction=cfg.multislice_fraction)
+                       multislice_fraction=fraction)
     ts.save(path)
     return ts
 

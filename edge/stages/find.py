@@ -191,12 +191,15 @@ class FinderConfig:
                        column_sigma_A: float = MOS2.column_sigma_A, **kw) -> FinderConfig:
         """Parameters from physical sizes: nearest-neighbour column distance ``spacing_A`` (default MoS2's
         Mo-S distance, :data:`beamloop.edge.materials.MOS2`) and blurred column sigma ``column_sigma_A``,
-        at ``pixel_size_A`` Angstrom per pixel.
+        at ``pixel_size_A`` Angstrom per pixel. The two-Gaussian pair test is off (``split_pairs=False``): the
+        material's spacing is the closest two columns come.
 
         Raises ``ValueError`` for a non-positive pixel size.
         """
         if not (math.isfinite(pixel_size_A) and pixel_size_A > 0):
             raise ValueError(f"pixel size must be a positive number of Angstrom, got {pixel_size_A}")
+        # a material of known nearest-neighbour spacing has no columns closer than it: no pair test
+        kw = {"split_pairs": False, **kw}
         return cls.for_spacing(spacing_A / pixel_size_A, column_sigma_A / pixel_size_A, **kw)
 
     @classmethod
@@ -262,6 +265,7 @@ class PeakFinder:
         self.noise_scores: np.ndarray
         self.noise_density: float
         self.noise_scores, self.noise_density = noise_maxima(config) if config.fdr > 0 else (np.zeros(0), 0.0)
+        self._below = float(np.searchsorted(self.noise_scores, NULL_FIT_SNR)) / max(len(self.noise_scores), 1)
         self.threshold = math.nan
         """Score threshold applied to the last frame (noise sigmas of the smoothed frame)."""
 
@@ -285,8 +289,7 @@ class PeakFinder:
         desc = np.sort(scores)[::-1]
         # empirical null: the number of noise maxima in this frame, from its candidates below NULL_FIT_SNR
         # (mostly noise) over the share of pure-noise maxima that lie there; at most the pure-noise count
-        below = float(np.searchsorted(self.noise_scores, NULL_FIT_SNR)) / max(len(self.noise_scores), 1)
-        n0 = min(float(np.count_nonzero(scores < NULL_FIT_SNR)) / max(below, 1e-6), self.noise_density * area_px)
+        n0 = min(float(np.count_nonzero(scores < NULL_FIT_SNR)) / max(self._below, 1e-6), self.noise_density * area_px)
         expected = n0 * noise_survival(self.noise_scores, desc)
         ok = np.flatnonzero(expected <= cfg.fdr * np.arange(1, len(desc) + 1))
         t = float(desc[ok[-1]]) if len(ok) else cfg.threshold_snr
@@ -324,7 +327,7 @@ class PeakFinder:
         bgk = b.bg[b.keep[:nk]].astype(np.float64)
         flags = self._flags
         if cfg.edge_margin_px > 0:
-            refine_near_edge(img, b.x[0], b.y[0], bgk, nk, cfg.sigma_px, 2.0 * cfg.sigma_px, cfg.edge_margin_px, 8,
+            refine_near_edge(img, b.x[0], b.y[0], bgk, nk, cfg.sigma_px, 2.0 * cfg.sigma_px, cfg.edge_margin_px, 4,
                              flags)
         else:
             flags[:nk] = 0
