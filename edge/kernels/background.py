@@ -24,11 +24,11 @@ def grid_shape(shape: tuple[int, int], block: int) -> tuple[int, int]:
 @numba.njit(cache=True, nogil=True)
 def block_quantiles(img, block, quantile, scratch, grid):
     """A low quantile of ``img`` (2-D, any real dtype) in each ``block`` x ``block`` square, into ``grid``
-    (float32, :func:`grid_shape`), from at most 16 x 16 evenly strided samples per block; the q-th smallest
+    (float32, :func:`grid_shape`), from about 8 x 8 evenly strided samples per block; the q-th smallest
     is kept by insertion into a sorted list (``scratch``, float32, at least 257 long)."""
     rows, cols = img.shape
     gy, gx = grid.shape
-    step = max(block // 16, 1)
+    step = max(block // 8, 1)
     for bi in range(gy):
         i0 = bi * block
         i1 = min(i0 + block, rows)
@@ -75,10 +75,20 @@ def smooth_grid(grid, tmp, passes):
                 grid[i, j] = tmp[i, j]
 
 
+def column_weights(cols: int, block: int, gx: int) -> tuple[np.ndarray, np.ndarray]:
+    """Left block index (int64) and weight of the right one (float32) of every frame column for the bilinear
+    surface of :func:`subtract_surface` (block centres at ``(k + 0.5) * block``, clamped at the outermost)."""
+    f = np.clip((np.arange(cols) + 0.5) / block - 0.5, 0.0, max(gx - 1, 0))
+    b = np.minimum(np.floor(f).astype(np.int64), max(gx - 2, 0))
+    w = (f - b).astype(np.float32) if gx > 1 else np.zeros(cols, np.float32)
+    return b, w
+
+
 @numba.njit(cache=True, nogil=True)
-def subtract_surface(img, grid, block, out):
+def subtract_surface(img, grid, block, jb, jw, rowbuf, out):
     """``out = img - surface`` (float32), the surface interpolated bilinearly between block centres (clamped
-    beyond the outermost centres)."""
+    beyond the outermost centres): per row the grid is interpolated along y into ``rowbuf`` (block-grid
+    width + 1), then along x with the per-column indices ``jb`` and weights ``jw`` of :func:`column_weights`."""
     rows, cols = img.shape
     gy, gx = grid.shape
     inv = 1.0 / block
@@ -91,15 +101,12 @@ def subtract_surface(img, grid, block, out):
         a = min(int(fy), gy - 2) if gy > 1 else 0
         wy = fy - a if gy > 1 else 0.0
         a1 = min(a + 1, gy - 1)
+        for g in range(gx):
+            rowbuf[g] = (1.0 - wy) * grid[a, g] + wy * grid[a1, g]
+        rowbuf[gx] = rowbuf[gx - 1]
+        r = img[i]
+        o = out[i]
         for j in range(cols):
-            fx = (j + 0.5) * inv - 0.5
-            if fx < 0.0:
-                fx = 0.0
-            if fx > gx - 1:
-                fx = gx - 1.0
-            b = min(int(fx), gx - 2) if gx > 1 else 0
-            wx = fx - b if gx > 1 else 0.0
-            b1 = min(b + 1, gx - 1)
-            bg = ((1.0 - wy) * ((1.0 - wx) * grid[a, b] + wx * grid[a, b1])
-                  + wy * ((1.0 - wx) * grid[a1, b] + wx * grid[a1, b1]))
-            out[i, j] = np.float32(float(img[i, j]) - bg)
+            b = jb[j]
+            w = jw[j]
+            o[j] = np.float32(r[j]) - ((1.0 - w) * rowbuf[b] + w * rowbuf[b + 1])

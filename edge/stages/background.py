@@ -20,7 +20,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from beamloop.edge.frame.stage import StageBase
-from beamloop.edge.kernels.background import block_quantiles, grid_shape, smooth_grid, subtract_surface
+from beamloop.edge.kernels.background import (
+    block_quantiles,
+    column_weights,
+    grid_shape,
+    smooth_grid,
+    subtract_surface,
+)
 
 if TYPE_CHECKING:
     from beamloop.edge.frame.context import FrameContext, FrameMeta
@@ -69,6 +75,8 @@ class BackgroundSubtractor:
         self.grid = np.empty(g, np.float32)
         self._tmp = np.empty(g, np.float32)
         self.out = np.empty(shape, np.float32)
+        self._jb, self._jw = column_weights(int(shape[1]), self.block, g[1])
+        self._row = np.empty(g[1] + 1, np.float32)
         self._shape = (int(shape[0]), int(shape[1]))
 
     def run(self, frame: np.ndarray) -> np.ndarray:
@@ -78,7 +86,7 @@ class BackgroundSubtractor:
             self.allocate(frame.shape)
         block_quantiles(frame, self.block, self.quantile, self._scratch, self.grid)
         smooth_grid(self.grid, self._tmp, self.passes)
-        subtract_surface(frame, self.grid, self.block, self.out)
+        subtract_surface(frame, self.grid, self.block, self._jb, self._jw, self._row, self.out)
         return self.out
 
 
