@@ -110,6 +110,18 @@ def test_noise_null_and_dose_adaptive_threshold():
     assert density > 0 and np.all(np.diff(scores) >= 0)
     sf = noise_survival(scores, np.array([0.0, 3.0, 5.0, 8.0]))
     assert sf[0] == pytest.approx(1.0, abs=0.02) and sf[0] > sf[1] > sf[2] > sf[3] > 0
+    # the numba kernel and the reference implementation choose the same threshold
+    from beamloop.edge.kernels.peaks import bh_threshold
+    from beamloop.edge.stages.find import NULL_FIT_SNR, PeakFinder
+
+    pf = PeakFinder(cfg, 0.1)
+    rng = np.random.default_rng(2)
+    for _ in range(5):
+        h = np.concatenate([rng.rayleigh(1.0, 800), rng.uniform(3, 20, 300)]).astype(np.float32)
+        ref = pf.score_threshold(h / 1.0, 256.0 * 256.0)
+        got = bh_threshold(h, len(h), 1.0, pf.noise_scores, pf.noise_density * 65536.0, pf._below, NULL_FIT_SNR,
+                           cfg.fdr, cfg.threshold_min_snr, cfg.threshold_snr, np.empty(len(h)))
+        assert got == pytest.approx(ref, abs=1e-9)
     p = frame_path("classical", "MoS2")
     thr = {}
     for dose in (1e4, 1e6):

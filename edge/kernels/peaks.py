@@ -622,3 +622,38 @@ def split_pairs(img, xs, ys, hs, bgs, n, radius, min_ratio, f_crit, min_sep, sep
             pair[no] = 0
             no += 1
     return no
+
+
+@numba.njit(cache=True, nogil=True)
+def bh_threshold(height, n, noise_s, noise_scores, density_area, below, null_fit, fdr, t_min, t_max, scratch):
+    """The Benjamini-Hochberg score threshold of local maxima (:class:`beamloop.edge.stages.find.PeakFinder`):
+    candidate scores ``height[:n] / noise_s`` against the sorted white-noise scores ``noise_scores``; the
+    frame's noise-maxima count from its candidates below ``null_fit`` over the noise share ``below`` there
+    (at most ``density_area``); tail beyond the noise's 99th percentile continued as ``exp(-(t^2 - t0^2)/2)``.
+    Returns the threshold clipped to ``[t_min, t_max]`` (``t_max`` when no candidate qualifies). ``scratch``
+    (float64, >= n) receives the scores sorted descending."""
+    m = noise_scores.shape[0]
+    if n == 0 or m == 0:
+        return t_max
+    low = 0
+    for k in range(n):
+        s = height[k] / noise_s
+        scratch[k] = -s
+        if s < null_fit:
+            low += 1
+    srt = np.sort(scratch[:n])
+    n0 = min(low / max(below, 1e-6), density_area)
+    k0 = int(0.99 * m)
+    t0 = noise_scores[k0]
+    best = -1.0
+    for k in range(n):
+        t = -srt[k]
+        if t > t0:
+            sf = (m - k0) / m * math.exp(-0.5 * (t * t - t0 * t0))
+        else:
+            sf = (m - np.searchsorted(noise_scores, t)) / m
+        if n0 * sf <= fdr * (k + 1):
+            best = t
+    if best < 0:
+        return t_max
+    return min(t_max, max(t_min, best))

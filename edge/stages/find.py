@@ -59,6 +59,7 @@ from beamloop.edge.frame.stage import FrameError, StageBase, check_frame
 from beamloop.edge.kernels.peaks import (
     REFINE_METHODS,
     PeakBuffers,
+    bh_threshold,
     local_background,
     local_maxima,
     refine,
@@ -280,9 +281,12 @@ class PeakFinder:
         cap = self.buffers.capacity
         self._sx, self._sy, self._sh = (np.empty(cap, np.float64) for _ in range(3))
         self._pair = np.zeros(cap, np.uint8)
+        self._scratch = np.empty(cap, np.float64)
 
     def score_threshold(self, scores: np.ndarray, area_px: float) -> float:
-        """The frame's score threshold (step 3 of the module docstring) for candidate ``scores``."""
+        """The frame's score threshold (step 3 of the module docstring) for candidate ``scores`` (the
+        reference implementation of the kernel :func:`beamloop.edge.kernels.peaks.bh_threshold` the finder
+        runs)."""
         cfg = self.config
         if cfg.fdr <= 0 or len(scores) == 0 or len(self.noise_scores) == 0:
             return cfg.threshold_snr
@@ -315,7 +319,13 @@ class PeakFinder:
         if n == 0:
             self.threshold = cfg.threshold_snr
             return ColumnTable.empty()
-        self.threshold = self.score_threshold(height / noise_s, float(smooth.shape[0] * smooth.shape[1]))
+        if cfg.fdr > 0 and len(self.noise_scores):
+            area = float(smooth.shape[0] * smooth.shape[1])
+            self.threshold = bh_threshold(height, n, noise_s, self.noise_scores, self.noise_density * area,
+                                          self._below, NULL_FIT_SNR, cfg.fdr, cfg.threshold_min_snr,
+                                          cfg.threshold_snr, self._scratch)
+        else:
+            self.threshold = cfg.threshold_snr
         floor = max(self.threshold * noise_s, cfg.relative_threshold * float(np.percentile(height, 95)))
         good = np.flatnonzero(height > floor)
         order = good[np.argsort(-b.cv[good], kind="stable")]
