@@ -18,8 +18,9 @@ Method
    (:func:`noise_maxima`); their number in this frame is estimated from its candidates scoring below
    :data:`NULL_FIT_SNR`, where columns are rare (an empirical null: B. Efron, "Large-scale simultaneous
    hypothesis testing: the choice of a null hypothesis", J. Am. Stat. Assoc. 99, 96 (2004)) -- columns
-   cover most of a lattice frame, which then holds far fewer noise maxima than a frame of pure noise. The threshold lies between ``threshold_min_snr``
-   and ``threshold_snr``: at high dose the columns stand far above it, at low dose it falls to where the
+   cover most of a lattice frame, which then holds far fewer noise maxima than a frame of pure noise.
+   The threshold lies between ``threshold_min_snr`` and ``threshold_snr``: at high dose the columns stand
+   far above it, at low dose it falls to where the
    dimmest columns still outnumber the noise peaks, with no per-dose setting. Candidates whose height is
    below ``relative_threshold`` times the 95th percentile of heights are dropped as well.
 4. A greedy non-maximum suppression keeps the highest candidates at least ``hard_distance_px`` apart, and
@@ -69,9 +70,9 @@ from beamloop.edge.kernels.peaks import (
 )
 from beamloop.edge.kernels.smooth import gaussian_kernel
 from beamloop.edge.materials import MOS2
+from beamloop.edge.stages.preprocess import Preprocessor
 
 MOS2_SPACING_A: float = MOS2.nn_spacing_A or 1.824
-from beamloop.edge.stages.preprocess import Preprocessor
 
 if TYPE_CHECKING:
     from beamloop.edge.frame.context import FrameContext, FrameMeta
