@@ -57,7 +57,7 @@ import multiprocessing
 import os
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import asdict
 from pathlib import Path
 
@@ -385,6 +385,25 @@ def run(quick: bool = False, duration_s: float | None = None, window_s: float | 
                 BridgeClient(ends["control"], timeout_ms=20000) as monitor:
             service = build_service(rx, ServiceConfig("MoS2", targets_per_frame=targets), bridge)
             latency = service.latency
+            sends: deque = deque(maxlen=1 << 20)  # when the main client sent each request (heartbeats too)
+            exchange = bridge._exchange
+
+            def timed_exchange(call, args, entry):
+                sends.append(time.monotonic_ns())
+                return exchange(call, args, entry)
+
+            bridge._exchange = timed_exchange  # type: ignore[method-assign]
+            gc_pauses: deque = deque(maxlen=10_000)  # (end ns, seconds, generation) of collections over 20 ms
+            gc_start = [0]
+
+            def on_gc(phase, info):
+                now = time.perf_counter_ns()
+                if phase == "start":
+                    gc_start[0] = now
+                elif now - gc_start[0] > 20_000_000:
+                    gc_pauses.append((time.monotonic_ns(), (now - gc_start[0]) / 1e9, info.get("generation")))
+
+            gc.callbacks.append(on_gc)
             warm_up(service.path, service.trigger, shape=shape, pixel_size_A=pixel_size_A, dtypes=(np.uint16,))
             if hostile:
                 garbage = f"ipc:///tmp/beamloop-soak-garbage-{os.getpid()}"
@@ -472,9 +491,24 @@ def run(quick: bool = False, duration_s: float | None = None, window_s: float | 
             windows_ns = [(p["start_ns"], p["end_ns"]) for p in probes]
             other = [e for e in events if e.get("type") == "safety" and str(e.get("reason", "")).startswith("watchdog")
                      and not any(a <= e["t_ns"] <= b for a, b in windows_ns)]
+            sent = np.array(sends, np.int64)
+
+            def owner_silent_s(t_ns: int) -> float:
+                """How long the main client had sent nothing (heartbeats included) when the trip came."""
+                k = int(np.searchsorted(sent, t_ns)) - 1
+                return (t_ns - int(sent[k])) / 1e9 if k >= 0 else float("nan")
+
             counters["trips_beyond_probes"] = [
-                {**e, "bridge_before": [(x.call, x.error, (e["t_ns"] - x.t_ns) / 1e9) for x in bridge.log
-                                        if x.t_ns < e["t_ns"]][-5:]} for e in other]
+                {**e, "owner_silent_s": owner_silent_s(e["t_ns"]),
+                 "gc_pauses_s": [p for t, p, g in gc_pauses if e["t_ns"] - 2e9 <= t <= e["t_ns"]],
+                 "bridge_before": [(x.call, x.error, (e["t_ns"] - x.t_ns) / 1e9) for x in bridge.log
+                                   if x.t_ns < e["t_ns"]][-5:]} for e in other]
+            gaps = np.diff(sent) / 1e9 if len(sent) > 1 else np.zeros(0)
+            counters["owner_gaps"] = {"max_s": float(gaps.max()) if len(gaps) else float("nan"),
+                                      "over_1s": int((gaps > 1.0).sum()),
+                                      "gc_pauses_over_20ms": len(gc_pauses),
+                                      "gc_pause_max_s": max((p for _, p, _ in gc_pauses), default=0.0)}
+            gc.callbacks.remove(on_gc)
             blanks = [e for e in bridge.log if e.call in ("blank", "stop") and e.args.get("on", True) is True]
             counters["blanks"] = {"sent": len(blanks), "refused": sum(not e.ok for e in blanks),
                                   "refused_errors": sorted({e.error for e in blanks if not e.ok})}
@@ -519,6 +553,13 @@ def run(quick: bool = False, duration_s: float | None = None, window_s: float | 
     return result
 
 
+def false_trips(counters: dict, watchdog_s: float = 1.0) -> int:
+    """Watchdog trips outside the probes that came although the main client had sent a request (a heartbeat)
+    within the watchdog period before them, by its own clock: trips of a working service. A trip after a
+    longer silence of the service (a process paused or starved of CPU) is the watchdog doing its job."""
+    return sum(not t["owner_silent_s"] > watchdog_s for t in counters.get("trips_beyond_probes", []))
+
+
 def hostile_figures(result: dict) -> dict:
     """The hostile soak's figures: blanks refused, watchdog latency, trips beyond the probes, frames lost,
     memory growth (see the module docstring)."""
@@ -535,6 +576,8 @@ def hostile_figures(result: dict) -> dict:
         "watchdog_latency_s_max": float(finite.max()) if finite.size else float("nan"),
         "watchdog_latency_s_p50": float(np.median(finite)) if finite.size else float("nan"),
         "watchdog_trips": trips, "watchdog_trips_beyond_probes": len(c.get("trips_beyond_probes", [])),
+        "watchdog_false_trips": false_trips(c),
+        "owner_request_gap_max_s": c.get("owner_gaps", {}).get("max_s", float("nan")),
         "backstop_trips": c["safety"].get("backstop_trips", 0),
         "frames_lost": result["totals"]["stops"].get("no_frames", 0) + stream.get("missing_frames", 0)
         + c["sim_events"].get("dropped", 0),
@@ -559,8 +602,9 @@ def hostile_markdown(result: dict) -> str:
         ("blanks refused", f"**{f['blanks_refused']}** of {f['blanks_sent']} blank/stop calls of the main job"),
         ("watchdog", f"{f['watchdog_probes_blanked']}/{f['watchdog_probes']} silent-client probes blanked; latency "
                      f"p50 {f['watchdog_latency_s_p50']:.3f} s, **max {f['watchdog_latency_s_max']:.3f} s** (period "
-                     f"1 s); trips beyond the probes **{f['watchdog_trips_beyond_probes']}**; backstop trips "
-                     f"{f['backstop_trips']}"),
+                     f"1 s); trips beyond the probes {f['watchdog_trips_beyond_probes']}, all after the main "
+                     f"client itself had been silent for more than the period, but **{f['watchdog_false_trips']}** "
+                     f"(trips of a working service); backstop trips {f['backstop_trips']}"),
         ("frames lost", f"**{f['frames_lost']}** (stream gaps {f['stream_gaps']}; garbage messages rejected "
                         f"{f['garbage_rejected']})"),
         ("memory", f"service {f['rss_service_mib']['first']:.0f} -> {f['rss_service_mib']['last']:.0f} MiB "

@@ -20,6 +20,7 @@ integer time at most :data:`MAX_TRANSPORT_NS` before its receipt (else counted i
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import time
@@ -494,6 +495,10 @@ class EdgeService:
         the series, bridge error; ``reason`` is ``blank_failed`` when that blank could not be confirmed.
         Never raises for bridge or stream errors; they end up in the returned :class:`DwellResult`.
 
+        Python's cyclic garbage collector is paused while the beam is on (and runs again after the blank):
+        a full collection of a long run's heap (its bridge log, latency records) can stop the process for
+        longer than the controller's watchdog period, and the heartbeats with it.
+
         Raises
         ------
         RuntimeError
@@ -501,6 +506,17 @@ class EdgeService:
         """
         if self.bridge is None:
             raise RuntimeError("dwell() needs a bridge to the scan controller")
+        collecting = gc.isenabled()
+        if collecting:
+            gc.disable()
+        try:
+            return self._dwell(target, max_dwell_s, stream_timeout_ms)
+        finally:
+            if collecting:
+                gc.enable()
+
+    def _dwell(self, target: Target, max_dwell_s: float, stream_timeout_ms: int) -> DwellResult:
+        assert self.bridge is not None
         res = DwellResult(target)
         try:
             self.bridge.set_probe(target.fx, target.fy, target.frame_id)

