@@ -231,10 +231,10 @@ def test_bad_input(tmp_path):
 
 # the shipped model -------------------------------------------------------------------------------------------
 
-def _shipped_inputs(n_sim: int = 3000, n_random: int = 2000):
+def _shipped_inputs(name: str = "ejection", n_sim: int = 3000, n_random: int = 2000):
     from beamloop.quantize.data import StreamConditions, training_segments
 
-    entry = load_manifest()["models"]["ejection"]
+    entry = load_manifest()["models"][name]
     spec = FeatureSpec(**entry["features"])
     segs = training_segments(60, spec.history + 64, (spec.history - 40, spec.history + 64), 0.5, StreamConditions(), 7)
     sim = np.concatenate([window_features(c, spec) for c in segs.counts])[:n_sim]
@@ -242,10 +242,11 @@ def _shipped_inputs(n_sim: int = 3000, n_random: int = 2000):
     return entry, np.concatenate([sim, rnd]).astype(np.int64)
 
 
-def test_shipped_model_is_bit_exact_with_its_plain_onnx_graph():
+@pytest.mark.parametrize("name", ["ejection", "ejection_h16"])
+def test_shipped_model_is_bit_exact_with_its_plain_onnx_graph(name):
     import onnxruntime as ort
 
-    entry, x = _shipped_inputs()
+    entry, x = _shipped_inputs(name)
     mlp = IntegerMLP.load(MODEL_DIR / entry["files"]["integer"])
     sess = ort.InferenceSession(str(MODEL_DIR / entry["files"]["plain_onnx"]), providers=["CPUExecutionProvider"])
     y = sess.run(None, {sess.get_inputs()[0].name: x.astype(np.float32)})[0].reshape(-1)
