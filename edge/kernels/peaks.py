@@ -593,10 +593,10 @@ def split_pairs(img, xs, ys, hs, bgs, n, radius, min_ratio, f_crit, min_sep, sep
                 rss1 = vv - sgv * sgv / sgg if sgg > 0 else vv
                 best = 1e300
                 ba1 = ba2 = bd = bsh = 0.0
-                for t in range(5):
-                    d = d0 * (0.6 + 0.2 * t)
-                    for q in range(3):
-                        sh = (q - 1) * 0.15 * d
+                for t in range(9):
+                    d = d0 * (0.6 + 0.1 * t)
+                    for q in range(5):
+                        sh = (q - 2) * 0.1 * d
                         rss, a1, a2, m = _pair_rss(img, xc, yc, ux, uy, d, sh, s, radius, bg, False)
                         if rss < best:
                             best, ba1, ba2, bd, bsh = rss, a1, a2, d, sh
