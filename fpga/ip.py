@@ -29,8 +29,10 @@ Block diagram (one clock; ``<n>`` is the module prefix)::
 - **precompute**: after every sample, the first layer's accumulator of the *next* decision without its
   newest sample, ``P = b0 + sum_{i != newest} W0[:, i] * f_i`` (the feature clipping and the block sums'
   right shift are in its first combinational stage). It runs between samples; the next sample is accepted
-  once it is done (``s_axis_tready`` low for ``L_pre + 1`` cycles after each sample: the history takes the
-  accepted sample one cycle later, from a register, so that its wide enables start at a flip-flop).
+  once it is done (``s_axis_tready`` low for ``L_pre + 2`` cycles after each sample: the history takes the
+  accepted sample one cycle later, from a register, so that its wide enables start at a flip-flop, and each
+  block sum adds its registered ``entering - leaving`` a cycle after that, so that no path runs from the
+  entering/leaving masks through two carry chains).
 - **tail** (the latency path): ``acc0 = P + W0[:, newest] * min(x, input_max)``, then the network as the
   runtime computes it (ReLU, floor requantisation, saturation, the hidden layers, the score), and
   ``score - THRESHOLD`` as a second output of the last layer's adder tree: the decision is its sign bit,
@@ -114,7 +116,7 @@ REGISTERS = (
              "(0: scores are computed, the latch is never set). bit 1 START (write 1; reads 0): begin a dwell: "
              "clear the history, SAMPLE_COUNT, the latch and LAST_TRIGGER_SAMPLE, and pre-fill the history "
              "from EXPECTED_RATE when it is not 0; acted on in the cycle after the write (a sample taken in the "
-             "write's cycle is dropped), s_axis_tready low from then on for history + L_pre + 1 cycles with a "
+             "write's cycle is dropped), s_axis_tready low from then on for history + L_pre + 2 cycles with a "
              "rate, L_pre + 1 without."),
     Register("STATUS", 0x08, "RW1C", "0x2 (READY from L_pre cycles after reset)",
              "bit 0 BLANK: the latch (the blank output); write 1 to clear it "
@@ -222,10 +224,10 @@ class IPDesign:
     latency_cycles : int
         ``tail.stages + 1``.
     min_interval : int
-        Minimum clock cycles between accepted samples (``pre.stages + 2``).
+        Minimum clock cycles between accepted samples (``pre.stages + 3``).
     prefill_cycles : int
         Clock edges from a START write to the first accepted sample with an expected rate
-        (``history + pre.stages + 2``).
+        (``history + pre.stages + 3``).
     sample_clip : int
         Largest sample value held (larger ones are clipped on entry).
     score_bits : int
@@ -535,8 +537,8 @@ def write_ip(model: str = "ejection", out_dir: str | Path = "ip", model_dir: Pat
                       model_id=model_id(d / entry["files"]["integer"]), history_impl=history_impl,
                       latency_cutoff=float(latency_cutoff), pre_cutoff=float(pc), clip_input=bool(clip_input),
                       threshold_input=bool(threshold_input), pre=pre, tail=tail,
-                      latency_cycles=tail.stages + 1, min_interval=pre.stages + 2,
-                      prefill_cycles=spec.history + pre.stages + 2, sample_clip=sample_clip(spec),
+                      latency_cycles=tail.stages + 1, min_interval=pre.stages + 3,
+                      prefill_cycles=spec.history + pre.stages + 3, sample_clip=sample_clip(spec),
                       score_bits=int(s_bits), score_step=int(s_step),
                       score_range=[int(tail_c.out_qint[0].min), int(tail_c.out_qint[0].max)])
     core = out / "src" / f"{prefix}_core.v"
@@ -600,7 +602,7 @@ def core_verilog(d: IPDesign, spec) -> str:
     sh = int(math.log2(step))
     signed_score = d.tail.outputs[0][2]
     # ---- history -------------------------------------------------------------------------------------------------
-    hist_decl, hist_reset, hist_push, hist_start = [], [], [], []
+    hist_decl, hist_reset, hist_push, hist_start, hist_sum = [], [], [], [], []
     if w1:
         hist_decl.append(f"reg [{sbw * w1 - 1}:0] winv;  // older window samples, oldest in the low bits")
         hist_reset.append("winv <= 0;")
@@ -623,6 +625,7 @@ def core_verilog(d: IPDesign, spec) -> str:
         m_in, m_out = nb - 1 - j, nb - j  # reach flags of the samples entering and leaving block j
         enter_src = leave_win if j == nb - 1 else f"dl_l{j + 1}"
         hist_decl.append(f"reg [{sumw - 1}:0] bsum{j};  // running sum of block {j} (oldest first)")
+        hist_decl.append(f"reg [{sbw}:0] bdelta{j};  // entering - leaving sample, added to bsum{j} a cycle later")
         if j == nb - 1:
             hist_decl.append(f"wire [{sbw - 1}:0] dl_e{j} = rch[{m_in}] ? {enter_src} : {sbw}'d0;")
         else:
@@ -640,8 +643,8 @@ def core_verilog(d: IPDesign, spec) -> str:
         hist_decl.append(f"wire [{sbw - 1}:0] dl_l{j} = rch[{m_out}] ? dl_r{j} : {sbw}'d0;")
         hist_reset.append(f"bsum{j} <= 0;")
         hist_start.append(f"bsum{j} <= 0;")
-        pad = f"{{{sumw - sbw}{{1'b0}}}}"
-        hist_push.append(f"bsum{j} <= bsum{j} + {{{pad}, dl_e{j}}} - {{{pad}, dl_l{j}}};")
+        hist_push.append(f"bdelta{j} <= {{1'b0, dl_e{j}}} - {{1'b0, dl_l{j}}};")
+        hist_sum.append(f"bsum{j} <= bsum{j} + {{{{{sumw - sbw - 1}{{bdelta{j}[{sbw}]}}}}, bdelta{j}}};")
     # precompute input: older window samples then block sums, as trace_parts declares them
     names = [f"winv[{sbw * (i + 1) - 1}:{sbw * i}]" for i in range(w1)] + [f"bsum{j}" for j in range(nb)]
     for (_off, w, _sgn, _stp), nm in zip(d.pre.inputs, names):
@@ -703,6 +706,7 @@ def core_verilog(d: IPDesign, spec) -> str:
     hist_reset_s = "\n            ".join(hist_reset)
     hist_push_s = "\n                ".join(hist_push)
     hist_start_s = "\n                ".join(hist_start)
+    hist_sum_s = "\n                ".join(hist_sum) or "// no block sums"
     rd_cases = "\n                ".join([
         f"6'd{regs['ID']}: reg_rdata <= 32'h{ID_WORD:08X};",
         f"6'd{regs['CTRL']}: reg_rdata <= {{31'd0, enable}};",
@@ -772,8 +776,9 @@ module {p}_core (
     wire [{sbw - 1}:0] pf_val = pf_sum[16] ? pf_c1 : pf_c0;
     reg [{_bits(lp + 1) - 1}:0] pre_cnt;  // precompute cycles left
     reg push_q;  // the history takes a sample one cycle after it is accepted (short enable paths)
+    reg push_qq;  // ... and the block sums their entering - leaving a cycle after that
     reg [{sbw - 1}:0] val_q;
-    wire ready = (pre_cnt == 0) & ~pf_active & ~push_q & ~start;
+    wire ready = (pre_cnt == 0) & ~pf_active & ~push_q & ~push_qq & ~start;
     assign s_axis_tready = ready;
     wire accept = s_axis_tvalid & s_axis_tready;
     wire [{sbw - 1}:0] x_clip = (s_axis_tdata > {SAMPLE_BITS}'d{sc}) ? {sbw}'d{sc} : s_axis_tdata[{sbw - 1}:0];
@@ -783,11 +788,13 @@ module {p}_core (
 
     always @(posedge clk) begin
         push_q <= push;
+        push_qq <= push_q & ~start;  // a START discards the pending block-sum update
         val_q <= push_val;
         if (rst) begin
             held <= 0;
             rch <= {nb + 1}'b{rch_init};
             push_q <= 1'b0;
+            push_qq <= 1'b0;
             pf_active <= 1'b0;
             pf_n <= 0;
             pf_frac <= 16'd0;
@@ -799,6 +806,9 @@ module {p}_core (
                 {hist_push_s}
                 held <= full ? held : held + {hb}'d1;
                 rch <= {{{rch_next}}};
+            end
+            if (push_qq) begin
+                {hist_sum_s}
             end
             if (pf_active) begin
                 pf_frac <= pf_sum[15:0];
@@ -825,7 +835,7 @@ module {p}_core (
     always @(posedge clk) begin
         {pre_loads}
         if (rst) pre_cnt <= {lp};  // P of the cleared history
-        else if (push_q | start) pre_cnt <= {lp};
+        else if (push_q | push_qq | start) pre_cnt <= {lp};
         else if (pre_cnt != 0) pre_cnt <= pre_cnt - 1;
     end
 

@@ -86,8 +86,8 @@ def test_split_network_is_bit_exact_with_the_runtime():
 
 def test_ip_layout_and_register_map(shipped_ip):
     d = shipped_ip
-    assert d.latency_cycles == d.tail.stages + 1 and d.min_interval == d.pre.stages + 2
-    assert d.prefill_cycles == 160 + d.pre.stages + 2 and d.sample_clip == 1023
+    assert d.latency_cycles == d.tail.stages + 1 and d.min_interval == d.pre.stages + 3
+    assert d.prefill_cycles == 160 + d.pre.stages + 3 and d.sample_clip == 1023
     assert d.threshold == load_manifest()["models"]["ejection"]["threshold"]["score"] == 1080
     assert d.model_id == model_id(MODEL_DIR / "ejection_int.npz")
     core = Path(d.out_dir, "src", "ejection_core.v").read_text()
