@@ -258,3 +258,26 @@ def test_ip_streams_200_dwells_bit_exact_with_the_runtime(shipped_ip, tmp_path):
     assert r.decided == 200_000 - 100 * 159 and r.exact == r.decided and r.mismatches == []
     assert r.firing_sample_equal == 200 and r.dwells_fired > 100 and r.all_exact
     assert r.latency_cycles == r.latency_cycles_hw == shipped_ip.latency_cycles
+
+
+@pytest.mark.slow
+@needs_icarus
+def test_cli_fpga_build_ip_to_bitstream(tmp_path):
+    """``beamloop fpga build DIR --target ecp5-85k``: the IP of a small model simulated, placed, routed and packed,
+    the report with fmax, latency_ns and the bit-exact fraction, the latency recorded in the manifest."""
+    pytest.importorskip("cocotb")
+    from beamloop.edge.cli import main
+
+    _tiny_model(tmp_path / "m")
+    out = tmp_path / "b"
+    assert main(["fpga", "build", str(tmp_path / "m"), "--target", "ecp5-85k", "--out", str(out), "--dwells", "2",
+                 "--dwell-samples", "200", "--record"]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["sim"]["bit_exact_fraction"] == 1.0 and rep["sim"]["all_exact"]
+    syn = rep["synth"]
+    assert syn["fmax_mhz"] > 50 and syn["lut4"] > 100 and syn["ff"] > 300
+    assert rep["latency_ns"] == pytest.approx(rep["sim"]["latency_cycles"] * 1000 / syn["fmax_mhz"])
+    assert (out / "ecp5" / "tiny_ip_board.bit").stat().st_size > 100_000
+    assert "| 0x2C | CONFIG | RO |" in (out / "report.md").read_text()
+    t = ModelTrigger("tiny", model_dir=tmp_path / "m")
+    assert t.logic_latency_cycles == rep["sim"]["latency_cycles"] and t.logic["fmax_mhz"] > 50

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(not nion_available(), reason=(
 from beamloop.edge.control.client import BridgeClient  # noqa: E402
 from beamloop.edge.control.protocol import BridgeError  # noqa: E402
 from beamloop.edge.control.safety import SafetyLimits  # noqa: E402
-from beamloop.streams.native.receiver import Frame, FrameReceiver, StreamEnd, StreamStart  # noqa: E402
+from beamloop.streams.native.receiver import FrameReceiver, ImageEvent, SeriesEnd, SeriesStart  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -65,14 +65,14 @@ def test_frames_arrive_on_the_native_stream(nion):
     frame = client.acquire_frame((32, 64), (4.0, 8.0), 2.0, channels=("haadf", "maadf"))
     assert frame.shape == (32, 64) and frame.fov_nm == (4.0, 8.0) and frame.pixel_size_A == pytest.approx(1.25)
     start = rx.recv(30000)
-    assert isinstance(start, StreamStart) and start.series.channels == ("haadf", "maadf")
+    assert isinstance(start, SeriesStart) and start.series.channels == ("haadf", "maadf")
     assert start.series.user_data["scan"] == frame.as_dict()
     ev = rx.recv(30000)
-    assert isinstance(ev, Frame)
+    assert isinstance(ev, ImageEvent)
     for ch in ("haadf", "maadf"):
         img = ev.data[ch]
         assert img.shape == (32, 64) and img.dtype == np.float32 and np.isfinite(img).all() and img.std() > 0
-    assert isinstance(rx.recv(30000), StreamEnd)
+    assert isinstance(rx.recv(30000), SeriesEnd)
     # Nion recorded what was asked: 32x64 pixels of 0.125 nm
     fp = ctl.backend.frame_parameters
     assert tuple(fp.pixel_size) == (32, 64) and fp.fov_size_nm.width == pytest.approx(8.0)

@@ -5,7 +5,7 @@ import threading
 import numpy as np
 
 from beamloop.edge.io.replay import replay
-from beamloop.streams.native.receiver import Frame, FrameReceiver, StreamEnd, StreamStart
+from beamloop.streams.native.receiver import FrameReceiver, ImageEvent, SeriesEnd, SeriesStart
 
 
 def test_replay_folder_bit_exact(tmp_path):
@@ -17,13 +17,13 @@ def test_replay_folder_bit_exact(tmp_path):
         th = threading.Thread(target=replay, args=(tmp_path, rx.endpoint, 200.0), kwargs={"pixel_size_A": 0.2})
         th.start()
         start = rx.recv(5000)
-        assert isinstance(start, StreamStart)
+        assert isinstance(start, SeriesStart)
         assert start.series.user_data["pixel_size_A"] == 0.2 and start.series.number_of_images == 3
         got = [rx.recv(5000) for _ in range(3)]
-        assert all(isinstance(g, Frame) for g in got)
+        assert all(isinstance(g, ImageEvent) for g in got)
         for g, f in zip(got, frames):
             assert np.array_equal(g.data["haadf"], f)
-        assert isinstance(rx.recv(5000), StreamEnd)
+        assert isinstance(rx.recv(5000), SeriesEnd)
         th.join()
 
 

@@ -81,6 +81,9 @@ MAX_REQUEST_BYTES = 1 << 20
 """Largest request a server decodes (1 MiB: ~50 000 queued points); larger ones are refused unread
 (:func:`decode_envelope`)."""
 
+DIGEST_INLINE_BYTES = 512
+"""Requests up to this size are compared with a retry byte for byte; larger ones by a BLAKE2b digest."""
+
 PEEK_ITEMS = 64
 """Data items :func:`peek_request` reads at most from the start of an oversized request."""
 
@@ -137,7 +140,7 @@ class BridgeTimeout(BridgeError):
         super().__init__("timeout", f"no reply within {timeout_ms} ms" + (f"; {detail}" if detail else ""), call)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Request:
     """A decoded request.
 
@@ -152,9 +155,12 @@ class Request:
     client : str or None
         The sender's id; None when the request carries none.
     digest : bytes
-        BLAKE2b digest (16 bytes) of the request's bytes: a retry must resend the same bytes.
+        What a retry must repeat: the request's bytes themselves (up to :data:`DIGEST_INLINE_BYTES`), else
+        their BLAKE2b digest (16 bytes).
     notes : tuple of str
         What was wrong with a request that makes the beam safer, applied all the same (empty otherwise).
+    safer : bool
+        Whether the request makes the beam safer (:func:`makes_safer`).
     """
 
     call: str
@@ -163,6 +169,7 @@ class Request:
     client: str | None = None
     digest: bytes = b""
     notes: tuple[str, ...] = ()
+    safer: bool = False
 
 
 def makes_safer(call: Any, args: Any) -> bool:
@@ -259,7 +266,23 @@ def decode_envelope(buf: bytes, max_bytes: int = MAX_REQUEST_BYTES) -> Request:
         missing or mistyped, a ``seq`` outside 0 .. :data:`MAX_SEQ`, or a ``client`` that is not text of
         at most :data:`MAX_CLIENT_ID` characters.
     """
-    digest = hashlib.blake2b(buf, digest_size=16).digest()
+    n = len(buf)
+    digest = bytes(buf) if n <= DIGEST_INLINE_BYTES else hashlib.blake2b(buf, digest_size=16).digest()
+    if n <= max_bytes:  # the common case first: a well-formed request, decoded and checked once
+        try:
+            msg = cbor2.loads(buf, max_depth=16, allow_duplicate_keys=False)
+        except Exception as exc:
+            raise BridgeError("bad_request", f"request is not valid CBOR ({type(exc).__name__}: {exc})") from None
+        if type(msg) is dict:
+            call, seq, args, client = msg.get("call"), msg.get("seq"), msg.get("args", {}), msg.get("client")
+            if (type(call) is str and type(seq) is int and type(args) is dict and 0 <= seq <= MAX_SEQ
+                    and (client is None or (type(client) is str and 0 < len(client) <= MAX_CLIENT_ID))):
+                return Request(call, seq, args, client, digest, (), call in SAFER_CALLS and makes_safer(call, args))
+    return _decode_odd(buf, max_bytes, digest)
+
+
+def _decode_odd(buf: bytes, max_bytes: int, digest: bytes) -> Request:
+    """:func:`decode_envelope` for every request that is not a plain, valid map."""
     notes: list[str] = []
     if len(buf) > max_bytes:
         peek = peek_request(buf)
@@ -275,7 +298,7 @@ def decode_envelope(buf: bytes, max_bytes: int = MAX_REQUEST_BYTES) -> Request:
             raise BridgeError("bad_request", f"request is not valid CBOR ({type(exc).__name__}: {exc})") from None
         if isinstance(msg, cbor2.CBORTag) and msg.tag == 55799:  # self-described CBOR, when not unwrapped
             msg = msg.value
-        if isinstance(msg, Mapping) and not isinstance(msg, dict):
+        if type(msg) is not dict and isinstance(msg, Mapping):
             msg = _thaw(msg)
     if not isinstance(msg, dict):
         raise BridgeError("bad_request", f"request is a {type(msg).__name__}, expected a map")
@@ -290,7 +313,7 @@ def decode_envelope(buf: bytes, max_bytes: int = MAX_REQUEST_BYTES) -> Request:
         if not _valid_client(client):
             notes.append("unusable client id")
             client = None
-        return Request(call, seq if isinstance(seq, int) else -1, dict(args), client, digest, tuple(notes))
+        return Request(call, seq if isinstance(seq, int) else -1, dict(args), client, digest, tuple(notes), True)
     if not isinstance(call, str) or not isinstance(seq, int) or isinstance(seq, bool) or not isinstance(args, dict):
         raise BridgeError("bad_request", "request needs call (text), seq (integer) and args (map)")
     if not _valid_seq(seq):

@@ -284,10 +284,13 @@ def fraction_pair(x: Any, y: Any) -> tuple[float, float]:
     BeamPositionError
         (``out_of_range``) not two real numbers, not finite, or outside [0, 1].
     """
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (x, y)):
+    tx, ty = type(x), type(y)
+    if tx is float and ty is float:  # the common case, checked once below
+        return check_fraction(x, y)
+    if not (isinstance(x, (int, float)) and isinstance(y, (int, float))) or isinstance(x, bool) or isinstance(y, bool):
         raise BeamPositionError("out_of_range", f"beam position ({short_repr(x)}, {short_repr(y)}) is not a pair of "
                                                 "numbers")
-    if any(isinstance(v, int) and not -1 <= v <= 2 for v in (x, y)):
+    if (isinstance(x, int) and not -1 <= x <= 2) or (isinstance(y, int) and not -1 <= y <= 2):
         raise BeamPositionError("out_of_range", f"beam position ({short_repr(x, 24)}, {short_repr(y, 24)}) lies "
                                                 "outside the scan frame [0, 1]")
     return check_fraction(x, y)

@@ -192,7 +192,7 @@ class BridgeServer:
 
     def _process(self, req: Request) -> bytes:
         try:
-            reply = self.safety.admit(req.client, req.seq, req.call, req.args, req.digest)
+            reply = self.safety.admit(req.client, req.seq, req.call, req.args, req.digest, req.safer)
             if reply is None:
                 handler = self.handlers.get(req.call)
                 if handler is None:
