@@ -9,7 +9,8 @@ there every method is timed, and its columns are compared with beamloop's classi
 
 Methods
 -------
-- ``beamloop_classical``: the classical frame path (:func:`beamloop.edge.path.frame_path`) (preprocess + find + classify; MoS2
+- ``beamloop_classical``: the classical frame path (:func:`beamloop.edge.path.frame_path`) (preprocess + find +
+  classify; MoS2
   classes and vacancy sites on simulated frames). Its find-only time (preprocess + find) is reported
   beside it, the like-for-like figure against peers that only locate. Defaults, not tuned.
 - ``beamloop_unet``: the same pipeline with ``method="unet"`` (the shipped U-Net ensemble), when a model is
@@ -106,7 +107,8 @@ def peer_fn(name: str, sigma_px: float, min_distance_px: float, threshold: float
 
 
 def score(xy: np.ndarray, cls, frame) -> object:
-    """:func:`beamloop.edge.analysis.scoring.score_frame` of positions ``xy`` ((n, 2) pixels) and classes ``cls`` ((n,) int or
+    """:func:`beamloop.edge.analysis.scoring.score_frame` of positions ``xy`` ((n, 2) pixels) and classes ``cls`` ((n,)
+    int or
     None for unclassified) against a :class:`~beamloop.edge.sim.frames.SimulatedFrame`."""
     from beamloop.edge.analysis.scoring import score_frame
 
@@ -217,7 +219,7 @@ def time_method(method: Method, images: list, repeats: int, budget_s: float) -> 
     """
     times, outputs, stage_ns = [], [], []
     t_start = time.perf_counter()
-    for k, im in enumerate(images):
+    for im in images:
         for r in range(repeats):
             if r and times[0] > SLOW_CALL_S:
                 break
@@ -284,8 +286,9 @@ def run_simulated(quick: bool, thresholds: dict, progress=None) -> dict:
                     projected = v0 * (size / s0) ** 2
                     if projected > plan["budget_s"][size]:
                         cell[m.name] = {"skipped": f"projected {projected:.0f} s per frame (from {v0:.2f} s at "
-                                                   f"{s0}x{s0}, by pixel count) exceeds the {plan['budget_s'][size]:.0f}"
-                                                   f" s budget of this cell", "projected_s_per_frame": projected}
+                                                   f"{s0}x{s0}, by pixel count) exceeds the "
+                                                   f"{plan['budget_s'][size]:.0f} s budget of this cell",
+                                        "projected_s_per_frame": projected}
                         continue
                 res = time_method(m, [f.counts for f in frames], plan["repeats"][size], plan["budget_s"][size])
                 per_call_s[(m.name, dose, size)] = float(np.median(res["times_s"]))
@@ -300,7 +303,8 @@ def run_simulated(quick: bool, thresholds: dict, progress=None) -> dict:
             base = cell.get("beamloop_classical", {}).get("time")
             if base:
                 cell["speed_ratio_vs_classical"] = {
-                    k: v["time"]["p50_ms"] / base["p50_ms"] for k, v in cell.items() if isinstance(v, dict) and "time" in v}
+                    k: v["time"]["p50_ms"] / base["p50_ms"]
+                    for k, v in cell.items() if isinstance(v, dict) and "time" in v}
                 cell["speed_ratio_vs_classical_find_only"] = {
                     k: v["time"]["p50_ms"] / base["find_only_p50_ms"] for k, v in cell.items()
                     if isinstance(v, dict) and "time" in v and k != "beamloop_classical"}

@@ -1,4 +1,5 @@
-"""``beamloop beamloop.bench``: the benchmark suite (:mod:`beamloop.bench.suite`) and latency budgets (:mod:`beamloop.bench.budget`).
+"""``beamloop bench``: the benchmark suite (:mod:`beamloop.bench.suite`) and latency budgets
+(:mod:`beamloop.bench.budget`).
 
     beamloop bench [--quick] [--out bench/results] [--only SECTION ...] [--real-data DIR]
                    [--frame ROWSxCOLS (--frame-rate HZ | --dwell-us US)]
@@ -108,7 +109,9 @@ def register(subparsers) -> None:
     p.add_argument("--frame", "--frame-size", dest="frame_size", type=parse_shape, default=None,
                    help="budget: frame size N or ROWSxCOLS, pixels")
     p.add_argument("--frame-rate", type=parse_positive, default=None, help="budget: detector frames per second")
-    p.add_argument("--dwell-us", type=parse_positive, default=None, help="budget: scan dwell time per probe position, us")
-    p.add_argument("--budget-only", action="store_true", help="print budgets from existing stage results; measure nothing")
+    p.add_argument("--dwell-us", type=parse_positive, default=None,
+                   help="budget: scan dwell time per probe position, us")
+    p.add_argument("--budget-only", action="store_true",
+                   help="print budgets from existing stage results; measure nothing")
     p.add_argument("--no-progress", action="store_true", help="no progress lines or bars")
     p.set_defaults(func=cmd_bench)

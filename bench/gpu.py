@@ -22,8 +22,6 @@ import shutil
 import subprocess
 import time
 
-import numpy as np
-
 
 def _nvidia_smi() -> dict:
     exe = shutil.which("nvidia-smi")

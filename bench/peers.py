@@ -2,7 +2,8 @@
 
 Every finder takes a frame (2-D array of detector counts or intensities, any real dtype) and returns an
 ``(n, 2)`` float64 array of column positions ``(x, y)`` in pixels (x the column index, y the row index),
-the convention of :mod:`beamloop.edge.frame.columns`. Peers are benchmark-only dependencies (the ``beamloop.bench`` extra) and
+the convention of :mod:`beamloop.edge.frame.columns`. Peers are benchmark-only dependencies (the ``beamloop.bench``
+extra) and
 are imported inside the functions.
 
 Every free threshold is relative (a fraction of the frame's own dynamic range, of the brightest

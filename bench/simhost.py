@@ -122,7 +122,8 @@ class SimHost:
 
     def start(self) -> dict:
         """Start the process and return its endpoints."""
-        cmd = [sys.executable, "-m", "beamloop.bench.simhost", json.dumps(asdict(self.config)), str(self.frames_per_scan)]
+        cmd = [sys.executable, "-m", "beamloop.bench.simhost", json.dumps(asdict(self.config)),
+               str(self.frames_per_scan)]
         self._proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
         sel = selectors.DefaultSelector()
         sel.register(self._proc.stdout, selectors.EVENT_READ)
@@ -153,7 +154,7 @@ class SimHost:
         self._proc.stdout.close()
         self._proc = None
 
-    def __enter__(self) -> "SimHost":
+    def __enter__(self) -> SimHost:
         self.start()
         return self
 

@@ -1,6 +1,7 @@
 """Stage latencies of the main job: the closed loop through the real simulator and service over ZeroMQ.
 
-For each frame size the benchmark runs the main job's own experiment (:func:`beamloop.edge.experiments.vacancy_line.vacancy_line`)
+For each frame size the benchmark runs the main job's own experiment
+(:func:`beamloop.edge.experiments.vacancy_line.vacancy_line`)
 on the simulated microscope (:class:`beamloop.bench.simhost.SimHost`, a separate process), one beam target per
 frame and a short dwell per target, in chunks, until the wanted number of frames has gone through:
 

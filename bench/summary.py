@@ -119,7 +119,8 @@ def _atoms_md(res: dict) -> list[str]:
             t, a = v["time"], v["accuracy"]
             extra = f" (find only {fmt(t['find_only_p50_ms'])})" if "find_only_p50_ms" in t else ""
             rows.append([name, fmt(t["p50_ms"]) + extra, fmt(t["p99_ms"]), fmt(ratio.get(name)) + "x",
-                         fmt(a["recall"], 4), fmt(a["precision"], 4), fmt(a["rms_pm"]), f"{a['frames']} ({t['n']} runs)"])
+                         fmt(a["recall"], 4), fmt(a["precision"],
+                                                  4), fmt(a["rms_pm"]), f"{a['frames']} ({t['n']} runs)"])
         lines += table(["method", "ms p50", "ms p99", "x", "recall", "precision", "RMS pm", "frames (runs)"], rows)
         lines.append("")
     cal = res.get("calibration", {})
@@ -147,7 +148,8 @@ def _atoms_md(res: dict) -> list[str]:
                     continue
                 ag = v.get("agreement_with_classical", {})
                 rows.append([img, name, fmt(v["time"]["p50_ms"]), fmt(r["speed_ratio_vs_classical"].get(name)) + "x",
-                             v["n_found"], f"{fmt(ag.get('of_ref'))} / {fmt(ag.get('of_own'))}" if ag else "(reference)",
+                             v["n_found"],
+                             f"{fmt(ag.get('of_ref'))} / {fmt(ag.get('of_own'))}" if ag else "(reference)",
                              fmt(ag.get("rms_px")) if ag else ""])
         lines += table(["image", "method", "ms p50", "x", "columns", "matched: of classical / of own", "RMS px"], rows)
         private = [n for n, r in res["real"]["images"].items() if "overlay_private" in r]

@@ -1,11 +1,13 @@
 """Where the U-Net finder's errors come from on held-out simulated MoS2 (diagnosis, not timing).
 
 1. False positives at each dose, with the old fixed extraction (threshold 0.4, 2.5 px) and the shipped
-   frame-adaptive one (:class:`beamloop.edge.stages.unet.UNetFinder`), sorted by what lies under them: a second peak of a
+   frame-adaptive one (:class:`beamloop.edge.stages.unet.UNetFinder`), sorted by what lies under them: a second peak of
+   a
    column already found ("split", a true column within 0.75 A), a vacancy site, or an empty lattice site
    (MoS2 hexagon centres); and how many lie near the frame edge or near a tile seam (512 x 512 frames).
 2. Position error against its floor: the Cramer-Rao bound of the photon noise
-   (:func:`beamloop.edge.learn.evaluate.position_error_floor`), an oracle -- both finders on the noise-free rendered frame
+   (:func:`beamloop.edge.learn.evaluate.position_error_floor`), an oracle -- both finders on the noise-free rendered
+   frame
    (same seeds, same scan distortion) -- and the same without scan distortion; the classical finder at
    1e6 / 1e7 e-/A^2; and which part of the scan distortion (line jitter, 50 Hz wobble, drift) makes that floor.
 
@@ -113,8 +115,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--frames", type=int, default=4)
     args = ap.parse_args(argv)
-    from beamloop.edge.stages.find import ColumnFinder, FinderConfig
     from beamloop.edge.learn.evaluate import position_error_floor
+    from beamloop.edge.stages.find import ColumnFinder, FinderConfig
     from beamloop.edge.stages.unet import UNetFinder, _core, tile_origins
 
     shipped = UNetFinder(precision="fp32", device="cpu")
@@ -137,7 +139,8 @@ def main(argv=None) -> int:
                          "per_class_rms_pm": {k: round(v["rms_pm"], 2) for k, v in s.per_class.items()
                                               if k != "vacancy"}}
         c = combine([_score(classical.find(f.counts).xy, None, f, generic=True) for f in frames])
-        row["classical"] = {"recall": round(c.recall, 4), "precision": round(c.precision, 4), "rms_pm": round(c.rms_pm, 2)}
+        row["classical"] = {"recall": round(c.recall, 4), "precision": round(c.precision, 4), "rms_pm": round(c.rms_pm,
+                                                                                                              2)}
         if dose <= 1e6:
             row["bound"] = {k: round(v, 2) for k, v in position_error_floor(dose, n=min(args.frames, 2)).items()}
         out[f"{dose:.0e}"] = row
@@ -155,7 +158,8 @@ def main(argv=None) -> int:
         ss.append(_score(c.xy, c.cls, f))
         fps.append(false_positives(c, f, seams))
     s = combine(ss)
-    out["512x512@1e4"] = {"recall": round(s.recall, 4), "precision": round(s.precision, 4), "rms_pm": round(s.rms_pm, 2),
+    out["512x512@1e4"] = {"recall": round(s.recall, 4), "precision": round(s.precision, 4), "rms_pm": round(s.rms_pm,
+                                                                                                            2),
                           "seams_px": seams, "false_positives": int(sum(p["n"] for p in fps)),
                           "false_positives_within_4px_of_a_seam": int(sum(p["near_seam_4px"] for p in fps)),
                           "seam_band_area_fraction": round(1 - (1 - 8 * len(seams) / 512) ** 2, 3)}

@@ -64,10 +64,10 @@ def run(quick: bool = False) -> dict:
     """Run the benchmark; returns (and writes) the results dict."""
     import onnxruntime as ort
 
-    from beamloop.edge.stages.find import ColumnFinder, FinderConfig
     from beamloop.edge.analysis.scoring import combine, score_frame
-    from beamloop.edge.stages.unet import PRECISIONS, UNetFinder, load_manifest
     from beamloop.edge.sim.frames import mos2_frame
+    from beamloop.edge.stages.find import ColumnFinder, FinderConfig
+    from beamloop.edge.stages.unet import PRECISIONS, UNetFinder, load_manifest
 
     px = 0.15
     reps = {256: 5 if quick else 30, 1024: 2 if quick else 6}
@@ -83,7 +83,8 @@ def run(quick: bool = False) -> dict:
                  "model": {k: load_manifest()[k] for k in ("date", "members", "tile", "size_bytes")},
                  "cpu": {}, "accuracy": {}, "gpu": {}}
     for n, fr in frames.items():
-        res["cpu"][f"{n}x{n}"] = {name: _times(lambda fn=fn: fn(fr.counts), reps[n]) for name, fn in methods.items()}
+        res["cpu"][f"{n}x{n}"] = {name: _times(lambda fn=fn, c=fr.counts: fn(c), reps[n])
+                                  for name, fn in methods.items()}
     # accuracy on held-out frames (same seeds for every method)
     for dose in (1e4, 1e5):
         fs = [mos2_frame((256, 256), px, dose, seed=300_100 + k) for k in range(2 if quick else 4)]
@@ -101,7 +102,8 @@ def run(quick: bool = False) -> dict:
         for p in PRECISIONS:
             u = UNetFinder(precision=p, device="cuda")
             for n, fr in frames.items():
-                res["gpu"].setdefault(f"{n}x{n}", {})[f"unet_{p}"] = _times(lambda: u.find(fr.counts, "MoS2"), reps[n])
+                res["gpu"].setdefault(f"{n}x{n}", {})[f"unet_{p}"] = _times(lambda u=u, c=fr.counts: u.find(c, "MoS2"),
+                                                                              reps[n])
     else:
         res["gpu"] = {"skipped": "onnxruntime has no CUDAExecutionProvider here (no NVIDIA GPU / 'gpu' extra not "
                                  f"installed; providers: {ort.get_available_providers()})"}

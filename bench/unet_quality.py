@@ -1,6 +1,7 @@
 """Benchmark: accuracy of the shipped U-Net ensemble, its uncertainty, and its behaviour on real images.
 
-1. Held-out simulated frames (:mod:`beamloop.edge.learn.evaluate`): recall / precision / RMS of each precision and of the
+1. Held-out simulated frames (:mod:`beamloop.edge.learn.evaluate`): recall / precision / RMS of each precision and of
+   the
    classical finder, per set (MoS2 at 1e3-1e6 e-/A^2; other structures, two never trained on).
 2. Uncertainty against error: on held-out MoS2 frames at low dose (1e3, 3e3, 1e4 e-/A^2), each found column is
    "right" (matched to a true column within 0.5 A, with the right class) or "wrong" (no true column, or the
@@ -105,7 +106,8 @@ def real_images(finder, out_public: Path, out_private: Path) -> dict:
         res = finder.find(img, "generic")
         u = res.uncertainty
         out[path.name] = {"shape": list(img.shape), "classical_columns": n_classical, "unet_columns": len(res.columns),
-                          "unet_threshold": round(res.threshold, 3), "unet_min_distance_px": round(res.min_distance_px, 2),
+                          "unet_threshold": round(res.threshold, 3), "unet_min_distance_px": round(res.min_distance_px,
+                                                                                                   2),
                           "unet_uncertainty_median": round(float(np.median(u)), 3) if len(u) else None,
                           "unet_uncertainty_p90": round(float(np.percentile(u, 90)), 3) if len(u) else None,
                           "unet_pixel_std_max": round(float(res.heat_map_std.max()), 3)}

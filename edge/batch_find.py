@@ -106,7 +106,8 @@ def save_uncertainty_figure(path: Path, image: np.ndarray, seg, title: str = "")
 
 
 def write_uncertainty_csv(path: Path, seg) -> Path:
-    """``x_px,y_px,uncertainty,heat_std,position_std_px`` per column of a :class:`beamloop.edge.stages.unet.SegmentResult`."""
+    """``x_px,y_px,uncertainty,heat_std,position_std_px`` per column of a
+    :class:`beamloop.edge.stages.unet.SegmentResult`."""
     c = seg.columns
     table = np.stack([c.x, c.y, seg.uncertainty, seg.heat_std, seg.position_std_px], axis=1)
     np.savetxt(path, table, fmt="%.4f", delimiter=",", header="x_px,y_px,uncertainty,heat_std,position_std_px",

@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -35,7 +35,8 @@ from beamloop.edge.frame.context import INPUT_SLOTS, SLOTS, FrameContext, FrameM
 from beamloop.edge.frame.latency import LatencyRecorder
 from beamloop.edge.frame.scanframe import ScanFrame
 from beamloop.edge.frame.stage import FrameError, FrameStage, check_frame
-from beamloop.edge.materials import MOS2, Material, material as material_named
+from beamloop.edge.materials import MOS2, Material
+from beamloop.edge.materials import material as material_named
 from beamloop.edge.stages.classify import Classify
 from beamloop.edge.stages.find import FinderConfig, FindPeaks
 from beamloop.edge.stages.policy import VacancyLinePolicy

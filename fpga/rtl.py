@@ -81,7 +81,7 @@ class RTLDesign:
         Path(path).write_text(json.dumps(asdict(self), indent=1))
 
     @classmethod
-    def load(cls, path: Path) -> "RTLDesign":
+    def load(cls, path: Path) -> RTLDesign:
         """Read a description written by :meth:`save`."""
         return cls(**json.loads(Path(path).read_text()))
 
@@ -128,13 +128,15 @@ def wrapper_verilog(name: str, n_inputs: int, input_bits: int, output_bits: int,
     if n < 1:
         raise ValueError("the model has no pipeline stages")
     if stage_bits[0] != w_in:
-        raise ValueError(f"stage 0 takes {stage_bits[0]} bits, the wrapper's input is {n_inputs} x {input_bits} = {w_in}")
+        raise ValueError(f"stage 0 takes {stage_bits[0]} bits, the wrapper's input is "
+                         f"{n_inputs} x {input_bits} = {w_in}")
     out_bits = list(stage_bits[1:]) + [output_bits]
     regs = "\n    ".join(f"reg [{w - 1}:0] stage{i}_inp;" for i, w in enumerate(stage_bits))
     wires = "\n    ".join(f"wire [{w - 1}:0] stage{i}_out;" for i, w in enumerate(out_bits))
     insts = "\n    ".join(f"{name}_stage{i} stage{i} (.model_inp(stage{i}_inp), .model_out(stage{i}_out));"
                           for i in range(n))
-    loads = "\n        ".join(["stage0_inp <= in_features;"] + [f"stage{i}_inp <= stage{i - 1}_out;" for i in range(1, n)])
+    loads = "\n        ".join(["stage0_inp <= in_features;"] + [f"stage{i}_inp <= stage{i - 1}_out;" for i in range(1,
+                                                                                                                    n)])
     shift = "in_valid" if n == 1 else f"{{valid_pipe[{n - 2}:0], in_valid}}"
     thr_bits = output_bits + 1
     thr_lit = f"{thr_bits}'sd{threshold}" if threshold >= 0 else f"-{thr_bits}'sd{-threshold}"

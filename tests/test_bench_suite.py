@@ -24,7 +24,8 @@ def _stage_results():
     for n in (256, 512, 1024):
         st = {}
         for k, per_px in (("receive", 1e-3), ("decode", 2e-4), ("preprocess", 4e-3), ("find", 8e-3),
-                          ("classify", 4e-3), ("policy", 1e-4), ("bridge", 0.0), ("trigger", 0.0), ("end_to_end", 2e-2)):
+                          ("classify", 4e-3), ("policy", 1e-4), ("bridge", 0.0), ("trigger", 0.0), ("end_to_end",
+                                                                                                    2e-2)):
             p50 = per_px * n * n + (300.0 if k == "bridge" else 5.0 if k == "trigger" else 0.0)
             st[k] = {"n": 1000, "p50_us": p50, "p99_us": 2 * p50, "p999_us": 3 * p50, "max_us": 4 * p50,
                      "mean_us": p50, "jitter_us": 0.1 * p50, "spread_us": p50, "tail_ok": True, "beyond_p999": 1,

@@ -135,6 +135,7 @@ def test_classifier_labels_by_intensity():
 
     inten = np.array([6.9, 7.1, 7.0, 2.5, 2.4, 2.6, 2.5, 1.2], np.float32)
     n = len(inten)
-    cols = ColumnTable(np.arange(n, dtype=np.float32) * 10, np.zeros(n, np.float32), inten, inten, np.full(n, -1, np.int8))
+    cols = ColumnTable(np.arange(n, dtype=np.float32) * 10, np.zeros(n, np.float32), inten, inten, np.full(n, -1,
+                                                                                                           np.int8))
     out = classify_mos2(cols)
     assert out.class_labels() == ["Mo", "Mo", "Mo", "S2", "S2", "S2", "S2", "S1"]

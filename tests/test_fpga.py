@@ -1,4 +1,5 @@
-"""FPGA flow on a tiny trigger trained here: QAT (beamloop.quantize.train) -> QONNX (beamloop.quantize.export) -> da4ml trace,
+"""FPGA flow on a tiny trigger trained here: QAT (beamloop.quantize.train) -> QONNX (beamloop.quantize.export) -> da4ml
+trace,
 RTL simulation (cocotb + Icarus), hls4ml C simulation, yosys/nextpnr-ecp5/ecppack; every output compared bit
 for bit with the QONNX graph executed by qonnx."""
 

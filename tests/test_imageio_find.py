@@ -9,10 +9,10 @@ import pytest
 import tifffile
 from PIL import Image as PILImage
 
+from beamloop.edge.analysis.scoring import score_frame
 from beamloop.edge.cli import main
 from beamloop.edge.frame.columns import read_csv
 from beamloop.edge.io.imageio import ImageReadError, read_image
-from beamloop.edge.analysis.scoring import score_frame
 from beamloop.edge.sim.frames import mos2_frame
 
 EXAMPLES = resources.files("beamloop.edge") / "data" / "examples"

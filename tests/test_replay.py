@@ -31,7 +31,8 @@ def test_replay_float_stack_as_float32(tmp_path):
     stack = np.random.default_rng(1).random((2, 16, 16))
     np.save(tmp_path / "stack.npy", stack)
     with FrameReceiver("tcp://127.0.0.1:0", bind=True) as rx:
-        th = threading.Thread(target=replay, args=(tmp_path / "stack.npy", rx.endpoint, 0.0), kwargs={"encoding": "lz4"})
+        th = threading.Thread(target=replay, args=(tmp_path / "stack.npy", rx.endpoint, 0.0),
+                              kwargs={"encoding": "lz4"})
         th.start()
         assert rx.recv(5000).series.dtype == np.float32
         for k in range(2):

@@ -2,17 +2,23 @@
 and its use by the pipeline and `beamloop find`."""
 
 import json
-import math
 
 import numpy as np
 import pytest
 
-from beamloop.edge.stages import unet
+from beamloop.edge.analysis.scoring import score_frame
 from beamloop.edge.frame.stage import FrameError
 from beamloop.edge.path import frame_path
-from beamloop.edge.analysis.scoring import score_frame
-from beamloop.edge.stages.unet import SEG_CLASSES, ModelError, UNetFinder, normalise_frame, select_providers, tile_origins
 from beamloop.edge.sim.frames import mos2_frame
+from beamloop.edge.stages import unet
+from beamloop.edge.stages.unet import (
+    SEG_CLASSES,
+    ModelError,
+    UNetFinder,
+    normalise_frame,
+    select_providers,
+    tile_origins,
+)
 
 
 # --- providers -------------------------------------------------------------------------------------------
@@ -226,8 +232,8 @@ def _held_out_score(finders, precision, dose):
 
 
 def _classical_score(frames):
-    from beamloop.edge.stages.find import ColumnFinder, FinderConfig
     from beamloop.edge.analysis.scoring import combine
+    from beamloop.edge.stages.find import ColumnFinder, FinderConfig
 
     out = []
     for f in frames:
@@ -281,8 +287,10 @@ _RMS_REASON = ("below the physical bound of these frames: measured 14.8 pm at 1e
 
 
 @shipped
-@pytest.mark.parametrize("dose, rms", [pytest.param(1e4, 8.0, marks=pytest.mark.xfail(strict=False, reason=_RMS_REASON)),
-                                       pytest.param(1e5, 5.0, marks=pytest.mark.xfail(strict=False, reason=_RMS_REASON))])
+@pytest.mark.parametrize("dose, rms", [pytest.param(1e4, 8.0, marks=pytest.mark.xfail(strict=False,
+                                                                                      reason=_RMS_REASON)),
+                                       pytest.param(1e5, 5.0, marks=pytest.mark.xfail(strict=False,
+                                                                                      reason=_RMS_REASON))])
 def test_shipped_model_position_error_meets_the_issue_bar(finders, dose, rms):
     """The issue's position bar: RMS <= 8 pm at 1e4 and <= 5 pm at 1e5 e-/A^2 (see the xfail reason)."""
     assert _held_out_score(finders, "fp32", dose).rms_pm <= rms

@@ -16,7 +16,8 @@ probe position. Reducing each frame to a few numbers as it arrives gives live im
 
 Masks are stored sparse (CSR: the pixels and weights of each detector), so a stack of frames is reduced
 by one numba call that touches only the masked pixels (:func:`virtual_stack`, :func:`com_stack`).
-:class:`LiveImager` assembles the results into images of the scan as :class:`beamloop.streams.dectris.receiver.FrameStack`
+:class:`LiveImager` assembles the results into images of the scan as
+:class:`beamloop.streams.dectris.receiver.FrameStack`
 batches arrive. When a CUDA device is present (``numba.cuda.is_available()``) the same reductions run on it
 (:func:`virtual_stack_cuda`, :func:`com_stack_cuda`); otherwise the CPU kernels run.
 """
@@ -30,7 +31,6 @@ import numpy as np
 from numba import cuda
 
 from beamloop.edge.kernels import fourd
-
 
 # --- masks ---------------------------------------------------------------------------------------------------
 
@@ -105,7 +105,7 @@ class SparseMasks:
     weight: np.ndarray  # (M,) float32
 
     @classmethod
-    def from_dense(cls, masks: dict[str, np.ndarray]) -> "SparseMasks":
+    def from_dense(cls, masks: dict[str, np.ndarray]) -> SparseMasks:
         """From named weight images, all of one detector shape (zero weights are left out).
 
         Raises ``ValueError`` for masks of different shapes, non-finite weights, or no masks.

@@ -19,7 +19,8 @@ def add_finder_arguments(p: argparse.ArgumentParser, default_material: str) -> N
                    help="classical (numba local maxima) or unet (the shipped U-Net ensemble on ONNX Runtime)")
     p.add_argument("--device", choices=DEVICES, default="auto",
                    help="ONNX Runtime provider for --method unet (auto: TensorRT, then CUDA, then CPU)")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="which shipped U-Net export --method unet runs")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="which shipped U-Net export --method unet runs")
     p.add_argument("--material", choices=tuple(MATERIALS), default=default_material, help="material of the frames")
     p.add_argument("--spacing-px", type=parse_positive, default=None,
                    help="lattice period / column spacing in pixels for images without a pixel size "

@@ -48,7 +48,7 @@ class ColumnTable:
     score: np.ndarray
     cls: np.ndarray
     class_names: tuple[str, ...] = field(default=("column",))
-    near_edge: np.ndarray | None = None
+    near_edge: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
 
     def __post_init__(self) -> None:
         if self.near_edge is None or len(self.near_edge) != len(self.x):
@@ -147,6 +147,6 @@ def read_csv(path: str | Path) -> tuple[ColumnTable, list[str]]:
     col = lambda h, t: np.array([t(r[idx[h]]) for r in rows[1:]], dtype=np.float32)  # noqa: E731
     cls = np.array([names.index(r[idx["class"]]) for r in rows[1:]], np.int8)
     edge = (np.array([r[header.index("near_edge")] == "1" for r in rows[1:]], bool) if "near_edge" in header
-            else None)
+            else np.zeros(len(rows) - 1, bool))
     return ColumnTable(col("x_px", float), col("y_px", float), col("intensity", float), col("score", float), cls,
                        tuple(names) or ("column",), edge), header

@@ -101,7 +101,7 @@ class ScanFrame:
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ScanFrame":
+    def from_dict(cls, d: dict) -> ScanFrame:
         """Inverse of :meth:`as_dict`.
 
         Raises
@@ -143,5 +143,6 @@ def check_fraction(x: float, y: float) -> tuple[float, float]:
     if not (math.isfinite(fx) and math.isfinite(fy)):
         raise BeamPositionError("out_of_range", f"beam position ({fx}, {fy}) is not finite")
     if not (0.0 <= fx <= 1.0 and 0.0 <= fy <= 1.0):
-        raise BeamPositionError("out_of_range", f"beam position ({fx:.6g}, {fy:.6g}) lies outside the scan frame [0, 1]")
+        raise BeamPositionError("out_of_range",
+                                f"beam position ({fx:.6g}, {fy:.6g}) lies outside the scan frame [0, 1]")
     return fx, fy

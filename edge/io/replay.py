@@ -77,7 +77,8 @@ def replay(path: str | Path, to: str, rate_hz: float = 10.0, *, repeat: int = 1,
     period = 1.0 / rate_hz if rate_hz > 0 else 0.0
     with FrameSender(to, bind=bind, encoding=encoding, linger_ms=linger_ms) as tx:
         time.sleep(0.2)  # let the connection come up before the first message
-        tx.start_series([protocol.DEFAULT_CHANNEL], frames[0].shape, frames[0].dtype, number_of_images=len(frames) * repeat,
+        tx.start_series([protocol.DEFAULT_CHANNEL], frames[0].shape, frames[0].dtype,
+                        number_of_images=len(frames) * repeat,
                         frame_time=period, user_data=ud)
         t_next = time.monotonic()
         for _ in range(repeat):

@@ -30,7 +30,8 @@ def reflect(i, n):
 
 @cuda.jit
 def smooth_rows(src, k, tmp):
-    """Row pass of the separable Gaussian: ``tmp[i, j] = sum_t k[t] src[i, reflect(j - r + t)]`` (one thread a pixel)."""
+    """Row pass of the separable Gaussian: ``tmp[i, j] = sum_t k[t] src[i, reflect(j - r + t)]`` (one thread a
+    pixel)."""
     i, j = cuda.grid(2)
     rows, cols = src.shape
     if i < rows and j < cols:

@@ -38,7 +38,7 @@ def virtual_runs_int(flat, run_det, run_start, run_len, run_weight, out):
             out[i, k] = 0.0
         for r in range(run_start.shape[0]):
             a = run_start[r]
-            s = 0
+            s = np.int64(0)
             for p in range(a, a + run_len[r]):
                 s += np.int64(f[p])
             out[i, run_det[r]] += run_weight[r] * s

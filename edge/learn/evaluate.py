@@ -2,9 +2,11 @@
 
 Held-out means: other seeds than training (seeds from 100 000 on), doses fixed at 1e3 / 1e4 / 1e5 / 1e6 e-/A^2
 (training draws them continuously), and besides MoS2 two structures never trained on
-(:data:`beamloop.edge.learn.dataset.HELD_OUT_STRUCTURES`). MoS2 frames come from :func:`beamloop.edge.sim.frames.mos2_frame`
+(:data:`beamloop.edge.learn.dataset.HELD_OUT_STRUCTURES`). MoS2 frames come from
+:func:`beamloop.edge.sim.frames.mos2_frame`
 (256 x 256, 0.15 A/px, the frames of the classical finder's published figures) and are scored with
-:func:`beamloop.edge.analysis.scoring.score_frame` (0.5 A matching, 0.5 A edge margin). Frames of other structures are scored on
+:func:`beamloop.edge.analysis.scoring.score_frame` (0.5 A matching, 0.5 A edge margin). Frames of other structures are
+scored on
 the columns visible at their dose (:func:`beamloop.edge.learn.dataset.column_snr` >= ``SNR_VISIBLE``); found columns on
 fainter ones are left out of the count, as the training loss leaves them out.
 """

@@ -149,7 +149,8 @@ def export_all(work: Path, to: Path | None = None, quick: bool = False, progress
         "heat_sigma_px": HEAT_SIGMA_PX,
         "input": "frame minus its mean, divided by its standard deviation (beamloop.edge.stages.unet.normalise_frame)",
         "training_data": {
-            "simulator": "beamloop.edge.sim linear incoherent HAADF model (abTEM single-atom profiles), beamloop.edge.learn.dataset",
+            "simulator": ("beamloop.edge.sim linear incoherent HAADF model (abTEM single-atom profiles), "
+                          "beamloop.edge.learn.dataset"),
             "structures": TRAIN_STRUCTURES,
             "held_out_structures": list(HELD_OUT_STRUCTURES),
             "pixel_size_A": [0.05, 0.3],
@@ -190,7 +191,8 @@ def write_metrics(to: Path | None = None, quick: bool = False, progress: bool = 
                                           for k, v in metrics[prec].items()), flush=True)
     metrics["classical"] = evaluate.evaluate(evaluate.classical_find(), sets)
     manifest["metrics"] = metrics
-    manifest["metrics_note"] = ("held-out simulated frames (beamloop.edge.learn.evaluate): recall / precision / RMS pm, "
+    manifest["metrics_note"] = ("held-out simulated frames (beamloop.edge.learn.evaluate): recall / precision / "
+                                "RMS pm, "
                                 "0.5 A matching and edge margin; MoS2 256x256 at 0.15 A/px")
     manifest["metrics_date"] = time.strftime("%Y-%m-%d")
     (to / "manifest.json").write_text(json.dumps(manifest, indent=1))

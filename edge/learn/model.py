@@ -37,7 +37,8 @@ class UNet(nn.Module):
     widths : tuple of int
         Channels per level; the input side length must be divisible by ``2 ** (len(widths) - 1)``.
 
-    Input ``(b, 1, h, w)`` float32 (:func:`beamloop.edge.stages.unet.normalise_frame`); output ``(b, 1 + 4, h, w)`` logits.
+    Input ``(b, 1, h, w)`` float32 (:func:`beamloop.edge.stages.unet.normalise_frame`); output ``(b, 1 + 4, h, w)``
+    logits.
     """
 
     def __init__(self, widths: tuple[int, ...] = WIDTHS) -> None:

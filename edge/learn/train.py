@@ -4,7 +4,8 @@ One data set of noise-free tiles is rendered once (:func:`beamloop.edge.learn.da
 ``tiles_<n>x<size>_s<seed>.npz`` in the output folder) and shared by all members; each member starts from its
 own random initialisation and sees its own order, doses, noise and artefacts (:class:`Augmenter`).
 
-Batches draw MoS2 tiles 1.5 times as often as others, and doses from :func:`training_dose`. Loss per pixel: ``w (1 + 10 t) (sigmoid(z) - t)^2`` for the heat map (``t`` the Gaussian target, ``w`` zero
+Batches draw MoS2 tiles 1.5 times as often as others, and doses from :func:`training_dose`. Loss per pixel: ``w (1 + 10
+t) (sigmoid(z) - t)^2`` for the heat map (``t`` the Gaussian target, ``w`` zero
 around columns too faint to call) plus 0.01 x the cross-entropy of the class channels on the pixels next to
 target columns. AdamW with a one-cycle learning-rate schedule (L. N. Smith & N. Topin, "Super-convergence",
 arXiv:1708.07120), channels-last tensors (faster convolutions on CPU).

@@ -47,7 +47,7 @@ class ScanDistortion:
     flyback_us: float = 20.0
 
     @classmethod
-    def typical(cls, rng: np.random.Generator, frame_time_s: float, scale: float = 1.0) -> "ScanDistortion":
+    def typical(cls, rng: np.random.Generator, frame_time_s: float, scale: float = 1.0) -> ScanDistortion:
         """Random distortion of typical size: drift ~0.5 Angstrom per frame in a random direction, a
         0.1 Angstrom 50 Hz wobble with random phase, jitter 0.08 / 0.03 Angstrom; all times ``scale``."""
         ang = rng.uniform(0, 2 * math.pi)

@@ -1,6 +1,7 @@
 """More specimens as projected atomic columns: other TMDs, graphene and hBN, SrTiO3 [001], Si [110], fcc [110].
 
-Every builder returns a :class:`beamloop.edge.sim.lattice.Specimen` that :class:`beamloop.edge.sim.render.ColumnRenderer`
+Every builder returns a :class:`beamloop.edge.sim.lattice.Specimen` that
+:class:`beamloop.edge.sim.render.ColumnRenderer`
 and :class:`beamloop.edge.sim.frames.FrameSimulator` render as they render MoS2. Columns of 3-D crystals hold
 ``thickness`` atoms of each kind along the beam (the linear incoherent model then makes them ``thickness``
 times brighter than one atom: no channelling, adequate for training data, not for quantitative HAADF).
@@ -23,7 +24,7 @@ dichalcogenides, from Wilson & Yoffe, Adv. Phys. 18, 193 (1969); the projections
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

@@ -14,7 +14,8 @@ from beamloop.edge.kernels.smooth import gaussian_kernel
 
 
 class GpuPreprocessor:
-    """:class:`beamloop.edge.stages.preprocess.Preprocessor` on a CUDA device (numba): Gaussian smoothing and noise sigma,
+    """:class:`beamloop.edge.stages.preprocess.Preprocessor` on a CUDA device (numba): Gaussian smoothing and noise
+    sigma,
     device buffers allocated once per frame shape.
 
     Parameters
@@ -44,7 +45,8 @@ class GpuPreprocessor:
         self.d_tmp = cuda.device_array(shape, np.float32)
         self.d_dst = cuda.device_array(shape, np.float32)
         self.d_acc = cuda.device_array(1, np.float64)
-        self.smooth = cuda.pinned_array(shape, np.float32) if hasattr(cuda, "pinned_array") else np.empty(shape, np.float32)
+        self.smooth = cuda.pinned_array(shape, np.float32) if hasattr(cuda, "pinned_array") else np.empty(shape,
+                                                                                                          np.float32)
         self._zero = np.zeros(1, np.float64)
         self._key = (shape, np.dtype(dtype))
 
@@ -53,7 +55,8 @@ class GpuPreprocessor:
 
         Raises ``beamloop.edge.frame.stage.FrameError`` for a frame that is not 2-D or smaller than 3 x 3."""
         if frame.ndim != 2 or min(frame.shape) < max(3, self.kernel.shape[0] // 2 + 1):
-            raise FrameError(f"frame of shape {frame.shape} cannot be smoothed with a {self.kernel.shape[0]}-tap kernel")
+            raise FrameError(f"frame of shape {frame.shape} cannot be smoothed with a "
+                             f"{self.kernel.shape[0]}-tap kernel")
         if self._key != (frame.shape, frame.dtype):
             self._allocate(frame.shape, frame.dtype)
         self.d_src.copy_to_device(np.ascontiguousarray(frame))

@@ -318,7 +318,8 @@ class UNetFinder:
     splits into two peaks keeps only the stronger, while dumbbells (every column's nearest neighbour is its
     partner) survive. Limits: two real columns closer than ``spacing_fraction * d_nn`` (at a grain boundary, a
     dislocation core) are reported as one; and where most columns are split (the network's failure mode on
-    some real images) ``d_nn`` is the split distance and the rule does not help. The constants were tuned on held-out simulated MoS2 at 1e4 e-/A^2 (seeds 300000+ and
+    some real images) ``d_nn`` is the split distance and the rule does not help. The constants were tuned on held-out
+    simulated MoS2 at 1e4 e-/A^2 (seeds 300000+ and
     500000+, 20 frames: recall 0.993, precision 0.991, where the old fixed 0.4 / 2.5 px gave 0.999 / 0.955),
     not on the test seeds; see bench/unet_diagnose.py and bench/results/unet_diagnose.json.
 
