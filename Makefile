@@ -51,7 +51,8 @@ test: $(VENV)/.installed-test
 # modules listed here (gradual). mypy cannot follow the editable install's package-dir mapping, so it reads
 # the package through build/typing/beamloop, a link to this folder.
 MYPY_PACKAGES ?= beamloop.edge.frame beamloop.edge.stages beamloop.edge.kernels beamloop.edge.path \
-	beamloop.edge.service beamloop.edge.app beamloop.edge.materials beamloop.edge.control
+	beamloop.edge.service beamloop.edge.app beamloop.edge.materials beamloop.edge.control \
+	beamloop.edge.trigger
 lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
