@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from beamloop.edge.analysis import live4d
-from beamloop.edge.cli import stream4d
+from beamloop.edge.cli import build_parser, stream4d
 from beamloop.streams import cli
 from beamloop.streams.dectris.recorder import read_frames
 
@@ -35,11 +35,11 @@ def keep_signal_handlers():
 
 
 def parse(argv, providers=True):
-    p = argparse.ArgumentParser()
+    """Parse as the ``beamloop`` command does (its own parser), or with streams' commands alone."""
     if providers:
-        stream4d.register(p.add_subparsers())
-    else:
-        cli.register(p.add_subparsers())
+        return build_parser().parse_args(argv)
+    p = argparse.ArgumentParser()
+    cli.register(p.add_subparsers())
     return p.parse_args(argv)
 
 

@@ -35,7 +35,6 @@ import sys
 import threading
 
 from beamloop.edge import __version__
-from beamloop.edge.cli.types import parse_positive, parse_shape  # noqa: F401  (TEMPORARY until streams.cli has its own)
 
 COMMAND_MODULES = (
     "beamloop.edge.cli.run",        # the main job: closed loop on the simulated microscope
@@ -43,7 +42,7 @@ COMMAND_MODULES = (
     "beamloop.edge.cli.serve",      # the edge service on a frame stream
     "beamloop.edge.cli.find",       # atomic columns in image files
     "beamloop.edge.cli.replay",     # stream recorded frames to a service
-    "beamloop.streams.cli",         # detector streams: receive, record, stream (DECTRIS SIMPLON v1 / Stream V2)
+    "beamloop.edge.cli.stream4d",   # detector streams (beamloop.streams.cli) with live 4D imaging and sim4d
     "beamloop.edge.learn.cli",      # segmentation network: train, export
     "beamloop.quantize.cli",        # trigger models: quantization-aware training, evaluation, export
     "beamloop.fpga.cli",            # trigger logic: hls4ml and open RTL flows, simulation, bitstreams
