@@ -383,3 +383,51 @@ class BridgeClient:
     def abort_points(self, queue_id: int) -> dict:
         """Stop a point queue and blank the beam."""
         return self.call("abort_points", queue_id=int(queue_id))
+
+    def arm_trigger(self, model: str, threshold: int | None = None, rearm: str = "dwell",
+                    expected_rate: float | None = None) -> dict:
+        """Deploy an ejection trigger to the scan controller: from the next parked dwell on (or at once, in
+        an open one) it decides on every sample next to the beam and blanks the beam itself.
+
+        Served only by a controller whose ``get_capabilities`` names a ``trigger``; arming never unblanks
+        the beam (the reply's ``blanked`` says how it is).
+
+        Parameters
+        ----------
+        model : str
+            A model the controller offers (``get_capabilities()["trigger"]["models"]``), by name or by its
+            64-hex-digit hash.
+        threshold : int, optional
+            Integer score threshold; default the model's calibrated one.
+        rearm : {"dwell", "once"}
+            ``dwell``: decide in every later parked dwell (history and latch cleared at each start);
+            ``once``: disarm after the first decision.
+        expected_rate : float, optional
+            Counts per sample of the intact column: the dwell's history is pre-filled with it, so decisions
+            start at the first sample.
+
+        Returns
+        -------
+        dict
+            The trigger's state (:meth:`get_trigger_state`) and ``blanked``.
+
+        Raises
+        ------
+        BridgeError
+            ``unknown_call`` (the controller has no trigger), ``out_of_range`` (unknown model, threshold or
+            rate outside its range, unknown rearm policy), ``bad_request`` (a value of the wrong type), or as
+            :meth:`call`.
+        """
+        args: dict[str, Any] = {"model": model, "rearm": rearm}
+        if threshold is not None:
+            args["threshold"] = threshold
+        if expected_rate is not None:
+            args["expected_rate"] = expected_rate
+        return self.call("arm_trigger", **args)
+
+    def get_trigger_state(self) -> dict:
+        """The controller-side trigger: ``armed``, ``running``, ``model``, ``hash``, ``threshold``, ``rearm``,
+        ``expected_rate``, ``latency_ns``, ``decisions`` and ``last`` (its last decision: ``decision_sample``,
+        ``blank_time_ns`` from the dwell's start, ``blank_t_ns`` on the controller's clock, ``series_id``,
+        ``frame_id``; None before any). Raises as :meth:`call` (``unknown_call`` without a trigger)."""
+        return self.call("get_trigger_state")

@@ -18,6 +18,10 @@ scan_base.py``), where a scan device implements the small ``ScanDevice`` Protoco
                        at a parked position, and runs point queues as timed dwells
 :class:`PointProbe`    one value per point (``measure_point``, e.g. a one-pixel subscan): the controller
                        runs point queues one point per serve-loop step
+:class:`TriggerProbe`  a :class:`ParkedProbe` that runs an ejection trigger on its own samples, next to the
+                       beam (FPGA logic on the ADC stream; the simulated microscope emulates it bit for
+                       bit): the controller serves ``arm_trigger`` and ``get_trigger_state``, and the
+                       backend blanks the beam itself at the decision sample plus its logic's latency
 =====================  ==================================================================================
 
 A backend with neither has no point queues (``queue_points``, ``fetch_points`` and ``abort_points`` are
@@ -59,7 +63,14 @@ import numpy as np
 import zmq
 
 from beamloop.edge.control.keys import ServerKeys, check_bind
-from beamloop.edge.control.protocol import BridgeError, ScanLimits, check_channels, parse_acquire_frame
+from beamloop.edge.control.protocol import (
+    REARM_POLICIES,
+    TRIGGER_CALLS,
+    BridgeError,
+    ScanLimits,
+    check_channels,
+    parse_acquire_frame,
+)
 from beamloop.edge.control.safety import BeamSafety, SafetyLimits, fraction_pair
 from beamloop.edge.control.server import BridgeServer
 from beamloop.edge.frame.scanframe import BeamPositionError, ScanFrame
@@ -204,6 +215,9 @@ class Dwell:
         Sum of those samples.
     events : list of dict
         Events the backend reported during the dwell (each with its ``sample`` index).
+    trigger : dict or None
+        The controller-side trigger's decision in this dwell (:attr:`ScanController.trigger_last`), None
+        when it made none.
     """
 
     fx: float
@@ -215,6 +229,45 @@ class Dwell:
     samples: int = 0
     counts_sum: int = 0
     events: list = field(default_factory=list)
+    trigger: dict | None = None
+
+
+@dataclass
+class ArmedTrigger:
+    """The controller-side trigger as ``arm_trigger`` set it.
+
+    Attributes
+    ----------
+    model, hash : str
+        The model's name and hash (:func:`beamloop.edge.trigger.model.model_hash`).
+    threshold : int
+        Integer score threshold.
+    rearm : str
+        :data:`beamloop.edge.control.protocol.REARM_POLICIES`.
+    expected_rate : float or None
+        Counts per sample the dwell's history is pre-filled with (None: none).
+    latency_ns : float
+        Sample in to blank out of the logic, nanoseconds (as the backend reports it).
+    armed : bool
+        Whether it decides in the next parked dwell (``once``: false after its decision).
+    running : bool
+        Whether it decides in the open dwell now.
+    """
+
+    model: str
+    hash: str
+    threshold: int
+    rearm: str
+    expected_rate: float | None
+    latency_ns: float
+    armed: bool = True
+    running: bool = False
+
+    def as_dict(self) -> dict:
+        """The fields as a plain dict (the ``get_trigger_state`` reply)."""
+        return {"model": self.model, "hash": self.hash, "threshold": self.threshold, "rearm": self.rearm,
+                "expected_rate": self.expected_rate, "latency_ns": self.latency_ns, "armed": self.armed,
+                "running": self.running}
 
 
 @dataclass
@@ -314,6 +367,33 @@ class PointProbe(Protocol):
         ...
 
 
+@runtime_checkable
+class TriggerProbe(Protocol):
+    """A :class:`ParkedProbe` backend that decides on its own samples whether the atom under the probe is gone.
+
+    While started, :meth:`ParkedProbe.parked_samples` evaluates the trigger on every sample it produces. When
+    the trigger fires on a sample, that sample is the last one returned (fewer than ``n`` samples), the
+    backend has blanked the beam itself (its blank line), nothing the beam did after the blank happened
+    (no later ejection), the trigger is stopped, and the events include one ``{"type": "trigger",
+    "sample": k, "blank_time_ns": t, "latency_ns": l, ...}``: ``k`` the decision sample counted from the
+    dwell's start, ``t`` the time from the dwell's start to the blank, nanoseconds (the end of sample ``k``
+    plus the logic's latency ``l``).
+    """
+
+    def trigger_models(self) -> dict[str, dict]:
+        """The models offered, name -> ``{"hash", "threshold", "latency_ns", ...}`` (JSON-ready); read once."""
+        ...
+
+    def start_trigger(self, model: str, threshold: int, expected_rate: float | None) -> float:
+        """Decide from the next sample on with ``model`` at ``threshold``: fresh history (pre-filled for
+        ``expected_rate`` counts per sample when given), latch clear. Returns the logic's latency, ns."""
+        ...
+
+    def stop_trigger(self) -> None:
+        """Stop deciding (the dwell ended)."""
+        ...
+
+
 # the controller -----------------------------------------------------------------------------------------------
 class ScanController:
     """Bridge server, beam safety, frame stream and point queues over one :class:`ScanBackend`.
@@ -365,6 +445,13 @@ class ScanController:
         What happened (``dwell_end``, ``safety``, ``dropped``, and the backend's events), each with ``t_ns``.
     dropped_messages : int
         Frame stream messages nobody took.
+    trigger : ArmedTrigger or None
+        The controller-side trigger (a :class:`TriggerProbe` backend, after ``arm_trigger``).
+    trigger_decisions : int
+        Decisions the controller-side trigger made.
+    trigger_last : dict or None
+        Its last decision: ``decision_sample``, ``blank_time_ns`` (from the dwell's start), ``blank_t_ns``
+        (on the controller's clock), ``latency_ns``, ``series_id``, ``frame_id``, ``model``, ``threshold``.
     frames_endpoint, control_endpoint : str
         The bound endpoints (with the ports chosen for ``*``).
     safety : BeamSafety
@@ -398,6 +485,13 @@ class ScanController:
         self._parked_probe = backend if isinstance(backend, ParkedProbe) and stream is not None else None
         self._parked = stream if self._parked_probe is not None else None
         self._point_probe = backend if self._parked is None and isinstance(backend, PointProbe) else None
+        self._trigger_probe = backend if self._parked is not None and isinstance(backend, TriggerProbe) else None
+        self._trigger_models = {} if self._trigger_probe is None else dict(self._trigger_probe.trigger_models())
+        if self._trigger_probe is not None and not self._trigger_models:
+            self._trigger_probe = None  # a trigger without models is no trigger
+        self.trigger: ArmedTrigger | None = None
+        self.trigger_decisions = 0
+        self.trigger_last: dict | None = None
         self._clock = clock
         self._now_ns = time.monotonic_ns if clock is time.monotonic else (lambda: int(self._clock() * 1e9))
         self.frame: ScanFrame | None = None
@@ -420,6 +514,7 @@ class ScanController:
         self.safety = BeamSafety(limits or SafetyLimits(max_pixel_dwell_us=self.caps.limits.dwell_us[1]),
                                  blank=self._safety_blank, park=self._safety_park, clock=clock,
                                  beam_from_replies=False)
+        self.safety.trigger_models = self._trigger_models
         self.sender = FrameSender(frames, bind=True, encoding=encoding, context=context, send_timeout_ms=200)
         try:
             self.server = BridgeServer(control, handlers, context=context, safety=self.safety, keys=keys,
@@ -438,7 +533,9 @@ class ScanController:
         if self._parked is not None or self._point_probe is not None:
             handlers.update(queue_points=self._queue_points, fetch_points=self._fetch_points,
                             abort_points=self._abort_points)
-        clash = sorted(set(calls) & (set(CALLS) | set(QUEUE_CALLS) | {"heartbeat"}))
+        if self._trigger_probe is not None:
+            handlers.update(arm_trigger=self._arm_trigger, get_trigger_state=self._get_trigger_state)
+        clash = sorted(set(calls) & (set(CALLS) | set(QUEUE_CALLS) | set(TRIGGER_CALLS) | {"heartbeat"}))
         if clash:
             raise ValueError(f"calls {clash} are standard calls of the scan controller")
         handlers.update(calls)
@@ -609,7 +706,35 @@ class ScanController:
         return {"calls": sorted(self.server.handlers), "channels": list(lim.channels),
                 "shape_limits": list(lim.shape), "dwell_us_limits": list(lim.dwell_us),
                 "parked_stream": None if self.caps.parked_stream is None else self.caps.parked_stream.as_dict(),
-                "safety": self.safety.state()["limits"], **self.caps.extras}
+                "safety": self.safety.state()["limits"], "trigger": self._trigger_caps(), **self.caps.extras}
+
+    def _trigger_caps(self) -> dict | None:
+        """The ``trigger`` field of ``get_capabilities``: None without a controller-side trigger."""
+        if self._trigger_probe is None:
+            return None
+        return {"where": "controller", "models": {k: dict(v) for k, v in self._trigger_models.items()},
+                "rearm": list(REARM_POLICIES)}
+
+    def _arm_trigger(self, args: dict) -> dict:
+        """``arm_trigger``: deploy the model to the backend's trigger (checked by the guard before; never
+        touches the blanker, except that a trigger started in an open dwell may blank it later)."""
+        req = self.safety.check_arm_trigger(args)
+        info = self._trigger_models[req.model]
+        thr = int(info["threshold"]) if req.threshold is None else req.threshold
+        if self.trigger is not None and self.trigger.running:
+            self._stop_trigger()
+        self.trigger = ArmedTrigger(req.model, str(info.get("hash", "")), thr, req.rearm, req.expected_rate,
+                                    float("nan"))
+        d = self.dwell
+        if d is not None and self.queue is None and d.max_samples is None:
+            self._start_trigger()  # the beam is on here now: decide from its next sample
+        return {**self._get_trigger_state({}), "blanked": self.blanked}
+
+    def _get_trigger_state(self, args: dict) -> dict:
+        """``get_trigger_state``: the armed trigger (or ``armed: false``), decisions so far, the last one."""
+        t = self.trigger
+        state = t.as_dict() if t is not None else {"armed": False, "running": False, "model": None}
+        return {**state, "where": "controller", "decisions": self.trigger_decisions, "last": self.trigger_last}
 
     def _get_state(self, args: dict) -> dict:
         p = self.probe
@@ -813,6 +938,41 @@ class ScanController:
         start = self._clock() if t0 is None else t0
         self.dwell = Dwell(fx, fy, fid, -1 if series is None else series.series_id, start, max_samples)
         self._next_block = self._block_end(self.dwell)
+        if self.trigger is not None and self.trigger.armed and max_samples is None and self.queue is None:
+            self._start_trigger()
+
+    def _start_trigger(self) -> None:
+        t, probe = self.trigger, self._trigger_probe
+        assert t is not None and probe is not None
+        t.latency_ns = float(probe.start_trigger(t.model, t.threshold, t.expected_rate))
+        t.running = True
+
+    def _stop_trigger(self) -> None:
+        t, probe = self.trigger, self._trigger_probe
+        if t is not None and t.running and probe is not None:
+            t.running = False
+            probe.stop_trigger()
+
+    def _trigger_fired(self, d: Dwell, ev: dict) -> None:
+        """The backend's trigger decided on a sample of ``d`` and blanked the beam: end the dwell there, read
+        the blanker back, and apply the rearm policy."""
+        t = self.trigger
+        assert t is not None
+        t.running = False
+        if t.rearm == "once":
+            t.armed = False
+        blank_ns = float(ev["blank_time_ns"])
+        self.trigger_decisions += 1
+        self.trigger_last = d.trigger = {
+            "decision_sample": int(ev["sample"]), "blank_time_ns": blank_ns,
+            "blank_t_ns": int(round(d.started * 1e9 + blank_ns)),
+            "latency_ns": float(ev.get("latency_ns", t.latency_ns)),
+            "series_id": d.series_id, "frame_id": d.frame_id, "model": t.model, "threshold": t.threshold,
+            "baseline_rate": ev.get("baseline_rate")}
+        try:
+            self._end_dwell("trigger")
+        finally:
+            self._set_blanked(True)  # the backend blanked itself; read the blanker back and tell the guard
 
     def _block_end(self, d: Dwell) -> float:
         """Clock time the next block of ``d`` is complete: a full block, or a queued point's last samples."""
@@ -826,19 +986,22 @@ class ScanController:
         if d is None or ps is None:
             return
         self.dwell = None
+        self._stop_trigger()
         try:
             self.sender.end_series({"reason": reason, "samples": d.samples})
         except TimeoutError as exc:
             self._dropped(f"end of parked series {d.series_id}", exc)
-        if reason == "point_done" and d.max_samples is not None:
-            off = d.samples  # sequencer-timed: the beam went off exactly after the point's samples
+        if (reason == "point_done" and d.max_samples is not None) or d.trigger is not None:
+            # sequencer-timed, or blanked by the trigger's logic: the beam went off exactly after these samples
+            off = d.samples
         else:  # the beam went off now: count samples by the sample clock, not by blocks already sent
             clock = int((self._clock() - d.started) / (ps.sample_time_us * 1e-6))
             off = max(clock, d.samples - ps.block_samples)
         self.events.append({"type": "dwell_end", "series_id": d.series_id, "frame_id": d.frame_id, "reason": reason,
                             "samples": d.samples, "beam_off_sample": off,
                             "position": [d.fx, d.fy], "t_ns": self._now_ns(),
-                            "ejection_samples": [e["sample"] for e in d.events]})
+                            "ejection_samples": [e["sample"] for e in d.events if e.get("type") != "trigger"],
+                            "trigger": d.trigger})
 
     def _advance_dwell(self) -> None:
         ps, probe = self._parked, self._parked_probe
@@ -850,6 +1013,8 @@ class ScanController:
             d = self.dwell
             n = ps.block_samples if d.max_samples is None else min(ps.block_samples, d.max_samples - d.samples)
             counts, events = probe.parked_samples(n, d)
+            fired = next((ev for ev in events if ev.get("type") == "trigger"), None)
+            n = len(counts)  # fewer than asked for only when the backend's trigger blanked the beam
             d.events.extend(self._record(ev) for ev in events)
             d.samples += n
             d.counts_sum += int(counts.sum())
@@ -867,6 +1032,9 @@ class ScanController:
                                                                            "valid": n})
                     except TimeoutError as exc:
                         self._dropped(what, exc)
+            if fired is not None and self.trigger is not None:
+                self._trigger_fired(d, fired)
+                break
             if d.max_samples is not None and d.samples >= d.max_samples:
                 self._end_point()  # the next point, if any, starts where this one ended
             else:

@@ -20,7 +20,16 @@ blanking, point lists.
                        points one after another; ``fetch_points`` / ``abort_points`` by ``queue_id``
 ``stop``               no arguments: end whatever the beam is doing (point queue, parked dwell) and
                        blank it
+``arm_trigger``        ``model`` (a name or its hash), ``threshold`` (integer score; default the
+                       calibrated one), ``rearm`` (:data:`REARM_POLICIES`), ``expected_rate`` (counts
+                       per sample of the intact column): the controller's own ejection trigger decides on
+                       every sample of the parked dwells and blanks the beam itself; never unblanks
+``get_trigger_state``  no arguments: the armed trigger and its last decision (sample, blank time)
 =====================  ==========================================================================
+
+``arm_trigger`` and ``get_trigger_state`` are served by controllers whose ``get_capabilities`` reply names
+a ``trigger`` (the models offered, with their hash, calibrated threshold and logic latency); ``trigger``
+is None for a controller without one (the service then runs its own trigger on the streamed samples).
 
 Calls that make the beam safer (:func:`makes_safer`: ``blank`` with ``on: true``, ``abort_points``,
 ``stop``) are never refused for the rate, the size of the request, its sequence number or a malformed
@@ -93,6 +102,17 @@ MAX_SEQ = (1 << 63) - 1
 BEAM_CALLS = ("set_probe", "blank", "queue_points")
 """Calls that move, blank or unblank the beam: after one of them the controller's watchdog watches its
 sender, and the service times their round trip as its ``bridge`` stage."""
+
+TRIGGER_CALLS = ("arm_trigger", "get_trigger_state")
+"""Calls of a controller that runs an ejection trigger itself (``get_capabilities`` says so)."""
+
+REARM_POLICIES = ("dwell", "once")
+"""``arm_trigger``'s ``rearm``: ``dwell``, the trigger decides in every later parked dwell, its history and
+latch cleared at each dwell's start; ``once``, it disarms after its first decision (arm it again for the
+next dwell)."""
+
+MAX_EXPECTED_RATE = 65535.0
+"""Largest ``expected_rate`` of ``arm_trigger``, counts per sample (the largest uint16 sample)."""
 
 MAX_CLIENT_ID = 64
 """Longest client id (characters) a request may carry."""

@@ -22,6 +22,10 @@ sequence numbers       a request is applied at most once: a retry carrying the s
                        with other bytes is refused (``bad_request``), an older ``seq`` from that client
                        too (``stale_seq``); ``get_state`` and the other read-only calls
                        (:data:`UNCACHED_CALLS`) always run
+trigger                ``arm_trigger`` names a model the controller offers (by name or hash), an integer
+                       threshold, a known rearm policy and a positive finite expected rate
+                       (:meth:`BeamSafety.check_arm_trigger`; ``out_of_range``, ``bad_request``); it is
+                       not a beam call: it never unblanks, nor makes its sender the beam's owner
 safer calls            a call that makes the beam safer (:func:`~beamloop.edge.control.protocol.makes_safer`:
                        blank on, ``abort_points``, ``stop``) passes every rule above unrefused
 watchdog               while the beam is on (unblanked, or running a point queue), the client that last
@@ -51,7 +55,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from beamloop.edge.control.protocol import BridgeError, makes_safer, short_repr
+from beamloop.edge.control.protocol import MAX_EXPECTED_RATE, REARM_POLICIES, BridgeError, makes_safer, short_repr
 from beamloop.edge.frame.scanframe import BeamPositionError, ScanFrame, check_fraction
 from beamloop.edge.physics import electrons_per_second
 
@@ -139,7 +143,7 @@ class SafetyCounters:
     the calls admitted because they make the beam safer; ``error_blanks`` the blanks after a handler failed
     with the beam changed; ``blank_failures`` the blanks the hardware refused (tried again);
     ``backstop_trips`` the watchdog's actions by the controller's timer thread while its serve loop was held
-    up."""
+    up; ``refused_trigger`` the ``arm_trigger`` requests refused for their arguments."""
 
     refused_position: int = 0
     refused_stale_frame: int = 0
@@ -156,6 +160,7 @@ class SafetyCounters:
     blank_failures: int = 0
     backstop_trips: int = 0
     heartbeats: int = 0
+    refused_trigger: int = 0
 
 
 class RateLimiter:
@@ -257,12 +262,41 @@ class SequenceTracker:
             self._last.popitem(last=False)
 
 
-UNCACHED_CALLS = ("get_state", "get_capabilities", "fetch_points", "heartbeat")
+UNCACHED_CALLS = ("get_state", "get_capabilities", "fetch_points", "heartbeat", "get_trigger_state")
 """Read-only calls: they always run (never answered from the reply cache) and leave sequence numbers alone."""
 
 BEAM_ON_CALLS = ("set_probe", "blank", "queue_points")
 """Calls whose sender becomes the beam's owner, the client the watchdog listens to (``blank`` only with
 ``on: false``)."""
+
+
+THRESHOLD_RANGE = (-(1 << 31), (1 << 31) - 1)
+"""Thresholds ``arm_trigger`` accepts: a signed 32-bit integer score (the logic's threshold register)."""
+
+ARM_TRIGGER_ARGS = ("model", "threshold", "rearm", "expected_rate")
+"""The arguments of ``arm_trigger``; any other is refused."""
+
+
+@dataclass(frozen=True)
+class TriggerRequest:
+    """A checked ``arm_trigger`` request (:meth:`BeamSafety.check_arm_trigger`).
+
+    Attributes
+    ----------
+    model : str
+        The model's name (a hash given on the wire is resolved to it).
+    threshold : int or None
+        Integer score threshold; None: the model's calibrated one.
+    rearm : str
+        One of :data:`beamloop.edge.control.protocol.REARM_POLICIES`.
+    expected_rate : float or None
+        Counts per sample of the intact column, for the dwell's prefill; None: none.
+    """
+
+    model: str
+    threshold: int | None
+    rearm: str
+    expected_rate: float | None
 
 
 @dataclass
@@ -344,6 +378,7 @@ class BeamSafety:
         self._last_heard = clock()
         self._blank_pending = ""
         self.last_action = ""
+        self.trigger_models: dict[str, dict] = {}
 
     @property
     def clock(self) -> Callable[[], float]:
@@ -418,6 +453,8 @@ class BeamSafety:
             self._check_pixel_dwell(args)
         elif call == "heartbeat":
             self.counters.heartbeats += 1
+        elif call == "arm_trigger" and self.trigger_models:  # without models the call is not served at all
+            self.check_arm_trigger(args)
         if call in BEAM_ON_CALLS and not (call == "blank" and args.get("on") is not False):
             self._take_owner(client)
         return None
@@ -448,6 +485,73 @@ class BeamSafety:
             raise BridgeError("stale_frame", f"position refers to frame {short_repr(frame_id, 24)}, the current "
                                              f"frame is {cur}", call)
         return fx, fy
+
+    def check_arm_trigger(self, args: dict) -> TriggerRequest:
+        """Check the arguments of ``arm_trigger`` against the models of :attr:`trigger_models` (the
+        controller's, name -> ``{"hash", ...}``).
+
+        Parameters
+        ----------
+        args : dict
+            ``model`` (a name, or its 64-hex-digit hash), optional ``threshold`` (integer in
+            :data:`THRESHOLD_RANGE`), ``rearm`` (default ``"dwell"``), ``expected_rate`` (counts per sample,
+            finite, in ``(0, MAX_EXPECTED_RATE]``).
+
+        Returns
+        -------
+        TriggerRequest
+
+        Raises
+        ------
+        BridgeError
+            One line, counted in ``refused_trigger``: ``bad_request`` (an unknown argument, a value of the
+            wrong type), ``out_of_range`` (an unknown model or hash, a threshold or rate outside its range,
+            an unknown rearm policy).
+        """
+        try:
+            return self._arm_args(args)
+        except BridgeError:
+            self.counters.refused_trigger += 1
+            raise
+
+    def _arm_args(self, args: dict) -> TriggerRequest:
+        call = "arm_trigger"
+        extra = sorted(str(k) for k in args if k not in ARM_TRIGGER_ARGS)
+        if extra:
+            raise BridgeError("bad_request", f"unknown arguments {short_repr(extra, 60)}; arm_trigger takes "
+                                             f"{', '.join(ARM_TRIGGER_ARGS)}", call)
+        ref = args.get("model")
+        if not isinstance(ref, str) or not 0 < len(ref) <= 64:
+            raise BridgeError("bad_request", f"model {short_repr(ref, 40)} is not a model name or hash", call)
+        name = ref if ref in self.trigger_models else next(
+            (n for n, m in self.trigger_models.items() if m.get("hash") == ref.lower()), None)
+        if name is None:
+            raise BridgeError("out_of_range", f"no trigger model {short_repr(ref, 70)} at this controller (offered: "
+                                              f"{', '.join(sorted(self.trigger_models)) or 'none'})", call)
+        thr = args.get("threshold")
+        if thr is not None:
+            lo, hi = THRESHOLD_RANGE
+            if isinstance(thr, bool) or not isinstance(thr, int):
+                raise BridgeError("bad_request", f"threshold {short_repr(thr, 24)} is not an integer score", call)
+            if not lo <= thr <= hi:
+                raise BridgeError("out_of_range", f"threshold {short_repr(thr, 24)} is outside the 32-bit score "
+                                                  "range", call)
+        rearm = args.get("rearm", "dwell")
+        if rearm not in REARM_POLICIES:
+            raise BridgeError("out_of_range", f"rearm {short_repr(rearm, 24)}; expected one of "
+                                              f"{', '.join(REARM_POLICIES)}", call)
+        rate = args.get("expected_rate")
+        if rate is not None:
+            if isinstance(rate, bool) or not isinstance(rate, (int, float)):
+                raise BridgeError("bad_request", f"expected_rate {short_repr(rate, 24)} is not a number", call)
+            try:
+                rate = float(rate)
+            except OverflowError:  # an integer too large for a float
+                rate = math.inf
+            if not (math.isfinite(rate) and 0 < rate <= MAX_EXPECTED_RATE):
+                raise BridgeError("out_of_range", f"expected_rate {short_repr(args.get('expected_rate'), 24)} is "
+                                                  f"outside (0, {MAX_EXPECTED_RATE:g}] counts per sample", call)
+        return TriggerRequest(name, thr, str(rearm), rate)
 
     def _check_queue(self, args: dict) -> None:
         pts, dwell_us = args.get("points"), args.get("dwell_us")

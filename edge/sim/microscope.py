@@ -17,6 +17,14 @@ is a model parameter (default 1 barn), not a measured value; for the physics of 
 MoS2 see H.-P. Komsa et al., "Two-dimensional transition metal dichalcogenides under electron
 irradiation: defect production and doping", Phys. Rev. Lett. 109, 035503 (2012).
 
+The microscope's scan controller has an ejection trigger next to the beam (a
+:class:`~beamloop.edge.control.controller.TriggerProbe`): after ``arm_trigger`` it evaluates the shipped
+integer model on every ADF sample as it produces a dwell's samples, with the same implementation the service
+runs (:class:`beamloop.edge.trigger.model.ModelTrigger`, bit-exact with the FPGA logic of
+:mod:`beamloop.fpga`), and blanks the beam at the end of the decision sample plus the logic's latency
+(the manifest's ``logic`` entry: the RTL's cycles at its rated clock; :attr:`MicroscopeConfig.trigger_latency_ns`
+for a model without a logic build). The beam's dose, and any later ejection, then ends at the blank.
+
 Ground truth (column positions and classes of every frame, every ejection with its sample index) is
 available through the simulator-only calls ``sim_ground_truth`` and ``sim_events``; ``sim_fresh_area``
 puts back every atom removed so far (as moving to a fresh area of the same crystal, for long runs), and
@@ -50,6 +58,8 @@ from beamloop.edge.physics import electrons_per_second
 from beamloop.edge.sim import distortion as dist
 from beamloop.edge.sim import lattice
 from beamloop.edge.sim.frames import FrameSimulator, SimulatedFrame
+from beamloop.edge.sim.parked import blank_time_ns, happens_before
+from beamloop.edge.trigger.model import ModelTrigger, sample_trigger_models
 
 BARN_A2 = 1e-8
 """One barn in square Angstrom (1e-24 cm^2)."""
@@ -109,6 +119,13 @@ class MicroscopeConfig:
         Frame stream encoding.
     insecure_frames : bool
         Allow binding the frame stream beyond loopback (it is neither encrypted nor authenticated).
+    trigger : bool
+        Whether the scan controller offers its ejection trigger (``arm_trigger``); False: a controller
+        without one (the service then runs its own).
+    trigger_latency_ns : float
+        Sample in to blank out of the trigger's logic for a model whose manifest entry has no logic build
+        recorded (``beamloop fpga build --record``), nanoseconds. The default, 200 ns, rounds up the
+        190.4 ns of the shipped model's own build (21 cycles at 110.3 MHz, bench/results/fpga_ejection.md).
 
     Raises
     ------
@@ -142,6 +159,8 @@ class MicroscopeConfig:
     scan_damage: bool = True
     encoding: str = "raw"
     insecure_frames: bool = False
+    trigger: bool = True
+    trigger_latency_ns: float = 200.0
 
     LIMITS = {"shape": (16, 2048), "dwell_us": (0.05, 1000.0)}
 
@@ -183,13 +202,15 @@ class MicroscopeConfig:
             number("max_point_electrons", 0.0, low_open=True)
         if self.watchdog_s is not None:
             number("watchdog_s", 0.0, 3600.0, low_open=True)
+        number("trigger_latency_ns", 0.0, 1e9)
 
 
 class SimulatedBackend:
     """The physics of the simulated microscope: specimen, rendering, parked-probe signal, damage, ground truth.
 
-    Implements :class:`beamloop.edge.control.controller.ScanBackend` and
-    :class:`~beamloop.edge.control.controller.ParkedProbe` (see the module docstring); holds no wire state.
+    Implements :class:`beamloop.edge.control.controller.ScanBackend`,
+    :class:`~beamloop.edge.control.controller.ParkedProbe` and
+    :class:`~beamloop.edge.control.controller.TriggerProbe` (see the module docstring); holds no wire state.
 
     Parameters
     ----------
@@ -230,6 +251,10 @@ class SimulatedBackend:
         self.frames: dict[int, SimulatedFrame] = {}
         self.position_A: tuple[float, float] | None = None
         self.blanked = True
+        self._models: dict[str, dict] | None = None
+        self._triggers: dict[str, ModelTrigger] = {}
+        self.trigger: ModelTrigger | None = None
+        self.trigger_latency_ns = math.nan
 
     # ScanBackend -------------------------------------------------------------------------------------
     def capabilities(self) -> Capabilities:
@@ -295,16 +320,35 @@ class SimulatedBackend:
 
         Returns
         -------
-        counts : ndarray, shape (n,), uint16
+        counts : ndarray, shape (n,) or (k + 1,), uint16
             Poisson counts of the expected ADF signal (column signal plus background) times the electrons
-            per sample.
+            per sample; with the trigger started (:meth:`start_trigger`) and firing on sample ``k`` of the
+            block, only the samples up to that one (the beam is blanked then).
         events : list of dict
             One ``ejection`` (cause ``parked``) per S atom knocked out, at exponential waiting times with
-            the summed knock-on rate (module docstring) of the S atoms within 4 probe sigmas.
+            the summed knock-on rate (module docstring) of the S atoms within 4 probe sigmas (none after a
+            trigger's blank), and the ``trigger`` event of a decision
+            (:class:`~beamloop.edge.control.controller.TriggerProbe`).
+
+        Raises
+        ------
+        RuntimeError
+            The probe was never parked.
         """
-        cfg = self.config
         if self.position_A is None:
             raise RuntimeError("parked_samples() before park()")
+        counts, events, fractions = self._parked_counts(n, dwell)
+        if self.trigger is not None:
+            k = self.trigger.update(counts)
+            if k >= 0:
+                return self._blank_at(k, counts, events, fractions, dwell)
+        return counts, events
+
+    def _parked_counts(self, n: int, dwell: Dwell) -> tuple[np.ndarray, list[dict], list[float]]:
+        """The samples of :meth:`parked_samples` with every ejection along the way, and where in its sample
+        each ejection happened (fraction of the sample)."""
+        cfg = self.config
+        assert self.position_A is not None
         x_A, y_A = self.position_A
         dt = cfg.sample_time_us * 1e-6
         e_per_sample = self.electrons_per_s * dt
@@ -316,6 +360,7 @@ class SimulatedBackend:
         per_atom_rate = cfg.cross_section_barn * BARN_A2 * self.electrons_per_s * g  # 1/s per S atom
         lam = np.empty(n)
         events = []
+        fractions = []
         k0 = 0
         while k0 < n:
             f = self.imager.renderer.expected(np.array([x_A]), np.array([y_A]))[0, 0]
@@ -324,6 +369,7 @@ class SimulatedBackend:
             if rate_now > 0:
                 t_next = self.rng.exponential(1.0 / rate_now)
                 k_eject = k0 + int(t_next / dt)
+                frac = t_next / dt - int(t_next / dt)
             k1 = min(k_eject, n)
             lam[k0:k1] = (f + cfg.background_fraction) * e_per_sample
             if k_eject < n:
@@ -333,11 +379,77 @@ class SimulatedBackend:
                 events.append({"type": "ejection", "cause": "parked", "column": int(c), "element": "S",
                                "series_id": dwell.series_id, "frame_id": dwell.frame_id,
                                "sample": dwell.samples + k_eject})
+                fractions.append(frac)
                 lam[k_eject] = (f + cfg.background_fraction) * e_per_sample
                 k0 = k_eject + 1
             else:
                 k0 = n
-        return np.minimum(self.rng.poisson(lam), 65535).astype(np.uint16), events
+        return np.minimum(self.rng.poisson(lam), 65535).astype(np.uint16), events, fractions
+
+    def _blank_at(self, k: int, counts: np.ndarray, events: list[dict], fractions: list[float],
+                  dwell: Dwell) -> tuple[np.ndarray, list[dict]]:
+        """The trigger fired on sample ``k`` of this block: the beam is blanked at the end of that sample
+        plus the logic's latency; an ejection drawn after the blank did not happen (its atom is put back)."""
+        trig = self.trigger
+        assert trig is not None
+        dt_us = self.config.sample_time_us
+        decision = dwell.samples + k
+        t_blank = blank_time_ns(decision, dt_us, self.trigger_latency_ns)
+        s_el = self.specimen.elements.index("S")
+        kept = []
+        for ev, frac in zip(events, fractions):
+            if happens_before(ev["sample"], frac, t_blank, dt_us):
+                kept.append(ev)
+            else:
+                self.specimen.counts[ev["column"], s_el] += 1
+        base = trig.baseline_rate
+        kept.append({"type": "trigger", "sample": decision, "blank_time_ns": t_blank,
+                     "latency_ns": self.trigger_latency_ns, "model": trig.model_name, "threshold": trig.threshold,
+                     "baseline_rate": None if math.isnan(base) else float(base), "series_id": dwell.series_id,
+                     "frame_id": dwell.frame_id})
+        self.blanked = True  # the logic's blank line
+        self.trigger = None
+        return counts[:k + 1], kept
+
+    # TriggerProbe ------------------------------------------------------------------------------------
+    def trigger_models(self) -> dict[str, dict]:
+        """The shipped sample-stream models (:func:`beamloop.edge.trigger.model.sample_trigger_models`), each
+        with its ``latency_ns`` (``latency_source``: ``manifest``, or ``config`` where the manifest records no
+        logic build and :attr:`MicroscopeConfig.trigger_latency_ns` stands in); none when ``config.trigger``
+        is off."""
+        if self._models is None:
+            self._models = {}
+            if self.config.trigger:
+                for name, m in sample_trigger_models().items():
+                    rated = m["latency_ns"] is not None
+                    self._models[name] = {**m, "latency_ns": float(m["latency_ns"] if rated
+                                                                    else self.config.trigger_latency_ns),
+                                          "latency_source": "manifest" if rated else "config"}
+        return {k: dict(v) for k, v in self._models.items()}
+
+    def start_trigger(self, model: str, threshold: int, expected_rate: float | None) -> float:
+        """Start :class:`~beamloop.edge.trigger.model.ModelTrigger` ``model`` at ``threshold`` on the next
+        sample (history pre-filled for ``expected_rate``); returns the logic's latency, ns.
+
+        Raises
+        ------
+        KeyError
+            ``model`` is not offered (:meth:`trigger_models`).
+        ValueError
+            ``expected_rate`` not a positive finite number.
+        """
+        info = self.trigger_models()[model]
+        trig = self._triggers.get(model)
+        if trig is None:
+            trig = self._triggers[model] = ModelTrigger(model)
+        trig.threshold = int(threshold)
+        trig.start(expected_rate)
+        self.trigger, self.trigger_latency_ns = trig, float(info["latency_ns"])
+        return self.trigger_latency_ns
+
+    def stop_trigger(self) -> None:
+        """Stop deciding."""
+        self.trigger = None
 
     # simulator only ----------------------------------------------------------------------------------
     def _scan_damage(self, frame: SimulatedFrame) -> list[dict]:

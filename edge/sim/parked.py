@@ -154,3 +154,48 @@ def expected_counts(fraction: np.ndarray | float, background_fraction: float, el
         The Poisson mean of each sample's counts (evaluated left to right, as written above).
     """
     return (fraction + background_fraction) * electrons_per_s * sample_time_s
+
+
+def blank_time_ns(decision_sample: int, sample_time_us: float, latency_ns: float) -> float:
+    """When a trigger next to the beam blanks it, from the start of the dwell.
+
+    Sample ``k`` is integrated over ``[k dt, (k + 1) dt)`` and enters the trigger's logic at its end; the
+    logic's blank output follows ``latency_ns`` later (its pipeline's cycles at its clock).
+
+    Parameters
+    ----------
+    decision_sample : int
+        Index of the sample the trigger fired on, counted from the dwell's start.
+    sample_time_us : float
+        Duration ``dt`` of one sample, microseconds.
+    latency_ns : float
+        Sample in to blank out of the logic, nanoseconds (>= 0).
+
+    Returns
+    -------
+    float
+        ``(k + 1) dt + latency``, nanoseconds.
+    """
+    return (decision_sample + 1) * sample_time_us * 1e3 + latency_ns
+
+
+def happens_before(sample: int, fraction: float, time_ns: float, sample_time_us: float) -> bool:
+    """Whether an event at ``fraction`` of sample ``sample`` (e.g. an ejection) happens before ``time_ns``.
+
+    Parameters
+    ----------
+    sample : int
+        Sample index of the event, counted from the dwell's start.
+    fraction : float
+        Where in that sample it happens, in ``[0, 1)``.
+    time_ns : float
+        A time from the dwell's start (e.g. :func:`blank_time_ns`), nanoseconds.
+    sample_time_us : float
+        Duration of one sample, microseconds.
+
+    Returns
+    -------
+    bool
+        ``(sample + fraction) * dt < time_ns``.
+    """
+    return (sample + fraction) * sample_time_us * 1e3 < time_ns

@@ -42,6 +42,7 @@ logic holds and this module mirrors bit for bit:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -492,6 +493,65 @@ def load_manifest(model_dir: Path | None = None) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"no trigger model manifest at {path}; train one with `beamloop quantize train`")
     return json.loads(path.read_text())
+
+
+def model_hash(model: str, model_dir: Path | None = None) -> str:
+    """The identity of a shipped trigger model: SHA-256 of its integer file (``<name>_int.npz``, what the
+    runtime and the FPGA logic compute), as 64 lowercase hex digits.
+
+    Parameters
+    ----------
+    model : str
+        Entry of ``manifest.json``.
+    model_dir : path, optional
+        Folder of the manifest (default :data:`MODEL_DIR`).
+
+    Raises
+    ------
+    FileNotFoundError
+        Manifest or model file missing.
+    KeyError
+        ``model`` not in the manifest.
+    """
+    d = Path(model_dir or MODEL_DIR)
+    entry = load_manifest(d)["models"][model]
+    return hashlib.sha256((d / entry["files"]["integer"]).read_bytes()).hexdigest()
+
+
+def sample_trigger_models(model_dir: Path | None = None) -> dict[str, dict]:
+    """The shipped models that decide on a stream of ADF samples (manifest entries with ``features``), as a
+    scan controller offers them (``get_capabilities``, ``arm_trigger``).
+
+    Parameters
+    ----------
+    model_dir : path, optional
+        Folder of the manifest (default :data:`MODEL_DIR`).
+
+    Returns
+    -------
+    dict
+        name -> ``{"hash"`` (:func:`model_hash`), ``"threshold"`` (the calibrated integer score threshold),
+        ``"history"`` (samples per decision), ``"sample_time_us"`` (the sample time it was trained for),
+        ``"latency_cycles"``, ``"clock_mhz"``, ``"latency_ns"`` (the manifest's ``logic`` entry, written by
+        ``beamloop fpga build --record``; None where the model has no logic build recorded)``}``.
+
+    Raises
+    ------
+    FileNotFoundError
+        No manifest, or a model file missing.
+    """
+    d = Path(model_dir or MODEL_DIR)
+    out = {}
+    for name, entry in load_manifest(d)["models"].items():
+        if "features" not in entry:
+            continue
+        logic = entry.get("logic") or {}
+        out[name] = {"hash": model_hash(name, d), "threshold": int(entry["threshold"]["score"]),
+                     "history": FeatureSpec(**entry["features"]).history,
+                     "sample_time_us": float(entry.get("sample_time_us", 10.0)),
+                     "latency_cycles": logic.get("latency_cycles"), "clock_mhz": logic.get("clock_mhz"),
+                     "latency_ns": logic.get("latency_ns")}
+    return out
 
 
 class ModelTrigger(TriggerState):
