@@ -34,6 +34,9 @@ class ServiceConfig:
         Beam targets per frame chosen by the vacancy-line policy; None: no policy (frames only).
     trigger : str
         Trigger of the dwells (:func:`beamloop.edge.trigger.make_trigger`).
+    trigger_at : {"controller", "service"}
+        Where dwells' decisions are made: at the scan controller when it offers the trigger's model, else
+        (and with ``"service"``) in the service (:meth:`beamloop.edge.service.EdgeService.choose_trigger_at`).
     spacing_px : float or None
         Column spacing in pixels for frames without a pixel size (fixed classical-finder parameters,
         :meth:`~beamloop.edge.stages.find.FinderConfig.for_spacing`).
@@ -51,6 +54,7 @@ class ServiceConfig:
     method: str = "classical"
     targets_per_frame: int | None = None
     trigger: str = "model"
+    trigger_at: str = "controller"
     spacing_px: float | None = None
     precision: str = "fp32"
     device: str = "auto"
@@ -110,7 +114,8 @@ def build_service(receiver: FrameReceiver, cfg: ServiceConfig, bridge: BridgeCli
         As :func:`build_path`, or an unknown trigger.
     """
     path = build_path(cfg, latency)
-    return EdgeService(receiver, path, bridge, trigger=cfg.trigger, latency=path.latency, heartbeat_s=cfg.heartbeat_s)
+    return EdgeService(receiver, path, bridge, trigger=cfg.trigger, latency=path.latency, heartbeat_s=cfg.heartbeat_s,
+                       trigger_at=cfg.trigger_at)
 
 
 WARM_UP_DTYPES = (np.uint16, np.float32, np.uint8, np.uint32)

@@ -4,6 +4,13 @@
 the trigger. :meth:`EdgeService.next_frame` is receive -> decode -> frame path; :meth:`EdgeService.dwell`
 is bridge -> trigger for one target. Experiments (:mod:`beamloop.edge.experiments`) combine the two.
 
+Where a dwell's ejection decision is made (:data:`TRIGGER_AT`): at the scan controller when it offers the
+service's trigger model (``get_capabilities()["trigger"]``, the same model file by its hash; the service
+arms it with ``arm_trigger`` before each unblank and the controller blanks the beam itself at the decision
+sample plus its logic's latency), else in the service, on the blocks of samples streamed to it, blanking
+through a ``blank`` round trip (the fallback). With the controller deciding, the service still runs its own
+trigger on the streamed samples, as a check (:attr:`DwellResult.service_trigger_sample`), without acting on it.
+
 While it waits for messages the service sends the scan controller a ``heartbeat`` whenever the bridge
 has been silent for ``heartbeat_s``, so that the controller's watchdog (:mod:`beamloop.edge.control.safety`)
 blanks the beam only when the service has really stopped.
@@ -40,6 +47,7 @@ from beamloop.edge.frame.stage import FrameError
 from beamloop.edge.path import FramePath
 from beamloop.edge.stages.policy import Target
 from beamloop.edge.trigger import make_trigger
+from beamloop.edge.trigger.model import ModelTrigger, model_hash
 from beamloop.streams.errors import ProtocolError
 from beamloop.streams.native.receiver import FrameReceiver, ImageEvent, SeriesEnd, SeriesStart
 
@@ -57,6 +65,9 @@ TRIGGER = "trigger"
 END_TO_END = "end_to_end"
 """Latency key: the frame leaving the detector to the controller confirming the first target's probe position."""
 
+
+TRIGGER_AT = ("controller", "service")
+"""Where a dwell's ejection decision is made: by the scan controller's own trigger, or by the service."""
 
 MAX_TRANSPORT_NS = 3_600 * 10**9
 """Longest time from a frame's ``sent_ns`` to its receipt that is taken as a latency (1 hour), nanoseconds."""
@@ -186,6 +197,17 @@ class DwellResult:
         Error text for ``rejected`` / ``bridge_error`` / ``stream_timeout``.
     baseline_rate : float
         Counts per sample the trigger took as the column's intact signal (NaN if it never had one).
+    trigger_at : str
+        Where the decision was made (:data:`TRIGGER_AT`).
+    blank_time_ns : float
+        With ``trigger_at="controller"`` and a decision: time from the dwell's start to the blank,
+        nanoseconds (the decision sample's end plus the logic's latency); NaN otherwise.
+    service_trigger_sample : int
+        The service's own trigger on the samples it received (the decision itself with
+        ``trigger_at="service"``, a check beside the controller's otherwise); -1 if it did not fire.
+    decision_t_ns : int
+        When the decision was acted on, ``time.monotonic_ns()``: the service's decision (just before its
+        ``blank``), or the controller's blank (its clock, ``blank_t_ns``); 0 without a decision.
     """
 
     target: Target
@@ -196,6 +218,10 @@ class DwellResult:
     set_probe_reply_ns: int = 0
     error: str = ""
     baseline_rate: float = float("nan")
+    trigger_at: str = "service"
+    blank_time_ns: float = float("nan")
+    service_trigger_sample: int = -1
+    decision_t_ns: int = 0
 
 
 @dataclass
@@ -253,12 +279,36 @@ class EdgeService:
     interrupt : callable() -> int, optional
         Asked at least every :data:`INTERRUPT_CHECK_S` while waiting: a non-zero value (a signal number)
         raises :class:`Interrupted` (e.g. :class:`beamloop.edge.cli.StopSignals`).
+    trigger_at : {"controller", "service"}
+        Where dwells' decisions are wanted; ``controller`` takes effect once :meth:`choose_trigger_at` has
+        seen a controller that offers the trigger's model (until then, and for a controller without one,
+        the service decides).
+
+    Attributes
+    ----------
+    trigger_at : str
+        Where dwells' decisions are made now (:data:`TRIGGER_AT`).
+    trigger_at_note : str
+        Why the service decides although the controller was asked for (empty otherwise).
+    trigger_at_chosen : bool
+        Whether :meth:`choose_trigger_at` has run.
+
+    Raises
+    ------
+    ValueError
+        ``trigger_at`` not in :data:`TRIGGER_AT`, or the trigger's own options.
     """
 
     def __init__(self, receiver: FrameReceiver, path: FramePath, bridge: BridgeClient | None = None,
                  trigger: str = "model", trigger_options: dict | None = None,
                  latency: LatencyRecorder | None = None, heartbeat_s: float | None = 0.25,
-                 interrupt: Callable[[], int] | None = None) -> None:
+                 interrupt: Callable[[], int] | None = None, trigger_at: str = "controller") -> None:
+        if trigger_at not in TRIGGER_AT:
+            raise ValueError(f"trigger_at {trigger_at!r}; expected one of {', '.join(TRIGGER_AT)}")
+        self.trigger_at_requested = trigger_at
+        self.trigger_at = "service"
+        self.trigger_at_note = "" if trigger_at == "service" else "the controller's capabilities not read yet"
+        self.trigger_at_chosen = False
         self.receiver = receiver
         self.interrupt = interrupt
         self.path = path
@@ -273,6 +323,45 @@ class EdgeService:
         self._rejected: OrderedDict[str, str] = OrderedDict()
         if bridge is not None:
             bridge.on_round_trip = self._record_round_trip
+
+    def choose_trigger_at(self, capabilities: dict | None) -> str:
+        """Decide where dwells' decisions are made, from the controller's ``get_capabilities`` reply.
+
+        The controller decides when it was asked for (``trigger_at="controller"``), the service's trigger is a
+        shipped model (:class:`~beamloop.edge.trigger.model.ModelTrigger`) and the controller offers that
+        model with the same hash (the same integers); else the service does (:attr:`trigger_at_note` says
+        why, logged once).
+
+        Parameters
+        ----------
+        capabilities : dict or None
+            The reply of :meth:`beamloop.edge.control.client.BridgeClient.get_capabilities` (None: unknown).
+
+        Returns
+        -------
+        str
+            :attr:`trigger_at`.
+        """
+        self.trigger_at, self.trigger_at_note = "service", ""
+        self.trigger_at_chosen = True
+        if self.trigger_at_requested == "service":
+            return self.trigger_at
+        offered = (capabilities or {}).get("trigger")
+        model = self.trigger.model_name if isinstance(self.trigger, ModelTrigger) else None
+        models = offered.get("models") if isinstance(offered, dict) else None
+        if not isinstance(models, dict) or not models:
+            self.trigger_at_note = "the scan controller has no trigger"
+        elif model is None:
+            self.trigger_at_note = f"the {self.trigger.name} trigger runs only in the service"
+        elif model not in models:
+            self.trigger_at_note = f"the scan controller does not offer model {model!r}"
+        elif (models[model] or {}).get("hash") != model_hash(model):
+            self.trigger_at_note = f"the scan controller's model {model!r} differs from the service's (hash)"
+        else:
+            self.trigger_at = "controller"
+        if self.trigger_at_note:
+            log.warning("trigger in the service: %s", self.trigger_at_note)
+        return self.trigger_at
 
     def _record_round_trip(self, call: str, ns: int) -> None:
         self.latency.add(BRIDGE if call in ("set_probe", "blank", "queue_points") else f"{BRIDGE}:{call}", ns)
@@ -488,8 +577,15 @@ class EdgeService:
                 valid = block.shape[0]  # a bogus count: the whole block
             yield block[:valid]
 
-    def dwell(self, target: Target, max_dwell_s: float = 2.0, stream_timeout_ms: int = 1000) -> DwellResult:
+    def dwell(self, target: Target, max_dwell_s: float = 2.0, stream_timeout_ms: int = 1000,
+              expected_rate: float | None = None) -> DwellResult:
         """Park the beam on ``target``, unblank, and blank again when the trigger fires.
+
+        With :attr:`trigger_at` ``controller`` the trigger is armed at the controller (``arm_trigger``,
+        ``rearm="once"``, the service trigger's threshold) before the unblank, the controller blanks the beam
+        itself and ends the parked series, and the decision is read back (``get_trigger_state``); the
+        service's own trigger runs on the streamed samples as a check. A controller that refuses the arming
+        gets this dwell decided by the service.
 
         The beam is blanked on every way out: trigger, time limit, stream timeout, the controller ending
         the series, bridge error; ``reason`` is ``blank_failed`` when that blank could not be confirmed.
@@ -510,17 +606,36 @@ class EdgeService:
         if collecting:
             gc.disable()
         try:
-            return self._dwell(target, max_dwell_s, stream_timeout_ms)
+            return self._dwell(target, max_dwell_s, stream_timeout_ms, expected_rate)
         finally:
             if collecting:
                 gc.enable()
 
-    def _dwell(self, target: Target, max_dwell_s: float, stream_timeout_ms: int) -> DwellResult:
+    def _arm_controller(self, res: DwellResult, expected_rate: float | None) -> None:
+        """Arm the controller's trigger for this dwell; a refusal leaves the decision to the service (noted).
+        Raises ``BridgeError`` for a lost controller (``timeout``, ``unavailable``)."""
+        assert self.bridge is not None
+        trig = self.trigger
+        assert isinstance(trig, ModelTrigger)  # choose_trigger_at chooses the controller only for one
+        try:
+            self.bridge.arm_trigger(trig.model_name, threshold=trig.threshold, rearm="once",
+                                    expected_rate=expected_rate)
+            res.trigger_at = "controller"
+        except BridgeError as exc:
+            if exc.code in ("timeout", "unavailable"):
+                raise
+            self.stats.note(f"arm_trigger refused, the service decides this dwell: {exc}")
+            log.warning("arm_trigger refused (%s); the service decides this dwell", exc)
+
+    def _dwell(self, target: Target, max_dwell_s: float, stream_timeout_ms: int,
+               expected_rate: float | None) -> DwellResult:
         assert self.bridge is not None
         res = DwellResult(target)
         try:
             self.bridge.set_probe(target.fx, target.fy, target.frame_id)
             res.set_probe_reply_ns = time.monotonic_ns()
+            if self.trigger_at == "controller":
+                self._arm_controller(res, expected_rate)
             self.bridge.blank(False)
         except BeamPositionError as exc:
             res.reason, res.error = "rejected", str(exc)
@@ -531,9 +646,10 @@ class EdgeService:
                 res.reason = "blank_failed"
             return res
         trig = self.trigger
-        trig.start()
+        trig.start(expected_rate)
         deadline = time.monotonic() + max_dwell_s
         blanked = False
+        acts = res.trigger_at == "service"  # else the controller's trigger blanks; the service's only checks
         try:
             for block in self.parked_blocks(res, stream_timeout_ms):
                 if blanked:
@@ -542,13 +658,17 @@ class EdgeService:
                 k = trig.update(block)
                 self.latency.add(TRIGGER, time.perf_counter_ns() - t0)
                 res.samples += len(block)
-                if k >= 0 or time.monotonic() > deadline:
-                    res.reason = "trigger" if k >= 0 else "max_dwell"
-                    res.trigger_sample = trig.trigger_sample
+                fired = k >= 0 and acts
+                if fired or time.monotonic() > deadline:
+                    res.reason = "trigger" if fired else "max_dwell"
+                    res.trigger_sample = trig.trigger_sample if fired else -1
+                    res.decision_t_ns = time.monotonic_ns() if fired else 0
                     blanked = self.safe_blank()
                     if not blanked:
                         res.error = "blank after trigger failed"
                         break
+            if res.trigger_at == "controller" and res.reason == "controller_ended":
+                self._controller_decision(res)
         except BridgeError as exc:  # the controller is gone while the beam was on
             res.reason, res.error = "bridge_error", str(exc)
         except Interrupted:
@@ -559,4 +679,16 @@ class EdgeService:
         if not blanked:
             res.reason, res.error = "blank_failed", res.error or "blank failed"
         res.baseline_rate = trig.baseline_rate
+        res.service_trigger_sample = trig.trigger_sample
         return res
+
+    def _controller_decision(self, res: DwellResult) -> None:
+        """The controller ended the parked series: read whether its trigger decided in it (and when it
+        blanked). Raises ``BridgeError`` as :meth:`beamloop.edge.control.client.BridgeClient.call`."""
+        assert self.bridge is not None
+        last = self.bridge.get_trigger_state().get("last")
+        if isinstance(last, dict) and last.get("series_id") == res.series_id and res.series_id >= 0:
+            res.reason = "trigger"
+            res.trigger_sample = int(last["decision_sample"])
+            res.blank_time_ns = float(last["blank_time_ns"])
+            res.decision_t_ns = int(last.get("blank_t_ns") or 0)

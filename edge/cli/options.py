@@ -1,4 +1,4 @@
-"""Option groups of the commands that run an end of the control bridge: beam safety and CURVE keys.
+"""Option groups of the commands that run an end of the control bridge: beam safety, CURVE keys, trigger place.
 
 Each ``add_*`` function adds a group of options to a command's parser; the matching ``*_from_args`` /
 ``*_options`` function reads them back into the objects of :mod:`beamloop.edge.control.safety` and
@@ -58,6 +58,24 @@ def safety_options(a: argparse.Namespace) -> dict:
     """
     return {"watchdog_s": a.watchdog or None, "on_watchdog": a.on_watchdog, "safe_position": tuple(a.safe_position),
             "max_point_electrons": a.max_point_electrons}
+
+
+# where the trigger decides ----------------------------------------------------------------------------------
+def add_trigger_at_argument(parser: argparse.ArgumentParser) -> None:
+    """Add ``--trigger-at {controller,service}`` (default ``controller``) to a command's parser.
+
+    ``controller``: the scan controller's own trigger decides and blanks the beam next to it, when the
+    controller offers the trigger's model (``get_capabilities``), else the service decides (the fallback);
+    ``service``: the service always decides. The value is ``a.trigger_at``
+    (:attr:`beamloop.edge.app.ServiceConfig.trigger_at`).
+
+    Parameters
+    ----------
+    parser : argparse.ArgumentParser
+    """
+    parser.add_argument("--trigger-at", choices=("controller", "service"), default="controller",
+                        help="where the ejection trigger decides: at the scan controller, next to the beam, when "
+                             "it offers the model (else the service), or always in the service")
 
 
 # CURVE keys ---------------------------------------------------------------------------------------------------

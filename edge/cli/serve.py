@@ -80,6 +80,8 @@ def _finish(service, bridge, rx, rl, codes: list[int], stopped: str) -> None:
             rl.write_beam_log(bridge.log)
         st = service.stats
         rl.set_attrs(latency=service.latency.summary(), stream_counters=rx.counters.as_dict(),
+                     trigger_at={"requested": service.trigger_at_requested, "used": service.trigger_at,
+                                 "note": service.trigger_at_note},
                      service={"frame_errors": st.frame_errors, "series_rejected": st.series_rejected,
                               "frames_rejected": st.frames_rejected, "errors": st.errors[-10:]})
     except RunLogError as exc:
@@ -110,7 +112,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
     if a.bind and not a.insecure:
         check_bind(a.frames, None, what="frame stream", insecure_option="--insecure")
     cfg = ServiceConfig(a.material, a.method, a.targets if a.experiment == "vacancy-line" else None, a.trigger,
-                        a.spacing_px, a.precision, a.device, memory_budget_mib=a.memory_budget_mib)
+                        a.spacing_px, a.precision, a.device, memory_budget_mib=a.memory_budget_mib,
+                        trigger_at=a.trigger_at)
     keys = client_keys_from_args(a)
     out = Path(a.out)
     codes: list[int] = []
@@ -150,7 +153,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
 def register(sub) -> None:
     """Add ``serve`` to the ``beamloop`` subcommands."""
     from beamloop.edge.cli.find import add_finder_arguments
-    from beamloop.edge.cli.options import add_client_key_arguments
+    from beamloop.edge.cli.options import add_client_key_arguments, add_trigger_at_argument
     from beamloop.edge.cli.run import TRIGGER_HELP
     from beamloop.edge.path import DEFAULT_MEMORY_BUDGET
     from beamloop.edge.trigger import trigger_names
@@ -170,6 +173,7 @@ def register(sub) -> None:
     v.add_argument("--rounds", type=parse_count, default=3, help="frames with beam targets (one more verifies)")
     v.add_argument("--targets", type=parse_count, default=4, help="beam targets per frame")
     v.add_argument("--trigger", choices=trigger_names(), default="model", help=TRIGGER_HELP)
+    add_trigger_at_argument(v)
     add_finder_arguments(v, default_material="MoS2")
     v.add_argument("--max-frames", type=parse_count, default=None, help="stop after this many frames")
     v.add_argument("--idle-timeout", type=parse_positive, default=30.0,

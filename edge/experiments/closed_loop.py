@@ -4,8 +4,10 @@ It starts the simulated microscope in its own process (``beamloop sim``), connec
 frame stream and control bridge, writes a line of S vacancies atom by atom
 (:func:`beamloop.edge.experiments.vacancy_line.vacancy_line`),
 then scores every frame against the simulator's ground truth and prints the per-stage latency, the
-accuracy per class, and the atoms removed. Outputs in ``--out``: ``run.h5`` (:mod:`beamloop.edge.io.runlog`),
-``overlay.png`` and ``report.json``.
+accuracy per class, and the atoms removed. The ejection trigger decides at the simulated scan controller
+(``trigger_at="controller"``, the default: it blanks the beam at the decision sample plus its logic's
+latency) or in the service (``"service"``); every dwell, the beam log and the report record where.
+Outputs in ``--out``: ``run.h5`` (:mod:`beamloop.edge.io.runlog`), ``overlay.png`` and ``report.json``.
 """
 
 from __future__ import annotations
@@ -24,12 +26,13 @@ from tqdm import tqdm
 
 from beamloop.edge.analysis.scoring import combine, match, score_frame
 from beamloop.edge.app import ServiceConfig, build_service, receiver_ring_bytes, warm_up
-from beamloop.edge.control.client import BridgeClient
+from beamloop.edge.control.client import BeamLogEntry, BridgeClient
 from beamloop.edge.control.protocol import BridgeError
 from beamloop.edge.experiments.vacancy_line import ExperimentConfig, ExperimentStopped, RoundRecord, vacancy_line
 from beamloop.edge.frame.latency import LatencyRecorder
 from beamloop.edge.io.overlay import save_overlay
 from beamloop.edge.io.runlog import RunLog, RunLogError, write_text_file
+from beamloop.edge.physics import electrons_per_second
 from beamloop.edge.sim.microscope import decode_ground_truth
 from beamloop.streams.native.receiver import FrameReceiver
 
@@ -108,33 +111,99 @@ def simulator_gone(proc: subprocess.Popen):
     return gone
 
 
-def dwell_rows(records: list[RoundRecord], events: list[dict]) -> list[dict]:
+def dwell_rows(records: list[RoundRecord], events: list[dict], sample_time_us: float = math.nan) -> list[dict]:
     """One row per dwell, joined with the simulator's record of the same parked series (ejection and
-    end sample), so that detection delay and overdose can be measured against ground truth."""
+    end sample), so that detection delay and overdose can be measured against ground truth.
+
+    Parameters
+    ----------
+    records : list of RoundRecord
+    events : list of dict
+        The simulator's events (``sim_events``).
+    sample_time_us : float
+        Parked-probe sample time, microseconds (for the blank time of a service-side decision).
+
+    Returns
+    -------
+    list of dict
+        Per dwell: target, ``reason``, ``trigger_at`` (where the decision was made), ``trigger_sample`` (the
+        decision sample), ``service_trigger_sample`` (the service's own trigger), ``blank_time_ns`` (from the
+        dwell's start to the blank, nanoseconds: the controller's logic blank, or for the service the
+        controller's sample clock at its ``blank``), ``ejection_sample``, ``end_sample`` (first sample with the
+        beam off), ``ejections``, ``samples``, ``series_id``, ``baseline_rate``.
+    """
     ends = {e["series_id"]: e for e in events if e["type"] == "dwell_end"}
     rows = []
     for rec in records:
         for d in rec.dwells:
             e = ends.get(d.series_id, {})
             ej = e.get("ejection_samples", [])
+            end = e.get("beam_off_sample", -1)
+            blank = d.blank_time_ns
+            if math.isnan(blank) and end >= 0:
+                blank = end * sample_time_us * 1e3
             rows.append({"frame_id": d.target.frame_id, "fx": d.target.fx, "fy": d.target.fy, "x_px": d.target.x_px,
-                         "y_px": d.target.y_px, "reason": d.reason, "trigger_sample": d.trigger_sample,
-                         "samples": d.samples, "series_id": d.series_id,
-                         "ejection_sample": ej[0] if ej else -1, "end_sample": e.get("beam_off_sample", -1),
+                         "y_px": d.target.y_px, "reason": d.reason, "trigger_at": d.trigger_at,
+                         "trigger_sample": d.trigger_sample, "service_trigger_sample": d.service_trigger_sample,
+                         "blank_time_ns": blank, "samples": d.samples, "series_id": d.series_id,
+                         "ejection_sample": ej[0] if ej else -1, "end_sample": end,
                          "ejections": len(ej), "baseline_rate": d.baseline_rate})
     return rows
 
 
-def dwell_summary(rows: list[dict], sample_time_us: float) -> dict:
-    """Trigger performance against ground truth: detections, misses, false triggers, delay, overdose."""
+def decision_log(records: list[RoundRecord]) -> list[BeamLogEntry]:
+    """One beam-log entry (call ``trigger_decision``, not a bridge call) per dwell decided by a trigger: where
+    it was made, the decision sample and the blank time, at ``t_ns`` = when it was acted on."""
+    out = []
+    for rec in records:
+        for d in rec.dwells:
+            if d.reason == "trigger":
+                args = {"x": d.target.fx, "y": d.target.fy, "frame_id": d.target.frame_id, "trigger_at": d.trigger_at,
+                        "series_id": d.series_id, "decision_sample": d.trigger_sample,
+                        "blank_time_ns": None if math.isnan(d.blank_time_ns) else d.blank_time_ns}
+                out.append(BeamLogEntry(d.decision_t_ns, "trigger_decision", args, False, True))
+    return out
+
+
+def dwell_summary(rows: list[dict], sample_time_us: float, electrons_per_s: float = math.nan,
+                  trigger_at: str = "") -> dict:
+    """Trigger performance against ground truth: detections, misses, false triggers, delay, overdose.
+
+    Parameters
+    ----------
+    rows : list of dict
+        :func:`dwell_rows`.
+    sample_time_us : float
+        Parked-probe sample time, microseconds.
+    electrons_per_s : float
+        Probe electrons per second (for the extra electrons after an ejection; NaN: not reported).
+    trigger_at : str
+        Where the run's decisions were made (:data:`beamloop.edge.service.TRIGGER_AT`).
+
+    Returns
+    -------
+    dict
+        Counts (``dwells``, ``ejections_seen``, ``detected``, ``false_triggers``, ``no_event``), delays and
+        beam-on times after the ejection in samples (``*_p50``, ``*_max``), ``extra_electrons_after_ejection_*``
+        (electrons from the start of the ejection's sample to the blank), ``trigger_at``,
+        ``decisions_at_controller``, ``service_check_agrees`` (controller decisions the service's own trigger
+        made on the same sample).
+    """
     ejected = [r for r in rows if r["ejection_sample"] >= 0]
     detected = [r for r in ejected if r["reason"] == "trigger" and r["trigger_sample"] >= r["ejection_sample"]]
     false = [r for r in rows if r["reason"] == "trigger" and (r["ejection_sample"] < 0
                                                                or r["trigger_sample"] < r["ejection_sample"])]
     delay = np.array([r["trigger_sample"] - r["ejection_sample"] for r in detected], float)
     over = np.array([r["end_sample"] - r["ejection_sample"] for r in detected if r["end_sample"] >= 0], float)
+    extra = np.array([(r.get("blank_time_ns", math.nan) * 1e-3 - r["ejection_sample"] * sample_time_us) * 1e-6
+                      * electrons_per_s for r in detected], float)
+    extra = extra[np.isfinite(extra)]
+    at_ctl = [r for r in rows if r["reason"] == "trigger" and r.get("trigger_at") == "controller"]
     pct = lambda v, q: float(np.percentile(v, q)) if len(v) else float("nan")  # noqa: E731
     return {
+        "trigger_at": trigger_at,
+        "decisions_at_controller": len(at_ctl),
+        "service_check_agrees": sum(r.get("service_trigger_sample") == r["trigger_sample"] for r in at_ctl),
         "dwells": len(rows),
         "ejections_seen": len(ejected),
         "detected": len(detected),
@@ -145,8 +214,44 @@ def dwell_summary(rows: list[dict], sample_time_us: float) -> dict:
         "detection_delay_us_p50": pct(delay, 50) * sample_time_us,
         "samples_after_ejection_p50": pct(over, 50),
         "samples_after_ejection_max": float(over.max()) if len(over) else float("nan"),
+        "extra_electrons_after_ejection_p50": pct(extra, 50),
+        "extra_electrons_after_ejection_mean": float(extra.mean()) if len(extra) else float("nan"),
+        "extra_electrons_after_ejection_max": float(extra.max()) if len(extra) else float("nan"),
         "sample_time_us": sample_time_us,
     }
+
+
+def truth_at_targets(records: list[RoundRecord], truth: dict[int, tuple]) -> dict:
+    """Ground-truth classes of the targeted columns in the final (verification) frame.
+
+    Parameters
+    ----------
+    records : list of RoundRecord
+    truth : dict
+        Frame index -> ``(xy, cls, class_names)`` (:func:`beamloop.edge.sim.microscope.decode_ground_truth`).
+
+    Returns
+    -------
+    dict
+        ``targets``, ``classes`` (class name -> targets whose nearest true column, within 0.8 A, has it; ``not
+        found``), ``fraction_s1`` and ``fraction_vacancy`` (of the targets: one S atom left, or none, a
+        di-vacancy); ``{"targets": 0}`` without a verification frame or its truth.
+    """
+    if len(records) < 2 or records[-1].index not in truth:
+        return {"targets": 0}
+    last = records[-1]
+    targets = np.array([[d.target.fx, d.target.fy] for rec in records[:-1] for d in rec.dwells], float)
+    if len(targets) == 0 or last.scan is None:
+        return {"targets": 0}
+    txy, tcls, names = truth[last.index]
+    tx, ty = last.scan.pixel_of_fraction(targets[:, 0], targets[:, 1])
+    ti, _, _ = match(np.asarray(txy, float), np.stack([tx, ty], 1), 0.8 / max(last.pixel_size_A, 1e-9))
+    labels = np.array(names)[np.asarray(tcls)[ti]] if len(ti) else np.array([], str)
+    classes = {name: int((labels == name).sum()) for name in names}
+    classes["not found"] = int(len(targets) - len(ti))
+    n = len(targets)
+    return {"targets": n, "classes": classes, "fraction_s1": classes.get("S1", 0) / n,
+            "fraction_vacancy": classes.get("vacancy", 0) / n}
 
 
 def verify_written(records: list[RoundRecord]) -> dict:
@@ -186,12 +291,13 @@ def print_report(latency: LatencyRecorder, accuracy, per_frame: list, trig: dict
     parked = [e for e in sim_events if e["type"] == "ejection" and e.get("cause") == "parked"]
     scan = [e for e in sim_events if e["type"] == "ejection" and e.get("cause") == "scan"]
     print(f"atoms removed: {len(parked)} S atoms under the parked beam, {len(scan)} by scanning frames")
-    print(f"  dwells {trig['dwells']}: trigger fired after an ejection {trig['detected']}, false triggers "
-          f"{trig['false_triggers']}, no event {trig['no_event']}")
+    print(f"  decisions at the {trig['trigger_at'] or 'service'}; dwells {trig['dwells']}: trigger fired after an "
+          f"ejection {trig['detected']}, false triggers {trig['false_triggers']}, no event {trig['no_event']}")
     print(f"  detection delay p50 {trig['detection_delay_samples_p50']:.0f} samples "
           f"({trig['detection_delay_us_p50']:.0f} us at {trig['sample_time_us']:g} us/sample), "
           f"beam on after ejection p50 {trig['samples_after_ejection_p50']:.0f} samples, max "
-          f"{trig['samples_after_ejection_max']:.0f}")
+          f"{trig['samples_after_ejection_max']:.0f}; extra electrons after the ejection p50 "
+          f"{trig['extra_electrons_after_ejection_p50']:.0f}")
     if verify.get("targets"):
         print(f"  verification frame: {verify['written']} of {verify['targets']} targets now read S1 or vacancy "
               f"({verify['classes_after']})")
@@ -255,7 +361,7 @@ def check_options(*, rounds: int, shape: tuple[int, int], pixel_size_A: float, d
 def run(out: Path, *, rounds: int = 3, shape: tuple[int, int] = (256, 256), pixel_size_A: float = 0.15,
         dose_e_per_A2: float = 1e5, targets_per_frame: int = 4, seed: int = 0, current_pA: float = 50.0,
         trigger: str = "model", max_dwell_s: float = 2.0, quiet: bool = False,
-        interrupt: Callable[[], int] | None = None) -> dict:
+        interrupt: Callable[[], int] | None = None, trigger_at: str = "controller") -> dict:
     """Run the main job and return the report (also written to ``out/report.json``).
 
     Frames are written to ``out/run.h5`` as they are done, so a run that stops early (see ``outcome``)
@@ -289,6 +395,9 @@ def run(out: Path, *, rounds: int = 3, shape: tuple[int, int] = (256, 256), pixe
     interrupt : callable() -> int, optional
         Asked while waiting; a non-zero signal number stops the experiment cleanly
         (:class:`beamloop.edge.service.Interrupted`), e.g. :class:`beamloop.edge.cli.StopSignals`.
+    trigger_at : {"controller", "service"}
+        Where the trigger decides: at the simulated scan controller (it offers the shipped models), or in the
+        service. The report's ``trigger.trigger_at`` says where it did.
 
     Returns
     -------
@@ -312,10 +421,10 @@ def run(out: Path, *, rounds: int = 3, shape: tuple[int, int] = (256, 256), pixe
                                      current_pA=current_pA, max_dwell_s=max_dwell_s)
     config = {"rounds": rounds, "shape": list(shape), "pixel_size_A": pixel_size_A, "dose_e_per_A2": dose_e_per_A2,
               "dwell_us": dwell_us, "targets_per_frame": targets_per_frame, "seed": seed, "current_pA": current_pA,
-              "trigger": trigger}
+              "trigger": trigger, "trigger_at": trigger_at}
     exp_cfg = ExperimentConfig(rounds=rounds, shape=shape, fov_nm=fov_nm, dwell_us=dwell_us,
                                targets_per_frame=targets_per_frame, max_dwell_s=max_dwell_s)
-    svc_cfg = ServiceConfig("MoS2", targets_per_frame=targets_per_frame, trigger=trigger)
+    svc_cfg = ServiceConfig("MoS2", targets_per_frame=targets_per_frame, trigger=trigger, trigger_at=trigger_at)
     out.mkdir(parents=True, exist_ok=True)
     rl = RunLog(out / "run.h5", config)
     outcome: dict = {"complete": False, "reason": "", "message": "", "signum": 0, "output_errors": []}
@@ -343,6 +452,7 @@ def run(out: Path, *, rounds: int = 3, shape: tuple[int, int] = (256, 256), pixe
             service = build_service(rx, svc_cfg, bridge)
             service.interrupt = interrupt
             caps = bridge.get_capabilities()
+            service.choose_trigger_at(caps)
             warm_up(service.path, service.trigger, shape=shape, pixel_size_A=pixel_size_A, dtypes=(np.uint16,))
 
             def on_record(rec: RoundRecord) -> None:
@@ -392,9 +502,13 @@ def run(out: Path, *, rounds: int = 3, shape: tuple[int, int] = (256, 256), pixe
             per_frame.append(score_frame(rec.columns.xy, rec.columns.cls, txy, tcls, names, rec.pixel_size_A,
                                          frame_shape=rec.image.shape))
     accuracy = combine(per_frame)
-    rows = dwell_rows(records, events)
-    trig = dwell_summary(rows, (caps.get("parked_stream") or {}).get("sample_time_us", float("nan")))
+    dt_us = (caps.get("parked_stream") or {}).get("sample_time_us", float("nan"))
+    rows = dwell_rows(records, events, dt_us)
+    assert service is not None and bridge is not None
+    trig = dwell_summary(rows, dt_us, electrons_per_second(current_pA), service.trigger_at)
+    trig["trigger_at_note"] = service.trigger_at_note
     verify = verify_written(records)
+    verify["truth"] = truth_at_targets(records, truth)
     assert service is not None and bridge is not None
     latency = service.latency
     report = {
@@ -415,7 +529,7 @@ def run(out: Path, *, rounds: int = 3, shape: tuple[int, int] = (256, 256), pixe
                     "blank_failures": service.stats.blank_failures, "errors": service.stats.errors[-10:]},
     }
     try:
-        rl.write_beam_log(bridge.log)
+        rl.write_beam_log(sorted(bridge.log + decision_log(records), key=lambda e: e.t_ns))
         rl.write_dwells(rows)
         rl.write_text("events", events)
         rl.set_attrs(latency=report["latency_us"], accuracy=report["accuracy"], trigger=trig,

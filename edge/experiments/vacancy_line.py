@@ -2,7 +2,9 @@
 
 :func:`vacancy_line` writes a line of S vacancies in MoS2 atom by atom: scan a frame, find and classify
 its columns, pick the S2 columns along one row, park the beam on each until the trigger sees an S atom
-leave, and scan again to see the result.
+leave, and scan again to see the result. The trigger decides at the scan controller when it offers one
+(the service's ``trigger_at``, chosen from ``get_capabilities`` before the first frame), else in the
+service.
 
 It stops (:class:`ExperimentStopped`, holding the records made so far) instead of going on blind: when a
 blank could not be confirmed (``beam_unsafe``: the beam may still be on), when the scan controller stops
@@ -162,6 +164,12 @@ def vacancy_line(service: EdgeService, cfg: ExperimentConfig, progress=None,
                 reason, message = "beam_unsafe", f"{message}; and the beam could not be blanked"
         return ExperimentStopped(reason, message, records, signum)
 
+    if not service.trigger_at_chosen:
+        try:
+            service.choose_trigger_at(bridge.get_capabilities())
+        except BridgeError as exc:
+            raise stop("controller_lost" if exc.code in ("timeout", "unavailable") else "refused",
+                       f"get_capabilities failed: {exc}") from None
     for r in range(cfg.rounds + 1):
         try:
             service.check_interrupt()

@@ -8,8 +8,11 @@ Layout::
     /frames/<k>/columns     table x_px, y_px, intensity, score, class; attrs class_names, pixel_size_A, scan
     /frames/<k>/truth       table x_px, y_px, class (simulated frames)
     /frames/<k>/targets     table x_px, y_px, fx, fy
-    /beam_log               table t_ns, call, sent, ok, error, rtt_us, x, y, frame_id, args (JSON)
-    /dwells                 table frame_id, fx, fy, reason, trigger_sample, samples, series_id
+    /beam_log               table t_ns, call, sent, ok, error, rtt_us, x, y, frame_id, args (JSON); a run's
+                            trigger decisions are rows of call ``trigger_decision`` (args: trigger_at,
+                            series_id, decision_sample, blank_time_ns)
+    /dwells                 table frame_id, fx, fy, reason, trigger_sample, samples, series_id,
+                            ejection_sample, end_sample, trigger_at, blank_time_ns, service_trigger_sample
     /events                 JSON text of the scan controller's events (simulator)
 
 Crash and disk safety: the file is written as ``NAME.part`` and renamed to ``NAME`` when it is closed, so a
@@ -283,7 +286,8 @@ class RunLog:
 
     def write_dwells(self, rows: list[dict]) -> None:
         """Write one row per dwell (``frame_id, fx, fy, reason, trigger_sample, samples, series_id`` and
-        optional ``ejection_sample``, ``end_sample``).
+        optional ``ejection_sample``, ``end_sample``, ``trigger_at`` (where the decision was made, ``controller``
+        or ``service``), ``blank_time_ns`` (dwell start to blank, ns; NaN: unknown), ``service_trigger_sample``).
 
         Raises
         ------
@@ -291,11 +295,14 @@ class RunLog:
             As :meth:`add_frame`.
         """
         dt = [("frame_id", "i8"), ("fx", "f8"), ("fy", "f8"), ("reason", "S20"), ("trigger_sample", "i8"),
-              ("samples", "i8"), ("series_id", "i8"), ("ejection_sample", "i8"), ("end_sample", "i8")]
+              ("samples", "i8"), ("series_id", "i8"), ("ejection_sample", "i8"), ("end_sample", "i8"),
+              ("trigger_at", "S12"), ("blank_time_ns", "f8"), ("service_trigger_sample", "i8")]
         rec = np.zeros(len(rows), dtype=dt)
         for k, r in enumerate(rows):
             rec[k] = (r["frame_id"], r["fx"], r["fy"], r["reason"].encode()[:20], r["trigger_sample"], r["samples"],
-                      r["series_id"], r.get("ejection_sample", -1), r.get("end_sample", -1))
+                      r["series_id"], r.get("ejection_sample", -1), r.get("end_sample", -1),
+                      str(r.get("trigger_at", "")).encode()[:12], r.get("blank_time_ns", np.nan),
+                      r.get("service_trigger_sample", -1))
         self._write("the dwells", rec.nbytes, lambda: self._f.create_dataset("dwells", data=rec))
 
     def set_attrs(self, **attrs) -> None:
