@@ -41,9 +41,8 @@ class Material:
 MOS2 = Material("MoS2", ("Mo", "S2", "S1", "vacancy"), nn_spacing_A=round(MOS2_A / math.sqrt(3), 3),
                 column_sigma_A=0.33, lattice_a_A=MOS2_A)
 """MoS2 [001]: Mo, S2 (two S stacked), S1 (a mono-vacancy) and empty sites (S di-vacancy, Mo vacancy).
-Mo-S projected distance a / sqrt(3) = 1.824 Angstrom (to the digits the finder uses); column sigma 0.33 Angstrom (FWHM
-0.77 Angstrom of
-abTEM single-atom HAADF profiles at 200 kV, 25 mrad, blurred by a 0.25 Angstrom source)."""
+Mo-S projected distance a / sqrt(3) = 1.824 Angstrom (to the digits the finder uses); column sigma 0.33 Angstrom
+(FWHM 0.77 Angstrom of abTEM single-atom HAADF profiles at 200 kV, 25 mrad, blurred by a 0.25 Angstrom source)."""
 
 GENERIC = Material("generic", ("column",))
 """Any lattice: one class, scale from the pixel size and a given spacing, or estimated from the image."""

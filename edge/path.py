@@ -142,7 +142,15 @@ class FramePath:
     def _resolve(self, meta: FrameMeta, image: np.ndarray) -> FrameMeta:
         """``meta`` with a lattice scale for frames that have no physical one: the period given to the path
         (or in ``meta``), else estimated from ``image``, and the column sigma estimated from ``image``
-        (:func:`beamloop.edge.analysis.spacing.estimate_scale`)."""
+        (:func:`beamloop.edge.analysis.spacing.estimate_scale`). When the image shows no lattice period (a
+        small or featureless frame) but the pixel size is known, the material's column sigma in pixels sets
+        the scale, with the period 5.5 sigma that :meth:`FinderConfig.for_spacing` assumes.
+
+        Raises
+        ------
+        FrameError
+            Neither a pixel size nor a period is known and none can be estimated from ``image``.
+        """
         if (meta.pixel_size_A and meta.material.nn_spacing_A) or not self._needs_scale():
             return meta
         if meta.period_px is not None and meta.column_sigma_px is not None:
@@ -153,9 +161,12 @@ class FramePath:
         try:
             est = estimate_scale(np.asarray(image, np.float32))
         except ValueError as exc:
-            if period is None:
-                raise FrameError(f"frame has no pixel size and its lattice scale cannot be estimated: {exc}") from None
-            return replace(meta, period_px=float(period))
+            if period is not None:
+                return replace(meta, period_px=float(period))
+            if meta.pixel_size_A:
+                sigma = meta.material.column_sigma_A / meta.pixel_size_A
+                return replace(meta, period_px=5.5 * sigma, column_sigma_px=sigma)
+            raise FrameError(f"frame has no pixel size and its lattice scale cannot be estimated: {exc}") from None
         return replace(meta, period_px=float(period if period is not None else est.period_px),
                        column_sigma_px=est.column_sigma_px)
 

@@ -105,6 +105,29 @@ def test_classical_path_gives_the_finder_s_columns_bit_for_bit():
     assert np.array_equal(found.intensity, cols.intensity)
 
 
+def test_a_calibrated_frame_without_a_visible_period_takes_its_scale_from_the_pixel_size():
+    """48 x 48 px of MoS2 at 0.15 A/px (7 A: too few periods for the autocorrelation) on the generic path: the
+    column sigma 0.33 A / 0.15 A/px = 2.2 px sets the scale; the columns are found (Mo and S2 within 0.5 A)."""
+    fr = mos2_frame(shape=(48, 48), pixel_size_A=PX, dose_e_per_A2=1e6, seed=2)
+    path = frame_path("classical", "generic")
+    ctx = path.run(fr.counts, PX)
+    assert path.meta.column_sigma_px == pytest.approx(GENERIC.column_sigma_A / PX)
+    assert path.meta.period_px == pytest.approx(5.5 * GENERIC.column_sigma_A / PX)
+    inner = [(x, y) for x, y in fr.truth_xy if 3 <= x <= 44 and 3 <= y <= 44]
+    d = np.hypot(*(ctx.columns.xy[None, :, :] - np.array(inner)[:, None, :]).transpose(2, 0, 1)).min(axis=1)
+    assert len(inner) >= 6 and np.mean(d * PX < 0.5) >= 0.9
+
+
+def test_a_frame_with_neither_pixel_size_nor_period_is_refused_by_name():
+    from beamloop.edge.frame.stage import FrameError
+
+    flat = np.full((48, 48), 50, np.float32)
+    with pytest.raises(FrameError, match="no pixel size and its lattice scale cannot be estimated: image is flat"):
+        frame_path("classical", "generic").run(flat, None)
+    path = frame_path("classical", "generic")  # the same flat frame with its pixel size is processed (no columns)
+    assert len(path.run(flat, PX).columns) == 0 and path.meta.column_sigma_px == pytest.approx(0.33 / PX)
+
+
 def test_bonds_are_never_those_of_an_earlier_frame():
     """A frame with fewer than 4 columns after a normal one: no bonds (the old classifier kept the last)."""
     path = frame_path("classical", "MoS2")
