@@ -210,3 +210,133 @@ def test_controller_over_a_backend_without_trigger(clock):
 
     with ScanController(Plain(), clock=clock) as ctl:
         assert ctl._trigger_caps() is None and "arm_trigger" not in ctl.server.handlers
+
+
+# the service's side ---------------------------------------------------------------------------------------------
+def _service(mic, trigger="model", trigger_at="controller"):
+    from beamloop.edge.control.client import BridgeClient
+    from beamloop.edge.path import frame_path
+    from beamloop.edge.service import EdgeService
+    from beamloop.streams.native.receiver import FrameReceiver
+
+    rx = FrameReceiver(mic.frames_endpoint)
+    bridge = BridgeClient(mic.control_endpoint, timeout_ms=5000)
+    return EdgeService(rx, frame_path("classical", "MoS2"), bridge, trigger=trigger, trigger_at=trigger_at)
+
+
+def _s2_target(service, mic):
+    """A :class:`Target` on an S2 column of a freshly acquired frame (from the ground truth)."""
+    from beamloop.edge.stages.policy import Target
+
+    scan = service.bridge.acquire_frame((64, 64), (1.0, 1.0), 1.0)
+    assert service.next_frame(10000) is not None
+    fr = mic.backend.frames[scan.frame_id]
+    s2 = fr.class_names.index("S2")
+    k = next(k for k in np.flatnonzero(fr.truth_cls == s2)
+             if (8 < fr.truth_xy[k]).all() and (fr.truth_xy[k] < 56).all())
+    x, y = fr.truth_xy[k]
+    return Target(float(x), float(y), (x + 0.5) / 64, (y + 0.5) / 64, scan.frame_id, -1)
+
+
+@pytest.mark.parametrize("microscope", [FAST], indirect=True)
+def test_service_dwell_decided_at_the_controller(microscope):
+    service = _service(microscope)
+    try:
+        assert service.trigger_at == "service" and not service.trigger_at_chosen  # until it saw the controller
+        assert service.choose_trigger_at(service.bridge.get_capabilities()) == "controller"
+        d = service.dwell(_s2_target(service, microscope), max_dwell_s=5.0)
+        assert (d.reason, d.trigger_at) == ("trigger", "controller"), d.error
+        # the service's own trigger, on the samples streamed to it, fired on the same sample
+        assert d.trigger_sample == d.service_trigger_sample >= 0 and d.samples == d.trigger_sample + 1
+        calls = [e.call for e in service.bridge.log]
+        assert calls[-4:] == ["arm_trigger", "blank", "get_trigger_state", "blank"]  # arm, unblank, read, blank
+        lat = service.bridge.get_trigger_state()["last"]["latency_ns"]
+        assert d.blank_time_ns == pytest.approx((d.trigger_sample + 1) * 10_000.0 + lat)
+        end = [e for e in microscope.events if e["type"] == "dwell_end" and e["series_id"] == d.series_id][0]
+        assert end["beam_off_sample"] == d.trigger_sample + 1 and end["reason"] == "trigger"
+        assert service.bridge.get_state()["blanked"] is True
+    finally:
+        service.bridge.close()
+        service.receiver.close()
+
+
+@pytest.mark.parametrize("microscope", [{**FAST, "trigger": False}], indirect=True)
+def test_controller_without_trigger_falls_back_to_the_service(microscope):
+    service = _service(microscope)
+    try:
+        assert service.choose_trigger_at(service.bridge.get_capabilities()) == "service"
+        assert service.trigger_at_note == "the scan controller has no trigger"
+        d = service.dwell(_s2_target(service, microscope), max_dwell_s=5.0)
+        assert (d.reason, d.trigger_at) == ("trigger", "service") and d.trigger_sample == d.service_trigger_sample
+        assert math.isnan(d.blank_time_ns) and "arm_trigger" not in [e.call for e in service.bridge.log]
+    finally:
+        service.bridge.close()
+        service.receiver.close()
+
+
+@pytest.mark.parametrize("microscope", [FAST], indirect=True)
+def test_where_the_service_lets_the_controller_decide(microscope):
+    caps = None
+    for trigger, at, offered, want, note in [
+        ("model", "service", True, "service", ""),
+        ("cusum", "controller", True, "service", "the cusum trigger runs only in the service"),
+        ("model", "controller", False, "service", "the scan controller has no trigger"),
+        ("model", "controller", "other hash", "service", "differs from the service's (hash)"),
+        ("model", "controller", True, "controller", ""),
+    ]:
+        service = _service(microscope, trigger, at)
+        try:
+            caps = caps or service.bridge.get_capabilities()
+            c = dict(caps)
+            if offered is False:
+                c["trigger"] = None
+            elif offered == "other hash":
+                c["trigger"] = {"models": {"ejection": {**caps["trigger"]["models"]["ejection"], "hash": "0" * 64}}}
+            assert service.choose_trigger_at(c) == want and note in service.trigger_at_note
+        finally:
+            service.bridge.close()
+            service.receiver.close()
+    with pytest.raises(ValueError, match="trigger_at 'fpga'"):
+        _service(microscope, trigger_at="fpga")
+
+
+def test_report_rows_and_summary_carry_trigger_at():
+    from beamloop.edge.experiments.closed_loop import dwell_summary
+
+    rows = [{"reason": "trigger", "trigger_at": "controller", "trigger_sample": 114, "service_trigger_sample": 114,
+             "ejection_sample": 100, "end_sample": 115, "blank_time_ns": 115 * 10_000.0 + 200.0},
+            {"reason": "trigger", "trigger_at": "controller", "trigger_sample": 50, "service_trigger_sample": 50,
+             "ejection_sample": -1, "end_sample": 51, "blank_time_ns": 51 * 10_000.0 + 200.0}]
+    s = dwell_summary(rows, 10.0, electrons_per_s=1e8, trigger_at="controller")
+    assert s["trigger_at"] == "controller" and s["decisions_at_controller"] == 2 and s["service_check_agrees"] == 2
+    assert (s["detected"], s["false_triggers"]) == (1, 1)
+    assert (s["detection_delay_samples_p50"], s["samples_after_ejection_p50"]) == (14.0, 15.0)
+    assert s["extra_electrons_after_ejection_p50"] == pytest.approx((15 * 10e-6 + 200e-9) * 1e8)
+
+
+@pytest.mark.parametrize("trigger_at", ["controller", pytest.param("service", marks=pytest.mark.slow)])
+def test_main_job_records_where_the_trigger_decided(tmp_path, trigger_at):
+    import h5py
+
+    from beamloop.edge.experiments import closed_loop
+
+    rep = closed_loop.run(tmp_path, rounds=1, shape=(192, 192), targets_per_frame=2, seed=5, quiet=True,
+                          trigger_at=trigger_at)
+    t = rep["trigger"]
+    assert t["trigger_at"] == trigger_at and rep["config"]["trigger_at"] == trigger_at
+    assert {"samples_after_ejection_p50", "detection_delay_samples_p50"} <= set(t) and t["detected"] == 2
+    if trigger_at == "controller":
+        assert t["decisions_at_controller"] == t["service_check_agrees"] == 2
+        assert t["samples_after_ejection_max"] <= t["detection_delay_samples_max"] + 1
+    truth = rep["verification"]["truth"]
+    assert truth["targets"] == 2 and sum(truth["classes"].values()) == 2
+    with h5py.File(tmp_path / "run.h5") as f:
+        dw = f["dwells"][()]
+        assert [v.decode() for v in dw["trigger_at"]] == [trigger_at] * 2
+        assert np.all(np.isfinite(dw["blank_time_ns"])) and np.all(dw["trigger_sample"] >= 0)
+        log = f["beam_log"][()]
+        decisions = [r for r in log if r["call"] == b"trigger_decision"]
+        assert len(decisions) == 2
+        import json
+        args = json.loads(decisions[0]["args"])
+        assert args["trigger_at"] == trigger_at and args["decision_sample"] == dw["trigger_sample"][0]
