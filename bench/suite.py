@@ -224,9 +224,13 @@ def run_suite(out: Path = RESULTS, quick: bool = False, sections=SECTIONS, real_
             print(f"[bench] {name}: {status['status']} in {status['wall_s']:.0f} s", flush=True)
 
     def do_stages():
-        from beamloop.bench import stages
+        from beamloop.bench import floor, stages
 
         res, samples = stages.run(quick, progress_bar=progress)
+        sizes = tuple(int(s.split("x")[0]) for s in res["sizes"])
+        res["floor"] = floor.run(quick, sizes)  # what the machine can do, in the same run
+        res["floor_ratios"] = {s: floor.ratios(r["stages"], res["floor"]["sizes"].get(s, {}))
+                               for s, r in res["sizes"].items()}
         res["machine"] = machine_info()
         results["stages"] = res
         us = stages.samples_us(samples)

@@ -53,6 +53,28 @@ def _stages_md(res: dict) -> list[str]:
         lines += table(["stage", "n", "p50", "p99", "p99.9", "max", "jitter", "spread"], rows) + [""]
     lines += ["Plots: `stage_latency_ccdf.png` (fraction of samples slower than t, per stage), "
               "`stage_latency_hist.png`, `throughput.png`.", ""]
+    lines += _floor_md(res)
+    return lines
+
+
+def _floor_md(res: dict) -> list[str]:
+    """The floor section (:mod:`beamloop.bench.floor`): floor operations and each stage over its floor."""
+    fl = res.get("floor")
+    if not fl:
+        return []
+    lines = ["### What the machine can do (floor, same run)", "",
+             "Floor operations on a uint16 frame of each size (beamloop.bench.floor), microseconds; then each "
+             "stage's p50 and p99 divided by its floor's p50 (below 1: the stage beats the library reference).",
+             ""]
+    ops = sorted({op for v in fl["sizes"].values() for op in v})
+    rows = [[op] + [f"{fmt(v[op]['p50_us'])} / {fmt(v[op]['p99_us'])}" if op in v else ""
+                    for v in fl["sizes"].values()] for op in ops]
+    lines += table(["floor (p50 / p99)"] + list(fl["sizes"]), rows) + [""]
+    ratios = res.get("floor_ratios", {})
+    stages = sorted({s for v in ratios.values() for s in v}, key=list(fl["stage_floor"]).index)
+    rows = [[s, fl["stage_floor"][s]] + [f"{fmt(v[s]['p50_ratio'], 2)} / {fmt(v[s]['p99_ratio'], 2)}" if s in v
+                                         else "" for v in ratios.values()] for s in stages]
+    lines += table(["stage", "floor"] + [f"{k} p50 / p99 ratio" for k in ratios], rows) + [""]
     return lines
 
 
