@@ -42,6 +42,7 @@ COMMAND_MODULES = (
     "beamloop.edge.cli.serve",      # the edge service on a frame stream
     "beamloop.edge.cli.find",       # atomic columns in image files
     "beamloop.edge.cli.replay",     # stream recorded frames to a service
+    "beamloop.edge.cli.dkl",        # offline deep kernel learning: where to measure a property next
     "beamloop.edge.cli.stream4d",   # detector streams (beamloop.streams.cli) with live 4D imaging and sim4d
     "beamloop.edge.learn.cli",      # segmentation network: train, export
     "beamloop.quantize.cli",        # trigger models: quantization-aware training, evaluation, export
