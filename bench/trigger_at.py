@@ -11,6 +11,12 @@ ground-truth class of every target in the verification frame (S1: one atom eject
 both, a di-vacancy). Goal: beam on after ejection p50 <= detection delay p50 + 1 sample and max <= detection
 delay max + 2 samples; false triggers no more than the service's.
 
+False triggers are few (about one in a hundred dwells), and a service-side run's specimen history depends on
+the machine's load (its beam stays on for as long as the blank takes, which changes the atoms left and the
+random draws that follow), so the false triggers are also counted over seeds 0-29 and per second of beam on
+an intact column, and the service's own trigger, which runs beside the controller's on the streamed samples,
+is counted on the controller runs' streams (the same samples: the same decisions, bit for bit).
+
 Writes ``bench/results/trigger_at.json`` and ``.md`` (``--quick``: seeds 0-1, ``trigger_at_quick.*``).
 Run: ``nice python -m beamloop.bench.trigger_at [--quick]``.
 """
@@ -65,6 +71,12 @@ def summarise(rows: list[dict], reports: list[dict], sample_time_us: float) -> d
     """
     det = [r for r in rows if r["reason"] == "trigger" and 0 <= r["ejection_sample"] <= r["trigger_sample"]]
     false = [r for r in rows if r["reason"] == "trigger" and not 0 <= r["ejection_sample"] <= r["trigger_sample"]]
+    shadow_false = [r for r in rows if 0 <= r["service_trigger_sample"] and not 0 <= r["ejection_sample"]
+                    <= r["service_trigger_sample"]]
+    # beam on an intact column: up to the ejection, or to the decision / the end of a dwell without one
+    intact = sum(r["ejection_sample"] if r["ejection_sample"] >= 0 else
+                 (r["trigger_sample"] + 1 if r["trigger_sample"] >= 0 else r["samples"]) for r in rows)
+    intact_s = intact * sample_time_us * 1e-6
     delay = np.array([r["trigger_sample"] - r["ejection_sample"] for r in det], float)
     after = np.array([r["end_sample"] - r["ejection_sample"] for r in det if r["end_sample"] >= 0], float)
     eps = electrons_per_second(CURRENT_PA)
@@ -81,6 +93,8 @@ def summarise(rows: list[dict], reports: list[dict], sample_time_us: float) -> d
         return float(np.percentile(v, p)) if len(v) else math.nan
 
     return {"runs": len(reports), "dwells": len(rows), "detected": len(det), "false_triggers": len(false),
+            "service_trigger_false_triggers": len(shadow_false), "intact_beam_s": intact_s,
+            "false_triggers_per_s": len(false) / intact_s if intact_s else math.nan,
             "no_event": sum(r["reason"] == "max_dwell" for r in rows),
             "decisions_at_controller": sum(r["reason"] == "trigger" and r["trigger_at"] == "controller" for r in rows),
             "service_check_agrees": sum(r["reason"] == "trigger" and r["trigger_at"] == "controller"
@@ -107,12 +121,16 @@ def goals(res: dict) -> dict:
                         and t["samples_after_ejection_max"] <= t["detection_delay_samples_max"] + 2)
     return {"p50_within_1_sample": a["p50"] <= d["p50"] + 1, "max_within_2_samples": a["max"] <= d["max"] + 2,
             "false_triggers_not_more": c["false_triggers"] <= s["false_triggers"],
+            "false_triggers_not_more_all_seeds": (res["false_triggers_all_seeds"]["controller"]["false_triggers"]
+                                                  <= res["false_triggers_all_seeds"]["service"]["false_triggers"]),
+            "false_triggers_equal_on_equal_samples": c["service_trigger_false_triggers"] == c["false_triggers"],
             "every_seed_within": all(per_seed), "seeds_within": int(sum(per_seed)), "seeds": len(per_seed)}
 
 
 def run(quick: bool = False) -> dict:
     """Run the main job per seed and mode, write the results, return them (see the module docstring)."""
     seeds = list(range(2 if quick else 10))
+    more = list(range(seeds[-1] + 1, 4 if quick else 30))
     t0 = time.perf_counter()
     res: dict = {"seeds": seeds, "settings": "beamloop run defaults (rounds 3, targets 4, 50 pA, model ejection)",
                  "machine": {"cpu_count": os.cpu_count(), "load_average_1_5_15": list(os.getloadavg()),
@@ -121,19 +139,27 @@ def run(quick: bool = False) -> dict:
     rows: dict[str, list] = {m: [] for m in MODES}
     reports: dict[str, list] = {m: [] for m in MODES}
     dt_us = math.nan
+    all_rows: dict[str, list] = {m: [] for m in MODES}
+    all_reports: dict[str, list] = {m: [] for m in MODES}
     with tempfile.TemporaryDirectory(prefix="trigger_at_") as tmp:
-        for seed in seeds:
+        for seed in seeds + more:
             for mode in MODES:
                 out = Path(tmp) / f"{mode}_{seed}"
                 rep = run_main_job(out, seed=seed, trigger_at=mode, quiet=True)
                 dt_us = rep["trigger"]["sample_time_us"]
-                reports[mode].append(rep)
-                rows[mode].extend(_dwells(out / "run.h5"))
-                truth = (rep.get("verification") or {}).get("truth") or {}
-                res["runs"][mode].append({"seed": seed, "outcome": rep["outcome"]["reason"] or "complete",
-                                          "trigger": rep["trigger"], "truth": truth})
+                got = _dwells(out / "run.h5")
+                all_reports[mode].append(rep)
+                all_rows[mode].extend(got)
+                if seed in seeds:
+                    reports[mode].append(rep)
+                    rows[mode].extend(got)
+                    truth = (rep.get("verification") or {}).get("truth") or {}
+                    res["runs"][mode].append({"seed": seed, "outcome": rep["outcome"]["reason"] or "complete",
+                                              "trigger": rep["trigger"], "truth": truth})
     for mode in MODES:
         res["modes"][mode] = summarise(rows[mode], reports[mode], dt_us)
+    res["false_trigger_seeds"] = seeds + more
+    res["false_triggers_all_seeds"] = {m: summarise(all_rows[m], all_reports[m], dt_us) for m in MODES}
     ctl_lat = {r["trigger"].get("trigger_at") for r in res["runs"]["controller"]}
     res["controller_runs_decided_at"] = sorted(ctl_lat)
     res["goals"] = goals(res)
@@ -183,15 +209,29 @@ def summary_md(res: dict) -> str:
     frac("targets ending S1 (one atom out, truth)", "fraction_s1", "S1")
     frac("targets ending a di-vacancy (truth)", "fraction_divacancy", "vacancy")
     lines.append(f"| false triggers | {c['false_triggers']} | {s['false_triggers']} |")
+    lines.append(f"| false triggers of the service's own trigger on these runs' streams | "
+                 f"{c['service_trigger_false_triggers']} | {s['service_trigger_false_triggers']} |")
+    fa = res["false_triggers_all_seeds"]
+    seeds = res["false_trigger_seeds"]
+    cells = [f"{fa[m]['false_triggers']} in {fa[m]['dwells']} dwells, {fa[m]['false_triggers_per_s']:.3f} per s "
+             f"on an intact column ({fa[m]['intact_beam_s']:.1f} s)" for m in MODES]
+    lines.append(f"| false triggers, seeds {seeds[0]}-{seeds[-1]} | {cells[0]} | {cells[1]} |")
     lines.append(f"| decisions made at the controller (service's own trigger on the same sample) | "
                  f"{c['decisions_at_controller']} ({c['service_check_agrees']}) | {s['decisions_at_controller']} |")
     g = res["goals"]
     lines += ["", f"Goals (controller): beam on after ejection p50 <= delay p50 + 1: "
               f"{'met' if g['p50_within_1_sample'] else 'missed'}; max <= delay max + 2: "
               f"{'met' if g['max_within_2_samples'] else 'missed'}; false triggers no more than the service's: "
-              f"{'met' if g['false_triggers_not_more'] else 'missed'}; per seed both within: {g['seeds_within']} of "
-              f"{g['seeds']}.", "", "Per seed (controller | service): delay p50/max, beam on after ejection p50/max, "
-              "false triggers", "", "| seed | controller | service |", "|---|---|---|"]
+              f"{'met' if g['false_triggers_not_more'] else 'missed'} (seeds {res['seeds'][0]}-{res['seeds'][-1]}), "
+              f"{'met' if g['false_triggers_not_more_all_seeds'] else 'missed'} (seeds {seeds[0]}-{seeds[-1]}); "
+              f"on the same samples the service's trigger makes the same false triggers: "
+              f"{'yes' if g['false_triggers_equal_on_equal_samples'] else 'no'}; per seed both delay goals: "
+              f"{g['seeds_within']} of {g['seeds']}.", "",
+              "The service's beam-on time after the ejection is a wall-clock figure (its decision waits for the "
+              "100-sample block, then the blank's round trip; the simulator's sample clock runs on real time), so it "
+              "grows with the machine's load; the controller's is counted in samples and does not.", "",
+              "Per seed (controller | service): delay p50/max, beam on after ejection p50/max, false triggers",
+              "", "| seed | controller | service |", "|---|---|---|"]
     for rc, rs in zip(res["runs"]["controller"], res["runs"]["service"]):
         fmt = lambda t: (f"{_f(t['detection_delay_samples_p50'])}/{_f(t['detection_delay_samples_max'])}, "  # noqa: E731
                          f"{_f(t['samples_after_ejection_p50'])}/{_f(t['samples_after_ejection_max'])}, "

@@ -34,9 +34,9 @@ cbor_values = st.recursive(
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8) | st.integers(), inner, max_size=3),
     max_leaves=8)
 ARG_NAMES = ["x", "y", "frame_id", "on", "shape", "fov_nm", "dwell_us", "channels", "points", "signal",
-             "blank_between", "queue_id", "since"]
+             "blank_between", "queue_id", "since", "model", "threshold", "rearm", "expected_rate"]
 CALLS = ["get_capabilities", "get_state", "acquire_frame", "set_probe", "blank", "queue_points", "fetch_points",
-         "abort_points", "sim_ground_truth", "sim_events", "heartbeat"]
+         "abort_points", "sim_ground_truth", "sim_events", "heartbeat", "arm_trigger", "get_trigger_state"]
 
 
 def check_decoders(buf):
@@ -97,10 +97,20 @@ requests = st.one_of(
 )
 
 
+def _call_of(buf):
+    """The ``call`` of a request's bytes, None when they are not a CBOR map naming one."""
+    try:
+        obj = cbor2.loads(buf)
+    except Exception:  # noqa: BLE001 - fuzzed bytes
+        return None
+    return obj.get("call") if isinstance(obj, dict) else None
+
+
 def check_live(live, reqs):
     mic, sock = live
     for buf in reqs:
         before = mic.server.requests
+        was_blanked = mic.blanked
         sock.send(buf)
         assert sock.poll(5000), "the server stopped answering"
         reply = cbor2.loads(sock.recv())
@@ -108,6 +118,8 @@ def check_live(live, reqs):
         assert isinstance(reply, dict) and isinstance(reply["ok"], bool) and isinstance(reply["seq"], int)
         if not reply["ok"]:
             assert reply["error"] in ERROR_CODES and reply["error"] != "internal", reply
+        if was_blanked and _call_of(buf) == "arm_trigger":
+            assert mic.blanked  # arming the trigger never unblanks
         if mic.park is not None:
             fx, fy, fid = mic.park[2:]
             assert 0 <= fx <= 1 and 0 <= fy <= 1 and math.isfinite(fx) and math.isfinite(fy)

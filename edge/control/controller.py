@@ -82,7 +82,8 @@ Handler = Callable[[dict], dict]
 """A bridge call's handler: the request's ``args`` in, the result map out (or a raised :class:`BridgeError`)."""
 
 CALLS = ("get_capabilities", "get_state", "acquire_frame", "set_probe", "blank", "stop")
-"""Calls every :class:`ScanController` serves (besides ``heartbeat``, which the server adds)."""
+"""Calls every :class:`ScanController` serves (besides ``heartbeat``, which the server adds; a
+:class:`TriggerProbe` backend adds :data:`beamloop.edge.control.protocol.TRIGGER_CALLS`)."""
 
 QUEUE_CALLS = ("queue_points", "fetch_points", "abort_points")
 

@@ -25,7 +25,8 @@ bridge call            Nion Swift (nionswift-instrumentation 23.6, ``nion/instru
 
 Not available: the signal at a parked probe as a time series (Nion's scan device has no such stream,
 and the simulator none either), so the trigger-driven dwell of the edge service needs a detector stream
-from elsewhere; ``get_capabilities`` reports ``parked_stream: None``.
+from elsewhere; ``get_capabilities`` reports ``parked_stream: None``, and ``trigger: None`` (no ejection
+trigger at the controller: ``arm_trigger`` is not served, and the service decides).
 
 Installing: ``pip install -e ".[nion]"`` (nionswift-instrumentation and nionswift-usim; pure Python,
 no GUI toolkit needed for headless use).

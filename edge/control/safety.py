@@ -357,6 +357,9 @@ class BeamSafety:
     sequences : SequenceTracker
     owner : str or None
         The client the watchdog listens to.
+    trigger_models : dict
+        The controller's trigger models, name -> ``{"hash", ...}``, for :meth:`check_arm_trigger` (set by the
+        controller; empty: ``arm_trigger`` is not checked here, as the controller does not serve it).
     """
 
     def __init__(self, limits: SafetyLimits | None = None, *, blank: Callable[[str], None] | None = None,
