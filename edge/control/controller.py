@@ -958,17 +958,18 @@ class ScanController:
         """The backend's trigger decided on a sample of ``d`` and blanked the beam: end the dwell there, read
         the blanker back, and apply the rearm policy."""
         t = self.trigger
-        assert t is not None
-        t.running = False
-        if t.rearm == "once":
-            t.armed = False
+        if t is not None:
+            t.running = False
+            if t.rearm == "once":
+                t.armed = False
         blank_ns = float(ev["blank_time_ns"])
         self.trigger_decisions += 1
         self.trigger_last = d.trigger = {
             "decision_sample": int(ev["sample"]), "blank_time_ns": blank_ns,
             "blank_t_ns": int(round(d.started * 1e9 + blank_ns)),
-            "latency_ns": float(ev.get("latency_ns", t.latency_ns)),
-            "series_id": d.series_id, "frame_id": d.frame_id, "model": t.model, "threshold": t.threshold,
+            "latency_ns": float(ev.get("latency_ns", math.nan if t is None else t.latency_ns)),
+            "series_id": d.series_id, "frame_id": d.frame_id, "model": ev.get("model", None if t is None else t.model),
+            "threshold": ev.get("threshold", None if t is None else t.threshold),
             "baseline_rate": ev.get("baseline_rate")}
         try:
             self._end_dwell("trigger")
@@ -1033,7 +1034,7 @@ class ScanController:
                                                                            "valid": n})
                     except TimeoutError as exc:
                         self._dropped(what, exc)
-            if fired is not None and self.trigger is not None:
+            if fired is not None:
                 self._trigger_fired(d, fired)
                 break
             if d.max_samples is not None and d.samples >= d.max_samples:
