@@ -34,9 +34,6 @@ class ServiceConfig:
         Beam targets per frame chosen by the vacancy-line policy; None: no policy (frames only).
     trigger : str
         Trigger of the dwells (:func:`beamloop.edge.trigger.make_trigger`).
-    trigger_at : {"controller", "service"}
-        Where dwells' decisions are made: at the scan controller when it offers the trigger's model, else
-        (and with ``"service"``) in the service (:meth:`beamloop.edge.service.EdgeService.choose_trigger_at`).
     spacing_px : float or None
         Column spacing in pixels for frames without a pixel size (fixed classical-finder parameters,
         :meth:`~beamloop.edge.stages.find.FinderConfig.for_spacing`).
@@ -48,18 +45,21 @@ class ServiceConfig:
         Working memory the frame path may need for one series, MiB
         (:meth:`beamloop.edge.path.FramePath.check_budget`); also the bound on the receive ring that
         :func:`receiver_ring_bytes` gives the service's receiver.
+    trigger_at : {"controller", "service"}
+        Where dwells' decisions are made: at the scan controller when it offers the trigger's model, else
+        (and with ``"service"``) in the service (:meth:`beamloop.edge.service.EdgeService.choose_trigger_at`).
     """
 
     material: str = "MoS2"
     method: str = "classical"
     targets_per_frame: int | None = None
     trigger: str = "model"
-    trigger_at: str = "controller"
     spacing_px: float | None = None
     precision: str = "fp32"
     device: str = "auto"
     heartbeat_s: float | None = 0.25
     memory_budget_mib: float = DEFAULT_MEMORY_BUDGET / 2**20
+    trigger_at: str = "controller"
 
     def __post_init__(self) -> None:
         if not (isinstance(self.memory_budget_mib, (int, float)) and math.isfinite(self.memory_budget_mib)
