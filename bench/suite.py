@@ -49,6 +49,7 @@ PEER_GROUPS = {
     "trigger_": "trigger models: decision time",
     "fpga_": "trigger logic on the FPGA: resources, fmax, initiation interval",
     "soak": "soak: the service under sustained load",
+    "dkl": "deep kernel learning: top-5% sites found and reconstruction vs random and raster, decision time per step",
 }
 """File-name prefixes of other developers' benchmark modules in bench/, and what they measure."""
 

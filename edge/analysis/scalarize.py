@@ -78,14 +78,19 @@ class EdgeWindows:
 
 
 EDGES: dict[str, EdgeWindows] = {
-    # MoS2: S L2,3 at ~165 eV (Egerton 2011, appendix: S L3 165 eV), Mo M4,5 delayed edge at ~227 eV
+    # MoS2: S L2,3 at 165 eV (L3; L2 1.2 eV above), Mo M4,5 delayed edge at 227 eV (M5; M4 3.1 eV above)
     "S_L2,3": EdgeWindows("S_L2,3", 165.0, (140.0, 160.0), (163.0, 193.0), 1.2),
     "Mo_M4,5": EdgeWindows("Mo_M4,5", 227.0, (200.0, 222.0), (225.0, 255.0), 3.1),
-    # SrTiO3: Ti L2,3 white lines at ~456 / ~462 eV, O K at ~532 eV
+    # SrTiO3: Ti L2,3 white lines at 456 / 462 eV (L3 / L2), O K at 532 eV
     "Ti_L2,3": EdgeWindows("Ti_L2,3", 456.0, (420.0, 450.0), (453.0, 475.0), 5.6),
     "O_K": EdgeWindows("O_K", 532.0, (500.0, 526.0), (529.0, 560.0), 0.0),
 }
-"""Edges of the simulated specimens by name (see :class:`EdgeWindows`)."""
+"""Edges of the simulated specimens by name (see :class:`EdgeWindows`).
+
+Onsets: R. F. Egerton, *Electron Energy-Loss Spectroscopy in the Electron Microscope*, 3rd ed., Springer
+2011, appendix D (table of edge energies: S L3 165, Mo M5 227, Ti L3 456, O K 532 eV); C. C. Ahn &
+O. L. Krivanek, *EELS Atlas* (Gatan / ASU HREM Facility, 1983); spin-orbit splittings from the same
+tables (Ti L3-L2 5.6 eV: Leapman, Grunes & Fejes 1982)."""
 
 
 def energy_axis(channels: int, offset_eV: float, dispersion_eV: float) -> np.ndarray:
@@ -101,7 +106,7 @@ def energy_axis(channels: int, offset_eV: float, dispersion_eV: float) -> np.nda
 # --- background -----------------------------------------------------------------------------------------------
 
 
-def fit_power_law(energy_eV: np.ndarray, counts: np.ndarray, window_eV: tuple[float, float]) -> tuple[float, float]:
+def fit_power_law(energy_eV: np.ndarray, counts: np.ndarray, window_eV: tuple[float, float]) -> tuple[Any, Any]:
     """Fit the pre-edge background ``I(E) = A E^-r`` over ``window_eV`` (Egerton 2011, sec. 4.4.2).
 
     Weighted least squares of ``log I`` against ``log E``: the variance of ``log I`` of Poisson counts is

@@ -48,7 +48,16 @@ GOALS = ("max", "min")
 
 @runtime_checkable
 class PointMeasurer(Protocol):
-    """Measures a scalar at points of the current frame.
+    """Measures a scalar at probe positions of the current frame: the one seam between the DKL loop and a
+    microscope.
+
+    Implementations: :class:`SimulatedPoints` (offline, the simulator's specimen) and
+    :class:`ScalarizedPoints` (any function returning the raw signals at points, reduced by a scalarizer),
+    which is how a bridge-backed measurer is built: ``acquire(points_px)`` converts the frame pixels to
+    scan-field positions with the frame's :class:`~beamloop.edge.frame.scanframe.ScanFrame`, sends them in one
+    point queue with a dwell time per point, and returns per point what the detector chosen gives there
+    (an EELS spectrum ``(channels,)`` with its calibration, a diffraction pattern ``(det_rows, det_cols)``
+    or ADF counts).
 
     Attributes
     ----------
@@ -60,8 +69,61 @@ class PointMeasurer(Protocol):
 
     def measure(self, points_px: np.ndarray) -> np.ndarray:
         """Values at ``points_px`` ((k, 2) float, ``(x, y)`` pixels of the frame), (k,) float64; nan where a
-        point gave no value (it is not measured again)."""
+        point gave no value (it is not measured again). Errors of the instrument (a lost bridge, a refused
+        position) propagate and end the loop."""
         ...
+
+
+class ScalarizedPoints:
+    """A :class:`PointMeasurer` from a signal source and a scalarizer.
+
+    Parameters
+    ----------
+    acquire : callable
+        ``acquire(points_px) -> signals``: ``points_px`` (k, 2) float ``(x, y)`` pixels of the frame;
+        ``signals`` a sequence of k raw measurements (spectra ``(channels,)``, patterns ``(rows, cols)`` or ADF
+        sample arrays) in the order of the points.
+    scalarizer : BoundScalarizer
+        Reduces one signal to a float (bound to the spectrometer's calibration or the detector's geometry).
+
+    Attributes
+    ----------
+    units : str
+    measured : int
+        Points measured so far.
+
+    Raises
+    ------
+    ValueError
+        (from :meth:`measure`) ``acquire`` returned another number of signals than points.
+    """
+
+    def __init__(self, acquire: Callable[[np.ndarray], object], scalarizer: BoundScalarizer) -> None:
+        self.acquire = acquire
+        self.scalarizer = scalarizer
+        self.units = scalarizer.units
+        self.measured = 0
+
+    def measure(self, points_px: np.ndarray) -> np.ndarray:
+        """Scalars at ``points_px`` ((k, 2) pixels), (k,) float64; nan where the scalarizer refused a signal."""
+        pts = np.asarray(points_px, np.float64).reshape(-1, 2)
+        signals = list(self.acquire(pts))  # type: ignore[call-overload]
+        if len(signals) != len(pts):
+            raise ValueError(f"acquire returned {len(signals)} signals for {len(pts)} points")
+        self.measured += len(pts)
+        return scalarize_all(self.scalarizer, signals)
+
+
+def scalarize_all(scalarizer: BoundScalarizer, signals) -> np.ndarray:
+    """``scalarizer`` on each signal, (k,) float64; nan where it raised ``ValueError`` or gave a non-finite value."""
+    out = np.full(len(signals), np.nan)
+    for i, sig in enumerate(signals):
+        try:
+            out[i] = scalarizer(sig)
+        except (ValueError, FloatingPointError, ZeroDivisionError):
+            continue
+    out[~np.isfinite(out)] = np.nan
+    return out
 
 
 @dataclass(frozen=True)
@@ -265,7 +327,9 @@ class DKLResult:
     mean, std : ndarray, shape (m,), float64
         Final prediction of every candidate (original units and sign).
     snapshots : dict int -> (mean, std)
-        Predictions fitted on exactly the first ``N`` measurements, for each checkpoint ``N`` reached.
+        Predictions fitted on exactly the first ``N`` measurements, for each checkpoint ``N`` reached: the
+        posterior of the step that began with ``N`` measured (no extra fit, so checkpoints do not change the
+        path); where batches stepped over ``N``, a separate fit after the run.
     settings : DKLSettings
     units : str
     model : DKLModel or None
@@ -344,6 +408,9 @@ def run_dkl(image: np.ndarray, candidates_px: np.ndarray, measurer: PointMeasure
         chosen = select_batch(state, z, available, k, acquisition=s.acquisition, batch=s.batch, positions=cand,
                               exclusion=s.exclusion_px, beta=s.beta, xi=s.xi)
         dt = time.perf_counter() - t0
+        if len(order) in s.checkpoints:  # the fit of this step saw exactly the first N measurements
+            mu, sd = state.predict(z)
+            snapshots[len(order)] = (sign * mu, sd)
         new = [float(v) for v in measurer.measure(cand[chosen])]
         rec = StepRecord(len(order), chosen.tolist(), new, dt, t_fit, model.last_loss)
         steps.append(rec)
@@ -352,11 +419,10 @@ def run_dkl(image: np.ndarray, candidates_px: np.ndarray, measurer: PointMeasure
         available[chosen] = False
         if on_step is not None:
             on_step(rec, model)
-        for n_cp in s.checkpoints:
-            if n_cp not in snapshots and len(order) >= n_cp and n_cp < s.budget:
-                model.fit(np.array(order[:n_cp]), sign * np.array(values[:n_cp]))
-                mu, sd = model.predict()
-                snapshots[n_cp] = (sign * mu, sd)
+    skipped = [n for n in s.checkpoints if n not in snapshots and n < s.budget and n <= len(order)]
+    for n_cp in skipped:  # batches stepped over it: a separate fit on the first N (after the path is complete)
+        mu, sd = fit_predict(patches, np.array(order[:n_cp]), np.array(values[:n_cp]), s.model, s.goal)
+        snapshots[n_cp] = (mu, sd)
     model.fit(np.array(order), sign * np.array(values))
     mu, sd = model.predict()
     if s.budget in s.checkpoints:
@@ -416,7 +482,8 @@ def evaluate(truth: np.ndarray, order: np.ndarray, budgets: tuple[int, ...], *, 
     return {n: top_share_found(truth, order[:n], fraction, maximize=goal == "max") for n in budgets if n <= len(order)}
 
 
-__all__ = ["DKLResult", "DKLSettings", "PointMeasurer", "SimulatedPoints", "StepRecord", "baseline_order",
+__all__ = ["DKLResult", "DKLSettings", "PointMeasurer", "ScalarizedPoints", "SimulatedPoints", "StepRecord",
+           "baseline_order", "scalarize_all",
            "column_candidates", "evaluate", "extract_patches", "fit_predict", "grid_candidates",
            "reconstruction_error", "run_dkl", "simulated_scene"]
 
@@ -561,13 +628,7 @@ class SimulatedPoints:
     def _scalars(self, sig: np.ndarray) -> np.ndarray:
         if self.scalarizer.kind == "adf":
             return np.asarray(sig, np.float64)
-        out = np.empty(len(sig))
-        for i, s in enumerate(sig):
-            try:
-                out[i] = self.scalarizer(s)
-            except (ValueError, FloatingPointError):
-                out[i] = np.nan
-        return out
+        return scalarize_all(self.scalarizer, sig)
 
 
 def bind_for_material(name: str, material: str = "MoS2") -> BoundScalarizer:

@@ -35,6 +35,7 @@ import copy
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -85,6 +86,11 @@ class DKLConfig:
         from explaining every observation as noise while few seed points hold no feature.
     lengthscale_min : float
         Least RBF lengthscale in the embedding (the PCA coordinates are scaled to a typical norm of 1).
+    outputscale_min : float
+        Least prior variance of the latent function (standardised units). At 1, a patch unlike any measured
+        one keeps at least the spread of the values seen so far as its uncertainty, even when the first
+        measurements all look alike (standardising them would otherwise scale their noise up to the
+        function's variance, and expected improvement would chase that noise).
     seed : int
         Seed of the network's initial weights.
     threads : int
@@ -101,6 +107,7 @@ class DKLConfig:
     noise_min: float = 1e-3
     noise_max: float = 0.5
     lengthscale_min: float = 0.05
+    outputscale_min: float = 1.0
     seed: int = 0
     threads: int = 1
 
@@ -170,9 +177,9 @@ class DKLModel:
         # float64 throughout the fit: the exact GP's Cholesky factor of nearly equal embeddings needs it
         self.x_all = torch.as_tensor(np.asarray(patches, np.float64).reshape(len(patches), -1))
         self.encoder = _make_encoder(torch, mean, basis, self.offset, self.scale, config).double()
-        self._model = None
-        self._likelihood = None
-        self._optimizer = None
+        self._model: Any = None  # gpytorch's ExactGP, built at the first fit
+        self._likelihood: Any = None
+        self._optimizer: Any = None
         self.state: GPState | None = None
         self.y_mean, self.y_std = 0.0, 1.0
         self.last_loss = float("nan")
@@ -217,7 +224,7 @@ class DKLModel:
                 lik = gpytorch.likelihoods.GaussianLikelihood(
                     noise_constraint=gpytorch.constraints.Interval(cfg.noise_min, cfg.noise_max)).double()
                 self._model = _ExactDKL(xt, yt, lik, self.encoder, cfg.embed_dim, cfg.lengthscale_min,
-                                        gpytorch).double()
+                                        cfg.outputscale_min, gpytorch).double()
                 self._likelihood = lik
                 self._optimizer = torch.optim.Adam([
                     {"params": [p for p in self.encoder.parameters() if p.requires_grad],
@@ -311,7 +318,7 @@ def _make_encoder(torch, mean: np.ndarray, basis: np.ndarray, offset: float, sca
     """``patches (n, rows, cols) -> (n, embed_dim)``: scaling and PCA fixed, the MLP trained."""
     nn = torch.nn
 
-    class Encoder(nn.Module):
+    class Encoder(nn.Module):  # type: ignore[name-defined]
         def __init__(self) -> None:
             super().__init__()
             self.register_buffer("offset", torch.tensor(offset, dtype=torch.float32))
@@ -341,15 +348,17 @@ def _make_encoder(torch, mean: np.ndarray, basis: np.ndarray, offset: float, sca
 
 
 def _exact_dkl_class(gpytorch):
-    class ExactDKL(gpytorch.models.ExactGP):
-        def __init__(self, x, y, likelihood, encoder, dim, lengthscale_min):
+    class ExactDKL(gpytorch.models.ExactGP):  # type: ignore[name-defined]
+        def __init__(self, x, y, likelihood, encoder, dim, lengthscale_min, outputscale_min):
             super().__init__(x, y, likelihood)
             self.encoder = encoder
             self.mean_module = gpytorch.means.ConstantMean()
             rbf = gpytorch.kernels.RBFKernel(ard_num_dims=dim,
                                              lengthscale_constraint=gpytorch.constraints.GreaterThan(lengthscale_min))
             rbf.lengthscale = max(0.5, 2 * lengthscale_min)
-            self.covar_module = gpytorch.kernels.ScaleKernel(rbf)
+            self.covar_module = gpytorch.kernels.ScaleKernel(
+                rbf, outputscale_constraint=gpytorch.constraints.GreaterThan(outputscale_min))
+            self.covar_module.outputscale = max(1.0, 2 * outputscale_min)
 
         def forward(self, x):
             z = self.encoder(x)
@@ -358,5 +367,5 @@ def _exact_dkl_class(gpytorch):
     return ExactDKL
 
 
-def _ExactDKL(x, y, likelihood, encoder, dim, lengthscale_min, gpytorch):  # noqa: N802 - a class factory
-    return _exact_dkl_class(gpytorch)(x, y, likelihood, encoder, dim, lengthscale_min)
+def _ExactDKL(x, y, likelihood, encoder, dim, lengthscale_min, outputscale_min, gpytorch):  # noqa: N802 - a factory
+    return _exact_dkl_class(gpytorch)(x, y, likelihood, encoder, dim, lengthscale_min, outputscale_min)

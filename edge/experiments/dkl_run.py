@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -48,6 +49,8 @@ from beamloop.edge.experiments.dkl import (
     simulated_scene,
 )
 from beamloop.edge.experiments.dkl_gp import reconstruction_error, top_share_found
+from beamloop.edge.sim.frames import SimulatedFrame
+from beamloop.edge.sim.lattice import Specimen
 
 TOP_FRACTION = 0.05
 """The share of candidates counted as the sites worth finding (the top 5 % by the true property)."""
@@ -67,8 +70,8 @@ class Scene:
     material, scalarizer : str
     """
 
-    frame: object
-    specimen: object
+    frame: SimulatedFrame
+    specimen: Specimen
     candidates_px: np.ndarray
     truth: np.ndarray
     material: str
@@ -188,7 +191,7 @@ def offline_experiment(out: str | Path, settings: DKLSettings, *, material: str 
     assert res.model.state is not None
     res.model.state.save(out / "gp_state.npz")
     dec = res.decision_s
-    report = {"dkl": {
+    report: dict[str, dict[str, Any]] = {"dkl": {
         "material": material, "scalarizer": scalarizer, "units": res.units, "goal": goal, "budget": n,
         "acquisition": settings.acquisition, "seed": settings.seed, "candidates": m,
         "top_fraction": TOP_FRACTION, "top_sites": max(1, math.ceil(TOP_FRACTION * m)),

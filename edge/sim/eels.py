@@ -20,15 +20,14 @@ electrons per eV:
   ``delayed``    an M4,5 edge of a 4d element: a delayed maximum ``x^2 / (x^2 + w^2)`` of the energy above the
                  onset ``x``, then ``(E / E_onset)^-decay`` (Egerton sec. 3.7.2, fig. 3.33);
 
-- **local structure**: every column gets a coordination deficit ``delta`` in [0, 1],
-  ``1 - S_k / S_ref`` with ``S_k`` the atoms in the column and its neighbours (Gaussian weights of
-  width one nearest-neighbour distance, within 1.9 of them: the shell at exactly two, present in both 2H
-  MoS2 and SrTiO3 [001], is left out rather than split by rounding) and ``S_ref`` the median of ``S_k``
-  over columns of its sublattice, i.e. of the perfect crystal. Near a vacancy, or at a grain boundary
-  where neighbours are missing or too far, ``delta > 0``. Its edges respond through
-  ``f(delta) = 1 - exp(-delta / 0.08)``: the onset moves by ``shift_eV * f`` (a chemical shift; negative: towards lower energy, as for reduced Ti at
-  O vacancies in SrTiO3, Ti3+ against Ti4+), the L3/L2 ratio changes by ``ratio_change * f``, near-edge
-  peaks lose ``peak_loss * f`` of their height.
+- **local structure**: every column gets a coordination deficit ``delta`` in [0, 1], ``1 - S_k / S_ref`` with
+  ``S_k`` the atoms in the column and its neighbours (Gaussian weights of width one nearest-neighbour distance,
+  within 1.9 of them: the shell at exactly two, present in both 2H MoS2 and SrTiO3 [001], is left out rather than
+  split by rounding) and ``S_ref`` the median of ``S_k`` over columns of its sublattice, i.e. of the perfect
+  crystal. Near a vacancy, or at a grain boundary where neighbours are missing or too far, ``delta > 0``. Its edges
+  respond through ``f(delta) = 1 - exp(-delta / 0.08)``: the onset moves by ``shift_eV * f`` (a chemical shift;
+  negative: towards lower energy, as for reduced Ti at O vacancies in SrTiO3, Ti3+ against Ti4+), the L3/L2 ratio
+  changes by ``ratio_change * f``, near-edge peaks lose ``peak_loss * f`` of their height.
 - **spectrometer**: channels of ``dispersion_eV`` from ``offset_eV``; the model is evaluated on a grid four
   times finer, convolved with a Gaussian of ``resolution_eV`` full width at half maximum (the zero-loss
   peak's width) and summed into channels; Poisson counts of ``electrons`` probe electrons per spectrum.
