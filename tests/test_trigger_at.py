@@ -8,34 +8,15 @@ import math
 
 import numpy as np
 import pytest
+from test_controller import Wire  # calls served in the test's thread
 
 from beamloop.edge.control.controller import ScanController
-from beamloop.edge.control.protocol import BridgeError, decode_reply, encode_request
 from beamloop.edge.sim.microscope import MicroscopeConfig, SimulatedMicroscope
 from beamloop.edge.trigger.model import ModelTrigger, model_hash, sample_trigger_models
 
 FAST = {"frames": "tcp://127.0.0.1:*", "control": "tcp://127.0.0.1:*", "watchdog_s": None, "max_park_s": 100.0,
         "cross_section_barn": 20.0, "seed": 3}
 """A microscope whose parked S columns lose an atom within a few hundred samples."""
-
-
-class Wire:
-    """Calls to a controller that serves them in the test's thread."""
-
-    def __init__(self, ctl, sock):
-        self.ctl, self.sock, self.seq = ctl, sock, 0
-
-    def __call__(self, call, **args):
-        self.seq += 1
-        self.sock.send(encode_request(call, self.seq, args, "test"))
-        assert self.ctl.handle_one(5000)
-        return decode_reply(self.sock.recv(), call)[1]
-
-    def refused(self, code, call, **args):
-        with pytest.raises(BridgeError) as err:
-            self(call, **args)
-        assert err.value.code == code, err.value
-        return err.value.message
 
 
 @pytest.fixture
