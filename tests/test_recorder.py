@@ -174,3 +174,102 @@ def test_sigkill_mid_series_leaves_every_flushed_frame_intact(tmp_path):
     info = recording_info(out / "series_master.h5")
     assert not info["complete"] and info["frames_recorded"] == len(got)
     assert all(p.suffix == ".h5" for p in data_files(out / "series_master.h5"))
+
+
+# --- every channel, HDF5 and Zarr ------------------------------------------------------------------------------
+
+CHANNELS = ("threshold_1", "threshold_2", "difference")
+
+
+def multichannel_frames(n, dtype, seed=3):
+    """Two thresholds and their difference, as an EIGER2 sends them (threshold_2 counts fewer photons)."""
+    rng = np.random.default_rng(seed)
+    top = np.iinfo(dtype).max
+    t1 = rng.poisson(4.0, (n, *SHAPE)).astype(np.int64)
+    t2 = rng.binomial(t1, 0.5)
+    t1[:, 0, 0] = top  # the full range of the type survives
+    t2[:, 0, 0] = top // 2
+    return {"threshold_1": t1.astype(dtype), "threshold_2": t2.astype(dtype), "difference": (t1 - t2).astype(dtype)}
+
+
+def record_multichannel(tmp_path, fmt, compression, dtype, n=23, decode=False):
+    from beamloop.streams.dectris.recorder import make_recorder
+
+    frames = multichannel_frames(n, dtype)
+    with Stream2Sender("tcp://127.0.0.1:0", compression=compression) as tx, \
+            DetectorReceiver(tx.endpoint, protocol="stream2", decode=decode, stack_size=8) as rx:
+        time.sleep(0.05)
+        tx.start_series(SHAPE, dtype, n, channels=CHANNELS)
+        for i in range(n):
+            tx.send_frame({ch: frames[ch][i] for ch in CHANNELS})
+        tx.end_series()
+        masters = record(rx, lambda s: make_recorder(fmt, tmp_path, "multi", frames_per_file=10), idle_ms=100)
+    return frames, masters
+
+
+@pytest.mark.parametrize("fmt", ["hdf5", "zarr"])
+@pytest.mark.parametrize("compression", ["bslz4", "lz4"])
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.uint32])
+def test_every_channel_recorded_bit_exact(tmp_path, fmt, compression, dtype):
+    from beamloop.streams.dectris.recorder import read_channels
+
+    if fmt == "zarr":
+        pytest.importorskip("zarr")
+    frames, masters = record_multichannel(tmp_path, fmt, compression, dtype)
+    got, ids = read_channels(masters[0])
+    assert list(got) == list(CHANNELS) and np.array_equal(ids, np.arange(23))
+    for ch in CHANNELS:
+        assert got[ch].dtype == dtype and np.array_equal(got[ch], frames[ch]), ch
+    first, _ = read_frames(masters[0])
+    assert np.array_equal(first, frames["threshold_1"])
+    assert np.array_equal(read_frames(masters[0], "difference")[0], frames["difference"])
+    info = recording_info(masters[0])
+    assert info["format"] == fmt and info["channels"] == list(CHANNELS) and info["complete"]
+    assert info["frames_recorded"] == 23 and info["dtype"] == dtype and info["shape"] == SHAPE
+
+
+def test_hdf5_layout_keeps_one_dataset_per_channel(tmp_path):
+    frames, masters = record_multichannel(tmp_path, "hdf5", "bslz4", np.uint16)
+    with h5py.File(masters[0], "r") as f:
+        d = f["entry/data"]
+        assert sorted(d) == sorted([f"{name}_{k:06d}" for k in (1, 2, 3)
+                                    for name in ("data", *CHANNELS)])
+        assert d["threshold_2_000002"].shape == (10, *SHAPE)
+        assert np.array_equal(d["difference_000003"][()], frames["difference"][20:])
+        assert np.array_equal(d["data_000001"][()], frames["threshold_1"][:10])  # DECTRIS tools read the first
+    with h5py.File(data_files(masters[0])[0], "r") as f:
+        assert f["entry/data/data"].id == f["entry/data/threshold_1"].id  # a hard link, no second copy
+    # the bslz4 blobs of every channel are the streamed bytes
+    codec = codecs.Codec(codecs.BSLZ4, 2)
+    for (_, blob), f in zip(iter_chunks(masters[0], "threshold_2"), frames["threshold_2"]):
+        assert blob == codecs.encode(f, codec)
+
+
+def test_channel_names_that_are_not_link_names_round_trip(tmp_path):
+    from beamloop.streams.dectris.recorder import dataset_names, read_channels
+
+    names = dataset_names(("data", "a/b", "image_id", "."))
+    assert names["data"] == "data" and names["a/b"] == "a%2Fb" and names["."] == "%2E"
+    assert names["image_id"] != "image_id"  # the frame ids' name is reserved
+    frames = make_frames(5, np.uint8)
+    with Stream2Sender("tcp://127.0.0.1:0") as tx, DetectorReceiver(tx.endpoint, protocol="stream2",
+                                                                    decode=False) as rx:
+        time.sleep(0.05)
+        tx.start_series(SHAPE, np.uint8, 5, channels=("x/y", "data"))
+        for f in frames:
+            tx.send_frame({"x/y": f, "data": f[::-1].copy()})
+        tx.end_series()
+        masters = record(rx, lambda s: Recorder(tmp_path, "odd"), idle_ms=100)
+    got, _ = read_channels(masters[0])
+    assert list(got) == ["x/y", "data"]
+    assert np.array_equal(got["x/y"], frames) and np.array_equal(got["data"], frames[:, ::-1])
+
+
+def test_zarr_recording_replays_and_refuses_to_overwrite(tmp_path):
+    pytest.importorskip("zarr")
+    from beamloop.streams.dectris.zarr_recorder import ZarrRecorder
+
+    frames, masters = record_multichannel(tmp_path, "zarr", "bslz4", np.uint16, decode=True)
+    assert masters == [tmp_path / "multi.zarr"]
+    with pytest.raises(FileExistsError):
+        ZarrRecorder(tmp_path, "multi")

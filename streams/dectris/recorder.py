@@ -10,10 +10,21 @@ their way):
     ``data_000002``, ... to the data files' ``/entry/data/data``; ``/entry/beamloop`` holds the receiver's
     counters and the number of frames recorded.
 ``<prefix>_data_000001.h5``, ...
-    ``/entry/data/data``: (n, rows, cols) frames, one HDF5 chunk per frame, compressed with the
+    ``/entry/data/<channel>``: one dataset per channel of the series, named as the series names it (Stream V2
+    ``threshold_1``, ``threshold_2``, ``difference``; SIMPLON v1 ``data``), as DECTRIS' file writer keeps one
+    dataset per threshold: (n, rows, cols) frames, one HDF5 chunk per frame, compressed with the
     bitshuffle-LZ4 filter (HDF5 filter 32008, as DECTRIS writes; read with ``import hdf5plugin``), attributes
-    ``image_nr_low`` / ``image_nr_high`` (1-based, as DECTRIS), and ``/entry/data/image_id`` (the stream's
-    0-based frame ids, so gaps are visible).
+    ``image_nr_low`` / ``image_nr_high`` (1-based, as DECTRIS); ``/entry/data/data`` is the first channel
+    (an HDF5 hard link to it when it has another name), so tools that read DECTRIS files find it; and
+    ``/entry/data/image_id`` (the stream's 0-based frame ids, so gaps are visible). The master's
+    ``/entry/data`` links ``data_000001``, ... to the first channel and, when there are several channels,
+    ``<channel>_000001``, ... to each of them; ``/entry/beamloop/channels`` lists the channel names (JSON).
+
+A channel name that is not a plain HDF5 link name (empty, ``.``, containing ``/``, or one of ``data``
+``image_id`` for a channel other than the first) is stored percent-encoded (``urllib.parse.quote``); the
+readers return the names as the series sent them. :mod:`beamloop.streams.dectris.zarr_recorder` writes the
+same layout to a Zarr store (``beamloop record --format zarr``); :func:`read_frames`, :func:`read_channels`
+and :func:`recording_info` read both.
 
 Frames that arrive bit-shuffled and LZ4-compressed are written as HDF5 chunks unchanged
 (``write_direct_chunk``): the bslz4 stream framing *is* the filter's chunk format, so recording is
@@ -34,7 +45,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -51,6 +64,45 @@ BITSHUFFLE_FILTER = 32008
 """HDF5 filter id of bitshuffle (registered with The HDF Group)."""
 BITSHUFFLE_LZ4_OPTS = (0, 2)
 """Filter options: block size chosen automatically, LZ4 compression (bitshuffle's ``BSHUF_H5_COMPRESS_LZ4``)."""
+
+
+FORMATS = ("hdf5", "zarr")
+"""Recording formats (``beamloop record --format``)."""
+
+
+def dataset_names(channels: tuple[str, ...]) -> dict[str, str]:
+    """Channel name -> the name of its dataset (HDF5 link name, Zarr array name) in a recording.
+
+    Parameters
+    ----------
+    channels : tuple of str
+        The series' channel names, first channel first.
+
+    Returns
+    -------
+    dict
+        The name itself when it is a plain link name, else its percent-encoding (``urllib.parse.quote`` with
+        no safe characters; ``%2E`` for ``.``). ``data`` and ``image_id`` are reserved for the first channel
+        and the frame ids, so another channel of that name is encoded too (its first letter: ``%64ata``).
+
+    Raises
+    ------
+    ValueError
+        Two channels encode to the same name.
+    """
+    out = {}
+    for k, ch in enumerate(channels):
+        plain = ch not in ("", ".", "..", "image_id") and "/" not in ch and "%" not in ch and (k == 0 or ch != "data")
+        if plain:
+            out[ch] = ch
+            continue
+        enc = urllib.parse.quote(ch, safe="").replace(".", "%2E") or "%00"
+        if enc == ch:  # a reserved name: encode its first character too
+            enc = urllib.parse.quote(enc[0], safe="") if not enc[0].isalnum() else f"%{ord(enc[0]):02X}" + enc[1:]
+        out[ch] = enc
+    if len(set(out.values())) != len(out):
+        raise ValueError(f"channel names {list(channels)} do not map to distinct dataset names")
+    return out
 
 
 def _fsync_path(path: Path) -> None:
@@ -116,7 +168,8 @@ class Recorder:
         self.written = 0
         self._files: list[dict] = []  # finished data files
         self._h5: h5py.File | None = None
-        self._dset = None
+        self._dsets: dict = {}
+        self._names: dict[str, str] = {}
         self._ids = None
         self._fill = 0
         self._opened = 0.0
@@ -125,35 +178,48 @@ class Recorder:
 
     # series ------------------------------------------------------------------------------------------------
     def start(self, series: DetectorSeries) -> None:
-        """Begin recording ``series`` (first channel) and write the master. Raises ``RuntimeError`` when a
-        series was already recorded with this recorder."""
+        """Begin recording ``series`` (every channel) and write the master.
+
+        Raises
+        ------
+        RuntimeError
+            A series was already recorded with this recorder.
+        ValueError
+            The channel names do not map to distinct dataset names (:func:`dataset_names`).
+        """
         if self.series is not None:
             raise RuntimeError("a Recorder records one series; make a new one (another prefix) per series")
+        self._names = dataset_names(tuple(series.channels))
         self.series = series
         self._scratch = np.empty(series.shape, series.dtype)
         self._write_master()
 
     def write(self, stack: FrameStack) -> None:
-        """Append a stack of frames (its first channel). Blocks while writing: in a lossless receive loop
-        this is the back-pressure that slows the sender instead of dropping frames."""
+        """Append a stack of frames, every channel. Blocks while writing: in a lossless receive loop this is
+        the back-pressure that slows the sender instead of dropping frames.
+
+        Bitshuffle-LZ4 blobs (little-endian) are written as HDF5 chunks unchanged; other encodings are decoded
+        (or taken from ``ChannelStack.frames`` when the receiver decoded them) and re-compressed.
+        """
         if self.series is None:
             raise RuntimeError("write() before start()")
-        ch = stack.channels[self.series.channels[0]]
-        codec = ch.codec
-        direct = codec.algorithm == codecs.BSLZ4 and not codec.big_endian
+        chans = [(stack.channels[ch], self._names[ch]) for ch in self.series.channels]
+        direct = [c.codec.algorithm == codecs.BSLZ4 and not c.codec.big_endian for c, _ in chans]
         for i in range(len(stack)):
             if self._h5 is None:
                 self._open_file()
-            blob = ch.blob(i)
-            if not direct:
-                if ch.frames is not None:
-                    frame = ch.frames[i]
-                else:
-                    codecs.decode_into(blob, codec, self._scratch)
-                    frame = self._scratch
-                blob = codecs.encode(np.ascontiguousarray(frame), codecs.Codec(codecs.BSLZ4, frame.dtype.itemsize))
             k = self._fill
-            self._dset.id.write_direct_chunk((k, 0, 0), blob)
+            for (ch, name), raw in zip(chans, direct):
+                blob = ch.blob(i)
+                if not raw:
+                    if ch.frames is not None:
+                        frame = ch.frames[i]
+                    else:
+                        codecs.decode_into(blob, ch.codec, self._scratch)
+                        frame = self._scratch
+                    blob = codecs.encode(np.ascontiguousarray(frame),
+                                         codecs.Codec(codecs.BSLZ4, frame.dtype.itemsize))
+                self._dsets[name].id.write_direct_chunk((k, 0, 0), blob)
             self._ids[k] = stack.image_ids[i]
             self._fill = k + 1
             self.written += 1
@@ -200,9 +266,15 @@ class Recorder:
         g.attrs["NX_class"] = "NXentry"
         d = g.create_group("data")
         d.attrs["NX_class"] = "NXdata"
-        self._dset = d.create_dataset("data", shape=(self.frames_per_file, *s.shape), maxshape=(None, *s.shape),
-                                      dtype=s.dtype, chunks=(1, *s.shape), compression=BITSHUFFLE_FILTER,
-                                      compression_opts=BITSHUFFLE_LZ4_OPTS)
+        self._dsets = {}
+        for ch in s.channels:
+            name = self._names[ch]
+            self._dsets[name] = d.create_dataset(
+                name, shape=(self.frames_per_file, *s.shape), maxshape=(None, *s.shape), dtype=s.dtype,
+                chunks=(1, *s.shape), compression=BITSHUFFLE_FILTER, compression_opts=BITSHUFFLE_LZ4_OPTS)
+        first = self._names[s.channels[0]]
+        if first != "data":
+            d["data"] = self._dsets[first]  # a hard link: the DECTRIS name of the (first) data set
         self._ids = np.zeros(self.frames_per_file, np.int64)
         self._fill = 0
         self._opened = time.monotonic()
@@ -211,9 +283,10 @@ class Recorder:
     def _close_file(self) -> None:
         n = self._fill
         low = self.written - n + 1
-        self._dset.resize(n, axis=0)
-        self._dset.attrs["image_nr_low"] = np.uint64(low)
-        self._dset.attrs["image_nr_high"] = np.uint64(low + n - 1)
+        for dset in self._dsets.values():
+            dset.resize(n, axis=0)
+            dset.attrs["image_nr_low"] = np.uint64(low)
+            dset.attrs["image_nr_high"] = np.uint64(low + n - 1)
         self._h5["entry/data"].create_dataset("image_id", data=self._ids[:n])
         self._h5.close()
         self._h5 = None
@@ -259,7 +332,11 @@ class Recorder:
             data.attrs["signal"] = "data_000001"
             for k, info in enumerate(self._files, 1):
                 data[f"data_{k:06d}"] = h5py.ExternalLink(info["file"], "/entry/data/data")
+                for name in (self._names.values() if len(self._names) > 1 else ()):
+                    if name != "data" and f"{name}_{k:06d}" not in data:
+                        data[f"{name}_{k:06d}"] = h5py.ExternalLink(info["file"], f"/entry/data/{name}")
             bl = e.create_group("beamloop")
+            bl["channels"] = json.dumps(list(s.channels))
             bl["frames_recorded"] = np.uint64(sum(i["file_frames"] for i in self._files))
             bl["complete"] = bool(self._ended)
             if frames_announced is not None:
@@ -273,21 +350,87 @@ class Recorder:
 
 # --- reading ------------------------------------------------------------------------------------------------
 
+_DATA_LINK = re.compile(r"^data_\d{6}$")
+
+
+def is_zarr(recording: str | Path) -> bool:
+    """Whether ``recording`` names a Zarr recording (a ``.zarr`` directory) rather than an HDF5 master."""
+    path = Path(recording)
+    return path.suffix == ".zarr" or path.is_dir()
+
 
 def data_files(master: str | Path) -> list[Path]:
-    """The data files a master links, in order (those that exist).
+    """The data files an HDF5 master links, in order (those that exist).
 
     Raises ``FileNotFoundError`` for a missing master.
     """
     master = Path(master)
     with h5py.File(master, "r") as f:
-        names = sorted(k for k in f["entry/data"] if k.startswith("data_"))
+        names = sorted(k for k in f["entry/data"] if _DATA_LINK.match(k))
         files = [f["entry/data"].get(k, getlink=True).filename for k in names]
     return [master.parent / name for name in files if (master.parent / name).exists()]
 
 
-def read_frames(master: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """All frames of a recording and their frame ids.
+def _h5_channels(f: h5py.File) -> list[str]:
+    bl = f["entry/beamloop"]
+    return json.loads(bl["channels"][()]) if "channels" in bl else ["data"]  # recordings before channels
+
+
+def read_channels(recording: str | Path) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Every channel of a recording (HDF5 master or Zarr store) and the frame ids.
+
+    Parameters
+    ----------
+    recording : path
+        ``<prefix>_master.h5`` or ``<prefix>.zarr``.
+
+    Returns
+    -------
+    frames : dict
+        Channel name (as the series named it) -> ndarray (n, rows, cols) of the recorded little-endian pixels.
+    image_ids : ndarray (n,), int64
+        The stream's 0-based frame ids.
+
+    Raises
+    ------
+    FileNotFoundError
+        Missing master or store.
+    OSError
+        A data file is corrupt (a crash never leaves one: see the module docstring).
+    """
+    if is_zarr(recording):
+        from beamloop.streams.dectris.zarr_recorder import read_zarr
+
+        return read_zarr(recording)
+    import hdf5plugin  # noqa: F401
+
+    with h5py.File(recording, "r") as f:
+        channels = _h5_channels(f)
+    names = dataset_names(tuple(channels))
+    frames: dict[str, list] = {ch: [] for ch in channels}
+    ids = []
+    for path in data_files(recording):
+        with h5py.File(path, "r") as f:
+            d = f["entry/data"]
+            for ch in channels:
+                frames[ch].append(d[names[ch]][()])
+            ids.append(d["image_id"][()])
+    if not ids:
+        info = recording_info(recording)
+        empty = np.empty((0, *info["shape"]), info["dtype"])
+        return {ch: empty.copy() for ch in channels}, np.empty(0, np.int64)
+    return {ch: np.concatenate(v) for ch, v in frames.items()}, np.concatenate(ids)
+
+
+def read_frames(recording: str | Path, channel: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The frames of one channel of a recording (HDF5 master or Zarr store) and their frame ids.
+
+    Parameters
+    ----------
+    recording : path
+        ``<prefix>_master.h5`` or ``<prefix>.zarr``.
+    channel : str, optional
+        Channel name; default the first channel of the series.
 
     Returns
     -------
@@ -297,31 +440,39 @@ def read_frames(master: str | Path) -> tuple[np.ndarray, np.ndarray]:
     Raises
     ------
     FileNotFoundError
-        Missing master.
+        Missing master or store.
+    KeyError
+        No channel of that name.
     OSError
-        A data file is corrupt (a crash never leaves one: see the module docstring).
+        A data file is corrupt.
     """
-    import hdf5plugin  # noqa: F401
+    frames, ids = read_channels(recording)
+    if channel is None:
+        return next(iter(frames.values())), ids
+    if channel not in frames:
+        raise KeyError(f"{recording}: no channel {channel!r}; it has {list(frames)}")
+    return frames[channel], ids
 
-    frames, ids = [], []
+
+def iter_chunks(master: str | Path, channel: str | None = None) -> Iterator[tuple[int, bytes]]:
+    """Yield ``(image_id, bslz4 blob)`` for every recorded frame of one channel (default the first) of an
+    HDF5 recording, without decompressing (for replay).
+
+    Raises
+    ------
+    OSError
+        A chunk was stored with another filter than bitshuffle-LZ4.
+    KeyError
+        No channel of that name.
+    """
+    with h5py.File(master, "r") as f:
+        channels = _h5_channels(f)
+    if channel is not None and channel not in channels:
+        raise KeyError(f"{master}: no channel {channel!r}; it has {channels}")
+    name = dataset_names(tuple(channels))[channel or channels[0]]
     for path in data_files(master):
         with h5py.File(path, "r") as f:
-            frames.append(f["entry/data/data"][()])
-            ids.append(f["entry/data/image_id"][()])
-    if not frames:
-        with h5py.File(master, "r") as f:
-            d = f["entry/instrument/detector/detectorSpecific"]
-            shape = (int(d["y_pixels_in_detector"][()]), int(d["x_pixels_in_detector"][()]))
-            bits = int(f["entry/instrument/detector/bit_depth_image"][()])
-        return np.empty((0, *shape), f"<u{bits // 8}"), np.empty(0, np.int64)
-    return np.concatenate(frames), np.concatenate(ids)
-
-
-def iter_chunks(master: str | Path) -> Iterator[tuple[int, bytes]]:
-    """Yield ``(image_id, bslz4 blob)`` for every recorded frame without decompressing (for replay)."""
-    for path in data_files(master):
-        with h5py.File(path, "r") as f:
-            dset = f["entry/data/data"]
+            dset = f[f"entry/data/{name}"]
             ids = f["entry/data/image_id"][()]
             for k in range(dset.shape[0]):
                 mask, blob = dset.id.read_direct_chunk((k, 0, 0))
@@ -330,15 +481,29 @@ def iter_chunks(master: str | Path) -> Iterator[tuple[int, bytes]]:
                 yield int(ids[k]), blob
 
 
-def recording_info(master: str | Path) -> dict:
-    """Shape, dtype, timing and counts of a recording (from its master)."""
-    with h5py.File(master, "r") as f:
+def recording_info(recording: str | Path) -> dict:
+    """Shape, dtype, channels, timing and counts of a recording (HDF5 master or Zarr store).
+
+    Returns
+    -------
+    dict
+        ``format`` ("hdf5" or "zarr"), ``shape`` (rows, cols), ``dtype``, ``channels`` (list of names),
+        ``count_time`` and ``frame_time`` (s), ``nimages`` (announced), ``frames_recorded``, ``complete``,
+        ``config`` (the stream's configuration).
+    """
+    if is_zarr(recording):
+        from beamloop.streams.dectris.zarr_recorder import zarr_info
+
+        return zarr_info(recording)
+    with h5py.File(recording, "r") as f:
         det = f["entry/instrument/detector"]
         spec = det["detectorSpecific"]
         bits = int(det["bit_depth_image"][()])
         return {
+            "format": "hdf5",
             "shape": (int(spec["y_pixels_in_detector"][()]), int(spec["x_pixels_in_detector"][()])),
             "dtype": np.dtype(f"<u{bits // 8}"),
+            "channels": _h5_channels(f),
             "count_time": float(det["count_time"][()]),
             "frame_time": float(det["frame_time"][()]),
             "nimages": int(spec["nimages"][()]),
@@ -348,14 +513,34 @@ def recording_info(master: str | Path) -> dict:
         }
 
 
+def make_recorder(fmt: str, directory: str | Path, prefix: str = "series", **kw):
+    """A recorder of format ``fmt``: :class:`Recorder` (``"hdf5"``) or
+    :class:`beamloop.streams.dectris.zarr_recorder.ZarrRecorder` (``"zarr"``); ``kw`` as :class:`Recorder`'s.
+
+    Raises
+    ------
+    ValueError
+        Unknown format.
+    """
+    if fmt == "hdf5":
+        return Recorder(directory, prefix, **kw)
+    if fmt == "zarr":
+        from beamloop.streams.dectris.zarr_recorder import ZarrRecorder
+
+        return ZarrRecorder(directory, prefix, **kw)
+    raise ValueError(f"unknown recording format {fmt!r}; expected one of {FORMATS}")
+
+
 def record(receiver, recorder_factory: Callable[[DetectorSeries], Recorder], *, idle_ms: int = 200,
            stop: Callable[[], bool] | None = None, series_limit: int | None = 1) -> list[Path]:
-    """Record series from a :class:`beamloop.streams.dectris.receiver.DetectorReceiver` (lossless, ``decode=False``).
+    """Record series from a receiver (:class:`beamloop.streams.dectris.receiver.DetectorReceiver`, lossless,
+    ``decode=False``; or :class:`beamloop.streams.merlin.receiver.MerlinReceiver`): every channel of every stack.
 
     Parameters
     ----------
     recorder_factory : callable(series) -> Recorder
-        Makes the recorder of each series (e.g. one prefix per series).
+        Makes the recorder of each series (e.g. one prefix per series): a :class:`Recorder`, a
+        :class:`beamloop.streams.dectris.zarr_recorder.ZarrRecorder` (:func:`make_recorder`).
     idle_ms : int
         Receive timeout; on each timeout the open data file is closed if it is old enough.
     stop : callable() -> bool, optional
