@@ -65,6 +65,9 @@ PEER_ALWAYS_QUICK = {
     "fpga_ejection": "place and route of the shipped trigger takes 4-15 minutes on 2 cores; the suite runs both "
                      "simulations (quick form, fpga_ejection_quick.json) and keeps the builds made by "
                      "`python -m beamloop.bench.fpga_ejection` (fpga_ejection.md)",
+    "trigger_at": "the full comparison runs `beamloop run` 60 times (seeds 0-29, trigger at the controller and in "
+                  "the service), about 6 minutes on 2 shared cores; the suite runs seeds 0-3 (trigger_at_quick.json): "
+                  "run `python -m beamloop.bench.trigger_at` for the full one (trigger_at.md)",
 }
 """Peer modules the suite runs in their quick form even in a full run, and why."""
 PEER_RESULT_CHARS = 100_000
