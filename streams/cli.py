@@ -1,14 +1,14 @@
 """``beamloop receive``, ``beamloop record`` and ``beamloop stream``: detector streams from the command line.
 
-- ``beamloop receive tcp://DCU:9999 [--protocol simplon1|stream2] [--mode lossless|latest] [--scan 64x64]
+- ``beamloop receive tcp://DCU:9999 [--protocol simplon1|stream2|merlin] [--mode lossless|latest] [--scan 64x64]
   [--bf R] [--adf RIN ROUT] [--out DIR]``: receive and decode, print live counters once a second, and
-  with ``--scan`` assemble virtual BF / ADF / centre-of-mass images (PNG and .npy in ``--out``).
-- ``beamloop record tcp://DCU:9999 --out DIR [--prefix NAME] [--frames-per-file N]``: lossless recording to
-  HDF5 (DECTRIS layout, bitshuffle-LZ4); prints one JSON line per flush
-  (``{"event": "flushed", "frames": N, ...}``): those frames survive any crash of the recorder.
-- ``beamloop stream SOURCE --bind tcp://*:9999 [--protocol simplon1|stream2] [--rate HZ]``: act as a
-  detector: replay a recording (``*_master.h5``; bitshuffle-LZ4 chunks are sent as they are stored), or
-  with ``SOURCE = sim4d`` a simulated 4D-STEM scan.
+  with ``--scan`` assemble virtual BF / ADF / centre-of-mass images of every channel (PNG and .npy in ``--out``).
+- ``beamloop record tcp://DCU:9999 --out DIR [--format hdf5|zarr] [--prefix NAME] [--frames-per-file N]``:
+  lossless recording of every channel to HDF5 (DECTRIS layout, bitshuffle-LZ4) or Zarr; prints one JSON line
+  per flush (``{"event": "flushed", "frames": N, ...}``): those frames survive any crash of the recorder.
+- ``beamloop stream SOURCE --bind tcp://*:9999 [--protocol simplon1|stream2|merlin] [--rate HZ]``: act as a
+  detector: replay a recording (``*_master.h5``, every channel with Stream V2; bitshuffle-LZ4 chunks are sent
+  as they are stored; or ``*.zarr``), or with ``SOURCE = sim4d`` a simulated 4D-STEM scan.
 
 This module imports nothing outside :mod:`beamloop.streams`: the live imaging of ``receive --scan`` and the
 frames of ``stream sim4d`` come from whoever registers the commands (:func:`register`; the ``beamloop``
@@ -28,10 +28,13 @@ from typing import Protocol
 import numpy as np
 
 from beamloop.streams._cliargs import parse_positive, parse_shape
+from beamloop.streams.receivers import PROTOCOL_NAMES
 
-PROTOCOLS = ("simplon1", "stream2")
-"""Protocols the commands offer (``--protocol``); the receivers' registry is
-:data:`beamloop.streams.dectris.PROTOCOLS`."""
+PROTOCOLS = PROTOCOL_NAMES
+"""Protocols the commands offer (``--protocol``): the receiver registry's (:mod:`beamloop.streams.receivers`)."""
+
+FORMATS = ("hdf5", "zarr")
+"""Recording formats (``record --format``; :data:`beamloop.streams.dectris.recorder.FORMATS`)."""
 
 
 class LiveImager(Protocol):
@@ -40,6 +43,10 @@ class LiveImager(Protocol):
     def update_stack(self, stack) -> None:
         """Add the frames of a :class:`beamloop.streams.dectris.series.FrameStack` (first channel) to the images;
         frame ``image_id`` belongs to scan position ``image_id % (rows * cols)`` in raster order."""
+
+    def update(self, frames: np.ndarray, image_ids: np.ndarray) -> None:
+        """Add ``frames`` (n, rows, cols) with their ``image_ids`` (n,): one channel of a stack (``receive``
+        keeps one imager per channel of a series with several)."""
 
     @property
     def images(self) -> dict[str, np.ndarray]:
@@ -95,10 +102,12 @@ def register(subparsers, *, live_imager: LiveImagerFactory | None = None,
     p.add_argument("--quiet", action="store_true", help="no live counter lines")
     p.set_defaults(func=cmd_receive, live_imager=live_imager)
 
-    p = subparsers.add_parser("record", help="record a detector stream losslessly to HDF5 (DECTRIS layout)")
+    p = subparsers.add_parser("record", help="record a detector stream losslessly to HDF5 (DECTRIS layout) or Zarr")
     p.add_argument("endpoint")
     p.add_argument("--out", type=Path, required=True, help="directory for <prefix>_master.h5 and data files")
     p.add_argument("--prefix", default="series", help="file name prefix (series number appended after the first)")
+    p.add_argument("--format", choices=FORMATS, default="hdf5",
+                   help="hdf5: <prefix>_master.h5 and data files; zarr: <prefix>.zarr (default hdf5)")
     p.add_argument("--protocol", choices=PROTOCOLS, default="simplon1")
     p.add_argument("--bind", action="store_true")
     p.add_argument("--frames-per-file", type=int, default=1000)
@@ -109,7 +118,8 @@ def register(subparsers, *, live_imager: LiveImagerFactory | None = None,
 
     p = subparsers.add_parser("stream", help="act as a DECTRIS detector: replay a recording or simulate 4D-STEM")
     p.add_argument("source", help="a *_master.h5 recording, or 'sim4d' for a simulated 4D-STEM scan")
-    p.add_argument("--bind", default=None, help="endpoint to bind (default tcp://*:9999 v1, tcp://*:31001 V2)")
+    p.add_argument("--bind", default=None,
+                   help="endpoint to bind (default tcp://*:9999 v1, tcp://*:31001 V2, tcp://*:6342 merlin)")
     p.add_argument("--protocol", choices=PROTOCOLS, default="simplon1")
     p.add_argument("--compression", choices=("bslz4", "lz4", "none"), default="bslz4",
                    help="encoding of simulated frames (recordings are sent bitshuffle-LZ4 as stored)")
@@ -151,9 +161,9 @@ def cmd_receive(a: argparse.Namespace) -> int:
 
     Returns the exit status: 0, or 2 for ``--scan`` without a live imager registered.
     """
-    from beamloop.streams.dectris.receiver import DetectorReceiver
     from beamloop.streams.dectris.series import FrameStack, SeriesEnd, SeriesStart
     from beamloop.streams.errors import ProtocolError
+    from beamloop.streams.receivers import open_receiver
 
     make_imager = getattr(a, "live_imager", None)
     if a.scan and make_imager is None:
@@ -162,9 +172,9 @@ def cmd_receive(a: argparse.Namespace) -> int:
         return 2
     stop = _Stop()
     t_end = time.monotonic() + a.duration if a.duration else None
-    imager = None
+    imagers: dict = {}
     ended = 0
-    with DetectorReceiver(a.endpoint, protocol=a.protocol, bind=a.bind, mode=a.mode, stack_size=a.stack) as rx:
+    with open_receiver(a.endpoint, protocol=a.protocol, bind=a.bind, mode=a.mode, stack_size=a.stack) as rx:
         print(f"receiving {a.protocol} from {rx.endpoint} ({a.mode})", file=sys.stderr, flush=True)
         last_t, last_n = time.monotonic(), 0
         while not stop() and (t_end is None or time.monotonic() < t_end):
@@ -178,10 +188,15 @@ def cmd_receive(a: argparse.Namespace) -> int:
                 print(f"series {s.series_id}: {s.number_of_images} frames of {s.shape[0]}x{s.shape[1]} {s.dtype}",
                       file=sys.stderr, flush=True)
                 if a.scan:
-                    imager = make_imager(a.scan, s.shape, bf_radius=a.bf, adf_radii=tuple(a.adf) if a.adf else None,
-                                         centre=tuple(a.centre) if a.centre else None)
-            elif isinstance(ev, FrameStack) and imager is not None:
-                imager.update_stack(ev)
+                    imagers = {ch: make_imager(a.scan, s.shape, bf_radius=a.bf,
+                                               adf_radii=tuple(a.adf) if a.adf else None,
+                                               centre=tuple(a.centre) if a.centre else None) for ch in s.channels}
+            elif isinstance(ev, FrameStack) and imagers:
+                if len(imagers) == 1:
+                    next(iter(imagers.values())).update_stack(ev)
+                else:  # every channel of the series, each into its own images
+                    for ch, imager in imagers.items():
+                        imager.update(ev.channels[ch].frames, ev.image_ids)
             elif isinstance(ev, SeriesEnd):
                 print(f"series {ev.series.series_id} ended: {ev.frames} frames, {ev.missing} missing",
                       file=sys.stderr, flush=True)
@@ -196,19 +211,23 @@ def cmd_receive(a: argparse.Namespace) -> int:
         counters = rx.counters.as_dict()
     print(json.dumps(counters))
     if a.out is not None:
-        _write_outputs(a.out, counters, imager)
+        _write_outputs(a.out, counters, imagers)
     return 0
 
 
-def _write_outputs(out: Path, counters: dict, imager: LiveImager | None) -> None:
-    """``counters.json``, and with an imager each image as ``<name>.npy`` and all in ``virtual_images.png``."""
+def _write_outputs(out: Path, counters: dict, imagers: dict[str, LiveImager]) -> None:
+    """``counters.json``, and with imagers each image as ``<name>.npy`` (``<channel>_<name>.npy`` when the
+    series has several channels) and all in ``virtual_images.png``."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "counters.json").write_text(json.dumps(counters, indent=1))
-    if imager is None:
+    if not imagers:
         return
     from matplotlib.figure import Figure  # no pyplot: the caller's matplotlib backend stays as it is
 
-    imgs = imager.images
+    if len(imagers) == 1:
+        imgs = next(iter(imagers.values())).images
+    else:
+        imgs = {f"{ch}_{name}".replace("/", "_"): img for ch, im in imagers.items() for name, img in im.images.items()}
     fig = Figure(figsize=(3 * len(imgs), 3.2))
     axes = fig.subplots(1, len(imgs))
     for ax, (name, img) in zip(np.atleast_1d(axes), imgs.items()):
@@ -224,9 +243,10 @@ def _write_outputs(out: Path, counters: dict, imager: LiveImager | None) -> None
 
 
 def cmd_record(a: argparse.Namespace) -> int:
-    """``beamloop record``: record a detector stream losslessly to HDF5 (DECTRIS layout); exit status."""
-    from beamloop.streams.dectris.receiver import DetectorReceiver
-    from beamloop.streams.dectris.recorder import Recorder, record
+    """``beamloop record``: record every channel of a detector stream losslessly to HDF5 (DECTRIS layout) or
+    Zarr; exit status."""
+    from beamloop.streams.dectris.recorder import make_recorder, record
+    from beamloop.streams.receivers import open_receiver
 
     if a.frames_per_file < 1:
         print("--frames-per-file must be >= 1", file=sys.stderr)
@@ -237,16 +257,19 @@ def cmd_record(a: argparse.Namespace) -> int:
     def emit(event: str, **kw) -> None:
         print(json.dumps({"event": event, **kw}), flush=True)
 
-    with DetectorReceiver(a.endpoint, protocol=a.protocol, bind=a.bind, mode="lossless", decode=False) as rx:
+    fmt = getattr(a, "format", "hdf5")
+    with open_receiver(a.endpoint, protocol=a.protocol, bind=a.bind, mode="lossless", decode=False) as rx:
         def factory(series):
             count[0] += 1
             prefix = a.prefix if count[0] == 1 else f"{a.prefix}_{count[0]:03d}"
             emit("series", series_id=series.series_id, prefix=prefix, nimages=series.number_of_images,
-                 shape=list(series.shape), dtype=str(series.dtype))
-            return Recorder(a.out, prefix, frames_per_file=a.frames_per_file, max_file_seconds=a.max_file_seconds,
-                            on_flush=lambda n, info: emit("flushed", frames=n, **info), counters=rx.counters.as_dict)
+                 shape=list(series.shape), dtype=str(series.dtype), channels=list(series.channels))
+            return make_recorder(fmt, a.out, prefix, frames_per_file=a.frames_per_file,
+                                 max_file_seconds=a.max_file_seconds,
+                                 on_flush=lambda n, info: emit("flushed", frames=n, **info),
+                                 counters=rx.counters.as_dict)
 
-        emit("listening", endpoint=rx.endpoint, protocol=a.protocol)
+        emit("listening", endpoint=rx.endpoint, protocol=a.protocol, format=fmt)
         masters = record(rx, factory, stop=stop, series_limit=a.series or None)
         emit("done", masters=[str(m) for m in masters], counters=rx.counters.as_dict())
     return 0
@@ -256,56 +279,66 @@ def cmd_record(a: argparse.Namespace) -> int:
 
 
 def cmd_stream(a: argparse.Namespace) -> int:
-    """``beamloop stream``: send a recording, or a simulated 4D-STEM scan, as SIMPLON v1 or Stream V2;
-    exit status (2: missing recording, or ``sim4d`` without a simulator registered)."""
+    """``beamloop stream``: send a recording (every channel with Stream V2, the first with SIMPLON v1 and Merlin),
+    or a simulated 4D-STEM scan, as SIMPLON v1, Stream V2 or a Merlin's MIB stream; exit status (2: missing
+    recording, or ``sim4d`` without a simulator registered)."""
     from beamloop.streams.dectris import codecs
-    from beamloop.streams.dectris.simplon import SimplonSender
-    from beamloop.streams.dectris.stream_v2 import Stream2Sender
 
-    v1 = a.protocol == "simplon1"
-    endpoint = a.bind or ("tcp://*:9999" if v1 else "tcp://*:31001")
+    endpoint = a.bind or {"simplon1": "tcp://*:9999", "stream2": "tcp://*:31001", "merlin": "tcp://*:6342"}[a.protocol]
+    blobs = None  # channel -> iterator of stored bslz4 chunks (HDF5 recordings, sent as they are stored)
     if a.source == "sim4d":
         if a.sim4d_source is None:
             print("stream sim4d: no simulator registered (beamloop.streams.cli.register(..., sim4d_source=...))",
                   file=sys.stderr)
             return 2
         frames = a.sim4d_source(tuple(a.scan), a.detector, a.electrons, a.seed)
-        shape, dtype, ct = frames.shape[1:], frames.dtype, 1e-4
+        chans = {"threshold_1": frames}
+        shape, dtype, ct, n = frames.shape[1:], frames.dtype, 1e-4, len(frames)
         compression = a.compression
-        blobs = None
     else:
-        from beamloop.streams.dectris.recorder import iter_chunks, recording_info
+        from beamloop.streams.dectris.recorder import is_zarr, iter_chunks, read_channels, recording_info
 
         try:
             info = recording_info(a.source)
         except (OSError, KeyError) as exc:
             print(f"cannot read recording {a.source}: {exc}", file=sys.stderr)
             return 2
-        shape, dtype, ct = info["shape"], info["dtype"], info["count_time"] or 1e-4
-        compression = codecs.BSLZ4
-        blobs = iter_chunks(a.source)
-        frames = None
-    n = len(frames) if frames is not None else recording_info(a.source)["frames_recorded"]
+        shape, dtype, ct, n = info["shape"], info["dtype"], info["count_time"] or 1e-4, info["frames_recorded"]
+        names = info["channels"] if a.protocol == "stream2" else info["channels"][:1]
+        if a.protocol == "merlin" or is_zarr(a.source):
+            chans = {ch: f for ch, f in read_channels(a.source)[0].items() if ch in names}
+            compression = a.compression
+        else:
+            blobs = {ch: iter_chunks(a.source, ch) for ch in names}
+            chans = dict.fromkeys(names)
+            compression = codecs.BSLZ4
+    if a.protocol == "merlin":
+        return _stream_merlin(endpoint, next(iter(chans.values())), a)
+    from beamloop.streams.dectris.simplon import SimplonSender
+    from beamloop.streams.dectris.stream_v2 import Stream2Sender
+
+    v1 = a.protocol == "simplon1"
     if v1:
         tx = SimplonSender(endpoint, encoding={"bslz4": "bslz4", "lz4": "lz4<", "none": "<"}[compression])
     else:
         tx = Stream2Sender(endpoint, compression=compression)
     with tx:
-        print(f"streaming {n} frames of {shape[0]}x{shape[1]} {dtype} as {a.protocol} on {tx.endpoint}",
-              file=sys.stderr, flush=True)
+        print(f"streaming {n} frames of {shape[0]}x{shape[1]} {dtype} ({len(chans)} channel(s)) as {a.protocol} "
+              f"on {tx.endpoint}", file=sys.stderr, flush=True)
         time.sleep(a.wait)
-        tx.start_series(tuple(shape), dtype, n, count_time=ct, frame_time=ct)
+        if v1:
+            tx.start_series(tuple(shape), dtype, n, count_time=ct, frame_time=ct)
+        else:
+            tx.start_series(tuple(shape), dtype, n, count_time=ct, frame_time=ct, channels=tuple(chans))
         period = 1.0 / a.rate if a.rate else 0.0
         t0 = time.monotonic()
         for i in range(n):
-            if frames is not None:
-                tx.send_frame(frames[i])
+            if blobs is None:
+                tx.send_frame(next(iter(chans.values()))[i] if v1 else {ch: f[i] for ch, f in chans.items()})
+            elif v1:
+                tx.send_blob(next(next(iter(blobs.values())))[1])
             else:
-                _, blob = next(blobs)
-                if v1:
-                    tx.send_blob(blob)
-                else:
-                    tx.send_blobs({tx.series.channels[0]: blob})
+                tx.send_blobs({ch: next(it)[1] for ch, it in blobs.items()})
             if period:
                 delay = t0 + (i + 1) * period - time.monotonic()
                 if delay > 0:
@@ -315,3 +348,22 @@ def cmd_stream(a: argparse.Namespace) -> int:
         print(f"sent {n} frames ({rate:.0f}/s)", file=sys.stderr, flush=True)
     return 0
 
+
+def _stream_merlin(endpoint: str, frames: np.ndarray, a: argparse.Namespace) -> int:
+    """Serve ``frames`` as one Merlin acquisition (counting mode) to the first receiver that connects."""
+    from beamloop.streams.merlin.sender import MerlinServer, counting_mode
+
+    try:
+        ptype, depth = counting_mode(frames)
+    except ValueError as exc:
+        print(f"stream --protocol merlin: {exc}", file=sys.stderr)
+        return 2
+    with MerlinServer(endpoint) as tx:
+        print(f"serving {len(frames)} frames of {frames.shape[1]}x{frames.shape[2]} as Merlin {ptype} "
+              f"({depth}-bit) on {tx.endpoint}", file=sys.stderr, flush=True)
+        tx.accept()
+        t0 = time.monotonic()
+        tx.send_acquisition(frames, ptype, depth, scan=tuple(a.scan) if a.source == "sim4d" else None)
+        print(f"sent {len(frames)} frames ({len(frames) / max(time.monotonic() - t0, 1e-9):.0f}/s)",
+              file=sys.stderr, flush=True)
+    return 0

@@ -84,7 +84,7 @@ def expected_images(frames):
 
 
 @pytest.mark.parametrize("protocol, compression", [("simplon1", "bslz4"), ("stream2", "bslz4"), ("stream2", "lz4"),
-                                                   ("simplon1", "none")])
+                                                   ("simplon1", "none"), ("merlin", "none")])
 def test_stream_sim4d_and_receive_live_images(tmp_path, protocol, compression):
     ep = free_endpoint()
     sargs = sim_args(ep, protocol, compression)
@@ -139,3 +139,48 @@ def test_without_providers_scan_and_sim4d_are_refused(capsys):
     assert args.func(args) == 2 and "no live imager registered" in capsys.readouterr().err
     args = parse(["stream", "sim4d", "--bind", free_endpoint(), "--wait", "0"], providers=False)
     assert args.func(args) == 2 and "no simulator registered" in capsys.readouterr().err
+
+
+def test_record_a_merlin_stream_to_zarr(tmp_path, capsys):
+    """``stream --protocol merlin`` (a Merlin's data port) recorded with ``record --protocol merlin --format zarr``."""
+    pytest.importorskip("zarr")
+    ep = free_endpoint()
+    sargs = sim_args(ep, "merlin")
+    t, rc = in_thread(sargs)
+    rec = parse(["record", ep, "--protocol", "merlin", "--format", "zarr", "--out", str(tmp_path), "--prefix", "m"])
+    assert rec.func(rec) == 0
+    t.join(30)
+    assert rc == [0]
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert events[0] == {"event": "listening", "endpoint": ep, "protocol": "merlin", "format": "zarr"}
+    assert events[-1]["event"] == "done" and events[-1]["masters"] == [str(tmp_path / "m.zarr")]
+    stored, ids = read_frames(tmp_path / "m.zarr")
+    assert np.array_equal(stored, sent_frames(sargs)) and ids.tolist() == list(range(SCAN[0] * SCAN[1]))
+
+
+def test_receive_assembles_live_images_of_every_channel(tmp_path):
+    """A two-threshold Stream V2 series: ``receive --scan`` writes the virtual images of each channel."""
+    from beamloop.streams.dectris.stream_v2 import Stream2Sender
+
+    frames = stream4d.sim4d_frames(SCAN, DET, 2000.0, 5)
+    high = (frames // 2).astype(frames.dtype)
+    ep = free_endpoint()
+
+    def send():
+        with Stream2Sender(ep.replace("127.0.0.1", "*")) as tx:
+            import time
+
+            time.sleep(0.5)
+            tx.start_series((DET, DET), frames.dtype, len(frames), channels=("threshold_1", "threshold_2"))
+            for f, h in zip(frames, high):
+                tx.send_frame({"threshold_1": f, "threshold_2": h})
+            tx.end_series()
+
+    t = threading.Thread(target=send, daemon=True)
+    t.start()
+    counters = receive(ep, "stream2", tmp_path)
+    t.join(30)
+    assert counters["frames"] == len(frames) and counters["rejected"] == 0
+    for ch, sent in (("threshold_1", frames), ("threshold_2", high)):
+        for name, img in expected_images(sent).items():
+            np.testing.assert_allclose(np.load(tmp_path / f"{ch}_{name}.npy"), img, rtol=1e-12)
