@@ -381,7 +381,8 @@ def run_dkl(image: np.ndarray, candidates_px: np.ndarray, measurer: PointMeasure
     beamloop.edge.experiments.dkl_model.DKLUnavailable
         The ``dkl`` extra is not installed.
     ValueError
-        Not more candidates than the budget.
+        Not more candidates than the budget, or fewer than two finite values among the whole budget's seed
+        points.
     """
     cand = np.asarray(candidates_px, np.float64)
     m = len(cand)
@@ -393,8 +394,16 @@ def run_dkl(image: np.ndarray, candidates_px: np.ndarray, measurer: PointMeasure
     sign = 1.0 if s.goal == "max" else -1.0
     rng = np.random.default_rng(s.seed)
     model = DKLModel(patches, s.model)
-    order = [int(i) for i in rng.choice(m, s.initial, replace=False)]
+    seeds = rng.permutation(m)
+    order = [int(i) for i in seeds[:s.initial]]
     values = [float(v) for v in measurer.measure(cand[order])]
+    # a model needs two finite values: more random seed points while the first gave none (e.g. no edge there)
+    while np.isfinite(values).sum() < 2 and len(order) < min(s.budget, m):
+        i = int(seeds[len(order)])
+        order.append(i)
+        values.extend(float(v) for v in measurer.measure(cand[[i]]))
+    if np.isfinite(values).sum() < 2:
+        raise ValueError(f"only {int(np.isfinite(values).sum())} of {len(order)} measurements gave a value")
     available = np.ones(m, bool)
     available[order] = False
     steps: list[StepRecord] = []

@@ -82,8 +82,8 @@ class DKLConfig:
     weight_decay : float
         L2 penalty on the MLP's weights (Adam's ``weight_decay``).
     noise_min, noise_max : float
-        Range of the likelihood's noise variance (standardised units): at most ``noise_max`` keeps the fit
-        from explaining every observation as noise while few seed points hold no feature.
+        Range of the likelihood's noise variance (standardised units). At 1 the fit may explain measurements
+        that all look alike as noise around a smooth function (a mean map, not one that chases the noise).
     lengthscale_min : float
         Least RBF lengthscale in the embedding (the PCA coordinates are scaled to a typical norm of 1).
     outputscale_min : float
@@ -105,7 +105,7 @@ class DKLConfig:
     iterations_update: int = 30
     weight_decay: float = 1e-4
     noise_min: float = 1e-3
-    noise_max: float = 0.5
+    noise_max: float = 1.0
     lengthscale_min: float = 0.05
     outputscale_min: float = 1.0
     seed: int = 0
