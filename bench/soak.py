@@ -298,7 +298,7 @@ def watchdog_probe(bridge, monitor, fid_xy, timeout_s: float = 10.0) -> dict:
     from beamloop.edge.control.protocol import BridgeError
 
     fid, x, y = fid_xy
-    since = monitor.call("sim_events", since=0)["next"]
+    since = monitor.call("sim_events", since=0, limit=0)["next"]
     start_ns = time.monotonic_ns()
     bridge.set_probe(x, y, fid)
     bridge.blank(False)
@@ -382,7 +382,7 @@ def run(quick: bool = False, duration_s: float | None = None, window_s: float | 
         with FrameReceiver(ends["frames"], ring=8) as rx, \
                 BridgeClient(ends["control"], timeout_ms=20000, retries=1,
                              peer_gone=simulator_gone(proc)) as bridge, \
-                BridgeClient(ends["control"], timeout_ms=20000) as monitor:
+                BridgeClient(ends["control"], timeout_ms=20000, log_limit=0) as monitor:
             service = build_service(rx, ServiceConfig("MoS2", targets_per_frame=targets), bridge)
             latency = service.latency
             sends: deque = deque(maxlen=1 << 20)  # when the main client sent each request (heartbeats too)

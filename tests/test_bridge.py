@@ -63,6 +63,29 @@ def test_calls_echo_what_was_applied(bridge):
     assert all(e.ok and e.sent and e.rtt_ns > 0 for e in client.log)
 
 
+def test_the_beam_log_keeps_the_newest_entries_and_counts_the_dropped(run_server, bridge_client):
+    ctl = FakeController()
+    with run_server(BridgeServer("tcp://127.0.0.1:0", ctl.handlers())) as server:
+        client = bridge_client(server.endpoint, timeout_ms=2000, log_limit=3)
+        for on in (True, False, True, False, True):
+            client.blank(on)
+        assert [e.args["on"] for e in client.log] == [True, False, True] and client.counters.log_dropped == 2
+        silent = bridge_client(server.endpoint, timeout_ms=2000, log_limit=0)
+        assert silent.blank(True) == {"blanked": True} and len(silent.log) == 0
+        assert silent.counters.calls == 1 and silent.counters.log_dropped == 1
+
+
+def test_the_controller_event_log_is_bounded_and_keeps_absolute_indexes():
+    from beamloop.edge.control.controller import EventLog
+
+    ev = EventLog(limit=10)
+    for k in range(25):
+        ev.append({"k": k})
+    assert len(ev) <= 10 and ev.total == 25 and ev.base == 25 - len(ev)
+    assert [e["k"] for e in ev.since(22)] == [22, 23, 24]
+    assert ev.since(0)[0]["k"] == ev.base and ev.since(25) == []
+
+
 @pytest.mark.parametrize("x, y", [(math.nan, 0.5), (0.5, math.inf), (-0.01, 0.5), (0.5, 1.0001), ("a", 0.1), (None, 0)])
 def test_bad_positions_are_never_sent(bridge, x, y):
     client, ctl, server = bridge

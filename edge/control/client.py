@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,10 +52,15 @@ class BeamLogEntry:
     result: dict = field(default_factory=dict)
 
 
+LOG_LIMIT = 100_000
+"""Beam-log entries a :class:`BridgeClient` keeps by default (the newest)."""
+
+
 @dataclass
 class BridgeCounters:
     """Calls made, refused by the client before sending, refused by the server, timed out, resent after a
-    timeout (``retries``), and heartbeats sent (not in ``calls`` nor in the log)."""
+    timeout (``retries``), heartbeats sent (not in ``calls`` nor in the log), and log entries dropped
+    (the oldest, once the log holds ``log_limit`` entries)."""
 
     calls: int = 0
     rejected_before_send: int = 0
@@ -62,6 +68,7 @@ class BridgeCounters:
     timeouts: int = 0
     retries: int = 0
     heartbeats: int = 0
+    log_dropped: int = 0
 
 
 class BridgeClient:
@@ -85,13 +92,17 @@ class BridgeClient:
     peer_gone : callable() -> str or None, optional
         Asked every 100 ms while waiting: None while the controller can still answer, else why it cannot
         (e.g. ``"simulator exited with status -9"``), which ends the call with ``unavailable``.
+    log_limit : int or None
+        Most entries :attr:`log` keeps (the oldest go first, counted in ``counters.log_dropped``), so a
+        long-running client's memory stays bounded (an entry holds the call's arguments and result, ~1-3 KiB;
+        the default keeps the last :data:`LOG_LIMIT`). 0 keeps none (a monitoring client); None keeps all.
 
     Attributes
     ----------
     frame : ScanFrame or None
         The current scan frame (from the last ``acquire_frame``); positions must refer to it.
-    log : list of BeamLogEntry
-        Every call, including those refused before sending.
+    log : collections.deque of BeamLogEntry
+        Every call, including those refused before sending (the last ``log_limit``).
     counters : BridgeCounters
     client_id : str
         Random id sent with every request (for the server's sequence numbers and watchdog).
@@ -101,7 +112,8 @@ class BridgeClient:
 
     def __init__(self, endpoint: str, *, timeout_ms: int = 2000, context: zmq.Context | None = None,
                  on_round_trip: Callable[[str, int], None] | None = None, retries: int = 0,
-                 keys: ClientKeys | None = None, peer_gone: Callable[[], str | None] | None = None) -> None:
+                 keys: ClientKeys | None = None, peer_gone: Callable[[], str | None] | None = None,
+                 log_limit: int | None = LOG_LIMIT) -> None:
         self.endpoint = endpoint
         self.timeout_ms = max(int(timeout_ms), 1)
         self.peer_gone = peer_gone
@@ -115,7 +127,7 @@ class BridgeClient:
         self._sock: zmq.Socket | None = None
         self._seq = 0
         self.frame: ScanFrame | None = None
-        self.log: list[BeamLogEntry] = []
+        self.log: deque[BeamLogEntry] = deque(maxlen=None if log_limit is None else max(int(log_limit), 0))
         self.counters = BridgeCounters()
         self.on_round_trip = on_round_trip
         self._connect()
@@ -189,7 +201,7 @@ class BridgeClient:
             The server refused the call (its error code) or replied with garbage.
         """
         entry = BeamLogEntry(time.monotonic_ns(), call, dict(args), True, False)
-        self.log.append(entry)
+        self._log(entry)
         self.counters.calls += 1
         return self._exchange(call, args, entry)
 
@@ -276,7 +288,12 @@ class BridgeClient:
 
     def _refuse(self, call: str, args: dict, exc: BeamPositionError) -> None:
         self.counters.rejected_before_send += 1
-        self.log.append(BeamLogEntry(time.monotonic_ns(), call, args, False, False, exc.code, str(exc)))
+        self._log(BeamLogEntry(time.monotonic_ns(), call, args, False, False, exc.code, str(exc)))
+
+    def _log(self, entry: BeamLogEntry) -> None:
+        if self.log.maxlen is not None and len(self.log) == self.log.maxlen:
+            self.counters.log_dropped += 1
+        self.log.append(entry)
 
     # calls ---------------------------------------------------------------------------------------
     def get_capabilities(self) -> dict:

@@ -100,6 +100,41 @@ SAMPLE_TIME_US = (0.01, 1e6)
 """Shortest and longest parked-probe sample time, microseconds (10 ns: a fast ADC's sample; 1 s)."""
 
 
+class EventLog(list):
+    """The controller's event list, bounded: past ``limit`` events the oldest half is dropped.
+
+    Indexes seen by clients (``since`` of ``sim_events``) stay valid as absolute counts: :attr:`base` is how
+    many events were dropped before the first one held, :attr:`total` how many were ever appended.
+
+    Parameters
+    ----------
+    limit : int
+        Most events held (at least 2).
+    """
+
+    def __init__(self, limit: int = 200_000) -> None:
+        super().__init__()
+        self.limit = max(int(limit), 2)
+        self.base = 0
+
+    @property
+    def total(self) -> int:
+        """Events appended so far, dropped ones included."""
+        return self.base + len(self)
+
+    def append(self, event: Any) -> None:
+        """Add ``event``; drop the oldest half when more than ``limit`` are held."""
+        super().append(event)
+        if len(self) > self.limit:
+            k = len(self) - self.limit // 2
+            del self[:k]
+            self.base += k
+
+    def since(self, index: int) -> list:
+        """Events with absolute index ``index`` or later (those still held)."""
+        return self[max(index - self.base, 0):]
+
+
 # what a backend declares and returns ------------------------------------------------------------------
 @dataclass(frozen=True)
 class ParkedStream:
@@ -442,8 +477,9 @@ class ScanController:
         The open parked-probe series.
     queue : PointQueue or None
         The running point queue.
-    events : list of dict
-        What happened (``dwell_end``, ``safety``, ``dropped``, and the backend's events), each with ``t_ns``.
+    events : EventLog
+        What happened (``dwell_end``, ``safety``, ``dropped``, and the backend's events), each with ``t_ns``
+        (the last 100 000 to 200 000).
     dropped_messages : int
         Frame stream messages nobody took.
     trigger : ArmedTrigger or None
@@ -500,7 +536,7 @@ class ScanController:
         self.dwell: Dwell | None = None
         self.queue: PointQueue | None = None
         self._queues: dict[int, PointQueue] = {}
-        self.events: list[dict] = []
+        self.events = EventLog()
         self.dropped_messages = 0
         self._next_frame_id = 1
         self._pending: tuple[ScanFrame, tuple[str, ...]] | None = None

@@ -529,7 +529,7 @@ def run(out: Path, *, rounds: int = 3, shape: tuple[int, int] = (256, 256), pixe
                     "blank_failures": service.stats.blank_failures, "errors": service.stats.errors[-10:]},
     }
     try:
-        rl.write_beam_log(sorted(bridge.log + decision_log(records), key=lambda e: e.t_ns))
+        rl.write_beam_log(sorted(list(bridge.log) + decision_log(records), key=lambda e: e.t_ns))
         rl.write_dwells(rows)
         rl.write_text("events", events)
         rl.set_attrs(latency=report["latency_us"], accuracy=report["accuracy"], trigger=trig,

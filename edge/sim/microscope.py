@@ -573,7 +573,12 @@ class SimulatedMicroscope(ScanController):
         since = args.get("since", 0)
         if not isinstance(since, int) or isinstance(since, bool):
             raise BridgeError("bad_request", f"sim_events: since must be an integer, got {since!r}")
-        return {"events": self.events[since:], "next": len(self.events)}
+        limit = args.get("limit")
+        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 0):
+            raise BridgeError("bad_request", f"sim_events: limit must be a whole number >= 0, got {limit!r}")
+        events = self.events.since(since)
+        return {"events": events if limit is None else events[:limit], "next": self.events.total,
+                "dropped_before": self.events.base}
 
     def _sim_fresh_area(self, args: dict) -> dict:
         return {"restored_atoms": self.backend.fresh_area()}
