@@ -15,7 +15,7 @@ from beamloop.edge.frame.context import FrameContext, FrameMeta
 from beamloop.edge.frame.stage import FrameError, check_frame
 from beamloop.edge.io.imageio import ImageReadError, read_image
 from beamloop.edge.io.overlay import save_overlay
-from beamloop.edge.path import METHODS, FramePath, frame_path
+from beamloop.edge.path import DEFAULT_MEMORY_BUDGET, METHODS, FramePath, frame_path
 from beamloop.edge.stages.find import FinderConfig
 
 log = logging.getLogger("beamloop.find")
@@ -130,15 +130,48 @@ def write_ood_json(path: Path, ctx: FrameContext, extra: dict | None = None) -> 
     return path
 
 
+def output_stems(paths) -> list[str]:
+    """One output stem per input file, all different: the file's stem; when an earlier file took it, the stem
+    with the suffix if that file is in the same folder (``img_tif``), else with the parent folder's name
+    (``B2_img``); then numbered.
+
+    Parameters
+    ----------
+    paths : iterable of path-like
+
+    Returns
+    -------
+    list of str, in the order of ``paths``.
+    """
+    used: dict[str, Path] = {}
+    out = []
+    for p in map(Path, paths):
+        by_suffix, by_folder = f"{p.stem}_{p.suffix.lstrip('.').lower()}", f"{p.parent.name}_{p.stem}"
+        owner = used.get(p.stem)
+        tries = [p.stem] + ([by_suffix, by_folder] if owner is not None and owner.parent == p.parent
+                            else [by_folder, by_suffix])
+        stem = next((t for t in tries if t and t not in used), None)
+        n = 2
+        while stem is None:
+            stem = f"{p.stem}_{n}" if f"{p.stem}_{n}" not in used else None
+            n += 1
+        used[stem] = p
+        out.append(stem)
+    return out
+
+
 def find_files(paths, out: Path, pixel_size_A: float | None = None, method: str = "classical",
                material: str = "generic", spacing_px: float | None = None, *, device: str = "auto",
-               precision: str = "fp32", background: str = "on") -> list[FindOutcome]:
+               precision: str = "fp32", background: str = "on",
+               memory_budget_mib: float = DEFAULT_MEMORY_BUDGET / 2**20) -> list[FindOutcome]:
     """Run the finder on every image file; write ``<stem>_columns.csv`` (with ``near_edge`` and the per-column
     ``uncertainty``), ``<stem>_ood.json`` (:func:`write_ood_json`) and ``<stem>_overlay.png`` in ``out``.
 
-    Stacks (3-D data) are processed frame by frame with ``<stem>_<k>`` names. ``background`` as in
-    :func:`find_columns`. A file that cannot be read
-    or processed is reported in its outcome's ``error`` and the others go on. ``method="unet"`` uses the
+    Stacks (3-D data) are processed frame by frame with ``<stem>_<k>`` names; two inputs with the same stem get
+    different names (:func:`output_stems`). ``background`` as in :func:`find_columns`; ``memory_budget_mib``
+    bounds the frame path's buffers per image (:meth:`beamloop.edge.path.FramePath.prepare`). A file that
+    cannot be read, processed or written (disk full: the message names the output file, whose partial
+    outputs are removed) is reported in its outcome's ``error`` and the others go on. ``method="unet"`` uses the
     U-Net ensemble (:class:`beamloop.edge.stages.unet.UNetFinder` on ``device`` at ``precision``; it needs no pixel size
     or spacing) and also writes ``<stem>_uncertainty.png`` and ``<stem>_uncertainty.csv``.
 
@@ -160,9 +193,13 @@ def find_files(paths, out: Path, pixel_size_A: float | None = None, method: str 
         from beamloop.edge.stages.unet import UNetFinder
 
         unet = UNetFinder(precision=precision, device=device)
+    if not (math.isfinite(memory_budget_mib) and memory_budget_mib > 0):
+        raise ValueError(f"memory budget must be a positive number of MiB, got {memory_budget_mib}")
     path = frame_path(method, material, period_px=spacing_px, unet=unet, background=background)
+    path.memory_budget_bytes = int(memory_budget_mib * 2**20)
     outcomes = []
-    for path_in in map(Path, paths):
+    paths = [Path(p) for p in paths]
+    for path_in, base in zip(paths, output_stems(paths)):
         try:
             img = read_image(path_in)
         except ImageReadError as exc:
@@ -171,24 +208,45 @@ def find_files(paths, out: Path, pixel_size_A: float | None = None, method: str 
         size = pixel_size_A or img.pixel_size_A
         frames = img.frames
         for k, frame in enumerate(frames):
-            stem = path_in.stem if len(frames) == 1 else f"{path_in.stem}_{k:04d}"
+            stem = base if len(frames) == 1 else f"{base}_{k:04d}"
             try:
                 cols, ctx = find_columns(frame, size, material, method, spacing_px, path=path)
             except (FrameError, ValueError) as exc:
                 outcomes.append(FindOutcome(path_in, None, error=f"{path_in}: {exc}"))
                 continue
-            seg = ctx.segment
             cfg = FinderConfig.for_meta(ctx.meta) if method == "classical" else None
-            csv = cols.write_csv(out / f"{stem}_columns.csv", size, uncertainty=ctx.extras.get("column_uncertainty"))
-            write_ood_json(out / f"{stem}_ood.json", ctx, {"file": str(path_in), "method": method})
-            counts = {n: int((cols.cls == i).sum()) for i, n in enumerate(cols.class_names)}
-            alarm = bool(ctx.extras.get("ood", {}).get("alarm"))
-            title = (f"{path_in.name} ({method}): {len(cols)} columns {counts}"
-                     f"{'' if size else ' (pixel size unknown)'}{' - OUT OF DISTRIBUTION' if alarm else ''}")
-            ov = save_overlay(out / f"{stem}_overlay.png", frame, cols, pixel_size_A=size, title=title)
-            unc = None
-            if seg is not None:
-                unc = save_uncertainty_figure(out / f"{stem}_uncertainty.png", frame, seg, title)
-                write_uncertainty_csv(out / f"{stem}_uncertainty.csv", seg)
+            written: list[Path] = []
+            try:
+                csv, ov, unc = _write_outputs(out, stem, path_in, frame, cols, ctx, size, method, written)
+            except OSError as exc:
+                target = written[-1] if written else out / stem
+                for p in written:
+                    p.unlink(missing_ok=True)
+                outcomes.append(FindOutcome(path_in, None, error=f"{path_in}: cannot write {target} "
+                                                                 f"({exc.strerror or exc}); nothing kept for it"))
+                continue
             outcomes.append(FindOutcome(path_in, cols, csv, ov, size, cfg, uncertainty=unc))
     return outcomes
+
+
+def _write_outputs(out: Path, stem: str, path_in: Path, frame: np.ndarray, cols: ColumnTable, ctx: FrameContext,
+                   size: float | None, method: str, written: list[Path]) -> tuple[Path, Path, Path | None]:
+    """Write one frame's CSV, OOD JSON, overlay (and U-Net uncertainty files); each path joins ``written``
+    before it is written, so that a failed write names it and the caller can remove what was started."""
+    def target(name: str) -> Path:
+        written.append(out / f"{stem}_{name}")
+        return written[-1]
+
+    seg = ctx.segment
+    csv = cols.write_csv(target("columns.csv"), size, uncertainty=ctx.extras.get("column_uncertainty"))
+    write_ood_json(target("ood.json"), ctx, {"file": str(path_in), "method": method})
+    counts = {n: int((cols.cls == i).sum()) for i, n in enumerate(cols.class_names)}
+    alarm = bool(ctx.extras.get("ood", {}).get("alarm"))
+    title = (f"{path_in.name} ({method}): {len(cols)} columns {counts}"
+             f"{'' if size else ' (pixel size unknown)'}{' - OUT OF DISTRIBUTION' if alarm else ''}")
+    ov = save_overlay(target("overlay.png"), frame, cols, pixel_size_A=size, title=title)
+    unc = None
+    if seg is not None:
+        unc = save_uncertainty_figure(target("uncertainty.png"), frame, seg, title)
+        write_uncertainty_csv(target("uncertainty.csv"), seg)
+    return csv, ov, unc

@@ -220,8 +220,9 @@ class FramePath:
         if need > self.memory_budget_bytes:
             scale = f", pixel size {meta.pixel_size_A:g} A" if meta.pixel_size_A else ""
             raise FrameError(f"a series of {meta.shape[0]}x{meta.shape[1]} {meta.dtype} frames{scale} needs about "
-                             f"{need / 2**20:.0f} MiB of frame-path buffers, over the budget of "
-                             f"{self.memory_budget_bytes / 2**20:.0f} MiB")
+                             f"{need / 2**20:.1f} MiB of frame-path buffers, over the budget of "
+                             f"{self.memory_budget_bytes / 2**20:.1f} MiB (raise it with the memory budget "
+                             "option)")
 
     def prepare(self, meta: FrameMeta, image: np.ndarray | None = None) -> FrameMeta:
         """Prepare every stage for ``meta`` (resolving the scale from ``image`` when needed); returns the

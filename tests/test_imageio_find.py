@@ -120,3 +120,65 @@ def test_find_reports_bad_files_and_goes_on(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 1 and "non-finite" in err and "no such file" in err
     assert (tmp_path / "o" / "good_columns.csv").exists()
+
+
+def test_a_text_file_named_npy_is_named_as_not_npy(tmp_path):
+    (tmp_path / "text.npy").write_text("x_px,y_px\n1,2\n")
+    with pytest.raises(ImageReadError, match="not a NumPy .npy file"):
+        read_image(tmp_path / "text.npy")
+
+
+def test_inputs_with_the_same_stem_get_their_own_outputs(tmp_path, capsys):
+    good = mos2_frame(shape=(96, 96), seed=1).counts.astype(np.uint16)
+    for sub in ("A", "B2"):
+        (tmp_path / sub).mkdir()
+        PILImage.fromarray(good).save(tmp_path / sub / "img.png")
+    tifffile.imwrite(tmp_path / "A" / "img.tif", good)
+    files = [tmp_path / "A" / "img.png", tmp_path / "B2" / "img.png", tmp_path / "A" / "img.tif"]
+    assert main(["find", *map(str, files), "--out", str(tmp_path / "o"), "--pixel-size", "0.15",
+                 "--material", "MoS2"]) == 0
+    out = capsys.readouterr().out
+    names = sorted(p.name for p in (tmp_path / "o").glob("*_columns.csv"))
+    assert names == ["B2_img_columns.csv", "img_columns.csv", "img_tif_columns.csv"]
+    assert "img.png: " in out and "B2_img_columns.csv" in out
+
+
+def test_folders_without_images_are_errors(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "adir.png").mkdir()
+    assert main(["find", str(tmp_path / "empty"), str(tmp_path / "adir.png"), "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("a folder with no image files") == 2 and "adir.png" in err
+
+
+def test_the_memory_budget_refuses_by_name_and_can_be_raised(tmp_path, capsys):
+    np.save(tmp_path / "f.npy", mos2_frame(shape=(256, 256), seed=1).counts)
+    args = ["find", str(tmp_path / "f.npy"), "--out", str(tmp_path / "o"), "--pixel-size", "0.15", "--material",
+            "MoS2"]
+    assert main(args + ["--memory-budget-mib", "1"]) == 1
+    assert "over the budget of 1.0 MiB" in capsys.readouterr().err
+    assert main(args + ["--memory-budget-mib", "64"]) == 0 and (tmp_path / "o" / "f_columns.csv").exists()
+
+
+def test_a_failed_write_names_the_file_removes_the_partial_outputs_and_goes_on(tmp_path, capsys, monkeypatch):
+    import errno
+
+    from beamloop.edge.frame.columns import ColumnTable
+
+    good = mos2_frame(shape=(96, 96), seed=1).counts
+    np.save(tmp_path / "a.npy", good)
+    np.save(tmp_path / "b.npy", good)
+    real = ColumnTable.write_csv
+
+    def full_disk_for_a(self, path, *a, **k):
+        if path.name.startswith("a_"):
+            path.write_text("x_px,y_")  # a partial file, as a full disk leaves it
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, path, *a, **k)
+
+    monkeypatch.setattr(ColumnTable, "write_csv", full_disk_for_a)
+    rc = main(["find", str(tmp_path / "a.npy"), str(tmp_path / "b.npy"), "--out", str(tmp_path / "o"),
+               "--pixel-size", "0.15", "--material", "MoS2"])
+    err = capsys.readouterr().err
+    assert rc == 1 and f"cannot write {tmp_path / 'o' / 'a_columns.csv'} (No space left on device)" in err
+    assert not (tmp_path / "o" / "a_columns.csv").exists() and (tmp_path / "o" / "b_columns.csv").exists()

@@ -33,9 +33,14 @@ def cmd_find(a: argparse.Namespace) -> int:
     from beamloop.edge.batch_find import find_files
     from beamloop.edge.io.imageio import image_files
 
-    outcomes = find_files(image_files(a.images), Path(a.out), a.pixel_size, a.method, a.material, a.spacing_px,
-                          device=a.device, precision=a.precision, background=a.background)
-    bad = 0
+    empty: list[str] = []
+    files = image_files(a.images, empty)
+    for msg in empty:
+        print(f"error: {msg}", file=sys.stderr)
+    outcomes = find_files(files, Path(a.out), a.pixel_size, a.method, a.material, a.spacing_px,
+                          device=a.device, precision=a.precision, background=a.background,
+                          memory_budget_mib=a.memory_budget_mib)
+    bad = len(empty)
     for o in outcomes:
         if o.error:
             bad += 1
@@ -55,4 +60,6 @@ def register(sub) -> None:
     f.add_argument("--background", choices=("on", "auto", "off"), default="on",
                    help="subtract a smooth background (support film, particle envelope) before finding; auto: "
                         "only for images without a pixel size")
+    f.add_argument("--memory-budget-mib", type=parse_positive, default=1024.0,
+                   help="working memory the finder may take per image, MiB (larger images are refused by name)")
     f.set_defaults(func=cmd_find)

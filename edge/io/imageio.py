@@ -105,6 +105,18 @@ def _read_hspy(path: Path) -> Image:
     return Image(data, size, path)
 
 
+NPY_MAGIC = b"\x93NUMPY"
+"""First bytes of every NumPy ``.npy`` file (NumPy's format specification, ``numpy.lib.format``)."""
+
+
+def _read_npy(path: Path) -> Image:
+    with open(path, "rb") as f:
+        head = f.read(len(NPY_MAGIC))
+    if head != NPY_MAGIC:
+        raise ImageReadError(f"{path}: not a NumPy .npy file (it does not start with the .npy magic string)")
+    return Image(np.load(path, allow_pickle=False), None, path)
+
+
 def read_image(path: str | Path) -> Image:
     """Read one image file (see the module docstring for the formats).
 
@@ -120,7 +132,7 @@ def read_image(path: str | Path) -> Image:
     suffix = path.suffix.lower()
     readers = {".png": _read_png, ".tif": _read_tiff, ".tiff": _read_tiff, ".hspy": _read_hspy,
                ".hdf5": _read_hspy, ".h5": _read_hspy,
-               ".npy": lambda p: Image(np.load(p, allow_pickle=False), None, p)}
+               ".npy": _read_npy}
     reader = readers.get(suffix)
     if reader is None:
         raise ImageReadError(f"{path}: unsupported file type {suffix!r}; expected one of {IMAGE_SUFFIXES}")
@@ -138,12 +150,27 @@ def read_image(path: str | Path) -> Image:
     return img
 
 
-def image_files(paths) -> list[Path]:
-    """Expand files and folders into the image files they hold (folders: sorted, by suffix)."""
+def image_files(paths, empty: list[str] | None = None) -> list[Path]:
+    """Expand files and folders into the image files they hold (folders: sorted, by suffix).
+
+    Parameters
+    ----------
+    paths : iterable of path-like
+    empty : list of str, optional
+        Receives a one-line message for each folder that holds no image file (its files are not
+        images, or it is empty); such a folder adds nothing to the result.
+
+    Returns
+    -------
+    list of Path
+    """
     out = []
     for p in map(Path, paths):
         if p.is_dir():
-            out.extend(sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES))
+            found = sorted(q for q in p.iterdir() if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES)
+            if not found and empty is not None:
+                empty.append(f"{p}: a folder with no image files ({' '.join(IMAGE_SUFFIXES)})")
+            out.extend(found)
         else:
             out.append(p)
     return out
