@@ -306,3 +306,22 @@ def test_a_merlin_stream_recorded_bit_exact(tmp_path, fmt):
     assert np.array_equal(ids, np.arange(40))
     info = recording_info(masters[0])
     assert info["complete"] and info["config"]["pixel_type"] == "R64" and info["config"]["ScanY"] == "5"
+
+
+def test_a_stream_that_trickles_in_small_pieces_is_received_intact():
+    """Headers and pixels split across many TCP segments (the receive buffer never holds a whole message)."""
+    frames = make_frames(6, 12, shape=(8, 64))
+    stream = mib.acquisition_stream(frames, "U16", 12)
+    with bound_receiver(stack_size=4) as (tx, rx):
+        tx.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+        def trickle():
+            for k in range(0, len(stream), 97):
+                tx.sendall(stream[k:k + 97])
+                time.sleep(0.0005)
+
+        t = threading.Thread(target=trickle, daemon=True)
+        t.start()
+        series, ids, got, end = receive_series(rx, 5000)
+        t.join(5)
+    assert np.array_equal(got, frames) and ids.tolist() == list(range(6)) and rx.counters.rejected == 0

@@ -288,9 +288,12 @@ def parse_frame_header(header: bytes | memoryview, *, default_depth: int | None 
         raise MalformedMessage(f"frame header: counter depth {depth!r} is not one of {COUNTER_DEPTHS}")
     if not shutter_ns:
         try:
-            shutter_ns = int(round(float(f[10]) * 1e9))
+            seconds = float(f[10])
         except ValueError:
-            raise MalformedMessage(f"frame header: shutter time {f[10]!r} is not a number") from None
+            seconds = -1.0
+        if not 0 <= seconds < 1e9:  # NaN and infinities fail too
+            raise MalformedMessage(f"frame header: shutter time {f[10]!r} is not a number of seconds")
+        shutter_ns = int(round(seconds * 1e9))
     if width < 1 or height < 1:
         raise MalformedMessage(f"frame header: frame of {width}x{height} pixels")
     if ptype == RAW:
@@ -303,7 +306,7 @@ def parse_frame_header(header: bytes | memoryview, *, default_depth: int | None 
             width //= 2
         if width % 64:
             raise MalformedMessage(f"frame header: raw frame width {width} is not a multiple of 64 pixels")
-    elif COUNTING_TYPES[ptype].itemsize * 8 < depth and not (ptype == "U08" and depth <= 8):
+    elif COUNTING_TYPES[ptype].itemsize * 8 < depth:
         raise MalformedMessage(f"frame header: {depth}-bit counters do not fit pixel type {ptype}")
     return FrameHeader(seq, size, chips, width, height, ptype, layout, counter, depth, shutter_ns)
 

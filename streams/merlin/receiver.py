@@ -150,6 +150,14 @@ class MerlinReceiver:
     recv_buffer_bytes : int
         Size of the receive buffer (at least ``max_header_bytes + 15``).
 
+    Attributes
+    ----------
+    counters : StreamCounters
+    connections : int
+        Data connections made (or accepted) so far; the receiver reconnects when the detector closes one.
+    endpoint : str
+        The endpoint connected to, or bound (with the port the system chose for port 0).
+
     Raises
     ------
     ValueError
@@ -179,6 +187,7 @@ class MerlinReceiver:
         self.max_ring_bytes = int(max_ring_bytes)
         self.message_timeout_s = float(message_timeout_s)
         self.counters = StreamCounters()
+        self.connections = 0
         self._host, self._port = parse_endpoint(endpoint)
         self._bind = bool(bind)
         self._listener: socket.socket | None = None
@@ -282,6 +291,7 @@ class MerlinReceiver:
         self._sock = sock
         self._lo = self._hi = 0
         self._synced = True
+        self.connections += 1
         return True
 
     # the receive buffer -------------------------------------------------------------------------------------
@@ -329,6 +339,7 @@ class MerlinReceiver:
         """Fill ``dst`` from the buffer, then straight from the socket."""
         n = len(dst)
         k = min(n, self._hi - self._lo)
+        assert k >= 0, "receive buffer consumed past its end"
         dst[:k] = self._view[self._lo:self._lo + k]
         self._lo += k
         sock = self._sock
@@ -423,7 +434,8 @@ class MerlinReceiver:
     def _frame(self, n: int) -> SeriesStart | SeriesEnd | None:
         first = self._first
         if first is not None and n == first.header_nbytes + first.data_nbytes:
-            parts = bytes(self._need(min(n, 160))).split(b",", 12)  # the fields before the thresholds
+            head = self._need(first.header_nbytes)  # the whole header is buffered before it is consumed
+            parts = bytes(head[:160]).split(b",", 12)  # the fields before the thresholds
             if len(parts) == 13 and parts[2:9] == self._template and parts[11] == self._counter and \
                     parts[1].isdigit():
                 self._lo += first.header_nbytes
