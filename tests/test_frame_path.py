@@ -171,3 +171,12 @@ def test_verification_frames_ask_for_no_targets_without_touching_the_policy():
     targets = path.run(fr.counts, PX, scan).targets
     assert 1 <= len(targets) <= 3 and pol.anchor_frac is not None
     assert path.run(fr.counts, PX).targets == []  # no scan frame: no targets
+
+
+def test_float64_frames_beyond_float32_range_are_refused_by_name():
+    from beamloop.edge.frame.stage import FrameError, check_frame
+
+    fr = mos2_frame(shape=(64, 64), seed=1).counts.astype(np.float64)
+    with pytest.raises(FrameError, match="beyond float32's range"):
+        check_frame(fr * 1e300)
+    check_frame(fr * 1e30)  # large but representable: taken

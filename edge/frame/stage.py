@@ -76,13 +76,18 @@ class StageBase:
         return f"{type(self).__name__}(name={self.name!r})"
 
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+"""Largest pixel magnitude the stages (float32 arithmetic) take."""
+
+
 def check_frame(image: np.ndarray) -> None:
     """Check that ``image`` is a frame the frame path can take, once per frame.
 
     Parameters
     ----------
     image : ndarray
-        Must be 2-D, non-empty, of an integer type or float32/float64, with finite pixels.
+        Must be 2-D, non-empty, of an integer type or float32/float64, with finite pixels of magnitude at
+        most :data:`FLOAT32_MAX`.
 
     Raises
     ------
@@ -105,3 +110,8 @@ def check_frame(image: np.ndarray) -> None:
         bad = count_nonfinite(image)
         if bad:
             raise FrameError(f"frame has {bad} non-finite pixels (NaN or infinity)")
+        if dt.itemsize == 8:  # the stages work in float32: larger magnitudes would overflow to infinity
+            big = max(float(image.max()), -float(image.min()))
+            if big > FLOAT32_MAX:
+                raise FrameError(f"frame values reach {big:.3g}, beyond float32's range ({FLOAT32_MAX:.3g}) that "
+                                 "the stages compute in; rescale the frame")
