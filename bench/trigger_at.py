@@ -37,6 +37,7 @@ import numpy as np
 
 from beamloop.edge.experiments.closed_loop import run as run_main_job
 from beamloop.edge.physics import electrons_per_second
+from beamloop.edge.trigger.model import DEFAULT_MODEL
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODES = ("controller", "service")
@@ -132,7 +133,8 @@ def run(quick: bool = False) -> dict:
     seeds = list(range(2 if quick else 10))
     more = list(range(seeds[-1] + 1, 4 if quick else 30))
     t0 = time.perf_counter()
-    res: dict = {"seeds": seeds, "settings": "beamloop run defaults (rounds 3, targets 4, 50 pA, model ejection)",
+    settings = f"beamloop run defaults (rounds 3, targets 4, 50 pA, trigger model {DEFAULT_MODEL})"
+    res: dict = {"seeds": seeds, "settings": settings,
                  "machine": {"cpu_count": os.cpu_count(), "load_average_1_5_15": list(os.getloadavg()),
                              "platform": platform.platform()},
                  "runs": {m: [] for m in MODES}, "modes": {}}

@@ -272,7 +272,8 @@ def test_where_the_service_lets_the_controller_decide(microscope):
             if offered is False:
                 c["trigger"] = None
             elif offered == "other hash":
-                c["trigger"] = {"models": {"ejection": {**caps["trigger"]["models"]["ejection"], "hash": "0" * 64}}}
+                m = service.trigger.model_name  # the default model, offered with another hash
+                c["trigger"] = {"models": {m: {**caps["trigger"]["models"][m], "hash": "0" * 64}}}
             assert service.choose_trigger_at(c) == want and note in service.trigger_at_note
         finally:
             service.bridge.close()
