@@ -109,3 +109,24 @@ def test_edge_ratio_needs_a_denominator():
             / sc.edge_integral(e, mo_edge + bg, sc.EDGES["Mo_M4,5"]))
     assert both == pytest.approx(want, rel=0.02)
     assert math.isnan(sc.eels_edge_ratio(bg + s_edge))
+
+
+def test_white_line_ratio_of_simulated_lines():
+    """Ti L2,3 of the simulator at L3/L2 = 0.85 and 1.35: the measured ratio follows, and a spectrum without
+    the edge gives nan rather than an outlier."""
+    from beamloop.edge.sim import eels, structures
+
+    spec = structures.srtio3_001((-12.0, 12.0, -12.0, 12.0))
+    idx = np.flatnonzero(spec.site == 1)
+    k = idx[np.argmin(np.hypot(*spec.xy[idx].T))]
+    got = []
+    for r in (0.85, 1.35):
+        base = eels.MATERIALS["SrTiO3"]
+        ti = [e for e in base.edges if e.name == "Ti_L2,3"][0]
+        mat = eels.EELSMaterial("t", (eels.EdgeModel(**{**ti.__dict__, "ratio": r}),), base.spectrometer,
+                                base.background, base.background_exponent, base.probe_sigma_A)
+        s = eels.EELSModel(spec, mat).expected(spec.xy[[k], 0], spec.xy[[k], 1])[0] * 1e8
+        got.append(sc.eels_white_line_ratio(s))
+    assert got[1] > got[0] + 0.3
+    e = sc.energy_axis(768, 400.0, 0.25)
+    assert math.isnan(sc.eels_white_line_ratio(np.random.default_rng(0).poisson(3e3 * (e / 400.0) ** -3.5)))

@@ -213,13 +213,20 @@ def edge_onset(energy_eV: np.ndarray, counts: np.ndarray, edge: EdgeWindows, bef
 
 
 def white_line_ratio(energy_eV: np.ndarray, counts: np.ndarray, edge: EdgeWindows, half_width_eV: float = 2.5,
-                     continuum_width_eV: float = 1.0) -> float:
+                     continuum_width_eV: float = 1.0, min_snr: float = 5.0) -> float:
     """L3 / L2 white-line ratio after power-law background and double-step continuum subtraction.
 
     The continuum (Pearson, Ahn & Fultz 1993) is two smoothed steps (width ``continuum_width_eV``) at the L3
     and L2 lines, of heights 2:1, whose total equals the background-subtracted signal averaged 10-15 eV past
     L2. The lines are integrated over ``half_width_eV`` either side of their maxima near the nominal L3
-    (``edge.onset_eV + 1.5``) and L2 (``+ spin_orbit_eV``) energies.
+    (``edge.onset_eV + 1.5``) and L2 (``+ spin_orbit_eV``) energies. nan unless the L2 line's intensity
+    exceeds ``min_snr`` times its Poisson error (the square root of all counts in its window): a ratio over a
+    line lost in the noise would be an outlier of any size.
+
+    Raises
+    ------
+    ValueError
+        The spectrum ends before the continuum window.
     """
     e = np.asarray(energy_eV, np.float64)
     s = subtract_background(e, counts, edge.background_eV)
@@ -242,7 +249,8 @@ def white_line_ratio(energy_eV: np.ndarray, counts: np.ndarray, edge: EdgeWindow
     w3 = np.abs(e - e3) <= half_width_eV
     w2 = np.abs(e - e2) <= half_width_eV
     i3, i2 = float(lines[w3].sum()), float(lines[w2].sum())
-    return i3 / i2 if i2 > 0 else float("nan")
+    err2 = math.sqrt(max(float(np.asarray(counts, np.float64)[w2].sum()), 1.0))
+    return i3 / i2 if i2 > min_snr * err2 else float("nan")
 
 
 # --- the registry -----------------------------------------------------------------------------------------------
