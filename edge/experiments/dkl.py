@@ -7,8 +7,8 @@ the property is likely extreme, or uncertain (Wilson et al., AISTATS 2016; for S
 Ziatdinov et al., ACS Nano 16, 7605 (2022), and Kalinin et al., "Deep learning for automated
 experimentation in scanning transmission electron microscopy", npj Comput. Mater. 9, 227 (2023)):
 
-1. candidates: positions in the frame (the found columns, or a grid: :func:`grid_candidates`), each with
-   the image patch around it (:func:`extract_patches`);
+1. candidates: probe positions in the frame (the found columns, :func:`column_candidates`, or a grid,
+   :func:`grid_candidates`), each with the image patch around it (:func:`extract_patches`);
 2. a few seed points (``initial``, chosen at random) are measured;
 3. each step fits the DKL model on the (patch, scalar) pairs so far
    (:class:`beamloop.edge.experiments.dkl_model.DKLModel`), predicts every candidate, and picks a batch by
@@ -17,7 +17,8 @@ experimentation in scanning transmission electron microscopy", npj Comput. Mater
 
 Measurements go through a :class:`PointMeasurer`, the small interface "measure these points, give me their
 scalars": :class:`SimulatedPoints` measures offline on the simulator's specimen (and knows the true
-property map), and the bridge's point queues measure on a microscope. :func:`run_dkl` returns the path,
+property map); :class:`ScalarizedPoints` wraps any source of raw signals at points (the bridge's point
+queue, once it returns spectra and patterns) with a scalarizer. :func:`run_dkl` returns the path,
 the values, the decision time of each step and the predictions at the checkpoint budgets; :func:`evaluate`
 scores them against a true map (share of the top 5 % candidates found; reconstruction error), beside
 random and raster sampling of the same budget (:func:`baseline_order`, :func:`fit_predict`).
