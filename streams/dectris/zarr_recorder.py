@@ -8,17 +8,21 @@
     ``y_pixels_in_detector``, ``nimages``, ``stream_protocol``, ``series_id``, ``series_unique_id``,
     ``stream_config``);
     ``entry/data/<channel>``: one (n, rows, cols) array per channel of the series, named as the series names it
-    (:func:`beamloop.streams.dectris.recorder.dataset_names`), one chunk per frame, compressed with Blosc's
+    (:func:`beamloop.streams.dectris.recorder.dataset_names`), chunks of ``chunk_frames`` frames (each chunk is
+    one file of the store: one per frame, as in HDF5, would cost a file per frame), compressed with Blosc's
     LZ4 and bit shuffle (the Zarr counterpart of the bitshuffle-LZ4 HDF5 filter);
     ``entry/data/image_id``: the stream's 0-based frame ids (int64);
     ``entry/beamloop`` (attributes ``channels``, ``frames_recorded``, ``complete``, ``frames_announced``,
     ``counters``).
 
 Frames are decoded from the stream's encoding (one compiled call per stack,
-:func:`beamloop.streams.dectris.codecs.decode_stack`) and written a stack at a time. What "flushed" means:
+:func:`beamloop.streams.dectris.codecs.decode_stack`), staged, and written a whole chunk at a time (what is
+left of a chunk at a flush is written then, and that chunk rewritten when it fills). What "flushed" means:
 Zarr's local store writes every chunk and every metadata document to a temporary file and renames it into
 place (an atomic replace), so after each flush (``frames_per_file`` frames, ``max_file_seconds``, or the end of
-the series) the arrays' chunks up to ``frames_recorded`` are complete; :func:`read_zarr` reads only those.
+the series) the arrays' chunks up to ``frames_recorded`` are complete; :func:`read_zarr` reads only those;
+frames staged since the last flush were never reported and are lost with the recorder, as the HDF5 recorder's
+open ``.part`` file is.
 Unlike the HDF5 recorder nothing is ``fsync``-ed: a recorder killed by SIGKILL loses no flushed frame, a
 machine that loses power may.
 """
@@ -71,6 +75,8 @@ class ZarrRecorder:
         ``image_nr_low``, ``image_nr_high``; 1-based, as the HDF5 recorder's).
     counters : callable() -> dict, optional
         Receiver counters to store at each flush.
+    chunk_frames : int
+        Frames per chunk of the arrays (default 32).
 
     Raises
     ------
@@ -82,7 +88,10 @@ class ZarrRecorder:
 
     def __init__(self, directory: str | Path, prefix: str = "series", *, frames_per_file: int = 1000,
                  max_file_seconds: float = 1.0, on_flush: Callable[[int, dict], None] | None = None,
-                 counters: Callable[[], dict] | None = None) -> None:
+                 counters: Callable[[], dict] | None = None, chunk_frames: int = 32) -> None:
+        if chunk_frames < 1:
+            raise ValueError(f"chunk_frames must be >= 1, got {chunk_frames}")
+        self.chunk_frames = int(chunk_frames)
         if frames_per_file < 1 or not max_file_seconds > 0:
             raise ValueError(f"frames_per_file must be >= 1 and max_file_seconds > 0, got {frames_per_file}, "
                              f"{max_file_seconds}")
@@ -107,6 +116,10 @@ class ZarrRecorder:
         self._last_flush = 0.0
         self._scratch: np.ndarray | None = None
         self._status: np.ndarray | None = None
+        self._stage: dict[str, np.ndarray] = {}  # frames not yet written: staged[ch][:self._staged]
+        self._stage_ids = np.zeros(0, np.int64)
+        self._staged = 0
+        self._stored = 0  # frames written to the store (the staged ones follow)
         self._ended = False
 
     # series ------------------------------------------------------------------------------------------------
@@ -142,12 +155,21 @@ class ZarrRecorder:
         data.attrs.update({"NX_class": "NXdata", "signal": names[series.channels[0]]})
         self._cap = _GROW
         itemsize = np.dtype(series.dtype).itemsize
-        self._arrays = {ch: data.create_array(names[ch], shape=(self._cap, *series.shape), chunks=(1, *series.shape),
+        cf = self.chunk_frames
+        self._arrays = {ch: data.create_array(names[ch], shape=(self._cap, *series.shape), chunks=(cf, *series.shape),
                                               dtype=np.dtype(series.dtype), compressors=_compressor(itemsize),
                                               fill_value=0)
                         for ch in series.channels}
-        self._ids = data.create_array("image_id", shape=(self._cap,), chunks=(_ID_CHUNK,), dtype=np.int64,
-                                      fill_value=-1)
+        self._ids = data.create_array("image_id", shape=(self._cap,), chunks=(max(_ID_CHUNK // cf, 1) * cf,),
+                                      dtype=np.int64, fill_value=-1)
+        size = 4 * cf
+        self._stage = {ch: np.empty((size, *series.shape), series.dtype) for ch in series.channels}
+        self._stage_ids = np.empty(size, np.int64)
+        # compile the stack decoder for this pixel type now, not on the first frames (numba)
+        self._status = np.zeros(1, np.int8)
+        self._scratch = np.empty((len(series.channels), 1, *series.shape), series.dtype)
+        codecs.decode_stack(np.zeros(1, np.uint8), np.zeros(0, np.int64), np.zeros(0, np.int64),
+                            codecs.Codec(codecs.BSLZ4, itemsize), self._scratch[0], self._status)
         self._root = root
         self._bl = entry.create_group("beamloop")
         self._last_flush = time.monotonic()
@@ -191,20 +213,55 @@ class ZarrRecorder:
             n = len(ids)
             if n == 0:
                 return
-        k0 = self.written
-        if k0 + n > self._cap:
-            self._cap = max(k0 + n, 2 * self._cap, self._cap + _GROW)
-            for arr in self._arrays.values():
-                arr.resize((self._cap, *s.shape))
-            self._ids.resize((self._cap,))
-        for ch, arr in self._arrays.items():
-            arr[k0:k0 + n] = frames[ch]
-        self._ids[k0:k0 + n] = ids
-        self.written = k0 + n
+        self._put(frames, ids)
+        self.written += n
         if self.written - self.flushed >= self.frames_per_file:
             self._flush()
         else:
             self.tick()
+
+    def _put(self, frames: dict, ids: np.ndarray) -> None:
+        """Stage ``frames`` (copied: the stack is the receiver's) and write every whole chunk staged."""
+        n = len(ids)
+        need = self._staged + n
+        if need > len(self._stage_ids):  # a stack larger than the staging room: grow it, once
+            size = max(need, 2 * len(self._stage_ids))
+            for ch, a in self._stage.items():
+                b = np.empty((size, *a.shape[1:]), a.dtype)
+                b[:self._staged] = a[:self._staged]
+                self._stage[ch] = b
+            ids_b = np.empty(size, np.int64)
+            ids_b[:self._staged] = self._stage_ids[:self._staged]
+            self._stage_ids = ids_b
+        k = self._staged
+        for ch, f in frames.items():
+            self._stage[ch][k:k + n] = f
+        self._stage_ids[k:k + n] = ids
+        self._staged = need
+        cf = self.chunk_frames
+        whole = ((self._stored + self._staged) // cf) * cf - self._stored  # staged frames that end on a chunk
+        if whole > 0:
+            self._store(whole)
+
+    def _store(self, m: int) -> None:
+        """Write the first ``m`` staged frames to the arrays and keep the rest staged."""
+        k0 = self._stored
+        s = self.series
+        if k0 + m > self._cap:
+            self._cap = max(k0 + m, 2 * self._cap, self._cap + _GROW)
+            for arr in self._arrays.values():
+                arr.resize((self._cap, *s.shape))
+            self._ids.resize((self._cap,))
+        for ch, arr in self._arrays.items():
+            arr[k0:k0 + m] = self._stage[ch][:m]
+        self._ids[k0:k0 + m] = self._stage_ids[:m]
+        self._stored = k0 + m
+        rest = self._staged - m
+        if rest:
+            for a in self._stage.values():
+                a[:rest] = a[m:m + rest]
+            self._stage_ids[:rest] = self._stage_ids[m:m + rest]
+        self._staged = rest
 
     def tick(self) -> None:
         """Flush if frames were written more than ``max_file_seconds`` after the last flush (call when idle)."""
@@ -237,6 +294,8 @@ class ZarrRecorder:
         self.close()
 
     def _flush(self, frames_announced: int | None = None) -> None:
+        if self._staged:  # what is left of a chunk: written now, rewritten when the chunk fills
+            self._store(self._staged)
         low = self.flushed + 1
         self._write_state(frames_announced, frames=self.written)
         self.flushed = self.written

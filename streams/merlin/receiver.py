@@ -295,8 +295,9 @@ class MerlinReceiver:
         return True
 
     # the receive buffer -------------------------------------------------------------------------------------
-    def _recv_some(self, wait_s: float | None) -> None:
-        """Receive into the buffer's free tail, waiting at most ``wait_s`` (None: the message timeout)."""
+    def _recv_some(self, wait_s: float | None, want: int | None = None) -> None:
+        """Receive into the buffer's free tail (at most ``want`` bytes), waiting at most ``wait_s`` (None: the
+        message timeout)."""
         if self._lo == self._hi:
             self._lo = self._hi = 0
         elif self._hi == len(self._buf):
@@ -305,7 +306,8 @@ class MerlinReceiver:
             self._lo, self._hi = 0, n
         self._sock.settimeout(self.message_timeout_s if wait_s is None else max(wait_s, 0.0))
         try:
-            got = self._sock.recv_into(self._view[self._hi:])
+            end = len(self._buf) if want is None else min(len(self._buf), self._hi + want)
+            got = self._sock.recv_into(self._view[self._hi:end])
         except (TimeoutError, BlockingIOError):
             raise _NoData() from None
         except OSError:
@@ -322,7 +324,7 @@ class MerlinReceiver:
                 m = self._hi - self._lo
                 self._buf[:m] = self._view[self._lo:self._hi]
                 self._lo, self._hi = 0, m
-            self._recv_some(wait_s)
+            self._recv_some(wait_s, n - (self._hi - self._lo))
             wait_s = None
         return self._view[self._lo:self._lo + n]
 
@@ -332,8 +334,20 @@ class MerlinReceiver:
             return True
         if self._sock is None:
             return False
-        r, _, _ = select.select([self._sock], [], [], 0)
-        return bool(r)
+        if self._lo == self._hi:
+            self._lo = self._hi = 0
+        first = self._first
+        want = len(self._buf) - self._hi if first is None else mib.PREFIX_BYTES + first.header_nbytes
+        try:  # a non-blocking read of the next prefix and header answers the question and saves a later call
+            got = self._sock.recv_into(self._view[self._hi:self._hi + want], 0, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            return True  # the read that follows finds the connection closed
+        if got:
+            self._hi += got
+            self.counters.bytes += got
+        return True  # data, or the end of the stream
 
     def _read_into(self, dst: memoryview) -> None:
         """Fill ``dst`` from the buffer, then straight from the socket."""
@@ -387,7 +401,9 @@ class MerlinReceiver:
             self._resync(wait_s)
             wait_s = None
         if self._hi == self._lo:
-            self._recv_some(wait_s)
+            # in a series, read one frame's prefix and header: its pixels then go straight into their slot
+            first = self._first
+            self._recv_some(wait_s, None if first is None else mib.PREFIX_BYTES + first.header_nbytes)
         try:
             prefix = self._need(mib.PREFIX_BYTES)
         except _NoData:
