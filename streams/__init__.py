@@ -4,8 +4,9 @@ The native beamloop stream (:mod:`beamloop.streams.native.protocol`) is modelled
 ``start`` / ``image`` / ``end`` messages, with beamloop's metadata in ``user_data``.
 :class:`beamloop.streams.native.sender.FrameSender` and :class:`beamloop.streams.native.receiver.FrameReceiver` move it
 over ZeroMQ PUSH/PULL sockets without copying pixel data. DECTRIS detector streams (SIMPLON v1, Stream V2) are received
-by :class:`beamloop.streams.dectris.receiver.DetectorReceiver`. Both receivers return the series events of
-:mod:`beamloop.streams.events`.
+by :class:`beamloop.streams.dectris.receiver.DetectorReceiver`, Quantum Detectors Merlin's MIB stream over TCP by
+:class:`beamloop.streams.merlin.receiver.MerlinReceiver`; :func:`beamloop.streams.receivers.open_receiver` opens
+either by protocol name. Every receiver returns the series events of :mod:`beamloop.streams.events`.
 
 This package never imports :mod:`beamloop.edge`.
 """
