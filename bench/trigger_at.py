@@ -183,7 +183,7 @@ def summary_md(res: dict) -> str:
     c, s = res["modes"]["controller"], res["modes"]["service"]
     lines = [f"# Trigger at the controller vs in the service (`beamloop run` defaults, seeds "
              f"{res['seeds'][0]}-{res['seeds'][-1]})", "",
-             "Same model (`ejection`, integer runtime), same threshold, same simulator seeds. Controller: the "
+             f"Same model (`{DEFAULT_MODEL}`, integer runtime), same threshold, same simulator seeds. Controller: the "
              "simulated microscope runs the trigger on every sample as it produces it and blanks at the decision "
              "sample plus the logic's latency. Service: decisions on the streamed 100-sample blocks, blank by a "
              "bridge round trip. Pooled over every dwell of the runs; samples are 10 us.", "",
