@@ -325,3 +325,16 @@ def test_a_stream_that_trickles_in_small_pieces_is_received_intact():
         series, ids, got, end = receive_series(rx, 5000)
         t.join(5)
     assert np.array_equal(got, frames) and ids.tolist() == list(range(6)) and rx.counters.rejected == 0
+
+
+def test_an_unclosed_receiver_warns_and_a_closed_one_refuses_to_connect():
+    rx = MerlinReceiver("tcp://127.0.0.1:0", bind=True)
+    with pytest.warns(ResourceWarning, match="unclosed MerlinReceiver"):
+        rx.__del__()
+    assert rx.closed
+    with pytest.raises(RuntimeError, match="closed"):
+        rx.recv(10)
+    with MerlinReceiver("tcp://127.0.0.1:0", bind=True) as a:
+        port = a.endpoint.rsplit(":", 1)[1]
+        with pytest.raises(OSError, match=f"cannot bind 'tcp://127.0.0.1:{port}'"):
+            MerlinReceiver(f"tcp://127.0.0.1:{port}", bind=True)

@@ -192,7 +192,7 @@ class MerlinReceiver:
         self._bind = bool(bind)
         self._listener: socket.socket | None = None
         self._sock: socket.socket | None = None
-        self._closed = False
+        self._closed = True  # until set up: a receiver that failed to bind warns of nothing
         if self._bind:
             ls = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -220,6 +220,7 @@ class MerlinReceiver:
         self._ids = FrameIdTracker(self.counters)
         self._stack_recv_ns = 0
         self._scratch = bytearray(1 << 16)
+        self._closed = False
 
     # lifecycle ---------------------------------------------------------------------------------------------
     @property
