@@ -1038,7 +1038,8 @@ class ScanController:
         self.events.append({"type": "dwell_end", "series_id": d.series_id, "frame_id": d.frame_id, "reason": reason,
                             "samples": d.samples, "beam_off_sample": off,
                             "position": [d.fx, d.fy], "t_ns": self._now_ns(),
-                            "ejection_samples": [e["sample"] for e in d.events if e.get("type") != "trigger"],
+                            "ejection_samples": [e["sample"] for e in d.events
+                                                 if e.get("type") not in ("trigger", "probe_landed")],
                             "trigger": d.trigger})
 
     def _advance_dwell(self) -> None:

@@ -6,16 +6,25 @@ per-line jitter (~0.08 Angstrom along the fast axis, ~0.03 Angstrom along the sl
 wobble are smooth functions of time; jitter is not. Ground truth for scoring is the column positions
 moved by the smooth part only (:func:`apparent_positions`): scoring against undistorted positions
 measures the drift, not the finder.
+
+A specimen that moves on the simulator's clock (:mod:`beamloop.edge.sim.drift`) enters as ``motion``: a
+callable giving the specimen's displacement (A, lab frame) at times since the frame started; a column at rest
+position ``s`` is then under the probe where ``nominal + d(t) = s + motion(t)``. Without it (None) the
+functions compute exactly what they did before drift was modelled.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 from beamloop.edge.frame.scanframe import ScanFrame
+
+Motion = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+"""Specimen displacement ``(dx, dy)`` (A, arrays of the shape of ``t``) at times ``t`` since the frame started (s)."""
 
 
 @dataclass(frozen=True)
@@ -72,16 +81,23 @@ def _scan_axes(scan: ScanFrame) -> tuple[np.ndarray, np.ndarray]:
     return np.array([c, s]), np.array([-s, c])
 
 
-def _smooth_displacement(scan: ScanFrame, d: ScanDistortion, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Drift plus wobble at times ``t`` (seconds since the frame started), Angstrom (dx, dy)."""
+def _smooth_displacement(scan: ScanFrame, d: ScanDistortion, t: np.ndarray, motion: Motion | None = None
+                         ) -> tuple[np.ndarray, np.ndarray]:
+    """Drift plus wobble at times ``t`` (seconds since the frame started), Angstrom (dx, dy), less the
+    specimen's own ``motion`` (the probe's position relative to the moving specimen)."""
     fast, _ = _scan_axes(scan)
     w = d.wobble_A * np.sin(2 * math.pi * d.wobble_hz * t + d.wobble_phase)
-    return d.drift_A_per_s[0] * t + w * fast[0], d.drift_A_per_s[1] * t + w * fast[1]
+    dx, dy = d.drift_A_per_s[0] * t + w * fast[0], d.drift_A_per_s[1] * t + w * fast[1]
+    if motion is not None:
+        mx, my = motion(t)
+        dx, dy = dx - mx, dy - my
+    return dx, dy
 
 
-def probe_positions(scan: ScanFrame, distortion: ScanDistortion, rng: np.random.Generator
-                    ) -> tuple[np.ndarray, np.ndarray]:
-    """Where the probe was, in specimen coordinates, while each pixel was acquired.
+def probe_positions(scan: ScanFrame, distortion: ScanDistortion, rng: np.random.Generator,
+                    motion: Motion | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Where the probe was, in specimen coordinates, while each pixel was acquired (relative to the specimen
+    moved by ``motion``, module docstring).
 
     Returns
     -------
@@ -92,15 +108,15 @@ def probe_positions(scan: ScanFrame, distortion: ScanDistortion, rng: np.random.
     jj, ii = np.meshgrid(np.arange(cols, dtype=float), np.arange(rows, dtype=float))
     x, y = scan.specimen_of_fraction((jj + 0.5) / cols, (ii + 0.5) / rows)
     t = ii * line_time_s(scan, distortion) + jj * scan.dwell_us * 1e-6
-    dx, dy = _smooth_displacement(scan, distortion, t)
+    dx, dy = _smooth_displacement(scan, distortion, t, motion)
     fast, slow = _scan_axes(scan)
     jf = rng.normal(0.0, distortion.jitter_fast_A, rows)[:, None] if distortion.jitter_fast_A > 0 else 0.0
     js = rng.normal(0.0, distortion.jitter_slow_A, rows)[:, None] if distortion.jitter_slow_A > 0 else 0.0
     return x + dx + jf * fast[0] + js * slow[0], y + dy + jf * fast[1] + js * slow[1]
 
 
-def apparent_positions(scan: ScanFrame, distortion: ScanDistortion, xy_A: np.ndarray, iterations: int = 6
-                       ) -> np.ndarray:
+def apparent_positions(scan: ScanFrame, distortion: ScanDistortion, xy_A: np.ndarray, iterations: int = 6,
+                       motion: Motion | None = None) -> np.ndarray:
     """Pixel coordinates at which specimen points appear in the distorted frame (smooth part only).
 
     Solves ``nominal(p) + d(t(p)) = s`` for the pixel coordinate ``p`` of each specimen point ``s`` by
@@ -109,7 +125,9 @@ def apparent_positions(scan: ScanFrame, distortion: ScanDistortion, xy_A: np.nda
     Parameters
     ----------
     xy_A : ndarray, shape (n, 2)
-        Specimen coordinates, Angstrom.
+        Specimen coordinates, Angstrom (rest positions when ``motion`` is given).
+    motion : callable, optional
+        The specimen's displacement (module docstring).
 
     Returns
     -------
@@ -123,7 +141,7 @@ def apparent_positions(scan: ScanFrame, distortion: ScanDistortion, xy_A: np.nda
     for _ in range(iterations):
         fx, fy = scan.fraction_of_specimen(sx - dx, sy - dy)
         px, py = scan.pixel_of_fraction(fx, fy)
-        dx, dy = _smooth_displacement(scan, distortion, py * lt + px * dwell)
+        dx, dy = _smooth_displacement(scan, distortion, py * lt + px * dwell, motion)
     return np.stack([px, py], axis=1)
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -35,6 +35,8 @@ class SimulatedFrame:
     dose_e_per_A2 : float
         Electron dose of the frame, electrons per square Angstrom.
     distortion : ScanDistortion
+    t_start_s : float
+        Simulator clock time the scan started, seconds (NaN: a frame off the clock, without specimen drift).
     """
 
     counts: np.ndarray
@@ -45,6 +47,7 @@ class SimulatedFrame:
     class_names: tuple[str, ...]
     dose_e_per_A2: float
     distortion: dist.ScanDistortion
+    t_start_s: float = math.nan
 
     @property
     def pixel_size_A(self) -> float:
@@ -76,7 +79,7 @@ class FrameSimulator:
         self.distortion_scale = distortion_scale
 
     def acquire(self, scan: ScanFrame, electrons_per_pixel: float,
-                distortion: dist.ScanDistortion | None = None) -> SimulatedFrame:
+                distortion: dist.ScanDistortion | None = None, motion: dist.Motion | None = None) -> SimulatedFrame:
         """Scan one frame.
 
         Parameters
@@ -87,16 +90,22 @@ class FrameSimulator:
             Beam electrons per pixel (current x dwell).
         distortion : ScanDistortion, optional
             Defaults to a random typical one scaled by ``distortion_scale``.
+        motion : callable, optional
+            The specimen's own displacement during the scan (:mod:`beamloop.edge.sim.drift`); it replaces
+            the distortion's per-frame stand-in drift (``drift_A_per_s`` set to 0), and ``truth_xy`` then
+            follows the moving columns. None: as before drift was modelled.
         """
         rows, cols = scan.shape
         frame_time = rows * cols * scan.dwell_us * 1e-6
         if distortion is None:
             distortion = (dist.ScanDistortion.typical(self.rng, frame_time, self.distortion_scale)
                           if self.distortion_scale > 0 else dist.ScanDistortion())
-        x, y = dist.probe_positions(scan, distortion, self.rng)
+        if motion is not None:
+            distortion = replace(distortion, drift_A_per_s=(0.0, 0.0))
+        x, y = dist.probe_positions(scan, distortion, self.rng, motion)
         expected = self.renderer.expected(x, y)
         counts = poisson_counts(expected, electrons_per_pixel, self.rng, self.background_fraction)
-        app = dist.apparent_positions(scan, distortion, self.specimen.xy)
+        app = dist.apparent_positions(scan, distortion, self.specimen.xy, motion=motion)
         inside = (app[:, 0] >= -0.5) & (app[:, 0] <= cols - 0.5) & (app[:, 1] >= -0.5) & (app[:, 1] <= rows - 0.5)
         idx = np.flatnonzero(inside)
         py, px = scan.pixel_size_A_yx

@@ -29,6 +29,15 @@ Ground truth (column positions and classes of every frame, every ejection with i
 available through the simulator-only calls ``sim_ground_truth`` and ``sim_events``; ``sim_fresh_area``
 puts back every atom removed so far (as moving to a fresh area of the same crystal, for long runs), and
 ``shutdown`` ends :meth:`SimulatedMicroscope.serve`.
+
+**Drift and the scan coils** (:mod:`beamloop.edge.sim.drift`, off by default: ``drift_A_per_s`` 0 and
+``coil_settle_us`` 0 simulate exactly what the microscope did before they were modelled). With drift on the
+specimen moves on the controller's clock, continuously across frames and parked dwells: frames show the
+columns where they are at each scan line's time (ground truth too), ``set_probe`` sends the probe to the
+commanded position of the scan frame at the current time, knowing nothing of where the column now is, and
+the parked-probe signal and knock-on rate follow the probe-to-column distance as the column drifts away.
+Every parked series begins with a ``probe_landed`` event: where the probe is on the specimen (rest
+coordinates, A), the nearest column and its distance (pm).
 """
 
 from __future__ import annotations
@@ -57,8 +66,9 @@ from beamloop.edge.frame.scanframe import ScanFrame
 from beamloop.edge.physics import electrons_per_second
 from beamloop.edge.sim import distortion as dist
 from beamloop.edge.sim import lattice
+from beamloop.edge.sim.drift import DriftConfig, SpecimenDrift, coil_response
 from beamloop.edge.sim.frames import FrameSimulator, SimulatedFrame
-from beamloop.edge.sim.parked import blank_time_ns, happens_before
+from beamloop.edge.sim.parked import atoms_near_probe, blank_time_ns, happens_before, probe_density
 from beamloop.edge.trigger.model import ModelTrigger, sample_trigger_models
 
 BARN_A2 = 1e-8
@@ -126,6 +136,18 @@ class MicroscopeConfig:
         Sample in to blank out of the trigger's logic for a model whose manifest entry has no logic build
         recorded (``beamloop fpga build --record``), nanoseconds. The default, 200 ns, rounds up the
         190.4 ns of the shipped model's own build (21 cycles at 110.3 MHz, bench/results/fpga_ejection.md).
+    drift_A_per_s : float
+        Specimen drift speed, A/s (:class:`beamloop.edge.sim.drift.DriftConfig`); 0: no drift (as before
+        drift was modelled). Post-settling drift of aberration-corrected STEMs: 0.017-0.17 A/s.
+    drift_direction_deg : float or None
+        Its direction, degrees from +x; random from the seed when None.
+    drift_walk_A_per_sqrt_s : float
+        Random walk on top of the constant drift, A per square-root second and axis (with drift on).
+    drift_settle_A_per_s, drift_settle_tau_s : float
+        Extra drift speed after a field-of-view change (A/s) and its exponential settling time (s).
+    coil_settle_us, coil_overshoot : float
+        Scan-coil step response on ``set_probe``: time constant (us; 0: instantaneous) and fractional
+        overshoot in [0, 1) (:func:`beamloop.edge.sim.drift.coil_response`).
 
     Raises
     ------
@@ -161,6 +183,13 @@ class MicroscopeConfig:
     insecure_frames: bool = False
     trigger: bool = True
     trigger_latency_ns: float = 200.0
+    drift_A_per_s: float = 0.0
+    drift_direction_deg: float | None = None
+    drift_walk_A_per_sqrt_s: float = 0.005
+    drift_settle_A_per_s: float = 0.0
+    drift_settle_tau_s: float = 30.0
+    coil_settle_us: float = 0.0
+    coil_overshoot: float = 0.0
 
     LIMITS = {"shape": (16, 2048), "dwell_us": (0.05, 1000.0)}
 
@@ -203,6 +232,19 @@ class MicroscopeConfig:
         if self.watchdog_s is not None:
             number("watchdog_s", 0.0, 3600.0, low_open=True)
         number("trigger_latency_ns", 0.0, 1e9)
+        number("drift_A_per_s", 0.0, 1e3)
+        if self.drift_direction_deg is not None:
+            number("drift_direction_deg", -360.0, 360.0)
+        number("drift_walk_A_per_sqrt_s", 0.0, 1e3)
+        number("drift_settle_A_per_s", 0.0, 1e3)
+        number("drift_settle_tau_s", 0.0, 1e6, low_open=True)
+        number("coil_settle_us", 0.0, 1e6)
+        number("coil_overshoot", 0.0, 0.99)
+
+    def drift_config(self) -> DriftConfig:
+        """The specimen drift these settings ask for (seeded by ``seed``)."""
+        return DriftConfig(self.drift_A_per_s, self.drift_direction_deg, self.drift_walk_A_per_sqrt_s,
+                           self.drift_settle_A_per_s, self.drift_settle_tau_s, seed=self.seed)
 
 
 class SimulatedBackend:
@@ -215,9 +257,13 @@ class SimulatedBackend:
     Parameters
     ----------
     config : MicroscopeConfig
+    clock : callable, optional
+        Monotonic seconds (the controller's clock): specimen drift and the scan coils run on it.
 
     Attributes
     ----------
+    drift : beamloop.edge.sim.drift.SpecimenDrift or None
+        The specimen's drift (None: ``drift_A_per_s`` and ``drift_settle_A_per_s`` are 0).
     specimen : beamloop.edge.sim.lattice.Specimen
         The crystal; ``counts`` (atoms per column and element) changes as atoms are ejected.
     imager : FrameSimulator
@@ -230,13 +276,20 @@ class SimulatedBackend:
     frames : dict int -> SimulatedFrame
         The last :data:`FRAMES_KEPT` frames acquired, by frame id.
     position_A : (float, float) or None
-        Specimen position of the parked probe, Angstrom (as the frame parked on showed it).
+        Specimen position of the parked probe, Angstrom (without drift and coil response: as the frame parked
+        on showed it; with them: rest coordinates of the specimen under the probe, as of the last samples).
     blanked : bool
         The blanker as last set.
     """
 
-    def __init__(self, config: MicroscopeConfig) -> None:
+    def __init__(self, config: MicroscopeConfig, clock: Callable[[], float] = time.monotonic) -> None:
         self.config = cfg = config
+        self.clock = clock
+        dcfg = cfg.drift_config()
+        self.drift: SpecimenDrift | None = SpecimenDrift(dcfg, clock()) if dcfg.enabled else None
+        self._moving = self.drift is not None or cfg.coil_settle_us > 0
+        self._probe_lab: tuple[np.ndarray, np.ndarray, float] | None = None  # target, previous, time commanded
+        self._last_fov: tuple[float, float] | None = None
         self.rng = np.random.default_rng(cfg.seed)
         half = cfg.specimen_size_A / 2
         rot = float(self.rng.uniform(0, 60)) if cfg.rotation_deg is None else cfg.rotation_deg
@@ -269,7 +322,11 @@ class SimulatedBackend:
         return Capabilities(limits, stream, {"max_fov_nm": max_fov, "current_pA": cfg.current_pA, "simulated": True})
 
     def set_frame(self, scan: ScanFrame, channels: tuple[str, ...]) -> dict:
-        """Nothing to set up; the reply gets the frame's dose, electrons per square Angstrom."""
+        """Nothing to set up (with drift: a new field of view starts settling); the reply gets the frame's
+        dose, electrons per square Angstrom."""
+        if self.drift is not None and tuple(scan.fov_nm) != self._last_fov:
+            self.drift.fov_changed(self.clock())
+        self._last_fov = tuple(scan.fov_nm)
         ay, ax = scan.pixel_size_A_yx
         return {"dose_e_per_A2": self.electrons_per_s * scan.dwell_us * 1e-6 / (ay * ax)}
 
@@ -278,18 +335,31 @@ class SimulatedBackend:
         atoms the scan knocked out (events ``ejection``, cause ``scan``)."""
         rows, cols = scan.shape
         dwell = scan.dwell_us
-        frame = self.imager.acquire(scan, self.electrons_per_s * dwell * 1e-6)
+        extra: dict = {}
+        drift = self.drift
+        if drift is None:
+            frame = self.imager.acquire(scan, self.electrons_per_s * dwell * 1e-6)
+        else:  # the scan starts now; its lines see the specimen where it is at their time
+            t0 = self.clock()
+            frame = self.imager.acquire(scan, self.electrons_per_s * dwell * 1e-6,
+                                        motion=lambda t: drift.displacement(t0 + t))
+            frame.t_start_s = t0
+            extra = {"t_start_s": t0, "line_time_s": dist.line_time_s(scan, frame.distortion)}
         self.frames[scan.frame_id] = frame
         for old in [k for k in self.frames if k < scan.frame_id - FRAMES_KEPT]:
             del self.frames[old]
         events = self._scan_damage(frame) if self.config.scan_damage else []
         t = rows * cols * dwell * 1e-6
-        return Acquisition({"haadf": frame.counts}, {"dose_e_per_A2": frame.dose_e_per_A2, "simulated": True},
+        return Acquisition({"haadf": frame.counts}, {"dose_e_per_A2": frame.dose_e_per_A2, "simulated": True, **extra},
                            count_time_s=t, frame_time_s=t, events=events)
 
     def park(self, fx: float, fy: float, frame_id: int) -> tuple[float, float]:
         """Put the probe on the specimen position that fraction ``(fx, fy)`` of frame ``frame_id`` showed
         (through that frame's scan distortion); returns ``(fx, fy)``.
+
+        With drift or a coil response (module docstring) the probe goes instead to the commanded position of
+        the scan frame (its nominal deflection) now, through the coils' step response: it lands wherever the
+        specimen has drifted to.
 
         Raises
         ------
@@ -297,10 +367,57 @@ class SimulatedBackend:
             The frame is not among the last :data:`FRAMES_KEPT` acquired.
         """
         fr = self.frames[frame_id]
-        x_px, y_px = fr.scan.pixel_of_fraction(fx, fy)
-        x, y = dist.specimen_of_pixel(fr.scan, fr.distortion, x_px, y_px)
-        self.position_A = (float(x), float(y))
+        if not self._moving:
+            x_px, y_px = fr.scan.pixel_of_fraction(fx, fy)
+            x, y = dist.specimen_of_pixel(fr.scan, fr.distortion, x_px, y_px)
+            self.position_A = (float(x), float(y))
+            return fx, fy
+        now = self.clock()
+        lx, ly = fr.scan.specimen_of_fraction(fx, fy)
+        target = np.array([float(lx), float(ly)])
+        prev = target if self._probe_lab is None else self._probe_lab_at(np.array([now]))[0]
+        self._probe_lab = (target, prev, now)
+        px, py = self.probe_rest_A(np.array([now]))
+        self.position_A = (float(px[0]), float(py[0]))
         return fx, fy
+
+    def _probe_lab_at(self, t: np.ndarray) -> np.ndarray:
+        """Deflection (lab frame, A) of the probe at clock times ``t``: shape (len(t), 2)."""
+        assert self._probe_lab is not None
+        target, prev, t_move = self._probe_lab
+        r = coil_response((t - t_move) * 1e6, self.config.coil_settle_us, self.config.coil_overshoot)
+        return target + r[:, None] * (prev - target)
+
+    def probe_rest_A(self, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Where on the specimen (its rest coordinates, A) the parked probe is at clock times ``t`` (1-D):
+        its deflection less the specimen's drift (only with drift or a coil response; RuntimeError before
+        a park)."""
+        if self._probe_lab is None:
+            raise RuntimeError("probe_rest_A() before park()")
+        lab = self._probe_lab_at(np.asarray(t, np.float64))
+        if self.drift is None:
+            return lab[:, 0], lab[:, 1]
+        dx, dy = self.drift.displacement(t)
+        return lab[:, 0] - dx, lab[:, 1] - dy
+
+    def _landing(self, dwell: Dwell) -> dict:
+        """The ``probe_landed`` event of a parked series starting: the probe's rest position at the dwell's
+        start, the nearest column and its distance (pm), and the drift so far."""
+        if self._moving:
+            px, py = self.probe_rest_A(np.array([dwell.started]))
+            x, y = float(px[0]), float(py[0])
+        else:
+            assert self.position_A is not None
+            x, y = self.position_A
+        d = np.hypot(self.specimen.xy[:, 0] - x, self.specimen.xy[:, 1] - y)
+        c = int(np.argmin(d))
+        drift = [0.0, 0.0]
+        if self.drift is not None:
+            dx, dy = self.drift.displacement(dwell.started)
+            drift = [float(dx), float(dy)]
+        return {"type": "probe_landed", "series_id": dwell.series_id, "frame_id": dwell.frame_id,
+                "probe_A": [x, y], "column": c, "distance_pm": float(d[c] * 100), "t_s": float(dwell.started),
+                "drift_A": drift}
 
     def set_blanked(self, on: bool) -> bool:
         """Set the (simulated) blanker; returns it."""
@@ -337,12 +454,55 @@ class SimulatedBackend:
         """
         if self.position_A is None:
             raise RuntimeError("parked_samples() before park()")
-        counts, events, fractions = self._parked_counts(n, dwell)
+        counts, events, fractions = (self._parked_counts_moving if self._moving else self._parked_counts)(n, dwell)
+        landed = [self._landing(dwell)] if dwell.samples == 0 else []
         if self.trigger is not None:
             k = self.trigger.update(counts)
             if k >= 0:
-                return self._blank_at(k, counts, events, fractions, dwell)
-        return counts, events
+                counts, events = self._blank_at(k, counts, events, fractions, dwell)
+        return counts, landed + events
+
+    def _parked_counts_moving(self, n: int, dwell: Dwell) -> tuple[np.ndarray, list[dict], list[float]]:
+        """:meth:`_parked_counts` with the probe moving over the specimen (drift, coil response): the signal
+        of each sample at the probe's rest position at the sample's middle, the knock-on rates at the block's
+        middle."""
+        cfg = self.config
+        dt = cfg.sample_time_us * 1e-6
+        e_per_sample = self.electrons_per_s * dt
+        t = dwell.started + (dwell.samples + np.arange(n) + 0.5) * dt
+        px, py = self.probe_rest_A(t)
+        self.position_A = (float(px[-1]), float(py[-1]))
+        s_el = self.specimen.elements.index("S")
+        near, dist2 = atoms_near_probe(self.specimen.xy, float(px[n // 2]), float(py[n // 2]), cfg.probe_sigma_A)
+        g = probe_density(dist2, cfg.probe_sigma_A)
+        per_atom_rate = cfg.cross_section_barn * BARN_A2 * self.electrons_per_s * g
+        lam = np.empty(n)
+        events: list[dict] = []
+        fractions: list[float] = []
+        k0 = 0
+        while k0 < n:
+            f = self.imager.renderer.expected(px[k0:], py[k0:])[0]
+            rate_now = float((per_atom_rate * self.specimen.counts[near, s_el]).sum())
+            k_eject = n
+            if rate_now > 0:
+                t_next = self.rng.exponential(1.0 / rate_now)
+                k_eject = k0 + int(t_next / dt)
+                frac = t_next / dt - int(t_next / dt)
+            k1 = min(k_eject, n)
+            lam[k0:k1] = (f[:k1 - k0] + cfg.background_fraction) * e_per_sample
+            if k_eject < n:
+                w = per_atom_rate * self.specimen.counts[near, s_el]
+                c = near[self.rng.choice(len(near), p=w / w.sum())]
+                self.specimen.counts[c, s_el] -= 1
+                events.append({"type": "ejection", "cause": "parked", "column": int(c), "element": "S",
+                               "series_id": dwell.series_id, "frame_id": dwell.frame_id,
+                               "sample": dwell.samples + k_eject})
+                fractions.append(frac)
+                lam[k_eject] = (f[k_eject - k0] + cfg.background_fraction) * e_per_sample
+                k0 = k_eject + 1
+            else:
+                k0 = n
+        return np.minimum(self.rng.poisson(lam), 65535).astype(np.uint16), events, fractions
 
     def _parked_counts(self, n: int, dwell: Dwell) -> tuple[np.ndarray, list[dict], list[float]]:
         """The samples of :meth:`parked_samples` with every ejection along the way, and where in its sample
@@ -474,10 +634,17 @@ class SimulatedBackend:
         fr = self.frames.get(frame_id)
         if fr is None:
             raise BridgeError("out_of_range", f"no ground truth kept for frame {frame_id!r}")
-        return {"frame_id": frame_id, "n": len(fr.truth_xy), "xy": fr.truth_xy.astype("<f8").tobytes(),
-                "cls": fr.truth_cls.astype("i1").tobytes(), "index": fr.truth_index.astype("<i8").tobytes(),
-                "class_names": list(fr.class_names), "pixel_size_A": fr.pixel_size_A,
-                "dose_e_per_A2": fr.dose_e_per_A2, "distortion": asdict(fr.distortion)}
+        out = {"frame_id": frame_id, "n": len(fr.truth_xy), "xy": fr.truth_xy.astype("<f8").tobytes(),
+               "cls": fr.truth_cls.astype("i1").tobytes(), "index": fr.truth_index.astype("<i8").tobytes(),
+               "class_names": list(fr.class_names), "pixel_size_A": fr.pixel_size_A,
+               "dose_e_per_A2": fr.dose_e_per_A2, "distortion": asdict(fr.distortion),
+               "rest_xy_A": self.specimen.xy[fr.truth_index].astype("<f8").tobytes()}
+        if self.drift is not None:
+            t0 = fr.t_start_s
+            dx, dy = self.drift.displacement(t0)
+            out.update(t_start_s=t0, line_time_s=dist.line_time_s(fr.scan, fr.distortion),
+                       drift_A=[float(dx), float(dy)], drift_A_per_s=list(self.drift.velocity(t0)))
+        return out
 
     def fresh_area(self) -> int:
         """Put back every atom removed so far; returns how many."""
@@ -523,8 +690,8 @@ class SimulatedMicroscope(ScanController):
                               safe_position=(float(cfg.safe_position[0]), float(cfg.safe_position[1])))
         calls = {"sim_ground_truth": self._sim_ground_truth, "sim_events": self._sim_events,
                  "sim_fresh_area": self._sim_fresh_area, "shutdown": self._shutdown}
-        super().__init__(SimulatedBackend(cfg), control=cfg.control, frames=cfg.frames, limits=limits, keys=cfg.keys,
-                         context=context, clock=clock, encoding=cfg.encoding, calls=calls,
+        super().__init__(SimulatedBackend(cfg, clock), control=cfg.control, frames=cfg.frames, limits=limits,
+                         keys=cfg.keys, context=context, clock=clock, encoding=cfg.encoding, calls=calls,
                          insecure_frames=cfg.insecure_frames)
 
     def __enter__(self) -> SimulatedMicroscope:
