@@ -14,7 +14,7 @@ import numpy as np
 from beamloop.edge.control.client import BridgeClient
 from beamloop.edge.frame.latency import LatencyRecorder
 from beamloop.edge.path import DEFAULT_MEMORY_BUDGET, FramePath, frame_path
-from beamloop.edge.service import EdgeService, latency_keys
+from beamloop.edge.service import LOCK_ON, EdgeService, latency_keys
 from beamloop.edge.stages.find import FinderConfig
 from beamloop.edge.stages.policy import VacancyLinePolicy
 from beamloop.streams.native.receiver import FrameReceiver
@@ -48,6 +48,11 @@ class ServiceConfig:
     trigger_at : {"controller", "service"}
         Where dwells' decisions are made: at the scan controller when it offers the trigger's model, else
         (and with ``"service"``) in the service (:meth:`beamloop.edge.service.EdgeService.choose_trigger_at`).
+    lock_on : {"none", "predict"}
+        Drift correction (:data:`beamloop.edge.service.LOCK_ON`): ``predict`` adds the ``register`` stage
+        before the policy and places each probe where the drift estimate predicts its target.
+    max_drift_sigma_A : float
+        The uncertainty gate of ``predict`` (policy and dwell), A.
     """
 
     material: str = "MoS2"
@@ -60,8 +65,12 @@ class ServiceConfig:
     heartbeat_s: float | None = 0.25
     memory_budget_mib: float = DEFAULT_MEMORY_BUDGET / 2**20
     trigger_at: str = "controller"
+    lock_on: str = "none"
+    max_drift_sigma_A: float = 0.5
 
     def __post_init__(self) -> None:
+        if self.lock_on not in LOCK_ON:
+            raise ValueError(f"lock_on must be one of {', '.join(LOCK_ON)}, got {self.lock_on!r}")
         if not (isinstance(self.memory_budget_mib, (int, float)) and math.isfinite(self.memory_budget_mib)
                 and self.memory_budget_mib > 0):
             raise ValueError(f"memory_budget_mib must be a positive number, got {self.memory_budget_mib!r}")
@@ -91,14 +100,20 @@ def build_path(cfg: ServiceConfig, latency: LatencyRecorder | None = None) -> Fr
     beamloop.edge.stages.unet.ModelError
         ``method="unet"`` and the model cannot be loaded on the device.
     """
-    policy = VacancyLinePolicy(cfg.targets_per_frame) if cfg.targets_per_frame is not None else None
+    policy = (VacancyLinePolicy(cfg.targets_per_frame, max_drift_sigma_A=cfg.max_drift_sigma_A)
+              if cfg.targets_per_frame is not None else None)
     unet = None
     if cfg.method == "unet":
         from beamloop.edge.stages.unet import UNetFinder
 
         unet = UNetFinder(precision=cfg.precision, device=cfg.device)
     config = FinderConfig.for_spacing(cfg.spacing_px) if cfg.spacing_px else None
-    path = frame_path(cfg.method, cfg.material, policy, config=config, unet=unet)
+    register = None
+    if cfg.lock_on == "predict":
+        from beamloop.edge.stages.register import Register
+
+        register = Register()
+    path = frame_path(cfg.method, cfg.material, policy, config=config, unet=unet, register=register)
     path.latency = latency if latency is not None else LatencyRecorder(latency_keys(path))
     path.memory_budget_bytes = cfg.memory_budget_bytes
     return path
@@ -115,7 +130,7 @@ def build_service(receiver: FrameReceiver, cfg: ServiceConfig, bridge: BridgeCli
     """
     path = build_path(cfg, latency)
     return EdgeService(receiver, path, bridge, trigger=cfg.trigger, latency=path.latency, heartbeat_s=cfg.heartbeat_s,
-                       trigger_at=cfg.trigger_at)
+                       trigger_at=cfg.trigger_at, lock_on=cfg.lock_on, max_drift_sigma_A=cfg.max_drift_sigma_A)
 
 
 WARM_UP_DTYPES = (np.uint16, np.float32, np.uint8, np.uint32)

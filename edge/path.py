@@ -15,11 +15,15 @@ path               stages (latency key: class)                                 s
                    classify: :class:`~beamloop.edge.stages.classify.Classify`         columns (classes)
                    vacancies: :class:`~beamloop.edge.stages.vacancies.InferVacancySites` (MoS2)  columns, bonds
                    ood: :class:`~beamloop.edge.stages.ood.OODAlarm`                   extras (ood, uncertainty)
+                   register: :class:`~beamloop.edge.stages.register.Register` (drift correction)  extras (drift)
                    policy: :class:`~beamloop.edge.stages.policy.VacancyLinePolicy` (with a policy)  targets
 ``unet``           preprocess: :class:`~beamloop.edge.stages.unet.UNetNormalise`       extras
                    find: :class:`~beamloop.edge.stages.unet.UNetFind`                  columns, extras
-                   vacancies, ood, policy: as above
+                   vacancies, ood, register, policy: as above
 =================  ==========================================================  ================================
+
+The ``register`` stage is in a path only when drift correction is asked for (``register=``, the service's
+lock-on ``predict``): without it both lists, and their latency keys, are what they were.
 """
 
 from __future__ import annotations
@@ -293,12 +297,14 @@ class FramePath:
 # the two stage lists
 # --------------------------------------------------------------------------------------------------------
 def classical_stages(material: str | Material = MOS2, policy: VacancyLinePolicy | None = None,
-                     config: FinderConfig | None = None, background: str = "auto", ood: bool = True
-                     ) -> list[FrameStage]:
-    """background -> preprocess -> find -> classify -> (MoS2) vacancies -> ood -> (with a policy) policy.
+                     config: FinderConfig | None = None, background: str = "auto", ood: bool = True,
+                     register: FrameStage | None = None) -> list[FrameStage]:
+    """background -> preprocess -> find -> classify -> (MoS2) vacancies -> ood -> (drift correction) register
+    -> (with a policy) policy.
 
     ``background``: ``"auto"`` (the stage works on series without a pixel size), ``"on"``, or ``"off"`` (no
-    background stage); ``ood``: the out-of-distribution stage (:mod:`beamloop.edge.stages.ood`)."""
+    background stage); ``ood``: the out-of-distribution stage (:mod:`beamloop.edge.stages.ood`); ``register``:
+    the frame-registration stage (:class:`beamloop.edge.stages.register.Register`), none by default."""
     from beamloop.edge.stages.background import Background
     from beamloop.edge.stages.ood import OODAlarm
 
@@ -310,14 +316,27 @@ def classical_stages(material: str | Material = MOS2, policy: VacancyLinePolicy 
         stages.append(InferVacancySites("smooth"))
     if ood:
         stages.append(OODAlarm("classical"))
+    _add_register(stages, register, m)
     if policy is not None:
         stages.append(policy)
     return stages
 
 
+def _add_register(stages: list[FrameStage], register: FrameStage | None, material: Material) -> None:
+    """Append the registration stage (unwrapping by the lattice only where a vacancies stage gives bonds)."""
+    if register is None:
+        return
+    from beamloop.edge.stages.register import Register
+
+    if isinstance(register, Register):
+        register.use_bonds(material.name == MOS2.name)
+    stages.append(register)
+
+
 def unet_stages(material: str | Material = MOS2, policy: VacancyLinePolicy | None = None, unet=None,
-                ood: bool = True) -> list[FrameStage]:
-    """preprocess (normalise) -> find (network, extraction) -> (MoS2) vacancies -> ood -> (with a policy) policy.
+                ood: bool = True, register: FrameStage | None = None) -> list[FrameStage]:
+    """preprocess (normalise) -> find (network, extraction) -> (MoS2) vacancies -> ood -> (drift correction)
+    register -> (with a policy) policy.
 
     ``unet`` is a :class:`~beamloop.edge.stages.unet.UNetFinder`; by default the shipped FP32 model on the
     best device.
@@ -332,6 +351,7 @@ def unet_stages(material: str | Material = MOS2, policy: VacancyLinePolicy | Non
         stages.append(InferVacancySites("image"))
     if ood:
         stages.append(OODAlarm("unet", finder.model_dir))
+    _add_register(stages, register, m)
     if policy is not None:
         stages.append(policy)
     return stages
@@ -346,9 +366,10 @@ def register_path(name: str, build: Callable[..., list[FrameStage]]) -> None:
     PATHS[name] = build
 
 
-register_path("classical", lambda material, policy=None, config=None, background="auto", ood=True, **_:
-              classical_stages(material, policy, config, background, ood))
-register_path("unet", lambda material, policy=None, unet=None, ood=True, **_: unet_stages(material, policy, unet, ood))
+register_path("classical", lambda material, policy=None, config=None, background="auto", ood=True, register=None, **_:
+              classical_stages(material, policy, config, background, ood, register))
+register_path("unet", lambda material, policy=None, unet=None, ood=True, register=None, **_:
+              unet_stages(material, policy, unet, ood, register))
 
 METHODS = tuple(PATHS)
 """Column finders the frame path offers (``--method``)."""
@@ -356,7 +377,8 @@ METHODS = tuple(PATHS)
 
 def frame_path(method: str = "classical", material: str | Material = MOS2, policy: VacancyLinePolicy | None = None,
                latency: LatencyRecorder | None = None, *, config: FinderConfig | None = None,
-               period_px: float | None = None, unet=None, background: str = "auto", ood: bool = True) -> FramePath:
+               period_px: float | None = None, unet=None, background: str = "auto", ood: bool = True,
+               register: FrameStage | None = None) -> FramePath:
     """A :class:`FramePath` of the named stage list.
 
     Parameters
@@ -377,6 +399,9 @@ def frame_path(method: str = "classical", material: str | Material = MOS2, polic
         series without a pixel size.
     ood : bool
         Include the out-of-distribution stage (:mod:`beamloop.edge.stages.ood`).
+    register : FrameStage, optional
+        Frame registration for drift correction (:class:`beamloop.edge.stages.register.Register`), before the
+        policy; none by default.
 
     Raises
     ------
@@ -385,5 +410,6 @@ def frame_path(method: str = "classical", material: str | Material = MOS2, polic
     """
     if method not in PATHS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    extra = {} if register is None else {"register": register}
     return FramePath(PATHS[method](material_named(material), policy, config=config, unet=unet, background=background,
-                                   ood=ood), material, latency, period_px=period_px)
+                                   ood=ood, **extra), material, latency, period_px=period_px)

@@ -11,6 +11,14 @@ sample plus its logic's latency), else in the service, on the blocks of samples 
 through a ``blank`` round trip (the fallback). With the controller deciding, the service still runs its own
 trigger on the streamed samples, as a check (:attr:`DwellResult.service_trigger_sample`), without acting on it.
 
+Drift correction (:data:`LOCK_ON`): with lock-on ``predict`` the frame path registers every frame against
+the previous one (:class:`beamloop.edge.stages.register.Register`, told each frame's scan timing from the
+stream's metadata: ``t_start_s`` and ``line_time_s`` where the controller states them, else the receipt time),
+and :meth:`EdgeService.dwell` sends the probe where the drift estimate says the target is now: shifted by the
+predicted drift from the time its scan line was acquired to the service's clock at ``set_probe``. A target
+whose predicted position is more uncertain than ``max_drift_sigma_A`` is skipped (reason ``uncertain``).
+With ``none`` the probe goes where the frame showed the target.
+
 While it waits for messages the service sends the scan controller a ``heartbeat`` whenever the bridge
 has been silent for ``heartbeat_s``, so that the controller's watchdog (:mod:`beamloop.edge.control.safety`)
 blanks the beam only when the service has really stopped.
@@ -46,6 +54,7 @@ from beamloop.edge.frame.scanframe import BeamPositionError, ScanFrame
 from beamloop.edge.frame.stage import FrameError
 from beamloop.edge.path import FramePath
 from beamloop.edge.stages.policy import Target
+from beamloop.edge.stages.register import Register
 from beamloop.edge.trigger import make_trigger
 from beamloop.edge.trigger.model import ModelTrigger, model_hash
 from beamloop.streams.errors import ProtocolError
@@ -65,6 +74,13 @@ TRIGGER = "trigger"
 END_TO_END = "end_to_end"
 """Latency key: the frame leaving the detector to the controller confirming the first target's probe position."""
 
+
+LOCK_ON = ("none", "predict")
+"""How the service keeps the beam on a drifting target: not at all (where the frame showed it), or at the
+position the drift estimate predicts for the moment the probe gets there."""
+
+FRAME_TIMES_KEPT = 64
+"""Frames whose scan timing the service keeps (to place their targets)."""
 
 TRIGGER_AT = ("controller", "service")
 """Where a dwell's ejection decision is made: by the scan controller's own trigger, or by the service."""
@@ -208,6 +224,12 @@ class DwellResult:
     decision_t_ns : int
         When the decision was acted on, ``time.monotonic_ns()``: the service's decision (just before its
         ``blank``), or the controller's blank (its clock, ``blank_t_ns``); 0 without a decision.
+    placed : (float, float) or None
+        Fractions the probe was sent to with lock-on ``predict`` (None: the target's own).
+    predicted_shift_A : (float, float) or None
+        The predicted drift the target was moved by, A (lab frame).
+    predicted_sigma_A : float
+        Its standard deviation, A (NaN without a prediction); over ``max_drift_sigma_A``: reason ``uncertain``.
     """
 
     target: Target
@@ -222,6 +244,9 @@ class DwellResult:
     blank_time_ns: float = float("nan")
     service_trigger_sample: int = -1
     decision_t_ns: int = 0
+    placed: tuple[float, float] | None = None
+    predicted_shift_A: tuple[float, float] | None = None
+    predicted_sigma_A: float = float("nan")
 
 
 @dataclass
@@ -283,6 +308,14 @@ class EdgeService:
         Where dwells' decisions are wanted; ``controller`` takes effect once :meth:`choose_trigger_at` has
         seen a controller that offers the trigger's model (until then, and for a controller without one,
         the service decides).
+    lock_on : {"none", "predict"}
+        Drift correction of dwells (:data:`LOCK_ON`); ``predict`` needs a path with a ``register`` stage.
+    clock : callable, optional
+        Monotonic seconds on the clock of the frames' ``t_start_s`` (default :func:`time.monotonic`, the
+        simulated microscope's): "now" of the drift prediction.
+    max_drift_sigma_A : float
+        Uncertainty gate of lock-on ``predict``: targets whose predicted position has a larger standard
+        deviation are skipped, A.
 
     Attributes
     ----------
@@ -296,15 +329,27 @@ class EdgeService:
     Raises
     ------
     ValueError
-        ``trigger_at`` not in :data:`TRIGGER_AT`, or the trigger's own options.
+        ``trigger_at`` not in :data:`TRIGGER_AT`, ``lock_on`` not in :data:`LOCK_ON` (or ``predict`` on a
+        path without a ``register`` stage), or the trigger's own options.
     """
 
     def __init__(self, receiver: FrameReceiver, path: FramePath, bridge: BridgeClient | None = None,
                  trigger: str = "model", trigger_options: dict | None = None,
                  latency: LatencyRecorder | None = None, heartbeat_s: float | None = 0.25,
-                 interrupt: Callable[[], int] | None = None, trigger_at: str = "controller") -> None:
+                 interrupt: Callable[[], int] | None = None, trigger_at: str = "controller",
+                 lock_on: str = "none", clock: Callable[[], float] = time.monotonic,
+                 max_drift_sigma_A: float = 0.5) -> None:
         if trigger_at not in TRIGGER_AT:
             raise ValueError(f"trigger_at {trigger_at!r}; expected one of {', '.join(TRIGGER_AT)}")
+        if lock_on not in LOCK_ON:
+            raise ValueError(f"lock_on {lock_on!r}; expected one of {', '.join(LOCK_ON)}")
+        self.register = next((st for st in path.stages if isinstance(st, Register)), None)
+        if lock_on == "predict" and self.register is None:
+            raise ValueError("lock_on 'predict' needs a frame path with a register stage (drift correction)")
+        self.lock_on = lock_on
+        self.clock = clock
+        self.max_drift_sigma_A = float(max_drift_sigma_A)
+        self._frame_times: OrderedDict[int, tuple[ScanFrame, float, float]] = OrderedDict()
         self.trigger_at_requested = trigger_at
         self.trigger_at = "service"
         self.trigger_at_note = "" if trigger_at == "service" else "the controller's capabilities not read yet"
@@ -508,6 +553,8 @@ class EdgeService:
             except FrameError as exc:
                 self._reject_series(ev, str(exc))
                 continue
+            if self.register is not None:
+                self._frame_timing(ev, scan, image.shape[0])
             try:
                 ctx = self.path.run(image, scan=scan, meta=meta, want_targets=want_targets)
             except FrameError as exc:
@@ -522,6 +569,51 @@ class EdgeService:
                 continue
             return ev, ctx, scan
         return None
+
+    def _frame_timing(self, ev: ImageEvent, scan: ScanFrame | None, rows: int) -> None:
+        """Tell the register stage when this frame was scanned (the series' ``t_start_s`` and ``line_time_s``
+        where stated, else its receipt less its scan time), and keep it to place the frame's targets."""
+        assert self.register is not None
+        ud = ev.series.user_data if isinstance(ev.series.user_data, dict) else {}
+        t0, lt = ud.get("t_start_s"), ud.get("line_time_s")
+        ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (t0, lt))
+        if not ok or lt <= 0:  # type: ignore[operator]
+            lt = (scan.shape[1] * scan.dwell_us * 1e-6) if scan is not None else 0.0
+            t0 = ev.recv_ns * 1e-9 - rows * lt
+        self.register.set_timing(float(t0), float(lt))  # type: ignore[arg-type]
+        if scan is not None:
+            self._frame_times[scan.frame_id] = (scan, float(t0), float(lt))  # type: ignore[arg-type]
+            while len(self._frame_times) > FRAME_TIMES_KEPT:
+                self._frame_times.popitem(last=False)
+
+    def predict_target(self, target: Target) -> tuple[tuple[float, float], tuple[float, float], float] | None:
+        """Where ``target`` is now by the drift estimate (lock-on ``predict``).
+
+        Returns
+        -------
+        ((fx, fy), (dx, dy), sigma_A) or None
+            The fractions of its scan frame to send the probe to, the predicted drift since its scan line was
+            acquired (A) and its standard deviation (A); None when the frame's timing is unknown or no drift
+            estimate exists.
+        """
+        info = self._frame_times.get(target.frame_id)
+        if self.register is None or info is None or not self.register.estimator.ready:
+            return None
+        scan, t0, lt = info
+        t_line = t0 + (target.y_px + 0.5) * lt + (target.x_px + 0.5) * scan.dwell_us * 1e-6
+        (dx, dy), sigma = self.register.estimator.shift(t_line, self.clock())
+        x, y = scan.specimen_of_fraction(target.fx, target.fy)
+        fx, fy = scan.fraction_of_specimen(x + dx, y + dy)
+        return (float(fx), float(fy)), (dx, dy), sigma
+
+    def drift_summary(self) -> dict:
+        """The drift estimate for a report: ``lock_on``, the estimator's figures (None without a register
+        stage), and frames the policy's uncertainty gate left without targets."""
+        if self.register is None:
+            return {"lock_on": self.lock_on, "estimate": None}
+        policy = next((st for st in self.path.stages if st.name == "policy"), None)
+        return {"lock_on": self.lock_on, "estimate": self.register.estimator.as_dict(),
+                "frames_registered": self.register.frames, "frames_gated": getattr(policy, "gated", 0)}
 
     # bridge -> trigger ---------------------------------------------------------------------------
     def safe_blank(self, attempts: int = 2) -> bool:
@@ -631,8 +723,18 @@ class EdgeService:
                expected_rate: float | None) -> DwellResult:
         assert self.bridge is not None
         res = DwellResult(target)
+        fx, fy = target.fx, target.fy
+        if self.lock_on == "predict":
+            pred = self.predict_target(target)
+            if pred is not None:
+                (fx, fy), res.predicted_shift_A, res.predicted_sigma_A = pred
+                res.placed = (fx, fy)
+            if pred is None or not res.predicted_sigma_A <= self.max_drift_sigma_A:
+                res.reason = "uncertain"
+                res.error = f"predicted position uncertain ({res.predicted_sigma_A:.3g} A)"
+                return res
         try:
-            self.bridge.set_probe(target.fx, target.fy, target.frame_id)
+            self.bridge.set_probe(fx, fy, target.frame_id)
             res.set_probe_reply_ns = time.monotonic_ns()
             if self.trigger_at == "controller":
                 self._arm_controller(res, expected_rate)

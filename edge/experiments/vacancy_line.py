@@ -51,6 +51,9 @@ class ExperimentConfig:
         Longest time the beam stays on one target without a trigger.
     frame_timeout_ms : int
         How long to wait for a frame after asking for it.
+    drift_frames : int
+        Frames scanned before the first round only to measure the specimen's drift (no targets, no records;
+        for lock-on ``predict``, whose uncertainty gate keeps targets back until the drift is known).
     """
 
     rounds: int = 3
@@ -60,6 +63,7 @@ class ExperimentConfig:
     targets_per_frame: int = 4
     max_dwell_s: float = 2.0
     frame_timeout_ms: int = 10000
+    drift_frames: int = 0
 
 
 STOP_REASONS = ("beam_unsafe", "controller_lost", "no_frames", "refused", "interrupted")
@@ -121,6 +125,7 @@ class RoundRecord:
     frame_sent_ns: int = 0
     frame_recv_ns: int = 0
     pixel_size_A: float = 0.0
+    drift: dict | None = None
 
 
 def vacancy_line(service: EdgeService, cfg: ExperimentConfig, progress=None,
@@ -170,6 +175,12 @@ def vacancy_line(service: EdgeService, cfg: ExperimentConfig, progress=None,
         except BridgeError as exc:
             raise stop("controller_lost" if exc.code in ("timeout", "unavailable") else "refused",
                        f"get_capabilities failed: {exc}") from None
+    for k in range(cfg.drift_frames):
+        try:
+            service.check_interrupt()
+            _drift_frame(service, cfg, k, stop)
+        except Interrupted as exc:
+            raise stop("interrupted", f"drift frame {k}: {exc}", exc.signum) from None
     for r in range(cfg.rounds + 1):
         try:
             service.check_interrupt()
@@ -177,6 +188,25 @@ def vacancy_line(service: EdgeService, cfg: ExperimentConfig, progress=None,
         except Interrupted as exc:
             raise stop("interrupted", f"frame {r}: {exc}", exc.signum) from None
     return records
+
+
+def _drift_frame(service: EdgeService, cfg: ExperimentConfig, k: int, stop) -> None:
+    """A frame of :func:`vacancy_line` that only measures the drift (the path registers it; no targets)."""
+    bridge = service.bridge
+    assert bridge is not None
+    try:
+        bridge.acquire_frame(cfg.shape, (cfg.fov_nm, cfg.fov_nm), cfg.dwell_us)
+    except BridgeError as exc:
+        lost = exc.code in ("timeout", "unavailable")
+        raise stop("controller_lost" if lost else "refused", f"drift frame {k}: acquire_frame failed: {exc}") from None
+    try:
+        got = service.next_frame(cfg.frame_timeout_ms, want_targets=False)
+    except BridgeError as exc:
+        raise stop("controller_lost", f"drift frame {k}: {exc}") from None
+    if got is None:
+        hint = stream_hint(service)
+        raise stop("no_frames", f"drift frame {k} did not arrive within {cfg.frame_timeout_ms} ms"
+                                + (f" ({hint})" if hint else ""))
 
 
 def _round(service: EdgeService, cfg: ExperimentConfig, r: int, records: list[RoundRecord], stop,
@@ -202,10 +232,11 @@ def _round(service: EdgeService, cfg: ExperimentConfig, r: int, records: list[Ro
     if scan is None:
         raise stop("refused", f"frame {r} arrived without a scan frame: its targets cannot be placed")
     sent = sent_time_ns(ev)
+    drift = result.extras.get("drift")
     rec = RoundRecord(r, scan, frame_image(ev).copy(), result.columns, result.targets,
                       frame_sent_ns=ev.recv_ns if sent is None else sent, frame_recv_ns=ev.recv_ns,
                       pixel_size_A=scan.pixel_size_A if result.meta is None or result.meta.pixel_size_A is None
-                      else result.meta.pixel_size_A)
+                      else result.meta.pixel_size_A, drift=None if drift is None else dict(drift))
     if progress:
         progress(f"frame {r}: {len(result.columns)} columns, {len(result.targets)} targets")
     try:

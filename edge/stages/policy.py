@@ -45,7 +45,11 @@ class VacancyLinePolicy(StageBase):
 
     The row is fixed on the first frame (through the S column nearest the frame centre, along the S-S
     lattice vector closest to the fast axis) and kept in fractional coordinates for later frames, so
-    written vacancies (now S1) are skipped and the line grows.
+    written vacancies (now S1) are skipped and the line grows. On a path that registers its frames
+    (:mod:`beamloop.edge.stages.register`, ``extras["drift"]``) the row moves with the specimen instead: its
+    anchor is shifted by the displacement registered since the frame that fixed it; and while the drift
+    estimate is uncertain (velocity standard deviation times ``drift_horizon_s`` over ``max_drift_sigma_A``)
+    the frame gets no targets (an uncertainty gate: the probe would not land on them).
 
     Parameters
     ----------
@@ -59,6 +63,10 @@ class VacancyLinePolicy(StageBase):
         Columns with a higher per-column uncertainty are never targeted (the classical path's uncertainty is
         the detection threshold over the column's score: 0.5 = twice the threshold; the U-Net's is its
         ensemble uncertainty).
+    max_drift_sigma_A : float
+        Uncertainty gate of a registered path: largest predicted drift uncertainty over ``drift_horizon_s``, A.
+    drift_horizon_s : float
+        How far ahead the targets of a frame are visited, seconds (for the gate).
     """
 
     name = "policy"
@@ -66,31 +74,43 @@ class VacancyLinePolicy(StageBase):
     writes = ("targets",)
 
     def __init__(self, targets_per_frame: int = 4, line_width: float = 0.3, edge_margin_px: float = 12.0,
-                 max_uncertainty: float = 0.5) -> None:
+                 max_uncertainty: float = 0.5, max_drift_sigma_A: float = 0.5, drift_horizon_s: float = 1.0) -> None:
         if targets_per_frame < 0:
             raise ValueError("targets_per_frame must be >= 0")
         self.max_uncertainty = float(max_uncertainty)
         self.targets_per_frame = int(targets_per_frame)
         self.line_width = float(line_width)
         self.edge_margin_px = float(edge_margin_px)
+        self.max_drift_sigma_A = float(max_drift_sigma_A)
+        self.drift_horizon_s = float(drift_horizon_s)
         self.anchor_frac: tuple[float, float] | None = None
+        self.anchor_shift_px: tuple[float, float] | None = None
         self.direction_px: np.ndarray | None = None
+        self.gated = 0
 
     def reset(self) -> None:
         """Forget the row (the next frame fixes a new one)."""
         self.anchor_frac = None
+        self.anchor_shift_px = None
         self.direction_px = None
 
     def process(self, ctx: FrameContext) -> None:
         """``ctx.targets`` for this frame (:meth:`select`), or none."""
         ood = ctx.extras.get("ood")
+        drift = ctx.extras.get("drift")
         if ctx.scan is None or not ctx.want_targets or (ood is not None and ood.get("alarm")):
             ctx.targets = []
+        elif drift is not None and not (drift["velocity_sigma_A_per_s"] * self.drift_horizon_s
+                                        <= self.max_drift_sigma_A):
+            self.gated += 1
+            drift["gated"] = True
+            ctx.targets = []
         else:
-            ctx.targets = self.select(ctx.columns, ctx.scan, ctx.bonds, ctx.extras.get("column_uncertainty"))
+            ctx.targets = self.select(ctx.columns, ctx.scan, ctx.bonds, ctx.extras.get("column_uncertainty"),
+                                      None if drift is None else drift["displacement_px"])
 
     def select(self, cols: ColumnTable, scan: ScanFrame, bonds: np.ndarray | None,
-               uncertainty: np.ndarray | None = None) -> list[Target]:
+               uncertainty: np.ndarray | None = None, shift_px: tuple[float, float] | None = None) -> list[Target]:
         """Targets for this frame.
 
         Parameters
@@ -103,6 +123,8 @@ class VacancyLinePolicy(StageBase):
             Mo-S bond vectors in pixels (:func:`beamloop.edge.stages.vacancies.bond_vectors`); none -> no targets.
         uncertainty : ndarray (n,), optional
             Per-column uncertainty; rows above ``max_uncertainty`` are left out (NaN rows are kept).
+        shift_px : (dx, dy), optional
+            The specimen's registered displacement in this frame, pixels (the row moves with it).
         """
         if bonds is None or len(cols) == 0 or self.targets_per_frame == 0:
             return []
@@ -122,7 +144,10 @@ class VacancyLinePolicy(StageBase):
             fx, fy = scan.fraction_of_pixel(xy[k, 0], xy[k, 1])
             self.direction_px = d / np.hypot(*d)
             self.anchor_frac = (float(fx), float(fy))
+            self.anchor_shift_px = shift_px
         ax, ay = scan.pixel_of_fraction(*self.anchor_frac)
+        if shift_px is not None and self.anchor_shift_px is not None:
+            ax, ay = ax + shift_px[0] - self.anchor_shift_px[0], ay + shift_px[1] - self.anchor_shift_px[1]
         u = self.direction_px
         rel = xy - np.array([ax, ay])
         along = rel @ u

@@ -1,0 +1,180 @@
+"""Frame stage ``register``: sub-pixel frame-to-frame shift and the specimen-drift estimate.
+
+Each frame is registered against the previous frame of the run by phase correlation with a matrix-multiply
+DFT upsampling of the cross-power peak (M. Guizar-Sicairos, S. T. Thurman & J. R. Fienup, "Efficient
+subpixel image registration algorithms", Opt. Lett. 33, 156-158 (2008); scikit-image's
+``skimage.registration.phase_cross_correlation``), on mean-subtracted frames under a Hann window (the
+frame's edges, where content enters and leaves, would otherwise dominate). Unnormalised cross-correlation is
+used: whitening ("phase" normalisation) weights the shot noise of a lattice image as much as its Bragg
+peaks. A lattice image correlates almost as well at every lattice translation of the true shift, so on
+paths that give the lattice (``bonds``, MoS2) the measured shift is unwrapped: of the shift plus whole lattice
+vectors (up to :data:`UNWRAP_CELLS` each way), the one nearest the drift estimate's prediction for the time
+between the two frames is taken (the estimate's velocity times that time; zero before a velocity is known, so
+the first two frames of a run must be scanned within half a lattice period of drift of each other). The
+shifts add up to the specimen's displacement since the first frame, which feeds a
+:class:`beamloop.edge.analysis.drift.DriftEstimator` at the frame's middle time (the service tells the stage
+each frame's timing, :meth:`Register.set_timing`, from the stream's metadata).
+
+Writes ``extras["drift"]``: ``shift_px`` (this frame's content moved by, against the previous, ``(dx, dy)``
+pixels), ``displacement_px`` and ``displacement_A`` (since the first frame: pixels of this frame's scan,
+lab-frame Angstrom), ``t_mid_s``, ``velocity_A_per_s``, ``velocity_sigma_A_per_s``, ``error`` (the
+registration's own error estimate) and ``frames``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from beamloop.edge.analysis.drift import DriftEstimator
+from beamloop.edge.frame.stage import StageBase
+
+if TYPE_CHECKING:
+    from beamloop.edge.frame.context import FrameContext, FrameMeta
+
+UPSAMPLE_FACTOR = 20
+"""Upsampling of the cross-correlation peak: registration to 1/20 pixel."""
+
+UNWRAP_CELLS = 4
+"""Lattice translations tried each way when unwrapping a shift (module docstring)."""
+
+
+class Register(StageBase):
+    """Frame stage ``register`` (module docstring).
+
+    Parameters
+    ----------
+    estimator : DriftEstimator, optional
+        Receives each frame's displacement (a new one by default).
+    upsample_factor : int
+        Sub-pixel precision 1 / ``upsample_factor`` (>= 20).
+
+    Raises
+    ------
+    ValueError
+        ``upsample_factor`` below 20.
+    """
+
+    name = "register"
+    writes = ("extras",)
+
+    @property
+    def reads(self) -> tuple[str, ...]:  # type: ignore[override]
+        """``image``, ``scan`` and, unless :meth:`use_bonds` turned it off, ``bonds``."""
+        return ("image", "scan", "bonds") if self._bonds else ("image", "scan")
+
+    def use_bonds(self, on: bool) -> None:
+        """Whether to unwrap shifts by the lattice (read ``bonds``; off on paths without a lattice stage)."""
+        self._bonds = bool(on)
+
+    def __init__(self, estimator: DriftEstimator | None = None, upsample_factor: int = UPSAMPLE_FACTOR) -> None:
+        if not (isinstance(upsample_factor, int) and upsample_factor >= 20):
+            raise ValueError(f"upsample_factor must be a whole number >= 20, got {upsample_factor!r}")
+        self._bonds = True
+        self.estimator = estimator if estimator is not None else DriftEstimator()
+        self.upsample_factor = upsample_factor
+        self._prev = np.zeros((0, 0), np.float32)
+        self._cur = np.zeros((0, 0), np.float32)
+        self._window = np.zeros((0, 0), np.float32)
+        self._have_prev = False
+        self._timing: tuple[float, float] | None = None
+        self._t_prev = math.nan
+        n = np.arange(-UNWRAP_CELLS, UNWRAP_CELLS + 1, dtype=np.float64)
+        self._cells = np.stack(np.meshgrid(n, n), -1).reshape(-1, 2)  # (k, 2) whole lattice translations
+        self.unwrapped = 0
+        self.displacement_px = np.zeros(2)
+        self.displacement_A = np.zeros(2)
+        self.frames = 0
+
+    def prepare(self, meta: FrameMeta) -> None:
+        """Allocate the two frame buffers and the window for frames of ``meta.shape``; a new frame size
+        starts a new reference (the next frame is not registered against one of another size)."""
+        rows, cols = meta.shape
+        if self._cur.shape != (rows, cols):
+            self._prev = np.zeros((rows, cols), np.float32)
+            self._cur = np.zeros((rows, cols), np.float32)
+            self._window = np.outer(np.hanning(rows), np.hanning(cols)).astype(np.float32)
+            self._have_prev = False
+
+    def reset(self) -> None:
+        """Forget the previous frame, the displacement and the estimate."""
+        self._have_prev = False
+        self._timing = None
+        self._t_prev = math.nan
+        self.unwrapped = 0
+        self.displacement_px[:] = 0.0
+        self.displacement_A[:] = 0.0
+        self.frames = 0
+        self.estimator.reset()
+
+    def set_timing(self, t_start_s: float, line_time_s: float) -> None:
+        """The next frame's scan started at ``t_start_s`` (seconds, the clock of the frame's metadata) and
+        took ``line_time_s`` per line."""
+        self._timing = (float(t_start_s), float(line_time_s))
+
+    def process(self, ctx: FrameContext) -> None:
+        """Register ``ctx.image`` against the previous frame and update the estimate (module docstring); a
+        frame without a scan frame is left alone (no ``extras["drift"]``)."""
+        from skimage.registration import phase_cross_correlation
+
+        if ctx.scan is None:  # not a scan of the specimen (e.g. a warm-up frame): nothing to register
+            self._timing = None
+            return
+        image, cur = ctx.image, self._cur
+        np.subtract(image, float(image.mean()), out=cur, casting="unsafe")
+        np.multiply(cur, self._window, out=cur)
+        shift = np.zeros(2)
+        error = math.nan
+        t_mid = math.nan
+        if self._timing is not None:
+            t0, lt = self._timing
+            t_mid = t0 + lt * image.shape[0] / 2
+        scan = ctx.scan
+        if self._have_prev:
+            s, error, _ = phase_cross_correlation(self._prev, cur, upsample_factor=self.upsample_factor,
+                                                  normalization=None)
+            shift = -np.asarray(s, np.float64)[::-1]  # (dx, dy): how far the content moved
+            if ctx.bonds is not None and scan is not None:
+                shift = self._unwrap(shift, ctx.bonds, scan, t_mid)
+            self.displacement_px += shift
+            if scan is not None:
+                x0, y0 = scan.specimen_of_fraction(*scan.fraction_of_pixel(0.0, 0.0))
+                x1, y1 = scan.specimen_of_fraction(*scan.fraction_of_pixel(shift[0], shift[1]))
+                self.displacement_A += (float(x1 - x0), float(y1 - y0))
+            else:
+                ps = ctx.meta.pixel_size_A if ctx.meta is not None and ctx.meta.pixel_size_A else 1.0
+                self.displacement_A += shift * ps
+        self._prev, self._cur = cur, self._prev
+        self._have_prev = True
+        self.frames += 1
+        if self._timing is not None:
+            self.estimator.update(t_mid, self.displacement_A)
+            self._timing = None
+            self._t_prev = t_mid
+        est = self.estimator
+        ctx.extras["drift"] = {"shift_px": (float(shift[0]), float(shift[1])),
+                               "displacement_px": (float(self.displacement_px[0]), float(self.displacement_px[1])),
+                               "displacement_A": (float(self.displacement_A[0]), float(self.displacement_A[1])),
+                               "t_mid_s": t_mid, "velocity_A_per_s": est.velocity_A_per_s,
+                               "velocity_sigma_A_per_s": est.velocity_sigma_A_per_s, "error": float(error),
+                               "frames": self.frames, "unwrapped": self.unwrapped}
+
+    def _unwrap(self, shift: np.ndarray, bonds: np.ndarray, scan, t_mid: float) -> np.ndarray:
+        """Of ``shift`` plus whole lattice vectors (from the bond vectors, pixels), the one nearest the
+        predicted shift since the previous frame (module docstring)."""
+        est = self.estimator
+        pred = np.zeros(2)
+        if est.updates >= 2 and math.isfinite(t_mid) and math.isfinite(self._t_prev):
+            vx, vy = est.velocity_A_per_s
+            dt = t_mid - self._t_prev
+            f0 = scan.fraction_of_specimen(0.0, 0.0)
+            f1 = scan.fraction_of_specimen(vx * dt, vy * dt)
+            pred = np.array([(f1[0] - f0[0]) * scan.shape[1], (f1[1] - f0[1]) * scan.shape[0]])
+        lat = np.array([bonds[0] - bonds[1], bonds[1] - bonds[2]], np.float64)  # (2, 2): lattice vectors, px
+        cand = shift + self._cells @ lat
+        k = int(np.argmin(np.hypot(*(cand - pred).T)))
+        if not np.allclose(cand[k], shift):
+            self.unwrapped += 1
+        return cand[k]
