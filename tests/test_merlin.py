@@ -76,7 +76,9 @@ def test_a_header_as_merlin_writes_it_parses():
     (b"MQ1,000001,00384,01,0256,0256,U16,   3x3,01,t,0.1,0,0,0,MQ1A,t,1ns,12,", "sensor layout"),
     (b"MQ1,000001,00384,01,0256,0256,U16,   1x1,01,t,0.1,0,0,0,MQ1A,t,1ns,7,", "counter depth"),
     (b"MQ1,000001,00384,01,0256,0256,U08,   1x1,01,t,0.1,0,0,0,MQ1A,t,1ns,12,", "do not fit"),
-    (b"MQ1,000001,00768,04,0512,0512,R64,   2x2,0F,t,0.1,0,0,0,MQ1A,t,1ns,12,", "4 chips"),
+    (b"MQ1,000001,00768,04,1024,0256,R64,   Nx1,0F,t,0.1,0,0,0,MQ1A,t,1ns,12,", "4 chips"),
+    (b"MQ1,000001,00768,04,0512,0512,R64,   2x2,0F,t,0.1,0,0,0,MQ1A,t,1ns,12,", "expected 1024x256"),
+    (b"MQ1,000001,00768,04,1024,0256,R64,  2x2G,0F,t,0.1,0,0,0,MQ1A,t,1ns,24,", "at 1, 6 or 12 bits"),
     (b"MQ1,000001,00384,01,0200,0256,R64,   1x1,01,t,0.1,0,0,0,MQ1A,t,1ns,12,", "multiple of 64"),
     (b"MQ1,00000x,00384,01,0256,0256,U16,   1x1,01,t,0.1,0,0,0,MQ1A,t,1ns,12,", "sequence number"),
     (b"MQ1,000001,99999,01", "declares 99999 bytes"),
@@ -87,6 +89,20 @@ def test_bad_frame_headers_get_one_line_errors(bad, what):
     assert "\n" not in str(exc.value)
 
 
+@pytest.mark.parametrize("depth", [1, 6, 12])
+def test_quad_raw_frames_are_reassembled_from_the_four_chips(depth):
+    frames = make_frames(3, depth, shape=(512, 512), seed=depth)
+    msgs = mib.frame_messages(frames, "R64", depth, quad=True)
+    hdr = mib.parse_frame_header(msgs[0][mib.PREFIX_BYTES:])
+    assert hdr.quad and (hdr.chips, hdr.layout, hdr.height, hdr.width, hdr.header_nbytes) == (4, "2x2", 512, 512, 768)
+    out = np.zeros((3, 512, 512), hdr.dtype)
+    mib.decode_frames(np.frombuffer(b"".join(m[15 + 768:] for m in msgs), np.uint8), 3, hdr, out)
+    assert np.array_equal(out, frames)
+    wide = mib.quad_to_raw_rows(frames)  # chip 1 is the last quarter of every raw row; chip 4 comes first, flipped
+    assert np.array_equal(wide[:, :, 768:], frames[:, :256, :256])
+    assert np.array_equal(wide[:, :, :256], frames[:, :255:-1, :255:-1])
+
+
 def test_endpoints():
     assert parse_endpoint("tcp://10.0.0.2:6342") == ("10.0.0.2", 6342)
     assert parse_endpoint("tcp://*:0") == ("0.0.0.0", 0)
@@ -94,19 +110,23 @@ def test_endpoints():
         parse_endpoint("tcp://host")
 
 
-@pytest.mark.parametrize("ptype,depth", [("U08", 6), ("U16", 12), ("U32", 24), ("R64", 6), ("R64", 12)])
-def test_files_are_read_alike_by_libertem(tmp_path, ptype, depth):
-    """Our MIB writer against LiberTEM's MIB reader (an independent implementation of the format)."""
+@pytest.mark.parametrize("ptype,depth,quad", [("U08", 6, False), ("U16", 12, False), ("U32", 24, False),
+                                              ("R64", 6, False), ("R64", 12, False), ("R64", 6, True),
+                                              ("R64", 12, True)])
+def test_files_are_read_alike_by_libertem(tmp_path, ptype, depth, quad):
+    """Our MIB writer against LiberTEM's MIB reader (an independent implementation of the format, the Quad's
+    chip reassembly included)."""
     pytest.importorskip("libertem")
     from libertem.api import Context
     from libertem.executor.inline import InlineJobExecutor
     from libertem.udf.sum import SumUDF
 
-    frames = make_frames(6, depth, shape=(64, 128))
-    hdr_path, _ = mib.write_mib(tmp_path / "scan", frames, ptype, depth, scan=(2, 3))
+    shape = (512, 512) if quad else (64, 128)
+    frames = make_frames(6, depth, shape=shape)
+    hdr_path, _ = mib.write_mib(tmp_path / "scan", frames, ptype, depth, scan=(2, 3), quad=quad)
     ctx = Context(executor=InlineJobExecutor())
     ds = ctx.load("mib", path=str(hdr_path))
-    assert tuple(ds.shape) == (2, 3, 64, 128)
+    assert tuple(ds.shape) == (2, 3, *shape)
     for k in (0, 4):  # two frames picked by LiberTEM, one by one
         roi = np.zeros((2, 3), bool)
         roi.flat[k] = True
@@ -147,9 +167,10 @@ def receive_series(rx, timeout_ms=120_000):
     return start.series, np.concatenate([s[0] for s in stacks]), np.concatenate([s[1] for s in stacks]), end
 
 
-def interop(tmp_path, ptype, depth, n=24, shape=(32, 128)):
+def interop(tmp_path, ptype, depth, n=24, shape=(32, 128), quad=False):
     frames = make_frames(n, depth, shape=shape, seed=depth)
-    hdr_path, _ = mib.write_mib(tmp_path / f"scan_{ptype}_{depth}", frames, ptype, depth, scan=(4, n // 4))
+    hdr_path, _ = mib.write_mib(tmp_path / f"scan_{ptype}_{depth}", frames, ptype, depth, scan=(4, n // 4),
+                                quad=quad)
     with libertem_sim(hdr_path) as endpoint, MerlinReceiver(endpoint, stack_size=7) as rx:
         series, ids, got, end = receive_series(rx)
         counters = rx.counters.as_dict()
@@ -168,6 +189,12 @@ def test_libertem_live_simulator_12_bit_counting(tmp_path):
 @pytest.mark.parametrize("ptype,depth", MODES)
 def test_libertem_live_simulator_every_mode(tmp_path, ptype, depth):
     interop(tmp_path, ptype, depth)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("depth", [1, 6, 12])
+def test_libertem_live_simulator_quad_raw(tmp_path, depth):
+    interop(tmp_path, "R64", depth, n=8, shape=(512, 512), quad=True)
 
 
 # --- flow control, series, bad input -----------------------------------------------------------------------------

@@ -21,7 +21,10 @@ Pixels
     readout words): 1-bit pixels packed 64 to a big-endian word, least significant bit first; 6-bit pixels one
     byte each and 12-bit pixels one big-endian u16 each, both in 64-bit words whose elements are stored in
     reverse order; 24-bit pixels as two 12-bit frames one after the other, the first holding the high 12 bits
-    (and the header's width counts both, twice the frame's).
+    (and the header's width counts both, twice the frame's). A Merlin Quad (4 chips, ``2x2`` / ``2x2G``) sends
+    raw frames as 256 rows of 1024 pixels, each row the four chips' rows in the order 4, 3, 2, 1; the 512x512
+    frame has chips 1 and 2 on top as they come, and chips 3 and 4 below, flipped in both directions (as
+    LiberTEM's MIB reader assembles them; no gap pixels in raw mode).
 
 Everything here works on whole stacks of frames with numpy (no Python per pixel).
 """
@@ -55,6 +58,12 @@ RAW_DTYPES = {1: np.dtype(np.uint8), 6: np.dtype(np.uint8), 12: np.dtype(np.uint
 
 LAYOUTS = ("1x1", "2x2", "Nx1", "2x2G", "Nx1G")
 """Sensor layouts a frame header may name."""
+
+QUAD_LAYOUTS = ("2x2", "2x2G")
+"""Layouts of a Merlin Quad, whose raw frames are reassembled from the four chips."""
+
+CHIP = 256
+"""Pixels per side of a Medipix3 chip."""
 
 
 def mpx_prefix(payload_nbytes: int) -> bytes:
@@ -201,6 +210,11 @@ class FrameHeader:
         return self.pixel_type == RAW
 
     @property
+    def quad(self) -> bool:
+        """A raw frame of a 2x2 quad (reassembled from the four chips' rows)."""
+        return self.raw and self.chips == 4
+
+    @property
     def dtype(self) -> np.dtype:
         """The little-endian type of the unpacked frames (uint8, uint16 or uint32)."""
         if self.raw:
@@ -297,9 +311,14 @@ def parse_frame_header(header: bytes | memoryview, *, default_depth: int | None 
     if width < 1 or height < 1:
         raise MalformedMessage(f"frame header: frame of {width}x{height} pixels")
     if ptype == RAW:
+        if chips == 4 and layout in QUAD_LAYOUTS:
+            if (width, height) != (4 * CHIP, CHIP) or depth == 24:
+                raise MalformedMessage(f"frame header: quad raw frame of {width}x{height} pixels, {depth}-bit; "
+                                       f"expected {4 * CHIP}x{CHIP} at 1, 6 or 12 bits")
+            return FrameHeader(seq, size, chips, 2 * CHIP, 2 * CHIP, ptype, layout, counter, depth, shutter_ns)
         if chips != 1:
             raise MalformedMessage(f"frame header: raw frames of {chips} chips ({layout}) are not supported, "
-                                   "only single-chip raw readout")
+                                   "only single-chip and 2x2 quad raw readout")
         if depth == 24:
             if width % 2:
                 raise MalformedMessage(f"frame header: 24-bit raw frame of odd width {width}")
@@ -312,8 +331,10 @@ def parse_frame_header(header: bytes | memoryview, *, default_depth: int | None 
 
 
 def frame_header(seq: int, shape: tuple[int, int], pixel_type: str, counter_depth: int, *, header_nbytes: int = 384,
-                 counter: int = 0, shutter_s: float = 1e-3, when: _dt.datetime | None = None) -> bytes:
-    """A frame header as Merlin writes it (single chip, ``1x1``), NUL-padded to ``header_nbytes``.
+                 counter: int = 0, shutter_s: float = 1e-3, when: _dt.datetime | None = None,
+                 quad: bool = False) -> bytes:
+    """A frame header as Merlin writes it (single chip, ``1x1``; with ``quad`` a 2x2 Quad's, 4 chips, whose raw
+    frames are announced as 1024x256), NUL-padded to ``header_nbytes``.
 
     Raises
     ------
@@ -322,10 +343,13 @@ def frame_header(seq: int, shape: tuple[int, int], pixel_type: str, counter_dept
     """
     rows, cols = shape
     width = 2 * cols if pixel_type == RAW and counter_depth == 24 else cols
+    chips, layout, select = (4, "2x2", "0F") if quad else (1, "1x1", "01")
+    if quad and pixel_type == RAW:
+        rows, width = CHIP, 4 * CHIP
     when = when or _dt.datetime(2026, 1, 1, 12, 0, 0)
     thresholds = "" if pixel_type == RAW else ",".join(["1.000000E+1", "5.110000E+2"] + ["0.000000E+0"] * 6)
     dacs = "" if pixel_type == RAW else ",3RX," + ",".join(["100"] * 27)
-    text = (f"MQ1,{seq:06d},{header_nbytes:05d},01,{width:04d},{rows:04d},{pixel_type},{'1x1':>6},01,"
+    text = (f"MQ1,{seq:06d},{header_nbytes:05d},{chips:02d},{width:04d},{rows:04d},{pixel_type},{layout:>6},{select},"
             f"{when:%Y-%m-%d %H:%M:%S.%f},{shutter_s:.6f},{counter},0,0,{thresholds}{dacs},MQ1A,"
             f"{when:%Y-%m-%dT%H:%M:%S.%f}000Z,{round(shutter_s * 1e9)}ns,{counter_depth},")
     b = text.encode("ascii")
@@ -352,6 +376,16 @@ def decode_frames(data: np.ndarray, n: int, hdr: FrameHeader, out: np.ndarray) -
     """
     if n == 0:
         return
+    if hdr.quad:  # unpack as one chip-row-interleaved 256x1024 frame, then place the chips
+        wide = np.empty((n, CHIP, 4 * CHIP), hdr.dtype)
+        decode_frames(data, n, _as_single(hdr), wide)
+        seg = wide.reshape(n, CHIP, 4, CHIP)
+        o = out[:n]
+        o[:, :CHIP, :CHIP] = seg[:, :, 3]
+        o[:, :CHIP, CHIP:] = seg[:, :, 2]
+        o[:, CHIP:, :CHIP] = seg[:, ::-1, 1, ::-1]
+        o[:, CHIP:, CHIP:] = seg[:, ::-1, 0, ::-1]
+        return
     nb = hdr.data_nbytes
     src = data[:n * nb]
     h, w = hdr.height, hdr.width
@@ -371,6 +405,25 @@ def decode_frames(data: np.ndarray, n: int, hdr: FrameHeader, out: np.ndarray) -
         halves = src.view(">u2").reshape(n, 2, -1, 4)[:, :, :, ::-1].reshape(n, 2, h * w)
         np.left_shift(halves[:, 0], 12, out=dst, dtype=np.uint32, casting="unsafe")
         dst |= halves[:, 1]
+
+
+def _as_single(hdr: FrameHeader) -> FrameHeader:
+    """A quad raw header as the single-chip 256x1024 raw frame its bytes are."""
+    return FrameHeader(hdr.sequence, hdr.header_nbytes, 1, 4 * CHIP, CHIP, hdr.pixel_type, "1x1", hdr.counter,
+                       hdr.counter_depth, hdr.shutter_ns)
+
+
+def quad_to_raw_rows(frames: np.ndarray) -> np.ndarray:
+    """512x512 quad frames (n, 512, 512) as the 256x1024 chip-row order a Quad reads them out in (see the module
+    docstring); the inverse of the reassembly in :func:`decode_frames`."""
+    f = np.asarray(frames)
+    n = f.shape[0]
+    wide = np.empty((n, CHIP, 4, CHIP), f.dtype)
+    wide[:, :, 3] = f[:, :CHIP, :CHIP]
+    wide[:, :, 2] = f[:, :CHIP, CHIP:]
+    wide[:, :, 1] = f[:, CHIP:, :CHIP][:, ::-1, ::-1]
+    wide[:, :, 0] = f[:, CHIP:, CHIP:][:, ::-1, ::-1]
+    return wide.reshape(n, CHIP, 4 * CHIP)
 
 
 def encode_frames(frames: np.ndarray, pixel_type: str, counter_depth: int) -> np.ndarray:
@@ -416,24 +469,32 @@ def encode_frames(frames: np.ndarray, pixel_type: str, counter_depth: int) -> np
 
 
 def frame_messages(frames: np.ndarray, pixel_type: str, counter_depth: int, *, first_seq: int = 1,
-                   header_nbytes: int = 384, with_prefix: bool = True) -> list[bytes]:
-    """Every frame as one message (``MPX,`` prefix, header, pixels), or as a MIB file record without the prefix."""
-    data = encode_frames(frames, pixel_type, counter_depth)
+                   header_nbytes: int = 384, with_prefix: bool = True, quad: bool = False) -> list[bytes]:
+    """Every frame as one message (``MPX,`` prefix, header, pixels), or as a MIB file record without the prefix.
+
+    With ``quad``, ``frames`` are 512x512 frames of a 2x2 Quad (raw ones sent in its chip-row order) and the
+    headers are 768 bytes unless ``header_nbytes`` says otherwise.
+    """
+    if quad and header_nbytes == 384:
+        header_nbytes = 768
+    packed = quad_to_raw_rows(frames) if quad and pixel_type == RAW else frames
+    data = encode_frames(packed, pixel_type, counter_depth)
     out = []
     for i in range(len(frames)):
         body = frame_header(first_seq + i, frames.shape[1:], pixel_type, counter_depth,
-                            header_nbytes=header_nbytes) + data[i].tobytes()
+                            header_nbytes=header_nbytes, quad=quad) + data[i].tobytes()
         out.append(mpx_prefix(len(body)) + body if with_prefix else body)
     return out
 
 
-def acquisition_stream(frames: np.ndarray, pixel_type: str, counter_depth: int, *, scan=None) -> bytes:
+def acquisition_stream(frames: np.ndarray, pixel_type: str, counter_depth: int, *, scan=None,
+                       quad: bool = False) -> bytes:
     """The bytes a Merlin sends on its data port for one acquisition of ``frames``: header, then every frame."""
     hdr = acquisition_header(len(frames), counter_depth=counter_depth, raw=pixel_type == RAW, scan=scan)
-    return mpx_prefix(len(hdr)) + hdr + b"".join(frame_messages(frames, pixel_type, counter_depth))
+    return mpx_prefix(len(hdr)) + hdr + b"".join(frame_messages(frames, pixel_type, counter_depth, quad=quad))
 
 
-def write_mib(path_stem, frames: np.ndarray, pixel_type: str, counter_depth: int, *, scan=None):
+def write_mib(path_stem, frames: np.ndarray, pixel_type: str, counter_depth: int, *, scan=None, quad: bool = False):
     """Write ``<stem>.hdr`` (the acquisition header) and ``<stem>.mib`` (the frames), as Merlin saves them.
 
     Returns
@@ -447,7 +508,7 @@ def write_mib(path_stem, frames: np.ndarray, pixel_type: str, counter_depth: int
     hdr_path, mib_path = stem.with_suffix(".hdr"), stem.with_suffix(".mib")
     hdr_path.write_bytes(acquisition_header(len(frames), counter_depth=counter_depth, raw=pixel_type == RAW,
                                             scan=scan))
-    mib_path.write_bytes(b"".join(frame_messages(frames, pixel_type, counter_depth, with_prefix=False)))
+    mib_path.write_bytes(b"".join(frame_messages(frames, pixel_type, counter_depth, with_prefix=False, quad=quad)))
     return hdr_path, mib_path
 
 
