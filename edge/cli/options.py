@@ -78,6 +78,28 @@ def add_trigger_at_argument(parser: argparse.ArgumentParser) -> None:
                              "it offers the model (else the service), or always in the service")
 
 
+# drift ---------------------------------------------------------------------------------------------------------
+def add_lock_on_argument(parser: argparse.ArgumentParser, default: str = "predict") -> None:
+    """Add ``--lock-on {none,predict}`` to a command's parser (the value is ``a.lock_on``,
+    :attr:`beamloop.edge.app.ServiceConfig.lock_on`).
+
+    ``predict``: the frame path registers every frame (stage ``register``) and each probe goes where the drift
+    estimate puts its target now; ``none``: where the frame showed it.
+    """
+    parser.add_argument("--lock-on", choices=("none", "predict"), default=default,
+                        help="drift correction: predict (register frames, send the probe where the drift estimate "
+                             "puts the target now; skip targets too uncertain) or none")
+
+
+def add_drift_argument(parser: argparse.ArgumentParser) -> None:
+    """Add ``--drift-A-per-s V`` (specimen drift of the simulated microscope, A/s, 0 .. 100; default 0: none)."""
+    from beamloop.edge.cli.types import bounded, parse_nonnegative
+
+    parser.add_argument("--drift-A-per-s", type=bounded(parse_nonnegative, 0, 100, "A/s"), default=0.0,
+                        help="specimen drift of the simulated microscope, A/s (0: none; aberration-corrected STEMs "
+                             "drift 0.017-0.17 A/s after settling)")
+
+
 # CURVE keys ---------------------------------------------------------------------------------------------------
 def _add_key_arguments(parser: argparse.ArgumentParser, own_help: str, peer: str, peer_metavar: str,
                        peer_help: str) -> None:

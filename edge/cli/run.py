@@ -22,7 +22,8 @@ def cmd_run(a: argparse.Namespace) -> int:
         report = closed_loop.run(Path(a.out), rounds=a.rounds, shape=a.shape, pixel_size_A=a.pixel_size,
                                  dose_e_per_A2=a.dose, targets_per_frame=a.targets, seed=a.seed,
                                  current_pA=a.current_pA, trigger=a.trigger, max_dwell_s=a.max_dwell, quiet=a.quiet,
-                                 interrupt=stop, trigger_at=a.trigger_at)
+                                 interrupt=stop, trigger_at=a.trigger_at, drift_A_per_s=a.drift_A_per_s,
+                                 lock_on=a.lock_on)
     outcome = report["outcome"]
     codes = [EXIT_OUTPUT if outcome["output_errors"] else 0]
     if outcome["reason"] == "interrupted":
@@ -39,7 +40,7 @@ def cmd_run(a: argparse.Namespace) -> int:
 
 def register(sub) -> None:
     """Add ``run`` to the ``beamloop`` subcommands."""
-    from beamloop.edge.cli.options import add_trigger_at_argument
+    from beamloop.edge.cli.options import add_drift_argument, add_lock_on_argument, add_trigger_at_argument
     from beamloop.edge.trigger import trigger_names
 
     r = sub.add_parser("run", help="the main job: closed loop on the simulated microscope, with report")
@@ -53,6 +54,8 @@ def register(sub) -> None:
     r.add_argument("--current-pA", type=parse_positive, default=50.0, help="probe current, picoampere")
     r.add_argument("--trigger", choices=trigger_names(), default="model", help=TRIGGER_HELP)
     add_trigger_at_argument(r)
+    add_drift_argument(r)
+    add_lock_on_argument(r)
     r.add_argument("--max-dwell", type=parse_positive, default=2.0, help="longest dwell per target, seconds")
     r.add_argument("--quiet", action="store_true", help="no progress bar or report")
     r.set_defaults(func=cmd_run)

@@ -34,7 +34,8 @@ def _run(a: argparse.Namespace, service, rl, codes: list[int]) -> str:
     from beamloop.edge.service import Interrupted, frame_image
 
     if a.experiment == "vacancy-line":
-        exp = ExperimentConfig(rounds=a.rounds, targets_per_frame=a.targets)
+        exp = ExperimentConfig(rounds=a.rounds, targets_per_frame=a.targets,
+                               drift_frames=2 if a.lock_on == "predict" else 0)
 
         def record(rec) -> None:
             rl.add_frame(rec.image, rec.columns, pixel_size_A=rec.pixel_size_A, scan=rec.scan.as_dict(),
@@ -113,7 +114,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
         check_bind(a.frames, None, what="frame stream", insecure_option="--insecure")
     cfg = ServiceConfig(a.material, a.method, a.targets if a.experiment == "vacancy-line" else None, a.trigger,
                         a.spacing_px, a.precision, a.device, memory_budget_mib=a.memory_budget_mib,
-                        trigger_at=a.trigger_at)
+                        trigger_at=a.trigger_at, lock_on=a.lock_on if a.experiment == "vacancy-line" else "none")
     keys = client_keys_from_args(a)
     out = Path(a.out)
     codes: list[int] = []
@@ -153,7 +154,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
 def register(sub) -> None:
     """Add ``serve`` to the ``beamloop`` subcommands."""
     from beamloop.edge.cli.find import add_finder_arguments
-    from beamloop.edge.cli.options import add_client_key_arguments, add_trigger_at_argument
+    from beamloop.edge.cli.options import add_client_key_arguments, add_lock_on_argument, add_trigger_at_argument
     from beamloop.edge.cli.run import TRIGGER_HELP
     from beamloop.edge.path import DEFAULT_MEMORY_BUDGET
     from beamloop.edge.trigger import trigger_names
@@ -174,6 +175,7 @@ def register(sub) -> None:
     v.add_argument("--targets", type=parse_count, default=4, help="beam targets per frame")
     v.add_argument("--trigger", choices=trigger_names(), default="model", help=TRIGGER_HELP)
     add_trigger_at_argument(v)
+    add_lock_on_argument(v)
     add_finder_arguments(v, default_material="MoS2")
     v.add_argument("--max-frames", type=parse_count, default=None, help="stop after this many frames")
     v.add_argument("--idle-timeout", type=parse_positive, default=30.0,

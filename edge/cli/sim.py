@@ -25,6 +25,8 @@ def cmd_sim(a: argparse.Namespace) -> int:
                            cross_section_barn=a.cross_section_barn, sample_time_us=a.sample_time_us,
                            block_samples=a.block_samples, distortion_scale=a.distortion_scale, encoding=a.encoding,
                            max_park_s=a.max_park, keys=server_keys_from_args(a), insecure_frames=a.insecure,
+                           drift_A_per_s=a.drift_A_per_s, drift_settle_A_per_s=a.drift_settle_A_per_s,
+                           coil_settle_us=a.coil_settle_us, coil_overshoot=a.coil_overshoot,
                            **safety_options(a))
     reload = threading.Event()
     with StopSignals() as stop, SimulatedMicroscope(cfg) as mic:
@@ -53,7 +55,7 @@ def cmd_sim(a: argparse.Namespace) -> int:
 
 def register(sub) -> None:
     """Add ``sim`` to the ``beamloop`` subcommands."""
-    from beamloop.edge.cli.options import add_safety_arguments, add_server_key_arguments
+    from beamloop.edge.cli.options import add_drift_argument, add_safety_arguments, add_server_key_arguments
     from beamloop.edge.control.controller import MAX_BLOCK_SAMPLES, SAMPLE_TIME_US
 
     s = sub.add_parser("sim", help="the simulated microscope (scan controller + HAADF detector)")
@@ -73,6 +75,13 @@ def register(sub) -> None:
                    help=f"parked-probe samples per message, 1 .. {MAX_BLOCK_SAMPLES}")
     s.add_argument("--distortion-scale", type=bounded(parse_nonnegative, 0, 1e3), default=1.0,
                    help="scale of drift, wobble and jitter (0: none)")
+    add_drift_argument(s)
+    s.add_argument("--drift-settle-A-per-s", type=bounded(parse_nonnegative, 0, 100, "A/s"), default=0.0,
+                   help="extra drift after a field-of-view change, decaying over 30 s (A/s; 0: none)")
+    s.add_argument("--coil-settle-us", type=bounded(parse_nonnegative, 0, 1e6, "us"), default=0.0,
+                   help="scan-coil time constant on set_probe, us (0: instantaneous)")
+    s.add_argument("--coil-overshoot", type=bounded(parse_nonnegative, 0, 0.99), default=0.0,
+                   help="scan-coil overshoot, fraction of the move (0: critically damped)")
     s.add_argument("--encoding", choices=("raw", "lz4"), default="raw", help="frame stream encoding")
     s.add_argument("--max-park", type=bounded(parse_positive, 0, 3600, "s"), default=10.0,
                    help="blank after this long at one position, s")

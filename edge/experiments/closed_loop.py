@@ -8,6 +8,13 @@ accuracy per class, and the atoms removed. The ejection trigger decides at the s
 (``trigger_at="controller"``, the default: it blanks the beam at the decision sample plus its logic's
 latency) or in the service (``"service"``); every dwell, the beam log and the report record where.
 Outputs in ``--out``: ``run.h5`` (:mod:`beamloop.edge.io.runlog`), ``overlay.png`` and ``report.json``.
+
+Specimen drift (``drift_A_per_s``, :mod:`beamloop.edge.sim.drift`) and lock-on (``lock_on``,
+:data:`beamloop.edge.service.LOCK_ON`): the report's ``drift`` section gives the simulated drift (from the
+simulator's ground truth), the service's estimate, and the probe-to-column distance at the start of each
+dwell (p50, p90, pm: the probe's position on the specimen when the beam went on, from the simulator's
+``probe_landed`` event, to the rest position of the column the target was in its frame's ground truth), and
+the fraction of targets written by ground truth (that column's class in the verification frame).
 """
 
 from __future__ import annotations
@@ -221,6 +228,90 @@ def dwell_summary(rows: list[dict], sample_time_us: float, electrons_per_s: floa
     }
 
 
+def target_columns(records: list[RoundRecord], raw: dict[int, dict]) -> list[tuple]:
+    """The specimen column each dwell aimed at: the column nearest its target in its frame's ground truth.
+
+    Parameters
+    ----------
+    records : list of RoundRecord
+    raw : dict
+        Frame index -> ``sim_ground_truth`` reply.
+
+    Returns
+    -------
+    list of (DwellResult, int, ndarray or None)
+        Per dwell: the dwell, the column's specimen index (-1 when its frame has no ground truth or no
+        column lies within 0.8 A) and its rest position ``(x, y)`` (A).
+    """
+    out = []
+    for rec in records:
+        g = raw.get(rec.index)
+        for d in rec.dwells:
+            if g is None or not g.get("rest_xy_A"):
+                out.append((d, -1, None))
+                continue
+            n = int(g["n"])
+            xy = np.frombuffer(g["xy"], "<f8").reshape(n, 2)
+            idx = np.frombuffer(g["index"], "<i8")
+            rest = np.frombuffer(g["rest_xy_A"], "<f8").reshape(n, 2)
+            dist = np.hypot(xy[:, 0] - d.target.x_px, xy[:, 1] - d.target.y_px) if n else np.zeros(0)
+            k = int(np.argmin(dist)) if n else -1
+            if k < 0 or dist[k] * rec.pixel_size_A > 0.8:
+                out.append((d, -1, None))
+            else:
+                out.append((d, int(idx[k]), rest[k]))
+    return out
+
+
+def drift_section(records: list[RoundRecord], raw: dict[int, dict], events: list[dict], estimate: dict,
+                  drift_A_per_s: float) -> dict:
+    """The report's ``drift`` section (module docstring).
+
+    Returns
+    -------
+    dict
+        ``drift_A_per_s`` (asked for), ``simulated`` (velocity and speed from the ground truth of the first
+        and last frames, A/s; None without drift), ``estimate`` (the service's), ``landing_distance_pm``
+        (``p50``, ``p90``, ``mean``, ``n``: probe to target column at each dwell's start), ``written_truth``
+        (targets whose column holds at most one S atom in the verification frame's ground truth, of
+        ``targets``), ``skipped_uncertain`` (dwells the uncertainty gate skipped).
+    """
+    landed = {e["series_id"]: e for e in events if e.get("type") == "probe_landed"}
+    dists, written, aimed = [], 0, 0
+    last = raw.get(records[-1].index) if len(records) >= 2 else None
+    final = {}
+    if last is not None:
+        names = list(last["class_names"])
+        for i, c in zip(np.frombuffer(last["index"], "<i8"), np.frombuffer(last["cls"], "i1")):
+            final[int(i)] = names[int(c)]
+    for d, col, rest in target_columns(records[:-1] if len(records) >= 2 else records, raw):
+        if d.reason == "uncertain":
+            continue
+        aimed += 1
+        ev = landed.get(d.series_id)
+        if rest is not None and ev is not None:
+            dists.append(float(np.hypot(ev["probe_A"][0] - rest[0], ev["probe_A"][1] - rest[1]) * 100))
+        if col >= 0 and final.get(col) in ("S1", "vacancy"):
+            written += 1
+    sim = None
+    times = [g for g in raw.values() if "t_start_s" in g]
+    if len(times) >= 2:
+        a, b = min(times, key=lambda g: g["t_start_s"]), max(times, key=lambda g: g["t_start_s"])
+        dt = b["t_start_s"] - a["t_start_s"]
+        if dt > 0:
+            v = [(b["drift_A"][i] - a["drift_A"][i]) / dt for i in (0, 1)]
+            sim = {"velocity_A_per_s": v, "speed_A_per_s": math.hypot(*v), "nominal_A_per_s": b["drift_A_per_s"]}
+    arr = np.array(dists)
+    pct = (lambda q: float(np.percentile(arr, q))) if len(arr) else (lambda q: float("nan"))
+    n_targets = sum(len(rec.dwells) for rec in records[:-1]) if len(records) >= 2 else 0
+    return {"drift_A_per_s": drift_A_per_s, "simulated": sim, "estimate": estimate,
+            "landing_distance_pm": {"p50": pct(50), "p90": pct(90), "mean": float(arr.mean()) if len(arr) else
+                                    float("nan"), "n": len(arr)},
+            "written_truth": written, "targets": n_targets, "aimed": aimed,
+            "fraction_written_truth": written / n_targets if n_targets else float("nan"),
+            "skipped_uncertain": sum(d.reason == "uncertain" for rec in records for d in rec.dwells)}
+
+
 def truth_at_targets(records: list[RoundRecord], truth: dict[int, tuple]) -> dict:
     """Ground-truth classes of the targeted columns in the final (verification) frame.
 
@@ -265,6 +356,11 @@ def verify_written(records: list[RoundRecord]) -> dict:
     if len(targets) == 0 or last.scan is None:
         return {"targets": 0}
     tx, ty = last.scan.pixel_of_fraction(targets[:, 0], targets[:, 1])
+    if last.drift is not None:  # a registered path: the targets moved with the specimen since their frame
+        moved = np.array([np.subtract(last.drift["displacement_px"], rec.drift["displacement_px"])
+                          if rec.drift is not None else (0.0, 0.0) for rec in records[:-1] for d in rec.dwells], float)
+        if len(moved):
+            tx, ty = tx + moved[:, 0], ty + moved[:, 1]
     # frames differ by their own drift, so a target is looked for within 0.8 A (neighbours are 1.8 A away)
     fi, ti, _ = match(last.columns.xy, np.stack([tx, ty], 1), 0.8 / max(last.pixel_size_A, 1e-9))
     labels = np.array(last.columns.class_labels())
@@ -275,8 +371,9 @@ def verify_written(records: list[RoundRecord]) -> dict:
 
 
 def print_report(latency: LatencyRecorder, accuracy, per_frame: list, trig: dict, verify: dict, sim_events: list,
-                 counters: dict, stats, out: Path) -> None:
-    """Print the latency table, accuracy per class, trigger figures and atoms removed."""
+                 counters: dict, stats, out: Path, drift: dict | None = None) -> None:
+    """Print the latency table, accuracy per class, trigger figures, atoms removed and (``drift``: the
+    report's section) the drift and the probe-to-column distances."""
     print()
     print(latency.table("latency per stage, microseconds (end_to_end: frame leaves the detector -> probe parked)"))
     print()
@@ -301,6 +398,16 @@ def print_report(latency: LatencyRecorder, accuracy, per_frame: list, trig: dict
     if verify.get("targets"):
         print(f"  verification frame: {verify['written']} of {verify['targets']} targets now read S1 or vacancy "
               f"({verify['classes_after']})")
+    if drift is not None:
+        est = (drift.get("estimate") or {}).get("estimate") or {}
+        sim = drift.get("simulated") or {}
+        land = drift["landing_distance_pm"]
+        lock = (drift.get("estimate") or {}).get("lock_on")
+        print(f"drift: simulated {sim.get('speed_A_per_s', 0.0):.3f} A/s, estimated "
+              f"{est.get('speed_A_per_s', float('nan')):.3f} A/s (lock-on {lock}); probe to column at dwell start "
+              f"p50 {land['p50']:.1f} pm, p90 {land['p90']:.1f} pm ({land['n']} dwells)"
+              f"; written by ground truth {drift['written_truth']} of {drift['targets']}, "
+              f"{drift['skipped_uncertain']} skipped as uncertain")
     hint = ("; frames went missing: another consumer on the frame stream? (a PUSH socket deals its messages out "
             "among all its consumers)") if counters.get("gaps") or counters.get("unexpected") else ""
     print(f"stream: {counters['frames']} frames, {counters['rejected']} rejected, {counters['missing_frames']} missing;"
@@ -361,7 +468,8 @@ def check_options(*, rounds: int, shape: tuple[int, int], pixel_size_A: float, d
 def run(out: Path, *, rounds: int = 3, shape: tuple[int, int] = (256, 256), pixel_size_A: float = 0.15,
         dose_e_per_A2: float = 1e5, targets_per_frame: int = 4, seed: int = 0, current_pA: float = 50.0,
         trigger: str = "model", max_dwell_s: float = 2.0, quiet: bool = False,
-        interrupt: Callable[[], int] | None = None, trigger_at: str = "controller") -> dict:
+        interrupt: Callable[[], int] | None = None, trigger_at: str = "controller", drift_A_per_s: float = 0.0,
+        lock_on: str = "predict") -> dict:
     """Run the main job and return the report (also written to ``out/report.json``).
 
     Frames are written to ``out/run.h5`` as they are done, so a run that stops early (see ``outcome``)
@@ -398,6 +506,11 @@ def run(out: Path, *, rounds: int = 3, shape: tuple[int, int] = (256, 256), pixe
     trigger_at : {"controller", "service"}
         Where the trigger decides: at the simulated scan controller (it offers the shipped models), or in the
         service. The report's ``trigger.trigger_at`` says where it did.
+    drift_A_per_s : float
+        Specimen drift of the simulator, A/s (0: none, the simulator as before drift was modelled).
+    lock_on : {"none", "predict"}
+        The service's drift correction (:data:`beamloop.edge.service.LOCK_ON`); ``predict`` also scans two
+        frames first to measure the drift (``ExperimentConfig.drift_frames``).
 
     Returns
     -------
@@ -419,17 +532,26 @@ def run(out: Path, *, rounds: int = 3, shape: tuple[int, int] = (256, 256), pixe
     dwell_us, fov_nm = check_options(rounds=rounds, shape=shape, pixel_size_A=pixel_size_A,
                                      dose_e_per_A2=dose_e_per_A2, targets_per_frame=targets_per_frame,
                                      current_pA=current_pA, max_dwell_s=max_dwell_s)
+    from beamloop.edge.service import LOCK_ON
+
+    if not (isinstance(drift_A_per_s, (int, float)) and math.isfinite(drift_A_per_s) and 0 <= drift_A_per_s <= 100):
+        raise ValueError(f"--drift-A-per-s {drift_A_per_s!r} must be a number in [0, 100] A/s")
+    if lock_on not in LOCK_ON:
+        raise ValueError(f"--lock-on {lock_on!r} must be one of {', '.join(LOCK_ON)}")
     config = {"rounds": rounds, "shape": list(shape), "pixel_size_A": pixel_size_A, "dose_e_per_A2": dose_e_per_A2,
               "dwell_us": dwell_us, "targets_per_frame": targets_per_frame, "seed": seed, "current_pA": current_pA,
-              "trigger": trigger, "trigger_at": trigger_at}
+              "trigger": trigger, "trigger_at": trigger_at, "drift_A_per_s": drift_A_per_s, "lock_on": lock_on}
     exp_cfg = ExperimentConfig(rounds=rounds, shape=shape, fov_nm=fov_nm, dwell_us=dwell_us,
-                               targets_per_frame=targets_per_frame, max_dwell_s=max_dwell_s)
-    svc_cfg = ServiceConfig("MoS2", targets_per_frame=targets_per_frame, trigger=trigger, trigger_at=trigger_at)
+                               targets_per_frame=targets_per_frame, max_dwell_s=max_dwell_s,
+                               drift_frames=2 if lock_on == "predict" else 0)
+    svc_cfg = ServiceConfig("MoS2", targets_per_frame=targets_per_frame, trigger=trigger, trigger_at=trigger_at,
+                            lock_on=lock_on)
     out.mkdir(parents=True, exist_ok=True)
     rl = RunLog(out / "run.h5", config)
     outcome: dict = {"complete": False, "reason": "", "message": "", "signum": 0, "output_errors": []}
     records: list[RoundRecord] = []
     truth: dict[int, tuple] = {}
+    raw_truth: dict[int, dict] = {}
     events: list[dict] = []
     safety: dict = {}
     caps: dict = {}
@@ -441,7 +563,8 @@ def run(out: Path, *, rounds: int = 3, shape: tuple[int, int] = (256, 256), pixe
 
     try:
         proc, ends = start_simulator(["--frames", "tcp://127.0.0.1:*", "--control", "tcp://127.0.0.1:*",
-                                      "--seed", str(seed), "--current-pA", str(current_pA)])
+                                      "--seed", str(seed), "--current-pA", str(current_pA),
+                                      *(["--drift-A-per-s", repr(float(drift_A_per_s))] if drift_A_per_s else [])])
     except BaseException:
         rl.close(stopped="the simulator did not start")
         raise
@@ -458,8 +581,8 @@ def run(out: Path, *, rounds: int = 3, shape: tuple[int, int] = (256, 256), pixe
             def on_record(rec: RoundRecord) -> None:
                 records.append(rec)
                 try:
-                    truth[rec.index] = decode_ground_truth(bridge.call("sim_ground_truth",
-                                                                       frame_id=rec.scan.frame_id))
+                    raw_truth[rec.index] = g = bridge.call("sim_ground_truth", frame_id=rec.scan.frame_id)
+                    truth[rec.index] = decode_ground_truth(g)
                 except BridgeError as exc:
                     service.stats.note(f"no ground truth for frame {rec.scan.frame_id}: {exc}")
                 rl.add_frame(rec.image, rec.columns, pixel_size_A=rec.pixel_size_A, scan=rec.scan.as_dict(),
@@ -519,6 +642,7 @@ def run(out: Path, *, rounds: int = 3, shape: tuple[int, int] = (256, 256), pixe
         "accuracy_per_frame": [s.as_dict() for s in per_frame],
         "trigger": trig,
         "verification": {k: v for k, v in verify.items() if k != "target_xy_px"},
+        "drift": drift_section(records, raw_truth, events, service.drift_summary(), drift_A_per_s),
         "atoms_removed": {"parked": sum(e["type"] == "ejection" and e.get("cause") == "parked" for e in events),
                           "scan": sum(e["type"] == "ejection" and e.get("cause") == "scan" for e in events)},
         "stream_counters": counters,
@@ -556,7 +680,8 @@ def run(out: Path, *, rounds: int = 3, shape: tuple[int, int] = (256, 256), pixe
             output_error(RunLogError(exc.errno or 5, f"{out / 'overlay.png'}: {exc.strerror or exc}"))
     if not quiet:
         if records:
-            print_report(latency, accuracy, per_frame, trig, verify, events, counters, service.stats, out)
+            print_report(latency, accuracy, per_frame, trig, verify, events, counters, service.stats, out,
+                         report["drift"])
         sc = safety.get("counters", {})
         print(f"beam safety: {bridge.counters.heartbeats} heartbeats sent, watchdog trips {sc.get('watchdog_trips')}, "
               f"dwell-limit blanks {sc.get('dwell_limit_blanks')}, refused positions "
