@@ -580,9 +580,18 @@ class EdgeService:
         if not ok or lt <= 0:  # type: ignore[operator]
             lt = (scan.shape[1] * scan.dwell_us * 1e-6) if scan is not None else 0.0
             t0 = ev.recv_ns * 1e-9 - rows * lt
-        self.register.set_timing(float(t0), float(lt))  # type: ignore[arg-type]
+        self.frame_timing(scan, float(t0), float(lt))  # type: ignore[arg-type]
+
+    def frame_timing(self, scan: ScanFrame | None, t_start_s: float, line_time_s: float) -> None:
+        """The next frame (of ``scan``) was scanned from ``t_start_s`` (seconds, the service's clock) at
+        ``line_time_s`` per line: the register stage dates its measurement by it and :meth:`predict_target`
+        places the frame's targets by it (called by :meth:`next_frame`; for frames run through the path
+        directly, call it before :meth:`beamloop.edge.path.FramePath.run`). No effect without a register stage."""
+        if self.register is None:
+            return
+        self.register.set_timing(t_start_s, line_time_s)
         if scan is not None:
-            self._frame_times[scan.frame_id] = (scan, float(t0), float(lt))  # type: ignore[arg-type]
+            self._frame_times[scan.frame_id] = (scan, float(t_start_s), float(line_time_s))
             while len(self._frame_times) > FRAME_TIMES_KEPT:
                 self._frame_times.popitem(last=False)
 

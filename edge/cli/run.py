@@ -55,7 +55,8 @@ def register(sub) -> None:
     r.add_argument("--trigger", choices=trigger_names(), default="model", help=TRIGGER_HELP)
     add_trigger_at_argument(r)
     add_drift_argument(r)
-    add_lock_on_argument(r)
+    add_lock_on_argument(r, None, "predict with --drift-A-per-s above 0, none at 0 (the simulator then puts the "
+                              "probe on the column the frame showed)")
     r.add_argument("--max-dwell", type=parse_positive, default=2.0, help="longest dwell per target, seconds")
     r.add_argument("--quiet", action="store_true", help="no progress bar or report")
     r.set_defaults(func=cmd_run)

@@ -272,7 +272,8 @@ def drift_section(records: list[RoundRecord], raw: dict[int, dict], events: list
     dict
         ``drift_A_per_s`` (asked for), ``simulated`` (velocity and speed from the ground truth of the first
         and last frames, A/s; None without drift), ``estimate`` (the service's), ``landing_distance_pm``
-        (``p50``, ``p90``, ``mean``, ``n``: probe to target column at each dwell's start), ``written_truth``
+        (``p50``, ``p90``, ``mean``, ``n``: probe to target column at each dwell's start; each one in
+        ``landing_all_pm``), ``written_truth``
         (targets whose column holds at most one S atom in the verification frame's ground truth, of
         ``targets``), ``skipped_uncertain`` (dwells the uncertainty gate skipped).
     """
@@ -306,7 +307,7 @@ def drift_section(records: list[RoundRecord], raw: dict[int, dict], events: list
     n_targets = sum(len(rec.dwells) for rec in records[:-1]) if len(records) >= 2 else 0
     return {"drift_A_per_s": drift_A_per_s, "simulated": sim, "estimate": estimate,
             "landing_distance_pm": {"p50": pct(50), "p90": pct(90), "mean": float(arr.mean()) if len(arr) else
-                                    float("nan"), "n": len(arr)},
+                                    float("nan"), "n": len(arr)}, "landing_all_pm": dists,
             "written_truth": written, "targets": n_targets, "aimed": aimed,
             "fraction_written_truth": written / n_targets if n_targets else float("nan"),
             "skipped_uncertain": sum(d.reason == "uncertain" for rec in records for d in rec.dwells)}
@@ -469,7 +470,7 @@ def run(out: Path, *, rounds: int = 3, shape: tuple[int, int] = (256, 256), pixe
         dose_e_per_A2: float = 1e5, targets_per_frame: int = 4, seed: int = 0, current_pA: float = 50.0,
         trigger: str = "model", max_dwell_s: float = 2.0, quiet: bool = False,
         interrupt: Callable[[], int] | None = None, trigger_at: str = "controller", drift_A_per_s: float = 0.0,
-        lock_on: str = "predict") -> dict:
+        lock_on: str | None = None) -> dict:
     """Run the main job and return the report (also written to ``out/report.json``).
 
     Frames are written to ``out/run.h5`` as they are done, so a run that stops early (see ``outcome``)
@@ -508,9 +509,12 @@ def run(out: Path, *, rounds: int = 3, shape: tuple[int, int] = (256, 256), pixe
         service. The report's ``trigger.trigger_at`` says where it did.
     drift_A_per_s : float
         Specimen drift of the simulator, A/s (0: none, the simulator as before drift was modelled).
-    lock_on : {"none", "predict"}
+    lock_on : {"none", "predict"}, optional
         The service's drift correction (:data:`beamloop.edge.service.LOCK_ON`); ``predict`` also scans two
-        frames first to measure the drift (``ExperimentConfig.drift_frames``).
+        frames first to measure the drift (``ExperimentConfig.drift_frames``). Default: ``predict`` on a
+        drifting specimen, ``none`` at ``drift_A_per_s`` 0 (the simulator then keeps its per-frame stand-in scan
+        drift, random from frame to frame, and puts the probe on the column the frame showed: there is no motion
+        to predict, and the registration would read those frame-to-frame jumps as one; bench/results/drift.md).
 
     Returns
     -------
@@ -536,6 +540,8 @@ def run(out: Path, *, rounds: int = 3, shape: tuple[int, int] = (256, 256), pixe
 
     if not (isinstance(drift_A_per_s, (int, float)) and math.isfinite(drift_A_per_s) and 0 <= drift_A_per_s <= 100):
         raise ValueError(f"--drift-A-per-s {drift_A_per_s!r} must be a number in [0, 100] A/s")
+    if lock_on is None:
+        lock_on = "predict" if drift_A_per_s > 0 else "none"
     if lock_on not in LOCK_ON:
         raise ValueError(f"--lock-on {lock_on!r} must be one of {', '.join(LOCK_ON)}")
     config = {"rounds": rounds, "shape": list(shape), "pixel_size_A": pixel_size_A, "dose_e_per_A2": dose_e_per_A2,

@@ -3,9 +3,10 @@
 Each frame is registered against the previous frame of the run by phase correlation with a matrix-multiply
 DFT upsampling of the cross-power peak (M. Guizar-Sicairos, S. T. Thurman & J. R. Fienup, "Efficient
 subpixel image registration algorithms", Opt. Lett. 33, 156-158 (2008); scikit-image's
-``skimage.registration.phase_cross_correlation``), on mean-subtracted frames under a Hann window (the
-frame's edges, where content enters and leaves, would otherwise dominate). Unnormalised cross-correlation is
-used: whitening ("phase" normalisation) weights the shot noise of a lattice image as much as its Bragg
+``skimage.registration.phase_cross_correlation``), on mean-subtracted frames under a Tukey window of
+:data:`TUKEY_ALPHA` (the frame's edges, where content enters and leaves, would otherwise dominate; a Hann
+window weights the middle so much that the shift is biased by a few hundredths of a pixel). Unnormalised
+cross-correlation is used: whitening ("phase" normalisation) weights the shot noise of a lattice image as much as its Bragg
 peaks. A lattice image correlates almost as well at every lattice translation of the true shift, so on
 paths that give the lattice (``bonds``, MoS2) the measured shift is unwrapped: of the shift plus whole lattice
 vectors (up to :data:`UNWRAP_CELLS` each way), the one nearest the drift estimate's prediction for the time
@@ -36,6 +37,10 @@ if TYPE_CHECKING:
 
 UPSAMPLE_FACTOR = 20
 """Upsampling of the cross-correlation peak: registration to 1/20 pixel."""
+
+TUKEY_ALPHA = 0.3
+"""Fraction of each frame side that the registration window tapers (F. J. Harris, "On the use of windows for
+harmonic analysis with the discrete Fourier transform", Proc. IEEE 66, 51-83 (1978))."""
 
 UNWRAP_CELLS = 4
 """Lattice translations tried each way when unwrapping a shift (module docstring)."""
@@ -95,7 +100,9 @@ class Register(StageBase):
         if self._cur.shape != (rows, cols):
             self._prev = np.zeros((rows, cols), np.float32)
             self._cur = np.zeros((rows, cols), np.float32)
-            self._window = np.outer(np.hanning(rows), np.hanning(cols)).astype(np.float32)
+            from scipy.signal.windows import tukey
+
+            self._window = np.outer(tukey(rows, TUKEY_ALPHA), tukey(cols, TUKEY_ALPHA)).astype(np.float32)
             self._have_prev = False
 
     def reset(self) -> None:
