@@ -7,8 +7,8 @@ subpixel image registration algorithms", Opt. Lett. 33, 156-158 (2008); scikit-i
 :data:`TUKEY_ALPHA` (the frame's edges, where content enters and leaves, would otherwise dominate; a Hann
 window weights the middle so much that the shift is biased by a few hundredths of a pixel). Unnormalised
 cross-correlation is used: whitening ("phase" normalisation) weights the shot noise of a lattice image as much
-as its Bragg peaks (here it misregistered frames by up to tens of pixels). A lattice image correlates almost as well at every lattice translation of the true shift, so on
-paths that give the lattice (``bonds``, MoS2) the measured shift is unwrapped: of the shift plus whole lattice
+as its Bragg peaks (here it misregistered frames by up to tens of pixels). A lattice image correlates almost
+as well at every lattice translation of the true shift, so on paths that give the lattice (``bonds``, MoS2) the measured shift is unwrapped: of the shift plus whole lattice
 vectors (up to :data:`UNWRAP_CELLS` each way), the one nearest the drift estimate's prediction for the time
 between the two frames is taken (the estimate's velocity times that time; zero before a velocity is known, so
 the first two frames of a run must be scanned within half a lattice period of drift of each other). The
