@@ -1,25 +1,26 @@
 """Frame stage ``register``: sub-pixel frame-to-frame shift and the specimen-drift estimate.
 
-Each frame is registered against the previous frame of the run by phase correlation with a matrix-multiply
-DFT upsampling of the cross-power peak (M. Guizar-Sicairos, S. T. Thurman & J. R. Fienup, "Efficient
-subpixel image registration algorithms", Opt. Lett. 33, 156-158 (2008); scikit-image's
+Each frame is registered against the previous frame of the run by phase correlation with a matrix-multiply DFT
+upsampling of the cross-power peak (M. Guizar-Sicairos, S. T. Thurman & J. R. Fienup, "Efficient subpixel
+image registration algorithms", Opt. Lett. 33, 156-158 (2008); scikit-image's
 ``skimage.registration.phase_cross_correlation``), on mean-subtracted frames under a Tukey window of
 :data:`TUKEY_ALPHA` (the frame's edges, where content enters and leaves, would otherwise dominate; a Hann
 window weights the middle so much that the shift is biased by a few hundredths of a pixel). Unnormalised
 cross-correlation is used: whitening ("phase" normalisation) weights the shot noise of a lattice image as much
 as its Bragg peaks (here it misregistered frames by up to tens of pixels). A lattice image correlates almost
-as well at every lattice translation of the true shift, so on paths that give the lattice (``bonds``, MoS2) the measured shift is unwrapped: of the shift plus whole lattice
-vectors (up to :data:`UNWRAP_CELLS` each way), the one nearest the drift estimate's prediction for the time
-between the two frames is taken (the estimate's velocity times that time; zero before a velocity is known, so
-the first two frames of a run must be scanned within half a lattice period of drift of each other). The
-shifts add up to the specimen's displacement since the first frame, which feeds a
-:class:`beamloop.edge.analysis.drift.DriftEstimator` at the frame's middle time (the service tells the stage
-each frame's timing, :meth:`Register.set_timing`, from the stream's metadata).
+as well at every lattice translation of the true shift, so on paths that give the lattice (``bonds``, MoS2)
+the measured shift is unwrapped: of the shift plus whole lattice vectors (up to :data:`UNWRAP_CELLS` each
+way), the one nearest the drift estimate's prediction for the time between the two frames is taken (the
+estimate's velocity times that time; zero before a velocity is known, so the first two frames of a run must be
+scanned within half a lattice period of drift of each other). The shifts add up to the specimen's displacement
+since the first frame, which feeds a :class:`beamloop.edge.analysis.drift.DriftEstimator` at the frame's
+middle time (the service tells the stage each frame's timing, :meth:`Register.set_timing`, from the stream's
+metadata).
 
 Writes ``extras["drift"]``: ``shift_px`` (this frame's content moved by, against the previous, ``(dx, dy)``
 pixels), ``displacement_px`` and ``displacement_A`` (since the first frame: pixels of this frame's scan,
 lab-frame Angstrom), ``t_mid_s``, ``velocity_A_per_s``, ``velocity_sigma_A_per_s``, ``error`` (the
-registration's own error estimate) and ``frames``.
+registration's own error estimate), ``frames`` and ``unwrapped`` (shifts moved by whole lattice vectors so far).
 """
 
 from __future__ import annotations
