@@ -52,8 +52,9 @@ class BeamLogEntry:
     result: dict = field(default_factory=dict)
 
 
-LOG_LIMIT = 100_000
-"""Beam-log entries a :class:`BridgeClient` keeps by default (the newest)."""
+LOG_LIMIT = 20_000
+"""Beam-log entries a :class:`BridgeClient` keeps by default (the newest; ~2.5 KiB each with its arguments and
+result, so at most ~50 MiB: the last ~2500 frames of the main job)."""
 
 
 @dataclass
