@@ -6,7 +6,7 @@
 - ``beamloop record tcp://DCU:9999 --out DIR [--format hdf5|zarr] [--prefix NAME] [--frames-per-file N]``:
   lossless recording of every channel to HDF5 (DECTRIS layout, bitshuffle-LZ4) or Zarr; prints one JSON line
   per flush (``{"event": "flushed", "frames": N, ...}``): those frames survive any crash of the recorder.
-- ``beamloop stream SOURCE --bind tcp://*:9999 [--protocol simplon1|stream2|merlin] [--rate HZ]``: act as a
+- ``beamloop stream SOURCE --bind tcp://127.0.0.1:9999 [--protocol simplon1|stream2|merlin] [--rate HZ]``: act as a
   detector: replay a recording (``*_master.h5``, every channel with Stream V2; bitshuffle-LZ4 chunks are sent
   as they are stored; or ``*.zarr``), or with ``SOURCE = sim4d`` a simulated 4D-STEM scan.
 
@@ -29,6 +29,9 @@ import numpy as np
 
 from beamloop.streams._cliargs import parse_positive, parse_shape
 from beamloop.streams.receivers import PROTOCOL_NAMES
+
+EXIT_OUTPUT = 6
+"""Exit status when the output cannot be written (the value ``beamloop`` uses for every command)."""
 
 PROTOCOLS = PROTOCOL_NAMES
 """Protocols the commands offer (``--protocol``): the receiver registry's (:mod:`beamloop.streams.receivers`)."""
@@ -119,7 +122,8 @@ def register(subparsers, *, live_imager: LiveImagerFactory | None = None,
     p = subparsers.add_parser("stream", help="act as a DECTRIS detector: replay a recording or simulate 4D-STEM")
     p.add_argument("source", help="a *_master.h5 recording, or 'sim4d' for a simulated 4D-STEM scan")
     p.add_argument("--bind", default=None,
-                   help="endpoint to bind (default tcp://*:9999 v1, tcp://*:31001 V2, tcp://*:6342 merlin)")
+                   help="endpoint to bind (default loopback: tcp://127.0.0.1:9999 v1, :31001 V2, :6342 merlin; "
+                        "tcp://*:PORT serves other machines)")
     p.add_argument("--protocol", choices=PROTOCOLS, default="simplon1")
     p.add_argument("--compression", choices=("bslz4", "lz4", "none"), default="bslz4",
                    help="encoding of simulated frames (recordings are sent bitshuffle-LZ4 as stored)")
@@ -245,12 +249,18 @@ def _write_outputs(out: Path, counters: dict, imagers: dict[str, LiveImager]) ->
 def cmd_record(a: argparse.Namespace) -> int:
     """``beamloop record``: record every channel of a detector stream losslessly to HDF5 (DECTRIS layout) or
     Zarr; exit status."""
-    from beamloop.streams.dectris.recorder import make_recorder, record
+    from beamloop.streams._disk import check_writable
+    from beamloop.streams.dectris.recorder import RecorderError, make_recorder, record
     from beamloop.streams.receivers import open_receiver
 
     if a.frames_per_file < 1:
         print("--frames-per-file must be >= 1", file=sys.stderr)
         return 2
+    try:
+        check_writable(a.out)  # before listening: a detector's series must not start into a folder we cannot use
+    except OSError as exc:
+        print(f"beamloop record: error: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_OUTPUT
     stop = _Stop()
     count = [0]
 
@@ -270,7 +280,12 @@ def cmd_record(a: argparse.Namespace) -> int:
                                  counters=rx.counters.as_dict)
 
         emit("listening", endpoint=rx.endpoint, protocol=a.protocol, format=fmt)
-        masters = record(rx, factory, stop=stop, series_limit=a.series or None)
+        try:
+            masters = record(rx, factory, stop=stop, series_limit=a.series or None)
+        except RecorderError as exc:
+            emit("stopped", error=str(exc), counters=rx.counters.as_dict())
+            print(f"beamloop record: error: {exc}; the frames flushed before are readable", file=sys.stderr)
+            return EXIT_OUTPUT
         emit("done", masters=[str(m) for m in masters], counters=rx.counters.as_dict())
     return 0
 
@@ -284,7 +299,8 @@ def cmd_stream(a: argparse.Namespace) -> int:
     recording, or ``sim4d`` without a simulator registered)."""
     from beamloop.streams.dectris import codecs
 
-    endpoint = a.bind or {"simplon1": "tcp://*:9999", "stream2": "tcp://*:31001", "merlin": "tcp://*:6342"}[a.protocol]
+    endpoint = a.bind or {"simplon1": "tcp://127.0.0.1:9999", "stream2": "tcp://127.0.0.1:31001",
+                          "merlin": "tcp://127.0.0.1:6342"}[a.protocol]  # loopback unless --bind says otherwise
     blobs = None  # channel -> iterator of stored bslz4 chunks (HDF5 recordings, sent as they are stored)
     if a.source == "sim4d":
         if a.sim4d_source is None:

@@ -322,3 +322,32 @@ def test_stream_replays_every_channel_of_a_recording(tmp_path, fmt):
     assert rc == [0] and ev.series.channels == CHANNELS
     for ch in CHANNELS:
         assert np.array_equal(np.concatenate(got[ch]), frames[ch]), ch
+
+
+def test_a_full_disk_stops_the_recording_cleanly_and_keeps_what_fitted(tmp_path, monkeypatch):
+    """The space left shrinks with what is written (a 400 kB disk): the recorder stops with an error naming the
+    file before HDF5 meets the full disk, the frames before stay readable bit-exact, no part file is left."""
+    from beamloop.streams.dectris import recorder as rec_mod
+
+    disk = 400_000
+
+    def space_left(folder, file=None):
+        return disk - sum(p.stat().st_size for p in Path(folder).iterdir() if p.is_file())
+
+    monkeypatch.setattr(rec_mod, "space_left", space_left)
+    frames = make_frames(400)
+    with SimplonSender("tcp://127.0.0.1:0") as tx, pytest.raises(rec_mod.RecorderError, match="no space left") as err:
+        record_series(tmp_path, tx, frames, frames_per_file=20, reserve_bytes=64_000)
+    assert err.value.errno == 28 and "scan_data_" in str(err.value)
+    got, ids = read_frames(tmp_path / "scan_master.h5")
+    assert 0 < len(got) < 400 and np.array_equal(got, frames[: len(got)]) and np.array_equal(ids, np.arange(len(got)))
+    assert not list(tmp_path.glob("*.part"))
+
+
+def test_record_refuses_a_folder_it_cannot_write_before_listening(tmp_path, capsys):
+    from beamloop.edge.cli import main
+
+    (tmp_path / "a_file").write_text("")  # a folder under a file cannot be made (whoever runs the test)
+    ro = tmp_path / "a_file" / "rec"
+    assert main(["record", "tcp://127.0.0.1:1", "--out", str(ro)]) == 6
+    assert "cannot write there" in capsys.readouterr().err

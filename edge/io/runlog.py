@@ -42,6 +42,7 @@ import numpy as np
 
 from beamloop.edge.control.client import BeamLogEntry
 from beamloop.edge.frame.columns import ColumnTable
+from beamloop.streams._disk import space_left
 
 RESERVE_BYTES = 256 * 1024
 """Space kept free for closing the file (its metadata), bytes."""
@@ -56,18 +57,6 @@ class RunLogError(OSError):
 
 def _json(obj) -> str:
     return json.dumps(obj, default=lambda o: o.tolist() if isinstance(o, np.ndarray) else str(o))
-
-
-def space_left(folder: Path) -> int:
-    """Bytes this process may still write under ``folder``: the file system's free space for unprivileged
-    users (``statvfs`` ``f_bavail``), at most the soft ``RLIMIT_FSIZE`` (a per-file limit, counted here as if
-    for the whole file)."""
-    st = os.statvfs(folder)
-    left = st.f_bavail * st.f_frsize
-    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
-    if soft != resource.RLIM_INFINITY:
-        left = min(left, int(soft))
-    return int(left)
 
 
 class RunLog:

@@ -38,10 +38,18 @@ file. Only then are the frames reported as flushed (:attr:`Recorder.flushed`, th
 and the ``{"event": "flushed", ...}`` lines of ``beamloop record``). A recorder killed at any instant, even
 with SIGKILL, leaves a master and data files in which every reported frame is readable and intact; at
 most the frames of the one open ``.part`` file are lost, and those were never reported.
+
+Disk safety. Before every chunk, data file and master the recorder checks the space it may still write
+(:func:`beamloop.streams._disk.space_left`: free space and ``RLIMIT_FSIZE``) against twice the write plus a
+reserve for closing the file. When it does not fit, the open data file is closed with what it holds (and
+reported flushed), the master is written, and :class:`RecorderError` names the file: the recording stays
+readable up to the last frame that fitted. (Letting HDF5 meet the full disk instead left a corrupt file and
+crashed the process in h5py's clean-up.)
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -54,6 +62,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from beamloop.streams._disk import space_left
 from beamloop.streams.dectris import codecs
 from beamloop.streams.dectris.series import DetectorSeries, FrameStack, SeriesEnd, SeriesStart
 from beamloop.streams.errors import ProtocolError
@@ -120,6 +129,15 @@ def _fsync_dir(path: Path) -> None:
         pass
 
 
+RESERVE_BYTES = 256 * 1024
+"""Space kept free for closing a data file and writing the master, bytes."""
+
+
+class RecorderError(OSError):
+    """The recording stopped: no space left or the file-size limit (``errno`` ENOSPC / EFBIG), or a write that
+    failed; the text names the file. Everything flushed before stays readable."""
+
+
 class Recorder:
     """Writes the frames of one detector series to ``<directory>/<prefix>_master.h5`` and data files.
 
@@ -139,15 +157,20 @@ class Recorder:
     counters : callable() -> dict, optional
         Receiver counters to store in the master at each flush.
 
+    reserve_bytes : int
+        Space kept free for closing the files (:data:`RESERVE_BYTES`).
+
     Raises
     ------
     FileExistsError
         A master with this prefix exists already (recordings are never overwritten).
+    RecorderError
+        From :meth:`start` and :meth:`write`: the disk is full (see the module docstring).
     """
 
     def __init__(self, directory: str | Path, prefix: str = "series", *, frames_per_file: int = 1000,
                  max_file_seconds: float = 1.0, on_flush: Callable[[int, dict], None] | None = None,
-                 counters: Callable[[], dict] | None = None) -> None:
+                 counters: Callable[[], dict] | None = None, reserve_bytes: int = RESERVE_BYTES) -> None:
         import hdf5plugin  # noqa: F401  registers the bitshuffle filter with h5py
 
         if frames_per_file < 1 or not max_file_seconds > 0:
@@ -175,6 +198,43 @@ class Recorder:
         self._opened = 0.0
         self._scratch: np.ndarray | None = None
         self._ended = False
+        self.reserve_bytes = int(reserve_bytes)
+        self.error = ""
+
+    def _check_space(self, what: Path, nbytes: int) -> None:
+        """Raise :class:`RecorderError` unless ``2 * nbytes`` plus the reserve fit (module docstring)."""
+        try:
+            left = space_left(self.directory, what if what.exists() else None)
+        except OSError:
+            return  # nothing to tell; the write itself will say
+        need = 2 * int(nbytes) + self.reserve_bytes
+        if left < need:
+            raise RecorderError(errno.ENOSPC, f"{what}: no space left (disk full or the file-size limit): "
+                                              f"{left} bytes left, {need} needed with the reserve for closing")
+
+    def _stop(self, exc: OSError, what: Path) -> RecorderError:
+        """Close what is open with the frames it holds, write the master; the error to raise."""
+        err = exc if isinstance(exc, RecorderError) else RecorderError(
+            exc.errno or errno.EIO, f"{what}: write failed ({exc.strerror or exc})")
+        self.error = str(err)
+        if self._h5 is not None and isinstance(exc, RecorderError):  # refused before writing: the file is sound
+            if self._fill:
+                self._close_file()
+            else:
+                self._discard_file()
+        elif self._h5 is not None:  # HDF5 met the error itself: the part file is not to be trusted
+            try:
+                self._h5.close()
+            except Exception:  # noqa: BLE001 - closing a damaged file; it is removed next
+                pass
+            self._h5 = None
+            self._part.unlink(missing_ok=True)
+        self._ended = True
+        try:
+            self._write_master()
+        except OSError:
+            pass  # the master of the last flush stays in place
+        return err
 
     # series ------------------------------------------------------------------------------------------------
     def start(self, series: DetectorSeries) -> None:
@@ -203,29 +263,45 @@ class Recorder:
         """
         if self.series is None:
             raise RuntimeError("write() before start()")
+        if self._ended:
+            raise RecorderError(errno.EIO, f"{self.directory}: the recording stopped earlier ({self.error})")
         chans = [(stack.channels[ch], self._names[ch]) for ch in self.series.channels]
         direct = [c.codec.algorithm == codecs.BSLZ4 and not c.codec.big_endian for c, _ in chans]
+        frame_bytes = int(np.prod(self.series.shape)) * np.dtype(self.series.dtype).itemsize * len(chans)
         for i in range(len(stack)):
-            if self._h5 is None:
-                self._open_file()
-            k = self._fill
-            for (ch, name), raw in zip(chans, direct):
-                blob = ch.blob(i)
-                if not raw:
-                    if ch.frames is not None:
-                        frame = ch.frames[i]
-                    else:
-                        codecs.decode_into(blob, ch.codec, self._scratch)
-                        frame = self._scratch
-                    blob = codecs.encode(np.ascontiguousarray(frame),
-                                         codecs.Codec(codecs.BSLZ4, frame.dtype.itemsize))
-                self._dsets[name].id.write_direct_chunk((k, 0, 0), blob)
-            self._ids[k] = stack.image_ids[i]
-            self._fill = k + 1
-            self.written += 1
+            target = self._part if self._h5 is not None else self.directory / (
+                self._data_name(len(self._files) + 1) + ".part")
+            try:
+                self._check_space(target, frame_bytes + (65536 if self._h5 is None else 0))
+                if self._h5 is None:
+                    self._open_file()
+                self._write_frame(stack, i, chans, direct)
+            except OSError as exc:
+                raise self._stop(exc, target) from None
             if self._fill == self.frames_per_file:
-                self._close_file()
+                try:
+                    self._close_file()
+                except OSError as exc:
+                    raise self._stop(exc, target) from None
         self.tick()
+
+    def _write_frame(self, stack: FrameStack, i: int, chans: list, direct: list[bool]) -> None:
+        """Frame ``i`` of ``stack``, every channel, into the open data file."""
+        k = self._fill
+        for (ch, name), raw in zip(chans, direct):
+            blob = ch.blob(i)
+            if not raw:
+                if ch.frames is not None:
+                    frame = ch.frames[i]
+                else:
+                    codecs.decode_into(blob, ch.codec, self._scratch)
+                    frame = self._scratch
+                blob = codecs.encode(np.ascontiguousarray(frame),
+                                     codecs.Codec(codecs.BSLZ4, frame.dtype.itemsize))
+            self._dsets[name].id.write_direct_chunk((k, 0, 0), blob)
+        self._ids[k] = stack.image_ids[i]
+        self._fill = k + 1
+        self.written += 1
 
     def tick(self) -> None:
         """Close the open data file if it has been open longer than ``max_file_seconds`` (call when idle)."""
@@ -233,7 +309,10 @@ class Recorder:
             self._close_file()
 
     def end(self, frames_announced: int | None = None) -> None:
-        """Finish the series: close the open data file and write the final master."""
+        """Finish the series: close the open data file and write the final master (nothing more after a
+        :class:`RecorderError`: the recording was closed then)."""
+        if self.error:
+            return
         if self._h5 is not None:
             if self._fill:
                 self._close_file()
