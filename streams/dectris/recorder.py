@@ -133,6 +133,37 @@ RESERVE_BYTES = 256 * 1024
 """Space kept free for closing a data file and writing the master, bytes."""
 
 
+def init_recording(rec, directory: str | Path, master_name: str, frames_per_file: int, max_file_seconds: float,
+                   on_flush: Callable[[int, dict], None] | None, counters: Callable[[], dict] | None) -> None:
+    """The settings every recorder (HDF5 :class:`Recorder`, Zarr) starts with, set on ``rec``.
+
+    Sets ``directory`` (created), ``master_path`` (``directory / master_name``), ``frames_per_file``,
+    ``max_file_seconds``, ``on_flush``, ``counters``, ``series`` (None), ``flushed`` and ``written`` (0).
+
+    Raises
+    ------
+    ValueError
+        ``frames_per_file`` < 1 or ``max_file_seconds`` <= 0.
+    FileExistsError
+        The master exists already (recordings are never overwritten).
+    """
+    if frames_per_file < 1 or not max_file_seconds > 0:
+        raise ValueError(f"frames_per_file must be >= 1 and max_file_seconds > 0, got {frames_per_file}, "
+                         f"{max_file_seconds}")
+    rec.directory = Path(directory)
+    rec.directory.mkdir(parents=True, exist_ok=True)
+    rec.master_path = rec.directory / master_name
+    if rec.master_path.exists():
+        raise FileExistsError(f"{rec.master_path} exists; choose another prefix or directory")
+    rec.frames_per_file = int(frames_per_file)
+    rec.max_file_seconds = float(max_file_seconds)
+    rec.on_flush = on_flush
+    rec.counters = counters
+    rec.series = None
+    rec.flushed = 0
+    rec.written = 0
+
+
 class RecorderError(OSError):
     """The recording stopped: no space left or the file-size limit (``errno`` ENOSPC / EFBIG), or a write that
     failed; the text names the file. Everything flushed before stays readable."""
@@ -173,22 +204,9 @@ class Recorder:
                  counters: Callable[[], dict] | None = None, reserve_bytes: int = RESERVE_BYTES) -> None:
         import hdf5plugin  # noqa: F401  registers the bitshuffle filter with h5py
 
-        if frames_per_file < 1 or not max_file_seconds > 0:
-            raise ValueError(f"frames_per_file must be >= 1 and max_file_seconds > 0, got {frames_per_file}, "
-                             f"{max_file_seconds}")
-        self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
         self.prefix = prefix
-        self.master_path = self.directory / f"{prefix}_master.h5"
-        if self.master_path.exists():
-            raise FileExistsError(f"{self.master_path} exists; choose another prefix or directory")
-        self.frames_per_file = int(frames_per_file)
-        self.max_file_seconds = float(max_file_seconds)
-        self.on_flush = on_flush
-        self.counters = counters
         self.series: DetectorSeries | None = None
-        self.flushed = 0
-        self.written = 0
+        init_recording(self, directory, f"{prefix}_master.h5", frames_per_file, max_file_seconds, on_flush, counters)
         self._files: list[dict] = []  # finished data files
         self._h5: h5py.File | None = None
         self._dsets: dict = {}

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from beamloop.streams.dectris import codecs
-from beamloop.streams.dectris.recorder import dataset_names
+from beamloop.streams.dectris.recorder import dataset_names, init_recording
 from beamloop.streams.dectris.series import DetectorSeries, FrameStack
 
 log = logging.getLogger(__name__)
@@ -92,22 +92,9 @@ class ZarrRecorder:
         if chunk_frames < 1:
             raise ValueError(f"chunk_frames must be >= 1, got {chunk_frames}")
         self.chunk_frames = int(chunk_frames)
-        if frames_per_file < 1 or not max_file_seconds > 0:
-            raise ValueError(f"frames_per_file must be >= 1 and max_file_seconds > 0, got {frames_per_file}, "
-                             f"{max_file_seconds}")
-        self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
         self.prefix = prefix
-        self.master_path = self.directory / f"{prefix}.zarr"
-        if self.master_path.exists():
-            raise FileExistsError(f"{self.master_path} exists; choose another prefix or directory")
-        self.frames_per_file = int(frames_per_file)
-        self.max_file_seconds = float(max_file_seconds)
-        self.on_flush = on_flush
-        self.counters = counters
         self.series: DetectorSeries | None = None
-        self.flushed = 0
-        self.written = 0
+        init_recording(self, directory, f"{prefix}.zarr", frames_per_file, max_file_seconds, on_flush, counters)
         self.decode_errors = 0
         self._root = None
         self._arrays: dict = {}
