@@ -15,7 +15,8 @@ Drift correction (:data:`LOCK_ON`): with lock-on ``predict`` the frame path regi
 the previous one (:class:`beamloop.edge.stages.register.Register`, told each frame's scan timing from the
 stream's metadata: ``t_start_s`` and ``line_time_s`` where the controller states them, else the receipt time),
 and :meth:`EdgeService.dwell` sends the probe where the drift estimate says the target is now: shifted by the
-predicted drift from the time its scan line was acquired to the service's clock at ``set_probe``. A target
+predicted drift from the time its scan line was acquired to the service's clock at ``set_probe``, and asks the
+controller to move it on at the estimated drift velocity while it is parked (``set_probe``'s ``track``). A target
 whose predicted position is more uncertain than ``max_drift_sigma_A`` is skipped (reason ``uncertain``).
 With ``none`` the probe goes where the frame showed the target.
 
@@ -615,6 +616,21 @@ class EdgeService:
         fx, fy = scan.fraction_of_specimen(x + dx, y + dy)
         return (float(fx), float(fy)), (dx, dy), sigma
 
+    def _track_rate(self, frame_id: int) -> tuple[float, float] | None:
+        """The estimated drift velocity in fractions of frame ``frame_id`` per second (``set_probe``'s
+        ``track``), or None when it is unknown or faster than the bridge takes."""
+        from beamloop.edge.control.protocol import MAX_TRACK_PER_S
+
+        info = self._frame_times.get(frame_id)
+        if info is None or self.register is None or self.register.estimator.updates < 2:
+            return None
+        scan = info[0]
+        vx, vy = self.register.estimator.velocity_A_per_s
+        f0 = scan.fraction_of_specimen(0.0, 0.0)
+        f1 = scan.fraction_of_specimen(vx, vy)
+        rate = (float(f1[0] - f0[0]), float(f1[1] - f0[1]))
+        return rate if max(abs(rate[0]), abs(rate[1])) <= MAX_TRACK_PER_S else None
+
     def drift_summary(self) -> dict:
         """The drift estimate for a report: ``lock_on``, the estimator's figures (None without a register
         stage), and frames the policy's uncertainty gate left without targets."""
@@ -742,8 +758,11 @@ class EdgeService:
                 res.reason = "uncertain"
                 res.error = f"predicted position uncertain ({res.predicted_sigma_A:.3g} A)"
                 return res
+        track = None
+        if res.placed is not None and self.register is not None:  # follow the drift while parked
+            track = self._track_rate(target.frame_id)
         try:
-            self.bridge.set_probe(fx, fy, target.frame_id)
+            self.bridge.set_probe(fx, fy, target.frame_id, **({} if track is None else {"track": track}))
             res.set_probe_reply_ns = time.monotonic_ns()
             if self.trigger_at == "controller":
                 self._arm_controller(res, expected_rate)

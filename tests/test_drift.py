@@ -262,3 +262,35 @@ def test_main_job_keeps_the_beam_on_a_drifting_specimen(tmp_path):
     assert d["simulated"]["speed_A_per_s"] == pytest.approx(0.5, abs=0.05)
     assert d["estimate"]["estimate"]["speed_A_per_s"] == pytest.approx(0.5, abs=0.1)
     assert d["landing_distance_pm"]["p50"] <= 20.0 and d["written_truth"] >= 0.8 * d["targets"] > 0
+
+
+def test_tracking_keeps_the_parked_probe_on_a_drifting_column():
+    """``track_probe`` (``set_probe``'s ``track``) at the drift's rate: the probe follows the column."""
+    clock = HandClock()
+    b = drifting(clock, speed=1.0, direction=0.0)
+    scan = scan_of(0)
+    acquire(b, scan)
+    col, xy = target_column(b, 0)
+    t_line = b.frames[0].t_start_s + (xy[1] + 0.5) * (scan.shape[1] * scan.dwell_us + 20.0) * 1e-6
+    clock.t += 1.0
+    fx, fy = scan.fraction_of_pixel(xy[0] + 1.0 / 0.15 * (clock.t - t_line), xy[1])  # where it is now
+    b.park(float(fx), float(fy), 0)
+    assert b.track_probe(1.0 / (scan.fov_nm[1] * 10), 0.0) == pytest.approx((1.0 / (scan.fov_nm[1] * 10), 0.0))
+    rest = b.specimen.xy[col]
+    for _ in range(3):
+        clock.t += 0.5
+        x, y = b.probe_rest_A(np.array([clock.t]))
+        assert 100 * math.hypot(x[0] - rest[0], y[0] - rest[1]) < 3.0
+    b.park(float(fx), float(fy), 0)  # back where it was aimed 1.5 s ago, untracked: 3 s of drift off 1.5 s later
+    clock.t += 1.5
+    x, y = b.probe_rest_A(np.array([clock.t]))
+    assert math.hypot(x[0] - rest[0], y[0] - rest[1]) == pytest.approx(3.0, abs=0.05)
+
+
+def test_set_probe_track_is_checked():
+    from beamloop.edge.control.protocol import BridgeError, check_track
+
+    assert check_track([0.01, -0.02]) == (0.01, -0.02)
+    for bad in ([0.5, 0.0], [math.nan, 0.0], "fast", [0.01], [True, 0.0]):
+        with pytest.raises(BridgeError, match="track"):
+            check_track(bad)

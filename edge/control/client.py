@@ -29,7 +29,7 @@ from typing import Any
 import zmq
 
 from beamloop.edge.control.keys import ClientKeys, secure_client_socket
-from beamloop.edge.control.protocol import BridgeError, BridgeTimeout, decode_reply, encode_request
+from beamloop.edge.control.protocol import BridgeError, BridgeTimeout, check_track, decode_reply, encode_request
 from beamloop.edge.frame.scanframe import BeamPositionError, ScanFrame, check_fraction
 
 
@@ -329,8 +329,10 @@ class BridgeClient:
             raise BeamPositionError("stale_frame", f"position refers to frame {frame_id}, current frame is {current}")
         return fx, fy
 
-    def set_probe(self, x: float, y: float, frame_id: int) -> dict:
-        """Park the probe at fractions ``(x, y)`` of frame ``frame_id``.
+    def set_probe(self, x: float, y: float, frame_id: int, track: tuple[float, float] | None = None) -> dict:
+        """Park the probe at fractions ``(x, y)`` of frame ``frame_id``; with ``track`` (fractions of the frame
+        per second, :func:`beamloop.edge.control.protocol.check_track`) the controller moves it on at that
+        rate (drift compensation; its reply's ``applied.track`` is None when it cannot).
 
         Returns the reply, whose ``applied`` map echoes the position and frame the controller used.
 
@@ -347,7 +349,9 @@ class BridgeClient:
         except BeamPositionError as exc:
             self._refuse("set_probe", {"x": x, "y": y, "frame_id": frame_id}, exc)
             raise
-        return self.call("set_probe", x=fx, y=fy, frame_id=int(frame_id))
+        if track is None:
+            return self.call("set_probe", x=fx, y=fy, frame_id=int(frame_id))
+        return self.call("set_probe", x=fx, y=fy, frame_id=int(frame_id), track=list(check_track(track)))
 
     def blank(self, on: bool) -> dict:
         """Blank (``True``) or unblank (``False``) the beam; returns ``{"blanked": bool}`` (and what else the

@@ -69,6 +69,7 @@ from beamloop.edge.control.protocol import (
     BridgeError,
     ScanLimits,
     check_channels,
+    check_track,
     parse_acquire_frame,
 )
 from beamloop.edge.control.safety import BeamSafety, SafetyLimits, fraction_pair
@@ -395,6 +396,15 @@ class ParkedProbe(Protocol):
 
 
 @runtime_checkable
+class TrackingProbe(Protocol):
+    """A backend that moves the parked probe on at a set rate (drift compensation, ``set_probe``'s ``track``)."""
+
+    def track_probe(self, vx: float, vy: float) -> tuple[float, float]:
+        """Move the probe parked last at ``(vx, vy)`` fractions of its frame per second from now on (kept
+        inside the frame; zero: stay); returns the rate applied."""
+
+
+@runtime_checkable
 class PointProbe(Protocol):
     """A backend that measures one value at a point of the current frame (the beam already unblanked)."""
 
@@ -523,6 +533,7 @@ class ScanController:
         self._parked = stream if self._parked_probe is not None else None
         self._point_probe = backend if self._parked is None and isinstance(backend, PointProbe) else None
         self._trigger_probe = backend if self._parked is not None and isinstance(backend, TriggerProbe) else None
+        self._tracking_probe = backend if isinstance(backend, TrackingProbe) else None
         self._trigger_models = {} if self._trigger_probe is None else dict(self._trigger_probe.trigger_models())
         if self._trigger_probe is not None and not self._trigger_models:
             self._trigger_probe = None  # a trigger without models is no trigger
@@ -811,11 +822,16 @@ class ScanController:
     def _set_probe(self, args: dict) -> dict:
         self._check_idle()
         fx, fy, fid = self._check_position(args)
+        track = check_track(args["track"]) if args.get("track") is not None else None
         self._end_dwell("moved")
         ax, ay = self._park(fx, fy, fid)
+        applied: dict = {"x": ax, "y": ay, "frame_id": fid}
+        if track is not None:  # a backend that cannot track says so: the probe stays where it was put
+            applied["track"] = (list(self._tracking_probe.track_probe(*track)) if self._tracking_probe is not None
+                                else None)
         if not self.blanked:
             self._start_dwell(None)
-        return {"applied": {"x": ax, "y": ay, "frame_id": fid}, "blanked": self.blanked}
+        return {"applied": applied, "blanked": self.blanked}
 
     def _stop(self, args: dict) -> dict:
         """``stop``: end a running point queue and a parked series, and blank the beam."""

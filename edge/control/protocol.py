@@ -13,7 +13,9 @@ blanking, point lists.
 ``get_state``          current frame id, probe state (``idle``, ``scanning``, ``parked``), blanking
 ``acquire_frame``      ``shape [rows, cols]``, ``fov_nm [h, w]``, ``dwell_us``, ``channels``: scan a
                        frame; its id names the frame that later positions refer to
-``set_probe``          ``x``, ``y`` (fractions of the frame), ``frame_id``: park the probe there
+``set_probe``          ``x``, ``y`` (fractions of the frame), ``frame_id``: park the probe there; optional
+                       ``track [vx, vy]`` (fractions of the frame per second, at most
+                       :data:`MAX_TRACK_PER_S`): move it on at that rate (drift compensation) until moved
 ``blank``              ``on``: blank (true) or unblank (false) the beam
 ``heartbeat``          no arguments: the client is alive (feeds the controller's watchdog)
 ``queue_points``       ``points [[x, y], ...]``, ``dwell_us``, ``signal``, ``blank_between``: visit
@@ -100,6 +102,31 @@ MAX_SEQ = (1 << 63) - 1
 """Largest sequence number (a signed 64-bit integer); sequence numbers are 0 .. MAX_SEQ."""
 
 BEAM_CALLS = ("set_probe", "blank", "queue_points")
+
+MAX_TRACK_PER_S = 0.1
+"""Fastest ``set_probe`` ``track`` rate, fractions of the frame per second (per axis)."""
+
+
+def check_track(value) -> tuple[float, float]:
+    """A ``set_probe`` ``track`` rate as a pair of floats.
+
+    Parameters
+    ----------
+    value : object
+        ``[vx, vy]``, fractions of the frame per second.
+
+    Raises
+    ------
+    BridgeError
+        (``bad_request``) not a pair of finite numbers of magnitude at most :data:`MAX_TRACK_PER_S`.
+    """
+    ok = (isinstance(value, (list, tuple)) and len(value) == 2
+          and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                  and abs(v) <= MAX_TRACK_PER_S for v in value))
+    if not ok:
+        raise BridgeError("bad_request", f"set_probe track {value!r:.60} must be [vx, vy], finite fractions of the "
+                                         f"frame per second of magnitude <= {MAX_TRACK_PER_S:g}")
+    return float(value[0]), float(value[1])
 """Calls that move, blank or unblank the beam: after one of them the controller's watchdog watches its
 sender, and the service times their round trip as its ``bridge`` stage."""
 

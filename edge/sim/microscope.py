@@ -289,6 +289,8 @@ class SimulatedBackend:
         self.drift: SpecimenDrift | None = SpecimenDrift(dcfg, clock()) if dcfg.enabled else None
         self._moving = self.drift is not None or cfg.coil_settle_us > 0
         self._probe_lab: tuple[np.ndarray, np.ndarray, float] | None = None  # target, previous, time commanded
+        self._track = np.zeros(2)  # lab-frame rate the parked probe moves on at (drift compensation), A/s
+        self._park_scan: ScanFrame | None = None
         self._last_fov: tuple[float, float] | None = None
         self.rng = np.random.default_rng(cfg.seed)
         half = cfg.specimen_size_A / 2
@@ -377,6 +379,8 @@ class SimulatedBackend:
         target = np.array([float(lx), float(ly)])
         prev = target if self._probe_lab is None else self._probe_lab_at(np.array([now]))[0]
         self._probe_lab = (target, prev, now)
+        self._track = np.zeros(2)
+        self._park_scan = fr.scan
         px, py = self.probe_rest_A(np.array([now]))
         self.position_A = (float(px[0]), float(py[0]))
         return fx, fy
@@ -386,7 +390,27 @@ class SimulatedBackend:
         assert self._probe_lab is not None
         target, prev, t_move = self._probe_lab
         r = coil_response((t - t_move) * 1e6, self.config.coil_settle_us, self.config.coil_overshoot)
-        return target + r[:, None] * (prev - target)
+        lab = target + r[:, None] * (prev - target)
+        if self._track.any() and self._park_scan is not None:  # tracking: on at the set rate, inside the frame
+            scan = self._park_scan
+            lab = lab + np.clip(t - t_move, 0.0, None)[:, None] * self._track
+            fx, fy = scan.fraction_of_specimen(lab[:, 0], lab[:, 1])
+            x, y = scan.specimen_of_fraction(np.clip(fx, 0.0, 1.0), np.clip(fy, 0.0, 1.0))
+            lab = np.stack([x, y], axis=1)
+        return lab
+
+    def track_probe(self, vx: float, vy: float) -> tuple[float, float]:
+        """:class:`~beamloop.edge.control.controller.TrackingProbe`: move the parked probe on at ``(vx, vy)``
+        fractions of its frame per second from its park (the scan coils' drift compensation; kept inside the
+        frame). Only with drift or a coil response on (else the probe stays on the column the frame showed,
+        as before drift was modelled): returns ``(0, 0)`` then, else the rate."""
+        if not self._moving or self._park_scan is None:
+            return 0.0, 0.0
+        scan = self._park_scan
+        x0, y0 = scan.specimen_of_fraction(0.0, 0.0)
+        x1, y1 = scan.specimen_of_fraction(float(vx), float(vy))
+        self._track = np.array([float(x1 - x0), float(y1 - y0)])
+        return float(vx), float(vy)
 
     def probe_rest_A(self, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Where on the specimen (its rest coordinates, A) the parked probe is at clock times ``t`` (1-D):

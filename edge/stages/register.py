@@ -9,18 +9,20 @@ window weights the middle so much that the shift is biased by a few hundredths o
 cross-correlation is used: whitening ("phase" normalisation) weights the shot noise of a lattice image as much
 as its Bragg peaks (here it misregistered frames by up to tens of pixels). A lattice image correlates almost
 as well at every lattice translation of the true shift, so on paths that give the lattice (``bonds``, MoS2)
-the measured shift is unwrapped: of the shift plus whole lattice vectors (up to :data:`UNWRAP_CELLS` each
-way), the one nearest the drift estimate's prediction for the time between the two frames is taken (the
+the measured shift is checked against the drift estimate's prediction for the time between the two frames (the
 estimate's velocity times that time; zero before a velocity is known, so the first two frames of a run must be
-scanned within half a lattice period of drift of each other). The shifts add up to the specimen's displacement
-since the first frame, which feeds a :class:`beamloop.edge.analysis.drift.DriftEstimator` at the frame's
-middle time (the service tells the stage each frame's timing, :meth:`Register.set_timing`, from the stream's
-metadata).
+scanned within half a lattice period of drift of each other): it stands within :data:`UNWRAP_SIGMAS` standard
+deviations of the prediction; else, of the shift plus whole lattice vectors (up to :data:`UNWRAP_CELLS` each
+way), the one nearest the prediction is taken when it is that close. The shifts add up to the specimen's
+displacement since the first frame, which feeds a :class:`beamloop.edge.analysis.drift.DriftEstimator` at the
+frame's middle time (the service tells the stage each frame's timing, :meth:`Register.set_timing`, from the
+stream's metadata).
 
 Writes ``extras["drift"]``: ``shift_px`` (this frame's content moved by, against the previous, ``(dx, dy)``
 pixels), ``displacement_px`` and ``displacement_A`` (since the first frame: pixels of this frame's scan,
 lab-frame Angstrom), ``t_mid_s``, ``velocity_A_per_s``, ``velocity_sigma_A_per_s``, ``error`` (the
-registration's own error estimate), ``frames`` and ``unwrapped`` (shifts moved by whole lattice vectors so far).
+registration's own error estimate), ``frames``, ``unwrapped`` (shifts moved by whole lattice vectors so far)
+and ``rejected`` (implausible shifts replaced by the prediction, :data:`MAX_DRIFT_A_PER_S`).
 """
 
 from __future__ import annotations
@@ -45,6 +47,16 @@ harmonic analysis with the discrete Fourier transform", Proc. IEEE 66, 51-83 (19
 
 UNWRAP_CELLS = 4
 """Lattice translations tried each way when unwrapping a shift (module docstring)."""
+
+MAX_DRIFT_A_PER_S = 3.0
+"""Fastest drift a registered shift may imply, A/s; a larger shift is a failed registration (the prediction
+is carried on instead, and the estimate is not updated)."""
+
+SLACK_PX = 2.0
+"""Shift allowed on top of :data:`MAX_DRIFT_A_PER_S`, pixels (frame-to-frame scan distortion)."""
+
+UNWRAP_SIGMAS = 3.0
+"""A measured shift within this many standard deviations of the predicted one is taken as it is."""
 
 
 class Register(StageBase):
@@ -90,6 +102,7 @@ class Register(StageBase):
         n = np.arange(-UNWRAP_CELLS, UNWRAP_CELLS + 1, dtype=np.float64)
         self._cells = np.stack(np.meshgrid(n, n), -1).reshape(-1, 2)  # (k, 2) whole lattice translations
         self.unwrapped = 0
+        self.rejected = 0
         self.displacement_px = np.zeros(2)
         self.displacement_A = np.zeros(2)
         self.frames = 0
@@ -112,6 +125,7 @@ class Register(StageBase):
         self._timing = None
         self._t_prev = math.nan
         self.unwrapped = 0
+        self.rejected = 0
         self.displacement_px[:] = 0.0
         self.displacement_A[:] = 0.0
         self.frames = 0
@@ -135,6 +149,7 @@ class Register(StageBase):
         np.multiply(cur, self._window, out=cur)
         shift = np.zeros(2)
         error = math.nan
+        measured = True
         t_mid = math.nan
         if self._timing is not None:
             t0, lt = self._timing
@@ -146,6 +161,10 @@ class Register(StageBase):
             shift = -np.asarray(s, np.float64)[::-1]  # (dx, dy): how far the content moved
             if ctx.bonds is not None and scan is not None:
                 shift = self._unwrap(shift, ctx.bonds, scan, t_mid)
+            if scan is not None and not self._plausible(shift, scan, t_mid):
+                shift = self._prediction(scan, t_mid)[0]  # a failed registration: carry the prediction on
+                self.rejected += 1
+                measured = False
             self.displacement_px += shift
             if scan is not None:
                 x0, y0 = scan.specimen_of_fraction(*scan.fraction_of_pixel(0.0, 0.0))
@@ -158,7 +177,8 @@ class Register(StageBase):
         self._have_prev = True
         self.frames += 1
         if self._timing is not None:
-            self.estimator.update(t_mid, self.displacement_A)
+            if measured:
+                self.estimator.update(t_mid, self.displacement_A)
             self._timing = None
             self._t_prev = t_mid
         est = self.estimator
@@ -167,22 +187,41 @@ class Register(StageBase):
                                "displacement_A": (float(self.displacement_A[0]), float(self.displacement_A[1])),
                                "t_mid_s": t_mid, "velocity_A_per_s": est.velocity_A_per_s,
                                "velocity_sigma_A_per_s": est.velocity_sigma_A_per_s, "error": float(error),
-                               "frames": self.frames, "unwrapped": self.unwrapped}
+                               "frames": self.frames, "unwrapped": self.unwrapped, "rejected": self.rejected}
+
+    def _prediction(self, scan, t_mid: float) -> tuple[np.ndarray, float]:
+        """The shift (pixels, ``(dx, dy)``) the estimate predicts since the previous frame, and its standard
+        deviation (pixels; before a velocity is known: about a second of the prior's drift)."""
+        est = self.estimator
+        if est.updates >= 2 and math.isfinite(t_mid) and math.isfinite(self._t_prev) and t_mid > self._t_prev:
+            (vx, vy), sigma_A = est.shift(self._t_prev, t_mid)
+            f0 = scan.fraction_of_specimen(0.0, 0.0)
+            f1 = scan.fraction_of_specimen(vx, vy)
+            pred = np.array([(f1[0] - f0[0]) * scan.shape[1], (f1[1] - f0[1]) * scan.shape[0]])
+            return pred, sigma_A / scan.pixel_size_A
+        return np.zeros(2), (est.velocity_prior / scan.pixel_size_A if est.updates < 2 else math.inf)
+
+    def _plausible(self, shift: np.ndarray, scan, t_mid: float) -> bool:
+        """Whether ``shift`` (pixels) is a drift at all: at most :data:`MAX_DRIFT_A_PER_S` over the time since
+        the previous frame, plus :data:`SLACK_PX` (a failed registration jumps to a far peak)."""
+        if not (math.isfinite(t_mid) and math.isfinite(self._t_prev)):
+            return True
+        bound = MAX_DRIFT_A_PER_S * max(t_mid - self._t_prev, 0.0) / scan.pixel_size_A + SLACK_PX
+        return bool(np.hypot(*shift) <= bound)
 
     def _unwrap(self, shift: np.ndarray, bonds: np.ndarray, scan, t_mid: float) -> np.ndarray:
         """Of ``shift`` plus whole lattice vectors (from the bond vectors, pixels), the one nearest the
-        predicted shift since the previous frame (module docstring)."""
-        est = self.estimator
-        pred = np.zeros(2)
-        if est.updates >= 2 and math.isfinite(t_mid) and math.isfinite(self._t_prev):
-            vx, vy = est.velocity_A_per_s
-            dt = t_mid - self._t_prev
-            f0 = scan.fraction_of_specimen(0.0, 0.0)
-            f1 = scan.fraction_of_specimen(vx * dt, vy * dt)
-            pred = np.array([(f1[0] - f0[0]) * scan.shape[1], (f1[1] - f0[1]) * scan.shape[0]])
+        predicted shift since the previous frame (module docstring). The measured shift stands when it is
+        within :data:`UNWRAP_SIGMAS` standard deviations of the prediction, or when no translated one is."""
+        pred, sigma_px = self._prediction(scan, t_mid)
+        if np.hypot(*(shift - pred)) <= UNWRAP_SIGMAS * sigma_px:
+            return shift
         lat = np.array([bonds[0] - bonds[1], bonds[1] - bonds[2]], np.float64)  # (2, 2): lattice vectors, px
         cand = shift + self._cells @ lat
-        k = int(np.argmin(np.hypot(*(cand - pred).T)))
+        dist = np.hypot(*(cand - pred).T)
+        k = int(np.argmin(dist))
+        if dist[k] > UNWRAP_SIGMAS * sigma_px:
+            return shift
         if not np.allclose(cand[k], shift):
             self.unwrapped += 1
         return cand[k]
