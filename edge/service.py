@@ -199,7 +199,8 @@ class DwellResult:
     reason : str
         Why the dwell ended: ``trigger`` (the trigger fired and the beam was blanked), ``max_dwell``
         (no event within the time limit), ``controller_ended`` (the scan controller ended the stream),
-        ``stream_timeout`` (no samples arrived), ``rejected`` (position refused before sending),
+        ``stream_timeout`` (no samples arrived), ``rejected`` (position refused before sending), ``uncertain``
+        (lock-on ``predict``: the predicted position was too uncertain, or unknown; the beam never went on),
         ``bridge_error`` (a call failed; the beam was blanked), ``blank_failed`` (the beam could not be
         blanked: it may still be on).
     trigger_sample : int

@@ -114,7 +114,8 @@ def stream_hint(service: EdgeService) -> str:
 
 @dataclass
 class RoundRecord:
-    """One frame of the experiment: what was seen, where the beam went, and how long it took."""
+    """One frame of the experiment: what was seen, where the beam went, and how long it took (``drift``: the
+    register stage's ``extras["drift"]`` of the frame, None on paths without drift correction)."""
 
     index: int
     scan: ScanFrame
