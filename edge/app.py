@@ -48,9 +48,10 @@ class ServiceConfig:
     trigger_at : {"controller", "service"}
         Where dwells' decisions are made: at the scan controller when it offers the trigger's model, else
         (and with ``"service"``) in the service (:meth:`beamloop.edge.service.EdgeService.choose_trigger_at`).
-    lock_on : {"none", "predict"}
+    lock_on : {"none", "predict", "rescan"}
         Drift correction (:data:`beamloop.edge.service.LOCK_ON`): ``predict`` adds the ``register`` stage
-        before the policy and places each probe where the drift estimate predicts its target.
+        before the policy and places each probe where the drift estimate predicts its target; ``rescan`` also
+        re-finds the column in a small subscan there first.
     max_drift_sigma_A : float
         The uncertainty gate of ``predict`` (policy and dwell), A.
     """
@@ -109,7 +110,7 @@ def build_path(cfg: ServiceConfig, latency: LatencyRecorder | None = None) -> Fr
         unet = UNetFinder(precision=cfg.precision, device=cfg.device)
     config = FinderConfig.for_spacing(cfg.spacing_px) if cfg.spacing_px else None
     register = None
-    if cfg.lock_on == "predict":
+    if cfg.lock_on != "none":
         from beamloop.edge.stages.register import Register
 
         register = Register()

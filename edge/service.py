@@ -76,9 +76,13 @@ END_TO_END = "end_to_end"
 """Latency key: the frame leaving the detector to the controller confirming the first target's probe position."""
 
 
-LOCK_ON = ("none", "predict")
-"""How the service keeps the beam on a drifting target: not at all (where the frame showed it), or at the
-position the drift estimate predicts for the moment the probe gets there."""
+LOCK_ON = ("none", "predict", "rescan")
+"""How the service keeps the beam on a drifting target: not at all (where the frame showed it), at the
+position the drift estimate predicts for the moment the probe gets there, or (``rescan``) there after a small
+re-centring subscan around that prediction has found the column (:data:`RESCAN_PX`)."""
+
+RESCAN_PX = 32
+"""Side of the re-centring subscan of lock-on ``rescan``, pixels (at the frame's pixel size: 4.8 A at 0.15 A)."""
 
 FRAME_TIMES_KEPT = 64
 """Frames whose scan timing the service keeps (to place their targets)."""
@@ -181,6 +185,40 @@ def latency_keys(path: FramePath | tuple[str, ...]) -> tuple[str, ...]:
 
 STAGES = latency_keys(("preprocess", "find", "classify", "vacancies", "policy"))
 """Latency keys of the service on the classical MoS2 path with a policy (the main job), in order."""
+
+
+def column_near_centre(image: np.ndarray, sigma_px: float) -> tuple[float, float]:
+    """The column nearest the centre of a small re-centring scan: the local maximum of the Gaussian-smoothed
+    image (sigma ``sigma_px``) nearest the centre, refined to its intensity-weighted centroid over 3 x 3 pixels.
+
+    Parameters
+    ----------
+    image : ndarray, shape (rows, cols)
+        The subscan, counts.
+    sigma_px : float
+        The column's standard deviation, pixels.
+
+    Returns
+    -------
+    (x_px, y_px) : tuple of float
+        Pixel coordinates; the centre when the image has no local maximum above its mean.
+    """
+    from scipy.ndimage import gaussian_filter, maximum_filter
+
+    sm = gaussian_filter(np.asarray(image, np.float64), sigma_px)
+    rows, cols = sm.shape
+    size = max(3, int(2 * sigma_px) | 1)
+    peaks = np.argwhere((sm == maximum_filter(sm, size=size)) & (sm > sm.mean()))
+    if len(peaks) == 0:
+        return (cols - 1) / 2, (rows - 1) / 2
+    cy, cx = (rows - 1) / 2, (cols - 1) / 2
+    r, c = peaks[int(np.argmin(np.hypot(peaks[:, 0] - cy, peaks[:, 1] - cx)))]
+    r0, r1, c0, c1 = max(r - 1, 0), min(r + 2, rows), max(c - 1, 0), min(c + 2, cols)
+    w = sm[r0:r1, c0:c1] - sm[r0:r1, c0:c1].min()
+    if w.sum() <= 0:
+        return float(c), float(r)
+    yy, xx = np.mgrid[r0:r1, c0:c1]
+    return float((w * xx).sum() / w.sum()), float((w * yy).sum() / w.sum())
 
 
 def frame_image(ev: ImageEvent) -> np.ndarray:
@@ -346,8 +384,8 @@ class EdgeService:
         if lock_on not in LOCK_ON:
             raise ValueError(f"lock_on {lock_on!r}; expected one of {', '.join(LOCK_ON)}")
         self.register = next((st for st in path.stages if isinstance(st, Register)), None)
-        if lock_on == "predict" and self.register is None:
-            raise ValueError("lock_on 'predict' needs a frame path with a register stage (drift correction)")
+        if lock_on != "none" and self.register is None:
+            raise ValueError(f"lock_on {lock_on!r} needs a frame path with a register stage (drift correction)")
         self.lock_on = lock_on
         self.clock = clock
         self.max_drift_sigma_A = float(max_drift_sigma_A)
@@ -632,6 +670,62 @@ class EdgeService:
         rate = (float(f1[0] - f0[0]), float(f1[1] - f0[1]))
         return rate if max(abs(rate[0]), abs(rate[1])) <= MAX_TRACK_PER_S else None
 
+    def _rescan(self, target: Target, placed: tuple[float, float], timeout_ms: int = 5000
+                ) -> tuple[float, float, int]:
+        """Lock-on ``rescan``: a :data:`RESCAN_PX` subscan centred on the predicted position ``placed`` (fractions
+        of the target's frame), the column nearest its centre (:func:`column_near_centre`), moved on by the
+        predicted drift since; returns its fractions of the subscan, which becomes the current frame, and the
+        subscan's id. Where no column is found (or the subscan does not arrive) the subscan's centre is used.
+
+        Raises
+        ------
+        BridgeError
+            The subscan was refused, or the controller is gone.
+        """
+        assert self.bridge is not None and self.register is not None
+        scan = self._frame_times[target.frame_id][0]
+        x, y = scan.specimen_of_fraction(*placed)
+        n = RESCAN_PX
+        side_nm = n * scan.pixel_size_A / 10
+        sub = self.bridge.acquire_frame((n, n), (side_nm, side_nm), scan.dwell_us,
+                                        center_nm=(float(x) / 10, float(y) / 10))
+        got = self._next_scan(sub.frame_id, timeout_ms)
+        if got is None:
+            self.stats.note(f"rescan frame {sub.frame_id} did not arrive; probe at its centre")
+            return 0.5, 0.5, sub.frame_id
+        image, t0, lt = got
+        self._frame_times[sub.frame_id] = (sub, t0, lt)
+        sigma_px = self.path.material.column_sigma_A / sub.pixel_size_A if self.path.material.column_sigma_A else 2.0
+        px, py = column_near_centre(image, sigma_px)
+        t_line = t0 + (py + 0.5) * lt
+        (dx, dy), _ = self.register.estimator.shift(t_line, self.clock())
+        sx, sy = sub.specimen_of_fraction(*sub.fraction_of_pixel(px, py))
+        fx, fy = sub.fraction_of_specimen(sx + dx, sy + dy)
+        return float(np.clip(fx, 0.0, 1.0)), float(np.clip(fy, 0.0, 1.0)), sub.frame_id
+
+    def _next_scan(self, frame_id: int, timeout_ms: int) -> tuple[np.ndarray, float, float] | None:
+        """The image of scan frame ``frame_id`` from the stream (not run through the frame path), with its
+        start time and line time; None when it does not arrive within ``timeout_ms``."""
+        deadline = time.monotonic() + timeout_ms / 1000
+        while time.monotonic() < deadline:
+            ev = self._recv(max(int((deadline - time.monotonic()) * 1000), 1))
+            if ev is None:
+                return None
+            if not isinstance(ev, ImageEvent):
+                continue
+            ud = ev.series.user_data if isinstance(ev.series.user_data, dict) else {}
+            sc = ud.get("scan")
+            if ud.get("kind", "frame") != "frame" or not isinstance(sc, dict) or sc.get("frame_id") != frame_id:
+                self.stats.skipped_messages += 1
+                continue
+            image = frame_image(ev)
+            t0, lt = ud.get("t_start_s"), ud.get("line_time_s")
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (t0, lt)):
+                lt = image.shape[1] * float(sc.get("dwell_us", 1.0)) * 1e-6
+                t0 = ev.recv_ns * 1e-9 - image.shape[0] * lt
+            return np.array(image, np.float64), float(t0), float(lt)  # type: ignore[arg-type]
+        return None
+
     def drift_summary(self) -> dict:
         """The drift estimate for a report: ``lock_on``, the estimator's figures (None without a register
         stage), and frames the policy's uncertainty gate left without targets."""
@@ -750,7 +844,7 @@ class EdgeService:
         assert self.bridge is not None
         res = DwellResult(target)
         fx, fy = target.fx, target.fy
-        if self.lock_on == "predict":
+        if self.lock_on != "none":
             pred = self.predict_target(target)
             if pred is not None:
                 (fx, fy), res.predicted_shift_A, res.predicted_sigma_A = pred
@@ -759,11 +853,13 @@ class EdgeService:
                 res.reason = "uncertain"
                 res.error = f"predicted position uncertain ({res.predicted_sigma_A:.3g} A)"
                 return res
-        track = None
-        if res.placed is not None and self.register is not None:  # follow the drift while parked
-            track = self._track_rate(target.frame_id)
+        frame_id = target.frame_id
         try:
-            self.bridge.set_probe(fx, fy, target.frame_id, **({} if track is None else {"track": track}))
+            if self.lock_on == "rescan":
+                fx, fy, frame_id = self._rescan(target, (fx, fy))
+                res.placed = (fx, fy)
+            track = self._track_rate(frame_id) if res.placed is not None else None  # follow the drift while parked
+            self.bridge.set_probe(fx, fy, frame_id, **({} if track is None else {"track": track}))
             res.set_probe_reply_ns = time.monotonic_ns()
             if self.trigger_at == "controller":
                 self._arm_controller(res, expected_rate)

@@ -193,7 +193,7 @@ def test_register_stage_is_only_in_paths_with_drift_correction():
     locked = build_path(ServiceConfig("MoS2", targets_per_frame=4, lock_on="predict"))
     assert locked.names[-2:] == ("register", "policy")
     with pytest.raises(ValueError, match="lock_on"):
-        ServiceConfig("MoS2", lock_on="rescan")
+        ServiceConfig("MoS2", lock_on="always")
 
 
 # --- where the probe lands --------------------------------------------------------------------------------
@@ -294,3 +294,37 @@ def test_set_probe_track_is_checked():
     for bad in ([0.5, 0.0], [math.nan, 0.0], "fast", [0.01], [True, 0.0]):
         with pytest.raises(BridgeError, match="track"):
             check_track(bad)
+
+
+def test_rescan_finds_the_column_nearest_the_subscan_centre():
+    """A 32-pixel subscan centred 0.3 A off a column: :func:`column_near_centre` finds the column."""
+    from beamloop.edge.service import column_near_centre
+
+    clock = HandClock()
+    b = drifting(clock, speed=1e-9)
+    b.set_frame(scan_of(0), ("haadf",))
+    b.acquire(scan_of(0), ("haadf",))
+    col, _ = target_column(b, 0)
+    x, y = b.specimen.xy[col]
+    sub = ScanFrame(1, (32, 32), (0.48, 0.48), center_nm=((x + 0.3) / 10, (y - 0.2) / 10), dwell_us=scan_of(0).dwell_us)
+    image = acquire(b, sub)
+    px, py = column_near_centre(image, 0.45 / 0.15)
+    fx, fy = sub.fraction_of_pixel(px, py)
+    sx, sy = sub.specimen_of_fraction(fx, fy)
+    assert 100 * math.hypot(sx - x, sy - y) < 8.0
+
+
+def test_acquire_frame_subscans_are_checked():
+    from beamloop.edge.control.protocol import BridgeError, ScanLimits, parse_acquire_frame
+
+    lim = ScanLimits(shape=(16, 2048), dwell_us=(0.05, 1000.0), default_dwell_us=10.0, channels=("haadf",),
+                     max_fov_nm=10.0)
+    req = parse_acquire_frame({"shape": [32, 32], "fov_nm": [0.5, 0.5], "center_nm": [0.3, -0.2]}, lim)
+    assert req.center_nm == (0.3, -0.2)
+    assert parse_acquire_frame({"shape": [32, 32], "fov_nm": [0.5, 0.5]}, lim).center_nm == (0.0, 0.0)
+    for bad in ([math.nan, 0.0], "middle", [1.0], [True, 0.0]):
+        with pytest.raises(BridgeError, match="center_nm"):
+            parse_acquire_frame({"shape": [32, 32], "fov_nm": [0.5, 0.5], "center_nm": bad}, lim)
+    b = SimulatedBackend(MicroscopeConfig(seed=0, specimen_size_A=60.0))
+    with pytest.raises(BridgeError, match="beyond"):
+        b.set_frame(ScanFrame(0, (32, 32), (0.5, 0.5), center_nm=(2.9, 0.0)), ("haadf",))

@@ -80,15 +80,16 @@ def add_trigger_at_argument(parser: argparse.ArgumentParser) -> None:
 
 # drift ---------------------------------------------------------------------------------------------------------
 def add_lock_on_argument(parser: argparse.ArgumentParser, default: str | None = "predict", note: str = "") -> None:
-    """Add ``--lock-on {none,predict}`` to a command's parser (the value is ``a.lock_on``,
+    """Add ``--lock-on {none,predict,rescan}`` to a command's parser (the value is ``a.lock_on``,
     :attr:`beamloop.edge.app.ServiceConfig.lock_on`; ``default`` None: the command decides, ``note`` says how).
 
     ``predict``: the frame path registers every frame (stage ``register``) and each probe goes where the drift
     estimate puts its target now; ``none``: where the frame showed it.
     """
-    parser.add_argument("--lock-on", choices=("none", "predict"), default=default,
+    parser.add_argument("--lock-on", choices=("none", "predict", "rescan"), default=default,
                         help="drift correction: predict (register frames, send the probe where the drift estimate "
-                             "puts the target now; skip targets too uncertain) or none"
+                             "puts the target now; skip targets too uncertain), rescan (also re-find the column "
+                             "in a 32-pixel subscan there) or none"
                              + (f"; default {note}" if note else f"; default {default}"))
 
 

@@ -35,7 +35,7 @@ def _run(a: argparse.Namespace, service, rl, codes: list[int]) -> str:
 
     if a.experiment == "vacancy-line":
         exp = ExperimentConfig(rounds=a.rounds, targets_per_frame=a.targets,
-                               drift_frames=2 if a.lock_on == "predict" else 0)
+                               drift_frames=0 if a.lock_on == "none" else 2)
 
         def record(rec) -> None:
             rl.add_frame(rec.image, rec.columns, pixel_size_A=rec.pixel_size_A, scan=rec.scan.as_dict(),

@@ -306,14 +306,18 @@ class BridgeClient:
         return self.call("get_state")
 
     def acquire_frame(self, shape: tuple[int, int], fov_nm: tuple[float, float], dwell_us: float,
-                      channels: tuple[str, ...] = ("haadf",)) -> ScanFrame:
+                      channels: tuple[str, ...] = ("haadf",), center_nm: tuple[float, float] | None = None
+                      ) -> ScanFrame:
         """Scan a frame; it arrives on the frame stream and becomes the frame positions refer to.
+        ``center_nm`` (x, y): a subscan centred there on the specimen (default: the full field).
 
         Returns the :class:`ScanFrame` the controller applied. Raises :class:`BridgeError`
         (``out_of_range`` for a size, field of view or dwell outside the controller's limits).
         """
+        extra = {} if center_nm is None else {"center_nm": [float(center_nm[0]), float(center_nm[1])]}
         res = self.call("acquire_frame", shape=[int(shape[0]), int(shape[1])],
-                        fov_nm=[float(fov_nm[0]), float(fov_nm[1])], dwell_us=float(dwell_us), channels=list(channels))
+                        fov_nm=[float(fov_nm[0]), float(fov_nm[1])], dwell_us=float(dwell_us), channels=list(channels),
+                        **extra)
         try:
             self.frame = ScanFrame.from_dict(res["scan"])
         except (KeyError, ValueError) as exc:

@@ -809,7 +809,7 @@ class ScanController:
         self._check_idle()
         self.run_pending()
         req = parse_acquire_frame(args, self.caps.limits)
-        scan = ScanFrame(self._next_frame_id, req.shape, req.fov_nm, dwell_us=req.dwell_us)
+        scan = ScanFrame(self._next_frame_id, req.shape, req.fov_nm, center_nm=req.center_nm, dwell_us=req.dwell_us)
         extras = self.backend.set_frame(scan, req.channels)
         self._next_frame_id += 1
         self._end_dwell("scan")

@@ -11,7 +11,8 @@ blanking, point lists.
 =====================  ==========================================================================
 ``get_capabilities``   calls, channels, limits of the scan controller
 ``get_state``          current frame id, probe state (``idle``, ``scanning``, ``parked``), blanking
-``acquire_frame``      ``shape [rows, cols]``, ``fov_nm [h, w]``, ``dwell_us``, ``channels``: scan a
+``acquire_frame``      ``shape [rows, cols]``, ``fov_nm [h, w]``, ``dwell_us``, ``channels``, optional
+                       ``center_nm [x, y]`` (a subscan: the frame's centre on the specimen): scan a
                        frame; its id names the frame that later positions refer to
 ``set_probe``          ``x``, ``y`` (fractions of the frame), ``frame_id``: park the probe there; optional
                        ``track [vx, vy]`` (fractions of the frame per second, at most
@@ -102,6 +103,9 @@ MAX_SEQ = (1 << 63) - 1
 """Largest sequence number (a signed 64-bit integer); sequence numbers are 0 .. MAX_SEQ."""
 
 BEAM_CALLS = ("set_probe", "blank", "queue_points")
+
+MAX_FOV_NM = 1e5
+"""Farthest a frame's centre may lie from the origin, nanometres (100 um)."""
 
 MAX_TRACK_PER_S = 0.1
 """Fastest ``set_probe`` ``track`` rate, fractions of the frame per second (per axis)."""
@@ -565,12 +569,16 @@ class AcquireRequest:
         Pixel dwell time, microseconds.
     channels : tuple of str
         Detector channels to record, lower case, each once.
+    center_nm : (float, float)
+        Centre of the frame on the specimen (x, y), nanometres: (0, 0) for the full field, else a subscan
+        (a re-centring scan around a target).
     """
 
     shape: tuple[int, int]
     fov_nm: tuple[float, float]
     dwell_us: float
     channels: tuple[str, ...]
+    center_nm: tuple[float, float] = (0.0, 0.0)
 
 
 def parse_acquire_frame(args: Mapping[str, Any], limits: ScanLimits) -> AcquireRequest:
@@ -593,8 +601,9 @@ def parse_acquire_frame(args: Mapping[str, Any], limits: ScanLimits) -> AcquireR
     BridgeError
         ``bad_request``: ``shape`` missing or not two integers (``[64.7, 64.2]`` is refused, not truncated),
         ``fov_nm`` missing or not two numbers, ``dwell_us`` not a number,
-        ``channels`` not a non-empty list of names or naming one twice; ``out_of_range``: a size, field of
-        view or dwell outside the limits, or a channel the controller does not have.
+        ``channels`` not a non-empty list of names or naming one twice, ``center_nm`` not two finite numbers;
+        ``out_of_range``: a size, field of view or dwell outside the limits, a channel the controller does not
+        have, or a centre more than :data:`MAX_FOV_NM` from the origin.
     """
     shape = args.get("shape")
     if not (isinstance(shape, list) and len(shape) == 2
@@ -620,7 +629,14 @@ def parse_acquire_frame(args: Mapping[str, Any], limits: ScanLimits) -> AcquireR
     if not (math.isfinite(dwell) and dlo <= dwell <= dhi):
         raise BridgeError("out_of_range", f"dwell {dwell} us outside [{dlo}, {dhi}]")
     channels = check_channels(args.get("channels", [limits.channels[0]]), limits)
-    return AcquireRequest((rows, cols), (h_nm, w_nm), dwell, channels)
+    centre = args.get("center_nm", [0.0, 0.0])
+    if not (isinstance(centre, (list, tuple)) and len(centre) == 2
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in centre)):
+        raise BridgeError("bad_request",
+                          f"acquire_frame center_nm must be two finite numbers, got {short_repr(centre)}")
+    if max(abs(float(centre[0])), abs(float(centre[1]))) > MAX_FOV_NM:
+        raise BridgeError("out_of_range", f"acquire_frame center_nm {short_repr(centre)} beyond {MAX_FOV_NM:g} nm")
+    return AcquireRequest((rows, cols), (h_nm, w_nm), dwell, channels, (float(centre[0]), float(centre[1])))
 
 
 def check_channels(channels: Any, limits: ScanLimits) -> tuple[str, ...]:

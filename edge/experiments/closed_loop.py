@@ -549,7 +549,7 @@ def run(out: Path, *, rounds: int = 3, shape: tuple[int, int] = (256, 256), pixe
               "trigger": trigger, "trigger_at": trigger_at, "drift_A_per_s": drift_A_per_s, "lock_on": lock_on}
     exp_cfg = ExperimentConfig(rounds=rounds, shape=shape, fov_nm=fov_nm, dwell_us=dwell_us,
                                targets_per_frame=targets_per_frame, max_dwell_s=max_dwell_s,
-                               drift_frames=2 if lock_on == "predict" else 0)
+                               drift_frames=0 if lock_on == "none" else 2)
     svc_cfg = ServiceConfig("MoS2", targets_per_frame=targets_per_frame, trigger=trigger, trigger_at=trigger_at,
                             lock_on=lock_on)
     out.mkdir(parents=True, exist_ok=True)

@@ -326,6 +326,14 @@ class SimulatedBackend:
     def set_frame(self, scan: ScanFrame, channels: tuple[str, ...]) -> dict:
         """Nothing to set up (with drift: a new field of view starts settling); the reply gets the frame's
         dose, electrons per square Angstrom."""
+        half = self.config.specimen_size_A / 2
+        reach = max(abs(scan.center_nm[0]), abs(scan.center_nm[1])) * 10 + max(scan.fov_nm) * 10 / math.sqrt(2)
+        if reach > half:
+            raise BridgeError("out_of_range", f"a frame centred at {list(scan.center_nm)} nm reaches beyond the "
+                                              f"simulated specimen ({half / 10:g} nm from its centre)")
+        if tuple(scan.center_nm) != (0.0, 0.0):  # a subscan moves no stage: no settling
+            ay, ax = scan.pixel_size_A_yx
+            return {"dose_e_per_A2": self.electrons_per_s * scan.dwell_us * 1e-6 / (ay * ax)}
         if self.drift is not None and tuple(scan.fov_nm) != self._last_fov:
             self.drift.fov_changed(self.clock())
         self._last_fov = tuple(scan.fov_nm)
