@@ -121,7 +121,7 @@ def test_ip_streams_dwells_bit_exact_with_the_runtime(shipped_ip, tmp_path):
 
 
 def _expected_register_scores(samples):
-    t = ModelTrigger()
+    t = ModelTrigger("ejection")  # the model of the shipped_ip fixture
     t.start(7.5)
     _, a = t.update_scores(np.asarray(samples[:10]))
     return a
