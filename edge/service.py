@@ -563,13 +563,7 @@ class EdgeService:
         BridgeError
             (``unavailable``) the scan controller is known to be gone (:meth:`beat_if_due`).
         """
-        deadline = time.monotonic() + timeout_ms / 1000
-        while time.monotonic() < deadline:
-            ev = self._recv(max(int((deadline - time.monotonic()) * 1000), 1))
-            if ev is None:
-                return None
-            if not isinstance(ev, ImageEvent):
-                continue
+        for ev in self._images(timeout_ms):
             if ev.series.series_unique_id in self._rejected:
                 self.stats.frames_rejected += 1
                 continue
@@ -703,16 +697,21 @@ class EdgeService:
         fx, fy = sub.fraction_of_specimen(sx + dx, sy + dy)
         return float(np.clip(fx, 0.0, 1.0)), float(np.clip(fy, 0.0, 1.0)), sub.frame_id
 
-    def _next_scan(self, frame_id: int, timeout_ms: int) -> tuple[np.ndarray, float, float] | None:
-        """The image of scan frame ``frame_id`` from the stream (not run through the frame path), with its
-        start time and line time; None when it does not arrive within ``timeout_ms``."""
+    def _images(self, timeout_ms: int) -> Iterator[ImageEvent]:
+        """Image messages of the stream until ``timeout_ms`` have passed or nothing came in the time left
+        (other messages are taken by :meth:`_recv` on the way)."""
         deadline = time.monotonic() + timeout_ms / 1000
         while time.monotonic() < deadline:
             ev = self._recv(max(int((deadline - time.monotonic()) * 1000), 1))
             if ev is None:
-                return None
-            if not isinstance(ev, ImageEvent):
-                continue
+                return
+            if isinstance(ev, ImageEvent):
+                yield ev
+
+    def _next_scan(self, frame_id: int, timeout_ms: int) -> tuple[np.ndarray, float, float] | None:
+        """The image of scan frame ``frame_id`` from the stream (not run through the frame path), with its
+        start time and line time; None when it does not arrive within ``timeout_ms``."""
+        for ev in self._images(timeout_ms):
             ud = ev.series.user_data if isinstance(ev.series.user_data, dict) else {}
             sc = ud.get("scan")
             if ud.get("kind", "frame") != "frame" or not isinstance(sc, dict) or sc.get("frame_id") != frame_id:
