@@ -7,7 +7,7 @@ The CLI (``beamloop serve``, ``beamloop run``), the benchmarks and the tests all
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 
 import numpy as np
 
@@ -57,6 +57,7 @@ class ServiceConfig:
     """
 
     material: str = "MoS2"
+    _: KW_ONLY  # every other setting by name: a field added later cannot shift a caller's arguments
     method: str = "classical"
     targets_per_frame: int | None = None
     trigger: str = "model"

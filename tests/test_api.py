@@ -39,3 +39,12 @@ def test_find_in_file_gives_a_table_per_frame(tmp_path):
     tables = beamloop.find_in_file(tmp_path / "stack.npy", pixel_size_A=0.15, material="MoS2")
     one = beamloop.find_columns(fr.counts, pixel_size_A=0.15, material="MoS2")
     assert len(tables) == 2 and len(one) > 30 and np.array_equal(tables[0].x, one.x)
+
+
+def test_service_settings_after_the_material_are_taken_by_name_only():
+    """A setting added to ServiceConfig later cannot shift a caller's positional arguments."""
+    from beamloop.edge.app import ServiceConfig
+
+    with pytest.raises(TypeError):
+        ServiceConfig("MoS2", "unet")
+    assert ServiceConfig("MoS2", method="unet").method == "unet"

@@ -112,8 +112,9 @@ def cmd_serve(a: argparse.Namespace) -> int:
         return EXIT_USAGE
     if a.bind and not a.insecure:
         check_bind(a.frames, None, what="frame stream", insecure_option="--insecure")
-    cfg = ServiceConfig(a.material, a.method, a.targets if a.experiment == "vacancy-line" else None, a.trigger,
-                        a.spacing_px, a.precision, a.device, memory_budget_mib=a.memory_budget_mib,
+    cfg = ServiceConfig(a.material, method=a.method, targets_per_frame=a.targets if a.experiment == "vacancy-line"
+                        else None, trigger=a.trigger, spacing_px=a.spacing_px, precision=a.precision,
+                        device=a.device, memory_budget_mib=a.memory_budget_mib,
                         trigger_at=a.trigger_at, lock_on=a.lock_on if a.experiment == "vacancy-line" else "none")
     keys = client_keys_from_args(a)
     out = Path(a.out)
