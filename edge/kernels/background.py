@@ -22,6 +22,31 @@ def grid_shape(shape: tuple[int, int], block: int) -> tuple[int, int]:
 
 
 @numba.njit(cache=True, nogil=True)
+def window_quantile(img, i0, i1, j0, j1, step, quantile, scratch):
+    """The ``quantile`` (0..1, nearest rank) of the samples ``img[i0:i1:step, j0:j1:step]`` (a non-empty
+    window of a 2-D real array), as float32: the q-th smallest is kept by insertion into a sorted list of
+    the q + 1 smallest (``scratch``, float32, long enough for them), so no sort and no allocation."""
+    m = ((i1 - i0 + step - 1) // step) * ((j1 - j0 + step - 1) // step)
+    q = min(int(quantile * (m - 1) + 0.5), m - 1)
+    filled = 0
+    for i in range(i0, i1, step):
+        for j in range(j0, j1, step):
+            v = np.float32(img[i, j])
+            if filled <= q:
+                p = filled
+                filled += 1
+            elif v < scratch[q]:
+                p = q
+            else:
+                continue
+            while p > 0 and scratch[p - 1] > v:
+                scratch[p] = scratch[p - 1]
+                p -= 1
+            scratch[p] = v
+    return scratch[q]
+
+
+@numba.njit(cache=True, nogil=True)
 def block_quantiles(img, block, quantile, scratch, grid):
     """A low quantile of ``img`` (2-D, any real dtype) in each ``block`` x ``block`` square, into ``grid``
     (float32, :func:`grid_shape`), from about 8 x 8 evenly strided samples per block; the q-th smallest
@@ -35,24 +60,7 @@ def block_quantiles(img, block, quantile, scratch, grid):
         for bj in range(gx):
             j0 = bj * block
             j1 = min(j0 + block, cols)
-            m = ((i1 - i0 + step - 1) // step) * ((j1 - j0 + step - 1) // step)
-            q = min(int(quantile * (m - 1) + 0.5), m - 1)
-            filled = 0
-            for i in range(i0, i1, step):
-                for j in range(j0, j1, step):
-                    v = np.float32(img[i, j])
-                    if filled <= q:
-                        p = filled
-                        filled += 1
-                    elif v < scratch[q]:
-                        p = q
-                    else:
-                        continue
-                    while p > 0 and scratch[p - 1] > v:
-                        scratch[p] = scratch[p - 1]
-                        p -= 1
-                    scratch[p] = v
-            grid[bi, bj] = scratch[q]
+            grid[bi, bj] = window_quantile(img, i0, i1, j0, j1, step, quantile, scratch)
 
 
 @numba.njit(cache=True, nogil=True)

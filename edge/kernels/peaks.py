@@ -11,6 +11,8 @@ import math
 import numba
 import numpy as np
 
+from beamloop.edge.kernels.background import window_quantile
+
 REFINE_METHODS = {"none": 0, "com": 1, "gauss": 2}
 """Sub-pixel refinements of :func:`refine` by name."""
 
@@ -104,32 +106,15 @@ def local_maxima(s, border, rmax, ci, cj, cv):
 def local_background(s, ci, cj, n, half, quantile, scratch, bg):
     """A low quantile of ``s`` in the square window of half-width ``half`` around each candidate, sampled on
     an 8 x 8 grid spanning the window: the level of the valleys between columns. A quantile rather than
-    the minimum keeps the deepest noise dip from inflating the heights of noise peaks. The q-th smallest
-    sample is found by insertion into a sorted list of the q + 1 smallest (``scratch``)."""
+    the minimum keeps the deepest noise dip from inflating the heights of noise peaks
+    (:func:`beamloop.edge.kernels.background.window_quantile` over ``scratch``)."""
     rows, cols = s.shape
     h = int(half)
     step = max((2 * h + 1) // 8, 1)
     for k in range(n):
         i0, i1 = max(ci[k] - h, 0), min(ci[k] + h + 1, rows)
         j0, j1 = max(cj[k] - h, 0), min(cj[k] + h + 1, cols)
-        m = ((i1 - i0 + step - 1) // step) * ((j1 - j0 + step - 1) // step)
-        q = min(int(quantile * (m - 1) + 0.5), m - 1)
-        filled = 0
-        for i in range(i0, i1, step):
-            for j in range(j0, j1, step):
-                v = s[i, j]
-                if filled <= q:
-                    p = filled
-                    filled += 1
-                elif v < scratch[q]:
-                    p = q
-                else:
-                    continue
-                while p > 0 and scratch[p - 1] > v:
-                    scratch[p] = scratch[p - 1]
-                    p -= 1
-                scratch[p] = v
-        bg[k] = scratch[q]
+        bg[k] = window_quantile(s, i0, i1, j0, j1, step, quantile, scratch)
 
 
 @numba.njit(cache=True, nogil=True)
