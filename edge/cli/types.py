@@ -7,18 +7,10 @@ import argparse
 import math
 from collections.abc import Callable
 
+from beamloop.streams._cliargs import parse_positive, parse_shape  # one parser for every command
 
-def parse_shape(text: str) -> tuple[int, int]:
-    """``ROWSxCOLS`` (or ``N`` for N x N) as a pair of positive ints."""
-    try:
-        parts = [int(v) for v in text.lower().replace("x", ",").split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"frame size {text!r} is not ROWSxCOLS (e.g. 256x256)") from None
-    if len(parts) == 1:
-        parts *= 2
-    if len(parts) != 2 or min(parts) <= 0:
-        raise argparse.ArgumentTypeError(f"frame size {text!r} is not ROWSxCOLS with positive sizes")
-    return parts[0], parts[1]
+__all__ = ["bounded", "parse_count", "parse_fraction_pair", "parse_nonnegative", "parse_positive", "parse_positive_int",
+           "parse_shape"]
 
 
 def _number(text: str) -> float:
@@ -26,14 +18,6 @@ def _number(text: str) -> float:
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-
-
-def parse_positive(text: str) -> float:
-    """A positive finite number."""
-    v = _number(text)
-    if not (math.isfinite(v) and v > 0):
-        raise argparse.ArgumentTypeError(f"{text!r} must be a positive finite number")
-    return v
 
 
 def parse_nonnegative(text: str) -> float:
