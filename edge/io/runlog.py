@@ -33,7 +33,6 @@ import errno
 import json
 import os
 import re
-import resource
 from collections.abc import Callable
 from pathlib import Path
 
@@ -116,11 +115,7 @@ class RunLog:
     def _check_space(self, what: str, nbytes: int) -> None:
         folder = self.part.parent
         try:
-            left = space_left(folder)
-            if self.part.exists():
-                soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
-                if soft != resource.RLIM_INFINITY:
-                    left = min(left, int(soft) - self.part.stat().st_size)
+            left = space_left(folder, self.part)  # the file-size limit counts against the part file's size
         except OSError:
             return  # nothing to tell; the write itself will say
         need = 2 * int(nbytes) + self.reserve_bytes
