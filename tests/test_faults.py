@@ -328,7 +328,7 @@ def test_serve_on_a_full_disk_exits_6_naming_the_file(tmp_path, monkeypatch, cap
 
     calls = {"n": 0}
 
-    def left(folder):
+    def left(folder, file=None):
         calls["n"] += 1
         return 1 << 30 if calls["n"] <= 2 else 300 * 1024  # the file and its header fit; the first frame not
 
