@@ -36,7 +36,8 @@ def test_vacancy_line_writes_atoms(microscope):
     first = records[0]
     assert len(first.dwells) == 2 and all(d.reason == "trigger" for d in first.dwells), (
         [(d.reason, d.error, d.series_id, d.samples, d.service_trigger_sample) for d in first.dwells],
-        [e for e in microscope.events if e["type"] in ("dwell_end", "safety", "trigger", "error", "dropped")])
+        [(e["type"], e.get("reason") or e.get("action") or e.get("what"), e.get("series_id"), e.get("samples"))
+         for e in microscope.events if e["type"] in ("dwell_end", "safety", "trigger", "error", "dropped")])
     # ground truth: the parked-on columns lost exactly the S atom the trigger saw leave
     ends = {e["series_id"]: e for e in microscope.events if e["type"] == "dwell_end"}
     for d in first.dwells:

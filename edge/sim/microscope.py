@@ -608,11 +608,15 @@ class SimulatedBackend:
         """The shipped sample-stream models (:func:`beamloop.edge.trigger.model.sample_trigger_models`), each
         with its ``latency_ns`` (``latency_source``: ``manifest``, or ``config`` where the manifest records no
         logic build and :attr:`MicroscopeConfig.trigger_latency_ns` stands in); none when ``config.trigger``
-        is off."""
+        is off. The first call (the scan controller's, at its start) also loads each model and runs it on one
+        block, so its kernels are compiled (or read from numba's cache) before any dwell, not under the beam."""
         if self._models is None:
             self._models = {}
             if self.config.trigger:
                 for name, m in sample_trigger_models().items():
+                    warm = self._triggers[name] = ModelTrigger(name)
+                    warm.start(None)
+                    warm.update(np.zeros(self.config.block_samples, np.uint16))  # the dtype of parked_samples
                     rated = m["latency_ns"] is not None
                     self._models[name] = {**m, "latency_ns": float(m["latency_ns"] if rated
                                                                     else self.config.trigger_latency_ns),
