@@ -457,3 +457,27 @@ class BridgeClient:
         ``blank_time_ns`` from the dwell's start, ``blank_t_ns`` on the controller's clock, ``series_id``,
         ``frame_id``; None before any). Raises as :meth:`call` (``unknown_call`` without a trigger)."""
         return self.call("get_trigger_state")
+
+    def move_stage(self, x_um: float, y_um: float) -> dict:
+        """Drive the specimen stage to ``(x_um, y_um)`` micrometres (absolute; checked here against nothing but
+        finiteness, by the controller against its travel range). The controller blanks the beam first, ends
+        the current frame (:attr:`frame` becomes None: positions on it would name another area) and refuses
+        beam-on calls as ``busy`` until the stage has settled.
+
+        Returns ``{"applied": {"x_um", "y_um"}, "duration_s", "blanked"}``: ``duration_s`` is travel plus
+        settle on the controller's clock. Raises :class:`BridgeError` (``bad_request`` for a target that is
+        not finite; ``out_of_range`` outside the travel range; ``unknown_call`` without a stage; ``busy`` while
+        a point queue runs).
+        """
+        for name, v in (("x_um", x_um), ("y_um", y_um)):
+            if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)):
+                raise BridgeError("bad_request", f"stage target {name} {v!r} is not a finite number; not sent",
+                                  "move_stage")
+        res = self.call("move_stage", x_um=float(x_um), y_um=float(y_um))
+        self.frame = None
+        return res
+
+    def get_stage(self) -> dict:
+        """``x_um``, ``y_um`` (the stage's readback), ``moving``, ``settles_in_s``, ``moves``. Raises as
+        :meth:`call` (``unknown_call`` without a stage)."""
+        return self.call("get_stage")

@@ -22,6 +22,9 @@ scan_base.py``), where a scan device implements the small ``ScanDevice`` Protoco
                        beam (FPGA logic on the ADC stream; the simulated microscope emulates it bit for
                        bit): the controller serves ``arm_trigger`` and ``get_trigger_state``, and the
                        backend blanks the beam itself at the decision sample plus its logic's latency
+:class:`StageBackend`  a motorised specimen stage (``move_stage``, ``get_stage``): the controller blanks the
+                       beam, ends the current frame, starts the move and refuses beam-on calls until the
+                       stage has settled (:meth:`beamloop.edge.control.safety.BeamSafety.stage_moved`)
 =====================  ==================================================================================
 
 A backend with neither has no point queues (``queue_points``, ``fetch_points`` and ``abort_points`` are
@@ -65,12 +68,15 @@ import zmq
 from beamloop.edge.control.keys import ServerKeys, check_bind
 from beamloop.edge.control.protocol import (
     REARM_POLICIES,
+    STAGE_CALLS,
     TRIGGER_CALLS,
     BridgeError,
     ScanLimits,
+    StageLimits,
     check_channels,
     check_track,
     parse_acquire_frame,
+    parse_move_stage,
 )
 from beamloop.edge.control.safety import BeamSafety, SafetyLimits, fraction_pair
 from beamloop.edge.control.server import BridgeServer
@@ -440,6 +446,28 @@ class TriggerProbe(Protocol):
         ...
 
 
+@runtime_checkable
+class StageBackend(Protocol):
+    """A backend with a motorised specimen stage (the controller serves ``move_stage`` and ``get_stage``).
+
+    The controller blanks the beam before :meth:`move_stage` and keeps it blanked until the move's duration
+    has passed on its clock; the backend only drives the stage.
+    """
+
+    def stage_limits(self) -> StageLimits:
+        """Travel range, speed, settle time and backlash of the stage; read once."""
+        ...
+
+    def move_stage(self, x_um: float, y_um: float) -> tuple[float, float, float]:
+        """Start driving the stage to ``(x_um, y_um)`` (checked against :meth:`stage_limits`); return the
+        position the stage reports it will reach, micrometres, and the seconds until it has settled there."""
+        ...
+
+    def stage_position(self) -> tuple[float, float]:
+        """The stage position as the stage reports it (its encoders), micrometres."""
+        ...
+
+
 # the controller -----------------------------------------------------------------------------------------------
 class ScanController:
     """Bridge server, beam safety, frame stream and point queues over one :class:`ScanBackend`.
@@ -534,6 +562,9 @@ class ScanController:
         self._point_probe = backend if self._parked is None and isinstance(backend, PointProbe) else None
         self._trigger_probe = backend if self._parked is not None and isinstance(backend, TriggerProbe) else None
         self._tracking_probe = backend if isinstance(backend, TrackingProbe) else None
+        self._stage = backend if isinstance(backend, StageBackend) else None
+        self._stage_limits = None if self._stage is None else self._stage.stage_limits()
+        self.stage_moves = 0
         self._trigger_models = {} if self._trigger_probe is None else dict(self._trigger_probe.trigger_models())
         if self._trigger_probe is not None and not self._trigger_models:
             self._trigger_probe = None  # a trigger without models is no trigger
@@ -563,6 +594,7 @@ class ScanController:
                                  blank=self._safety_blank, park=self._safety_park, clock=clock,
                                  beam_from_replies=False)
         self.safety.trigger_models = self._trigger_models
+        self.safety.stage_limits = self._stage_limits
         self.sender = FrameSender(frames, bind=True, encoding=encoding, context=context, send_timeout_ms=200)
         try:
             self.server = BridgeServer(control, handlers, context=context, safety=self.safety, keys=keys,
@@ -583,7 +615,10 @@ class ScanController:
                             abort_points=self._abort_points)
         if self._trigger_probe is not None:
             handlers.update(arm_trigger=self._arm_trigger, get_trigger_state=self._get_trigger_state)
-        clash = sorted(set(calls) & (set(CALLS) | set(QUEUE_CALLS) | set(TRIGGER_CALLS) | {"heartbeat"}))
+        if self._stage is not None:
+            handlers.update(move_stage=self._move_stage, get_stage=self._get_stage)
+        clash = sorted(set(calls) & (set(CALLS) | set(QUEUE_CALLS) | set(TRIGGER_CALLS) | set(STAGE_CALLS)
+                                     | {"heartbeat"}))
         if clash:
             raise ValueError(f"calls {clash} are standard calls of the scan controller")
         handlers.update(calls)
@@ -754,7 +789,39 @@ class ScanController:
         return {"calls": sorted(self.server.handlers), "channels": list(lim.channels),
                 "shape_limits": list(lim.shape), "dwell_us_limits": list(lim.dwell_us),
                 "parked_stream": None if self.caps.parked_stream is None else self.caps.parked_stream.as_dict(),
-                "safety": self.safety.state()["limits"], "trigger": self._trigger_caps(), **self.caps.extras}
+                "safety": self.safety.state()["limits"], "trigger": self._trigger_caps(),
+                "max_fov_nm": lim.max_fov_nm,
+                "stage": None if self._stage_limits is None else self._stage_limits.as_dict(), **self.caps.extras}
+
+    def _move_stage(self, args: dict) -> dict:
+        """``move_stage``: blank, end the frame and any parked series, start the move; beam-on calls wait for
+        the settle time (:meth:`beamloop.edge.control.safety.BeamSafety.stage_moved`)."""
+        assert self._stage is not None and self._stage_limits is not None
+        self._check_idle()
+        x, y = parse_move_stage(args, self._stage_limits)
+        self.run_pending()  # a frame asked for before the move is scanned where it was asked for
+        self._end_dwell("stage")
+        self._set_blanked(True)
+        if not self.blanked:
+            raise BridgeError("internal", "the blanker did not read back blanked; the stage was not moved",
+                              "move_stage")
+        self._beam_epoch += 1
+        ax, ay, duration = self._stage.move_stage(x, y)
+        self.stage_moves += 1
+        self.probe = None
+        self.frame = None
+        self.safety.stage_moved(duration)
+        self._report()
+        self.events.append({"type": "stage_move", "target_um": [x, y], "applied_um": [ax, ay],
+                            "duration_s": duration, "t_ns": self._now_ns()})
+        return {"applied": {"x_um": ax, "y_um": ay}, "duration_s": duration, "blanked": self.blanked}
+
+    def _get_stage(self, args: dict) -> dict:
+        """``get_stage``: position (the stage's readback), whether it moves, seconds until settled."""
+        assert self._stage is not None
+        x, y = self._stage.stage_position()
+        left = max(self.safety.stage_settled_at - self._clock(), 0.0)
+        return {"x_um": x, "y_um": y, "moving": left > 0, "settles_in_s": left, "moves": self.stage_moves}
 
     def _trigger_caps(self) -> dict | None:
         """The ``trigger`` field of ``get_capabilities``: None without a controller-side trigger."""

@@ -18,6 +18,12 @@ bridge call            Nion Swift (nionswift-instrumentation 23.6, ``nion/instru
 ``set_probe``          ``probe_position = FloatPoint(y, x)``: same fractions of the last scan, origin
                        top-left; Nion orders them (y, x)
 ``blank``              instrument control ``C_Blank`` (1: blanked)
+``center_nm``          of ``acquire_frame`` (x, y): the frame parameters' ``center_nm = FloatPoint(y, x)``
+                       (a subscan or re-centred frame; ``fov_nm`` sets the magnification)
+``move_stage``         instrument 2D control ``stage_position_m`` (``SetVal2D``, metres, x and y), read
+                       back with ``GetVal2D`` (``get_stage``); travel range, speed and settle time are
+                       the :class:`~beamloop.edge.control.protocol.StageLimits` given to the
+                       controller (default :data:`DEFAULT_STAGE`), as Nion Swift does not report them
 ``queue_points``       one 1x1 subscan per point (``subscan_pixel_size`` 1x1, ``subscan_fractional_size``
                        one pixel, ``subscan_fractional_center`` the point, ``pixel_time_us`` the dwell):
                        Nion has no native point list; ``mean_counts`` is the pixel's value
@@ -46,7 +52,7 @@ import zmq
 
 from beamloop.edge.control.controller import Acquisition, Capabilities, ScanController
 from beamloop.edge.control.keys import ServerKeys
-from beamloop.edge.control.protocol import BridgeError, ScanLimits
+from beamloop.edge.control.protocol import BridgeError, ScanLimits, StageLimits
 from beamloop.edge.control.safety import SafetyLimits
 from beamloop.edge.frame.scanframe import ScanFrame
 
@@ -57,6 +63,14 @@ SHAPE_LIMITS = (1, 8192)
 """Smallest and largest frame size, pixels per axis."""
 DWELL_US_LIMITS = (0.05, 1e5)
 """Shortest and longest pixel dwell time, microseconds."""
+
+
+DEFAULT_STAGE = StageLimits(x_um=(-1000.0, 1000.0), y_um=(-1000.0, 1000.0), speed_um_per_s=10.0, settle_s=3.0)
+"""Stage limits assumed for a Nion instrument when none are given: +-1 mm travel, 10 um/s, 3 s to settle (an
+assumption of the order of a goniometer stage's, not a Nion specification; pass the instrument's own)."""
+
+STAGE_CONTROL = "stage_position_m"
+"""nionswift-instrumentation's 2D instrument control of the stage position (metres; ``SetVal2D``/``GetVal2D``)."""
 
 
 def nion_available() -> bool:
@@ -126,10 +140,13 @@ class NionBackend:
         The scan device's channels, lower case, by index.
     frame_parameters : ScanFrameParameters or None
         Those of the current frame (the last :meth:`set_frame`).
+    stage : StageLimits
+        The stage's travel range, speed and settle time (constructor ``stage``, default :data:`DEFAULT_STAGE`).
     """
 
-    def __init__(self, scan) -> None:
+    def __init__(self, scan, stage: StageLimits | None = None) -> None:
         self.scan = scan
+        self.stage = stage or DEFAULT_STAGE
         self.instrument = scan.stem_controller
         self.channel_names = [scan.get_channel_name(i).lower() for i in range(scan.channel_count)]
         self.frame_parameters: Any = None
@@ -155,7 +172,7 @@ class NionBackend:
         fp.pixel_size = Geometry.IntSize(rows, cols)
         fp.pixel_time_us = scan.dwell_us
         fp.rotation_rad = 0.0
-        fp.center_nm = Geometry.FloatPoint(0.0, 0.0)
+        fp.center_nm = Geometry.FloatPoint(y=float(scan.center_nm[1]), x=float(scan.center_nm[0]))
         fp.fov_nm = 1.0
         size = fp.fov_size_nm  # Nion spreads fov_nm over the frame with square pixels
         fp.fov_nm = h_nm / size.height
@@ -188,6 +205,42 @@ class NionBackend:
         self.instrument.SetVal("C_Blank", 1.0 if on else 0.0)
         ok, value = self.instrument.TryGetVal("C_Blank")
         return bool(ok and value >= 0.5)
+
+    # StageBackend ----------------------------------------------------------------------------------------
+    def stage_limits(self) -> StageLimits:
+        """The stage limits given to the backend (:data:`DEFAULT_STAGE` by default)."""
+        return self.stage
+
+    def stage_position(self) -> tuple[float, float]:
+        """``GetVal2D("stage_position_m")`` as ``(x_um, y_um)``.
+
+        Raises
+        ------
+        BridgeError
+            (``internal``) the instrument has no such control.
+        """
+        try:
+            p = self.instrument.GetVal2D(STAGE_CONTROL)
+        except Exception as exc:  # noqa: BLE001 - any instrument failure is reported as one error
+            raise BridgeError("internal", f"the instrument's {STAGE_CONTROL} cannot be read: {exc}") from None
+        return float(p.x) * 1e6, float(p.y) * 1e6
+
+    def move_stage(self, x_um: float, y_um: float) -> tuple[float, float, float]:
+        """``SetVal2D("stage_position_m", FloatPoint(y, x))`` in metres; returns the readback and the move time
+        of :meth:`StageLimits.move_time_s` from the position before.
+
+        Raises
+        ------
+        BridgeError
+            (``internal``) the instrument refused the value.
+        """
+        from nion.utils import Geometry
+
+        x0, y0 = self.stage_position()
+        if not self.instrument.SetVal2D(STAGE_CONTROL, Geometry.FloatPoint(y=y_um * 1e-6, x=x_um * 1e-6)):
+            raise BridgeError("internal", f"the instrument refused {STAGE_CONTROL} = ({x_um:g}, {y_um:g}) um")
+        ax, ay = self.stage_position()
+        return ax, ay, self.stage.move_time_s(ax - x0, ay - y0)
 
     def measure_point(self, fx: float, fy: float, dwell_us: float, channel: str) -> float:
         """Record a one-pixel subscan of the current frame centred on ``(fx, fy)``; its mean value."""
@@ -227,6 +280,8 @@ class NionScanController(ScanController):
     context : zmq.Context, optional
     clock : callable, optional
         Monotonic seconds for the watchdog and the dwell limit (default :func:`time.monotonic`).
+    stage : StageLimits, optional
+        The instrument's stage travel range, speed and settle time (default :data:`DEFAULT_STAGE`).
 
     Raises
     ------
@@ -236,6 +291,7 @@ class NionScanController(ScanController):
 
     def __init__(self, scan, *, control: str = "tcp://127.0.0.1:*", frames: str = "tcp://127.0.0.1:*",
                  limits: SafetyLimits | None = None, keys: ServerKeys | None = None,
-                 context: zmq.Context | None = None, clock: Callable[[], float] = time.monotonic) -> None:
-        super().__init__(NionBackend(scan), control=control, frames=frames, limits=limits, keys=keys, context=context,
-                         clock=clock)
+                 context: zmq.Context | None = None, clock: Callable[[], float] = time.monotonic,
+                 stage: StageLimits | None = None) -> None:
+        super().__init__(NionBackend(scan, stage), control=control, frames=frames, limits=limits, keys=keys,
+                         context=context, clock=clock)

@@ -28,7 +28,20 @@ blanking, point lists.
                        per sample of the intact column): the controller's own ejection trigger decides on
                        every sample of the parked dwells and blanks the beam itself; never unblanks
 ``get_trigger_state``  no arguments: the armed trigger and its last decision (sample, blank time)
+``move_stage``         ``x_um``, ``y_um``: drive the specimen stage to that absolute position
+                       (micrometres, inside the ``stage`` limits of ``get_capabilities``); the
+                       controller blanks the beam first and keeps it blanked until the stage has
+                       settled (``duration_s`` in the reply: travel plus settle); the current frame
+                       ends (its positions no longer name the specimen under the beam)
+``get_stage``          no arguments: the stage position (as the stage reports it), whether it is still
+                       moving and the seconds until it has settled
 =====================  ==========================================================================
+
+``move_stage`` and ``get_stage`` are served by controllers whose ``get_capabilities`` reply has a
+``stage`` entry (:class:`StageLimits`: travel range, speed, settle time, backlash); ``stage`` is None for
+one without a motorised stage. The field of view (magnification) is set per frame by ``acquire_frame``'s
+``fov_nm``, up to the controller's ``max_fov_nm``. While the stage moves, ``acquire_frame``,
+``set_probe``, ``queue_points`` and ``blank`` with ``on: false`` are refused as ``busy``.
 
 ``arm_trigger`` and ``get_trigger_state`` are served by controllers whose ``get_capabilities`` reply names
 a ``trigger`` (the models offered, with their hash, calibrated threshold and logic latency); ``trigger``
@@ -147,6 +160,12 @@ MAX_EXPECTED_RATE = 65535.0
 
 MAX_CLIENT_ID = 64
 """Longest client id (characters) a request may carry."""
+
+STAGE_CALLS = ("move_stage", "get_stage")
+"""Calls of a controller with a motorised specimen stage (``get_capabilities`` has a ``stage`` entry)."""
+
+STAGE_BUSY_CALLS = ("acquire_frame", "set_probe", "queue_points")
+"""Calls refused as ``busy`` while the stage moves (and ``blank`` with ``on: false``)."""
 
 
 class BridgeError(RuntimeError):
@@ -671,3 +690,114 @@ def check_channels(channels: Any, limits: ScanLimits) -> tuple[str, ...]:
         raise BridgeError("out_of_range", f"channels {short_repr(channels)} not all available; this scan device has "
                                           f"{list(limits.channels)}")
     return names
+
+
+# move_stage -----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StageLimits:
+    """What a motorised specimen stage accepts in ``move_stage``, and how fast it gets there.
+
+    Attributes
+    ----------
+    x_um, y_um : (float, float)
+        Travel range along x and y (smallest, largest), micrometres, in the stage's own coordinates.
+    speed_um_per_s : float
+        Travel speed per axis (both axes move together), micrometres per second.
+    settle_s : float
+        Time after arrival before the stage is still enough to image, seconds.
+    backlash_um : float
+        Lost motion when an axis reverses direction, micrometres (a stage property the controller reports;
+        the stage's own readback does not show it).
+
+    Notes
+    -----
+    Travel time model: ``max(|dx|, |dy|) / speed_um_per_s + settle_s`` (:meth:`move_time_s`), a stage whose
+    axes are driven at once at constant speed. Piezo-assisted goniometer stages of aberration-corrected
+    STEMs travel at micrometres per second and settle in seconds; montaging is therefore stage-limited
+    at about 0.1 frames/s (M. J. Olszta et al., "An automated scanning transmission electron microscope
+    guided by sparse data analytics", Microsc. Microanal. 28, 1611-1621 (2022)).
+
+    Raises
+    ------
+    ValueError
+        A range that is empty or not finite, a speed that is not positive, a negative settle time or backlash.
+    """
+
+    x_um: tuple[float, float]
+    y_um: tuple[float, float]
+    speed_um_per_s: float
+    settle_s: float
+    backlash_um: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("x_um", "y_um"):
+            lo, hi = getattr(self, name)
+            if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+                raise ValueError(f"stage range {name} {getattr(self, name)!r} must be two finite numbers lo < hi")
+        if not (math.isfinite(self.speed_um_per_s) and self.speed_um_per_s > 0):
+            raise ValueError(f"stage speed_um_per_s {self.speed_um_per_s!r} must be a positive number")
+        for name in ("settle_s", "backlash_um"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"stage {name} {v!r} must be a finite number >= 0")
+
+    def move_time_s(self, dx_um: float, dy_um: float) -> float:
+        """Travel plus settle time of a move by ``(dx_um, dy_um)`` micrometres, seconds (class Notes); 0 for
+        no move."""
+        d = max(abs(dx_um), abs(dy_um))
+        return 0.0 if d == 0 else d / self.speed_um_per_s + self.settle_s
+
+    def as_dict(self) -> dict:
+        """The ``stage`` entry of ``get_capabilities``."""
+        return {"x_um": list(self.x_um), "y_um": list(self.y_um), "speed_um_per_s": self.speed_um_per_s,
+                "settle_s": self.settle_s, "backlash_um": self.backlash_um}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> StageLimits:
+        """The inverse of :meth:`as_dict` (e.g. a client reading ``get_capabilities``).
+
+        Raises
+        ------
+        BridgeError
+            (``bad_request``) a field missing or malformed.
+        """
+        try:
+            return cls(tuple(float(v) for v in d["x_um"]), tuple(float(v) for v in d["y_um"]),  # type: ignore[arg-type]
+                       float(d["speed_um_per_s"]), float(d["settle_s"]), float(d.get("backlash_um", 0.0)))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BridgeError("bad_request", f"stage limits {short_repr(d)} malformed: {exc}") from None
+
+
+def parse_move_stage(args: Mapping[str, Any], limits: StageLimits) -> tuple[float, float]:
+    """Check the arguments of ``move_stage`` against a stage's limits.
+
+    Parameters
+    ----------
+    args : mapping
+        ``x_um``, ``y_um``: the absolute target, micrometres.
+    limits : StageLimits
+
+    Returns
+    -------
+    (float, float)
+        The target ``(x_um, y_um)``.
+
+    Raises
+    ------
+    BridgeError
+        ``bad_request``: ``x_um`` or ``y_um`` missing, not a number or not finite; ``out_of_range``: outside
+        the travel range.
+    """
+    vals = []
+    for name in ("x_um", "y_um"):
+        v = args.get(name)
+        if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)):
+            raise BridgeError("bad_request", f"move_stage needs x_um and y_um (finite micrometres); {name} is "
+                                             f"{short_repr(v)}", "move_stage")
+        vals.append(float(v))
+    x, y = vals
+    (xl, xh), (yl, yh) = limits.x_um, limits.y_um
+    if not (xl <= x <= xh and yl <= y <= yh):
+        raise BridgeError("out_of_range", f"stage target ({x:g}, {y:g}) um outside the travel range x [{xl:g}, "
+                                          f"{xh:g}], y [{yl:g}, {yh:g}] um", "move_stage")
+    return x, y

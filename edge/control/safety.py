@@ -55,7 +55,16 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from beamloop.edge.control.protocol import MAX_EXPECTED_RATE, REARM_POLICIES, BridgeError, makes_safer, short_repr
+from beamloop.edge.control.protocol import (
+    MAX_EXPECTED_RATE,
+    REARM_POLICIES,
+    STAGE_BUSY_CALLS,
+    BridgeError,
+    StageLimits,
+    makes_safer,
+    parse_move_stage,
+    short_repr,
+)
 from beamloop.edge.frame.scanframe import BeamPositionError, ScanFrame, check_fraction
 from beamloop.edge.physics import electrons_per_second
 
@@ -143,7 +152,9 @@ class SafetyCounters:
     the calls admitted because they make the beam safer; ``error_blanks`` the blanks after a handler failed
     with the beam changed; ``blank_failures`` the blanks the hardware refused (tried again);
     ``backstop_trips`` the watchdog's actions by the controller's timer thread while its serve loop was held
-    up; ``refused_trigger`` the ``arm_trigger`` requests refused for their arguments."""
+    up; ``refused_trigger`` the ``arm_trigger`` requests refused for their arguments; ``refused_stage`` the
+    ``move_stage`` requests refused for their target; ``refused_stage_moving`` the requests refused as
+    ``busy`` because the stage was still moving or settling."""
 
     refused_position: int = 0
     refused_stale_frame: int = 0
@@ -161,6 +172,8 @@ class SafetyCounters:
     backstop_trips: int = 0
     heartbeats: int = 0
     refused_trigger: int = 0
+    refused_stage: int = 0
+    refused_stage_moving: int = 0
 
 
 class RateLimiter:
@@ -262,7 +275,7 @@ class SequenceTracker:
             self._last.popitem(last=False)
 
 
-UNCACHED_CALLS = ("get_state", "get_capabilities", "fetch_points", "heartbeat", "get_trigger_state")
+UNCACHED_CALLS = ("get_state", "get_capabilities", "fetch_points", "heartbeat", "get_trigger_state", "get_stage")
 """Read-only calls: they always run (never answered from the reply cache) and leave sequence numbers alone."""
 
 BEAM_ON_CALLS = ("set_probe", "blank", "queue_points")
@@ -360,6 +373,13 @@ class BeamSafety:
     trigger_models : dict
         The controller's trigger models, name -> ``{"hash", ...}``, for :meth:`check_arm_trigger` (set by the
         controller; empty: ``arm_trigger`` is not checked here, as the controller does not serve it).
+    stage_limits : StageLimits or None
+        The specimen stage's travel range, for ``move_stage`` (set by a controller with a stage; None: the call
+        is not checked here, as it is not served).
+    stage_settled_at : float
+        Clock time the stage will have settled after its last move, seconds (:meth:`stage_moving`): until
+        then :data:`~beamloop.edge.control.protocol.STAGE_BUSY_CALLS` and ``blank`` with ``on: false`` are
+        refused as ``busy``, so the beam stays blanked while the stage moves.
     """
 
     def __init__(self, limits: SafetyLimits | None = None, *, blank: Callable[[str], None] | None = None,
@@ -382,6 +402,8 @@ class BeamSafety:
         self._blank_pending = ""
         self.last_action = ""
         self.trigger_models: dict[str, dict] = {}
+        self.stage_limits: StageLimits | None = None
+        self.stage_settled_at = -math.inf
 
     @property
     def clock(self) -> Callable[[], float]:
@@ -448,6 +470,17 @@ class BeamSafety:
                                               f"(burst {self.limits.command_burst}) from client {client}; {call} "
                                               "not applied", call)
         self._heard(client)
+        if self.stage_moving() and (call in STAGE_BUSY_CALLS or (call == "blank" and args.get("on") is False)):
+            self.counters.refused_stage_moving += 1
+            left = self.stage_settled_at - self._clock()
+            raise BridgeError("busy", f"the stage is moving or settling for {left:.3g} s more; {call} not applied "
+                                      "(the beam stays blanked)", call)
+        if call == "move_stage" and self.stage_limits is not None:
+            try:
+                parse_move_stage(args, self.stage_limits)
+            except BridgeError:
+                self.counters.refused_stage += 1
+                raise
         if call == "set_probe":
             self.check_position(args.get("x"), args.get("y"), args.get("frame_id"), call)
         elif call == "queue_points":
@@ -461,6 +494,16 @@ class BeamSafety:
         if call in BEAM_ON_CALLS and not (call == "blank" and args.get("on") is not False):
             self._take_owner(client)
         return None
+
+    def stage_moving(self) -> bool:
+        """Whether the stage is still moving or settling (the clock is before :attr:`stage_settled_at`)."""
+        return self._clock() < self.stage_settled_at
+
+    def stage_moved(self, duration_s: float) -> None:
+        """The controller started a stage move taking ``duration_s`` seconds (travel plus settle): the current
+        frame ends (positions on it are refused as stale) and the beam-on calls wait until it has settled."""
+        self.stage_settled_at = self._clock() + max(float(duration_s), 0.0)
+        self.frame = None
 
     def _heard(self, client: str | None) -> None:
         if client == self.owner:
