@@ -11,13 +11,17 @@ PYTEST_ARGS ?=
 
 # System tools the FPGA tests need (Icarus Verilog for the cycle-accurate RTL simulation, g++ for the
 # hls4ml C simulation); the rest of the RTL flow (yosys, nextpnr-ecp5, ecppack) comes from PyPI as
-# WebAssembly (yowasp).
+# WebAssembly (yowasp). Headless Chromium loads the live view (--http) in tests/test_monitor_browser.py.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 system-deps:
 	@command -v iverilog >/dev/null 2>&1 && command -v g++ >/dev/null 2>&1 || { \
 	  echo "installing iverilog and g++ (apt-get)"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq iverilog g++; \
 	} || echo "warning: could not install iverilog; the RTL and C simulation tests will be skipped" 
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+	  echo "installing chromium (apt-get) for the live view's browser test"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium; \
+	} || echo "warning: could not install chromium; the live view's browser test will be skipped"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -29,7 +33,7 @@ $(VENV)/.installed-runtime: pyproject.toml | $(PY)
 	touch $@
 
 # Everything the tests need: runtime and every feature's extra (torch is pinned to the local CPU wheel).
-EXTRAS ?= test,detector,train,quant,fpga,dkl,bench,nion,fuzz,lint
+EXTRAS ?= test,detector,train,quant,fpga,dkl,bench,nion,fuzz,lint,web
 $(VENV)/.installed-test: pyproject.toml | $(PY) system-deps
 	$(PIP) install -e ".[$(EXTRAS)]"
 	touch $@

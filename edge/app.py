@@ -154,3 +154,76 @@ def warm_up(path: FramePath, trigger=None, *, shape: tuple[int, int] = (96, 96),
     if trigger is not None:
         trigger.start(5.0)
         trigger.update(np.full(64, 5, np.uint16))
+
+
+def service_counters(service: EdgeService) -> dict[str, int]:
+    """The live view's counters of ``service`` (names of :data:`beamloop.edge.monitor.board.COUNTER_NAMES`),
+    read from its receiver's, bridge's and own counters now (from the web thread: plain integer reads)."""
+    c = service.receiver.counters
+    st = service.stats
+    out = {"frames_received": c.frames, "rejected": c.rejected + st.rejected, "dropped": c.dropped + c.missing_frames,
+           "blank_failures": st.blank_failures}
+    if service.bridge is not None:
+        b = service.bridge.counters
+        out.update(bridge_calls=b.calls, bridge_errors=b.errors + b.timeouts,
+                   refused_positions=b.rejected_before_send)
+    return out
+
+
+def start_monitor(service: EdgeService, http: tuple[str, int], *, keys=None, on_stop=None, images=None,
+                  min_interval_s: float = 0.2):
+    """Publish ``service``'s frames and dwells on a :class:`~beamloop.edge.monitor.board.MonitorBoard` and serve
+    the live view and ``/metrics`` on ``http`` (:class:`~beamloop.edge.monitor.web.MonitorServer`, started).
+
+    The service's ``interrupt`` is extended so that the page's stop button stops it like Ctrl-C (it blanks the
+    beam on its way out); the server also blanks at once on a bridge connection of its own, with ``keys``.
+
+    Parameters
+    ----------
+    service : EdgeService
+    http : (host, port)
+        Where to serve (:func:`beamloop.edge.monitor.web.parse_http`); port 0 picks a free one.
+    keys : ClientKeys, optional
+        The bridge client's CURVE keys: the server's bridge connection uses them, and the view's bearer token
+        is derived from their secret key (:func:`beamloop.edge.monitor.web.token_from_secret`), required when
+        ``host`` is beyond loopback.
+    on_stop : callable(), optional
+        Also called when the stop button is pressed (e.g. to mark the command's own stop request).
+    images : callable() -> dict, optional
+        Live images to show (4D-STEM virtual images and CoM).
+    min_interval_s : float
+        Shortest time between two frames copied for the view, seconds.
+
+    Returns
+    -------
+    MonitorServer
+        Serving; ``.url`` is the page, ``.board`` the board; call ``.stop()`` at the end.
+
+    Raises
+    ------
+    beamloop.edge.monitor.web.MonitorAuthError
+        ``host`` beyond loopback without ``keys``.
+    OSError
+        The address cannot be bound.
+    """
+    from beamloop.edge.monitor.board import MonitorBoard
+    from beamloop.edge.monitor.web import ControllerLink, MonitorServer, token_from_secret
+
+    host, port = http
+    token = token_from_secret(keys.secret) if keys is not None else None
+    board = MonitorBoard(min_interval_s=min_interval_s, latency=service.latency,
+                         counters=lambda: service_counters(service), images=images)
+    link = ControllerLink(service.bridge.endpoint, keys) if service.bridge is not None else None
+    server = MonitorServer(board, host, port, token=token if not _loopback(host) else None, link=link,
+                           on_stop=on_stop)
+    server.start()
+    previous = service.interrupt
+    service.interrupt = lambda: (previous() if previous is not None else 0) or board.interrupt()
+    service.monitor = board
+    return server
+
+
+def _loopback(host: str) -> bool:
+    from beamloop.edge.monitor.web import is_loopback
+
+    return is_loopback(host)

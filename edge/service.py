@@ -359,6 +359,11 @@ class EdgeService:
 
     Attributes
     ----------
+    monitor : MonitorBoard or None
+        Where frames and dwells are published for the live view and ``/metrics``
+        (:class:`beamloop.edge.monitor.board.MonitorBoard`; set by :func:`beamloop.edge.app.start_monitor`):
+        a rate-limited copy of the frame after the path, the probe position, the parked-probe blocks and each
+        dwell's result; None (default): nothing is published.
     trigger_at : str
         Where dwells' decisions are made now (:data:`TRIGGER_AT`).
     trigger_at_note : str
@@ -406,6 +411,7 @@ class EdgeService:
         self.stats = ServiceStats()
         self._series_meta: tuple[tuple, FrameMeta, ScanFrame | None] | None = None
         self._rejected: OrderedDict[str, str] = OrderedDict()
+        self.monitor: Any = None
         if bridge is not None:
             bridge.on_round_trip = self._record_round_trip
 
@@ -601,6 +607,8 @@ class EdgeService:
                 self.stats.note(f"frame {ev.image_id}: {type(exc).__name__}: {exc}")
                 log.error("frame %d: frame path failed", ev.image_id, exc_info=True)
                 continue
+            if self.monitor is not None:
+                self.monitor.publish_frame(image, ctx, scan, ev.image_id)
             return ev, ctx, scan
         return None
 
@@ -817,7 +825,10 @@ class EdgeService:
         if collecting:
             gc.disable()
         try:
-            return self._dwell(target, max_dwell_s, stream_timeout_ms, expected_rate)
+            res = self._dwell(target, max_dwell_s, stream_timeout_ms, expected_rate)
+            if self.monitor is not None:
+                self.monitor.dwell_ended(res)
+            return res
         finally:
             if collecting:
                 gc.enable()
@@ -862,6 +873,8 @@ class EdgeService:
             res.set_probe_reply_ns = time.monotonic_ns()
             if self.trigger_at == "controller":
                 self._arm_controller(res, expected_rate)
+            if self.monitor is not None:
+                self.monitor.dwell_started(target, fx, fy)
             self.bridge.blank(False)
         except BeamPositionError as exc:
             res.reason, res.error = "rejected", str(exc)
@@ -893,6 +906,8 @@ class EdgeService:
                     if not blanked:
                         res.error = "blank after trigger failed"
                         break
+                if self.monitor is not None:  # after the decision's blank: the view never delays it
+                    self.monitor.dwell_block(block, res.trigger_sample if fired else -1)
             if res.trigger_at == "controller" and res.reason == "controller_ended":
                 self._controller_decision(res)
         except BridgeError as exc:  # the controller is gone while the beam was on

@@ -1,4 +1,13 @@
-"""Latency bookkeeping: per-stage samples in preallocated arrays, percentiles and a printed table."""
+"""Latency bookkeeping: per-stage samples in bounded preallocated arrays, fixed-bucket histograms, percentiles
+and a printed table.
+
+A long-running service records a few durations per frame and per bridge call for as long as it runs, so
+nothing here grows without bound: each stage keeps its most recent :data:`WINDOW` samples exactly (a ring,
+grown by doubling up to that size) and counts every sample in a fixed log-linear histogram
+(:func:`bucket_of`) whose counts a monitor reads at its own rate (:meth:`LatencyRecorder.histogram`).
+Up to :data:`WINDOW` samples per stage (every benchmark run so far) the summary is exactly what it was
+before the cap.
+"""
 
 from __future__ import annotations
 
@@ -7,55 +16,230 @@ import numpy as np
 STAGES = ("receive", "decode", "preprocess", "find", "classify", "policy", "bridge", "trigger", "end_to_end")
 """Stage names of the main job, in the order a frame meets them (see :mod:`beamloop.edge.path`)."""
 
+WINDOW = 1 << 18
+"""Most recent samples a :class:`LatencyRecorder` keeps per stage by default (2 MiB of int64 at most)."""
+
+SUB_BITS = 3
+"""Binary digits kept after the leading one in the histogram: 2**SUB_BITS buckets per octave, so a bucket is
+at most 1/8 of its lower edge wide (the log-linear bucket layout of HdrHistogram, G. Tene,
+https://hdrhistogram.github.io/HdrHistogram/)."""
+
+LINEAR = 1 << (SUB_BITS + 1)
+"""Durations below this many nanoseconds (16) get one bucket per nanosecond."""
+
+MAX_OCTAVE = 40
+"""Durations from 2**MAX_OCTAVE ns (about 18 minutes) on share the last bucket."""
+
+N_BUCKETS = LINEAR + (MAX_OCTAVE - SUB_BITS - 1) * (1 << SUB_BITS) + 1
+"""Histogram buckets per stage (the last one is the overflow bucket)."""
+
+
+def bucket_of(ns: int) -> int:
+    """The histogram bucket of a duration.
+
+    Durations below :data:`LINEAR` ns have a bucket each; above, every octave ``[2**k, 2**(k+1))`` is split
+    into ``2**SUB_BITS`` equal buckets; from ``2**MAX_OCTAVE`` ns on, the last bucket. Negative durations
+    count in bucket 0.
+
+    Parameters
+    ----------
+    ns : int
+        Duration, nanoseconds.
+
+    Returns
+    -------
+    int
+        Index in ``[0, N_BUCKETS)``.
+    """
+    if ns < LINEAR:
+        return ns if ns > 0 else 0
+    e = ns.bit_length() - SUB_BITS - 1  # >= 1
+    i = LINEAR + (e - 1) * (1 << SUB_BITS) + (ns >> e) - (1 << SUB_BITS)
+    return i if i < N_BUCKETS else N_BUCKETS - 1
+
+
+def bucket_edges() -> np.ndarray:
+    """Lower edges of the histogram buckets, nanoseconds.
+
+    Returns
+    -------
+    ndarray, shape (N_BUCKETS + 1,), int64
+        ``edges[i] <= ns < edges[i + 1]`` for a duration counted in bucket ``i``; the last edge is the
+        overflow bucket's nominal end (``2**(MAX_OCTAVE + 1)``).
+    """
+    edges = np.empty(N_BUCKETS + 1, np.int64)
+    edges[:LINEAR] = np.arange(LINEAR)
+    i = np.arange(LINEAR, N_BUCKETS - 1)
+    e = (i - LINEAR) // (1 << SUB_BITS) + 1
+    m = (i - LINEAR) % (1 << SUB_BITS) + (1 << SUB_BITS)
+    edges[LINEAR:N_BUCKETS - 1] = m << e
+    edges[N_BUCKETS - 1] = 1 << MAX_OCTAVE
+    edges[N_BUCKETS] = 1 << (MAX_OCTAVE + 1)
+    return edges
+
+
+def histogram_quantile(counts: np.ndarray, q: float) -> float:
+    """A quantile of a histogram of :func:`bucket_of` buckets, interpolated linearly inside its bucket.
+
+    Parameters
+    ----------
+    counts : ndarray, shape (N_BUCKETS,)
+        Counts per bucket.
+    q : float
+        Quantile in [0, 1].
+
+    Returns
+    -------
+    float
+        Nanoseconds (within one bucket's width, at most 1/8 of the value, of the exact quantile); NaN for an
+        empty histogram.
+
+    Raises
+    ------
+    ValueError
+        ``q`` outside [0, 1], or ``counts`` of another length than :data:`N_BUCKETS`.
+    """
+    if not 0.0 <= q <= 1.0:
+        raise ValueError(f"quantile {q!r} is outside [0, 1]")
+    counts = np.asarray(counts)
+    if counts.shape != (N_BUCKETS,):
+        raise ValueError(f"histogram of shape {counts.shape}; expected ({N_BUCKETS},)")
+    total = int(counts.sum())
+    if total == 0:
+        return float("nan")
+    cum = np.cumsum(counts)
+    rank = q * total
+    i = int(np.searchsorted(cum, max(rank, 1e-12), side="left"))
+    i = min(i, N_BUCKETS - 1)
+    edges = bucket_edges()
+    below = cum[i - 1] if i > 0 else 0
+    frac = (rank - below) / counts[i] if counts[i] else 0.0
+    return float(edges[i] + min(max(frac, 0.0), 1.0) * (edges[i + 1] - edges[i]))
+
 
 class LatencyRecorder:
-    """Collects durations per stage (nanoseconds) without allocating per sample.
+    """Collects durations per stage (nanoseconds) without allocating per sample, in bounded memory.
+
+    Each stage keeps its most recent ``window`` samples (an array grown by doubling from ``capacity`` up
+    to ``window``, then overwritten as a ring), the count, sum and maximum of every sample, and a histogram
+    of every sample in :data:`N_BUCKETS` fixed buckets (:func:`bucket_of`). Memory per stage is therefore
+    at most ``8 * window + 8 * N_BUCKETS`` bytes however long the service runs.
 
     Parameters
     ----------
     stages : iterable of str
         Stage names, in the order of the printed table; unknown names are added when first recorded.
     capacity : int
-        Samples preallocated per stage; the array doubles when full.
+        Samples preallocated per stage (at least 1); the array doubles when full, up to ``window``.
+    window : int
+        Most recent samples kept per stage (default :data:`WINDOW`; at least ``capacity``).
+
+    Raises
+    ------
+    ValueError
+        ``capacity`` below 1.
     """
 
-    def __init__(self, stages=STAGES, capacity: int = 4096) -> None:
+    def __init__(self, stages=STAGES, capacity: int = 4096, window: int = WINDOW) -> None:
+        if int(capacity) < 1:
+            raise ValueError(f"latency recorder capacity {capacity!r} must be at least 1")
         self._cap = int(capacity)
+        self.window = max(int(window), self._cap)
         self._data: dict[str, np.ndarray] = {}
         self._n: dict[str, int] = {}
+        self._sum: dict[str, int] = {}
+        self._max: dict[str, int] = {}
+        self._hist: dict[str, np.ndarray] = {}
         for s in stages:
             self._add_stage(s)
 
     def _add_stage(self, stage: str) -> None:
-        self._data[stage] = np.empty(self._cap, np.int64)
+        self._data[stage] = np.empty(min(self._cap, self.window), np.int64)
         self._n[stage] = 0
+        self._sum[stage] = 0
+        self._max[stage] = 0
+        self._hist[stage] = np.zeros(N_BUCKETS, np.int64)
 
     def add(self, stage: str, ns: int) -> None:
-        """Record one duration of ``stage`` in nanoseconds."""
+        """Record one duration of ``stage`` in nanoseconds (an int; the hot path's cost: a few integer
+        operations and two array stores)."""
         if stage not in self._data:
             self._add_stage(stage)
+        ns = int(ns)
         n = self._n[stage]
         buf = self._data[stage]
-        if n == len(buf):
-            buf = self._data[stage] = np.concatenate([buf, np.empty(len(buf), np.int64)])
-        buf[n] = ns
+        k = n if n < self.window else n % self.window
+        if k == len(buf) and k < self.window:
+            buf = self._data[stage] = np.concatenate([buf, np.empty(min(len(buf), self.window - len(buf)), np.int64)])
+        buf[k] = ns
         self._n[stage] = n + 1
+        self._sum[stage] += ns
+        if ns > self._max[stage]:
+            self._max[stage] = ns
+        self._hist[stage][bucket_of(ns)] += 1
+
+    @property
+    def stages(self) -> tuple[str, ...]:
+        """Stage names known, in table order."""
+        return tuple(self._data)
+
+    def count(self, stage: str) -> int:
+        """Samples ever recorded for ``stage`` (0 for an unknown stage)."""
+        return self._n.get(stage, 0)
 
     def samples(self, stage: str) -> np.ndarray:
-        """Recorded durations of ``stage``, nanoseconds (a view)."""
-        return self._data[stage][: self._n.get(stage, 0)] if stage in self._data else np.zeros(0, np.int64)
+        """The most recent durations of ``stage`` (at most ``window``), oldest first, nanoseconds.
+
+        Returns
+        -------
+        ndarray, shape (min(count, window),), int64
+            A view while fewer than ``window`` samples were recorded, else a copy of the ring in order.
+        """
+        if stage not in self._data:
+            return np.zeros(0, np.int64)
+        n, buf = self._n[stage], self._data[stage]
+        if n <= self.window:
+            return buf[:n]
+        k = n % self.window
+        return np.concatenate([buf[k:], buf[:k]])
+
+    def since(self, stage: str, mark: int) -> np.ndarray:
+        """Durations of ``stage`` recorded after the first ``mark`` ones (a :meth:`count` taken earlier), those
+        still held (the most recent ``window``), oldest first, nanoseconds (int64)."""
+        n = self.count(stage)
+        held = self.samples(stage)
+        return held[len(held) - min(max(n - int(mark), 0), len(held)):]
+
+    def histogram(self, stage: str) -> np.ndarray:
+        """Counts of every duration of ``stage`` per bucket (:func:`bucket_edges`), a copy.
+
+        Returns
+        -------
+        ndarray, shape (N_BUCKETS,), int64
+        """
+        h = self._hist.get(stage)
+        return np.zeros(N_BUCKETS, np.int64) if h is None else h.copy()
+
+    def totals(self, stage: str) -> tuple[int, int, int]:
+        """``(count, sum_ns, max_ns)`` of every duration of ``stage`` recorded."""
+        return self._n.get(stage, 0), self._sum.get(stage, 0), self._max.get(stage, 0)
 
     def summary(self) -> dict:
         """Per stage: ``n``, ``p50_us``, ``p99_us``, ``p999_us``, ``max_us``, ``mean_us``, ``jitter_us``
-        (standard deviation); stages with no samples are left out."""
+        (standard deviation); stages with no samples are left out.
+
+        ``n``, ``max_us`` and ``mean_us`` cover every sample; the percentiles and the jitter the most recent
+        ``window`` samples (all of them in a run shorter than that)."""
         out = {}
-        for stage in self._data:
+        for stage in list(self._data):
             v = self.samples(stage) / 1e3
             if len(v) == 0:
                 continue
+            n, total, mx = self.totals(stage)
             p50, p99, p999 = np.percentile(v, [50, 99, 99.9])
-            out[stage] = {"n": int(len(v)), "p50_us": float(p50), "p99_us": float(p99), "p999_us": float(p999),
-                          "max_us": float(v.max()), "mean_us": float(v.mean()), "jitter_us": float(v.std())}
+            out[stage] = {"n": int(n), "p50_us": float(p50), "p99_us": float(p99), "p999_us": float(p999),
+                          "max_us": float(max(mx / 1e3, v.max())), "mean_us": float(total / n / 1e3)
+                          if n > len(v) else float(v.mean()), "jitter_us": float(v.std())}
         return out
 
     def table(self, title: str = "latency per stage (microseconds)") -> str:
