@@ -62,6 +62,10 @@ class DetectorGeometry:
         return float(bf), (float(rin), float(rout)), (float(centre[0]), float(centre[1]))
 
 
+DEFAULT_GEOMETRY = DetectorGeometry()
+"""The default virtual detectors (BF disk, ADF annulus, CoM on), scaled to each detector."""
+
+
 class FourDReducer:
     """Per-frame BF, ADF (and CoM) of frame stacks, and their summed diffraction pattern: a
     :class:`beamloop.streams.fanout.Reducer`.
