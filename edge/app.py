@@ -182,10 +182,10 @@ def start_monitor(service: EdgeService, http: tuple[str, int], *, keys=None, on_
     ----------
     service : EdgeService
     http : (host, port)
-        Where to serve (:func:`beamloop.edge.monitor.web.parse_http`); port 0 picks a free one.
+        Where to serve (:func:`beamloop.edge.monitor.auth.parse_http`); port 0 picks a free one.
     keys : ClientKeys, optional
         The bridge client's CURVE keys: the server's bridge connection uses them, and the view's bearer token
-        is derived from their secret key (:func:`beamloop.edge.monitor.web.token_from_secret`), required when
+        is derived from their secret key (:func:`beamloop.edge.monitor.auth.token_from_secret`), required when
         ``host`` is beyond loopback.
     on_stop : callable(), optional
         Also called when the stop button is pressed (e.g. to mark the command's own stop request).
@@ -201,29 +201,31 @@ def start_monitor(service: EdgeService, http: tuple[str, int], *, keys=None, on_
 
     Raises
     ------
-    beamloop.edge.monitor.web.MonitorAuthError
+    beamloop.edge.monitor.auth.MonitorAuthError
         ``host`` beyond loopback without ``keys``.
+    ImportError
+        The ``web`` extra (aiohttp, prometheus-client) is not installed (the message says so).
     OSError
         The address cannot be bound.
     """
+    from beamloop.edge.monitor.auth import is_loopback, token_from_secret
     from beamloop.edge.monitor.board import MonitorBoard
-    from beamloop.edge.monitor.web import ControllerLink, MonitorServer, token_from_secret
+    from beamloop.edge.monitor.web import ControllerLink, MonitorServer
 
+    for module in ("aiohttp", "prometheus_client"):
+        try:
+            __import__(module)
+        except ImportError:
+            raise ImportError(f"--http needs {module}: pip install 'beamloop[web]'") from None
     host, port = http
     token = token_from_secret(keys.secret) if keys is not None else None
     board = MonitorBoard(min_interval_s=min_interval_s, latency=service.latency,
                          counters=lambda: service_counters(service), images=images)
     link = ControllerLink(service.bridge.endpoint, keys) if service.bridge is not None else None
-    server = MonitorServer(board, host, port, token=token if not _loopback(host) else None, link=link,
+    server = MonitorServer(board, host, port, token=None if is_loopback(host) else token, link=link,
                            on_stop=on_stop)
     server.start()
     previous = service.interrupt
     service.interrupt = lambda: (previous() if previous is not None else 0) or board.interrupt()
     service.monitor = board
     return server
-
-
-def _loopback(host: str) -> bool:
-    from beamloop.edge.monitor.web import is_loopback
-
-    return is_loopback(host)

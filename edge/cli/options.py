@@ -183,3 +183,49 @@ def client_keys_from_args(a: argparse.Namespace) -> ClientKeys | None:
                            "a client of a secured bridge needs both --keys (its secret key file) and --server-key "
                            "(the bridge's public key file)")
 
+
+
+# live view ----------------------------------------------------------------------------------------------------
+def add_http_argument(parser: argparse.ArgumentParser) -> None:
+    """Add ``--http HOST:PORT`` (the live view and ``/metrics``, :mod:`beamloop.edge.monitor`) to a command's
+    parser; the value is ``a.http``: ``(host, port)`` or None (:func:`beamloop.edge.monitor.auth.parse_http`).
+
+    Beyond loopback the view needs the bridge client's CURVE keys (``--keys``, ``--server-key``): its bearer
+    token is derived from them (:func:`beamloop.edge.monitor.auth.token_from_secret`).
+    """
+    from beamloop.edge.monitor.auth import parse_http
+
+    def http(text: str) -> tuple[str, int]:
+        try:
+            return parse_http(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    parser.add_argument("--http", type=http, default=None, metavar="HOST:PORT",
+                        help="serve a live view (latest frame, columns, targets, probe, trigger, latency, counters, "
+                             "a stop button that blanks the beam) and Prometheus /metrics there, e.g. "
+                             "127.0.0.1:8080; beyond loopback only with --keys/--server-key, whose secret key gives "
+                             "the page's token")
+
+
+def http_allowed(http: tuple[str, int], keys: ClientKeys | None, command: str) -> bool:
+    """Whether ``--http`` may serve at ``http`` with the bridge client ``keys``: a loopback address always, any
+    other only with keys (the page's token is derived from them; :mod:`beamloop.edge.monitor.auth`). Prints a
+    one-line error (``beamloop COMMAND: ...``) when not.
+
+    Parameters
+    ----------
+    http : (host, port)
+    keys : ClientKeys or None
+    command : str
+        The command's name, for the error.
+    """
+    from beamloop.edge.cli import error
+    from beamloop.edge.monitor.auth import is_loopback
+
+    if is_loopback(http[0]) or keys is not None:
+        return True
+    error(command, f"--http {http[0]}:{http[1]} is beyond loopback: the live view can stop the beam, so it needs "
+                   "the bridge client keys (--keys and --server-key; the page's token is derived from them) or a "
+                   "loopback address such as 127.0.0.1")
+    return False

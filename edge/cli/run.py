@@ -14,16 +14,20 @@ TRIGGER_HELP = ("model: the shipped quantized ejection model (integer, bit-exact
 def cmd_run(a: argparse.Namespace) -> int:
     """``beamloop run``: the main job (:func:`beamloop.edge.experiments.closed_loop.run`); the exit status of
     :mod:`beamloop.edge.cli` (0 done; 3 no frames; 4 simulator lost; 5 a blank not confirmed; 6 output not
-    written; 128 + the signal after SIGINT/SIGTERM, with the beam blanked and the frames so far written)."""
-    from beamloop.edge.cli import EXIT_OUTPUT, STOP_EXIT, StopSignals, error, worst_status
+    written; 128 + the signal after SIGINT/SIGTERM or the live view's stop button (``--http``), with the beam
+    blanked and the frames so far written)."""
+    from beamloop.edge.cli import EXIT_OUTPUT, EXIT_USAGE, STOP_EXIT, StopSignals, error, worst_status
+    from beamloop.edge.cli.options import http_allowed
     from beamloop.edge.experiments import closed_loop
 
+    if a.http and not http_allowed(a.http, None, "run"):
+        return EXIT_USAGE
     with StopSignals() as stop:
         report = closed_loop.run(Path(a.out), rounds=a.rounds, shape=a.shape, pixel_size_A=a.pixel_size,
                                  dose_e_per_A2=a.dose, targets_per_frame=a.targets, seed=a.seed,
                                  current_pA=a.current_pA, trigger=a.trigger, max_dwell_s=a.max_dwell, quiet=a.quiet,
                                  interrupt=stop, trigger_at=a.trigger_at, drift_A_per_s=a.drift_A_per_s,
-                                 lock_on=a.lock_on)
+                                 lock_on=a.lock_on, http=a.http)
     outcome = report["outcome"]
     codes = [EXIT_OUTPUT if outcome["output_errors"] else 0]
     if outcome["reason"] == "interrupted":
@@ -40,7 +44,12 @@ def cmd_run(a: argparse.Namespace) -> int:
 
 def register(sub) -> None:
     """Add ``run`` to the ``beamloop`` subcommands."""
-    from beamloop.edge.cli.options import add_drift_argument, add_lock_on_argument, add_trigger_at_argument
+    from beamloop.edge.cli.options import (
+        add_drift_argument,
+        add_http_argument,
+        add_lock_on_argument,
+        add_trigger_at_argument,
+    )
     from beamloop.edge.trigger import trigger_names
 
     r = sub.add_parser("run", help="the main job: closed loop on the simulated microscope, with report")
@@ -59,4 +68,5 @@ def register(sub) -> None:
                               "probe on the column the frame showed)")
     r.add_argument("--max-dwell", type=parse_positive, default=2.0, help="longest dwell per target, seconds")
     r.add_argument("--quiet", action="store_true", help="no progress bar or report")
+    add_http_argument(r)
     r.set_defaults(func=cmd_run)

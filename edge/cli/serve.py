@@ -4,6 +4,9 @@ Exit status (:mod:`beamloop.edge.cli`): 0 done; 3 no frame arrived (an experimen
 without one); 4 the scan controller was lost; 5 a blank was not confirmed; 6 ``serve.h5`` could not be
 written (it keeps what was written before); 128 + the signal after SIGINT/SIGTERM, once the beam was blanked
 and the frames so far were written. ``serve.h5`` is written frame by frame.
+
+``--http HOST:PORT`` serves the live view and ``/metrics`` (:func:`beamloop.edge.app.start_monitor`) while it
+runs; its stop button ends the service as SIGINT does (exit 130, the beam blanked).
 """
 
 from __future__ import annotations
@@ -99,9 +102,9 @@ def _finish(service, bridge, rx, rl, codes: list[int], stopped: str) -> None:
 def cmd_serve(a: argparse.Namespace) -> int:
     """``beamloop serve``: the edge service on a frame stream, optionally driving an experiment; exit status
     (see the module docstring)."""
-    from beamloop.edge.app import ServiceConfig, build_service, receiver_ring_bytes, warm_up
+    from beamloop.edge.app import ServiceConfig, build_service, receiver_ring_bytes, start_monitor, warm_up
     from beamloop.edge.cli import EXIT_OUTPUT, EXIT_USAGE, StopSignals, error, worst_status
-    from beamloop.edge.cli.options import client_keys_from_args
+    from beamloop.edge.cli.options import client_keys_from_args, http_allowed
     from beamloop.edge.control.client import BridgeClient
     from beamloop.edge.control.keys import check_bind
     from beamloop.edge.io.runlog import RunLog, RunLogError
@@ -112,11 +115,13 @@ def cmd_serve(a: argparse.Namespace) -> int:
         return EXIT_USAGE
     if a.bind and not a.insecure:
         check_bind(a.frames, None, what="frame stream", insecure_option="--insecure")
+    keys = client_keys_from_args(a)
+    if a.http and not http_allowed(a.http, keys, "serve"):
+        return EXIT_USAGE
     cfg = ServiceConfig(a.material, method=a.method, targets_per_frame=a.targets if a.experiment == "vacancy-line"
                         else None, trigger=a.trigger, spacing_px=a.spacing_px, precision=a.precision,
                         device=a.device, memory_budget_mib=a.memory_budget_mib,
                         trigger_at=a.trigger_at, lock_on=a.lock_on if a.experiment == "vacancy-line" else "none")
-    keys = client_keys_from_args(a)
     out = Path(a.out)
     codes: list[int] = []
     rl = RunLog(out / "serve.h5", {k: v for k, v in vars(a).items() if k != "func"})
@@ -127,11 +132,23 @@ def cmd_serve(a: argparse.Namespace) -> int:
             service = build_service(rx, cfg, bridge)
             service.interrupt = stop
             stopped = ""
+            monitor = None
             try:
-                warm_up(service.path, service.trigger)
-                print(f"beamloop serve: frames from {rx.endpoint}" + (f", bridge {a.bridge}" if a.bridge else ""),
-                      flush=True)
-                stopped = _run(a, service, rl, codes)
+                if a.http:
+                    try:
+                        monitor = start_monitor(service, a.http, keys=keys)
+                    except (OSError, ImportError) as exc:  # the address cannot be bound, or no web extra
+                        stopped = f"--http {a.http[0]}:{a.http[1]}: {exc}"
+                        codes.append(EXIT_USAGE)
+                        error("serve", stopped)
+                if not stopped:
+                    if monitor is not None:
+                        print(f"beamloop serve: live view {monitor.url}, metrics "
+                              f"{monitor.url.split('?')[0]}metrics", flush=True)
+                    warm_up(service.path, service.trigger)
+                    print(f"beamloop serve: frames from {rx.endpoint}"
+                          + (f", bridge {a.bridge}" if a.bridge else ""), flush=True)
+                    stopped = _run(a, service, rl, codes)
             except RunLogError as exc:  # the disk is full: stop, blank, keep what was written
                 if bridge is not None and a.experiment == "vacancy-line":
                     service.safe_blank()
@@ -140,6 +157,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
                 error("serve", str(exc))
             finally:
                 _finish(service, bridge, rx, rl, codes, stopped)
+                if monitor is not None:
+                    monitor.stop()
                 if bridge is not None:
                     bridge.close()
             print(service.latency.table())
@@ -155,7 +174,12 @@ def cmd_serve(a: argparse.Namespace) -> int:
 def register(sub) -> None:
     """Add ``serve`` to the ``beamloop`` subcommands."""
     from beamloop.edge.cli.find import add_finder_arguments
-    from beamloop.edge.cli.options import add_client_key_arguments, add_lock_on_argument, add_trigger_at_argument
+    from beamloop.edge.cli.options import (
+        add_client_key_arguments,
+        add_http_argument,
+        add_lock_on_argument,
+        add_trigger_at_argument,
+    )
     from beamloop.edge.cli.run import TRIGGER_HELP
     from beamloop.edge.path import DEFAULT_MEMORY_BUDGET
     from beamloop.edge.trigger import trigger_names
@@ -187,4 +211,5 @@ def register(sub) -> None:
     v.add_argument("--out", default="out/serve", help="output folder (serve.h5)")
     v.add_argument("--verbose", action="store_true", help="a line per frame")
     add_client_key_arguments(v)
+    add_http_argument(v)
     v.set_defaults(func=cmd_serve)

@@ -32,7 +32,7 @@ import numpy as np
 from tqdm import tqdm
 
 from beamloop.edge.analysis.scoring import combine, match, score_frame
-from beamloop.edge.app import ServiceConfig, build_service, receiver_ring_bytes, warm_up
+from beamloop.edge.app import ServiceConfig, build_service, receiver_ring_bytes, start_monitor, warm_up
 from beamloop.edge.control.client import BeamLogEntry, BridgeClient
 from beamloop.edge.control.protocol import BridgeError
 from beamloop.edge.experiments.vacancy_line import ExperimentConfig, ExperimentStopped, RoundRecord, vacancy_line
@@ -470,7 +470,7 @@ def run(out: Path, *, rounds: int = 3, shape: tuple[int, int] = (256, 256), pixe
         dose_e_per_A2: float = 1e5, targets_per_frame: int = 4, seed: int = 0, current_pA: float = 50.0,
         trigger: str = "model", max_dwell_s: float = 2.0, quiet: bool = False,
         interrupt: Callable[[], int] | None = None, trigger_at: str = "controller", drift_A_per_s: float = 0.0,
-        lock_on: str | None = None) -> dict:
+        lock_on: str | None = None, http: tuple[str, int] | None = None) -> dict:
     """Run the main job and return the report (also written to ``out/report.json``).
 
     Frames are written to ``out/run.h5`` as they are done, so a run that stops early (see ``outcome``)
@@ -515,6 +515,10 @@ def run(out: Path, *, rounds: int = 3, shape: tuple[int, int] = (256, 256), pixe
         drifting specimen, ``none`` at ``drift_A_per_s`` 0 (the simulator then keeps its per-frame stand-in scan
         drift, random from frame to frame, and puts the probe on the column the frame showed: there is no motion
         to predict, and the registration would read those frame-to-frame jumps as one; bench/results/drift.md).
+    http : (host, port), optional
+        Serve the live view and ``/metrics`` there while the loop runs (a loopback address: the simulator's
+        bridge has no keys; :func:`beamloop.edge.app.start_monitor`); its stop button stops the run as an
+        interrupt does (``outcome.reason`` ``interrupted``, the beam blanked).
 
     Returns
     -------
@@ -529,6 +533,10 @@ def run(out: Path, *, rounds: int = 3, shape: tuple[int, int] = (256, 256), pixe
         An option outside its range (:func:`check_options`), before anything starts.
     RuntimeError
         The simulator could not be started.
+    beamloop.edge.monitor.auth.MonitorAuthError
+        ``http`` is not a loopback address.
+    OSError
+        ``http`` cannot be bound (the simulator is stopped then).
     beamloop.edge.io.runlog.RunLogError
         The run file cannot be created (before the simulator starts).
     """
@@ -544,6 +552,12 @@ def run(out: Path, *, rounds: int = 3, shape: tuple[int, int] = (256, 256), pixe
         lock_on = "predict" if drift_A_per_s > 0 else "none"
     if lock_on not in LOCK_ON:
         raise ValueError(f"--lock-on {lock_on!r} must be one of {', '.join(LOCK_ON)}")
+    if http is not None:
+        from beamloop.edge.monitor.auth import MonitorAuthError, is_loopback
+
+        if not is_loopback(http[0]):
+            raise MonitorAuthError(f"--http {http[0]}:{http[1]}: the main job's live view binds loopback only "
+                                   "(the simulated microscope's bridge has no keys to derive its token from)")
     config = {"rounds": rounds, "shape": list(shape), "pixel_size_A": pixel_size_A, "dose_e_per_A2": dose_e_per_A2,
               "dwell_us": dwell_us, "targets_per_frame": targets_per_frame, "seed": seed, "current_pA": current_pA,
               "trigger": trigger, "trigger_at": trigger_at, "drift_A_per_s": drift_A_per_s, "lock_on": lock_on}
@@ -563,6 +577,7 @@ def run(out: Path, *, rounds: int = 3, shape: tuple[int, int] = (256, 256), pixe
     caps: dict = {}
     counters: dict = {}
     bridge = service = None
+    monitor = None
 
     def output_error(exc: Exception) -> None:
         outcome["output_errors"].append(str(exc))
@@ -580,6 +595,10 @@ def run(out: Path, *, rounds: int = 3, shape: tuple[int, int] = (256, 256), pixe
                 BridgeClient(ends["control"], timeout_ms=20000, peer_gone=gone) as bridge:
             service = build_service(rx, svc_cfg, bridge)
             service.interrupt = interrupt
+            if http is not None:
+                monitor = start_monitor(service, http)
+                if not quiet:
+                    print(f"live view {monitor.url}, metrics {monitor.url}metrics", flush=True)
             caps = bridge.get_capabilities()
             service.choose_trigger_at(caps)
             warm_up(service.path, service.trigger, shape=shape, pixel_size_A=pixel_size_A, dtypes=(np.uint16,))
@@ -620,6 +639,8 @@ def run(out: Path, *, rounds: int = 3, shape: tuple[int, int] = (256, 256), pixe
                     service.stats.note(f"simulator at the end: {exc}")
             counters = rx.counters.as_dict()
     finally:
+        if monitor is not None:
+            monitor.stop()
         status = stop_simulator(proc)
     if outcome["reason"] == "controller_lost" and status:
         outcome["message"] += f" (the simulator exited with status {status})"

@@ -69,6 +69,8 @@ class HeadlessChromium:
         try:
             port = self._devtools_port(start_timeout_s)
             self._loop.run_until_complete(self._connect(port))
+            self.call("Emulation.setDeviceMetricsOverride", width=int(window[0]), height=int(window[1]),
+                      deviceScaleFactor=1, mobile=False)  # the viewport exactly, whatever the window frame takes
         except BaseException:
             self.close()
             raise

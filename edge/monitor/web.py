@@ -17,20 +17,17 @@ Everything that reads the board, encodes a PNG or talks to the scan controller r
 ``1 / max_rate_hz`` seconds: any number of pages polling cost the service at most that many snapshots per
 second, and nothing on its frame path.
 
-Authentication: bound to a loopback address the server needs none (like the bridge, whose loopback endpoints
-need no keys). Bound beyond loopback it requires a bearer token on every route (``Authorization: Bearer T``,
-or ``?token=T`` in the URL, which the page passes on); :class:`MonitorServer` refuses such a bind without one.
-The commands derive the token from the bridge client's CURVE secret key (:func:`token_from_secret`), so the
-view is open to whoever holds the keys that may drive the beam, and to nobody else.
+Authentication (:mod:`beamloop.edge.monitor.auth`): bound to a loopback address the server needs none. Bound
+beyond loopback it requires a bearer token on every route (``Authorization: Bearer T``, or ``?token=T`` in the
+URL, which the page passes on); :class:`MonitorServer` refuses such a bind without one. The commands derive the
+token from the bridge client's CURVE secret key (:func:`~beamloop.edge.monitor.auth.token_from_secret`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import hmac
 import io
-import ipaddress
 import json
 import socket
 import threading
@@ -42,66 +39,18 @@ from pathlib import Path
 
 import numpy as np
 
+from beamloop.edge.monitor.auth import MonitorAuthError, is_loopback, parse_http, token_from_secret
 from beamloop.edge.monitor.board import MonitorBoard
 from beamloop.edge.monitor.metrics import CONTENT_TYPE, registry_of, render
+
+__all__ = ["ControllerLink", "MonitorAuthError", "MonitorServer", "is_loopback", "parse_http", "png_of",
+           "token_from_secret"]
 
 STATIC = Path(__file__).with_name("static")
 """Folder of the page."""
 
 PNGS_KEPT = 4
 """Encoded frames the server keeps (by publication number) for pages a poll behind."""
-
-TOKEN_CONTEXT = b"beamloop live view v1"
-"""The message of the token's HMAC (:func:`token_from_secret`)."""
-
-
-class MonitorAuthError(ValueError):
-    """A live view bound beyond loopback without a token, or an unusable address."""
-
-
-def token_from_secret(secret: bytes) -> str:
-    """The live view's bearer token for a CURVE secret key: HMAC-SHA256 (RFC 2104) of :data:`TOKEN_CONTEXT`
-    keyed with the secret key (Z85 text), as 32 hexadecimal digits. Anyone with the key file can compute it;
-    the token reveals nothing of the key.
-
-    Parameters
-    ----------
-    secret : bytes
-        The secret key (:attr:`beamloop.edge.control.keys.ClientKeys.secret`).
-
-    Raises
-    ------
-    ValueError
-        An empty key.
-    """
-    if not secret:
-        raise ValueError("no secret key to derive the live view's token from")
-    return hmac.new(bytes(secret), TOKEN_CONTEXT, hashlib.sha256).hexdigest()[:32]
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` is a loopback address (``127.0.0.0/8``, ``::1``) or ``localhost``."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-def parse_http(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[::1]:PORT`` for IPv6; port 0: any free one) as ``(host, port)``.
-
-    Raises
-    ------
-    ValueError
-        Not ``HOST:PORT``, or a port outside 0 .. 65535.
-    """
-    host, sep, port = str(text).rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"--http {text!r}: expected HOST:PORT, e.g. 127.0.0.1:8080 (port 0 .. 65535)")
-    return host.strip("[]"), int(port)
-
 
 def png_of(image: np.ndarray, lo_pct: float = 0.5, hi_pct: float = 99.5) -> bytes:
     """An 8-bit grey PNG of a 2-D image, its contrast stretched from the ``lo_pct`` to the ``hi_pct`` percentile
@@ -123,7 +72,7 @@ def png_of(image: np.ndarray, lo_pct: float = 0.5, hi_pct: float = 99.5) -> byte
     else:
         lo, hi = 0.0, 1.0
     scale = 255.0 / (hi - lo) if hi > lo else 0.0
-    g = np.where(ok, np.clip((a - lo) * scale, 0, 255), 0).astype(np.uint8)
+    g = np.where(ok, np.rint(np.clip((a - lo) * scale, 0, 255)), 0).astype(np.uint8)
     buf = io.BytesIO()
     Image.fromarray(g).save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
