@@ -120,7 +120,7 @@ class VacancyLinePolicy(StageBase):
         scan : ScanFrame
             The frame they were found in.
         bonds : ndarray (3, 2) or None
-            Mo-S bond vectors in pixels (:func:`beamloop.edge.stages.vacancies.bond_vectors`); none -> no targets.
+            Mo-S bond vectors in pixels (:func:`beamloop.edge.stages.vacancies.vacancy_sites`); none -> no targets.
         uncertainty : ndarray (n,), optional
             Per-column uncertainty; rows above ``max_uncertainty`` are left out (NaN rows are kept).
         shift_px : (dx, dy), optional

@@ -61,6 +61,7 @@ class Preprocessor:
         self.smooth = np.empty(shape, np.float32)
         self._tmp = np.empty(shape, np.float32)
         self._row = np.empty(shape[1] + self.kernel.shape[0] - 1, np.float32)
+        self._noise_rows = np.empty((3, shape[1]), np.float64)
         self._shape = (int(shape[0]), int(shape[1]))
 
     def run(self, frame: np.ndarray) -> tuple[np.ndarray, float]:
@@ -86,7 +87,7 @@ class Preprocessor:
         if self._shape != frame.shape:
             self.allocate(frame.shape)
         smooth_separable(frame, self.kernel, self._row, self._tmp, self.smooth)
-        return self.smooth, float(noise_sigma(frame, self.noise_row_step))
+        return self.smooth, float(noise_sigma(frame, self.noise_row_step, self._noise_rows))
 
 
 class Preprocess(StageBase):

@@ -1,14 +1,13 @@
 """The vacancies stage: empty MoS2 lattice sites inferred from the found columns, and the bond vectors.
 
 S di-vacancies and Mo vacancies leave no atom to find. The three Mo-S bond vectors are estimated from the
-found columns (:func:`bond_vectors`); every found Mo predicts three S sites and every found S column
+found columns (:func:`vacancy_sites`); every found Mo predicts three S sites and every found S column
 three Mo sites, and a predicted site that lies inside the frame, has no found column near it and is
 predicted by at least ``min_support`` neighbours becomes a ``vacancy`` row.
 """
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -16,49 +15,19 @@ from scipy.spatial import cKDTree
 
 from beamloop.edge.frame.columns import ColumnTable
 from beamloop.edge.frame.stage import StageBase
-from beamloop.edge.kernels.neighbours import GridIndex
+from beamloop.edge.kernels.sites import SiteScratch, infer_sites
 from beamloop.edge.materials import MOS2
 
 if TYPE_CHECKING:
     from beamloop.edge.frame.context import FrameContext, FrameMeta
 
 VACANCY = MOS2.class_names.index("vacancy")
-
-
-def bond_vectors(metal_xy: np.ndarray, chalcogen_xy: np.ndarray, spacing_px: float) -> np.ndarray | None:
-    """The three metal-to-chalcogen bond vectors of a projected honeycomb, from found columns.
-
-    Parameters
-    ----------
-    metal_xy, chalcogen_xy : ndarray (n, 2), pixels
-    spacing_px : float
-        Expected nearest-neighbour distance, pixels.
-
-    Returns
-    -------
-    ndarray, shape (3, 2) float64, pixels, or None when fewer than 3 bonds were found.
-
-    Notes
-    -----
-    Bond directions are 120 degrees apart, so three times their angle is the same for all three; the
-    circular mean of ``3 * angle`` gives the orientation and the median bond length the size.
-    """
-    if len(metal_xy) == 0 or len(chalcogen_xy) == 0:
-        return None
-    r = 1.3 * spacing_px
-    mi, ci = GridIndex(chalcogen_xy, r).pairs_within(metal_xy, r)
-    if len(mi) < 3:
-        return None
-    vec = chalcogen_xy[ci] - metal_xy[mi]
-    ang = np.arctan2(vec[:, 1], vec[:, 0])
-    phi = math.atan2(np.sin(3 * ang).mean(), np.cos(3 * ang).mean()) / 3
-    length = float(np.median(np.hypot(vec[:, 0], vec[:, 1])))
-    a = phi + np.arange(3) * 2 * math.pi / 3
-    return np.stack([length * np.cos(a), length * np.sin(a)], axis=1)
+MO, S2, S1 = (MOS2.class_names.index(c) for c in ("Mo", "S2", "S1"))
 
 
 def vacancy_sites(cols: ColumnTable, values: np.ndarray, spacing_px: float, min_support: int = 2,
-                  match_tolerance: float = 0.4) -> tuple[ColumnTable, np.ndarray | None]:
+                  match_tolerance: float = 0.4,
+                  scratch: SiteScratch | None = None) -> tuple[ColumnTable, np.ndarray | None]:
     """Vacancy rows for classified MoS2 columns, and the bond vectors they were predicted with.
 
     Parameters
@@ -73,53 +42,41 @@ def vacancy_sites(cols: ColumnTable, values: np.ndarray, spacing_px: float, min_
         Found neighbours that must predict a site (1 to 3).
     match_tolerance : float
         A predicted site within this fraction of ``spacing_px`` of a found column is occupied.
+    scratch : SiteScratch, optional
+        Reused scratch (the stage keeps one); a new one otherwise.
 
     Returns
     -------
     vacancies : ColumnTable
         Rows of class ``vacancy``, ``score`` = the number of neighbours that predicted the site.
-    bonds : ndarray (3, 2) or None
+    bonds : ndarray (3, 2) float64, pixels, or None when fewer than 3 Mo-S bonds were found.
+
+    Notes
+    -----
+    One compiled pass (:func:`beamloop.edge.kernels.sites.infer_sites`): bond vectors from the circular
+    mean of three times the Mo-S pair angles, three predicted sites per found column, occupancy within
+    ``match_tolerance * spacing_px``, and the merge of empty predictions of one site.
     """
     empty_table = ColumnTable.empty(MOS2.class_names)
-    xy = cols.xy
-    metal = xy[cols.cls == 0]
-    chalc = xy[(cols.cls == 1) | (cols.cls == 2)]
-    bonds = bond_vectors(metal, chalc, spacing_px)
-    if bonds is None:
-        return empty_table, None
-    pred = np.concatenate([(metal[:, None, :] + bonds[None]).reshape(-1, 2),
-                           (chalc[:, None, :] - bonds[None]).reshape(-1, 2)])
+    n = len(cols)
+    sc = scratch if scratch is not None else SiteScratch(n)
+    sc.ensure(n)
     rows, ncols = values.shape
-    m = 0.5 * spacing_px
-    inside = (pred[:, 0] >= m) & (pred[:, 0] <= ncols - 1 - m) & (pred[:, 1] >= m) & (pred[:, 1] <= rows - 1 - m)
-    pred = pred[inside]
-    tol = match_tolerance * spacing_px
-    if len(pred) == 0:
+    ns = infer_sites(np.ascontiguousarray(cols.x, np.float32), np.ascontiguousarray(cols.y, np.float32),
+                     np.ascontiguousarray(cols.cls, np.int8), MO, S2, S1, float(spacing_px), rows, ncols,
+                     float(match_tolerance * spacing_px), int(min_support), sc.start, sc.order, sc.cid,
+                     sc.lengths, sc.ex, sc.ey, sc.seen, sc.estart, sc.eorder, sc.ecid, sc.bonds, sc.out_x,
+                     sc.out_y, sc.out_n)
+    if ns < 0:
+        return empty_table, None
+    bonds = sc.bonds.copy()
+    if ns == 0:
         return empty_table, bonds
-    _, d = GridIndex(xy, tol).nearest(pred, tol)
-    empty = pred[~np.isfinite(d)]
-    if len(empty) == 0:
-        return empty_table, bonds
-    # merge predictions of the same site and count how many neighbours predicted it
-    groups = cKDTree(empty).query_ball_point(empty, tol)
-    seen = np.zeros(len(empty), bool)
-    sites, support = [], []
-    for k, g in enumerate(groups):
-        if seen[k]:
-            continue
-        seen[g] = True
-        sites.append(empty[g].mean(axis=0))
-        support.append(len(g))
-    sites_a = np.asarray(sites)
-    support_a = np.asarray(support)
-    keep = support_a >= min_support
-    sites_a, support_a = sites_a[keep], support_a[keep]
-    ii = np.clip(np.rint(sites_a[:, 1]).astype(int), 0, rows - 1)
-    jj = np.clip(np.rint(sites_a[:, 0]).astype(int), 0, ncols - 1)
-    k = len(sites_a)
-    return ColumnTable(sites_a[:, 0].astype(np.float32), sites_a[:, 1].astype(np.float32),
-                       values[ii, jj].astype(np.float32), support_a.astype(np.float32),
-                       np.full(k, VACANCY, np.int8), MOS2.class_names), bonds
+    sx, sy = sc.out_x[:ns], sc.out_y[:ns]
+    ii = np.clip(np.rint(sy).astype(np.intp), 0, rows - 1)
+    jj = np.clip(np.rint(sx).astype(np.intp), 0, ncols - 1)
+    return ColumnTable(sx.astype(np.float32), sy.astype(np.float32), values[ii, jj].astype(np.float32),
+                       sc.out_n[:ns].astype(np.float32), np.full(ns, VACANCY, np.int8), MOS2.class_names), bonds
 
 
 def median_neighbour_px(xy: np.ndarray) -> float:
@@ -156,6 +113,7 @@ class InferVacancySites(StageBase):
         self.min_support = int(min_support)
         self.match_tolerance = float(match_tolerance)
         self._spacing: float | None = None
+        self._scratch = SiteScratch()
 
     def prepare(self, meta: FrameMeta) -> None:
         """The Mo-S distance in pixels from the pixel size; else measured on each frame."""
@@ -169,6 +127,6 @@ class InferVacancySites(StageBase):
             return
         spacing = self._spacing or median_neighbour_px(cols.xy)
         vac, ctx.bonds = vacancy_sites(cols, getattr(ctx, self.source), spacing, self.min_support,
-                                       self.match_tolerance)
+                                       self.match_tolerance, self._scratch)
         if len(vac):
             ctx.columns = cols.concat(vac)
