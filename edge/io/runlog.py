@@ -15,6 +15,14 @@ Layout::
                             ejection_sample, end_sample, trigger_at, blank_time_ns, service_trigger_sample
     /events                 JSON text of the scan controller's events (simulator)
 
+NeXus (NeXus Manual, NXdata base class, https://manual.nexusformat.org/classes/base_classes/NXdata.html): the
+root is an ``NXroot`` whose ``default`` is ``frames``, ``/frames`` an ``NXentry`` whose ``default`` is its
+first frame, and every ``/frames/<k>`` an ``NXdata`` group with ``signal = "image"`` (``units`` counts,
+``long_name``, ``interpretation`` image) and ``axes = ["y", "x"]``: when the frame's pixel size is known,
+``/frames/<k>/y`` and ``/x`` hold the pixel centres in nm (``units`` nm), else ``axes = [".", "."]``. So
+HyperSpy, RosettaSciIO's NeXus reader (``rsciio.nexus``) and other NeXus tools open each frame as a
+calibrated image.
+
 Crash and disk safety: the file is written as ``NAME.part`` and renamed to ``NAME`` when it is closed, so a
 run file of that name is always a closed, readable HDF5 file (and an older one is only replaced by a
 complete new one, or by a readable partial one). Frames are appended and flushed one by one, so a run that
@@ -31,6 +39,7 @@ from __future__ import annotations
 import datetime as _dt
 import errno
 import json
+import math
 import os
 import re
 from collections.abc import Callable
@@ -109,7 +118,10 @@ class RunLog:
         self._f.attrs["created"] = _dt.datetime.now(_dt.UTC).isoformat()
         self._f.attrs["config"] = _json(config or {})
         self._f.attrs["complete"] = False
+        self._f.attrs["NX_class"] = "NXroot"
+        self._f.attrs["default"] = "frames"
         self._frames = self._f.create_group("frames")
+        self._frames.attrs["NX_class"] = "NXentry"
 
     # guarded writes ------------------------------------------------------------------------------------------
     def _check_space(self, what: str, nbytes: int) -> None:
@@ -220,7 +232,10 @@ class RunLog:
 
         def write() -> None:
             g = self._frames.create_group(f"{self.frames_written:06d}")
-            g.create_dataset("image", data=image, compression="gzip", compression_opts=1)
+            im = g.create_dataset("image", data=image, compression="gzip", compression_opts=1)
+            _nxdata_image(g, im, pixel_size_A)
+            if self.frames_written == 0:
+                self._frames.attrs["default"] = g.name.rsplit("/", 1)[-1]
             c = g.create_dataset("columns", data=columns.to_records())
             c.attrs["class_names"] = list(columns.class_names)
             if pixel_size_A:
@@ -315,6 +330,28 @@ class RunLog:
         """
         text = _json(obj)
         self._write(name, len(text), lambda: self._f.create_dataset(name, data=text))
+
+
+def _nxdata_image(g: h5py.Group, image: h5py.Dataset, pixel_size_A: float | None) -> None:
+    """Make frame group ``g`` an NXdata group of the 2-D ``image`` (module docstring): attributes, and the
+    ``y`` / ``x`` axes in nm when ``pixel_size_A`` is known."""
+    g.attrs["NX_class"] = "NXdata"
+    g.attrs["signal"] = "image"
+    g.attrs["interpretation"] = "image"
+    image.attrs["units"] = "counts"
+    image.attrs["long_name"] = "detector counts"
+    image.attrs["interpretation"] = "image"
+    if image.ndim != 2:
+        return
+    if pixel_size_A and math.isfinite(pixel_size_A) and pixel_size_A > 0:
+        for k, name in enumerate(("y", "x")):
+            ax = g.create_dataset(name, data=np.arange(image.shape[k]) * (float(pixel_size_A) / 10.0))
+            ax.attrs["units"] = "nm"
+            ax.attrs["long_name"] = f"{name} (pixel centres from the top-left pixel's)"
+            g.attrs[f"{name}_indices"] = np.int32(k)
+        g.attrs["axes"] = ["y", "x"]
+    else:
+        g.attrs["axes"] = [".", "."]
 
 
 def write_text_file(path: str | Path, text: str) -> None:

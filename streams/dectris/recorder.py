@@ -20,6 +20,13 @@ their way):
     ``/entry/data`` links ``data_000001``, ... to the first channel and, when there are several channels,
     ``<channel>_000001``, ... to each of them; ``/entry/beamloop/channels`` lists the channel names (JSON).
 
+NeXus attributes (NeXus Manual, NXdata base class), so that HyperSpy and RosettaSciIO's NeXus reader
+(``rsciio.nexus``) open a recording as a stack of frames: every ``/entry/data`` is an ``NXdata`` group with
+``interpretation = "image"`` (the last two axes are the detector's rows and columns); a data file's has
+``signal = "data"`` and ``axes = ["image_id", ".", "."]`` (``image_id_indices`` 0), its datasets ``units``
+counts and a ``long_name``; the master's has ``signal = "data_000001"``. The detector axes carry no length:
+the recording does not know the camera length, so they stay in detector pixels.
+
 A channel name that is not a plain HDF5 link name (empty, ``.``, containing ``/``, or one of ``data``
 ``image_id`` for a channel other than the first) is stored percent-encoded (``urllib.parse.quote``); the
 readers return the names as the series sent them. :mod:`beamloop.streams.dectris.zarr_recorder` writes the
@@ -363,12 +370,19 @@ class Recorder:
         g.attrs["NX_class"] = "NXentry"
         d = g.create_group("data")
         d.attrs["NX_class"] = "NXdata"
+        d.attrs["signal"] = "data"
+        d.attrs["axes"] = ["image_id", ".", "."]
+        d.attrs["image_id_indices"] = np.int32(0)
+        d.attrs["interpretation"] = "image"
         self._dsets = {}
         for ch in s.channels:
             name = self._names[ch]
             self._dsets[name] = d.create_dataset(
                 name, shape=(self.frames_per_file, *s.shape), maxshape=(None, *s.shape), dtype=s.dtype,
                 chunks=(1, *s.shape), compression=BITSHUFFLE_FILTER, compression_opts=BITSHUFFLE_LZ4_OPTS)
+            self._dsets[name].attrs["units"] = "counts"
+            self._dsets[name].attrs["long_name"] = f"detector counts ({ch or 'unnamed channel'})"
+            self._dsets[name].attrs["interpretation"] = "image"
         first = self._names[s.channels[0]]
         if first != "data":
             d["data"] = self._dsets[first]  # a hard link: the DECTRIS name of the (first) data set
@@ -384,7 +398,8 @@ class Recorder:
             dset.resize(n, axis=0)
             dset.attrs["image_nr_low"] = np.uint64(low)
             dset.attrs["image_nr_high"] = np.uint64(low + n - 1)
-        self._h5["entry/data"].create_dataset("image_id", data=self._ids[:n])
+        ids = self._h5["entry/data"].create_dataset("image_id", data=self._ids[:n])
+        ids.attrs["long_name"] = "frame id (0-based, as the stream numbered it)"
         self._h5.close()
         self._h5 = None
         _fsync_path(self._part)
@@ -427,6 +442,7 @@ class Recorder:
             data = e.create_group("data")
             data.attrs["NX_class"] = "NXdata"
             data.attrs["signal"] = "data_000001"
+            data.attrs["interpretation"] = "image"
             for k, info in enumerate(self._files, 1):
                 data[f"data_{k:06d}"] = h5py.ExternalLink(info["file"], "/entry/data/data")
                 for name in (self._names.values() if len(self._names) > 1 else ()):
