@@ -284,3 +284,52 @@ class SiteScratch:
         self.out_x = np.zeros(3 * cap, np.float64)
         self.out_y = np.zeros(3 * cap, np.float64)
         self.out_n = np.zeros(3 * cap, np.float64)
+
+
+@numba.njit(cache=True, nogil=True)
+def otsu_bin(values, edges, hist):
+    """Index of the histogram bin whose upper edge is Otsu's threshold of ``values``.
+
+    ``edges`` (float64, bins + 1, uniform and increasing, as ``numpy.histogram`` makes them) bin ``values``
+    (float64, n) exactly as ``numpy.histogram`` does (the last bin closed); ``hist`` (int64, bins) is
+    scratch and holds the counts afterwards. The between-class variance ``(m_t w_0 / n - m_0)^2 / (w_0 w_1)``
+    of each split after bin k (N. Otsu, IEEE Trans. SMC 9, 62 (1979)) is evaluated in the same order of
+    operations as the numpy form; the first maximum wins, splits with an empty side never do.
+    """
+    bins = hist.shape[0]
+    lo = edges[0]
+    hi = edges[bins]
+    for b in range(bins):
+        hist[b] = 0
+    for k in range(values.shape[0]):
+        v = values[k]
+        if v < lo or v > hi:
+            continue
+        i = int((v - lo) / (hi - lo) * bins)
+        if i >= bins:
+            i = bins - 1
+        if v < edges[i]:
+            i -= 1
+        elif i != bins - 1 and v >= edges[i + 1]:
+            i += 1
+        hist[i] += 1
+    total = 0.0
+    mt = 0.0
+    for b in range(bins):
+        total += hist[b]
+        mt += hist[b] * (0.5 * (edges[b + 1] + edges[b]))
+    best = -1.0
+    best_b = 0
+    w0 = 0.0
+    m0 = 0.0
+    for b in range(bins):
+        w0 += hist[b]
+        m0 += hist[b] * (0.5 * (edges[b + 1] + edges[b]))
+        w1 = total - w0
+        den = w0 * w1
+        if den != 0.0:
+            between = (mt * w0 / total - m0) ** 2 / den
+            if math.isfinite(between) and between > best:
+                best = between
+                best_b = b
+    return best_b

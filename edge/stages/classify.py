@@ -20,6 +20,7 @@ import numpy as np
 
 from beamloop.edge.frame.columns import ColumnTable
 from beamloop.edge.frame.stage import StageBase
+from beamloop.edge.kernels.sites import otsu_bin
 from beamloop.edge.materials import GENERIC, MOS2
 
 if TYPE_CHECKING:
@@ -33,21 +34,19 @@ def otsu_threshold(values: np.ndarray, bins: int = 64) -> float:
     """Otsu's threshold of 1-D ``values`` (maximises the between-class variance of a two-class split).
 
     N. Otsu, "A threshold selection method from gray-level histograms", IEEE Trans. SMC 9, 62 (1979).
+    ``bins`` uniform bins over the values' range, as ``numpy.histogram`` makes them; the threshold is the upper
+    edge of the last bin of the lower class (:func:`beamloop.edge.kernels.sites.otsu_bin`, one compiled pass).
     Raises ``ValueError`` for fewer than two values.
     """
-    v = np.asarray(values, float)
+    v = np.ascontiguousarray(values, np.float64).ravel()
     if v.size < 2:
         raise ValueError("Otsu's threshold needs at least two values")
-    hist, edges = np.histogram(v, bins=bins)
-    centres = 0.5 * (edges[1:] + edges[:-1])
-    w0 = np.cumsum(hist)
-    w1 = w0[-1] - w0
-    m0 = np.cumsum(hist * centres)
-    mt = m0[-1]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        between = (mt * w0 / w0[-1] - m0) ** 2 / (w0 * w1)
-    between[~np.isfinite(between)] = -1
-    return float(centres[int(np.argmax(between))] + 0.5 * (edges[1] - edges[0]))
+    lo, hi = float(v.min()), float(v.max())
+    if lo == hi:  # numpy.histogram's range for constant data
+        lo, hi = lo - 0.5, hi + 0.5
+    edges = np.linspace(lo, hi, bins + 1)
+    k = otsu_bin(v, edges, np.empty(bins, np.int64))
+    return float(0.5 * (edges[k + 1] + edges[k]) + 0.5 * (edges[1] - edges[0]))
 
 
 def classify_mos2(cols: ColumnTable) -> ColumnTable:
