@@ -19,6 +19,7 @@ from beamloop.edge.sim.fourd import FourDConfig, FourDMicroscope
 from beamloop.streams.dectris.series import ChannelStack, DetectorSeries, FrameStack, SeriesEnd, SeriesStart
 
 DET = 16
+FRAMES_GROUP = "frames"  # the run file's group of frames (edge/io/runlog.py)
 
 
 class ListReceiver:
@@ -173,3 +174,42 @@ def test_bad_arguments(mos2_scan):
         FourDFrameSource(ListReceiver([]), scan, max_missing_fraction=2)
     with pytest.raises(ValueError, match="BF radius"):
         DetectorGeometry(bf_radius=-1.0).resolve((16, 16))
+
+
+def test_serve4d_command_runs_the_service_on_a_4d_stream(mos2_scan, tmp_path, capsys):
+    """``beamloop serve4d`` (registered here as the CLI would) on a SIMPLON v1 stream: one scan frame through
+    the frame path, the run file written, the 4D latencies in the printed table."""
+    import argparse
+
+    import h5py
+
+    from beamloop.edge.cli import serve4d
+    from beamloop.streams.dectris.simplon import SimplonSender
+
+    _, scan, pats = mos2_scan
+    parser = argparse.ArgumentParser()
+    serve4d.register(parser.add_subparsers())
+    with SimplonSender("tcp://127.0.0.1:0") as tx:
+        a = parser.parse_args(["serve4d", "--detector", tx.endpoint, "--protocol", "simplon1", "--scan", "48x48",
+                               "--fov-nm", "1.44", "--max-frames", "1", "--idle-timeout", "60",
+                               "--out", str(tmp_path)])
+
+        def send():
+            time.sleep(1.0)
+            tx.start_series((DET, DET), np.uint16, len(pats), series=1)
+            for p in pats:
+                tx.send_frame(p)
+            tx.end_series()
+
+        th = threading.Thread(target=send)
+        th.start()
+        rc = a.func(a)
+        th.join()
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "processed 1 frames" in out and "reduce4d" in out and "assemble4d" in out
+    assert "4D: 2304 patterns" in out
+    ref = FourDReducer(sum_pattern=False).reduce_frames(pats)[:, 1].astype(np.float32).reshape(48, 48)
+    with h5py.File(tmp_path / "serve.h5", "r") as f:
+        images = [g["image"][()] for g in f[FRAMES_GROUP].values()]
+    assert len(images) == 1 and np.array_equal(images[0], ref)
