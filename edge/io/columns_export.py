@@ -18,8 +18,9 @@ Files written for a stem ``<stem>``:
     ``<stem>_atomap.csv`` (``x,y,class``: pixels, loadable with ``numpy.loadtxt(..., delimiter=",",
     skiprows=1, usecols=(0, 1))``), ``<stem>_atomap.npz`` (``atom_positions`` (n, 2) float64 pixels,
     ``positions_<class>`` per class, ``class_names``, ``pixel_size_A``; NaN when unknown) and, when the
-    image is given and atomap is installed, ``<stem>_atom_lattice.hdf5`` (an ``atomap.Atom_Lattice`` with
-    one ``Sublattice`` per non-empty class, read back by ``atomap.api.load_atom_lattice_from_hdf5``).
+    image is given, atomap is installed and there is at least one column, ``<stem>_atom_lattice.hdf5`` (an
+    ``atomap.Atom_Lattice`` with one ``Sublattice`` per non-empty class, named after it, read back by
+    ``atomap.api.load_atom_lattice_from_hdf5``).
 ``temul``
     ``<stem>_temul.csv``: ``pixel_x, pixel_y, elements, z_height, class, intensity, score`` and, when the
     pixel size is known, ``x_A, y_A``.
@@ -105,8 +106,8 @@ def write_atomap(stem: str | Path, columns: ColumnTable, *, pixel_size_A: float 
         lattice = stem.with_name(stem.name + "_atom_lattice.hdf5")
         subs = [am.Sublattice(xy[columns.cls == i], image.astype(np.float64), name=name)
                 for i, name in enumerate(columns.class_names) if np.any(columns.cls == i)]
-        if not subs:  # atomap cannot save an empty lattice; one empty sublattice keeps the file readable
-            subs = [am.Sublattice(np.zeros((0, 2)), image.astype(np.float64), name="none")]
+        if not subs:  # atomap 0.4 cannot save a sublattice without atoms (its save reads atom_list[0])
+            return out
         al = am.Atom_Lattice(image=image.astype(np.float64), name=stem.name, sublattice_list=subs)
         lattice.unlink(missing_ok=True)
         al.save(str(lattice), overwrite=True)
