@@ -189,6 +189,20 @@ WRITER_LIBRARY = {"HyperSpy .zspy": "HyperSpy", "HyperSpy .hspy": "HyperSpy", "M
 """Format name -> the library its writer needs (named in the table when the writer fails)."""
 
 
+NOTES = {
+    "Berkeley EMD (NCEM)": "RosettaSciIO hands it back transposed, axes labelled x, y; the reader transposes it back",
+    "FEI TIA .ser": "rows stored bottom-up; RosettaSciIO and ncempy both flip them and agree (tests/test_formats.py)",
+    "Quantum Detectors Merlin .mib": "RosettaSciIO flips MIB frames upside down; the reader flips them back to "
+                                     "raster order (as streams.merlin and LiberTEM)",
+    "TIFF (ImageJ) via RosettaSciIO": "rsciio.tiff reads the scale (0.0213) but not ImageJ's unit text; beamloop "
+                                      "reads .tif with its own reader",
+    "Gatan DigitalMicrograph 3 (shipped sample)": "axes in the non-length units µ and µn: no pixel size",
+    "Gatan DigitalMicrograph 4 (shipped sample)": "axes in the non-length units µ and µn: no pixel size",
+    "NeXus detector recording": "detector axes in pixels (a recording knows no camera length); image_id axis",
+}
+"""Format row -> what the table should say about it."""
+
+
 def make_samples(folder: str | Path) -> list[dict]:
     """Write every sample into ``folder`` (and ``truth.npy``); one record per format: ``format``, ``file``,
     ``made_by`` and ``error`` (empty, or why the writer failed)."""
@@ -361,6 +375,9 @@ def markdown(rows: list[dict], base: Path | None = None) -> str:
              "| format | file | made by | reader | shape | pixel size read (A) | units | ok | note |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        note = NOTES.get(r["format"], "")
+        if note:
+            r["error"] = f"{r['error']}; {note}" if r.get("error") else note
         if not r["ok"] and not r.get("error"):
             r["error"] = ("pixels differ from those written" if not r.get("data_ok") else
                           f"pixel size {r.get('pixel_size_A')} A read (units {r.get('units')!r}), "
@@ -372,6 +389,14 @@ def markdown(rows: list[dict], base: Path | None = None) -> str:
         shape = "" if r.get("shape") is None else " x ".join(map(str, r["shape"]))
         lines.append(f"| {r['format']} | {name} | {r['made_by']} | {r.get('reader', '')} | {shape} | {size} | "
                      f"{r.get('units') or ''} | {'yes' if r['ok'] else 'no'} | {r.get('error', '')} |")
+    try:
+        import rsciio
+
+        versions = f"RosettaSciIO {rsciio.__version__}"
+    except ImportError:
+        versions = "RosettaSciIO not installed"
+    lines += ["", f"{versions}; made by `nice python -m beamloop.bench.formats` (the sample files the tests read: "
+              "`tests/data/formats`, made with `--make tests/data/formats`)."]
     return "\n".join(lines) + "\n"
 
 
