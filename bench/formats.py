@@ -12,6 +12,7 @@ of Gaussian columns (:func:`truth_image`), each with a known pixel size. Makers:
 - ``.ser``: written here from FEI's TIA series-file layout (C. Boothroyd's description, as RosettaSciIO's
   ``rsciio.tia`` and ncempy's ``ncempy.io.ser`` read it; TIA stores image rows from the bottom, and both
   readers flip them), with no ``.emi`` beside it;
+- Velox ``.emd``: written here (:func:`write_velox`) in the layout RosettaSciIO and ncempy read;
 - ``.mib``: :func:`beamloop.streams.merlin.mib.write_mib` (Quantum Detectors' MIB layout; the stream
   receiver's own encoder), which holds no pixel size;
 - ``run.h5`` (:class:`beamloop.edge.io.runlog.RunLog`) and a detector recording
@@ -19,8 +20,9 @@ of Gaussian columns (:func:`truth_image`), each with a known pixel size. Makers:
 
 A public sample a package ships is read where it is installed: nionswift-io's reference image
 ``ref_F_0_2.dm3`` (a 3 x 2 float32 image of 0..5, axes calibrated in the non-length units ``µ`` and
-``µn``). Velox ``.emd`` is listed untested: only Velox writes it, and no PyPI package ships one (RosettaSciIO's
-own test files are downloaded from its repository at test time).
+``µn``). No Velox-made ``.emd`` is tested: only Velox writes it, and no PyPI package ships one (RosettaSciIO's
+own test files are downloaded from its repository at test time); ``image_velox.emd`` is written here in the
+layout the two open readers (RosettaSciIO, ncempy) read.
 
 Writes ``bench/results/formats.md``. Run: ``nice python -m beamloop.bench.formats [--make tests/data/formats]``
 (``--make`` writes the sample files there, the ones the tests read, plus ``truth.npy``).
@@ -42,7 +44,7 @@ SHAPE = (40, 48)
 """Rows, columns of the sample image."""
 
 PIXEL_A = {"dm3": 0.213, "dm4": 0.213, "hspy": 0.213, "zspy": 0.213, "tif": 0.213, "ser": 0.213, "mrc": 0.75,
-           "emd": 1.5, "mib": None}
+           "emd": 1.5, "velox": 1.5, "mib": None}
 """Pixel size written into each sample, Angstrom (None: the format holds none)."""
 
 
@@ -162,6 +164,35 @@ def write_ser(folder: Path, img: np.ndarray) -> tuple[Path, str]:
     return path, "beamloop (TIA series layout)"
 
 
+def write_velox(folder: Path, img: np.ndarray) -> tuple[Path, str]:
+    """``image_velox.emd``: one HAADF image in the Velox EMD layout as RosettaSciIO's ``rsciio.emd`` and ncempy's
+    ``ncempy.io.emdVelox`` read it (``/Version`` JSON, ``/Data/Image/<uuid>/Data`` (rows, cols, frames) and
+    ``Metadata``, the JSON as a NUL-padded uint8 column; pixel size in metres). Thermo Fisher publishes no
+    specification, so this tests the reading path, not Velox's own output."""
+    import json
+
+    import h5py
+
+    pixel_m = PIXEL_A["emd"] * 1e-10
+    md = {"BinaryResult": {"PixelSize": {"width": repr(pixel_m), "height": repr(pixel_m)}, "PixelUnitX": "m",
+                           "PixelUnitY": "m", "Offset": {"x": "0", "y": "0"}, "Detector": "HAADF",
+                           "DetectorIndex": "0"},
+          "Detectors": {"Detector-0": {"DetectorName": "HAADF", "DetectorType": "ScanningDetector"}},
+          "Acquisition": {"AcquisitionStartDatetime": {"DateTime": "1700000000"}},
+          "Scan": {"DwellTime": "2e-06", "FrameTime": "0.004"}, "Stage": {}, "CustomProperties": {}, "Optics": {},
+          "Instrument": {}}
+    raw = np.frombuffer(json.dumps(md).encode(), np.uint8)
+    path = folder / "image_velox.emd"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("Version", data=np.array([json.dumps({"format": "Velox", "version": "11"}).encode()]))
+        g = f.create_group("Data/Image/3b8e4f0c2d1a4e6f9a7b5c3d1e0f2a4b")
+        g.create_dataset("Data", data=img[:, :, None])
+        meta = np.zeros((len(raw) + 16, 1), np.uint8)
+        meta[:len(raw), 0] = raw
+        g.create_dataset("Metadata", data=meta)
+    return path, "beamloop (Velox layout as rsciio and ncempy read it)"
+
+
 def write_mib(folder: Path, img: np.ndarray) -> tuple[Path, str]:
     """``image.mib`` (+ ``image.hdr``) by the Merlin encoder of :mod:`beamloop.streams.merlin.mib`, U16, 12 bit."""
     from beamloop.streams.merlin.mib import write_mib as encode
@@ -174,6 +205,7 @@ WRITERS = {
     "Gatan DigitalMicrograph 3": lambda d, i: write_dm(d, i, 3),
     "Gatan DigitalMicrograph 4": lambda d, i: write_dm(d, i, 4),
     "Berkeley EMD (NCEM)": write_emd,
+    "Velox EMD": write_velox,
     "FEI TIA .ser": write_ser,
     "MRC 2014": write_mrc,
     "Quantum Detectors Merlin .mib": write_mib,
@@ -194,6 +226,7 @@ NOTES = {
     "FEI TIA .ser": "rows stored bottom-up; RosettaSciIO and ncempy both flip them and agree (tests/test_formats.py)",
     "Quantum Detectors Merlin .mib": "RosettaSciIO flips MIB frames upside down; the reader flips them back to "
                                      "raster order (as streams.merlin and LiberTEM)",
+    "Velox EMD": "no Velox-made sample (none in a PyPI package); layout from the two open readers, which agree",
     "TIFF (ImageJ) via RosettaSciIO": "rsciio.tiff reads the scale (0.0213) but not ImageJ's unit text; beamloop "
                                       "reads .tif with its own reader",
     "Gatan DigitalMicrograph 3 (shipped sample)": "axes in the non-length units µ and µn: no pixel size",
@@ -231,7 +264,7 @@ def make_samples(folder: str | Path) -> list[dict]:
 
 
 def _suffix_key(path: Path) -> str:
-    return path.suffix.lower().lstrip(".").replace("tiff", "tif")
+    return "velox" if "velox" in path.name else path.suffix.lower().lstrip(".").replace("tiff", "tif")
 
 
 def check_file(path: Path, truth: np.ndarray, pixel_A: float | None, reader=None) -> dict:
@@ -360,9 +393,6 @@ def run(folder: Path) -> list[dict]:
                          **check_file(rec["file"], truth, pixel, read_with_rsciio)})
     rows += shipped_rows()
     rows += nexus_rows(folder)
-    rows.append({"format": "Velox EMD", "file": None, "made_by": "(not tested)", "shape": None, "pixel_size_A": None,
-                 "units": None, "reader": "rsciio.emd", "ok": False,
-                 "error": "only Velox writes it and no PyPI package ships a sample"})
     return rows
 
 

@@ -21,6 +21,7 @@ SAMPLES = [
     ("image.dm3", 0.213, "nm", "rsciio.digitalmicrograph"),
     ("image.dm4", 0.213, "nm", "rsciio.digitalmicrograph"),
     ("image_berkeley.emd", 1.5, "nm", "rsciio.emd"),
+    ("image_velox.emd", 1.5, "nm", "rsciio.emd"),  # metres in the file; RosettaSciIO picks a compact unit
     ("image_1.ser", 0.213, "nm", "rsciio.tia"),
     ("image.mrc", 0.75, "nm", "rsciio.mrc"),
     ("image.mib", None, None, "rsciio.quantumdetector"),
@@ -80,6 +81,15 @@ def test_ser_writer_agrees_with_ncempy():
         data, meta = f.getDataset(0)
     np.testing.assert_array_equal(data, TRUTH)
     assert meta["Calibration"][0]["CalibrationDelta"] == pytest.approx(0.213e-10)
+
+
+def test_velox_layout_agrees_with_ncempy():
+    """The Velox file is written here; NCEM's Velox reader gives the same image and pixel size."""
+    ev = pytest.importorskip("ncempy.io.emdVelox")
+    with ev.fileEMDVelox(str(DATA / "image_velox.emd")) as f:
+        data, meta = f.get_dataset(f.list_data[0])
+    np.testing.assert_array_equal(data, TRUTH)
+    assert meta["pixelSize"] == pytest.approx((0.15, 0.15)) and meta["pixelUnit"] == ["nm", "nm"]
 
 
 def test_mib_sample_matches_the_stream_decoder():
