@@ -160,10 +160,23 @@ def output_stems(paths) -> list[str]:
     return out
 
 
+def check_find_options(pixel_size_A: float | None = None, method: str = "classical",
+                       memory_budget_mib: float = DEFAULT_MEMORY_BUDGET / 2**20) -> None:
+    """Raise ``ValueError`` for an unknown ``method``, a non-positive ``pixel_size_A`` or memory budget (what
+    :func:`find_files` checks before it reads anything)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; available: {METHODS}")
+    if pixel_size_A is not None and not (math.isfinite(pixel_size_A) and pixel_size_A > 0):
+        raise ValueError(f"pixel size must be a positive number of Angstrom, got {pixel_size_A}")
+    if not (math.isfinite(memory_budget_mib) and memory_budget_mib > 0):
+        raise ValueError(f"memory budget must be a positive number of MiB, got {memory_budget_mib}")
+
+
 def find_files(paths, out: Path, pixel_size_A: float | None = None, method: str = "classical",
                material: str = "generic", spacing_px: float | None = None, *, device: str = "auto",
                precision: str = "fp32", background: str = "on",
-               memory_budget_mib: float = DEFAULT_MEMORY_BUDGET / 2**20) -> list[FindOutcome]:
+               memory_budget_mib: float = DEFAULT_MEMORY_BUDGET / 2**20,
+               stems: list[str] | None = None) -> list[FindOutcome]:
     """Run the finder on every image file; write ``<stem>_columns.csv`` (with ``near_edge`` and the per-column
     ``uncertainty``), ``<stem>_ood.json`` (:func:`write_ood_json`) and ``<stem>_overlay.png`` in ``out``.
 
@@ -173,7 +186,9 @@ def find_files(paths, out: Path, pixel_size_A: float | None = None, method: str 
     cannot be read, processed or written (disk full: the message names the output file, whose partial
     outputs are removed) is reported in its outcome's ``error`` and the others go on. ``method="unet"`` uses the
     U-Net ensemble (:class:`beamloop.edge.stages.unet.UNetFinder` on ``device`` at ``precision``; it needs no pixel size
-    or spacing) and also writes ``<stem>_uncertainty.png`` and ``<stem>_uncertainty.csv``.
+    or spacing) and also writes ``<stem>_uncertainty.png`` and ``<stem>_uncertainty.csv``. ``stems`` gives the
+    output stems instead (one per path: a caller that splits a list over workers names them for the whole list,
+    :func:`beamloop.edge.dask_runner.find_files_dask`).
 
     Raises
     ------
@@ -182,10 +197,7 @@ def find_files(paths, out: Path, pixel_size_A: float | None = None, method: str 
     beamloop.edge.stages.unet.ModelError
         ``method="unet"`` and the model cannot be loaded on ``device``.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; available: {METHODS}")
-    if pixel_size_A is not None and not (math.isfinite(pixel_size_A) and pixel_size_A > 0):
-        raise ValueError(f"pixel size must be a positive number of Angstrom, got {pixel_size_A}")
+    check_find_options(pixel_size_A, method, memory_budget_mib)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     unet = None
@@ -193,13 +205,13 @@ def find_files(paths, out: Path, pixel_size_A: float | None = None, method: str 
         from beamloop.edge.stages.unet import UNetFinder
 
         unet = UNetFinder(precision=precision, device=device)
-    if not (math.isfinite(memory_budget_mib) and memory_budget_mib > 0):
-        raise ValueError(f"memory budget must be a positive number of MiB, got {memory_budget_mib}")
     path = frame_path(method, material, period_px=spacing_px, unet=unet, background=background)
     path.memory_budget_bytes = int(memory_budget_mib * 2**20)
     outcomes = []
     paths = [Path(p) for p in paths]
-    for path_in, base in zip(paths, output_stems(paths)):
+    if stems is not None and len(stems) != len(paths):
+        raise ValueError(f"{len(stems)} output stems for {len(paths)} files")
+    for path_in, base in zip(paths, stems if stems is not None else output_stems(paths)):
         try:
             img = read_image(path_in)
         except ImageReadError as exc:

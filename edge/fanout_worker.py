@@ -97,6 +97,11 @@ class FourDReducer:
         self._prepare(tuple(series.shape))
         return self._names
 
+    @property
+    def result_names(self) -> tuple[str, ...]:
+        """The names of :meth:`reduce_frames`' columns for the detector prepared last (empty before any)."""
+        return self._names
+
     def warm_up(self, dtypes=(np.uint8, np.uint16, np.uint32, np.float32)) -> None:
         """Compile (or load from numba's cache) the kernels for frames of ``dtypes`` before the first stack,
         so that a worker's first stack does not silence its heartbeats; the summed pattern is left as it was."""
