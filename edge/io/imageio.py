@@ -200,7 +200,8 @@ def read_image(path: str | Path) -> Image:
 
 
 def image_files(paths, empty: list[str] | None = None) -> list[Path]:
-    """Expand files and folders into the image files they hold (folders: sorted, by suffix).
+    """Expand files and folders into the image files they hold (folders: sorted, by suffix). A folder with a
+    suffix of :data:`FOLDER_SUFFIXES` (a ``.zspy`` Zarr store) is one image file, not a folder of them.
 
     Parameters
     ----------
