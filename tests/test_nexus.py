@@ -142,3 +142,17 @@ def test_recording_readers_unchanged(tmp_path):
     got, ids = read_frames(master)
     np.testing.assert_array_equal(got, frames)
     assert ids.tolist() == [5, 6] and recording_info(master)["frames_recorded"] == 2
+
+
+def test_recording_opens_in_hyperspy_as_a_stack(tmp_path):
+    hs = pytest.importorskip("hyperspy.api")
+    import hdf5plugin  # noqa: F401
+
+    frames = np.stack([_frame(8, 12, seed=k) for k in range(4)])
+    _recording(tmp_path, frames, [0, 1, 2, 3])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        s = hs.load(tmp_path / "scan_data_000001.h5", reader="nxs", nxdata_only=True, dataset_path="/entry/data")
+    np.testing.assert_array_equal(s.data, frames)
+    assert s.axes_manager.signal_shape == (12, 8) and s.axes_manager.navigation_shape == (4,)
+    assert s.axes_manager.navigation_axes[0].name == "image_id"
