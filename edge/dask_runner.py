@@ -6,7 +6,7 @@
 ``threads``
     Dask's thread pool in this process (numba kernels release the GIL: ``nogil=True``).
 ``processes``
-    Dask's process pool on this machine.
+    Dask's multiprocessing scheduler on one pool of spawned processes kept for the runner's life.
 ``local``
     A ``distributed.LocalCluster`` of worker processes on this machine (one thread each).
 ``tcp://HOST:PORT``
@@ -74,7 +74,14 @@ class DaskRunner:
         self.progress = bool(progress)
         self.client = None
         self._cluster = None
-        if self.scheduler == "local":
+        self._pool = None
+        if self.scheduler == "processes":  # one pool for the runner's life: its workers import and compile once
+            import multiprocessing as mp
+            from concurrent.futures import ProcessPoolExecutor
+
+            self._pool = ProcessPoolExecutor(max_workers=self.workers or default_workers(),
+                                             mp_context=mp.get_context("spawn"))
+        elif self.scheduler == "local":
             from distributed import Client, LocalCluster
 
             self._cluster = LocalCluster(n_workers=self.workers, threads_per_worker=1, processes=True,
@@ -103,8 +110,10 @@ class DaskRunner:
         import dask
 
         tasks = [dask.delayed(fn, pure=False)(x) for x in items]
-        kw = {"scheduler": self.scheduler}
-        if self.workers is not None:
+        kw: dict = {"scheduler": self.scheduler}
+        if self._pool is not None:
+            kw["pool"] = self._pool
+        elif self.workers is not None:
             kw["num_workers"] = self.workers
         if self.progress:
             from dask.diagnostics import ProgressBar
@@ -114,7 +123,10 @@ class DaskRunner:
         return list(dask.compute(*tasks, **kw))
 
     def close(self) -> None:
-        """Close the client and the local cluster (if this runner started one)."""
+        """Close the client, the local cluster and the process pool (those this runner started)."""
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+            self._pool = None
         if self.client is not None:
             self.client.close()
             self.client = None

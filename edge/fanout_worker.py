@@ -214,10 +214,23 @@ def worker_main(detector: str, protocol: str, results: str, control: str, worker
             break
     reducer = FourDReducer(geometry, sum_pattern=sum_pattern)
     reducer.warm_up()
+    _warm_up_decoder()
     with open_receiver(detector, protocol=protocol, mode="lossless", stack_size=stack_size) as rx, \
             WorkerLink(results, control, worker) as link:
         stats = run_worker(rx, reducer, link, heartbeat_s=heartbeat_s, stop=lambda: stopped[0])
         return {"stats": vars(stats), "counters": rx.counters.as_dict()}
+
+
+def _warm_up_decoder() -> None:
+    """Compile (or load from numba's cache) the receiver's stack decoder for uint8/16/32 frames now, before the
+    worker says hello, as :class:`beamloop.streams.dectris.receiver.DetectorReceiver` otherwise does when a
+    series opens (a silent worker for that long could be declared dead)."""
+    from beamloop.streams.dectris import codecs
+
+    empty = np.zeros(0, np.int64)
+    for dt in (np.uint8, np.uint16, np.uint32):
+        codecs.decode_stack(np.zeros(16, np.uint8), empty, empty, codecs.Codec(codecs.BSLZ4, np.dtype(dt).itemsize),
+                            np.zeros((0, 1, 1), dt), np.zeros(1, np.int8))
 
 
 def _process_body(*args, **kw) -> None:

@@ -4,7 +4,8 @@ A recording (:mod:`beamloop.streams.dectris.recorder`: an HDF5 master with data 
 bitshuffle-LZ4 chunks of one frame each; or a Zarr store) is split into :class:`Partition` objects: a run of
 consecutive frames of one data file (HDF5) or of the store (Zarr). A partition is a small picklable
 description; :func:`read_partition` opens the file in the process that runs it and reads only those frames
-(HDF5 decompresses them through the ``hdf5plugin`` bitshuffle filter). The layout written is not changed
+(the recorder's one-frame bitshuffle-LZ4 chunks are read raw and decoded by beamloop's numba decoder, which
+releases the GIL; anything else goes through HDF5's ``hdf5plugin`` filter). The layout written is not changed
 here: this module only reads.
 """
 
@@ -122,5 +123,37 @@ def read_partition(part: Partition) -> tuple[np.ndarray, np.ndarray]:
 
     with h5py.File(part.path, "r") as f:
         d = f["entry/data"]
-        return d[part.dataset][part.start:part.stop], np.asarray(d["image_id"][part.start:part.stop], np.int64)
+        dset = d[part.dataset]
+        ids = np.asarray(d["image_id"][part.start:part.stop], np.int64)
+        frames = _direct_bslz4(dset, part.start, part.stop)
+        if frames is None:  # chunks of another layout or filter: through HDF5's own filter pipeline
+            frames = dset[part.start:part.stop]
+        return frames, ids
+
+
+def _direct_bslz4(dset, start: int, stop: int) -> np.ndarray | None:
+    """Frames ``start:stop`` of a dataset chunked one frame per chunk with the bitshuffle-LZ4 filter, read as raw
+    chunks (``H5Dread_chunk``) and decoded by one numba call that releases the GIL
+    (:func:`beamloop.streams.dectris.codecs.decode_stack`; h5py holds a global lock while HDF5 decompresses, so
+    threads reading through the filter pipeline take turns). None when the layout is not that one."""
+    from beamloop.streams.dectris import codecs
+
+    if dset.chunks is None or tuple(dset.chunks) != (1, *dset.shape[1:]) or dset.dtype.kind != "u":
+        return None
+    blobs = []
+    for k in range(start, stop):
+        mask, blob = dset.id.read_direct_chunk((k, 0, 0))
+        if mask:
+            return None
+        blobs.append(blob)
+    lengths = np.fromiter((len(b) for b in blobs), np.int64, len(blobs))
+    offsets = np.zeros(len(blobs), np.int64)
+    np.cumsum(lengths[:-1], out=offsets[1:])
+    arena = np.frombuffer(b"".join(blobs), np.uint8)
+    dtype = dset.dtype.newbyteorder("<")
+    out = np.empty((len(blobs), *dset.shape[1:]), dtype)
+    status = np.zeros(len(blobs), np.int8)
+    if codecs.decode_stack(arena, offsets, lengths, codecs.Codec(codecs.BSLZ4, dtype.itemsize), out, status):
+        return None  # a chunk that does not decode as the stream's bslz4 framing: let HDF5 try
+    return out
 

@@ -154,3 +154,18 @@ def test_find_refuses_a_recording_without_scan_and_a_bad_scheduler(recording, tm
     assert check_scheduler("tcp://10.0.0.1:8786") == "tcp://10.0.0.1:8786"
     with pytest.raises(ValueError, match="workers"):
         DaskRunner("threads", workers=0)
+
+
+def test_process_pool_keeps_its_workers_between_maps():
+    import os
+
+    with DaskRunner("processes", workers=1) as runner:
+        first = runner.map(_pid, [0, 1])
+        second = runner.map(_pid, [2])
+    assert len(set(first + second)) == 1 and first[0] != os.getpid()
+
+
+def _pid(_) -> int:
+    import os
+
+    return os.getpid()
