@@ -50,6 +50,7 @@ PEER_GROUPS = {
     "fpga_": "trigger logic on the FPGA: resources, fmax, initiation interval",
     "soak": "soak: the service under sustained load",
     "dkl": "deep kernel learning: top-5% sites found and reconstruction vs random and raster, decision time per step",
+    "monitor": "the live view (--http): the frame path's p50/p99 with and without the page open",
 }
 """File-name prefixes of other developers' benchmark modules in bench/, and what they measure."""
 

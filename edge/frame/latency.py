@@ -117,6 +117,24 @@ def histogram_quantile(counts: np.ndarray, q: float) -> float:
     return float(edges[i] + min(max(frac, 0.0), 1.0) * (edges[i + 1] - edges[i]))
 
 
+class _Stage:
+    """One stage's samples: the ring ``buf`` (int64, grown by doubling up to the window), ``n`` recorded ever,
+    their ``sum`` and ``max`` (ns), and the histogram ``hist`` (a list of :data:`N_BUCKETS` ints: incrementing
+    a list item is cheaper than a numpy element, and a copy of it is consistent under the GIL)."""
+
+    __slots__ = ("buf", "n", "sum", "max", "hist")
+
+    def __init__(self, capacity: int) -> None:
+        self.buf = np.empty(capacity, np.int64)
+        self.n = self.sum = self.max = 0
+        self.hist = [0] * N_BUCKETS
+
+    def grow(self, window: int) -> np.ndarray:
+        """Double ``buf`` (at most to ``window`` samples); the new array."""
+        self.buf = np.concatenate([self.buf, np.empty(min(len(self.buf), window - len(self.buf)), np.int64)])
+        return self.buf
+
+
 class LatencyRecorder:
     """Collects durations per stage (nanoseconds) without allocating per sample, in bounded memory.
 
@@ -145,47 +163,48 @@ class LatencyRecorder:
             raise ValueError(f"latency recorder capacity {capacity!r} must be at least 1")
         self._cap = int(capacity)
         self.window = max(int(window), self._cap)
-        self._data: dict[str, np.ndarray] = {}
-        self._n: dict[str, int] = {}
-        self._sum: dict[str, int] = {}
-        self._max: dict[str, int] = {}
-        self._hist: dict[str, np.ndarray] = {}
+        self._st: dict[str, _Stage] = {}
         for s in stages:
             self._add_stage(s)
 
-    def _add_stage(self, stage: str) -> None:
-        self._data[stage] = np.empty(min(self._cap, self.window), np.int64)
-        self._n[stage] = 0
-        self._sum[stage] = 0
-        self._max[stage] = 0
-        self._hist[stage] = np.zeros(N_BUCKETS, np.int64)
+    def _add_stage(self, stage: str) -> _Stage:
+        st = self._st[stage] = _Stage(min(self._cap, self.window))
+        return st
 
     def add(self, stage: str, ns: int) -> None:
-        """Record one duration of ``stage`` in nanoseconds (an int; the hot path's cost: a few integer
-        operations and two array stores)."""
-        if stage not in self._data:
-            self._add_stage(stage)
-        ns = int(ns)
-        n = self._n[stage]
-        buf = self._data[stage]
-        k = n if n < self.window else n % self.window
-        if k == len(buf) and k < self.window:
-            buf = self._data[stage] = np.concatenate([buf, np.empty(min(len(buf), self.window - len(buf)), np.int64)])
+        """Record one duration of ``stage`` in nanoseconds (an integer; the hot path's cost: a few integer
+        operations, one array store and one list increment)."""
+        st = self._st.get(stage) or self._add_stage(stage)
+        if type(ns) is not int:
+            ns = int(ns)
+        n = st.n
+        k = n % self.window
+        buf = st.buf
+        if k >= len(buf):
+            buf = st.grow(self.window)
         buf[k] = ns
-        self._n[stage] = n + 1
-        self._sum[stage] += ns
-        if ns > self._max[stage]:
-            self._max[stage] = ns
-        self._hist[stage][bucket_of(ns)] += 1
+        st.n = n + 1
+        st.sum += ns
+        if ns > st.max:
+            st.max = ns
+        if ns < LINEAR:  # bucket_of, inlined: LINEAR + (e - 1) * 2**SUB_BITS + (ns >> e) - 2**SUB_BITS
+            b = ns if ns > 0 else 0
+        else:
+            e = ns.bit_length() - SUB_BITS - 1
+            b = (e << SUB_BITS) + (ns >> e)
+            if b >= N_BUCKETS:
+                b = N_BUCKETS - 1
+        st.hist[b] += 1
 
     @property
     def stages(self) -> tuple[str, ...]:
         """Stage names known, in table order."""
-        return tuple(self._data)
+        return tuple(self._st)
 
     def count(self, stage: str) -> int:
         """Samples ever recorded for ``stage`` (0 for an unknown stage)."""
-        return self._n.get(stage, 0)
+        st = self._st.get(stage)
+        return 0 if st is None else st.n
 
     def samples(self, stage: str) -> np.ndarray:
         """The most recent durations of ``stage`` (at most ``window``), oldest first, nanoseconds.
@@ -195,9 +214,10 @@ class LatencyRecorder:
         ndarray, shape (min(count, window),), int64
             A view while fewer than ``window`` samples were recorded, else a copy of the ring in order.
         """
-        if stage not in self._data:
+        st = self._st.get(stage)
+        if st is None:
             return np.zeros(0, np.int64)
-        n, buf = self._n[stage], self._data[stage]
+        n, buf = st.n, st.buf
         if n <= self.window:
             return buf[:n]
         k = n % self.window
@@ -217,12 +237,13 @@ class LatencyRecorder:
         -------
         ndarray, shape (N_BUCKETS,), int64
         """
-        h = self._hist.get(stage)
-        return np.zeros(N_BUCKETS, np.int64) if h is None else h.copy()
+        st = self._st.get(stage)
+        return np.zeros(N_BUCKETS, np.int64) if st is None else np.array(st.hist, np.int64)
 
     def totals(self, stage: str) -> tuple[int, int, int]:
         """``(count, sum_ns, max_ns)`` of every duration of ``stage`` recorded."""
-        return self._n.get(stage, 0), self._sum.get(stage, 0), self._max.get(stage, 0)
+        st = self._st.get(stage)
+        return (0, 0, 0) if st is None else (st.n, st.sum, st.max)
 
     def summary(self) -> dict:
         """Per stage: ``n``, ``p50_us``, ``p99_us``, ``p999_us``, ``max_us``, ``mean_us``, ``jitter_us``
@@ -231,7 +252,7 @@ class LatencyRecorder:
         ``n``, ``max_us`` and ``mean_us`` cover every sample; the percentiles and the jitter the most recent
         ``window`` samples (all of them in a run shorter than that)."""
         out = {}
-        for stage in list(self._data):
+        for stage in list(self._st):
             v = self.samples(stage) / 1e3
             if len(v) == 0:
                 continue
