@@ -35,6 +35,9 @@ import sys
 import threading
 
 from beamloop.edge import __version__
+from beamloop.edge.cli.config import ConfigError, config_path, show_defaults_in_help, strip_config
+from beamloop.edge.cli.config import apply as apply_config
+from beamloop.edge.cli.config import load as load_config
 
 COMMAND_MODULES = (
     "beamloop.edge.cli.run",        # the main job: closed loop on the simulated microscope
@@ -49,10 +52,14 @@ COMMAND_MODULES = (
     "beamloop.fpga.cli",            # trigger logic: hls4ml and open RTL flows, simulation, bitstreams
     "beamloop.bench.cli",           # the benchmark suite
     "beamloop.edge.cli.keys",       # key pairs for the CURVE-secured bridge
+    "beamloop.edge.cli.config",     # configuration files: the effective settings of a command
 )
 """Modules that add subcommands, in the order of ``beamloop --help`` (a module whose optional
 dependencies are not installed is skipped)."""
 
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+"""Values of ``--log-level``."""
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -153,7 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
     epilog = "exit status: " + "; ".join(f"{k} {v}" for k, v in EXIT_CODES.items())
     p = argparse.ArgumentParser(prog="beamloop", description=__doc__.splitlines()[0], epilog=epilog)
     p.add_argument("--version", action="version", version=f"beamloop {__version__}")
-    p.add_argument("--log-level", default="WARNING", help="logging level (DEBUG, INFO, WARNING, ERROR)")
+    p.add_argument("--log-level", default="WARNING", type=str.upper, choices=LOG_LEVELS,
+                   help="level of the 'beamloop' loggers (other packages log warnings and above)")
+    p.add_argument("--config", metavar="FILE",
+                   help="TOML file of option values, one table per command ([run], [serve], [fpga.build]); "
+                        "options given on the command line override it; 'beamloop config show COMMAND' prints "
+                        "the result")
     sub = p.add_subparsers(dest="command", required=True)
     for name in COMMAND_MODULES:
         try:
@@ -163,14 +175,25 @@ def build_parser() -> argparse.ArgumentParser:
                 continue  # that feature is not part of this installation
             raise
         module.register(sub)
+    show_defaults_in_help(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``beamloop`` console script."""
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    words = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        config_file = config_path(words)
+        if config_file:
+            apply_config(parser, load_config(config_file), config_file)
+    except ConfigError as exc:
+        error("config", str(exc))
+        return EXIT_USAGE
+    args = parser.parse_args(strip_config(words))
+    args.config_file = config_file
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("beamloop").setLevel(args.log_level)
     import zmq
 
     from beamloop.edge.io.runlog import RunLogError
