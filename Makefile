@@ -33,7 +33,7 @@ $(VENV)/.installed-runtime: pyproject.toml | $(PY)
 	touch $@
 
 # Everything the tests need: runtime and every feature's extra (torch is pinned to the local CPU wheel).
-EXTRAS ?= test,detector,train,quant,fpga,dkl,bench,nion,fuzz,lint,web
+EXTRAS ?= test,detector,train,quant,fpga,dkl,bench,nion,fuzz,lint,web,formats
 $(VENV)/.installed-test: pyproject.toml | $(PY) system-deps
 	$(PIP) install -e ".[$(EXTRAS)]"
 	touch $@
