@@ -406,6 +406,32 @@ def test_stop_button_blanks_the_beam(microscope):
         rx.close()
 
 
+def test_service_publishes_its_dwells(microscope):
+    from beamloop.edge.control.client import BridgeClient
+
+    rx = FrameReceiver(microscope.frames_endpoint)
+    bridge = BridgeClient(microscope.control_endpoint, timeout_ms=5000)
+    service = EdgeService(rx, frame_path("classical", "MoS2"), bridge, trigger_at="service")
+    board = MonitorBoard(min_interval_s=0.0, trace_samples=1 << 16)
+    service.monitor = board
+    try:
+        scan = bridge.acquire_frame((64, 64), (1.0, 1.0), 5.0)
+        _, ctx, got_scan = service.next_frame(10_000)
+        assert board.frames == 1 and board.frame_copy().frame_id == scan.frame_id == got_scan.frame_id
+        res = service.dwell(Target(32.0, 20.0, 0.5, 20.5 / 64, scan.frame_id, 0), max_dwell_s=0.3)
+        assert res.reason in ("trigger", "max_dwell") and res.samples > 0
+        st = board.state()
+        assert st["dwells"][-1]["reason"] == res.reason and st["dwells"][-1]["samples"] == res.samples
+        assert st["probe"] == {"x_px": 32.0, "y_px": 20.0, "fx": 0.5, "fy": 20.5 / 64, "frame_id": scan.frame_id,
+                               "active": False}
+        samples, decision = board.trace()
+        assert len(samples) == res.samples  # every parked-probe sample the trigger saw
+        assert decision == (res.trigger_sample if res.reason == "trigger" else -1)
+    finally:
+        bridge.close()
+        rx.close()
+
+
 # the page in a real browser -----------------------------------------------------------------------------------
 def test_page_in_headless_chromium(fed, tmp_path):
     from beamloop.edge.monitor.browser import HeadlessChromium, find_chromium
