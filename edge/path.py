@@ -92,9 +92,11 @@ class FramePath:
     -----
     Per frame the runner checks the frame once (:func:`~beamloop.edge.frame.stage.check_frame`), calls every
     stage's ``prepare`` when the series' metadata changed, and times each ``process`` with two
-    ``time.perf_counter_ns`` calls. The context (:attr:`ctx`) is reused: its ``smooth`` buffer and the
-    U-Net's heat maps are overwritten by the next frame, while ``columns`` and ``targets`` are new objects
-    per frame that callers may keep.
+    ``time.monotonic_ns`` calls (the receivers' clock, so a frame's stage starts in ``ctx.started_ns`` line up
+    with its ``recv_ns``); with :attr:`measure_cpu` also the thread's CPU time per stage (``ctx.cpu_ns``): a
+    stage whose wall time far exceeds its CPU time waited for a core. The context (:attr:`ctx`) is reused:
+    its ``smooth`` buffer and the U-Net's heat maps are overwritten by the next frame, while ``columns`` and
+    ``targets`` are new objects per frame that callers may keep.
     """
 
     def __init__(self, stages: Sequence[FrameStage], material: str | Material = MOS2,
@@ -109,6 +111,8 @@ class FramePath:
         self._check_contract()
         self._requested: FrameMeta | None = None
         self._names = tuple(s.name for s in self.stages)
+        self.measure_cpu = False
+        """Also measure each stage's thread CPU time (two ``time.thread_time_ns`` calls per stage)."""
 
     def _check_contract(self) -> None:
         written = set(INPUT_SLOTS)
@@ -281,13 +285,27 @@ class FramePath:
         ctx = self.ctx
         ctx.clear()
         ctx.image, ctx.scan, ctx.want_targets = image, scan, want_targets
-        timings = ctx.timings_ns
+        timings, started = ctx.timings_ns, ctx.started_ns
         lat = self.latency if record else None
+        if self.measure_cpu:
+            cpu = ctx.cpu_ns
+            for s in self.stages:
+                c0 = time.thread_time_ns()
+                t0 = time.monotonic_ns()
+                s.process(ctx)
+                dt = time.monotonic_ns() - t0
+                cpu[s.name] = time.thread_time_ns() - c0
+                timings[s.name] = dt
+                started[s.name] = t0
+                if lat is not None:
+                    lat.add(s.name, dt)
+            return ctx
         for s in self.stages:
-            t0 = time.perf_counter_ns()
+            t0 = time.monotonic_ns()
             s.process(ctx)
-            dt = time.perf_counter_ns() - t0
+            dt = time.monotonic_ns() - t0
             timings[s.name] = dt
+            started[s.name] = t0
             if lat is not None:
                 lat.add(s.name, dt)
         return ctx

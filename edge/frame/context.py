@@ -167,6 +167,11 @@ class FrameContext:
         Stage-specific results, e.g. ``"segment"`` for the U-Net's heat maps and uncertainty.
     timings_ns : dict
         Duration of each stage on this frame, nanoseconds, by stage name.
+    started_ns : dict
+        When each stage started on this frame, ``time.monotonic_ns()`` (the clock of the receivers' ``recv_ns``).
+    cpu_ns : dict
+        CPU time of the path's thread in each stage, nanoseconds (``time.thread_time_ns``), when the path
+        measures it (:attr:`beamloop.edge.path.FramePath.measure_cpu`); empty otherwise.
     """
 
     meta: FrameMeta | None = None
@@ -180,6 +185,8 @@ class FrameContext:
     want_targets: bool = True
     extras: dict = field(default_factory=dict)
     timings_ns: dict = field(default_factory=dict)
+    started_ns: dict = field(default_factory=dict)
+    cpu_ns: dict = field(default_factory=dict)
 
     @property
     def segment(self):

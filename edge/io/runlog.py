@@ -14,6 +14,8 @@ Layout::
     /dwells                 table frame_id, fx, fy, reason, trigger_sample, samples, series_id,
                             ejection_sample, end_sample, trigger_at, blank_time_ns, service_trigger_sample
     /events                 JSON text of the scan controller's events (simulator)
+    /trace                  per frame: image_id, frame_id, sent/recv/decoded ns, each stage's start, end and
+                            CPU ns, gc_ns (:mod:`beamloop.edge.frame.trace`); attrs stages, clock, dropped
 
 NeXus (NeXus Manual, NXdata base class, https://manual.nexusformat.org/classes/base_classes/NXdata.html): the
 root is an ``NXroot`` whose ``default`` is ``frames``, ``/frames`` an ``NXentry`` whose ``default`` is its
@@ -303,6 +305,34 @@ class RunLog:
                       str(r.get("trigger_at", "")).encode()[:12], r.get("blank_time_ns", np.nan),
                       r.get("service_trigger_sample", -1))
         self._write("the dwells", rec.nbytes, lambda: self._f.create_dataset("dwells", data=rec))
+
+    def write_trace(self, records: np.ndarray, stages: tuple[str, ...], dropped: int = 0) -> None:
+        """Write the per-frame trace (:class:`beamloop.edge.frame.trace.FrameTrace` records) as ``/trace``.
+
+        Parameters
+        ----------
+        records : structured ndarray (n,)
+            One record per frame (:func:`beamloop.edge.frame.trace.trace_dtype`), int64 nanoseconds of
+            ``time.monotonic_ns()``, -1 where not measured.
+        stages : tuple of str
+            The stage names, in path order (stored as the attribute ``stages``).
+        dropped : int
+            Earlier frames the trace's ring no longer held (attribute ``dropped``).
+
+        Raises
+        ------
+        RunLogError
+            As :meth:`add_frame`.
+        """
+        rec = np.ascontiguousarray(records)
+
+        def write() -> None:
+            d = self._f.create_dataset("trace", data=rec)
+            d.attrs["stages"] = _json(list(stages))
+            d.attrs["clock"] = "time.monotonic_ns (CLOCK_MONOTONIC), nanoseconds; -1: not measured"
+            d.attrs["dropped"] = int(dropped)
+
+        self._write("the frame trace", rec.nbytes + 1024, write)
 
     def set_attrs(self, **attrs) -> None:
         """Store summary objects (latency, counters, accuracy, ...) as JSON attributes of the root.
