@@ -38,12 +38,17 @@ class DetectorGeometry:
         Beam centre (default the detector's middle).
     com : bool
         Also compute the centre of mass (within 1.5 x the BF radius) and the total counts.
+    adf_inner_bf : float
+        Without ``adf_radii``: the ADF annulus starts at this multiple of the BF radius (1.25, a dark-field
+        annulus next to the disk, as ``receive --scan``; 2 or more keeps the disk's edge out when the pattern
+        shifts, for Z-contrast images like HAADF: :data:`HAADF_GEOMETRY`).
     """
 
     bf_radius: float | None = None
     adf_radii: tuple[float, float] | None = None
     centre: tuple[float, float] | None = None
     com: bool = True
+    adf_inner_bf: float = 1.25
 
     def resolve(self, shape: tuple[int, int]) -> tuple[float, tuple[float, float], tuple[float, float]]:
         """``(bf_radius, (adf_inner, adf_outer), centre)`` for a detector of ``shape`` (rows, cols).
@@ -56,14 +61,19 @@ class DetectorGeometry:
         centre = tuple(self.centre) if self.centre else ((rows - 1) / 2, (cols - 1) / 2)
         half = min(rows, cols) / 2
         bf = self.bf_radius or half / 3
-        rin, rout = self.adf_radii if self.adf_radii else (bf * 1.25, half)
+        rin, rout = self.adf_radii if self.adf_radii else (bf * self.adf_inner_bf, half)
         if not (bf > 0 and 0 <= rin < rout):
             raise ValueError(f"bad virtual detectors: BF radius {bf}, ADF radii {rin}, {rout}")
         return float(bf), (float(rin), float(rout)), (float(centre[0]), float(centre[1]))
 
 
 DEFAULT_GEOMETRY = DetectorGeometry()
-"""The default virtual detectors (BF disk, ADF annulus, CoM on), scaled to each detector."""
+"""The default virtual detectors (BF disk, ADF annulus from 1.25 x its radius, CoM on), scaled to each detector."""
+
+HAADF_GEOMETRY = DetectorGeometry(adf_inner_bf=2.0)
+"""Virtual detectors for Z-contrast scan images (the closed loop's frames): the ADF annulus from twice the BF
+radius to the detector edge, clear of the bright-field disk when the specimen's field shifts it (in the
+simulated microscope's 4D mode by up to 1.5 detector pixels; :class:`beamloop.edge.sim.fourd.FourDConfig`)."""
 
 
 class FourDReducer:
@@ -214,14 +224,14 @@ def worker_main(detector: str, protocol: str, results: str, control: str, worker
             break
     reducer = FourDReducer(geometry, sum_pattern=sum_pattern)
     reducer.warm_up()
-    _warm_up_decoder()
+    warm_up_decoder()
     with open_receiver(detector, protocol=protocol, mode="lossless", stack_size=stack_size) as rx, \
             WorkerLink(results, control, worker) as link:
         stats = run_worker(rx, reducer, link, heartbeat_s=heartbeat_s, stop=lambda: stopped[0])
         return {"stats": vars(stats), "counters": rx.counters.as_dict()}
 
 
-def _warm_up_decoder() -> None:
+def warm_up_decoder() -> None:
     """Compile (or load from numba's cache) the receiver's stack decoder for uint8/16/32 frames now, before the
     worker says hello, as :class:`beamloop.streams.dectris.receiver.DetectorReceiver` otherwise does when a
     series opens (a silent worker for that long could be declared dead)."""

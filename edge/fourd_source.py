@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from beamloop.edge.analysis import live4d
-from beamloop.edge.fanout_worker import DEFAULT_GEOMETRY, DetectorGeometry, FourDReducer
+from beamloop.edge.fanout_worker import HAADF_GEOMETRY, DetectorGeometry, FourDReducer, warm_up_decoder
 from beamloop.edge.frame.latency import LatencyRecorder
 from beamloop.edge.frame.scanframe import ScanFrame
 from beamloop.streams.dectris.series import FrameStack, SeriesEnd, SeriesStart
@@ -65,6 +65,8 @@ class FourDStats:
         Missing probe positions filled in scan frames handed over.
     foreign : int
         Patterns of a scan frame already handed over or dropped (late or repeated ids).
+    native_frames_skipped : int
+        Scan frames of the point stream left out (the 4D images stand for them).
     """
 
     stacks: int = 0
@@ -73,6 +75,7 @@ class FourDStats:
     dropped: int = 0
     filled_positions: int = 0
     foreign: int = 0
+    native_frames_skipped: int = 0
 
 
 class FourDFrameSource:
@@ -88,13 +91,18 @@ class FourDFrameSource:
     signal : {"adf", "idpc"}
         The scan image assembled.
     geometry : DetectorGeometry
-        Virtual detectors (detector pixels); the ADF annulus and the CoM disk.
+        Virtual detectors (detector pixels); the ADF annulus and the CoM disk. Default
+        :data:`beamloop.edge.fanout_worker.HAADF_GEOMETRY` (the annulus from twice the BF radius).
     max_missing_fraction : float
         Largest fraction of missing probe positions a scan frame may have and still be handed over (0-1).
     latency : LatencyRecorder, optional
         Where :data:`STAGES_4D` are recorded (give the service's to have them in its report).
     clock_ns : callable
         Monotonic nanoseconds for the latency figures (default :func:`time.monotonic_ns`, the receiver's).
+    point_stream : FrameReceiver, optional
+        The scan controller's native frame stream, for the parked-probe samples of dwells: its events pass
+        through :meth:`recv` unchanged, except its own scan frames (``kind`` ``"frame"``), which the 4D images
+        replace (counted in :attr:`FourDStats.native_frames_skipped`).
 
     Attributes
     ----------
@@ -108,8 +116,9 @@ class FourDFrameSource:
     """
 
     def __init__(self, receiver, scan: ScanFrame, *, signal: str = "adf",
-                 geometry: DetectorGeometry = DEFAULT_GEOMETRY, max_missing_fraction: float = 0.01,
-                 latency: LatencyRecorder | None = None, clock_ns: Callable[[], int] = time.monotonic_ns) -> None:
+                 geometry: DetectorGeometry = HAADF_GEOMETRY, max_missing_fraction: float = 0.01,
+                 latency: LatencyRecorder | None = None, clock_ns: Callable[[], int] = time.monotonic_ns,
+                 point_stream=None) -> None:
         if signal not in SIGNALS:
             raise ValueError(f"signal must be one of {SIGNALS}, got {signal!r}")
         if not 0.0 <= max_missing_fraction <= 1.0:
@@ -118,11 +127,13 @@ class FourDFrameSource:
         if rows <= 0 or cols <= 0:
             raise ValueError(f"scan shape must be positive, got {scan.shape}")
         self.receiver = receiver
+        self.point = point_stream
         self.template = scan
         self.signal = signal
         self.max_missing_fraction = float(max_missing_fraction)
         self.reducer = FourDReducer(DetectorGeometry(geometry.bf_radius, geometry.adf_radii, geometry.centre,
-                                                     com=signal == "idpc"), sum_pattern=False)
+                                                     com=signal == "idpc", adf_inner_bf=geometry.adf_inner_bf),
+                                    sum_pattern=False)
         self.latency = latency if latency is not None else LatencyRecorder(STAGES_4D)
         self.clock_ns = clock_ns
         self.stats = FourDStats()
@@ -154,9 +165,17 @@ class FourDFrameSource:
         """Probe positions per scan frame."""
         return self._seen.size
 
+    def warm_up(self) -> None:
+        """Compile (or load from numba's cache) the reducer's kernels and the receivers' stack decoder, before
+        the first patterns arrive: otherwise the first stack waits for them while the detector's queues fill."""
+        self.reducer.warm_up()
+        warm_up_decoder()
+
     def close(self) -> None:
-        """Close the detector receiver."""
+        """Close the detector receiver (and the point stream)."""
         self.receiver.close()
+        if self.point is not None:
+            self.point.close()
 
     def __enter__(self) -> FourDFrameSource:
         return self
@@ -181,7 +200,19 @@ class FourDFrameSource:
         deadline = None if timeout_ms is None else time.monotonic() + timeout_ms / 1000
         while True:
             wait = None if deadline is None else max(0, int((deadline - time.monotonic()) * 1000))
-            ev = self.receiver.recv(wait)
+            if self.point is None:
+                ev = self.receiver.recv(wait)
+            else:
+                ev = self.receiver.recv(0)
+                if ev is None:
+                    native = self.point.recv(0)
+                    if native is not None and not self._native_scan_frame(native):
+                        return native
+                    if native is None:
+                        self._wait_either(wait)
+                    if deadline is not None and time.monotonic() >= deadline:
+                        return None
+                    continue
             if isinstance(ev, SeriesStart):
                 self._start(ev.series)
             elif isinstance(ev, FrameStack) and len(ev):
@@ -192,6 +223,32 @@ class FourDFrameSource:
                 return self._ready.pop(0)
             if ev is None or (deadline is not None and time.monotonic() >= deadline):
                 return None
+
+    def _native_scan_frame(self, ev) -> bool:
+        """Whether ``ev`` (from the point stream) is one of its scan frames, which the 4D images replace."""
+        if not isinstance(ev, ImageEvent):
+            return False
+        ud = ev.series.user_data if isinstance(ev.series.user_data, dict) else {}
+        if ud.get("kind", "frame") == "frame":
+            self.stats.native_frames_skipped += 1
+            return True
+        return False
+
+    def _wait_either(self, wait_ms: int | None) -> None:
+        """Wait until the detector or the point stream has a message, or ``wait_ms`` pass."""
+        import zmq
+
+        poller = self.__dict__.get("_poller")
+        if poller is None:
+            poller = self._poller = zmq.Poller()
+            for rx in (self.receiver, self.point):
+                sock = getattr(rx, "socket", None)
+                if isinstance(sock, zmq.Socket):
+                    poller.register(sock, zmq.POLLIN)
+        if not poller.sockets:  # receivers without a ZeroMQ socket (Merlin's TCP): take turns
+            time.sleep(min(wait_ms if wait_ms is not None else 5, 5) / 1000)
+            return
+        poller.poll(wait_ms)
 
     def _start(self, series) -> None:
         self._flush(end=True)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from beamloop.edge.app import ServiceConfig, build_path, build_service
-from beamloop.edge.fanout_worker import DetectorGeometry, FourDReducer
+from beamloop.edge.fanout_worker import HAADF_GEOMETRY, DetectorGeometry, FourDReducer
 from beamloop.edge.fourd_source import STAGES_4D, FourDFrameSource
 from beamloop.edge.frame.latency import LatencyRecorder
 from beamloop.edge.frame.scanframe import ScanFrame
@@ -67,7 +67,7 @@ def test_adf_image_is_the_virtual_detector_of_each_probe_position(mos2_scan):
     two = np.concatenate([pats, pats[::-1]])  # two scan frames in one series
     src = FourDFrameSource(ListReceiver(stream_events(two)), scan)
     first, second = src.recv(1000), src.recv(1000)
-    ref = FourDReducer(sum_pattern=False).reduce_frames(two)[:, 1].astype(np.float32)
+    ref = FourDReducer(HAADF_GEOMETRY, sum_pattern=False).reduce_frames(two)[:, 1].astype(np.float32)
     assert np.array_equal(first.data["adf"], ref[:2304].reshape(48, 48))
     assert np.array_equal(second.data["adf"], ref[2304:].reshape(48, 48))
     ud = first.series.user_data
@@ -91,7 +91,7 @@ def test_missing_positions_are_filled_or_the_frame_dropped(mos2_scan):
     assert src.recv(1000) is None
     assert (src.stats.frames, src.stats.dropped, src.stats.filled_positions) == (1, 1, 2)
     img = ev.data["adf"].ravel()
-    ref = FourDReducer(sum_pattern=False).reduce_frames(pats)[:, 1].astype(np.float32)
+    ref = FourDReducer(HAADF_GEOMETRY, sum_pattern=False).reduce_frames(pats)[:, 1].astype(np.float32)
     others = np.delete(np.arange(n), [7, 100])
     assert np.array_equal(img[others], ref[others])
     assert img[7] == img[100] == np.float32(ref[others].astype(np.float64).mean())
@@ -161,7 +161,7 @@ def test_over_a_real_stream(mos2_scan):
         th.start()
         ev = src.recv(30_000)
         th.join()
-    ref = FourDReducer(sum_pattern=False).reduce_frames(pats)[:, 1].astype(np.float32)
+    ref = FourDReducer(HAADF_GEOMETRY, sum_pattern=False).reduce_frames(pats)[:, 1].astype(np.float32)
     assert np.array_equal(ev.data["adf"], ref.reshape(48, 48))
     assert src.counters.frames == len(pats)
 
@@ -209,7 +209,7 @@ def test_serve4d_command_runs_the_service_on_a_4d_stream(mos2_scan, tmp_path, ca
     assert rc == 0, out
     assert "processed 1 frames" in out and "reduce4d" in out and "assemble4d" in out
     assert "4D: 2304 patterns" in out
-    ref = FourDReducer(sum_pattern=False).reduce_frames(pats)[:, 1].astype(np.float32).reshape(48, 48)
+    ref = FourDReducer(HAADF_GEOMETRY, sum_pattern=False).reduce_frames(pats)[:, 1].astype(np.float32).reshape(48, 48)
     with h5py.File(tmp_path / "serve.h5", "r") as f:
         images = [g["image"][()] for g in f[FRAMES_GROUP].values()]
     assert len(images) == 1 and np.array_equal(images[0], ref)

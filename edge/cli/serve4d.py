@@ -24,7 +24,7 @@ def cmd_serve4d(a: argparse.Namespace) -> int:
     from beamloop.edge.cli.options import client_keys_from_args
     from beamloop.edge.cli.serve import _finish, _run, _stream_summary
     from beamloop.edge.control.client import BridgeClient
-    from beamloop.edge.fanout_worker import DetectorGeometry
+    from beamloop.edge.fanout_worker import HAADF_GEOMETRY, DetectorGeometry
     from beamloop.edge.fourd_source import STAGES_4D, FourDFrameSource
     from beamloop.edge.frame.latency import LatencyRecorder
     from beamloop.edge.frame.scanframe import ScanFrame
@@ -38,7 +38,8 @@ def cmd_serve4d(a: argparse.Namespace) -> int:
     try:
         scan = ScanFrame(a.frame_id, tuple(a.scan), (a.fov_nm * a.scan[0] / a.scan[1], a.fov_nm),
                          dwell_us=a.dwell_us)
-        geometry = DetectorGeometry(a.bf, tuple(a.adf) if a.adf else None, tuple(a.centre) if a.centre else None)
+        geometry = DetectorGeometry(a.bf, tuple(a.adf) if a.adf else None, tuple(a.centre) if a.centre else None,
+                                    adf_inner_bf=HAADF_GEOMETRY.adf_inner_bf)
     except ValueError as exc:
         error("serve4d", str(exc))
         return EXIT_USAGE
@@ -63,7 +64,7 @@ def cmd_serve4d(a: argparse.Namespace) -> int:
             stopped = ""
             try:
                 warm_up(service.path, service.trigger, dtypes=(np.float32,))
-                source.reducer.warm_up()
+                source.warm_up()
                 print(f"beamloop serve4d: {a.protocol} 4D-STEM stream from {det.endpoint}, {a.signal} images of "
                       f"{a.scan[0]}x{a.scan[1]} probe positions" + (f", bridge {a.bridge}" if a.bridge else ""),
                       flush=True)
@@ -114,7 +115,8 @@ def register(sub) -> None:
     v.add_argument("--signal", choices=SIGNALS, default="adf", help="adf: virtual annular dark field; idpc: "
                                                                    "integrated centre of mass")
     v.add_argument("--bf", type=parse_positive, help="BF disk radius, detector pixels (default: a sixth of the side)")
-    v.add_argument("--adf", type=parse_positive, nargs=2, metavar=("RIN", "ROUT"), help="ADF radii, detector pixels")
+    v.add_argument("--adf", type=parse_positive, nargs=2, metavar=("RIN", "ROUT"),
+                   help="ADF radii, detector pixels (default: twice the BF radius to the detector edge)")
     v.add_argument("--centre", type=float, nargs=2, metavar=("ROW", "COL"), help="beam centre, detector pixels")
     v.add_argument("--max-missing-fraction", type=float, default=0.01,
                    help="hand over a scan frame with at most this fraction of probe positions missing (filled)")
