@@ -196,3 +196,65 @@ def test_stream_dealt_out_over_two_workers_merges_bit_exact(caplog):
     assert np.array_equal(m.state.sums["sum_pattern"], frames.sum(axis=0, dtype=np.float64))
     shares = [w.watermark for w in m.state.workers.values()]
     assert len(shares) == 2 and min(shares) >= 0  # both workers took part
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_fanout_merge_command_with_two_workers(tmp_path, monkeypatch, caplog, capsys):
+    """``beamloop fanout merge`` (registered here as the CLI would) with two ``fanout worker`` bodies in threads:
+    one scan frame, written complete, and the summary."""
+    import argparse
+
+    from beamloop.edge.cli import fanout
+    from beamloop.streams.dectris.simplon import SimplonSender
+
+    caplog.set_level(logging.ERROR, "beamloop.streams.dectris.receiver")
+    armed = threading.Event()
+    original = FanoutMerger.wait_workers
+
+    def wait_workers(self, *args, **kw):
+        ok = original(self, *args, **kw)
+        armed.set()
+        return ok
+
+    monkeypatch.setattr(FanoutMerger, "wait_workers", wait_workers)
+    rng = np.random.default_rng(1)
+    frames = rng.poisson(3.0, (64, 16, 16)).astype(np.uint16)
+    results, control = (f"tcp://127.0.0.1:{_free_port()}" for _ in range(2))
+    parser = argparse.ArgumentParser()
+    fanout.register(parser.add_subparsers())
+    with SimplonSender("tcp://127.0.0.1:0") as tx:
+        a = parser.parse_args(["fanout", "merge", "--scan", "8x8", "--workers", "2", "--series", "3",
+                               "--detector-shape", "16x16", "--nimages", "64", "--frames", "1", "--results", results,
+                               "--control", control, "--out", str(tmp_path), "--idle-timeout", "60"])
+        workers = [parser.parse_args(["fanout", "worker", "--detector", tx.endpoint, "--results", results,
+                                      "--control", control, "--name", f"n{k}", "--stack", "8"]) for k in range(2)]
+        threads = [threading.Thread(target=w.func, args=(w,), daemon=True) for w in workers]
+
+        def send():
+            assert armed.wait(120)
+            time.sleep(0.2)
+            tx.start_series((16, 16), np.uint16, 64, series=3)
+            for f in frames:
+                tx.send_frame(f)
+            tx.end_series()
+
+        sender = threading.Thread(target=send, daemon=True)
+        for t in (*threads, sender):
+            t.start()
+        rc = a.func(a)
+        for t in (*threads, sender):
+            t.join(30)
+    assert rc == 0, capsys.readouterr()
+    ref = FourDReducer().reduce_frames(frames)
+    assert np.array_equal(np.load(tmp_path / "frame_00000_adf.npy").ravel(), ref[:, 1])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["counters"]["complete"] == 1 and summary["counters"]["missing"] == 0
+    assert sorted(summary["workers"]) == ["n0", "n1"]
+    assert "scan frame 0: 64/64 frames (complete)" in capsys.readouterr().out
