@@ -21,6 +21,7 @@ import numpy as np
 
 from beamloop.edge.analysis import live4d
 from beamloop.streams.dectris.series import DetectorSeries, FrameStack
+from beamloop.streams.fanout import DEFAULT_HEARTBEAT_S
 
 
 @dataclass(frozen=True)
@@ -182,7 +183,7 @@ class FourDReducer:
 
 def worker_main(detector: str, protocol: str, results: str, control: str, worker: str, *,
                 geometry: DetectorGeometry = DetectorGeometry(), sum_pattern: bool = True, stack_size: int = 64,
-                heartbeat_s: float = 0.2) -> dict:
+                heartbeat_s: float = DEFAULT_HEARTBEAT_S) -> dict:
     """One fan-out worker: connect a receiver to ``detector``, reduce, report to the merger, until stopped
     (a ``stop`` control message, SIGTERM or SIGINT).
 
@@ -196,6 +197,14 @@ def worker_main(detector: str, protocol: str, results: str, control: str, worker
         The merger's endpoints (:class:`beamloop.streams.merge.FanoutMerger`).
     worker : str
         This worker's name.
+    geometry : DetectorGeometry
+        Virtual detectors.
+    sum_pattern : bool
+        Also send the summed diffraction pattern with each part.
+    stack_size : int
+        Frames per receive stack (one ``part`` message per stack).
+    heartbeat_s : float
+        Heartbeat period, seconds.
 
     Returns
     -------
@@ -244,6 +253,7 @@ def warm_up_decoder() -> None:
 
 
 def _process_body(*args, **kw) -> None:
+    """A spawned worker process: :func:`worker_main` with the receiver's per-gap warnings silenced."""
     import logging
 
     # each worker's receiver sees every N-th frame id: its gap warnings are not losses (the merger counts those)

@@ -1,9 +1,9 @@
 """Fan-out of one detector stream over several worker processes (or machines): the worker's side.
 
 A pixelated detector at 10-100 kHz outruns one process. DECTRIS SIMPLON v1, Stream V2 and the native stream
-send with a ZeroMQ PUSH socket, which deals its messages out round-robin to every connected PULL socket
-(``zmq_socket(3)``, ZMQ_PUSH: "messages are round-robined to all connected downstream nodes"), so N
-workers that each connect a receiver to the detector each get about one N-th of the frames. Every worker
+send with a ZeroMQ PUSH socket, which deals its messages out in turn to the connected PULL sockets (the
+round-robin of ZMQ_PUSH in ``zmq_socket(3)``), so N workers that each connect a receiver to the detector each
+get about one N-th of the frames. Every worker
 reduces its frames (virtual detectors, centre of mass: a *reducer* it is given) and sends partial results
 to one merger (:mod:`beamloop.streams.merge`), which assembles them into one live image per scan frame in
 the manner of LiberTEM's UDF ``merge`` (per-frame results are placed at their probe positions, summed
@@ -122,7 +122,7 @@ class WorkerStats:
     armed : int
         Series the merger armed it with.
     reduce_s : float
-        Seconds spent in the reducer (process time is not separated from wall time).
+        Wall-clock seconds spent in the reducer.
     """
 
     frames: int = 0
