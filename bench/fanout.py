@@ -213,6 +213,51 @@ def model(c_w: float, c_s: float, c_m: float, n: int, cores: float) -> float:
     return min(n / c_w, 1.0 / c_s, 1.0 / c_m, cores / (c_w + c_s + c_m))
 
 
+DETECTOR_RATES_HZ = {"EMPAD-G2": 10_000, "NCEM 4D Camera": 87_000, "ARINA (binned)": 120_000}
+"""Frame rates to plan for (shared/notes/detector-protocols.md, "Detector rates to plan for")."""
+
+
+def scaling_model(res: dict) -> dict:
+    """The scaling model of a :func:`run` result (its measured parts): per-frame costs, the throughput predicted
+    here and on larger machines, and the workers a detector's frame rate needs."""
+    import math
+
+    cores = res["cores"]
+    fps = {int(r["workers"]): r["fps"] for r in res["runs"]}
+    c_s, c_m = 1.0 / res["sender_fps"], 1.0 / res["merge_fps"]
+    c_w = 1.0 / fps[1]  # the 1-worker chain is bound by its worker (it runs below the sender's rate)
+    c_eff = min(float(cores), fps[2] * (c_w + c_s + c_m))  # cores the chain got, fitted on the 2-worker run
+    blob = res["ceiling"]["blob_bytes_mean"]
+    link_10g = 10e9 / 8 / blob
+
+    def detector_bound(n: int, c: float) -> float:  # a detector's sender costs the workers' machines nothing
+        return min(n / c_w, c / (c_w + c_m), link_10g)
+
+    return {
+        "formula": "fps(N, C) = min(N / c_w, 1 / c_s, 1 / c_m, C / (c_w + c_s + c_m)); with a detector as the "
+                   "sender (its cost on its own hardware): min(N / c_w, C / (c_w + c_m), link / frame bytes)",
+        "c_w_us": c_w * 1e6, "c_s_us": c_s * 1e6, "c_m_us": c_m * 1e6, "cores_effective": c_eff,
+        "calibration": "c_w from the 1-worker run, c_s from the sender alone, c_m from the merger alone, C fitted "
+                       "on the 2-worker run; the 4-worker run checks it (it falls below: 6 processes on 2 cores)",
+        "predicted_here": {str(n): model(c_w, c_s, c_m, n, c_eff) for n in (1, 2, 4)},
+        "measured_here": {str(n): v for n, v in fps.items()},
+        "per_worker_ceiling_fps": {"in_memory_reduce": res["ceiling"]["reduce_fps"],
+                                   "decode_and_reduce": res["ceiling"]["decode_reduce_fps"],
+                                   "whole_worker_1_chain": fps[1]},
+        "extrapolated_python_sender": {f"{n} workers on {c} dedicated cores": model(c_w, c_s, c_m, n, c)
+                                       for c in (16, 64) for n in (4, 8, 16, 32) if n < c},
+        "extrapolated_detector_sender": {f"{n} workers on {c} dedicated cores": detector_bound(n, c)
+                                         for c in (16, 64) for n in (4, 8, 16, 32) if n < c},
+        "workers_needed": {f"{name} at {hz} Hz": math.ceil(hz * c_w) for name, hz in DETECTOR_RATES_HZ.items()},
+        "network_fps": {f"{g} GbE": g * 1e9 / 8 / blob for g in (10, 25, 100)},
+        "note": "N machines: each worker node adds 1 / c_w until the detector's rate or the network link (bytes "
+                "per compressed frame; 10 GbE per worker node multiplies with the nodes) binds; the merger takes "
+                "64-frame parts and is far from binding. Here the Python sender (1 / c_s) binds from 2 workers on, "
+                "and on this 2-core machine, shared with other users, the sender, the workers and the merger "
+                "compete for the cores (the C term): more workers than cores only add contention.",
+    }
+
+
 def run(quick: bool = False, out: Path = RESULTS) -> dict:
     """Run every part and write ``fanout.json`` in ``out``; returns the result."""
     nframes = SCAN[0] * SCAN[1] * (1 if quick else 2)
@@ -226,32 +271,7 @@ def run(quick: bool = False, out: Path = RESULTS) -> dict:
     res["sender_fps"] = sender_rate(blobs, nframes)
     res["merge_fps"] = merge_rate(min_s)
     res["runs"] = [fanout_run(n, blobs, nframes, series=10 + n) for n in (1, 2, 4)]
-    cores = res["cores"]
-    fps = {r["workers"]: r["fps"] for r in res["runs"]}
-    c_s, c_m = 1.0 / res["sender_fps"], 1.0 / res["merge_fps"]
-    c_w = 1.0 / fps[1]  # the 1-worker chain is bound by its worker (it runs below the sender's rate)
-    c_eff = min(float(cores), fps[2] * (c_w + c_s + c_m))  # cores the chain got, fitted on the 2-worker run
-    predicted = {n: model(c_w, c_s, c_m, n, c_eff) for n in (1, 2, 4)}
-    blob = res["ceiling"]["blob_bytes_mean"]
-    res["model"] = {
-        "formula": "fps(N, C) = min(N / c_w, 1 / c_s, 1 / c_m, C / (c_w + c_s + c_m))",
-        "c_w_us": c_w * 1e6, "c_s_us": c_s * 1e6, "c_m_us": c_m * 1e6, "cores_effective": c_eff,
-        "calibration": "c_w from the 1-worker run, c_s from the sender alone, c_m from the merger alone, C fitted "
-                       "on the 2-worker run; the 4-worker run checks it",
-        "predicted_here": {str(n): v for n, v in predicted.items()},
-        "measured_here": {str(n): v for n, v in fps.items()},
-        "per_worker_ceiling_fps": {"in_memory_reduce": res["ceiling"]["reduce_fps"],
-                                   "decode_and_reduce": res["ceiling"]["decode_reduce_fps"],
-                                   "whole_worker_1_chain": fps[1]},
-        "extrapolated": {f"{n} workers on {c} dedicated cores": model(c_w, c_s, c_m, n, c)
-                         for c in (16, 64) for n in (4, 8, 16, 32, 64) if n < c},
-        "network_fps": {f"{g} GbE": g * 1e9 / 8 / blob for g in (10, 25, 100)},
-        "note": "N machines: each worker node adds 1 / c_w until one sender (the detector's PUSH socket, here a "
-                "Python sender at 1 / c_s) or the network link (bytes per compressed frame) binds; the merger takes "
-                "64-frame parts and is far from binding. On this 2-core machine, shared with other users, the "
-                "sender, the workers and the merger compete for the cores: that is the C term, and more workers "
-                "than cores only add contention.",
-    }
+    res["model"] = scaling_model(res)
     res["load_avg_end"] = list(os.getloadavg())
     out.mkdir(parents=True, exist_ok=True)
     (out / "fanout.json").write_text(json.dumps(res, indent=1))
