@@ -15,7 +15,8 @@ load falls on all of them alike:
 Per frame: the wall time of :meth:`beamloop.edge.service.EdgeService.next_frame` (perf_counter_ns). Also: the
 cost of one :meth:`~beamloop.edge.monitor.board.MonitorBoard.publish_frame` (copying and not), and of one
 :meth:`~beamloop.edge.frame.latency.LatencyRecorder.add`. A screenshot of the page is kept
-(``monitor_view.png``). Results: ``bench/results/monitor.json``.
+(``monitor_view.png``), and one of the main job's page (:func:`closed_loop_view`, ``monitor_run_view.png``:
+dwells, trigger decisions, the parked-probe signal). Results: ``bench/results/monitor.json``.
 
     python -m beamloop.bench.monitor [--quick]
 """
@@ -156,6 +157,7 @@ def run(quick: bool = False, out: Path = RESULTS) -> dict:
     image = mos2_frame(shape=SHAPE, pixel_size_A=PIXEL_SIZE_A, dose_e_per_A2=1e5, seed=5).counts.astype(np.uint16)
     blocks, per = BLOCKS[quick], FRAMES_PER_BLOCK[quick]
     times: dict[str, list[int]] = {c: [] for c in CONDITIONS}
+    per_block: dict[str, list[dict]] = {c: [] for c in CONDITIONS}
     have_browser = find_chromium() is not None
     conditions = CONDITIONS if have_browser else ("off", "board")
     feed = _Feed(image)
@@ -184,13 +186,16 @@ def run(quick: bool = False, out: Path = RESULTS) -> dict:
                             scraper = _scraper(server.url + "metrics", 10.0)
                         feed.send(per)
                         time.sleep(0.3)  # the page loads; the frames are queued
-                        for _ in range(per):
+                        block = np.empty(per, np.int64)
+                        for i in range(per):
                             t0 = time.perf_counter_ns()
                             got = service.next_frame(10_000)
-                            t1 = time.perf_counter_ns()
+                            block[i] = time.perf_counter_ns() - t0
                             if got is None:
                                 raise RuntimeError("a frame did not arrive")
-                            times[cond].append(t1 - t0)
+                        times[cond].extend(block.tolist())
+                        per_block[cond].append(_percentiles(block))
+                        per_block[cond][-1]["load_1min"] = os.getloadavg()[0]
                         if scraper is not None:
                             os.killpg(scraper.pid, signal.SIGTERM)
                             scraper.wait(10)
@@ -219,11 +224,19 @@ def run(quick: bool = False, out: Path = RESULTS) -> dict:
                       "browser": version() if have_browser else None, "quick": quick},
            "machine": {"cpus": os.cpu_count(), "load_average": list(os.getloadavg())},
            "next_frame": {c: _percentiles(np.asarray(times[c])) for c in conditions},
+           "blocks": {c: per_block[c] for c in conditions},
+           "median_of_blocks": {c: {k: float(np.median([b[k] for b in per_block[c]])) for k in ("p50_us", "p99_us")}
+                                for c in conditions},
            "server": snapshots, "micro": _micro()}
     base = res["next_frame"]["off"]
     res["ratio_to_off"] = {c: {"p50": res["next_frame"][c]["p50_us"] / base["p50_us"],
                                "p99": res["next_frame"][c]["p99_us"] / base["p99_us"]} for c in conditions}
+    mb = res["median_of_blocks"]
+    res["block_ratio_to_off"] = {c: {k: mb[c][k] / mb["off"][k] for k in ("p50_us", "p99_us")} for c in conditions}
     res["files"] = ["monitor.json"] + (["monitor_view.png"] if have_browser else [])
+    if have_browser:
+        res["closed_loop_view"] = closed_loop_view(out)
+        res["files"] += res["closed_loop_view"]["files"]
     (out / "monitor.json").write_text(json.dumps(res, indent=1))
     return res
 
@@ -233,8 +246,12 @@ def bench_summary_md(res: dict) -> str:
     nf = res["next_frame"]
     parts = [f"{c} p50 {nf[c]['p50_us'] / 1e3:.2f} ms / p99 {nf[c]['p99_us'] / 1e3:.2f} ms" for c in nf]
     m = res["micro"]
+    mb = res["median_of_blocks"]
+    blocks = "; ".join(f"{c} {mb[c]['p50_us'] / 1e3:.2f} / {mb[c]['p99_us'] / 1e3:.2f} ms" for c in mb)
     return (f"live view (`--http`), frame path (next_frame, {res['config']['shape'][0]}x{res['config']['shape'][1]} "
-            f"classical, {nf['off']['n']} frames per condition): " + "; ".join(parts)
+            f"classical, {nf['off']['n']} frames per condition, load average {res['machine']['load_average'][0]:.1f} "
+            f"on {res['machine']['cpus']} cores): " + "; ".join(parts)
+            + f"; median over blocks of {res['config']['frames_per_block']} frames, p50 / p99: " + blocks
             + f". publish_frame {m['publish_frame_copy_ns'] / 1e3:.1f} us when it copies, "
               f"{m['publish_frame_not_due_ns'] / 1e3:.2f} us otherwise; LatencyRecorder.add "
               f"{m['latency_add_ns'] / 1e3:.2f} us")
@@ -243,3 +260,54 @@ def bench_summary_md(res: dict) -> str:
 if __name__ == "__main__":
     r = run(quick="--quick" in sys.argv[1:])
     print(bench_summary_md(r))
+
+
+def closed_loop_view(out: Path = RESULTS, rounds: int = 3, targets: int = 3) -> dict:
+    """The main job (:func:`beamloop.edge.experiments.closed_loop.run`, 192 x 192 frames) with ``--http`` on, the
+    page open in headless Chromium: a screenshot (``monitor_run_view.png``) once dwells show, and ``/metrics``
+    scraped at the end. Returns the page's counters, the dwells it showed and the run's outcome.
+
+    Raises
+    ------
+    RuntimeError
+        No Chromium, or the page never showed a dwell.
+    """
+    import socket
+    import threading
+
+    from beamloop.edge.experiments import closed_loop
+    from beamloop.edge.monitor.browser import HeadlessChromium, find_chromium
+
+    if find_chromium() is None:
+        raise RuntimeError("no chromium binary")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    report: dict = {}
+    runner = threading.Thread(target=lambda: report.update(closed_loop.run(
+        Path(out) / "monitor_run", rounds=rounds, shape=(192, 192), targets_per_frame=targets, quiet=True,
+        http=("127.0.0.1", port))), daemon=True)
+    runner.start()
+    url = f"http://127.0.0.1:{port}/"
+    shown: dict = {}
+    with HeadlessChromium(window=(1280, 1000)) as browser:
+        import urllib.request
+
+        t_end = time.monotonic() + 300
+        while time.monotonic() < t_end and runner.is_alive():
+            try:
+                urllib.request.urlopen(url + "api/state", timeout=5).read()
+                break
+            except OSError:  # the server is not up yet
+                time.sleep(0.3)
+        browser.goto(url)
+        browser.wait_for("window.beamloop && window.beamloop.state && window.beamloop.state.dwells.length >= "
+                         f"{targets + 1} && window.beamloop.drawnSeq > 1", timeout_s=300)
+        browser.screenshot(Path(out) / "monitor_run_view.png")
+        shown = browser.evaluate("({counters: window.beamloop.state.counters, dwells: window.beamloop.state.dwells"
+                                 ".map(d => d.reason), frame: window.beamloop.state.frame.frame_id})")
+    runner.join(600)
+    import shutil as _sh
+
+    _sh.rmtree(Path(out) / "monitor_run", ignore_errors=True)
+    return {"page": shown, "outcome": report.get("outcome"), "files": ["monitor_run_view.png"]}

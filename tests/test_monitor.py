@@ -206,6 +206,13 @@ def test_board_trace_and_dwells():
     board.dwell_block(np.arange(6, 12, dtype=np.uint16), decision=8)
     samples, decision = board.trace()
     assert np.array_equal(samples, np.arange(2, 12)) and samples[decision] == 8
+    board.dwell_started(t, 0.1, 0.2)  # the next dwell: the view shows its samples only
+    board.dwell_block(np.array([100, 101, 102], np.uint16))
+    samples, decision = board.trace()
+    assert np.array_equal(samples, [100, 101, 102]) and decision == -1
+    board.dwell_block(np.arange(200, 209, dtype=np.uint16), decision=1)  # wraps the ring of 10
+    samples, decision = board.trace()
+    assert np.array_equal(samples, [102, *range(200, 209)]) and decision == -1  # its decision sample is gone
 
     class Res:
         target, reason, trigger_at, trigger_sample, samples = t, "trigger", "service", 8, 12

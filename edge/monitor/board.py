@@ -116,7 +116,7 @@ class MonitorBoard:
     clock : callable() -> float
         Monotonic seconds (default :func:`time.monotonic`); tests move it by hand.
     trace_samples : int
-        Parked-probe samples kept for the view (a ring).
+        Parked-probe samples kept for the view (a ring; the view shows the latest dwell's).
     latency : LatencyRecorder, optional
         The service's recorder; its histograms are read when the view or ``/metrics`` asks.
     counters : callable() -> dict, optional
@@ -134,7 +134,7 @@ class MonitorBoard:
     """
 
     def __init__(self, *, min_interval_s: float = 0.2, clock: Callable[[], float] = time.monotonic,
-                 trace_samples: int = 4096, latency: LatencyRecorder | None = None,
+                 trace_samples: int = 1 << 16, latency: LatencyRecorder | None = None,
                  counters: Callable[[], dict] | None = None, images: Callable[[], dict] | None = None,
                  controller: Callable[[], dict | None] | None = None) -> None:
         if not (math.isfinite(min_interval_s) and min_interval_s >= 0):
@@ -299,17 +299,18 @@ class MonitorBoard:
         return out
 
     def trace(self) -> tuple[np.ndarray, int]:
-        """The parked-probe samples held, oldest first (float32, a copy), and the index in it of the last
-        trigger decision (-1 when none is held)."""
+        """The parked-probe samples of the latest dwell held (its last ``trace_samples`` at most), oldest first
+        (float32, a copy), and the index in it of that dwell's trigger decision (-1 when none is held)."""
         size = len(self._trace)
         n = self._trace_n
-        if n <= size:
-            out = self._trace[:n].copy()
-            first = 0
+        first = max(self._dwell_start_n, n - size)
+        k0, k1 = first % size, n % size
+        if n - first == size:
+            out = np.concatenate([self._trace[k1:], self._trace[:k1]])
+        elif k0 <= k1:
+            out = self._trace[k0:k1].copy()
         else:
-            k = n % size
-            out = np.concatenate([self._trace[k:], self._trace[:k]])
-            first = n - size
+            out = np.concatenate([self._trace[k0:], self._trace[:k1]])
         d = self._decision_n
         return out, (d - first if first <= d < n else -1)
 
