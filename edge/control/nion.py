@@ -1,7 +1,8 @@
 """The Nion Swift backend of the scan controller: beamloop drives a Nion scan device.
 
 :class:`NionBackend` implements :class:`beamloop.edge.control.controller.ScanBackend` (and
-:class:`~beamloop.edge.control.controller.PointProbe`) with a scan hardware source of
+:class:`~beamloop.edge.control.controller.PointProbe` and
+:class:`~beamloop.edge.control.controller.StageBackend`) with a scan hardware source of
 nionswift-instrumentation: a real Nion microscope, or the headless simulator of nionswift-usim
 (:func:`start_usim`). :class:`NionScanController` is the
 :class:`~beamloop.edge.control.controller.ScanController` over it: the bridge, its safety rules

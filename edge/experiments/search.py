@@ -16,7 +16,8 @@ guided by sparse data analytics", Microsc. Microanal. 28, 1611-1621 (2022)) on t
    by default) are grouped into regions (8-connected on the chip grid); regions are ranked by their highest
    class probability, then size.
 4. **Visit**: the rest of the stage-move budget drives to the best regions in turn and scans each at high
-   magnification (``zoom_fov_nm``), skipping regions inside a view already taken.
+   magnification (``zoom_fov_nm``), skipping regions inside a view already taken; when the regions run out,
+   single chips follow in order of their summed target-class probability (:func:`candidate_chips`).
 5. **Hand over** (``handover``): the best region is handed to the atom-scale vacancy-line experiment
    (:func:`beamloop.edge.experiments.closed_loop.run`, its simulated microscope standing in for that area).
 

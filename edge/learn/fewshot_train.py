@@ -77,7 +77,7 @@ class TrainConfig:
     dim: int = 64
     width: int = 32
     frames_per_seed: int = 60
-    lattice_frames: int = 48
+    lattice_frames: int = 120
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -137,7 +137,8 @@ def specimen_chips(seed: int, frames: int, rng: np.random.Generator, chip_px: in
 
 
 def lattice_chips(frames: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Chips of atomic-resolution MoS2 frames (0.1-0.3 A per pixel), labelled by the lattice rotation bin.
+    """Chips of atomic-resolution MoS2 frames (192 x 192 pixels at 0.1-0.5 A per pixel; chips of 32, 48 or 64
+    pixels resized to 32, so 1.5 to 20 lattice spacings per chip), labelled by the lattice rotation bin.
 
     Returns
     -------
@@ -149,9 +150,10 @@ def lattice_chips(frames: int, rng: np.random.Generator) -> tuple[np.ndarray, np
     for k in range(frames):
         b = k % 6
         rot = float(b * 10 + rng.uniform(1, 9))
-        f = mos2_frame(shape=(128, 128), pixel_size_A=float(rng.uniform(0.1, 0.3)),
+        f = mos2_frame(shape=(192, 192), pixel_size_A=float(rng.uniform(0.1, 0.5)),
                        dose_e_per_A2=float(rng.uniform(2e4, 2e5)), seed=int(rng.integers(2**31)), rotation_deg=rot)
-        chips = tile(normalize_frame(f.counts), INPUT_PX, normalized=True).reshape(-1, INPUT_PX, INPUT_PX)
+        chip = int(rng.choice([32, 48, 64]))
+        chips = tile(normalize_frame(f.counts), chip, normalized=True).reshape(-1, INPUT_PX, INPUT_PX)
         out_c.append(chips)
         out_l.append(np.full(len(chips), b))
     return np.concatenate(out_c), np.concatenate(out_l).astype(np.int64)
