@@ -258,3 +258,70 @@ def test_fanout_merge_command_with_two_workers(tmp_path, monkeypatch, caplog, ca
     assert summary["counters"]["complete"] == 1 and summary["counters"]["missing"] == 0
     assert sorted(summary["workers"]) == ["n0", "n1"]
     assert "scan frame 0: 64/64 frames (complete)" in capsys.readouterr().out
+
+
+def test_a_killed_worker_process_is_declared_dead_and_its_share_counted(caplog):
+    """Two worker processes; one hangs (SIGSTOP) with its share of a scan frame queued, then is killed: the merger
+    declares it dead, every scan frame still closes, and the frames it took with it are counted missing and
+    attributed to it."""
+    import os
+    import signal
+
+    from beamloop.edge.fanout_worker import spawn_workers
+    from beamloop.streams.dectris.simplon import SimplonSender
+
+    caplog.set_level(logging.ERROR, "beamloop.streams.merge")
+    rng = np.random.default_rng(2)
+    scan, det, n = (8, 8), (16, 16), 4 * 64
+    frames = rng.poisson(3.0, (n, *det)).astype(np.uint16)
+    with SimplonSender("tcp://127.0.0.1:0") as tx, FanoutMerger(scan, timeout_s=1.0) as m:
+        procs = spawn_workers(2, tx.endpoint, "simplon1", m.results_endpoint, m.control_endpoint, stack_size=8,
+                              heartbeat_s=0.05)
+        try:
+            m.arm(DetectorSeries("simplon1", 4, "simplon1-4", ("data",), det, np.dtype("<u2"), n))
+            assert m.wait_workers(2, 120.0, series_id=4)
+            time.sleep(0.3)
+            tx.start_series(det, np.uint16, n, series=4)
+            closed = []
+
+            def wait_for(count: int, limit_s: float = 30.0) -> None:
+                t_end = time.monotonic() + limit_s
+                while len(closed) < count and time.monotonic() < t_end:
+                    closed.extend(m.poll(50))
+
+            for f in frames[:64]:
+                tx.send_frame(f)
+            wait_for(1)
+            assert closed[0].complete
+            os.kill(procs[1].pid, signal.SIGSTOP)  # w1 hangs: its share of scan frame 1 waits in its queue
+            for f in frames[64:128]:
+                tx.send_frame(f)
+            wait_for(2)  # w1 silent for 1 s: dead; w0's watermark passes scan frame 1, which closes without w1's
+            os.kill(procs[1].pid, signal.SIGKILL)  # and what w1 held is gone with it
+            procs[1].join(10)
+            for f in frames[128:]:
+                tx.send_frame(f)
+            tx.end_series()
+            wait_for(4)
+            m.stop_workers()
+            for _ in range(5):
+                m.poll(50)
+        finally:
+            for p in procs:
+                p.join(10)
+                if p.is_alive():
+                    p.terminate()
+    c = m.state.counters
+    print(f"killed worker: {c.missing} frames missing, all attributed to it; closed by "
+          f"{[r.closed_by for r in closed]}")
+    assert [r.index for r in closed] == [0, 1, 2, 3]
+    assert c.deaths == 1 and not m.state.workers["w1"].alive and not m.state.workers["w1"].left
+    assert closed[1].missing == 32 and closed[1].lost_with == ("w1",)  # round-robin: every other frame was w1's
+    assert c.missing == c.missing_dead  # nothing lost silently: every missing frame is the dead worker's
+    assert all(r.received + r.missing == 64 for r in closed)
+    assert all(r.lost_with == ("w1",) for r in closed if r.missing)
+    ref = FourDReducer().reduce_frames(frames)
+    for r in closed:  # what arrived is right
+        got = r.images["adf"].ravel()
+        ok = ~np.isnan(got)
+        assert np.array_equal(got[ok], ref[64 * r.index:64 * (r.index + 1), 1][ok])
