@@ -355,8 +355,8 @@ def find_regions(maps: list[tuple[dict, ChipMap]], targets: tuple[str, ...], min
             cx = (np.average(jj, weights=w) + 0.5) * cm.chip_px
             cls_k = np.bincount(cm.labels[ii, jj]).argmax()
             regions.append(Region(0, cm.classes[int(cls_k)], float(w.max()), len(ii),
-                                  sx + (cx - f["shape"][1] / 2) * px_nm / 1000,
-                                  sy + (cy - f["shape"][0] / 2) * px_nm / 1000, f["frame_id"]))
+                                  float(sx + (cx - f["shape"][1] / 2) * px_nm / 1000),
+                                  float(sy + (cy - f["shape"][0] / 2) * px_nm / 1000), f["frame_id"]))
     regions.sort(key=lambda q: (-q.score, -q.chips))
     for k, q in enumerate(regions):
         q.rank = k + 1
@@ -741,12 +741,16 @@ def run(out: Path, *, seed: int = 0, budget_moves: int = 20, strategy: str = "se
     }
     if handover and main["regions"]:
         best = next((q for q in main["regions"] if q.found), main["regions"][0])
-        report["handover"] = {"region": best.rank, "stage_um": [best.x_um, best.y_um], "experiment": "vacancy_line",
+        report["handover"] = {"region": best.rank, "stage_um": [float(best.x_um), float(best.y_um)],
+                              "experiment": "vacancy_line",
                               "out": str(out / "handover")}
         from beamloop.edge.experiments.closed_loop import run as closed_loop_run
 
         sub = closed_loop_run(out / "handover", rounds=1, seed=seed, quiet=quiet, interrupt=interrupt)
         report["handover"]["outcome"] = sub["outcome"]
+        if sub["outcome"]["reason"] and not outcome["reason"]:
+            outcome.update(complete=False, reason=sub["outcome"]["reason"],
+                           message=f"handover: {sub['outcome']['message']}", signum=sub["outcome"]["signum"])
     for what, fn in (("run.h5", lambda: write_run_file(out / "run.h5", results, report["config"])),
                      ("montage.png", lambda: write_montage(out / "montage.png", main, cfg.targets)
                       if main["maps"] else None),
