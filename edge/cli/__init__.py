@@ -46,6 +46,8 @@ COMMAND_MODULES = (
     "beamloop.edge.cli.find",       # atomic columns in image files
     "beamloop.edge.cli.replay",     # stream recorded frames to a service
     "beamloop.edge.cli.dkl",        # offline deep kernel learning: where to measure a property next
+    "beamloop.edge.cli.search",     # automated search: montage, few-shot chips, drive to rare regions, zoom in
+    "beamloop.edge.cli.fewshot",    # few-shot chip classification: label support chips, classify, train
     "beamloop.edge.cli.stream4d",   # detector streams (beamloop.streams.cli) with live 4D imaging and sim4d
     "beamloop.edge.learn.cli",      # segmentation network: train, export
     "beamloop.quantize.cli",        # trigger models: quantization-aware training, evaluation, export
