@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -169,7 +170,10 @@ class FourDResult:
     def write(self, path: str | Path) -> Path:
         """Write ``images`` and ``sum_pattern`` to ``path`` (``.npz``); returns it. Raises ``OSError``."""
         path = Path(path)
-        np.savez(path, sum_pattern=self.sum_pattern, **self.images)
+        arrays: dict[str, Any] = dict(self.images)
+        if self.sum_pattern is not None:
+            arrays["sum_pattern"] = self.sum_pattern
+        np.savez(path, **arrays)
         return path
 
 

@@ -105,7 +105,7 @@ class FourDReducer:
 
         Raises ``ValueError`` for virtual detectors that do not fit the detector.
         """
-        self._prepare(tuple(series.shape))
+        self._prepare((int(series.shape[0]), int(series.shape[1])))
         return self._names
 
     @property
@@ -154,7 +154,7 @@ class FourDReducer:
             Columns in the order of :meth:`names`; a view into a buffer reused by the next call.
         """
         n = frames.shape[0]
-        self._prepare(tuple(frames.shape[1:]))
+        self._prepare((int(frames.shape[1]), int(frames.shape[2])))
         if n > self._cap:
             self._grow(n)
         out = self._out[:n]
@@ -169,8 +169,12 @@ class FourDReducer:
         return out
 
     def reduce(self, stack: FrameStack) -> np.ndarray:
-        """:meth:`reduce_frames` of the stack's first channel."""
-        return self.reduce_frames(stack.frames)
+        """:meth:`reduce_frames` of the stack's first channel; ``ValueError`` for a stack without decoded frames
+        (a receiver opened with ``decode=False``)."""
+        frames = stack.frames
+        if frames is None:
+            raise ValueError("frame stack without decoded frames (receiver opened with decode=False)")
+        return self.reduce_frames(frames)
 
     def sums(self) -> dict[str, np.ndarray]:
         """``{"sum_pattern": ...}`` summed since the last call (then reset); empty without ``sum_pattern``."""
@@ -181,7 +185,7 @@ class FourDReducer:
         return out
 
 
-def worker_main(detector: str, protocol: str, results: str, control: str, worker: str, *,
+def worker_main(detector: str, protocol: str, results: str, control: str, worker: str | None, *,
                 geometry: DetectorGeometry = DetectorGeometry(), sum_pattern: bool = True, stack_size: int = 64,
                 heartbeat_s: float = DEFAULT_HEARTBEAT_S) -> dict:
     """One fan-out worker: connect a receiver to ``detector``, reduce, report to the merger, until stopped
@@ -195,8 +199,8 @@ def worker_main(detector: str, protocol: str, results: str, control: str, worker
         ``stream2`` or ``simplon1`` (PUSH protocols: the frames are dealt out over the workers).
     results, control : str
         The merger's endpoints (:class:`beamloop.streams.merge.FanoutMerger`).
-    worker : str
-        This worker's name.
+    worker : str or None
+        This worker's name (None: ``<host>-<pid>``).
     geometry : DetectorGeometry
         Virtual detectors.
     sum_pattern : bool

@@ -330,6 +330,8 @@ class FourDFrameSource:
                 gy[~self._seen], gx[~self._seen] = np.nanmean(gy), np.nanmean(gx)
             out[:] = live4d.integrate_com(gy.reshape(rows, cols), gx.reshape(rows, cols))
         s = self._series
+        if s is None:  # pragma: no cover - _stack opens a series before it fills anything
+            raise RuntimeError("a scan frame without a series")
         scan = self._scan
         frame_scan = ScanFrame(scan.frame_id + self._index, scan.shape, scan.fov_nm, scan.center_nm,
                                scan.rotation_deg, scan.dwell_us)

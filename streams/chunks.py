@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -115,7 +116,7 @@ def read_partition(part: Partition) -> tuple[np.ndarray, np.ndarray]:
     if part.zarr:
         import zarr
 
-        data = zarr.open_group(store=part.path, mode="r")["entry/data"]
+        data: Any = zarr.open_group(store=part.path, mode="r")["entry/data"]
         return (np.asarray(data[part.dataset][part.start:part.stop]),
                 np.asarray(data["image_id"][part.start:part.stop], np.int64))
     import h5py

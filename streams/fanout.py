@@ -40,7 +40,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, cast
 
 import numpy as np
 import zmq
@@ -78,12 +78,13 @@ def series_from_dict(d: dict) -> DetectorSeries:
         A field is missing or of the wrong type (the message names it).
     """
     try:
-        shape = tuple(int(v) for v in d["shape"])
-        if len(shape) != 2 or min(shape) <= 0:
+        dims = [int(v) for v in d["shape"]]
+        if len(dims) != 2 or min(dims) <= 0:
             raise ValueError(f"shape {d['shape']!r}")
+        shape = (dims[0], dims[1])
         return DetectorSeries(protocol=str(d["protocol"]), series_id=int(d["series_id"]),
                               series_unique_id=str(d["series_unique_id"]),
-                              channels=tuple(str(c) for c in d["channels"]), shape=shape,  # type: ignore[arg-type]
+                              channels=tuple(str(c) for c in d["channels"]), shape=shape,
                               dtype=np.dtype(d["dtype"]), number_of_images=int(d["number_of_images"]),
                               count_time=float(d.get("count_time", 0.0)), frame_time=float(d.get("frame_time", 0.0)))
     except (KeyError, TypeError, ValueError) as exc:
@@ -167,7 +168,7 @@ class WorkerLink:
                 sock.connect(ep)
             except zmq.ZMQError as exc:
                 self.close()
-                raise zmq.ZMQError(exc.errno, f"cannot connect {ep!r}: {zmq.strerror(exc.errno)}") from None
+                raise zmq.ZMQError(exc.errno, f"cannot connect {ep!r}: {zmq.strerror(exc.errno or 0)}") from None
 
     def _send(self, kind: str, buffers: tuple = (), **fields) -> None:
         head = json.dumps({"v": WIRE_VERSION, "kind": kind, "worker": self.worker, **fields}).encode()
@@ -312,10 +313,11 @@ def run_worker(receiver, reducer: Reducer, link: WorkerLink, *, clock: Callable[
             continue
         idle = ev is None
         if isinstance(ev, SeriesStart):
+            started = cast(DetectorSeries, ev.series)  # a DECTRIS receiver's series description
             stats.relayed += 1
-            link.relay_series(ev.series)
-            if state.series is None or state.series.series_id != ev.series.series_id:
-                _open(reducer, state, ev.series)
+            link.relay_series(started)
+            if state.series is None or state.series.series_id != started.series_id:
+                _open(reducer, state, started)
         elif isinstance(ev, FrameStack) and len(ev):
             if state.series is None or state.series.series_id != ev.series.series_id:
                 _open(reducer, state, ev.series)

@@ -500,7 +500,7 @@ class FanoutMerger:
                 sock.bind(ep)
             except zmq.ZMQError as exc:
                 self.close()
-                raise zmq.ZMQError(exc.errno, f"cannot bind {ep!r}: {zmq.strerror(exc.errno)}") from None
+                raise zmq.ZMQError(exc.errno, f"cannot bind {ep!r}: {zmq.strerror(exc.errno or 0)}") from None
             eps.append(sock.getsockopt_string(zmq.LAST_ENDPOINT))
         self.results_endpoint, self.control_endpoint = eps
         self._poller = zmq.Poller()

@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 from beamloop.edge.cli.types import parse_count, parse_positive, parse_shape
+
+if TYPE_CHECKING:
+    from beamloop.streams.native.receiver import FrameReceiver
 
 
 def cmd_serve4d(a: argparse.Namespace) -> int:
@@ -59,7 +63,7 @@ def cmd_serve4d(a: argparse.Namespace) -> int:
                                       max_missing_fraction=a.max_missing_fraction, latency=latency)
             bridge = (BridgeClient(a.bridge, timeout_ms=a.bridge_timeout_ms, keys=client_keys_from_args(a))
                       if a.bridge else None)
-            service = build_service(source, cfg, bridge, latency=latency)
+            service = build_service(cast("FrameReceiver", source), cfg, bridge, latency=latency)  # duck-typed
             service.interrupt = stop
             stopped = ""
             try:
