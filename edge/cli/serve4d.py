@@ -13,7 +13,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
-from beamloop.edge.cli.types import parse_count, parse_positive, parse_shape
+from beamloop.edge.cli.types import bounded, parse_count, parse_nonnegative, parse_positive, parse_shape
 
 if TYPE_CHECKING:
     from beamloop.streams.native.receiver import FrameReceiver
@@ -122,7 +122,7 @@ def register(sub) -> None:
     v.add_argument("--adf", type=parse_positive, nargs=2, metavar=("RIN", "ROUT"),
                    help="ADF radii, detector pixels (default: twice the BF radius to the detector edge)")
     v.add_argument("--centre", type=float, nargs=2, metavar=("ROW", "COL"), help="beam centre, detector pixels")
-    v.add_argument("--max-missing-fraction", type=float, default=0.01,
+    v.add_argument("--max-missing-fraction", type=bounded(parse_nonnegative, 0, 1), default=0.01,
                    help="hand over a scan frame with at most this fraction of probe positions missing (filled)")
     v.add_argument("--bridge", default=None, help="scan controller bridge endpoint")
     v.add_argument("--bridge-timeout-ms", type=parse_count, default=2000, help="how long to wait for each reply")
