@@ -18,7 +18,10 @@ What PUSH round-robin means for a series
     relays it to the merger (its receiver counts it as ``unexpected``: a series started while the armed one
     was open), the one that gets the ``end`` relays that. Each worker's receiver sees every N-th frame id,
     so its ``gaps`` / ``missing_frames`` counters are not losses: the merger, which sees all ids, is what
-    tells complete from incomplete.
+    tells complete from incomplete. Stream V2 also names a series by its ``series_unique_id``, which only the
+    detector's ``start`` carries: arm with it when the control software knows it; otherwise the merger re-arms
+    every worker as soon as one relays the start, and images that reach a worker before that are rejected by
+    its receiver (counted there) and missing at the merger. SIMPLON v1 needs only the series number.
 
 Wire (worker -> merger, PUSH -> PULL; merger -> workers, PUB -> SUB)
     Every message is multipart: part 0 a JSON object with ``kind`` and ``worker``, then raw little-endian
