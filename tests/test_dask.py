@@ -169,3 +169,9 @@ def _pid(_) -> int:
     import os
 
     return os.getpid()
+
+
+def test_progress_bar_on_stderr(capsys):
+    with DaskRunner("threads", workers=1, progress=True) as runner:
+        assert runner.map(abs, [-3, 4]) == [3, 4]
+    assert "100%" in capsys.readouterr().err
