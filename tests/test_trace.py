@@ -97,3 +97,20 @@ def test_run_file_keeps_the_trace(tmp_path):
         d = f["trace"]
         assert d.attrs["stages"] == '["a", "b", "c"]' and d.attrs["dropped"] == 0
         assert d["image_id"].tolist() == [0, 1, 2] and np.array_equal(d[()], tr.records())
+
+
+def test_tails_breakdown_names_the_cause_and_plots(tmp_path):
+    from beamloop.bench.tails import breakdown, plot
+
+    tr = FrameTrace(STAGES, capacity=500)
+    for i in range(500):
+        slow = i % 100 == 3
+        d = (100, 300, 200 + (9000 if slow else 0))
+        cpu = {"a": 100, "b": 300, "c": 200 + (500 if slow else 0)}  # the extra time in c is mostly waiting
+        tr.add(ctx_with(100_000 * i, d, cpu), image_id=i, recv_ns=100_000 * i - 1000)
+    out = breakdown(tr.records(), STAGES, 0.01)
+    assert out["cause"]["stage"] == "c" and out["cause"]["kind"] == "waiting for a core"
+    assert out["cause"]["waited_share"] == pytest.approx(8.5 / 9.0, rel=1e-6)
+    png = tmp_path / "tails.png"
+    plot(tr.records(), STAGES, png)
+    assert png.stat().st_size > 5000
