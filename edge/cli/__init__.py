@@ -43,6 +43,8 @@ COMMAND_MODULES = (
     "beamloop.edge.cli.run",        # the main job: closed loop on the simulated microscope
     "beamloop.edge.cli.sim",        # the simulated microscope as a server
     "beamloop.edge.cli.serve",      # the edge service on a frame stream
+    "beamloop.edge.cli.serve4d",    # the edge service on a 4D-STEM detector stream (virtual ADF / iDPC frames)
+    "beamloop.edge.cli.fanout",     # one detector stream over N worker processes or machines, merged
     "beamloop.edge.cli.find",       # atomic columns in image files
     "beamloop.edge.cli.replay",     # stream recorded frames to a service
     "beamloop.edge.cli.dkl",        # offline deep kernel learning: where to measure a property next
