@@ -257,10 +257,6 @@ def bench_summary_md(res: dict) -> str:
               f"{m['latency_add_ns'] / 1e3:.2f} us")
 
 
-if __name__ == "__main__":
-    r = run(quick="--quick" in sys.argv[1:])
-    print(bench_summary_md(r))
-
 
 def closed_loop_view(out: Path = RESULTS, rounds: int = 3, targets: int = 3) -> dict:
     """The main job (:func:`beamloop.edge.experiments.closed_loop.run`, 192 x 192 frames) with ``--http`` on, the
@@ -311,3 +307,8 @@ def closed_loop_view(out: Path = RESULTS, rounds: int = 3, targets: int = 3) -> 
 
     _sh.rmtree(Path(out) / "monitor_run", ignore_errors=True)
     return {"page": shown, "outcome": report.get("outcome"), "files": ["monitor_run_view.png"]}
+
+
+if __name__ == "__main__":
+    r = run(quick="--quick" in sys.argv[1:])
+    print(bench_summary_md(r))
