@@ -86,3 +86,17 @@ def test_empty_table_exports(tmp_path):
     assert [p.name for p in files] == ["e_atomap.csv", "e_atomap.npz"]
     assert np.load(files[1])["atom_positions"].shape == (0, 2)
     assert write_temul(tmp_path / "e", cols)[0].read_text().count("\n") == 1
+
+
+def test_find_command_exports_what_it_found(tmp_path, capsys):
+    from beamloop.edge.cli import main
+
+    src = np.load(__import__("pathlib").Path(__file__).parent / "data" / "formats" / "truth.npy")
+    img = tmp_path / "frame.npy"
+    np.save(img, src)
+    assert main(["find", str(img), "--out", str(tmp_path / "o"), "--export", "atomap"]) == 0
+    found = list(csv.DictReader((tmp_path / "o" / "frame_columns.csv").open()))
+    exported = list(csv.DictReader((tmp_path / "o" / "frame_atomap.csv").open()))
+    assert len(found) == len(exported) > 0
+    assert [float(r["x"]) for r in exported] == pytest.approx([float(r["x_px"]) for r in found], abs=1e-3)
+    assert "frame_atomap.npz" in capsys.readouterr().out

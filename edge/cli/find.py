@@ -92,12 +92,31 @@ def cmd_find(a: argparse.Namespace) -> int:
             print(f"error: {o.error}", file=sys.stderr)
         else:
             print(f"{o.path}: {len(o.columns)} columns -> {o.csv}, {o.overlay}")
+            if a.export:
+                bad += _export(a.export, o)
     return 1 if bad else 0
+
+
+def _export(fmt: str, o) -> int:
+    """Write outcome ``o``'s columns in export format ``fmt`` beside its CSV; 1 if that failed (said on stderr)."""
+    from beamloop.edge.io.columns_export import export_columns
+
+    stem = o.csv.with_name(o.csv.name.removesuffix("_columns.csv"))
+    try:
+        files = export_columns(fmt, stem, o.columns, pixel_size_A=o.pixel_size_A)
+    except OSError as exc:
+        print(f"error: {o.path}: cannot write the {fmt} export ({exc.strerror or exc})", file=sys.stderr)
+        return 1
+    print(f"{o.path}: {fmt} -> {', '.join(str(p) for p in files)}")
+    return 0
 
 
 def register(sub) -> None:
     """Add ``find`` to the ``beamloop`` subcommands."""
-    f = sub.add_parser("find", help="find atomic columns in image files (.tif .png .npy .hspy .hdf5)")
+    from beamloop.edge.io.columns_export import EXPORT_FORMATS
+
+    f = sub.add_parser("find", help="find atomic columns in image files (.tif .png .npy .hspy .hdf5; .dm3 .dm4 "
+                                    ".emd .ser .mrc .mib .zspy .nxs with the formats extra)")
     f.add_argument("images", nargs="+", help="image files or folders")
     f.add_argument("--out", required=True, help="output folder")
     f.add_argument("--pixel-size", type=parse_positive, default=None, help="Angstrom per pixel (overrides the file)")
@@ -120,6 +139,9 @@ def register(sub) -> None:
     f.add_argument("--partition-frames", type=parse_positive_int, default=256,
                    help="frames per Dask task of a recording")
     f.add_argument("--no-progress", action="store_true", help="no progress bar (with --scheduler or recordings)")
+    f.add_argument("--export", choices=EXPORT_FORMATS, default=None,
+                   help="also write the columns for atomap (<stem>_atomap.csv, <stem>_atomap.npz) or TEMUL "
+                        "(<stem>_temul.csv)")
     f.set_defaults(func=cmd_find)
 
 
