@@ -149,6 +149,9 @@ def cmd_serve(a: argparse.Namespace) -> int:
                     print(f"beamloop serve: frames from {rx.endpoint}"
                           + (f", bridge {a.bridge}" if a.bridge else ""), flush=True)
                     stopped = _run(a, service, rl, codes)
+                    if monitor is not None and monitor.board.stop_requested:
+                        stopped = "the live view's stop button"
+                        error("serve", f"stopped by {stopped}" + ("; the beam was blanked" if bridge else ""))
             except RunLogError as exc:  # the disk is full: stop, blank, keep what was written
                 if bridge is not None and a.experiment == "vacancy-line":
                     service.safe_blank()
