@@ -131,3 +131,24 @@ def test_log_level_sets_the_beamloop_logger(capsys):
     assert logging.getLogger("beamloop").level == logging.DEBUG
     assert main(["config", "show", "run"]) == 0
     assert logging.getLogger("beamloop").level == logging.WARNING
+
+
+def test_a_missing_extra_is_one_line_naming_the_extra(monkeypatch, capsys):
+    import argparse
+
+    import beamloop.edge.cli as cli
+
+    def needs_torch(a: argparse.Namespace) -> int:
+        raise ModuleNotFoundError("No module named 'torch'", name="torch")
+
+    parser = build_parser()
+    real = parser.parse_args
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    monkeypatch.setattr(parser, "parse_args", lambda words: argparse.Namespace(**{**vars(real(words)),
+                                                                                  "func": needs_torch}))
+    assert main(["config", "show", "run"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["beamloop config: error: needs the optional package 'torch': install it with "
+                   "pip install 'beamloop[train]'"]
+    assert cli.missing_extra_message("gpytorch.models").endswith("'beamloop[dkl]'")
+    assert "not installed" in cli.missing_extra_message("nosuchpackage")

