@@ -56,7 +56,7 @@ test: $(VENV)/.installed-test
 # the package through build/typing/beamloop, a link to this folder.
 MYPY_PACKAGES ?= beamloop.edge.frame beamloop.edge.stages beamloop.edge.kernels beamloop.edge.path \
 	beamloop.edge.service beamloop.edge.app beamloop.edge.materials beamloop.edge.control \
-	beamloop.edge.trigger
+	beamloop.edge.trigger beamloop.edge.monitor
 lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports

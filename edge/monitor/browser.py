@@ -17,6 +17,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "chrome")
 """Executable names tried by :func:`find_chromium`, in order."""
@@ -64,7 +65,8 @@ class HeadlessChromium:
                f"--user-data-dir={self._profile.name}", f"--window-size={window[0]},{window[1]}", "about:blank"]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         self._loop = asyncio.new_event_loop()
-        self._ws = self._session = None
+        self._ws: Any = None
+        self._session: Any = None
         self._id = 0
         try:
             port = self._devtools_port(start_timeout_s)

@@ -36,6 +36,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -96,7 +97,7 @@ class ControllerLink:
     def __init__(self, endpoint: str, keys=None, timeout_ms: int = 1000, state_period_s: float = 1.0) -> None:
         self.endpoint, self.keys, self.timeout_ms = endpoint, keys, int(timeout_ms)
         self.state_period_s = float(state_period_s)
-        self._client = None
+        self._client: Any = None
         self._state: dict | None = None
         self._t = -float("inf")
 
@@ -177,7 +178,7 @@ class MonitorServer:
         self._pngs: OrderedDict[int, bytes] = OrderedDict()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._runner = None
+        self._runner: Any = None
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self.requests = 0
