@@ -46,7 +46,7 @@ from beamloop.edge.monitor.auth import (  # noqa: E402
 )
 from beamloop.edge.monitor.board import MonitorBoard  # noqa: E402
 from beamloop.edge.monitor.metrics import registry_of, render  # noqa: E402
-from beamloop.edge.monitor.web import MonitorServer, png_of  # noqa: E402
+from beamloop.edge.monitor.web import MonitorServer, png_of, serve_live_images  # noqa: E402
 
 SHAPE = (128, 128)
 PX = 0.15
@@ -310,17 +310,22 @@ def test_live_images_are_served():
     imager = live4d.LiveImager((4, 5), {"bf": live4d.disk_mask((8, 8), 2.0)})
     frames = np.random.default_rng(3).poisson(5, (10, 8, 8)).astype(np.uint16)
     imager.update(frames, np.arange(10))
-    board = MonitorBoard(images=lambda: imager.images)
-    with MonitorServer(board) as server:
+    server = serve_live_images(("127.0.0.1", 0), lambda: imager.images, lambda: {"frames_received": 10})
+    try:
         st = json.loads(get(server.url + "api/state")[2])
         assert st["images"]["bf"] == [4, 5]
         from PIL import Image
 
         im = np.asarray(Image.open(io.BytesIO(get(server.url + "api/image/bf")[2])))
         assert im.shape == (4, 5) and (im[2:] == 0).all() and im[:2].max() == 255  # rows not scanned: black
+        bf = imager.images["bf"]
+        assert np.argmax(im[:2]) == np.nanargmax(bf[:2]) and np.argmin(im[:2]) == np.nanargmin(bf[:2])
         with pytest.raises(urllib.error.HTTPError) as e:
             get(server.url + "api/image/nope")
         assert e.value.code == 404
+        assert st["counters"]["frames_received"] == 10 and st["frame"] is None
+    finally:
+        server.stop()
 
 
 def test_png_contrast_round_trip():

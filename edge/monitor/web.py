@@ -371,3 +371,30 @@ class MonitorServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def serve_live_images(http: tuple[str, int], images: Callable[[], dict], counters: Callable[[], dict] | None = None,
+                      *, token: str | None = None) -> MonitorServer:
+    """The live view of a detector stream without a frame path (``receive --scan --http``): live images (4D-STEM
+    virtual images and CoM, e.g. :attr:`beamloop.edge.analysis.live4d.LiveImager.images`) and counters (the
+    receiver's ``counters.as_dict()``), on the page and ``/metrics``; started.
+
+    Parameters
+    ----------
+    http : (host, port)
+    images : callable() -> dict
+        Name -> 2-D float array (NaN where not yet scanned), read by the web thread at its own rate.
+    counters : callable() -> dict, optional
+        Counter name -> int (names of :data:`beamloop.edge.monitor.board.COUNTER_NAMES` are shown).
+    token : str, optional
+        Required beyond loopback (:func:`~beamloop.edge.monitor.auth.token_from_secret`).
+
+    Raises
+    ------
+    MonitorAuthError
+        Beyond loopback without a token.
+    OSError
+        The address cannot be bound.
+    """
+    board = MonitorBoard(images=images, counters=counters)
+    return MonitorServer(board, http[0], http[1], token=token).start()
