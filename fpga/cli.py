@@ -106,7 +106,8 @@ def register(subparsers) -> None:
     _common(b)
     b.add_argument("--target", default="ecp5-85k",
                    help="ecp5-85k|ecp5-45k|ecp5-25k|ecp5-12k (open flow to .bit) or a Xilinx part number")
-    b.add_argument("--freq", type=float, default=100.0, help="clock constraint for place and route, MHz")
+    b.add_argument("--freq-mhz", "--freq", dest="freq",
+                   type=float, default=100.0, help="clock constraint for place and route, MHz")
     b.add_argument("--no-sim", action="store_true", help="skip the RTL simulation")
     b.add_argument("--no-hls", action="store_true", help="skip the hls4ml path")
     b.add_argument("--record", action="store_true",

@@ -100,7 +100,8 @@ def register(subparsers, *, live_imager: LiveImagerFactory | None = None,
     p.add_argument("--adf", type=parse_positive, nargs=2, metavar=("RIN", "ROUT"), help="virtual ADF radii, pixels")
     p.add_argument("--centre", type=float, nargs=2, metavar=("ROW", "COL"), help="beam centre (default: middle)")
     p.add_argument("--series", type=int, default=1, help="stop after this many series (0: never)")
-    p.add_argument("--duration", type=parse_positive, help="stop after this many seconds")
+    p.add_argument("--duration-s", "--duration", dest="duration",
+                   type=parse_positive, help="stop after this many seconds")
     p.add_argument("--out", type=Path, help="write live images (PNG, .npy) and counters (JSON) here")
     p.add_argument("--quiet", action="store_true", help="no live counter lines")
     p.set_defaults(func=cmd_receive, live_imager=live_imager)
@@ -114,7 +115,7 @@ def register(subparsers, *, live_imager: LiveImagerFactory | None = None,
     p.add_argument("--protocol", choices=PROTOCOLS, default="simplon1")
     p.add_argument("--bind", action="store_true")
     p.add_argument("--frames-per-file", type=int, default=1000)
-    p.add_argument("--max-file-seconds", type=parse_positive, default=1.0,
+    p.add_argument("--max-file-s", "--max-file-seconds", dest="max_file_seconds", type=parse_positive, default=1.0,
                    help="close a data file after this long even when not full (bounds loss on a crash)")
     p.add_argument("--series", type=int, default=1, help="stop after this many series (0: never)")
     p.set_defaults(func=cmd_record)
@@ -128,7 +129,8 @@ def register(subparsers, *, live_imager: LiveImagerFactory | None = None,
     p.add_argument("--compression", choices=("bslz4", "lz4", "none"), default="bslz4",
                    help="encoding of simulated frames (recordings are sent bitshuffle-LZ4 as stored)")
     p.add_argument("--rate", type=parse_positive, help="frames per second (default: as fast as the receiver takes)")
-    p.add_argument("--wait", type=float, default=1.0, help="seconds to wait for receivers before the header")
+    p.add_argument("--wait-s", "--wait", dest="wait",
+                   type=float, default=1.0, help="seconds to wait for receivers before the header")
     p.add_argument("--scan", type=parse_shape, default=(32, 32), help="sim4d: scan shape (default 32x32)")
     p.add_argument("--detector", type=int, default=96, help="sim4d: detector pixels per side (default 96)")
     p.add_argument("--electrons", type=parse_positive, default=5000.0, help="sim4d: electrons per probe position")

@@ -142,7 +142,8 @@ def register(sub) -> None:
     m.add_argument("--worker-timeout", type=parse_positive, default=2.0,
                    help="heartbeat silence after which a worker is dead, s")
     m.add_argument("--start-timeout", type=parse_positive, default=120.0, help="how long to wait for the workers, s")
-    m.add_argument("--idle-timeout", type=parse_positive, default=30.0, help="stop after this long without results")
+    m.add_argument("--idle-timeout-s", "--idle-timeout", dest="idle_timeout",
+                   type=parse_positive, default=30.0, help="stop after this long without results")
     m.add_argument("--out", default="out/fanout", help="output folder")
     m.set_defaults(func=cmd_merge)
     w = fs.add_parser("worker", help="one worker: PULL a share of the detector stream, reduce, report")

@@ -83,9 +83,11 @@ def register(sub) -> None:
     s.add_argument("--coil-overshoot", type=bounded(parse_nonnegative, 0, 0.99), default=0.0,
                    help="scan-coil overshoot, fraction of the move (0: critically damped)")
     s.add_argument("--encoding", choices=("raw", "lz4"), default="raw", help="frame stream encoding")
-    s.add_argument("--max-park", type=bounded(parse_positive, 0, 3600, "s"), default=10.0,
+    s.add_argument("--max-park-s", "--max-park", dest="max_park",
+                   type=bounded(parse_positive, 0, 3600, "s"), default=10.0,
                    help="blank after this long at one position, s")
-    s.add_argument("--duration", type=parse_positive, default=None, help="stop after this many seconds")
+    s.add_argument("--duration-s", "--duration", dest="duration",
+                   type=parse_positive, default=None, help="stop after this many seconds")
     s.add_argument("--announce", action="store_true", help="print the endpoints as one JSON line and serve")
     add_server_key_arguments(s)
     add_safety_arguments(s)
