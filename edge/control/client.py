@@ -26,10 +26,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import zmq
 
 from beamloop.edge.control.keys import ClientKeys, secure_client_socket
-from beamloop.edge.control.protocol import BridgeError, BridgeTimeout, check_track, decode_reply, encode_request
+from beamloop.edge.control.protocol import (
+    BridgeError,
+    BridgeTimeout,
+    check_track,
+    decode_array,
+    decode_reply,
+    encode_request,
+)
 from beamloop.edge.frame.scanframe import BeamPositionError, ScanFrame, check_fraction
 
 
@@ -70,6 +78,28 @@ class BridgeCounters:
     retries: int = 0
     heartbeats: int = 0
     log_dropped: int = 0
+
+
+@dataclass
+class PointMeasurements:
+    """What a point queue measured (:meth:`BridgeClient.measure_points`).
+
+    Attributes
+    ----------
+    mean_counts : ndarray, shape (k,), float64
+        Mean ADF counts per sample at each point.
+    signals : dict str -> ndarray
+        Per detector beyond ``adf``: ``eels`` (k, channels), ``pattern`` (k, rows, cols), in the detector's dtype.
+    dwell_us : float
+        Dwell per point as the controller applied it, microseconds.
+    samples_per_point : int
+        ADF samples per point.
+    """
+
+    mean_counts: np.ndarray
+    signals: dict[str, np.ndarray]
+    dwell_us: float
+    samples_per_point: int = 1
 
 
 class BridgeClient:
@@ -384,9 +414,11 @@ class BridgeClient:
         return res
 
     def queue_points(self, points, dwell_us: float, frame_id: int, signal: str = "haadf",
-                     blank_between: bool = True) -> dict:
+                     blank_between: bool = True, detectors: list[str] | tuple[str, ...] | None = None) -> dict:
         """Visit ``points`` (fractions ``[[x, y], ...]`` of frame ``frame_id``) for ``dwell_us`` each.
 
+        ``detectors`` (:data:`beamloop.edge.control.protocol.POINT_DETECTORS`) names what to record per point
+        besides the mean ADF counts (sent only when given, so older controllers see the request they know).
         Every point is validated first; if any fails, nothing is sent (:class:`BeamPositionError`).
         Returns ``{"queue_id": ...}``.
         """
@@ -399,8 +431,70 @@ class BridgeClient:
         except BeamPositionError as exc:
             self._refuse("queue_points", {"points": list(points), "frame_id": frame_id}, exc)
             raise
+        extra: dict[str, Any] = {} if detectors is None else {"detectors": [str(d) for d in detectors]}
         return self.call("queue_points", points=checked, dwell_us=float(dwell_us), frame_id=int(frame_id),
-                         signal=signal, blank_between=bool(blank_between))
+                         signal=signal, blank_between=bool(blank_between), **extra)
+
+    def measure_points(self, points, dwell_us: float, frame_id: int, detectors: tuple[str, ...] = ("adf",), *,
+                       signal: str = "haadf", poll_s: float = 0.005, timeout_s: float = 600.0,
+                       interrupt: Callable[[], int] | None = None,
+                       sleep: Callable[[float], None] = time.sleep) -> PointMeasurements:
+        """Queue ``points``, wait until the queue is done, and return what each point measured.
+
+        Parameters
+        ----------
+        points : sequence of (x, y)
+            Fractions of frame ``frame_id``.
+        dwell_us : float
+            Dwell per point, microseconds (the controller may round it down to whole samples: see
+            :attr:`PointMeasurements.dwell_us`).
+        frame_id : int
+        detectors : tuple of str
+            ``adf``, ``eels``, ``pattern`` (``get_capabilities``' ``point_detectors``).
+        signal : str
+            The ADF channel.
+        poll_s : float
+            Pause between ``fetch_points`` polls, seconds (each poll also feeds the controller's watchdog).
+        timeout_s : float
+            Most polling time: the queue is aborted after it (``timeout``), seconds of ``time.monotonic``.
+        interrupt : callable() -> int, optional
+            Asked between polls; non-zero aborts the queue (the beam blanked) and raises ``BridgeError``
+            (``busy``, "interrupted by signal N").
+        sleep : callable(float)
+            Waits between polls (tests pass one that moves their clock).
+
+        Returns
+        -------
+        PointMeasurements
+
+        Raises
+        ------
+        BeamPositionError
+            A point outside the frame (nothing sent).
+        BridgeError
+            The controller refused the queue (e.g. a detector not fitted: ``out_of_range``), or ended it before
+            every point was done (``internal``, naming its state), or a malformed measurement.
+        """
+        q = self.queue_points(points, dwell_us, frame_id, signal=signal, detectors=list(detectors))
+        qid = q["queue_id"]
+        t_end = time.monotonic() + timeout_s
+        while True:
+            r = self.fetch_points(qid)
+            if r.get("state") != "running":
+                break
+            code = interrupt() if interrupt is not None else 0
+            if code or time.monotonic() > t_end:
+                self.abort_points(qid)
+                raise BridgeError("busy" if code else "timeout", f"point queue {qid} aborted: "
+                                  + (f"interrupted by signal {code}" if code else f"not done in {timeout_s:g} s"),
+                                  "queue_points")
+            sleep(poll_s)
+        if r["state"] != "done":
+            raise BridgeError("internal", f"point queue {qid} ended {r['state']} after {r.get('done')} of "
+                                          f"{r.get('total')} points", "queue_points")
+        signals = {d: decode_array(a, f"fetch_points {d}") for d, a in (r.get("measurements") or {}).items()}
+        return PointMeasurements(np.asarray(r["mean_counts"], np.float64), signals, float(q["dwell_us"]),
+                                 int(q.get("samples_per_point", 1)))
 
     def fetch_points(self, queue_id: int) -> dict:
         """Progress and per-point signal of a point queue."""

@@ -22,6 +22,9 @@ scan_base.py``), where a scan device implements the small ``ScanDevice`` Protoco
                        beam (FPGA logic on the ADC stream; the simulated microscope emulates it bit for
                        bit): the controller serves ``arm_trigger`` and ``get_trigger_state``, and the
                        backend blanks the beam itself at the decision sample plus its logic's latency
+:class:`PointDetectors`  detectors read once per queued point besides the ADF signal (an EELS spectrometer,
+                       a pixelated diffraction detector): ``queue_points``' ``detectors``, their
+                       calibration in ``get_capabilities``' ``point_detectors``
 :class:`StageBackend`  a motorised specimen stage (``move_stage``, ``get_stage``): the controller blanks the
                        beam, ends the current frame, starts the move and refuses beam-on calls until the
                        stage has settled (:meth:`beamloop.edge.control.safety.BeamSafety.stage_moved`)
@@ -74,7 +77,9 @@ from beamloop.edge.control.protocol import (
     ScanLimits,
     StageLimits,
     check_channels,
+    check_detectors,
     check_track,
+    encode_array,
     parse_acquire_frame,
     parse_move_stage,
 )
@@ -336,6 +341,10 @@ class PointQueue:
         ``running``, ``done``, ``aborted``, or what ended it (``watchdog``, ``dwell_limit``).
     mean_counts : list of float
         Mean signal of every point done.
+    detectors : tuple of str
+        Detectors recorded per point besides the ADF mean (``eels``, ``pattern``; empty: none).
+    signals : dict str -> list of ndarray
+        Per detector of ``detectors``, the measurement of every point done.
     """
 
     id: int
@@ -347,6 +356,8 @@ class PointQueue:
     blank_between: bool
     state: str = "running"
     mean_counts: list[float] = field(default_factory=list)
+    detectors: tuple[str, ...] = ()
+    signals: dict[str, list[np.ndarray]] = field(default_factory=dict)
 
 
 # the hardware Protocols -----------------------------------------------------------------------------------
@@ -416,6 +427,27 @@ class PointProbe(Protocol):
 
     def measure_point(self, fx: float, fy: float, dwell_us: float, channel: str) -> float:
         """Mean signal of ``channel`` with the probe at fractions ``(fx, fy)`` for ``dwell_us``."""
+        ...
+
+
+@runtime_checkable
+class PointDetectors(Protocol):
+    """A backend with detectors read once per queued point (a spectrometer, a pixelated detector).
+
+    The controller reads them at the end of each point of a queue (the beam still on there, the dose of the
+    point's dwell applied), for the detectors the queue names, and returns them in ``fetch_points``.
+    """
+
+    def point_detectors(self) -> dict[str, dict]:
+        """Detector name (``eels``, ``pattern``) -> its calibration, JSON-ready (``get_capabilities``'
+        ``point_detectors``): ``eels`` needs ``channels`` and ``dtype``, ``pattern`` ``shape`` and ``dtype``
+        (:func:`beamloop.edge.control.protocol.detector_point_bytes`); read once."""
+        ...
+
+    def point_signals(self, fx: float, fy: float, frame_id: int, dwell_us: float,
+                      detectors: tuple[str, ...]) -> dict[str, np.ndarray]:
+        """The measurement of each of ``detectors`` with the probe at fractions ``(fx, fy)`` of frame
+        ``frame_id`` for ``dwell_us``: arrays of the shape and dtype that :meth:`point_detectors` states."""
         ...
 
 
@@ -563,6 +595,11 @@ class ScanController:
         self._trigger_probe = backend if self._parked is not None and isinstance(backend, TriggerProbe) else None
         self._tracking_probe = backend if isinstance(backend, TrackingProbe) else None
         self._stage = backend if isinstance(backend, StageBackend) else None
+        self._detectors = backend if isinstance(backend, PointDetectors) else None
+        self.point_detectors: dict[str, dict] = {"adf": {"channel": self.caps.limits.channels[0]}}
+        if self._detectors is not None:
+            self.point_detectors.update({k: dict(v) for k, v in self._detectors.point_detectors().items()
+                                         if k != "adf"})
         self._stage_limits = None if self._stage is None else self._stage.stage_limits()
         self.stage_moves = 0
         self._trigger_models = {} if self._trigger_probe is None else dict(self._trigger_probe.trigger_models())
@@ -791,7 +828,9 @@ class ScanController:
                 "parked_stream": None if self.caps.parked_stream is None else self.caps.parked_stream.as_dict(),
                 "safety": self.safety.state()["limits"], "trigger": self._trigger_caps(),
                 "max_fov_nm": lim.max_fov_nm,
-                "stage": None if self._stage_limits is None else self._stage_limits.as_dict(), **self.caps.extras}
+                "stage": None if self._stage_limits is None else self._stage_limits.as_dict(),
+                "point_detectors": self.point_detectors if "queue_points" in self.server.handlers else None,
+                **self.caps.extras}
 
     def _move_stage(self, args: dict) -> dict:
         """``move_stage``: blank, end the frame and any parked series, start the move; beam-on calls wait for
@@ -934,6 +973,9 @@ class ScanController:
             raise BridgeError("bad_request", "queue_points got no points")
         # the dwell and dose per point were checked by self.safety before this handler ran
         channel = check_channels([args.get("signal", self.caps.limits.channels[0])], self.caps.limits)[0]
+        detectors = () if args.get("detectors") is None else check_detectors(args["detectors"],
+                                                                             self.point_detectors, len(pts))
+        extra = tuple(d for d in detectors if d != "adf")
         checked = [self._check_position({"x": x, "y": y, "frame_id": fid})[:2] for x, y in pts]
         ps = self._parked
         n = 1
@@ -948,7 +990,8 @@ class ScanController:
         qid = len(self._queues) + 1
         self._end_dwell("moved")
         self.queue = self._queues[qid] = PointQueue(qid, checked, fid, dwell_us, channel, n,
-                                                    bool(args.get("blank_between", True)))
+                                                    bool(args.get("blank_between", True)), detectors=extra,
+                                                    signals={d: [] for d in extra})
         if ps is not None:
             self._next_queue_point(self._clock())
         return {"queue_id": qid, "points": len(checked), "samples_per_point": n, "dwell_us": dwell_us}
@@ -963,8 +1006,43 @@ class ScanController:
 
     def _fetch_points(self, args: dict) -> dict:
         q = self._queue_state(args.get("queue_id"))
-        return {"queue_id": q.id, "state": q.state, "done": len(q.mean_counts), "total": len(q.points),
-                "mean_counts": list(q.mean_counts)}
+        start = args.get("start", 0)
+        if not isinstance(start, int) or isinstance(start, bool) or start < 0:
+            raise BridgeError("bad_request", f"fetch_points start must be a whole number >= 0, got {start!r:.40}")
+        out = {"queue_id": q.id, "state": q.state, "done": len(q.mean_counts), "total": len(q.points),
+               "mean_counts": list(q.mean_counts[start:])}
+        if start:
+            out["start"] = start
+        if q.detectors:
+            out["measurements"] = {d: encode_array(self._stacked(q, d, start)) for d in q.detectors}
+        return out
+
+    def _stacked(self, q: PointQueue, detector: str, start: int) -> np.ndarray:
+        """The measurements of ``detector`` from point ``start`` on, stacked: (k, ...) in its dtype."""
+        got = q.signals[detector][start:]
+        if got:
+            return np.stack(got)
+        cal = self.point_detectors[detector]
+        shape = (int(cal["channels"]),) if detector == "eels" else tuple(int(v) for v in cal["shape"])
+        return np.zeros((0, *shape), np.dtype(cal.get("dtype", "<u4")))
+
+    def _point_signals(self, q: PointQueue, fx: float, fy: float) -> None:
+        """Read the queue's detectors at the point just done (the beam still on there)."""
+        if not q.detectors:
+            return
+        if self._detectors is None:  # check_detectors let nothing else through
+            raise BridgeError("internal", f"detectors {list(q.detectors)} have no backend")
+        got = self._detectors.point_signals(fx, fy, q.frame_id, q.dwell_us, q.detectors)
+        checked = []
+        for d in q.detectors:
+            cal = self.point_detectors[d]
+            a = np.asarray(got[d])
+            shape = (int(cal["channels"]),) if d == "eels" else tuple(int(v) for v in cal["shape"])
+            if a.shape != shape:
+                raise BridgeError("internal", f"detector {d} gave shape {a.shape}, its calibration says {shape}")
+            checked.append(a.astype(np.dtype(cal.get("dtype", "<u4")), copy=False))
+        for d, a in zip(q.detectors, checked):  # all or none: every list stays as long as mean_counts
+            q.signals[d].append(a)
 
     def _abort_points(self, args: dict) -> dict:
         q = self._queue_state(args.get("queue_id"))
@@ -1175,6 +1253,7 @@ class ScanController:
         q, d, ps = self.queue, self.dwell, self._parked
         assert q is not None and d is not None and ps is not None
         t_end = d.started + d.samples * ps.sample_time_us * 1e-6
+        self._point_signals(q, d.fx, d.fy)
         q.mean_counts.append(d.counts_sum / max(d.samples, 1))
         self._end_dwell("point_done")
         if len(q.mean_counts) >= len(q.points):
@@ -1191,6 +1270,7 @@ class ScanController:
         fx, fy = q.points[len(q.mean_counts)]
         self._set_blanked(False)
         value = probe.measure_point(fx, fy, q.dwell_us, q.channel)
+        self._point_signals(q, fx, fy)
         if q.blank_between:
             self._set_blanked(True)
         q.mean_counts.append(float(value))

@@ -19,8 +19,10 @@ blanking, point lists.
                        :data:`MAX_TRACK_PER_S`): move it on at that rate (drift compensation) until moved
 ``blank``              ``on``: blank (true) or unblank (false) the beam
 ``heartbeat``          no arguments: the client is alive (feeds the controller's watchdog)
-``queue_points``       ``points [[x, y], ...]``, ``dwell_us``, ``signal``, ``blank_between``: visit
-                       points one after another; ``fetch_points`` / ``abort_points`` by ``queue_id``
+``queue_points``       ``points [[x, y], ...]``, ``dwell_us``, ``signal``, ``blank_between``, optional
+                       ``detectors`` (:data:`POINT_DETECTORS`: what to record per point besides the mean
+                       ADF counts): visit points one after another; ``fetch_points`` (optional
+                       ``start``: the first point returned) / ``abort_points`` by ``queue_id``
 ``stop``               no arguments: end whatever the beam is doing (point queue, parked dwell) and
                        blank it
 ``arm_trigger``        ``model`` (a name or its hash), ``threshold`` (integer score; default the
@@ -71,6 +73,15 @@ applied); the client adds ``timeout`` (no reply in time) and ``unavailable`` (th
 known to have exited). A map wrapped in the self-described CBOR tag 55799 (RFC 8949, section 3.4.6) is
 read as the map.
 
+Point measurements: ``get_capabilities`` has a ``point_detectors`` map, detector name -> its calibration
+(``adf``: the ADF channel's mean counts per sample; ``eels``: ``channels``, ``offset_eV``, ``dispersion_eV``,
+``resolution_eV``, ``dtype``; ``pattern``: ``shape [rows, cols]``, ``binning``, ``dtype``). A ``queue_points``
+whose ``detectors`` names one the controller does not have is refused (``out_of_range``, "not fitted"), and
+so is one whose measurements would not fit one ``fetch_points`` reply (:data:`MAX_POINT_REPLY_BYTES`).
+``fetch_points`` always carries ``mean_counts``; with detectors beyond ``adf`` also ``measurements``,
+detector -> an array of the points done (from ``start``) in the CBOR array map of :func:`encode_array`
+(``dtype``, ``shape``, little-endian ``data`` bytes; the same convention as the simulator's ground truth).
+
 Both ends are built on this module: :mod:`beamloop.edge.control.client` and
 :mod:`beamloop.edge.control.server`.
 
@@ -90,6 +101,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import cbor2
+import numpy as np
 
 ERROR_CODES = ("out_of_range", "stale_frame", "busy", "bad_request", "unknown_call", "internal", "rate_limited",
                "stale_seq", "timeout", "unavailable")
@@ -801,3 +813,122 @@ def parse_move_stage(args: Mapping[str, Any], limits: StageLimits) -> tuple[floa
         raise BridgeError("out_of_range", f"stage target ({x:g}, {y:g}) um outside the travel range x [{xl:g}, "
                                           f"{xh:g}], y [{yl:g}, {yh:g}] um", "move_stage")
     return x, y
+
+
+# point measurements --------------------------------------------------------------------------------------
+POINT_DETECTORS = ("adf", "eels", "pattern")
+"""Detectors ``queue_points`` may record per point: ``adf`` (mean counts of the ADF channel named by
+``signal``), ``eels`` (a spectrum, counts per channel), ``pattern`` (a diffraction pattern, binned)."""
+
+MAX_POINT_REPLY_BYTES = 1 << 23
+"""Largest size of a point queue's measurements (8 MiB: half of :data:`MAX_MESSAGE_BYTES`, leaving room for
+the reply's other fields); a ``queue_points`` whose measurements would be larger is refused."""
+
+ARRAY_DTYPES = ("<u2", "<u4", "<f4", "<f8")
+"""Element types of arrays on the wire (:func:`encode_array`)."""
+
+
+def encode_array(a: np.ndarray) -> dict:
+    """An array as a CBOR-ready map ``{"dtype", "shape", "data"}``: little-endian bytes in C order.
+
+    Parameters
+    ----------
+    a : ndarray
+        Of a dtype in :data:`ARRAY_DTYPES` (any byte order).
+
+    Returns
+    -------
+    dict
+
+    Raises
+    ------
+    ValueError
+        Another element type.
+    """
+    arr = np.asarray(a)
+    dt = arr.dtype.newbyteorder("<")
+    if dt.str not in ARRAY_DTYPES:
+        raise ValueError(f"array dtype {arr.dtype} is not one of {list(ARRAY_DTYPES)}")
+    return {"dtype": dt.str, "shape": list(arr.shape), "data": np.ascontiguousarray(arr, dt).tobytes()}
+
+
+def decode_array(d: Any, what: str = "array") -> np.ndarray:
+    """The inverse of :func:`encode_array` (a read-only view of the bytes).
+
+    Raises
+    ------
+    BridgeError
+        (``bad_request``) not such a map, an element type outside :data:`ARRAY_DTYPES`, or a ``shape`` that
+        does not match the bytes.
+    """
+    if not isinstance(d, Mapping) or not isinstance(d.get("data"), bytes) or d.get("dtype") not in ARRAY_DTYPES:
+        raise BridgeError("bad_request", f"{what} must be a map of dtype (one of {list(ARRAY_DTYPES)}), shape and "
+                                         f"data bytes, got {short_repr(d)}")
+    shape = d.get("shape")
+    if not (isinstance(shape, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                                            for v in shape)):
+        raise BridgeError("bad_request", f"{what} shape {short_repr(shape)} is not a list of whole numbers")
+    dt = np.dtype(d["dtype"])
+    if math.prod(shape) * dt.itemsize != len(d["data"]):
+        raise BridgeError("bad_request", f"{what} of shape {shape} and dtype {dt.str} needs "
+                                         f"{math.prod(shape) * dt.itemsize} bytes, got {len(d['data'])}")
+    return np.frombuffer(d["data"], dt).reshape(shape)
+
+
+def detector_point_bytes(name: str, caps: Mapping[str, Any]) -> int:
+    """Bytes one point's measurement of detector ``name`` takes in a ``fetch_points`` reply (its
+    ``point_detectors`` entry ``caps``); 0 for ``adf`` (in ``mean_counts``)."""
+    if name == "adf":
+        return 0
+    item = np.dtype(caps.get("dtype", "<u4")).itemsize
+    if name == "eels":
+        return int(caps["channels"]) * item
+    return int(math.prod(caps["shape"])) * item
+
+
+def check_detectors(detectors: Any, available: Mapping[str, Mapping[str, Any]], points: int) -> tuple[str, ...]:
+    """Check ``queue_points``' ``detectors`` against the controller's ``point_detectors``.
+
+    Parameters
+    ----------
+    detectors : list of str
+        Names from :data:`POINT_DETECTORS`, matched without regard to case.
+    available : mapping
+        The controller's ``point_detectors`` (name -> calibration).
+    points : int
+        Points in the queue (for the reply's size).
+
+    Returns
+    -------
+    tuple of str
+        The names, lower case, each once, in the order given.
+
+    Raises
+    ------
+    BridgeError
+        ``bad_request``: not a non-empty list of text, or a name given twice or not a detector at all;
+        ``out_of_range``: a detector not fitted to this controller, or measurements of all points larger than
+        :data:`MAX_POINT_REPLY_BYTES`.
+    """
+    if not isinstance(detectors, list) or not detectors or not all(isinstance(c, str) for c in detectors):
+        raise BridgeError("bad_request", f"queue_points detectors must be a non-empty list of names from "
+                                         f"{list(POINT_DETECTORS)}, got {short_repr(detectors)}", "queue_points")
+    names = tuple(c.lower() for c in detectors)
+    if len(set(names)) != len(names):
+        raise BridgeError("bad_request", f"queue_points detectors {short_repr(detectors)} name one twice",
+                          "queue_points")
+    unknown = [c for c in names if c not in POINT_DETECTORS]
+    if unknown:
+        raise BridgeError("bad_request", f"queue_points detectors {unknown} unknown; detectors are "
+                                         f"{list(POINT_DETECTORS)}", "queue_points")
+    missing = [c for c in names if c not in available]
+    if missing:
+        raise BridgeError("out_of_range", f"detector {', '.join(missing)} is not fitted to this scan controller "
+                                          f"(it has {sorted(available)})", "queue_points")
+    size = points * sum(detector_point_bytes(c, available[c]) for c in names)
+    if size > MAX_POINT_REPLY_BYTES:
+        per = sum(detector_point_bytes(c, available[c]) for c in names)
+        raise BridgeError("out_of_range", f"{points} points of {'+'.join(names)} need {size} bytes, more than one "
+                                          f"reply carries ({MAX_POINT_REPLY_BYTES}): queue at most "
+                                          f"{MAX_POINT_REPLY_BYTES // max(per, 1)} points at a time", "queue_points")
+    return names

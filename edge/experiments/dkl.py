@@ -641,11 +641,13 @@ class SimulatedPoints:
         return scalarize_all(self.scalarizer, sig)
 
 
-def bind_for_material(name: str, material: str = "MoS2") -> BoundScalarizer:
+def bind_for_material(name: str, material: str = "MoS2", calibration: dict | None = None) -> BoundScalarizer:
     """Scalarizer ``name`` bound to the simulated spectrometer and the main edge of ``material``.
 
     MoS2: S L2,3 (onset, integral), S L2,3 / Mo M4,5 (ratio); SrTiO3: Ti L2,3 (onset, integral, white-line
-    ratio), O K / Ti L2,3 (ratio). Pattern and ADF scalarizers take their defaults.
+    ratio), O K / Ti L2,3 (ratio). Pattern and ADF scalarizers take their defaults. ``calibration``
+    (``offset_eV``, ``dispersion_eV``; e.g. a controller's ``point_detectors["eels"]``) replaces the
+    simulated spectrometer's energy axis.
     """
     from beamloop.edge.analysis.scalarize import SCALARIZERS
     from beamloop.edge.sim.eels import MATERIALS
@@ -655,6 +657,8 @@ def bind_for_material(name: str, material: str = "MoS2") -> BoundScalarizer:
         return make_scalarizer(name)
     sp = MATERIALS[material].spectrometer
     cal = {"offset_eV": sp.offset_eV, "dispersion_eV": sp.dispersion_eV}
+    if calibration is not None:
+        cal = {"offset_eV": float(calibration["offset_eV"]), "dispersion_eV": float(calibration["dispersion_eV"])}
     main = {"MoS2": "S_L2,3", "SrTiO3": "Ti_L2,3"}[material]
     if name == "eels_edge_ratio":
         num, den = {"MoS2": ("S_L2,3", "Mo_M4,5"), "SrTiO3": ("O_K", "Ti_L2,3")}[material]

@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -76,6 +76,35 @@ class Scene:
     truth: np.ndarray
     material: str
     scalarizer: str
+
+    @property
+    def image(self) -> np.ndarray:
+        """The HAADF frame the candidates are in, (rows, cols) uint16 counts."""
+        return self.frame.counts
+
+
+class RunScene(Protocol):
+    """What :func:`write_run_h5` and :func:`write_plots` read of a scene (a :class:`Scene`, or the frame of a
+    run through the bridge, :mod:`beamloop.edge.experiments.dkl_bridge`).
+
+    Attributes
+    ----------
+    image : ndarray, shape (rows, cols)
+        The frame.
+    candidates_px : ndarray, shape (m, 2), float64
+    truth : ndarray, shape (m,), float64
+    material, scalarizer : str
+    """
+
+    candidates_px: np.ndarray
+    truth: np.ndarray
+    material: str
+    scalarizer: str
+
+    @property
+    def image(self) -> np.ndarray:
+        """The frame, (rows, cols)."""
+        ...
 
 
 def make_scene(material: str = "MoS2", scalarizer: str = "eels_onset", *, shape: tuple[int, int] = (256, 256),
@@ -216,13 +245,13 @@ def offline_experiment(out: str | Path, settings: DKLSettings, *, material: str 
     return report
 
 
-def write_run_h5(path: Path, scene: Scene, res: DKLResult, baselines: dict[str, np.ndarray], scalarizer: dict,
+def write_run_h5(path: Path, scene: RunScene, res: DKLResult, baselines: dict[str, np.ndarray], scalarizer: dict,
                  pixel_size_A: float) -> Path:
     """Write the run file (layout in the module docstring); returns its path."""
     import h5py
 
     with h5py.File(path, "w") as f:
-        f.create_dataset("frame", data=np.asarray(scene.frame.counts), compression="gzip")
+        f.create_dataset("frame", data=np.asarray(scene.image), compression="gzip")
         f["candidates_px"] = scene.candidates_px
         f["truth"] = scene.truth
         f["path/order"] = res.order
@@ -246,7 +275,7 @@ def write_run_h5(path: Path, scene: Scene, res: DKLResult, baselines: dict[str, 
     return path
 
 
-def write_plots(out: Path, scene: Scene, res: DKLResult, goal: str) -> tuple[Path, Path]:
+def write_plots(out: Path, scene: RunScene, res: DKLResult, goal: str) -> tuple[Path, Path]:
     """``path.png`` (the exploration path over the frame, seed points marked) and ``maps.png`` (true,
     predicted, uncertainty at the candidates; the top 5 % ringed); returns both paths."""
     import matplotlib
@@ -254,7 +283,7 @@ def write_plots(out: Path, scene: Scene, res: DKLResult, goal: str) -> tuple[Pat
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    img = np.asarray(scene.frame.counts, np.float64)
+    img = np.asarray(scene.image, np.float64)
     cand = scene.candidates_px
     xy = cand[res.order]
     n0 = res.settings.initial

@@ -30,6 +30,14 @@ available through the simulator-only calls ``sim_ground_truth`` and ``sim_events
 puts back every atom removed so far (as moving to a fresh area of the same crystal, for long runs), and
 ``shutdown`` ends :meth:`SimulatedMicroscope.serve`.
 
+**Point detectors** (a :class:`~beamloop.edge.control.controller.PointDetectors` backend): a queued point can
+also record an EELS spectrum (:class:`beamloop.edge.sim.eels.EELSModel` of MoS2: S L2,3 and Mo M4,5 on a power-law
+background, fine structure near vacancies, the spectrometer's dispersion and resolution) and a diffraction
+pattern (:class:`beamloop.edge.sim.fourd.FourDMicroscope`, sum-binned by ``pattern_binning``), both Poisson
+counts of the point's electrons (probe current times its dwell) at the probe's position on the specimen at the
+point's end. The simulator-only call ``sim_point_truth`` gives their noise-free expectation (and the ADF
+channel's expected counts per sample) at any fractions of a kept frame: the true property map.
+
 **Drift and the scan coils** (:mod:`beamloop.edge.sim.drift`, off by default: ``drift_A_per_s`` 0 and
 ``coil_settle_us`` 0 simulate exactly what the microscope did before they were modelled). With drift on the
 specimen moves on the controller's clock, continuously across frames and parked dwells: frames show the
@@ -60,13 +68,21 @@ from beamloop.edge.control.controller import (
     ScanController,
 )
 from beamloop.edge.control.keys import ServerKeys
-from beamloop.edge.control.protocol import BridgeError, ScanLimits
+from beamloop.edge.control.protocol import (
+    MAX_POINT_REPLY_BYTES,
+    BridgeError,
+    ScanLimits,
+    detector_point_bytes,
+    encode_array,
+)
 from beamloop.edge.control.safety import SafetyLimits
 from beamloop.edge.frame.scanframe import ScanFrame
 from beamloop.edge.physics import electrons_per_second
 from beamloop.edge.sim import distortion as dist
 from beamloop.edge.sim import lattice
 from beamloop.edge.sim.drift import DriftConfig, SpecimenDrift, coil_response
+from beamloop.edge.sim.eels import EELSModel
+from beamloop.edge.sim.fourd import FourDConfig, FourDMicroscope
 from beamloop.edge.sim.frames import FrameSimulator, SimulatedFrame
 from beamloop.edge.sim.parked import atoms_near_probe, blank_time_ns, happens_before, probe_density
 from beamloop.edge.trigger.model import ModelTrigger, sample_trigger_models
@@ -148,6 +164,10 @@ class MicroscopeConfig:
     coil_settle_us, coil_overshoot : float
         Scan-coil step response on ``set_probe``: time constant (us; 0: instantaneous) and fractional
         overshoot in [0, 1) (:func:`beamloop.edge.sim.drift.coil_response`).
+    point_detectors : bool
+        Whether queued points can record an EELS spectrum and a diffraction pattern (module docstring).
+    pattern_binning : int
+        Sum-binning of the 96 x 96 pixel diffraction detector for point patterns (1, 2, 3, 4, 6, 8).
 
     Raises
     ------
@@ -190,6 +210,8 @@ class MicroscopeConfig:
     drift_settle_tau_s: float = 30.0
     coil_settle_us: float = 0.0
     coil_overshoot: float = 0.0
+    point_detectors: bool = True
+    pattern_binning: int = 2
 
     LIMITS = {"shape": (16, 2048), "dwell_us": (0.05, 1000.0)}
 
@@ -213,6 +235,9 @@ class MicroscopeConfig:
                 raise ValueError(f"{name} must be a finite number in {rng}, got {v!r}")
 
         number("specimen_size_A", 0.0, 1e5, low_open=True)
+        if self.pattern_binning not in (1, 2, 3, 4, 6, 8):
+            raise ValueError(f"pattern_binning must be one of 1, 2, 3, 4, 6, 8 (divisors of the 96-pixel detector), "
+                             f"got {self.pattern_binning!r}")
         for name in ("s_mono", "s_di", "mo_vacancy"):
             number(name, 0.0, 1.0)
         number("current_pA", 0.0, 1e6, low_open=True)
@@ -310,6 +335,8 @@ class SimulatedBackend:
         self._triggers: dict[str, ModelTrigger] = {}
         self.trigger: ModelTrigger | None = None
         self.trigger_latency_ns = math.nan
+        self._eels: EELSModel | None = None
+        self._fourd: FourDMicroscope | None = None
 
     # ScanBackend -------------------------------------------------------------------------------------
     def capabilities(self) -> Capabilities:
@@ -659,6 +686,100 @@ class SimulatedBackend:
         return [{"type": "ejection", "cause": "scan", "column": int(idx[k]), "element": "S",
                  "frame_id": frame.scan.frame_id} for k in np.flatnonzero(lost)]
 
+    # PointDetectors ----------------------------------------------------------------------------------
+    @property
+    def eels(self) -> EELSModel:
+        """The EELS of the specimen (MoS2, :data:`beamloop.edge.sim.eels.MATERIALS`), built on first use."""
+        if self._eels is None:
+            self._eels = EELSModel(self.specimen, "MoS2")
+        return self._eels
+
+    @property
+    def fourd(self) -> FourDMicroscope:
+        """The 4D-STEM model of the specimen (:class:`beamloop.edge.sim.fourd.FourDMicroscope`), built on first use."""
+        if self._fourd is None:
+            self._fourd = FourDMicroscope(self.specimen, FourDConfig())
+        return self._fourd
+
+    def point_detectors(self) -> dict[str, dict]:
+        """:class:`~beamloop.edge.control.controller.PointDetectors`: ``eels`` (the MoS2 spectrometer's
+        calibration: ``offset_eV``, ``dispersion_eV``, ``channels``, ``resolution_eV``; uint32 counts) and
+        ``pattern`` (``shape`` after ``binning`` of the ``detector_shape``, ``disk_radius_px`` in binned pixels;
+        uint32 counts); none with ``config.point_detectors`` off."""
+        if not self.config.point_detectors:
+            return {}
+        from beamloop.edge.sim.eels import MATERIALS
+
+        mat = MATERIALS["MoS2"]
+        fcfg = FourDConfig()
+        b = self.config.pattern_binning
+        rows, cols = fcfg.detector_shape
+        return {"eels": {**mat.spectrometer.as_dict(), "dtype": "<u4", "material": mat.name,
+                         "edges": [e.name for e in mat.edges]},
+                "pattern": {"shape": [rows // b, cols // b], "binning": b, "detector_shape": [rows, cols],
+                            "disk_radius_px": fcfg.disk_radius_px / b, "dtype": "<u4"}}
+
+    def _bin(self, p: np.ndarray) -> np.ndarray:
+        """Sum-bin patterns (n, rows, cols) by ``config.pattern_binning`` (exact, in float64 or integers)."""
+        b = self.config.pattern_binning
+        n, rows, cols = p.shape
+        return p.reshape(n, rows // b, b, cols // b, b).sum(axis=(2, 4))
+
+    def point_signals(self, fx: float, fy: float, frame_id: int, dwell_us: float,
+                      detectors: tuple[str, ...]) -> dict[str, np.ndarray]:
+        """Poisson counts of ``electrons_per_s * dwell_us`` electrons at the probe's specimen position now:
+        ``eels`` (channels,) uint32, ``pattern`` (rows, cols) uint32 (module docstring).
+
+        Raises
+        ------
+        RuntimeError
+            The probe was never parked.
+        """
+        if self.position_A is None:
+            raise RuntimeError("point_signals() before park()")
+        x, y = np.array([self.position_A[0]]), np.array([self.position_A[1]])
+        electrons = self.electrons_per_s * dwell_us * 1e-6
+        out: dict[str, np.ndarray] = {}
+        if "eels" in detectors:
+            out["eels"] = self.eels.spectra(x, y, electrons, self.rng, np.uint32)[0]
+        if "pattern" in detectors:
+            lam = self.fourd.expected(x, y) * electrons
+            counts = self._bin(self.rng.poisson(lam))
+            out["pattern"] = np.minimum(counts, np.iinfo(np.uint32).max).astype(np.uint32)[0]
+        return out
+
+    def point_truth(self, points: np.ndarray, frame_id: int, detector: str, dwell_us: float) -> np.ndarray:
+        """Noise-free expectation of a point measurement at fractions ``points`` ((k, 2) ``(fx, fy)``) of frame
+        ``frame_id`` (the positions :meth:`park` would put the probe at, without drift's motion):
+
+        ``adf`` (k,) expected ADF counts per sample (the expectation of ``fetch_points``' ``mean_counts``);
+        ``eels`` (k, channels) and ``pattern`` (k, rows, cols) expected counts of ``dwell_us``, float64.
+
+        Raises
+        ------
+        KeyError
+            The frame is not among the last :data:`FRAMES_KEPT` acquired.
+        ValueError
+            Another detector.
+        """
+        fr = self.frames[frame_id]
+        p = np.asarray(points, np.float64).reshape(-1, 2)
+        if self._moving:
+            x, y = fr.scan.specimen_of_fraction(p[:, 0], p[:, 1])
+        else:
+            x_px, y_px = fr.scan.pixel_of_fraction(p[:, 0], p[:, 1])
+            x, y = dist.specimen_of_pixel(fr.scan, fr.distortion, x_px, y_px)
+        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        electrons = self.electrons_per_s * dwell_us * 1e-6
+        if detector == "adf":
+            e_per_sample = self.electrons_per_s * self.config.sample_time_us * 1e-6
+            return (self.imager.renderer.expected(x, y)[0] + self.config.background_fraction) * e_per_sample
+        if detector == "eels":
+            return self.eels.expected(x, y) * electrons
+        if detector == "pattern":
+            return self._bin(self.fourd.expected(x, y) * electrons)
+        raise ValueError(f"detector must be adf, eels or pattern, got {detector!r}")
+
     def ground_truth(self, frame_id: int) -> dict:
         """The ``sim_ground_truth`` reply for frame ``frame_id`` (decode with :func:`decode_ground_truth`).
 
@@ -725,6 +846,7 @@ class SimulatedMicroscope(ScanController):
                               watchdog_s=cfg.watchdog_s, on_watchdog=cfg.on_watchdog,
                               safe_position=(float(cfg.safe_position[0]), float(cfg.safe_position[1])))
         calls = {"sim_ground_truth": self._sim_ground_truth, "sim_events": self._sim_events,
+                 "sim_point_truth": self._sim_point_truth,
                  "sim_fresh_area": self._sim_fresh_area, "shutdown": self._shutdown}
         super().__init__(SimulatedBackend(cfg, clock), control=cfg.control, frames=cfg.frames, limits=limits,
                          keys=cfg.keys, context=context, clock=clock, encoding=cfg.encoding, calls=calls,
@@ -782,6 +904,30 @@ class SimulatedMicroscope(ScanController):
         events = self.events.since(since)
         return {"events": events if limit is None else events[:limit], "next": self.events.total,
                 "dropped_before": self.events.base}
+
+    def _sim_point_truth(self, args: dict) -> dict:
+        """``sim_point_truth``: ``points [[fx, fy], ...]``, ``frame_id``, ``detector``, ``dwell_us`` -> ``{"truth":
+        array}`` (:meth:`SimulatedBackend.point_truth`, float64 in :func:`~beamloop.edge.control.protocol.encode_array`
+        form)."""
+        pts, fid, det = args.get("points"), args.get("frame_id"), args.get("detector")
+        dwell = args.get("dwell_us", 1.0)
+        if not (isinstance(pts, list) and pts and all(isinstance(p, list) and len(p) == 2 and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in p) for p in pts)):
+            raise BridgeError("bad_request", "sim_point_truth needs points [[fx, fy], ...] (finite numbers)")
+        if not isinstance(fid, int) or isinstance(fid, bool) or fid not in self.backend.frames:
+            raise BridgeError("stale_frame", f"sim_point_truth: frame {fid!r:.40} is not among the kept frames")
+        if det not in ("adf", *self.point_detectors):
+            raise BridgeError("out_of_range", f"sim_point_truth: detector {det!r:.40} not fitted "
+                                              f"(it has {sorted(self.point_detectors)})")
+        if isinstance(dwell, bool) or not isinstance(dwell, (int, float)) or not (math.isfinite(dwell) and dwell > 0):
+            raise BridgeError("bad_request", f"sim_point_truth dwell_us {dwell!r:.40} is not a positive number")
+        per = 8 * (1 if det == "adf" else detector_point_bytes(det, self.point_detectors[det]) // 4)
+        if len(pts) * per > MAX_POINT_REPLY_BYTES:
+            raise BridgeError("out_of_range", f"sim_point_truth: {len(pts)} points of {det} exceed one reply; "
+                                              f"at most {MAX_POINT_REPLY_BYTES // per}")
+        self.run_pending()
+        truth = self.backend.point_truth(np.array(pts, np.float64), fid, det, float(dwell))
+        return {"truth": encode_array(np.asarray(truth, np.float64)), "detector": det}
 
     def _sim_fresh_area(self, args: dict) -> dict:
         return {"restored_atoms": self.backend.fresh_area()}
