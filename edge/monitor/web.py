@@ -186,8 +186,9 @@ class MonitorServer:
 
     @property
     def url(self) -> str:
-        """The page's address (with the token when one is needed)."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
+        """The page's address (with the token when one is needed; this machine's host name for a wildcard bind)."""
+        host = socket.gethostname() if self.host in ("0.0.0.0", "::", "") else self.host
+        host = f"[{host}]" if ":" in host else host
         return f"http://{host}:{self.port}/" + (f"?token={self.token}" if self.token else "")
 
     # the worker thread's jobs ----------------------------------------------------------------------------------
