@@ -874,7 +874,7 @@ class EdgeService:
             if self.trigger_at == "controller":
                 self._arm_controller(res, expected_rate)
             if self.monitor is not None:
-                self.monitor.dwell_started(target, fx, fy)
+                self.monitor.dwell_started(target, fx, fy, frame_id)
             self.bridge.blank(False)
         except BeamPositionError as exc:
             res.reason, res.error = "rejected", str(exc)

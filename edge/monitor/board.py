@@ -212,13 +212,15 @@ class MonitorBoard:
             self._lock.release()
         return True
 
-    def dwell_started(self, target, fx: float, fy: float) -> None:
-        """The probe was parked for ``target`` (a :class:`~beamloop.edge.stages.policy.Target`) at fractions
-        ``(fx, fy)`` of its frame and the beam is about to go on."""
+    def dwell_started(self, target, fx: float, fy: float, frame_id: int | None = None) -> None:
+        """The probe was parked for ``target`` (a :class:`~beamloop.edge.stages.policy.Target`, at pixel
+        ``(x_px, y_px)`` of its frame) at fractions ``(fx, fy)`` of scan frame ``frame_id`` (default the
+        target's; another one after a lock-on rescan, or shifted by the drift prediction) and the beam is about
+        to go on."""
         self._dwell_start_n = self._trace_n
         self._decision_n = -1
         self._probe = {"x_px": float(target.x_px), "y_px": float(target.y_px), "fx": float(fx), "fy": float(fy),
-                       "frame_id": int(target.frame_id), "active": True}
+                       "frame_id": int(target.frame_id if frame_id is None else frame_id), "active": True}
 
     def dwell_block(self, block: np.ndarray, decision: int = -1) -> None:
         """A block of parked-probe samples (1-D, counts) arrived; ``decision`` is the trigger's decision sample
