@@ -90,10 +90,10 @@ def slope_per_hour(t_s, v) -> float:
 def _window_latency(latency, marks: dict) -> dict:
     out = {}
     for stage in STAGES:
-        v = latency.samples(stage)[marks.get(stage, 0):] / 1e3
+        v = latency.since(stage, marks.get(stage, 0)) / 1e3
         out[stage] = ({"n": int(len(v)), "p50_us": float(np.percentile(v, 50)), "p99_us": float(np.percentile(v, 99))}
                       if len(v) else {"n": 0, "p50_us": float("nan"), "p99_us": float("nan")})
-        marks[stage] = len(latency.samples(stage))
+        marks[stage] = latency.count(stage)
     return out
 
 

@@ -124,7 +124,7 @@ class FrameTrace:
         self.stages = tuple(stages)
         self.dtype = trace_dtype(self.stages)
         # one int64 row per frame (every field is int64, so a row views as one record)
-        self._rows = np.full((int(capacity), len(self.dtype.names)), MISSING, np.int64)
+        self._rows = np.full((int(capacity), len(self.dtype.names or ())), MISSING, np.int64)
         self._n = 0
         self.gc_watch = gc_watch
 
