@@ -697,3 +697,215 @@ def record(receiver, recorder_factory: Callable[[DetectorSeries], Recorder], *, 
         if rec is not None:
             rec.end()
     return masters
+
+
+# spectra: the HyperSpy (hspy) layout -----------------------------------------------------------------------
+HSPY_FORMAT_VERSION = "3.3"
+"""Version of the HyperSpy HDF5 format written (RosettaSciIO 0.x reads 1.0 .. 3.3; ``rsciio.hspy``)."""
+
+
+class SpectrumRecorder:
+    """Records a series of 1-D spectra (an EELS point series) to one HDF5 file in the HyperSpy layout.
+
+    Layout (the ``hspy`` format of HyperSpy and RosettaSciIO, ``rsciio/hspy/specifications.yaml``): root
+    attributes ``file_format = "HyperSpy"``, ``file_format_version``; ``/Experiments/<title>/data`` (n, channels)
+    counts, one HDF5 chunk per spectrum, gzip; ``axis-0`` the points (``navigate`` true), ``axis-1`` the energy
+    loss (``units`` eV, ``scale`` the dispersion, ``offset`` the energy of channel 0, ``navigate`` false);
+    ``metadata/Signal`` ``signal_type = "EELS"``, ``metadata/General`` ``title``,
+    ``metadata/Acquisition_instrument/TEM/Detector/EELS`` ``resolution_eV`` when known; ``original_metadata``
+    holds the series' ``user_data`` (JSON, attribute ``beamloop_user_data``) and ``probe_positions`` (n, 2) when
+    given. HyperSpy (with exspy) opens it as an ``EELSSpectrum`` with the calibrated energy axis; beamloop's own
+    :func:`read_spectra` reads it too.
+
+    Crash safety: the file is written as ``<name>.part`` and renamed when :meth:`end` has written the final
+    axis sizes; a crash leaves the ``.part`` file, whose ``data`` holds every spectrum written (its ``axis-0``
+    size may lag).
+
+    Parameters
+    ----------
+    path : str or Path
+        The file (``.hspy`` or ``.h5``).
+    offset_eV, dispersion_eV : float
+        Energy of channel 0's centre and eV per channel.
+    channels : int
+        Channels per spectrum.
+    dtype : numpy dtype
+        Of the counts (default uint32).
+    title : str
+        The signal's title (and the group's name under ``/Experiments``).
+    resolution_eV : float, optional
+    user_data : mapping, optional
+        Stored in ``original_metadata`` as JSON.
+
+    Attributes
+    ----------
+    written : int
+        Spectra written.
+
+    Raises
+    ------
+    ValueError
+        A calibration that is not finite, a dispersion <= 0, channels < 1, or a title that is not a plain HDF5
+        name.
+    OSError
+        The file cannot be created.
+    """
+
+    def __init__(self, path: str | Path, offset_eV: float, dispersion_eV: float, channels: int, *,
+                 dtype=np.uint32, title: str = "EELS", resolution_eV: float | None = None,
+                 user_data: dict | None = None) -> None:
+        import math
+
+        if not (math.isfinite(offset_eV) and math.isfinite(dispersion_eV) and dispersion_eV > 0):
+            raise ValueError(f"energy calibration offset {offset_eV!r} eV, dispersion {dispersion_eV!r} eV must be "
+                             "finite with dispersion > 0")
+        if not (isinstance(channels, (int, np.integer)) and channels >= 1):
+            raise ValueError(f"channels must be a whole number >= 1, got {channels!r}")
+        if not title or "/" in title or title in (".", ".."):
+            raise ValueError(f"title {title!r} must be a plain HDF5 name (no '/')")
+        self.path = Path(path)
+        self.part = self.path.with_name(self.path.name + ".part")
+        self.channels = int(channels)
+        self.title = title
+        self.written = 0
+        self._positions: list[tuple[float, float]] = []
+        self._file = h5py.File(self.part, "w")
+        f = self._file
+        f.attrs["file_format"] = "HyperSpy"
+        f.attrs["file_format_version"] = HSPY_FORMAT_VERSION
+        g = f.create_group(f"Experiments/{title}")
+        self._data = g.create_dataset("data", shape=(0, self.channels), maxshape=(None, self.channels),
+                                      dtype=np.dtype(dtype), chunks=(1, self.channels), compression="gzip")
+        self._axis0 = g.create_group("axis-0")
+        for k, v in {"name": "point", "units": "", "scale": 1.0, "offset": 0.0, "size": 0, "navigate": True,
+                     "is_binned": False}.items():
+            self._axis0.attrs[k] = v
+        ax1 = g.create_group("axis-1")
+        for k, v in {"name": "Energy loss", "units": "eV", "scale": float(dispersion_eV), "offset": float(offset_eV),
+                     "size": self.channels, "navigate": False, "is_binned": True}.items():
+            ax1.attrs[k] = v
+        md = g.create_group("metadata")
+        md.create_group("General").attrs["title"] = title
+        sig = md.create_group("Signal")
+        sig.attrs["signal_type"] = "EELS"
+        if resolution_eV is not None:
+            md.create_group("Acquisition_instrument/TEM/Detector/EELS").attrs["resolution_eV"] = float(resolution_eV)
+        om = g.create_group("original_metadata")
+        om.attrs["beamloop_user_data"] = json.dumps(user_data or {}, default=str)
+        self._om = om
+
+    def write(self, spectra: np.ndarray, probe_position: tuple[float, float] | None = None) -> None:
+        """Append one spectrum (channels,) or several (k, channels); ``probe_position`` ``(x, y)`` (fractions of
+        the scan frame) for a single spectrum.
+
+        Raises
+        ------
+        ValueError
+            Another number of channels.
+        RuntimeError
+            After :meth:`end`.
+        """
+        if self._file is None:
+            raise RuntimeError("SpectrumRecorder.write() after end()")
+        s = np.asarray(spectra)
+        s = s.reshape(1, -1) if s.ndim == 1 else s
+        if s.ndim != 2 or s.shape[1] != self.channels:
+            raise ValueError(f"spectra of shape {np.shape(spectra)} do not have {self.channels} channels")
+        n = self.written
+        self._data.resize(n + len(s), axis=0)
+        self._data[n:n + len(s)] = s
+        self.written += len(s)
+        self._axis0.attrs["size"] = self.written
+        if probe_position is not None:
+            self._positions.append((float(probe_position[0]), float(probe_position[1])))
+
+    def end(self) -> Path:
+        """Write the final sizes, close, ``fsync`` and rename the file into place; returns its path."""
+        if self._file is None:
+            return self.path
+        if self._positions and len(self._positions) == self.written:
+            self._om.create_dataset("probe_positions", data=np.asarray(self._positions, np.float64))
+        self._file.close()
+        self._file = None
+        _fsync_path(self.part)
+        os.replace(self.part, self.path)
+        _fsync_dir(self.path.parent)
+        return self.path
+
+    def __enter__(self) -> SpectrumRecorder:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.end()
+
+
+def read_spectra(path: str | Path) -> tuple[np.ndarray, np.ndarray, dict]:
+    """The spectra of a :class:`SpectrumRecorder` file: data (n, channels), energies (channels,) float64 eV (channel
+    centres from ``axis-1``), and the signal's metadata (``title``, ``signal_type``, ``user_data``).
+
+    Raises
+    ------
+    OSError
+        Not such a file (no ``/Experiments`` group with one signal).
+    """
+    with h5py.File(path, "r") as f:
+        exps = list(f.get("Experiments", {}))
+        if len(exps) != 1:
+            raise OSError(errno.EINVAL, f"{path}: expected one signal under /Experiments, found {len(exps)}")
+        g = f["Experiments"][exps[0]]
+        data = g["data"][()]
+        ax = g["axis-1"].attrs
+        energy = float(ax["offset"]) + float(ax["scale"]) * np.arange(int(ax["size"]), dtype=np.float64)
+        meta = {"title": str(g["metadata/General"].attrs["title"]),
+                "signal_type": str(g["metadata/Signal"].attrs["signal_type"]),
+                "user_data": json.loads(g["original_metadata"].attrs.get("beamloop_user_data", "{}"))}
+    return data, energy, meta
+
+
+def record_spectra(receiver, path: str | Path, *, title: str = "EELS", timeout_ms: int = 2000,
+                   stop: Callable[[], bool] | None = None) -> Path:
+    """Record the next spectrum series of a native stream receiver
+    (:class:`beamloop.streams.native.receiver.FrameReceiver`) to ``path`` with :class:`SpectrumRecorder`: the
+    calibration from its header (:func:`beamloop.streams.native.protocol.energy_axis`), every spectrum of its
+    first channel with the image's ``probe_position``, until its ``end`` (or ``timeout_ms`` of silence, or
+    ``stop()``: what arrived is kept). Non-spectrum series before it are skipped.
+
+    Raises
+    ------
+    TimeoutError
+        No spectrum series started within ``timeout_ms``.
+    beamloop.streams.errors.ProtocolError
+        A malformed message (as the receiver raises it).
+    """
+    from beamloop.streams.events import SeriesEnd as NativeEnd
+    from beamloop.streams.events import SeriesStart as NativeStart
+    from beamloop.streams.native import protocol as native
+
+    rec: SpectrumRecorder | None = None
+    try:
+        while stop is None or not stop():
+            ev = receiver.recv(timeout_ms)
+            if ev is None:
+                if rec is None:
+                    raise TimeoutError(f"no spectrum series within {timeout_ms} ms")
+                break
+            if isinstance(ev, NativeStart):
+                axis = native.energy_axis(ev.series)
+                if axis is None:
+                    continue
+                if rec is not None:
+                    break
+                rec = SpectrumRecorder(path, axis.offset_eV, axis.dispersion_eV, axis.channels,
+                                       dtype=ev.series.dtype, title=title, resolution_eV=axis.resolution_eV,
+                                       user_data=ev.series.user_data)
+            elif isinstance(ev, NativeEnd):
+                if rec is not None:
+                    break
+            elif rec is not None and ev.series.user_data.get("kind") == native.SPECTRUM_KIND:
+                pos = ev.header.user_data.get("probe_position")
+                ok = isinstance(pos, list) and len(pos) == 2 and all(isinstance(v, (int, float)) for v in pos)
+                rec.write(ev.spectrum(), tuple(pos) if ok else None)
+    finally:
+        if rec is not None:
+            rec.end()
+    return Path(path)

@@ -24,6 +24,12 @@ beamloop ``user_data`` keys (all optional):
   [rows, cols], ``fov_nm`` [height, width], ``rotation_deg``, ``dwell_us``), ``kind`` (``"frame"`` for
   scanned images, ``"parked"`` for the ADF signal at a parked probe, one row of samples per message),
   ``probe_position`` [x, y] as fractions of the scan frame, ``sample_time_s`` (parked streams).
+- spectrum series (``kind`` ``"spectrum"``): every image is one 1-D spectrum per channel, sent as a frame of
+  shape (1, channels); ``energy`` (map: ``offset_eV`` the energy of channel 0's centre, ``dispersion_eV`` per
+  channel, ``channels`` equal to the series' ``image_size_x``, optional ``resolution_eV``), checked by the
+  decoder (:func:`energy_axis`); ``probe_positions`` optional, as ``[x, y]`` fractions per image in the image's
+  ``user_data`` ``probe_position``. The energy calibration is that of an EELS spectrometer's dispersion
+  (Egerton, *Electron Energy-Loss Spectroscopy in the Electron Microscope*, 3rd ed., 2011, sec. 2.2).
 - image: ``sent_ns`` (sender's ``time.monotonic_ns()`` when the message left; on one host it gives the
   transport latency), ``first_sample`` (parked streams: index of the first sample in the message).
 """
@@ -31,6 +37,7 @@ beamloop ``user_data`` keys (all optional):
 from __future__ import annotations
 
 import datetime as _dt
+import math
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -198,6 +205,110 @@ def new_series(
     )
 
 
+SPECTRUM_KIND = "spectrum"
+"""``user_data`` ``kind`` of a series of 1-D spectra."""
+
+
+@dataclass(frozen=True)
+class EnergyAxis:
+    """The energy calibration of a spectrum series (the ``energy`` map of its ``user_data``).
+
+    Attributes
+    ----------
+    offset_eV : float
+        Energy of channel 0's centre, eV (finite).
+    dispersion_eV : float
+        eV per channel (finite, > 0).
+    channels : int
+        Channels per spectrum (1 .. 2**20).
+    resolution_eV : float or None
+        Energy resolution (zero-loss peak FWHM), eV; None: not stated.
+
+    Raises
+    ------
+    ValueError
+        A field outside its range.
+    """
+
+    offset_eV: float
+    dispersion_eV: float
+    channels: int
+    resolution_eV: float | None = None
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.offset_eV, (int, float)) and math.isfinite(self.offset_eV)):
+            raise ValueError(f"energy offset_eV must be a finite number, got {self.offset_eV!r}")
+        if not (isinstance(self.dispersion_eV, (int, float)) and math.isfinite(self.dispersion_eV)
+                and self.dispersion_eV > 0):
+            raise ValueError(f"energy dispersion_eV must be a finite number > 0, got {self.dispersion_eV!r}")
+        if not (isinstance(self.channels, int) and not isinstance(self.channels, bool)
+                and 0 < self.channels <= 1 << 20):
+            raise ValueError(f"energy channels must be a whole number in [1, {1 << 20}], got {self.channels!r}")
+        if self.resolution_eV is not None and not (isinstance(self.resolution_eV, (int, float))
+                                                   and math.isfinite(self.resolution_eV) and self.resolution_eV > 0):
+            raise ValueError(f"energy resolution_eV must be a finite number > 0 or absent, got {self.resolution_eV!r}")
+
+    @property
+    def energy_eV(self) -> np.ndarray:
+        """Channel centres, (channels,) float64, eV."""
+        return self.offset_eV + self.dispersion_eV * np.arange(self.channels, dtype=np.float64)
+
+    def as_dict(self) -> dict:
+        """The ``energy`` map of the series' ``user_data``."""
+        d: dict = {"offset_eV": float(self.offset_eV), "dispersion_eV": float(self.dispersion_eV),
+                   "channels": int(self.channels)}
+        if self.resolution_eV is not None:
+            d["resolution_eV"] = float(self.resolution_eV)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Any) -> EnergyAxis:
+        """The inverse of :meth:`as_dict`; ``ValueError`` when a field is missing or out of range."""
+        if not isinstance(d, Mapping):
+            raise ValueError(f"energy calibration must be a map, got {type(d).__name__}")
+        try:
+            return cls(d["offset_eV"], d["dispersion_eV"], d["channels"], d.get("resolution_eV"))
+        except KeyError as exc:
+            raise ValueError(f"energy calibration lacks {exc.args[0]!r}") from None
+
+
+def spectrum_series(series_id: int, channels: tuple[str, ...] | list[str], energy: EnergyAxis, dtype: Any, *,
+                    number_of_images: int = 0, count_time: float = 0.0, frame_time: float = 0.0,
+                    user_data: Mapping | None = None) -> SeriesHeader:
+    """A :class:`SeriesHeader` of 1-D spectra: frames of shape (1, ``energy.channels``), ``kind`` ``"spectrum"``
+    and the calibration in ``user_data["energy"]`` (module docstring).
+
+    Raises
+    ------
+    ValueError
+        As :func:`new_series`.
+    """
+    ud = {**dict(user_data or {}), "kind": SPECTRUM_KIND, "energy": energy.as_dict()}
+    return new_series(series_id, channels, (1, energy.channels), dtype, number_of_images=number_of_images,
+                      count_time=count_time, frame_time=frame_time, user_data=ud)
+
+
+def energy_axis(series: SeriesHeader) -> EnergyAxis | None:
+    """The energy calibration of a spectrum series; None for a series of another ``kind``.
+
+    Raises
+    ------
+    MalformedMessage
+        A spectrum series without a valid ``energy`` map, with frames of more than one row, or whose
+        ``channels`` differ from its frame width.
+    """
+    if series.user_data.get("kind") != SPECTRUM_KIND:
+        return None
+    try:
+        axis = EnergyAxis.from_dict(series.user_data.get("energy"))
+    except ValueError as exc:
+        raise MalformedMessage(f"start message: spectrum series: {exc}") from None
+    if series.shape != (1, axis.channels):
+        raise MalformedMessage(f"start message: spectrum series of {axis.channels} channels needs frames of shape "
+                               f"(1, {axis.channels}), got {series.shape}")
+    return axis
+
+
 def _dumps(msg: dict) -> bytes:
     return cbor2.dumps(cbor2.CBORTag(SELF_DESCRIBE_TAG, msg), timezone=_dt.UTC)
 
@@ -356,7 +467,7 @@ def _decode_start(msg: dict) -> SeriesHeader:
     nimg = _get(msg, "number_of_images", int, w)
     if nimg < 0:
         raise MalformedMessage(f"start message: number_of_images {nimg} is negative")
-    return SeriesHeader(
+    header = SeriesHeader(
         series_id=_get(msg, "series_id", int, w),
         series_unique_id=_get(msg, "series_unique_id", str, w),
         channels=tuple(channels),
@@ -368,6 +479,8 @@ def _decode_start(msg: dict) -> SeriesHeader:
         user_data=_user_data(msg, w),
         arm_date=arm,
     )
+    energy_axis(header)  # a spectrum series must carry a usable calibration
+    return header
 
 
 def _time_ns(msg: Mapping, name: str) -> int:

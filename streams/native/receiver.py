@@ -63,6 +63,23 @@ class ImageEvent:
         """The frame's id within its series."""
         return self.header.image_id
 
+    def spectrum(self, channel: str | None = None) -> np.ndarray:
+        """The spectrum of ``channel`` (default: the series' first) of an image of a spectrum series: a 1-D
+        view (channels,) into the ring; its energies are ``protocol.energy_axis(self.series).energy_eV``.
+
+        Raises
+        ------
+        ValueError
+            The series is not a spectrum series, or has no such channel.
+        """
+        if self.series.user_data.get("kind") != protocol.SPECTRUM_KIND:
+            raise ValueError(f"series {self.series.series_id} is not a spectrum series "
+                             f"(kind {self.series.user_data.get('kind')!r})")
+        ch = self.series.channels[0] if channel is None else channel
+        if ch not in self.data:
+            raise ValueError(f"series {self.series.series_id} has no channel {ch!r}; it has {self.series.channels}")
+        return self.data[ch][0]
+
     @property
     def transport_ns(self) -> int | None:
         """Nanoseconds from the sender's ``sent_ns`` to receipt; meaningful when both share a host clock."""

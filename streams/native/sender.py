@@ -177,6 +177,59 @@ class FrameSender(SocketOwner):
         self.frames_sent += 1
         return tracker
 
+    def start_spectrum_series(
+        self,
+        energy: protocol.EnergyAxis,
+        channels: list[str] | tuple[str, ...] = ("eels",),
+        dtype=np.uint32,
+        *,
+        number_of_images: int = 0,
+        count_time: float = 0.0,
+        frame_time: float = 0.0,
+        user_data: Mapping | None = None,
+    ) -> protocol.SeriesHeader:
+        """Start a series of 1-D spectra (:func:`beamloop.streams.native.protocol.spectrum_series`: frames of
+        shape (1, ``energy.channels``), the calibration in the header); send them with :meth:`send_spectrum`.
+
+        Raises ``ValueError`` for bad fields and ``TimeoutError`` if the send times out.
+        """
+        if self.series is not None:
+            self.end_series()
+        series = protocol.spectrum_series(self._next_series_id, channels, energy, dtype,
+                                          number_of_images=number_of_images, count_time=count_time,
+                                          frame_time=frame_time, user_data=user_data)
+        self._send([protocol.encode_start(series)])
+        self._next_series_id += 1
+        self._next_image_id = 0
+        self._armed_ns = time.monotonic_ns()
+        self.series = series
+        return series
+
+    def send_spectrum(self, spectrum: np.ndarray | Mapping[str, np.ndarray], *, user_data: Mapping | None = None,
+                      **kw):
+        """Send one spectrum per channel of the current spectrum series: ``(channels,)`` arrays in the series'
+        dtype (sent without copying, as (1, channels) frames); other arguments as :meth:`send_frame`.
+
+        Raises
+        ------
+        RuntimeError
+            No open series, or the open one is not a spectrum series.
+        ValueError
+            A spectrum of another length or dtype (see :meth:`send_frame`).
+        """
+        series = self.series
+        if series is None or series.user_data.get("kind") != protocol.SPECTRUM_KIND:
+            raise RuntimeError("send_spectrum() needs an open spectrum series; call start_spectrum_series() first")
+        if not isinstance(spectrum, Mapping):
+            spectrum = {series.channels[0]: spectrum} if len(series.channels) == 1 else {}
+        frames = {}
+        for ch, s in spectrum.items():
+            a = np.asarray(s)
+            if a.ndim != 1:
+                raise ValueError(f"channel {ch!r}: a spectrum is 1-D (channels,), got shape {a.shape}")
+            frames[ch] = a.reshape(1, -1)
+        return self.send_frame(frames, user_data=user_data, **kw)
+
     def end_series(self, user_data: Mapping | None = None) -> None:
         """Send the ``end`` message of the current series (no-op when none is open)."""
         if self.series is None:
