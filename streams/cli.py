@@ -22,6 +22,7 @@ import json
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -67,6 +68,23 @@ class LiveImagerFactory(Protocol):
         centre (row, col), detector pixels. None: the provider's default."""
 
 
+class LiveView(Protocol):
+    """A running live view (the web page of ``receive --http``)."""
+
+    url: str
+
+    def stop(self) -> None:
+        """Stop serving."""
+
+
+class LiveViewFactory(Protocol):
+    """Starts the live view of ``receive --http`` (the ``live_view`` of :func:`register`)."""
+
+    def __call__(self, http: str, images: Callable[[], dict], counters: Callable[[], dict]) -> LiveView:
+        """Parameters: ``HOST:PORT``; a callable giving the live images so far (name -> 2-D float array, NaN where
+        not yet scanned) and one giving the receiver's counters (name -> int), both read at the view's own rate."""
+
+
 class Sim4DSource(Protocol):
     """Frames of a simulated 4D-STEM scan (the ``sim4d_source`` of :func:`register`)."""
 
@@ -77,7 +95,7 @@ class Sim4DSource(Protocol):
 
 
 def register(subparsers, *, live_imager: LiveImagerFactory | None = None,
-             sim4d_source: Sim4DSource | None = None) -> None:
+             sim4d_source: Sim4DSource | None = None, live_view: LiveViewFactory | None = None) -> None:
     """Add the ``receive``, ``record`` and ``stream`` subcommands.
 
     Parameters
@@ -88,6 +106,9 @@ def register(subparsers, *, live_imager: LiveImagerFactory | None = None,
         Makes the virtual images of ``receive --scan``; without it ``--scan`` is refused (exit status 2).
     sim4d_source : Sim4DSource, optional
         Simulates the frames of ``stream sim4d``; without it that source is refused (exit status 2).
+    live_view : LiveViewFactory, optional
+        Serves ``receive --http`` (the live images and counters on a web page and ``/metrics``); without it
+        ``--http`` is refused (exit status 2).
     """
     p = subparsers.add_parser("receive", help="receive a DECTRIS detector stream, show live counters and images")
     p.add_argument("endpoint", help="detector endpoint, e.g. tcp://192.168.1.10:9999 (SIMPLON v1) or :31001 (V2)")
@@ -104,7 +125,9 @@ def register(subparsers, *, live_imager: LiveImagerFactory | None = None,
                    type=parse_positive, help="stop after this many seconds")
     p.add_argument("--out", type=Path, help="write live images (PNG, .npy) and counters (JSON) here")
     p.add_argument("--quiet", action="store_true", help="no live counter lines")
-    p.set_defaults(func=cmd_receive, live_imager=live_imager)
+    p.add_argument("--http", default=None, metavar="HOST:PORT",
+                   help="serve the live images and /metrics there (loopback; needs the web extra)")
+    p.set_defaults(func=cmd_receive, live_imager=live_imager, live_view=live_view)
 
     p = subparsers.add_parser("record", help="record a detector stream losslessly to HDF5 (DECTRIS layout) or Zarr")
     p.add_argument("endpoint")
@@ -176,44 +199,68 @@ def cmd_receive(a: argparse.Namespace) -> int:
         print("receive --scan: no live imager registered (beamloop.streams.cli.register(..., live_imager=...))",
               file=sys.stderr)
         return 2
+    make_view = getattr(a, "live_view", None)
+    if a.http and make_view is None:
+        print("receive --http: no live view registered (beamloop.streams.cli.register(..., live_view=...))",
+              file=sys.stderr)
+        return 2
     stop = _Stop()
     t_end = time.monotonic() + a.duration if a.duration else None
     imagers: dict = {}
     ended = 0
     with open_receiver(a.endpoint, protocol=a.protocol, bind=a.bind, mode=a.mode, stack_size=a.stack) as rx:
         print(f"receiving {a.protocol} from {rx.endpoint} ({a.mode})", file=sys.stderr, flush=True)
-        last_t, last_n = time.monotonic(), 0
-        while not stop() and (t_end is None or time.monotonic() < t_end):
-            try:
-                ev = rx.recv(200)
-            except ProtocolError as exc:
-                print(f"rejected: {exc}", file=sys.stderr, flush=True)
-                continue
-            if isinstance(ev, SeriesStart):
-                s = ev.series
-                print(f"series {s.series_id}: {s.number_of_images} frames of {s.shape[0]}x{s.shape[1]} {s.dtype}",
-                      file=sys.stderr, flush=True)
-                if a.scan:
-                    imagers = {ch: make_imager(a.scan, s.shape, bf_radius=a.bf,
-                                               adf_radii=tuple(a.adf) if a.adf else None,
-                                               centre=tuple(a.centre) if a.centre else None) for ch in s.channels}
-            elif isinstance(ev, FrameStack) and imagers:
-                if len(imagers) == 1:
-                    next(iter(imagers.values())).update_stack(ev)
-                else:  # every channel of the series, each into its own images
-                    for ch, imager in imagers.items():
-                        imager.update(ev.channels[ch].frames, ev.image_ids)
-            elif isinstance(ev, SeriesEnd):
-                print(f"series {ev.series.series_id} ended: {ev.frames} frames, {ev.missing} missing",
-                      file=sys.stderr, flush=True)
-                ended += 1
-                if a.series and ended >= a.series:
-                    break
-            now = time.monotonic()
-            if not a.quiet and now - last_t >= 1.0:
+        server = None
+        if a.http:
+            def images() -> dict:
+                ims = dict(imagers)
+                if len(ims) == 1:
+                    return dict(next(iter(ims.values())).images)
+                return {f"{ch}_{n}": v for ch, im in ims.items() for n, v in im.images.items()}
+
+            def counters_now() -> dict:
                 c = rx.counters.as_dict()
-                print(_status_line(c, (c["frames"] - last_n) / (now - last_t)), file=sys.stderr, flush=True)
-                last_t, last_n = now, c["frames"]
+                return {"frames_received": c.get("frames", 0), "rejected": c.get("rejected", 0),
+                        "dropped": c.get("dropped", 0) + c.get("missing_frames", 0)}
+
+            server = make_view(a.http, images, counters_now)
+            print(f"live view {server.url}", file=sys.stderr, flush=True)
+        last_t, last_n = time.monotonic(), 0
+        try:
+            while not stop() and (t_end is None or time.monotonic() < t_end):
+                try:
+                    ev = rx.recv(200)
+                except ProtocolError as exc:
+                    print(f"rejected: {exc}", file=sys.stderr, flush=True)
+                    continue
+                if isinstance(ev, SeriesStart):
+                    s = ev.series
+                    print(f"series {s.series_id}: {s.number_of_images} frames of {s.shape[0]}x{s.shape[1]} {s.dtype}",
+                          file=sys.stderr, flush=True)
+                    if a.scan:
+                        imagers = {ch: make_imager(a.scan, s.shape, bf_radius=a.bf,
+                                                   adf_radii=tuple(a.adf) if a.adf else None,
+                                                   centre=tuple(a.centre) if a.centre else None) for ch in s.channels}
+                elif isinstance(ev, FrameStack) and imagers:
+                    if len(imagers) == 1:
+                        next(iter(imagers.values())).update_stack(ev)
+                    else:  # every channel of the series, each into its own images
+                        for ch, imager in imagers.items():
+                            imager.update(ev.channels[ch].frames, ev.image_ids)
+                elif isinstance(ev, SeriesEnd):
+                    print(f"series {ev.series.series_id} ended: {ev.frames} frames, {ev.missing} missing",
+                          file=sys.stderr, flush=True)
+                    ended += 1
+                    if a.series and ended >= a.series:
+                        break
+                now = time.monotonic()
+                if not a.quiet and now - last_t >= 1.0:
+                    c = rx.counters.as_dict()
+                    print(_status_line(c, (c["frames"] - last_n) / (now - last_t)), file=sys.stderr, flush=True)
+                    last_t, last_n = now, c["frames"]
+        finally:
+            if server is not None:
+                server.stop()
         counters = rx.counters.as_dict()
     print(json.dumps(counters))
     if a.out is not None:

@@ -184,3 +184,49 @@ def test_receive_assembles_live_images_of_every_channel(tmp_path):
     for ch, sent in (("threshold_1", frames), ("threshold_2", high)):
         for name, img in expected_images(sent).items():
             np.testing.assert_allclose(np.load(tmp_path / f"{ch}_{name}.npy"), img, rtol=1e-12)
+
+
+def test_receive_http_serves_the_live_images_and_counters(tmp_path):
+    import urllib.request
+
+    pytest.importorskip("aiohttp")
+    ep = free_endpoint()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    sargs = sim_args(ep, "simplon1")
+    rargs = parse(["receive", ep, "--protocol", "simplon1", "--scan", f"{SCAN[0]}x{SCAN[1]}", "--quiet",
+                   "--series", "2", "--duration", "6", "--http", f"127.0.0.1:{port}"])
+    n = SCAN[0] * SCAN[1]
+    seen: dict = {}
+
+    def poll() -> None:  # the page's view while receive runs (in the main thread: it installs signal handlers)
+        for _ in range(400):
+            try:
+                text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+                line = [ln for ln in text.splitlines() if ln.startswith("beamloop_frames_received_total")]
+                if line and int(float(line[0].split()[-1])) == n:
+                    seen["frames"] = n
+                    seen["png"] = urllib.request.urlopen(f"http://127.0.0.1:{port}/api/image/adf", timeout=5).read()
+                    return
+            except OSError:
+                pass
+            threading.Event().wait(0.02)
+
+    st, src = in_thread(sargs)
+    pt = threading.Thread(target=poll, daemon=True)
+    pt.start()
+    assert rargs.func(rargs) == 0
+    st.join(30)
+    pt.join(30)
+    assert src == [0]
+    assert seen.get("frames") == n and seen["png"][:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_receive_http_refuses_a_public_address_and_without_a_view(capsys):
+    args = parse(["receive", free_endpoint(), "--http", "0.0.0.0:0", "--duration", "0.2", "--quiet"])
+    with pytest.raises(ValueError, match="loopback"):
+        args.func(args)
+    bare = parse(["receive", free_endpoint(), "--http", "127.0.0.1:0", "--duration", "0.2"], providers=False)
+    assert bare.func(bare) == 2
+    assert "no live view registered" in capsys.readouterr().err

@@ -85,7 +85,25 @@ def sim4d_frames(scan_shape: tuple[int, int], detector_px: int, electrons: float
     return FourDMicroscope(spec, cfg).scan(scan, electrons, rng).reshape(rows * cols, detector_px, detector_px)
 
 
+def live_view(http: str, images, counters):
+    """The live view of ``receive --scan --http`` (:func:`beamloop.edge.monitor.web.serve_live_images`): the
+    virtual images and counters on a web page and ``/metrics``, loopback only.
+
+    Raises
+    ------
+    ValueError
+        ``http`` is not ``HOST:PORT`` on a loopback address (``receive`` has no keys to protect it).
+    """
+    from beamloop.edge.monitor.auth import parse_http
+    from beamloop.edge.monitor.web import serve_live_images
+
+    host, port = parse_http(http)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        raise ValueError(f"receive --http {http}: only a loopback address (127.0.0.1) is served, without keys")
+    return serve_live_images((host, port), images, counters)
+
+
 def register(subparsers) -> None:
     """Add ``receive``, ``record`` and ``stream`` (:func:`beamloop.streams.cli.register`) with
     :func:`live_imager` and :func:`sim4d_frames`."""
-    streams_cli.register(subparsers, live_imager=live_imager, sim4d_source=sim4d_frames)
+    streams_cli.register(subparsers, live_imager=live_imager, sim4d_source=sim4d_frames, live_view=live_view)
