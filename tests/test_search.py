@@ -99,3 +99,20 @@ def test_interrupt_stops_cleanly(tmp_path):
     assert json.loads((tmp_path / "report.json").read_text())["outcome"]["reason"] == "interrupted"
     with h5py.File(tmp_path / "run.h5") as h5:
         assert len(h5["search"]["stage_moves"]) == 2  # move, frame, move, frame: stopped at the third step
+
+
+def test_run_experiment_search_is_the_search(tmp_path):
+    import json
+
+    from beamloop.edge.cli import main
+
+    out = tmp_path / "run"
+    assert main(["run", "--experiment", "search", "--budget-moves", "6", "--quiet", "--out", str(out)]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    s = rep["search"]
+    assert not rep["outcome"]["reason"]
+    st = s["strategies"]
+    assert st["search"]["moves_used"] == st["raster"]["moves_used"] == 6  # the same stage-move budget
+    raster = max(st["raster"]["rare_found"], 0.5)  # a baseline that found none counts as half a region
+    assert s["ratio_vs_raster"] == pytest.approx(st["search"]["rare_found"] / raster)
+    assert (out / "run.h5").exists() and (out / "report.html").exists()

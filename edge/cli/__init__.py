@@ -180,6 +180,24 @@ def missing_extra_message(module: str) -> str:
     return f"needs the optional package {top!r}: install it with pip install 'beamloop[{extra}]'"
 
 
+def outcome_status(command: str, report: dict, stop: StopSignals, out) -> int:
+    """The exit status of an experiment's report (its ``outcome``: ``reason``, ``message``, ``output_errors``,
+    ``signum``), with the one-line errors printed: 6 when output was not written, 128 + the signal after an
+    interrupt, the reason's status (:data:`STOP_EXIT`) otherwise; the most severe wins (:func:`worst_status`)."""
+    outcome = report["outcome"]
+    codes = [EXIT_OUTPUT if outcome["output_errors"] else 0]
+    if outcome["reason"] == "interrupted":
+        codes.append(EXIT_SIGNAL + (outcome.get("signum") or stop.signum or signal.SIGINT))
+    elif outcome["reason"]:
+        codes.append(STOP_EXIT.get(outcome["reason"], EXIT_ERROR))
+    if outcome["reason"]:
+        error(command, f"stopped ({outcome['reason']}): {outcome['message']}; what was recorded is in {out}")
+    for text in outcome["output_errors"]:
+        if text != outcome["message"]:
+            error(command, text)
+    return worst_status(*codes)
+
+
 def error(command: str, text: str) -> None:
     """Print the one-line error of a command to stderr."""
     print(f"beamloop {command}: error: {text}", file=sys.stderr, flush=True)

@@ -5,41 +5,42 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from beamloop.edge.cli.types import parse_count, parse_positive, parse_shape
+from beamloop.edge.cli.types import bounded, parse_count, parse_positive, parse_positive_int, parse_shape
 
 TRIGGER_HELP = ("model: the shipped quantized ejection model (integer, bit-exact with its QONNX graph); "
                 "cusum, window: classical baselines")
 
 
 def cmd_run(a: argparse.Namespace) -> int:
-    """``beamloop run``: the main job (:func:`beamloop.edge.experiments.closed_loop.run`); the exit status of
+    """``beamloop run``: the main job (:func:`beamloop.edge.experiments.closed_loop.run`, or with ``--experiment
+    search`` :func:`beamloop.edge.experiments.search.run`); the exit status of
     :mod:`beamloop.edge.cli` (0 done; 3 no frames; 4 simulator lost; 5 a blank not confirmed; 6 output not
     written; 128 + the signal after SIGINT/SIGTERM or the live view's stop button (``--http``), with the beam
     blanked and the frames so far written)."""
-    from beamloop.edge.cli import EXIT_OUTPUT, EXIT_USAGE, STOP_EXIT, StopSignals, error, worst_status
+    from beamloop.edge.cli import EXIT_USAGE, StopSignals, outcome_status
     from beamloop.edge.cli.options import http_allowed
-    from beamloop.edge.experiments import closed_loop
 
     if a.http and not http_allowed(a.http, None, "run"):
         return EXIT_USAGE
+    if a.experiment == "search":
+        from beamloop.edge.cli.search import cmd_search
+
+        return cmd_search(a)
+    from beamloop.edge.experiments import closed_loop
+
     with StopSignals() as stop:
         report = closed_loop.run(Path(a.out), rounds=a.rounds, shape=a.shape, pixel_size_A=a.pixel_size,
                                  dose_e_per_A2=a.dose, targets_per_frame=a.targets, seed=a.seed,
                                  current_pA=a.current_pA, trigger=a.trigger, max_dwell_s=a.max_dwell, quiet=a.quiet,
                                  interrupt=stop, trigger_at=a.trigger_at, drift_A_per_s=a.drift_A_per_s,
-                                 lock_on=a.lock_on, http=a.http)
-    outcome = report["outcome"]
-    codes = [EXIT_OUTPUT if outcome["output_errors"] else 0]
-    if outcome["reason"] == "interrupted":
-        codes.append(128 + (outcome["signum"] or stop.signum or 2))
-    elif outcome["reason"]:
-        codes.append(STOP_EXIT.get(outcome["reason"], 1))
-    if outcome["reason"]:
-        error("run", f"stopped ({outcome['reason']}): {outcome['message']}; what was recorded is in {a.out}")
-    for text in outcome["output_errors"]:
-        if text != outcome["message"]:
-            error("run", text)
-    return worst_status(*codes)
+                                 lock_on=a.lock_on, http=a.http, detector=a.detector, detector_px=a.detector_px)
+    return outcome_status("run", report, stop, a.out)
+
+
+EXPERIMENTS = ("vacancy-line", "search")
+"""What ``run --experiment`` runs: the closed loop writing a line of S vacancies
+(:mod:`beamloop.edge.experiments.closed_loop`), or the automated search on the large simulated specimen
+(:mod:`beamloop.edge.experiments.search`; its options are those of ``beamloop search``)."""
 
 
 def register(sub) -> None:
@@ -50,6 +51,7 @@ def register(sub) -> None:
         add_lock_on_argument,
         add_trigger_at_argument,
     )
+    from beamloop.edge.cli.search import add_search_arguments
     from beamloop.edge.trigger import trigger_names
 
     r = sub.add_parser("run", help="the main job: closed loop on the simulated microscope, with report")
@@ -66,7 +68,18 @@ def register(sub) -> None:
     add_drift_argument(r)
     add_lock_on_argument(r, None, "predict with --drift-A-per-s above 0, none at 0 (the simulator then puts the "
                               "probe on the column the frame showed)")
-    r.add_argument("--max-dwell", type=parse_positive, default=2.0, help="longest dwell per target, seconds")
+    r.add_argument("--max-dwell-s", "--max-dwell", dest="max_dwell", type=parse_positive, default=2.0,
+                   help="longest dwell per target, seconds")
+    r.add_argument("--detector", choices=("haadf", "sim4d"), default="haadf",
+                   help="the service's frames: the simulator's HAADF frames, or its 4D mode (a diffraction pattern "
+                        "per probe position, Stream V2; the virtual ADF image of each frame is assembled as the "
+                        "patterns arrive)")
+    r.add_argument("--detector-px", type=bounded(parse_positive_int, 8, 256), default=32,
+                   help="sim4d: detector pixels per side (8-256)")
     r.add_argument("--quiet", action="store_true", help="no progress bar or report")
     add_http_argument(r)
+    r.add_argument("--experiment", choices=EXPERIMENTS, default="vacancy-line",
+                   help="vacancy-line: the closed loop writing S vacancies; search: montage, few-shot chips, stage "
+                        "moves to the rare regions (the options of 'beamloop search' below)")
+    add_search_arguments(r)
     r.set_defaults(func=cmd_run)

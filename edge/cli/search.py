@@ -23,7 +23,7 @@ def cmd_search(a: argparse.Namespace) -> int:
     signal after SIGINT/SIGTERM (the beam blanked, what was recorded written), or the exit status of the stop
     reason (:data:`beamloop.edge.cli.STOP_EXIT`)."""
     from beamloop.edge.analysis.fewshot import FewShotError
-    from beamloop.edge.cli import EXIT_OUTPUT, STOP_EXIT, StopSignals, error, worst_status
+    from beamloop.edge.cli import StopSignals, error, outcome_status
     from beamloop.edge.experiments import search
 
     try:
@@ -33,19 +33,9 @@ def cmd_search(a: argparse.Namespace) -> int:
                                 support=a.support, handover=a.handover, overview_fov_nm=a.overview_fov_nm,
                                 zoom_fov_nm=a.zoom_fov_nm, chip_px=a.chip_px)
     except (ValueError, FewShotError, OSError) as exc:
-        error("search", str(exc))
+        error(a.command, str(exc))
         return 1
-    outcome = report["outcome"]
-    codes = [EXIT_OUTPUT if outcome["output_errors"] else 0]
-    if outcome["reason"] == "interrupted":
-        codes.append(128 + (outcome["signum"] or stop.signum or 2))
-    elif outcome["reason"]:
-        codes.append(STOP_EXIT.get(outcome["reason"], 1))
-    if outcome["reason"]:
-        error("search", f"stopped ({outcome['reason']}): {outcome['message']}; what was recorded is in {a.out}")
-    for text in outcome["output_errors"]:
-        error("search", text)
-    return worst_status(*codes)
+    return outcome_status(a.command, report, stop, a.out)
 
 
 def add_search_arguments(p: argparse.ArgumentParser) -> None:

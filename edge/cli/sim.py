@@ -30,11 +30,18 @@ def cmd_sim(a: argparse.Namespace) -> int:
                            **safety_options(a))
     reload = threading.Event()
     with StopSignals() as stop, SimulatedMicroscope(cfg) as mic:
+        detector = None
+        if a.detector_4d:  # the 4D mode: a pixelated detector streams every frame's patterns (Stream V2)
+            from beamloop.edge.fourd_detector import FourDBackend
+
+            detector = FourDBackend.attach(mic, endpoint=a.detector_4d, detector_px=a.detector_px, seed=a.seed)
         old_hup = None
         if threading.current_thread() is threading.main_thread():
             old_hup = signal.signal(signal.SIGHUP, lambda *_: reload.set())
         try:
             info = {"frames": mic.frames_endpoint, "control": mic.control_endpoint}
+            if detector is not None:
+                info["detector"] = detector.endpoint
             if a.announce:
                 print("BEAMLOOP-SIM " + json.dumps(info), flush=True)
             else:
@@ -50,6 +57,8 @@ def cmd_sim(a: argparse.Namespace) -> int:
         finally:
             if old_hup is not None:
                 signal.signal(signal.SIGHUP, old_hup)
+            if detector is not None:
+                detector.close()
     return stop.exit_status
 
 
@@ -83,6 +92,11 @@ def register(sub) -> None:
     s.add_argument("--coil-overshoot", type=bounded(parse_nonnegative, 0, 0.99), default=0.0,
                    help="scan-coil overshoot, fraction of the move (0: critically damped)")
     s.add_argument("--encoding", choices=("raw", "lz4"), default="raw", help="frame stream encoding")
+    s.add_argument("--detector-4d", default=None, metavar="ENDPOINT",
+                   help="4D mode: also stream each frame's diffraction patterns (Stream V2) from this endpoint "
+                        "(bind; loopback unless you mean otherwise)")
+    s.add_argument("--detector-px", type=bounded(parse_positive_int, 8, 256), default=32,
+                   help="4D mode: detector pixels per side")
     s.add_argument("--max-park-s", "--max-park", dest="max_park",
                    type=bounded(parse_positive, 0, 3600, "s"), default=10.0,
                    help="blank after this long at one position, s")

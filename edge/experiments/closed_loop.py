@@ -19,6 +19,7 @@ the fraction of targets written by ground truth (that column's class in the veri
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import subprocess
@@ -32,7 +33,7 @@ import numpy as np
 from tqdm import tqdm
 
 from beamloop.edge.analysis.scoring import combine, match, score_frame
-from beamloop.edge.app import ServiceConfig, build_service, receiver_ring_bytes, start_monitor, warm_up
+from beamloop.edge.app import ServiceConfig, build_path, build_service, receiver_ring_bytes, start_monitor, warm_up
 from beamloop.edge.control.client import BeamLogEntry, BridgeClient
 from beamloop.edge.control.protocol import BridgeError
 from beamloop.edge.experiments.vacancy_line import ExperimentConfig, ExperimentStopped, RoundRecord, vacancy_line
@@ -466,11 +467,35 @@ def check_options(*, rounds: int, shape: tuple[int, int], pixel_size_A: float, d
     return dwell_us, fov_nm
 
 
+@contextlib.contextmanager
+def _frame_source(ends: dict, svc_cfg: ServiceConfig, detector: str, shape: tuple[int, int], fov_nm: float):
+    """The service's frame receiver, and its latency recorder (None: the path's own): the simulator's frame
+    stream, or with ``sim4d`` the 4D frame source on its detector stream (the frame stream then gives the
+    parked-probe samples)."""
+    rx = FrameReceiver(ends["frames"], ring=8, max_ring_bytes=receiver_ring_bytes(svc_cfg))
+    if detector != "sim4d":
+        with rx:
+            yield rx, None
+        return
+    from beamloop.edge.fourd_source import STAGES_4D, FourDFrameSource
+    from beamloop.edge.frame.scanframe import ScanFrame
+    from beamloop.edge.service import latency_keys
+    from beamloop.streams.receivers import open_receiver
+
+    latency = LatencyRecorder(latency_keys(build_path(svc_cfg)) + STAGES_4D)
+    det = open_receiver(ends["detector"], protocol="stream2", max_ring_bytes=receiver_ring_bytes(svc_cfg))
+    with FourDFrameSource(det, ScanFrame(0, tuple(shape), (fov_nm, fov_nm)), latency=latency,
+                          point_stream=rx) as source:
+        source.warm_up()
+        yield source, latency
+
+
 def run(out: Path, *, rounds: int = 3, shape: tuple[int, int] = (256, 256), pixel_size_A: float = 0.15,
         dose_e_per_A2: float = 1e5, targets_per_frame: int = 4, seed: int = 0, current_pA: float = 50.0,
         trigger: str = "model", max_dwell_s: float = 2.0, quiet: bool = False,
         interrupt: Callable[[], int] | None = None, trigger_at: str = "controller", drift_A_per_s: float = 0.0,
-        lock_on: str | None = None, http: tuple[str, int] | None = None) -> dict:
+        lock_on: str | None = None, http: tuple[str, int] | None = None, detector: str = "haadf",
+        detector_px: int = 32) -> dict:
     """Run the main job and return the report (also written to ``out/report.json``).
 
     Frames are written to ``out/run.h5`` as they are done, so a run that stops early (see ``outcome``)
@@ -519,6 +544,13 @@ def run(out: Path, *, rounds: int = 3, shape: tuple[int, int] = (256, 256), pixe
         Serve the live view and ``/metrics`` there while the loop runs (a loopback address: the simulator's
         bridge has no keys; :func:`beamloop.edge.app.start_monitor`); its stop button stops the run as an
         interrupt does (``outcome.reason`` ``interrupted``, the beam blanked).
+    detector : {"haadf", "sim4d"}
+        Where the service's frames come from: the simulator's HAADF frame stream, or its 4D mode (a
+        pixelated detector streaming a diffraction pattern per probe position, Stream V2), each frame's
+        virtual ADF image assembled by :class:`beamloop.edge.fourd_source.FourDFrameSource`; the report's
+        latency then has the 4D stages (``reduce4d``, ``assemble4d``).
+    detector_px : int
+        Detector pixels per side of ``sim4d``.
 
     Returns
     -------
@@ -550,6 +582,8 @@ def run(out: Path, *, rounds: int = 3, shape: tuple[int, int] = (256, 256), pixe
         raise ValueError(f"--drift-A-per-s {drift_A_per_s!r} must be a number in [0, 100] A/s")
     if lock_on is None:
         lock_on = "predict" if drift_A_per_s > 0 else "none"
+    if detector not in ("haadf", "sim4d"):
+        raise ValueError(f"--detector {detector!r} must be haadf or sim4d")
     if lock_on not in LOCK_ON:
         raise ValueError(f"--lock-on {lock_on!r} must be one of {', '.join(LOCK_ON)}")
     if http is not None:
@@ -560,7 +594,8 @@ def run(out: Path, *, rounds: int = 3, shape: tuple[int, int] = (256, 256), pixe
                                    "(the simulated microscope's bridge has no keys to derive its token from)")
     config = {"rounds": rounds, "shape": list(shape), "pixel_size_A": pixel_size_A, "dose_e_per_A2": dose_e_per_A2,
               "dwell_us": dwell_us, "targets_per_frame": targets_per_frame, "seed": seed, "current_pA": current_pA,
-              "trigger": trigger, "trigger_at": trigger_at, "drift_A_per_s": drift_A_per_s, "lock_on": lock_on}
+              "trigger": trigger, "trigger_at": trigger_at, "drift_A_per_s": drift_A_per_s, "lock_on": lock_on,
+              "detector": detector, **({"detector_px": detector_px} if detector == "sim4d" else {})}
     exp_cfg = ExperimentConfig(rounds=rounds, shape=shape, fov_nm=fov_nm, dwell_us=dwell_us,
                                targets_per_frame=targets_per_frame, max_dwell_s=max_dwell_s,
                                drift_frames=0 if lock_on == "none" else 2)
@@ -585,15 +620,17 @@ def run(out: Path, *, rounds: int = 3, shape: tuple[int, int] = (256, 256), pixe
     try:
         proc, ends = start_simulator(["--frames", "tcp://127.0.0.1:*", "--control", "tcp://127.0.0.1:*",
                                       "--seed", str(seed), "--current-pA", str(current_pA),
-                                      *(["--drift-A-per-s", repr(float(drift_A_per_s))] if drift_A_per_s else [])])
+                                      *(["--drift-A-per-s", repr(float(drift_A_per_s))] if drift_A_per_s else []),
+                                      *(["--detector-4d", "tcp://127.0.0.1:*", "--detector-px", str(detector_px)]
+                                        if detector == "sim4d" else [])])
     except BaseException:
         rl.close(stopped="the simulator did not start")
         raise
     gone = simulator_gone(proc)
     try:
-        with FrameReceiver(ends["frames"], ring=8, max_ring_bytes=receiver_ring_bytes(svc_cfg)) as rx, \
+        with _frame_source(ends, svc_cfg, detector, shape, fov_nm) as (rx, latency), \
                 BridgeClient(ends["control"], timeout_ms=20000, peer_gone=gone) as bridge:
-            service = build_service(rx, svc_cfg, bridge)
+            service = build_service(rx, svc_cfg, bridge, latency=latency)
             service.interrupt = interrupt
             if http is not None:
                 monitor = start_monitor(service, http)
