@@ -152,3 +152,28 @@ def test_a_missing_extra_is_one_line_naming_the_extra(monkeypatch, capsys):
                    "pip install 'beamloop[train]'"]
     assert cli.missing_extra_message("gpytorch.models").endswith("'beamloop[dkl]'")
     assert "not installed" in cli.missing_extra_message("nosuchpackage")
+
+
+def test_durations_and_frequencies_carry_their_unit_in_the_name():
+    import argparse
+    import re
+
+    from beamloop.edge.cli.config import _subparsers
+
+    timed = re.compile(r"(timeout|duration|dwell(?!s)|wait|park|watchdog|freq|interval|heartbeat|settle|sample-time)")
+    unit = re.compile(r"-(s|ms|us|ns|mhz|hz|min|samples)$")
+    bad = []
+
+    def walk(p, path):
+        for a in p._actions:
+            longs = [s for s in a.option_strings if s.startswith("--")]
+            if not longs or isinstance(a, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+                continue
+            if any(timed.search(s) for s in longs) and not any(unit.search(s) for s in longs):
+                if a.type not in (str, None) or a.default is not None and not isinstance(a.default, str):
+                    bad.append(f"{' '.join(path)} {longs[0]}")
+        for k, v in _subparsers(p).items():
+            walk(v, [*path, k])
+
+    walk(build_parser(), ["beamloop"])
+    assert not bad, "; ".join(bad)

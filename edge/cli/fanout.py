@@ -139,9 +139,10 @@ def register(sub) -> None:
     m.add_argument("--nimages", type=parse_count, default=0, help="frames the series announces (0: unknown)")
     m.add_argument("--frames", type=parse_positive_int, default=None, help="stop after this many scan frames")
     m.add_argument("--stack", type=parse_positive_int, default=64, help="frames per worker stack")
-    m.add_argument("--worker-timeout", type=parse_positive, default=2.0,
+    m.add_argument("--worker-timeout-s", "--worker-timeout", dest="worker_timeout", type=parse_positive, default=2.0,
                    help="heartbeat silence after which a worker is dead, s")
-    m.add_argument("--start-timeout", type=parse_positive, default=120.0, help="how long to wait for the workers, s")
+    m.add_argument("--start-timeout-s", "--start-timeout", dest="start_timeout", type=parse_positive, default=120.0,
+                   help="how long to wait for the workers, s")
     m.add_argument("--idle-timeout-s", "--idle-timeout", dest="idle_timeout",
                    type=parse_positive, default=30.0, help="stop after this long without results")
     m.add_argument("--out", default="out/fanout", help="output folder")

@@ -29,7 +29,7 @@ def add_safety_arguments(parser: argparse.ArgumentParser) -> None:
     parser : argparse.ArgumentParser
     """
     g = parser.add_argument_group("beam safety")
-    g.add_argument("--watchdog", type=parse_nonnegative, default=1.0, metavar="S",
+    g.add_argument("--watchdog-s", "--watchdog", dest="watchdog", type=parse_nonnegative, default=1.0, metavar="S",
                    help="blank (or park) the beam when the client driving it is silent this long, seconds "
                         "(0: no watchdog)")
     g.add_argument("--on-watchdog", choices=("blank", "park"), default="blank",

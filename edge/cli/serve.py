@@ -206,7 +206,7 @@ def register(sub) -> None:
     add_lock_on_argument(v)
     add_finder_arguments(v, default_material="MoS2")
     v.add_argument("--max-frames", type=parse_count, default=None, help="stop after this many frames")
-    v.add_argument("--idle-timeout", type=parse_positive, default=30.0,
+    v.add_argument("--idle-timeout-s", "--idle-timeout", dest="idle_timeout", type=parse_positive, default=30.0,
                    help="stop after this many seconds without frames")
     v.add_argument("--memory-budget-mib", type=parse_positive, default=DEFAULT_MEMORY_BUDGET / 2**20,
                    help="working memory the frame path and the receive ring may each need for one series, MiB; "
