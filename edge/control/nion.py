@@ -1,8 +1,8 @@
 """The Nion Swift backend of the scan controller: beamloop drives a Nion scan device.
 
 :class:`NionBackend` implements :class:`beamloop.edge.control.controller.ScanBackend` (and
-:class:`~beamloop.edge.control.controller.PointProbe` and
-:class:`~beamloop.edge.control.controller.StageBackend`) with a scan hardware source of
+:class:`~beamloop.edge.control.controller.PointProbe`, :class:`~beamloop.edge.control.controller.StageBackend`
+and :class:`~beamloop.edge.control.controller.PointDetectors`) with a scan hardware source of
 nionswift-instrumentation: a real Nion microscope, or the headless simulator of nionswift-usim
 (:func:`start_usim`). :class:`NionScanController` is the
 :class:`~beamloop.edge.control.controller.ScanController` over it: the bridge, its safety rules
@@ -28,7 +28,20 @@ bridge call            Nion Swift (nionswift-instrumentation 23.6, ``nion/instru
 ``queue_points``       one 1x1 subscan per point (``subscan_pixel_size`` 1x1, ``subscan_fractional_size``
                        one pixel, ``subscan_fractional_center`` the point, ``pixel_time_us`` the dwell):
                        Nion has no native point list; ``mean_counts`` is the pixel's value
+``detectors``          of ``queue_points``: ``adf`` always; ``eels`` when the controller is given a camera
+                       (``eels_camera``, a camera hardware source id, e.g. :data:`USIM_EELS_ID`): after each
+                       point's ADF pixel the probe is parked there (``probe_position``) and one camera frame
+                       of the point's dwell is grabbed (``grab_next_to_finish`` while playing); its summed
+                       spectrum (float32) and the camera's energy calibration (``get_capabilities``'
+                       ``point_detectors["eels"]``) come back. ``pattern`` is never fitted (a Ronchigram camera
+                       is not wired), and without ``eels_camera`` neither is ``eels``: both are refused as not
+                       fitted (``out_of_range``)
 =====================  ==================================================================================
+
+Point EELS is not simultaneous with the ADF pixel: the camera exposure follows it, so a point receives the dose
+of twice its dwell (Nion's synchronised scan-camera acquisition, ``scan_base``'s synchronized acquisition, would
+record both at once; not used here). nionswift-usim's EELS camera simulates a low-loss spectrum (channel 0 at
+-20 eV, 1 eV per channel), not the core-loss edges of :mod:`beamloop.edge.sim.eels`.
 
 Not available: the signal at a parked probe as a time series (Nion's scan device has no such stream,
 and the simulator none either), so the trigger-driven dwell of the edge service needs a detector stream
@@ -59,6 +72,9 @@ from beamloop.edge.frame.scanframe import ScanFrame
 
 USIM_SCAN_ID = "usim_scan_device"
 """Hardware source id of nionswift-usim's scan device."""
+
+USIM_EELS_ID = "usim_eels_camera"
+"""Hardware source id of nionswift-usim's EELS camera (``nion.usim_device.EELSCameraSimulator``)."""
 
 SHAPE_LIMITS = (1, 8192)
 """Smallest and largest frame size, pixels per axis."""
@@ -143,11 +159,26 @@ class NionBackend:
         Those of the current frame (the last :meth:`set_frame`).
     stage : StageLimits
         The stage's travel range, speed and settle time (constructor ``stage``, default :data:`DEFAULT_STAGE`).
+    eels_camera : camera hardware source or None
+        The EELS camera of point spectra (constructor ``eels_camera``, an id); None: no spectrometer.
+
+    Raises
+    ------
+    BridgeError
+        (``internal``) ``eels_camera`` names no hardware source.
     """
 
-    def __init__(self, scan, stage: StageLimits | None = None) -> None:
+    def __init__(self, scan, stage: StageLimits | None = None, eels_camera: str | None = None) -> None:
         self.scan = scan
         self.stage = stage or DEFAULT_STAGE
+        self.eels_camera = None
+        if eels_camera is not None:
+            from nion.instrumentation import HardwareSource
+
+            self.eels_camera = HardwareSource.HardwareSourceManager().get_hardware_source_for_hardware_source_id(
+                eels_camera)
+            if self.eels_camera is None:
+                raise BridgeError("internal", f"no camera hardware source {eels_camera!r}")
         self.instrument = scan.stem_controller
         self.channel_names = [scan.get_channel_name(i).lower() for i in range(scan.channel_count)]
         self.frame_parameters: Any = None
@@ -263,6 +294,52 @@ class NionBackend:
         return float(np.mean(xdata.data))
 
 
+    # PointDetectors ----------------------------------------------------------------------------------------
+    def _grab_spectrum(self, exposure_ms: float):
+        """One frame of the EELS camera at ``exposure_ms``: its summed spectrum's xdata (the last one the camera
+        returns: nionswift-instrumentation gives the image, then the spectrum summed over the rows)."""
+        cam = self.eels_camera
+        fp = cam.get_current_frame_parameters()
+        fp.exposure_ms = float(exposure_ms)
+        cam.set_current_frame_parameters(fp)
+        cam.start_playing(sync_timeout=10)
+        try:
+            xdatas = cam.get_next_xdatas_to_finish(60)
+        finally:
+            cam.stop_playing()
+        spectra = [x for x in xdatas if x is not None and x.data.ndim == 1]
+        if not spectra:
+            raise BridgeError("internal", "the EELS camera returned no 1-D spectrum")
+        return spectra[-1]
+
+    def point_detectors(self) -> dict[str, dict]:
+        """``eels`` with the camera's calibration (read from one grab of 1 ms: ``offset_eV``, ``dispersion_eV``,
+        ``channels``; float32 counts) when an EELS camera is given, else nothing (module docstring)."""
+        if self.eels_camera is None:
+            return {}
+        x = self._grab_spectrum(1.0)
+        cal = x.dimensional_calibrations[-1]
+        return {"eels": {"offset_eV": float(cal.offset), "dispersion_eV": float(cal.scale),
+                         "channels": int(x.data.shape[-1]), "units": str(cal.units), "dtype": "<f4",
+                         "camera": self.eels_camera.hardware_source_id}}
+
+    def point_signals(self, fx: float, fy: float, frame_id: int, dwell_us: float,
+                      detectors: tuple[str, ...]) -> dict[str, np.ndarray]:
+        """Park the probe at ``(fx, fy)`` and grab one EELS camera frame of ``dwell_us``: ``{"eels": (channels,)
+        float32}``.
+
+        Raises
+        ------
+        BridgeError
+            (``internal``) a detector other than ``eels``, or no camera (the controller never asks then).
+        """
+        if self.eels_camera is None or set(detectors) - {"eels"}:
+            raise BridgeError("internal", f"detectors {list(detectors)} are not fitted to the Nion adapter")
+        self.park(fx, fy, frame_id)
+        x = self._grab_spectrum(dwell_us / 1000.0)
+        return {"eels": np.ascontiguousarray(x.data, np.float32)}
+
+
 class NionScanController(ScanController):
     """The bridge's server side for a Nion Swift scan hardware source: a :class:`ScanController` over
     :class:`NionBackend`.
@@ -283,16 +360,21 @@ class NionScanController(ScanController):
         Monotonic seconds for the watchdog and the dwell limit (default :func:`time.monotonic`).
     stage : StageLimits, optional
         The instrument's stage travel range, speed and settle time (default :data:`DEFAULT_STAGE`).
+    eels_camera : str, optional
+        Hardware source id of the EELS camera for point spectra (e.g. :data:`USIM_EELS_ID`); None: point queues
+        refuse ``eels`` as not fitted.
 
     Raises
     ------
     zmq.ZMQError, beamloop.edge.control.keys.InsecureBindError
         An endpoint cannot be bound, or may not be without keys.
+    BridgeError
+        (``internal``) ``eels_camera`` names no hardware source.
     """
 
     def __init__(self, scan, *, control: str = "tcp://127.0.0.1:*", frames: str = "tcp://127.0.0.1:*",
                  limits: SafetyLimits | None = None, keys: ServerKeys | None = None,
                  context: zmq.Context | None = None, clock: Callable[[], float] = time.monotonic,
-                 stage: StageLimits | None = None) -> None:
-        super().__init__(NionBackend(scan, stage), control=control, frames=frames, limits=limits, keys=keys,
-                         context=context, clock=clock)
+                 stage: StageLimits | None = None, eels_camera: str | None = None) -> None:
+        super().__init__(NionBackend(scan, stage, eels_camera), control=control, frames=frames, limits=limits,
+                         keys=keys, context=context, clock=clock)
