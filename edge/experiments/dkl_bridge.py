@@ -30,7 +30,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -301,14 +301,13 @@ def run(out: Path, *, seed: int = 0, budget: int = 50, scalarizer: str = "eels_o
     RuntimeError
         The simulator could not be started.
     """
-    from dataclasses import replace
-
     require_dkl()
     if scalarizer not in SCALARIZERS:
         raise KeyError(f"--scalarizer {scalarizer!r} unknown; known: {', '.join(sorted(SCALARIZERS))}")
     goal = goal or default_goal(scalarizer)
-    settings = replace(settings or DKLSettings(), budget=int(budget), acquisition=acquisition, goal=goal,
-                       seed=int(seed), checkpoints=tuple(n for n in CHECKPOINTS if n <= budget))
+    base = settings or DKLSettings()
+    settings = replace(base, budget=int(budget), initial=min(base.initial, int(budget)), acquisition=acquisition,
+                       goal=goal, seed=int(seed), checkpoints=tuple(n for n in CHECKPOINTS if n <= budget))
     frame_dwell_us, fov_nm = check_options(rounds=1, shape=shape, pixel_size_A=pixel_size_A,
                                            dose_e_per_A2=dose_e_per_A2, targets_per_frame=0, current_pA=current_pA,
                                            max_dwell_s=1.0)
