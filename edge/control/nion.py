@@ -171,7 +171,7 @@ class NionBackend:
     def __init__(self, scan, stage: StageLimits | None = None, eels_camera: str | None = None) -> None:
         self.scan = scan
         self.stage = stage or DEFAULT_STAGE
-        self.eels_camera = None
+        self.eels_camera: Any = None
         if eels_camera is not None:
             from nion.instrumentation import HardwareSource
 
