@@ -27,6 +27,7 @@ import time
 import numpy as np
 
 from beamloop.bench.stats import stage_summary
+from beamloop.bench.tails import breakdown
 
 log = logging.getLogger("beamloop.bench")
 
@@ -45,7 +46,7 @@ CHUNK = 50
 
 
 def measure_size(service, size: int, frames: int, current_pA: float, warmup_frames: int = 5,
-                 progress=None) -> tuple[dict, dict]:
+                 progress=None, keep_trace: list | None = None) -> tuple[dict, dict]:
     """Run the closed loop on ``frames`` frames of ``size`` x ``size`` pixels; return (summary, samples).
 
     Parameters
@@ -60,11 +61,15 @@ def measure_size(service, size: int, frames: int, current_pA: float, warmup_fram
         The simulator's probe current (sets the pixel dwell time for the dose).
     progress : callable(int), optional
         Called with the number of frames done after every chunk.
+    keep_trace : list, optional
+        Receives ``(records, stages)``: the per-frame trace of the measured frames
+        (:class:`beamloop.edge.frame.trace.FrameTrace`, with CPU times and garbage collections).
 
     Returns
     -------
     summary : dict
-        ``stages`` (:func:`beamloop.bench.stats.stage_summary`), ``frames``, ``wall_s``, ``frames_per_s``,
+        ``stages`` (:func:`beamloop.bench.stats.stage_summary`), ``tails`` (the slowest 1 % of frames by stage,
+        :func:`beamloop.bench.tails.breakdown`), ``frames``, ``wall_s``, ``frames_per_s``,
         ``dwell_reasons`` (count per reason), ``service`` (errors), ``config``.
     samples : dict
         Stage -> ndarray of nanoseconds (int64), for plots.
@@ -77,6 +82,7 @@ def measure_size(service, size: int, frames: int, current_pA: float, warmup_fram
     from beamloop.edge.app import warm_up
     from beamloop.edge.experiments.vacancy_line import ExperimentConfig, vacancy_line
     from beamloop.edge.frame.latency import LatencyRecorder
+    from beamloop.edge.frame.trace import GcWatch
     from beamloop.edge.service import latency_keys
     from beamloop.edge.sim.frames import electrons_per_second
 
@@ -95,6 +101,8 @@ def measure_size(service, size: int, frames: int, current_pA: float, warmup_fram
     chunk(warmup_frames)
     rec = LatencyRecorder(latency_keys(path))
     service.latency = path.latency = rec
+    gc_watch = GcWatch().start()
+    trace = service.trace_frames(capacity=frames + CHUNK + 8, gc_watch=gc_watch)
     reasons: dict[str, int] = {}
     errors0 = (service.stats.frame_errors, service.stats.protocol_errors)
     t0 = time.perf_counter()
@@ -110,7 +118,12 @@ def measure_size(service, size: int, frames: int, current_pA: float, warmup_fram
         if progress:
             progress(done)
     wall = time.perf_counter() - t0
+    gc_watch.stop()
+    service.trace = None
+    path.measure_cpu = False
     samples = {s: rec.samples(s).copy() for s in rec.summary()}
+    if keep_trace is not None:
+        keep_trace.append((trace.records(), trace.stages))
     summary = {
         "config": {"shape": list(shape), "pixel_size_A": PIXEL_SIZE_A, "dose_e_per_A2": DOSE_E_PER_A2,
                    "pixel_dwell_us": dwell_us, "targets_per_frame": 1, "dwell_per_target_s": DWELL_S,
@@ -119,6 +132,7 @@ def measure_size(service, size: int, frames: int, current_pA: float, warmup_fram
         "wall_s": wall,
         "frames_per_s": done / wall if wall > 0 else float("nan"),
         "stages": stage_summary(rec),
+        "tails": breakdown(trace.records(), trace.stages),
         "dwell_reasons": reasons,
         "service": {"frame_errors": service.stats.frame_errors - errors0[0],
                     "protocol_errors": service.stats.protocol_errors - errors0[1],
@@ -127,9 +141,11 @@ def measure_size(service, size: int, frames: int, current_pA: float, warmup_fram
     return summary, samples
 
 
-def run(quick: bool = False, sizes=SIZES, frames: dict | None = None, progress_bar: bool = True
-        ) -> tuple[dict, dict]:
+def run(quick: bool = False, sizes=SIZES, frames: dict | None = None, progress_bar: bool = True,
+        traces: dict | None = None) -> tuple[dict, dict]:
     """Measure every size through one simulator process; return (results, samples per size).
+
+    ``traces``, when given, receives per size ``(records, stages)``: the measured frames' per-frame trace.
 
     ``results`` holds ``sizes`` (``"256x256"`` -> :func:`measure_size` summary), ``stream_counters`` and
     ``bridge_counters`` of the whole run, and ``method`` (how it was measured). ``frames`` overrides
@@ -154,6 +170,7 @@ def run(quick: bool = False, sizes=SIZES, frames: dict | None = None, progress_b
     counts.update(frames or {})
     out = {"method": __doc__.split("\n\n")[1].replace("\n", " ").strip(), "sizes": {}}
     samples = {}
+    kept: list = []
     host = SimHost()
     ends = host.start()
     try:
@@ -164,8 +181,11 @@ def run(quick: bool = False, sizes=SIZES, frames: dict | None = None, progress_b
                 service = build_service(rx, ServiceConfig("MoS2", targets_per_frame=1, trigger="cusum"), bridge)
                 with tqdm(total=n, desc=f"stage latency {size}x{size}", unit="frame", disable=not progress_bar,
                           leave=False) as bar:
-                    summary, samp = measure_size(service, size, n, current, progress=lambda d: bar.update(d - bar.n))
+                    summary, samp = measure_size(service, size, n, current, progress=lambda d: bar.update(d - bar.n),
+                                                 keep_trace=kept)
                 out["sizes"][f"{size}x{size}"] = summary
+                if traces is not None:
+                    traces[f"{size}x{size}"] = kept[-1]
                 samples[f"{size}x{size}"] = samp
                 log.info("%dx%d: %d frames in %.1f s", size, size, summary["frames"], summary["wall_s"])
             out["stream_counters"] = rx.counters.as_dict()

@@ -51,6 +51,11 @@ PEER_GROUPS = {
     "soak": "soak: the service under sustained load",
     "dkl": "deep kernel learning: top-5% sites found and reconstruction vs random and raster, decision time per step",
     "monitor": "the live view (--http): the frame path's p50/p99 with and without the page open",
+    "fanout": "fan-out: 4D reductions at a 128x128 detector over 1, 2, 4 worker processes, per-worker ceiling, "
+              "scaling model",
+    "dask_": "Dask: the 4D reductions of a recording on threads, processes and a LocalCluster against one process",
+    "search": "automated search: rare regions per stage move against raster and random at the same budget",
+    "fewshot": "few-shot chips: accuracy at 1, 2, 5 shots on simulated and real chips, chips per second",
 }
 """File-name prefixes of other developers' benchmark modules in bench/, and what they measure."""
 
@@ -230,8 +235,10 @@ def run_suite(out: Path = RESULTS, quick: bool = False, sections=SECTIONS, real_
 
     def do_stages():
         from beamloop.bench import floor, stages
+        from beamloop.bench.tails import plot as tails_plot
 
-        res, samples = stages.run(quick, progress_bar=progress)
+        traces: dict = {}
+        res, samples = stages.run(quick, progress_bar=progress, traces=traces)
         sizes = tuple(int(s.split("x")[0]) for s in res["sizes"])
         res["floor"] = floor.run(quick, sizes)  # what the machine can do, in the same run
         res["floor_ratios"] = {s: floor.ratios(r["stages"], res["floor"]["sizes"].get(s, {}))
@@ -242,7 +249,9 @@ def run_suite(out: Path = RESULTS, quick: bool = False, sections=SECTIONS, real_
         return [write_json(out / "stage_latency.json", res),
                 plots.stage_ccdf(out / "stage_latency_ccdf.png", us, STAGES),
                 plots.stage_hist(out / "stage_latency_hist.png", us, STAGES),
-                plots.throughput(out / "throughput.png", res["sizes"], FRAME_PATH)]
+                plots.throughput(out / "throughput.png", res["sizes"], FRAME_PATH),
+                *(tails_plot(rec, names, out / f"stage_tails_{size}.png", title=f"{size}: slowest 1 % of frames")
+                  for size, (rec, names) in traces.items())]
 
     def do_budget():
         st = results.get("stages")

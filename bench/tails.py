@@ -43,12 +43,13 @@ def breakdown(records: np.ndarray, stages: tuple[str, ...], fraction: float = 0.
     else:
         kind = "work in the stage"
     out["cause"] = {"stage": worst, "excess_us": excess[worst], "kind": kind,
-                    "waited_share": waited / total_excess if total_excess > 0 else 0.0}
+                    "waited_share": min(waited / total_excess, 1.0) if total_excess > 0 else 0.0}
     return out
 
 
-def plot(records: np.ndarray, stages: tuple[str, ...], path: Path, fraction: float = 0.01, title: str = "") -> None:
-    """Stacked stage durations of the slowest ``fraction`` of frames beside the median frame (PNG at ``path``)."""
+def plot(records: np.ndarray, stages: tuple[str, ...], path: Path, fraction: float = 0.01, title: str = "") -> Path:
+    """Stacked stage durations of the slowest ``fraction`` of frames beside the median frame; returns the PNG's
+    ``path``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -61,8 +62,9 @@ def plot(records: np.ndarray, stages: tuple[str, ...], path: Path, fraction: flo
     order = np.argsort(tot)[::-1][:min(n_slow, 40)]
     med = int(np.argsort(tot)[len(tot) // 2])
     rows = [med, *order.tolist()]
-    labels = ["median"] + [f"#{int(rec['image_id'][k])}" for k in order]
-    fig, ax = plt.subplots(figsize=(8, 0.25 * len(rows) + 1.5))
+    labels = ["median"] + [f"frame {int(rec['frame_id'][k])}" if rec["frame_id"][k] != MISSING
+                           else f"image {int(rec['image_id'][k])}" for k in order]
+    fig, ax = plt.subplots(figsize=(9.5, 0.25 * len(rows) + 1.8))
     left = np.zeros(len(rows))
     start_ref = np.where(rec["recv_ns"] != MISSING, rec["recv_ns"], rec[f"{stages[0]}_start_ns"])
     gap0 = (rec[f"{stages[0]}_start_ns"] - start_ref)[rows] / 1e3
@@ -80,10 +82,11 @@ def plot(records: np.ndarray, stages: tuple[str, ...], path: Path, fraction: flo
     ax.invert_yaxis()
     ax.set_xlabel("microseconds from receipt (hatched: wall time without the CPU)")
     ax.set_title(title or f"slowest {100 * fraction:g} % of {len(rec)} frames by stage")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return Path(path)
 
 
 def main(argv: list[str] | None = None) -> int:

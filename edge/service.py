@@ -53,6 +53,7 @@ from beamloop.edge.frame.context import FrameContext, FrameMeta, check_pixel_siz
 from beamloop.edge.frame.latency import LatencyRecorder
 from beamloop.edge.frame.scanframe import BeamPositionError, ScanFrame
 from beamloop.edge.frame.stage import FrameError
+from beamloop.edge.frame.trace import FrameTrace, GcWatch
 from beamloop.edge.path import FramePath
 from beamloop.edge.stages.policy import Target
 from beamloop.edge.stages.register import Register
@@ -412,8 +413,18 @@ class EdgeService:
         self._series_meta: tuple[tuple, FrameMeta, ScanFrame | None] | None = None
         self._rejected: OrderedDict[str, str] = OrderedDict()
         self.monitor: Any = None
+        self.trace: FrameTrace | None = None
+        """Per-frame timestamps of every frame that went through the path (:meth:`trace_frames` turns it on)."""
         if bridge is not None:
             bridge.on_round_trip = self._record_round_trip
+
+    def trace_frames(self, capacity: int = 100_000, cpu: bool = True, gc_watch: GcWatch | None = None) -> FrameTrace:
+        """Keep a per-frame trace from now on (:class:`beamloop.edge.frame.trace.FrameTrace`: receipt, decode and
+        each stage's start, end and, with ``cpu``, thread CPU time; the last ``capacity`` frames), a few
+        microseconds per frame. Returns it (also :attr:`trace`)."""
+        self.path.measure_cpu = bool(cpu)
+        self.trace = FrameTrace(self.path.names, capacity, gc_watch)
+        return self.trace
 
     def choose_trigger_at(self, capabilities: dict | None) -> str:
         """Decide where dwells' decisions are made, from the controller's ``get_capabilities`` reply.
@@ -607,6 +618,9 @@ class EdgeService:
                 self.stats.note(f"frame {ev.image_id}: {type(exc).__name__}: {exc}")
                 log.error("frame %d: frame path failed", ev.image_id, exc_info=True)
                 continue
+            if self.trace is not None:
+                self.trace.add(ctx, image_id=ev.image_id, frame_id=scan.frame_id if scan is not None else -1,
+                               sent_ns=sent, recv_ns=ev.recv_ns, decoded_ns=ev.decoded_ns)
             if self.monitor is not None:
                 self.monitor.publish_frame(image, ctx, scan, ev.image_id)
             return ev, ctx, scan

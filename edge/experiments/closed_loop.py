@@ -639,6 +639,7 @@ def run(out: Path, *, rounds: int = 3, shape: tuple[int, int] = (256, 256), pixe
             caps = bridge.get_capabilities()
             service.choose_trigger_at(caps)
             warm_up(service.path, service.trigger, shape=shape, pixel_size_A=pixel_size_A, dtypes=(np.uint16,))
+            service.trace_frames(capacity=4096)  # per-frame stage timestamps for run.h5 (/trace), the last 4096
 
             def on_record(rec: RoundRecord) -> None:
                 records.append(rec)
@@ -719,6 +720,8 @@ def run(out: Path, *, rounds: int = 3, shape: tuple[int, int] = (256, 256), pixe
     try:
         rl.write_beam_log(sorted(list(bridge.log) + decision_log(records), key=lambda e: e.t_ns))
         rl.write_dwells(rows)
+        if service is not None and service.trace is not None:
+            rl.write_trace(service.trace.records(), service.trace.stages, service.trace.dropped)
         rl.write_text("events", events)
         rl.set_attrs(latency=report["latency_us"], accuracy=report["accuracy"], trigger=trig,
                      stream_counters=counters, outcome=outcome)
