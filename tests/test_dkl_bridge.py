@@ -87,6 +87,11 @@ def test_a_small_bridge_run_writes_its_report_run_file_and_plots(tmp_path):
         assert f["bridge/mean_counts"].shape == (8,) and f.attrs["via"] == "bridge"
         assert set(f["baselines"]) == {"random", "raster"}
     assert (tmp_path / "path.png").stat().st_size > 0 and (tmp_path / "maps.png").stat().st_size > 0
+    from beamloop.streams.dectris.recorder import read_spectra
+
+    spectra, energy, meta = read_spectra(tmp_path / "spectra.hspy")  # every DKL spectrum, with its energy axis
+    assert spectra.shape == (8, 512) and energy[0] == 130.0 and energy[1] - energy[0] == 0.25
+    assert d["files"]["spectra"] == "spectra.hspy" and meta["user_data"]["dwell_us"] == 32000.0
     assert rep["safety"]["counters"]["watchdog_trips"] == 0
 
 

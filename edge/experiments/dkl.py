@@ -18,10 +18,11 @@ experimentation in scanning transmission electron microscopy", npj Comput. Mater
 Measurements go through a :class:`PointMeasurer`, the small interface "measure these points, give me their
 scalars": :class:`SimulatedPoints` measures offline on the simulator's specimen (and knows the true
 property map); :class:`ScalarizedPoints` wraps any source of raw signals at points (the bridge's point
-queue, once it returns spectra and patterns) with a scalarizer. :func:`run_dkl` returns the path,
-the values, the decision time of each step and the predictions at the checkpoint budgets; :func:`evaluate`
-scores them against a true map (share of the top 5 % candidates found; reconstruction error), beside
-random and raster sampling of the same budget (:func:`baseline_order`, :func:`fit_predict`).
+queue with its ``detectors``: :class:`beamloop.edge.experiments.dkl_bridge.BridgeAcquire`) with a scalarizer.
+:func:`run_dkl` returns the path, the values, the decision time of each step and the predictions at the
+checkpoint budgets; :func:`evaluate` scores them against a true map (share of the top 5 % candidates found;
+reconstruction error), beside random and raster sampling of the same budget (:func:`baseline_order`,
+:func:`fit_predict`).
 """
 
 from __future__ import annotations

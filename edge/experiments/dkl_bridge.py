@@ -21,7 +21,9 @@ Outputs in ``out``: ``report.json`` (``dkl`` section: ``ratio_vs_random``, ``top
 where the budget allows, for DKL, random and raster; ``reconstruction_error``; ``decision_s`` p50 / p90; plus
 ``outcome``), ``run.h5`` (:func:`beamloop.edge.experiments.dkl_run.write_run_h5`'s layout, and
 ``/bridge/mean_counts`` the ADF mean of every DKL point, ``/truth_fractions`` the candidates as fractions of the
-frame), ``path.png`` and ``maps.png`` (:func:`beamloop.edge.experiments.dkl_run.write_plots`).
+frame), ``path.png`` and ``maps.png`` (:func:`beamloop.edge.experiments.dkl_run.write_plots`), and for EELS
+``spectra.hspy``: every spectrum DKL measured, in order, with its energy axis and probe position
+(:class:`beamloop.streams.dectris.recorder.SpectrumRecorder`, the HyperSpy layout that RosettaSciIO reads).
 """
 
 from __future__ import annotations
@@ -171,6 +173,8 @@ class BridgeAcquire:
         Dwell per point, microseconds.
     interrupt : callable() -> int, optional
         A non-zero signal number stops the experiment (:class:`DKLStopped`, ``interrupted``), the queue aborted.
+    keep : bool
+        Keep every raw signal (:attr:`signals`).
 
     Attributes
     ----------
@@ -178,6 +182,8 @@ class BridgeAcquire:
         Every point measured, in order.
     mean_counts : list of float
         Their mean ADF counts per sample.
+    signals : list of ndarray
+        The raw signal of every point (when ``keep``).
     queues : int
         Point queues sent.
     wait_s : float
@@ -185,9 +191,11 @@ class BridgeAcquire:
     """
 
     def __init__(self, bridge: BridgeClient, scene: BridgeScene, detector: str, dwell_us: float,
-                 interrupt: Callable[[], int] | None = None) -> None:
+                 interrupt: Callable[[], int] | None = None, keep: bool = False) -> None:
         self.bridge, self.scene, self.detector, self.dwell_us = bridge, scene, detector, float(dwell_us)
         self.interrupt = interrupt
+        self.keep = keep
+        self.signals: list[np.ndarray] = []
         self.xy_px: list[tuple[float, float]] = []
         self.mean_counts: list[float] = []
         self.queues = 0
@@ -219,9 +227,11 @@ class BridgeAcquire:
         self.queues += 1
         self.xy_px.extend((float(x), float(y)) for x, y in pts)
         self.mean_counts.extend(float(v) for v in got.mean_counts)
-        if self.detector == "adf":
-            return [np.array([v]) for v in got.mean_counts]
-        return list(got.signals[self.detector])
+        out = ([np.array([v]) for v in got.mean_counts] if self.detector == "adf"
+               else list(got.signals[self.detector]))
+        if self.keep:
+            self.signals.extend(np.array(v) for v in out)
+        return out
 
 
 def true_map(bridge: BridgeClient, scene: BridgeScene, scalarizer: BoundScalarizer, detector: str,
@@ -326,6 +336,7 @@ def run(out: Path, *, seed: int = 0, budget: int = 50, scalarizer: str = "eels_o
                                   "--seed", str(seed), "--current-pA", str(current_pA), "--cross-section-barn", "0",
                                   "--sample-time-us", repr(SIM_SAMPLE_TIME_US), "--block-samples", "64"])
     res: DKLResult | None = None
+    eels_cal: dict | None = None
     scene: BridgeScene | None = None
     acq: BridgeAcquire | None = None
     base_orders: dict[str, np.ndarray] = {}
@@ -349,7 +360,8 @@ def run(out: Path, *, seed: int = 0, budget: int = 50, scalarizer: str = "eels_o
                                                 "frame or a smaller budget")
                 say(f"frame {scene.scan.frame_id}: {m} candidate columns; measuring {detector} at "
                     f"{dwell_us:g} us per point")
-                acq = BridgeAcquire(bridge, scene, detector, dwell_us, interrupt)
+                acq = BridgeAcquire(bridge, scene, detector, dwell_us, interrupt, keep=detector == "eels")
+                eels_cal = (caps.get("point_detectors") or {}).get("eels")
                 measurer = ScalarizedPoints(acq, bound)
 
                 def step(rec, _model) -> None:
@@ -381,7 +393,7 @@ def run(out: Path, *, seed: int = 0, budget: int = 50, scalarizer: str = "eels_o
     if res is not None and scene is not None and acq is not None:
         report["dkl"] = _results(scene, res, base_orders, base_values, settings, bound, detector, dwell_us,
                                  current_pA, acq, time.perf_counter() - t_start)
-        _write(out, scene, res, base_orders, bound, acq, report, plots, outcome)
+        _write(out, scene, res, base_orders, bound, acq, report, plots, outcome, eels_cal)
     elif acq is not None and scene is not None:
         report["dkl"] = {"measured": len(acq.xy_px)}
     try:
@@ -459,9 +471,26 @@ def _results(scene: BridgeScene, res: DKLResult, orders: dict[str, np.ndarray], 
 
 
 def _write(out: Path, scene: BridgeScene, res: DKLResult, orders: dict[str, np.ndarray], bound: BoundScalarizer,
-           acq: BridgeAcquire, report: dict, plots: bool, outcome: dict) -> None:
-    """``run.h5`` and the plots; what cannot be written goes to ``outcome["output_errors"]``."""
+           acq: BridgeAcquire, report: dict, plots: bool, outcome: dict, eels_cal: dict | None = None) -> None:
+    """``run.h5``, ``spectra.hspy`` (EELS) and the plots; what cannot be written goes to
+    ``outcome["output_errors"]``."""
     import h5py
+
+    from beamloop.streams.dectris.recorder import SpectrumRecorder
+
+    if acq.signals and eels_cal is not None:
+        try:
+            fr = scene.fractions(np.asarray(acq.xy_px, np.float64))
+            with SpectrumRecorder(out / "spectra.hspy", float(eels_cal["offset_eV"]), float(eels_cal["dispersion_eV"]),
+                                  int(eels_cal["channels"]), dtype=np.asarray(acq.signals[0]).dtype,
+                                  title="dkl_points", resolution_eV=eels_cal.get("resolution_eV"),
+                                  user_data={"frame_id": scene.scan.frame_id, "dwell_us": acq.dwell_us,
+                                             "scalarizer": bound.describe()}) as rec:
+                for s, (fx, fy) in zip(acq.signals, fr):
+                    rec.write(s, (float(fx), float(fy)))
+            report["dkl"]["files"]["spectra"] = "spectra.hspy"
+        except (OSError, ValueError) as exc:
+            outcome["output_errors"].append(f"{out / 'spectra.hspy'}: {exc}")
 
     try:
         path = write_run_h5(out / "run.h5", scene, res, orders, bound.describe(), scene.scan.pixel_size_A)
