@@ -117,6 +117,11 @@ def test_patterns_have_the_binned_shape_and_the_points_dose(microscope, clock, b
     assert cal["shape"] == [48, 48] and cal["binning"] == 2
     scan, got = _measure(client, clock, ("pattern",))
     p = got.signals["pattern"]
+    # queue 1 again: progress alone, or the measurements from point 1 on
+    light = client.fetch_points(1, measurements=False)
+    assert "measurements" not in light and light["done"] == 3
+    tail = client.fetch_points(1, start=1)
+    assert np.array_equal(decode_array(tail["measurements"]["pattern"]), p[1:])
     assert p.shape == (3, 48, 48) and p.dtype == np.uint32
     electrons = microscope.electrons_per_s * DWELL_US * 1e-6
     sums = p.sum(axis=(1, 2), dtype=np.float64)
@@ -143,7 +148,7 @@ def test_fetch_points_from_start_and_an_unfitted_detector(run_microscope, clock,
         q = client.queue_points(POINTS, DWELL_US, scan.frame_id, detectors=["adf"])
         while (r := client.fetch_points(q["queue_id"]))["state"] == "running":
             clock.t += 0.004
-        tail = client.call("fetch_points", queue_id=q["queue_id"], start=2)
+        tail = client.fetch_points(q["queue_id"], start=2)
         assert tail["mean_counts"] == r["mean_counts"][2:] and tail["start"] == 2 and tail["done"] == 3
         with pytest.raises(BridgeError) as e:
             client.call("fetch_points", queue_id=q["queue_id"], start=-1)

@@ -479,8 +479,9 @@ class BridgeClient:
         qid = q["queue_id"]
         t_end = time.monotonic() + timeout_s
         while True:
-            r = self.fetch_points(qid)
+            r = self.fetch_points(qid, measurements=False)
             if r.get("state") != "running":
+                r = self.fetch_points(qid)
                 break
             code = interrupt() if interrupt is not None else 0
             if code or time.monotonic() > t_end:
@@ -496,9 +497,15 @@ class BridgeClient:
         return PointMeasurements(np.asarray(r["mean_counts"], np.float64), signals, float(q["dwell_us"]),
                                  int(q.get("samples_per_point", 1)))
 
-    def fetch_points(self, queue_id: int) -> dict:
-        """Progress and per-point signal of a point queue."""
-        return self.call("fetch_points", queue_id=int(queue_id))
+    def fetch_points(self, queue_id: int, *, start: int = 0, measurements: bool = True) -> dict:
+        """Progress and per-point signal of a point queue (from point ``start``; without the detectors'
+        ``measurements`` when false: a cheap poll)."""
+        extra: dict[str, Any] = {}
+        if start:
+            extra["start"] = int(start)
+        if not measurements:
+            extra["measurements"] = False
+        return self.call("fetch_points", queue_id=int(queue_id), **extra)
 
     def abort_points(self, queue_id: int) -> dict:
         """Stop a point queue and blank the beam."""

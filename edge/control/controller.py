@@ -1013,7 +1013,7 @@ class ScanController:
                "mean_counts": list(q.mean_counts[start:])}
         if start:
             out["start"] = start
-        if q.detectors:
+        if q.detectors and args.get("measurements", True) is not False:
             out["measurements"] = {d: encode_array(self._stacked(q, d, start)) for d in q.detectors}
         return out
 

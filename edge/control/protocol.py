@@ -22,7 +22,8 @@ blanking, point lists.
 ``queue_points``       ``points [[x, y], ...]``, ``dwell_us``, ``signal``, ``blank_between``, optional
                        ``detectors`` (:data:`POINT_DETECTORS`: what to record per point besides the mean
                        ADF counts): visit points one after another; ``fetch_points`` (optional
-                       ``start``: the first point returned) / ``abort_points`` by ``queue_id``
+                       ``start``: the first point returned; ``measurements: false``: progress only) /
+                       ``abort_points`` by ``queue_id``
 ``stop``               no arguments: end whatever the beam is doing (point queue, parked dwell) and
                        blank it
 ``arm_trigger``        ``model`` (a name or its hash), ``threshold`` (integer score; default the
