@@ -5,8 +5,12 @@ For each frame size the benchmark runs the main job's own experiment
 on the simulated microscope (:class:`beamloop.bench.simhost.SimHost`, a separate process), one beam target per
 frame and a short dwell per target, in chunks, until the wanted number of frames has gone through:
 
-    acquire_frame -> detector stream (ZeroMQ, native protocol) -> receive -> decode -> preprocess -> find
-    -> classify -> policy -> bridge (set_probe, unblank) -> trigger (parked-probe blocks) -> bridge (blank)
+    acquire_frame -> detector stream (ZeroMQ, native protocol) -> receive -> decode -> background -> preprocess
+    -> find -> classify -> vacancies -> ood -> register -> policy -> bridge (set_probe, unblank) -> trigger
+    (parked-probe blocks) -> bridge (blank)
+
+The service runs with drift correction (``lock_on="predict"``), so the ``register`` stage (frame-to-frame
+registration and the drift estimate, :mod:`beamloop.edge.stages.register`) is measured with the rest.
 
 Stages are recorded by the service itself (:class:`beamloop.edge.frame.latency.LatencyRecorder`), exactly as in
 ``beamloop run``: ``receive`` is the frame's ``sent_ns`` to its first byte read, ``decode`` to its last
@@ -178,7 +182,8 @@ def run(quick: bool = False, sizes=SIZES, frames: dict | None = None, progress_b
             current = float(bridge.get_capabilities()["current_pA"])
             for size in sizes:
                 n = counts[size]
-                service = build_service(rx, ServiceConfig("MoS2", targets_per_frame=1, trigger="cusum"), bridge)
+                cfg = ServiceConfig("MoS2", targets_per_frame=1, trigger="cusum", lock_on="predict")
+                service = build_service(rx, cfg, bridge)
                 with tqdm(total=n, desc=f"stage latency {size}x{size}", unit="frame", disable=not progress_bar,
                           leave=False) as bar:
                     summary, samp = measure_size(service, size, n, current, progress=lambda d: bar.update(d - bar.n),

@@ -184,8 +184,9 @@ def latency_keys(path: FramePath | tuple[str, ...]) -> tuple[str, ...]:
     return (RECEIVE, DECODE, *names, BRIDGE, TRIGGER, END_TO_END)
 
 
-STAGES = latency_keys(("preprocess", "find", "classify", "vacancies", "policy"))
-"""Latency keys of the service on the classical MoS2 path with a policy (the main job), in order."""
+STAGES = latency_keys(("background", "preprocess", "find", "classify", "vacancies", "ood", "register", "policy"))
+"""Latency keys of the service on the classical MoS2 path with a policy and drift correction (the main job with
+``--lock-on predict``), in order; without drift correction there is no ``register``."""
 
 
 def column_near_centre(image: np.ndarray, sigma_px: float) -> tuple[float, float]:

@@ -153,3 +153,18 @@ def bridge_client():
     yield connect
     for client in made:
         client.close()
+
+
+@pytest.fixture(scope="session")
+def usim(tmp_path_factory):
+    """nionswift-usim's scan device, started once for the whole session (its hardware-source registry takes a
+    second start in one process badly) and closed at its end; skips where the nion extra is not installed."""
+    from beamloop.edge.control.nion import nion_available
+
+    if not nion_available():
+        pytest.skip("nionswift-instrumentation / nionswift-usim not installed: pip install -e '.[nion]'")
+    from beamloop.edge.control.nion import start_usim, stop_usim
+
+    scan = start_usim(tmp_path_factory.mktemp("usim"))
+    yield scan
+    stop_usim()

@@ -163,11 +163,11 @@ def test_registration_recovers_known_subpixel_shifts(dt_s):
 def test_registration_buffers_are_preallocated():
     reg = Register()
     reg.prepare(FrameMeta((64, 64), np.dtype(np.uint16), 0.15, MOS2))
-    bufs = (reg._prev, reg._cur, reg._window)
+    bufs = (reg._cur, reg._window, reg._registrar)
     rng = np.random.default_rng(0)
     for k in range(3):
         register_frame(reg, rng.poisson(50, (64, 64)).astype(np.uint16), scan_of(k, 64))
-    assert {id(reg._prev), id(reg._cur)} == {id(bufs[0]), id(bufs[1])} and reg._window is bufs[2]
+    assert reg._cur is bufs[0] and reg._window is bufs[1] and reg._registrar is bufs[2]
 
 
 def test_kalman_recovers_a_constant_velocity_from_noisy_positions():

@@ -18,15 +18,6 @@ from beamloop.edge.control.safety import SafetyLimits  # noqa: E402
 from beamloop.streams.native.receiver import FrameReceiver, ImageEvent, SeriesEnd, SeriesStart  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def usim(tmp_path_factory):
-    from beamloop.edge.control.nion import start_usim, stop_usim
-
-    scan = start_usim(tmp_path_factory.mktemp("usim"))
-    yield scan
-    stop_usim()
-
-
 def serving(scan, limits):
     from beamloop.edge.control.nion import NionScanController
 

@@ -151,39 +151,32 @@ def test_frame_follows_the_stage(clock):
         assert abs(truth["center_nm"][0] - q.x_nm) <= bl + 1e-6 and abs(truth["center_nm"][1] - q.y_nm) <= bl + 1e-6
 
 
-def test_nion_stage_and_center(tmp_path, clock):
+def test_nion_stage_and_center(usim, clock):
     """The Nion adapter drives nionswift-usim's ``stage_position_m`` and honours ``center_nm``."""
-    from beamloop.edge.control.nion import nion_available
-
-    if not nion_available():
-        pytest.skip("nionswift-instrumentation / nionswift-usim not installed: pip install -e '.[nion]'")
-    from beamloop.edge.control.nion import NionScanController, start_usim, stop_usim
+    from beamloop.edge.control.nion import NionScanController
     from beamloop.edge.control.safety import SafetyLimits
 
-    scan = start_usim(tmp_path)
+    scan = usim
+    stage = StageLimits((-10.0, 10.0), (-10.0, 10.0), speed_um_per_s=5.0, settle_s=1.0)
+    ctl = NionScanController(scan, limits=SafetyLimits(watchdog_s=None), clock=clock, stage=stage)
+    stop = threading.Event()
+    th = threading.Thread(target=ctl.serve, kwargs={"stop": stop.is_set}, daemon=True)
+    th.start()
     try:
-        stage = StageLimits((-10.0, 10.0), (-10.0, 10.0), speed_um_per_s=5.0, settle_s=1.0)
-        ctl = NionScanController(scan, limits=SafetyLimits(watchdog_s=None), clock=clock, stage=stage)
-        stop = threading.Event()
-        th = threading.Thread(target=ctl.serve, kwargs={"stop": stop.is_set}, daemon=True)
-        th.start()
-        try:
-            with BridgeClient(ctl.control_endpoint, timeout_ms=30000) as c:
-                assert c.get_capabilities()["stage"] == stage.as_dict()
-                res = c.move_stage(3.0, -2.0)
-                assert res["applied"] == pytest.approx({"x_um": 3.0, "y_um": -2.0})
-                assert res["duration_s"] == pytest.approx(3.0 / 5.0 + 1.0)
-                p = scan.stem_controller.GetVal2D("stage_position_m")
-                assert (p.x, p.y) == pytest.approx((3e-6, -2e-6))
-                assert c.get_stage()["moving"]
-                clock.t += 2.0
-                assert not c.get_stage()["moving"]
-                ctl.backend.set_frame(ScanFrame(1, (32, 32), (20.0, 20.0), center_nm=(5.0, -3.0)), ("haadf",))
-                fp = ctl.backend.frame_parameters
-                assert (fp.center_nm.x, fp.center_nm.y) == (5.0, -3.0)
-        finally:
-            stop.set()
-            th.join()
-            ctl.close()
+        with BridgeClient(ctl.control_endpoint, timeout_ms=30000) as c:
+            assert c.get_capabilities()["stage"] == stage.as_dict()
+            res = c.move_stage(3.0, -2.0)
+            assert res["applied"] == pytest.approx({"x_um": 3.0, "y_um": -2.0})
+            assert res["duration_s"] == pytest.approx(3.0 / 5.0 + 1.0)
+            p = scan.stem_controller.GetVal2D("stage_position_m")
+            assert (p.x, p.y) == pytest.approx((3e-6, -2e-6))
+            assert c.get_stage()["moving"]
+            clock.t += 2.0
+            assert not c.get_stage()["moving"]
+            ctl.backend.set_frame(ScanFrame(1, (32, 32), (20.0, 20.0), center_nm=(5.0, -3.0)), ("haadf",))
+            fp = ctl.backend.frame_parameters
+            assert (fp.center_nm.x, fp.center_nm.y) == (5.0, -3.0)
     finally:
-        stop_usim()
+        stop.set()
+        th.join()
+        ctl.close()
