@@ -113,5 +113,6 @@ def register(subparsers) -> None:
                    help="budget: scan dwell time per probe position, us")
     p.add_argument("--budget-only", action="store_true",
                    help="print budgets from existing stage results; measure nothing")
-    p.add_argument("--no-progress", action="store_true", help="no progress lines or bars")
+    p.add_argument("--quiet", "--no-progress", dest="no_progress", action="store_true",
+                   help="no progress lines or bars")
     p.set_defaults(func=cmd_bench)

@@ -177,3 +177,14 @@ def test_durations_and_frequencies_carry_their_unit_in_the_name():
 
     walk(build_parser(), ["beamloop"])
     assert not bad, "; ".join(bad)
+
+
+def test_one_word_for_quiet_and_compression():
+    p = build_parser()
+    for words in (["run", "--quiet"], ["find", "x", "--out", "o", "--quiet"], ["bench", "--quiet"]):
+        ns = p.parse_args(words)
+        assert getattr(ns, "quiet", None) is True or getattr(ns, "no_progress", None) is True
+    assert p.parse_args(["sim", "--compression", "none"]).encoding == "raw"
+    assert p.parse_args(["replay", "x", "--to", "tcp://127.0.0.1:1", "--compression", "lz4"]).encoding == "lz4"
+    with pytest.raises(SystemExit):
+        p.parse_args(["sim", "--compression", "zstd"])

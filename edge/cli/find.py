@@ -138,7 +138,8 @@ def register(sub) -> None:
                         "(give --pixel-size: the probe step in Angstrom)")
     f.add_argument("--partition-frames", type=parse_positive_int, default=256,
                    help="frames per Dask task of a recording")
-    f.add_argument("--no-progress", action="store_true", help="no progress bar (with --scheduler or recordings)")
+    f.add_argument("--quiet", "--no-progress", dest="no_progress", action="store_true",
+                   help="no progress bar (with --scheduler or recordings)")
     f.add_argument("--export", choices=EXPORT_FORMATS, default=None,
                    help="also write the columns for atomap (<stem>_atomap.csv, <stem>_atomap.npz) or TEMUL "
                         "(<stem>_temul.csv)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from beamloop.edge.cli.types import parse_positive
+from beamloop.edge.cli.types import frame_compression, parse_positive
 
 
 def cmd_replay(a: argparse.Namespace) -> int:
@@ -24,6 +24,7 @@ def register(sub) -> None:
     y.add_argument("--rate", type=float, default=10.0, help="frames per second (0: as fast as possible)")
     y.add_argument("--repeat", type=int, default=1, help="send the frames this many times")
     y.add_argument("--pixel-size", type=parse_positive, default=None, help="Angstrom per pixel sent with the frames")
-    y.add_argument("--encoding", choices=("raw", "lz4"), default="raw", help="frame stream encoding")
+    y.add_argument("--compression", "--encoding", dest="encoding", type=frame_compression, choices=("raw", "lz4"),
+                   default="raw", help="frame stream compression: none (raw) or lz4")
     y.add_argument("--bind", action="store_true", help="bind instead of connecting")
     y.set_defaults(func=cmd_replay)

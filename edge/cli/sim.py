@@ -12,7 +12,7 @@ import json
 import signal
 import threading
 
-from beamloop.edge.cli.types import bounded, parse_nonnegative, parse_positive, parse_positive_int
+from beamloop.edge.cli.types import bounded, frame_compression, parse_nonnegative, parse_positive, parse_positive_int
 
 
 def cmd_sim(a: argparse.Namespace) -> int:
@@ -91,7 +91,8 @@ def register(sub) -> None:
                    help="scan-coil time constant on set_probe, us (0: instantaneous)")
     s.add_argument("--coil-overshoot", type=bounded(parse_nonnegative, 0, 0.99), default=0.0,
                    help="scan-coil overshoot, fraction of the move (0: critically damped)")
-    s.add_argument("--encoding", choices=("raw", "lz4"), default="raw", help="frame stream encoding")
+    s.add_argument("--compression", "--encoding", dest="encoding", type=frame_compression, choices=("raw", "lz4"),
+                   default="raw", help="frame stream compression: none (raw) or lz4")
     s.add_argument("--detector-4d", default=None, metavar="ENDPOINT",
                    help="4D mode: also stream each frame's diffraction patterns (Stream V2) from this endpoint "
                         "(bind; loopback unless you mean otherwise)")

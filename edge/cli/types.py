@@ -69,3 +69,11 @@ def bounded(parse: Callable[[str], float], lo: float, hi: float, unit: str = "")
 
     check.__name__ = getattr(parse, "__name__", "bounded")
     return check
+
+
+def frame_compression(text: str) -> str:
+    """The native stream's compression as ``--compression`` names it: ``none`` (or ``raw``) or ``lz4``; the
+    stream's own names come back (``raw``, ``lz4``). Other names are returned unchanged (argparse's choices
+    then refuse them)."""
+    t = str(text).strip().lower()
+    return "raw" if t in ("none", "raw") else t
