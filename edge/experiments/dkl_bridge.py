@@ -66,6 +66,7 @@ from beamloop.edge.experiments.dkl_run import (
 )
 from beamloop.edge.frame.scanframe import ScanFrame
 from beamloop.edge.service import frame_image
+from beamloop.streams.errors import ProtocolError
 from beamloop.streams.native.receiver import FrameReceiver
 
 DEFAULT_DWELL_US = 32000.0
@@ -175,6 +176,9 @@ class BridgeAcquire:
         A non-zero signal number stops the experiment (:class:`DKLStopped`, ``interrupted``), the queue aborted.
     keep : bool
         Keep every raw signal (:attr:`signals`).
+    drain : callable(), optional
+        Called after every queue: takes what the frame stream sent meanwhile (the parked-probe series of the
+        points), so that the controller never waits on a full stream.
 
     Attributes
     ----------
@@ -191,10 +195,12 @@ class BridgeAcquire:
     """
 
     def __init__(self, bridge: BridgeClient, scene: BridgeScene, detector: str, dwell_us: float,
-                 interrupt: Callable[[], int] | None = None, keep: bool = False) -> None:
+                 interrupt: Callable[[], int] | None = None, keep: bool = False,
+                 drain: Callable[[], None] | None = None) -> None:
         self.bridge, self.scene, self.detector, self.dwell_us = bridge, scene, detector, float(dwell_us)
         self.interrupt = interrupt
         self.keep = keep
+        self.drain = drain
         self.signals: list[np.ndarray] = []
         self.xy_px: list[tuple[float, float]] = []
         self.mean_counts: list[float] = []
@@ -223,6 +229,8 @@ class BridgeAcquire:
                 raise DKLStopped("interrupted", f"stopped by signal {code}", code) from None
             lost = exc.code in ("timeout", "unavailable")
             raise DKLStopped("controller_lost" if lost else "refused", str(exc)) from None
+        if self.drain is not None:
+            self.drain()
         self.wait_s += time.perf_counter() - t0
         self.queues += 1
         self.xy_px.extend((float(x), float(y)) for x, y in pts)
@@ -360,7 +368,15 @@ def run(out: Path, *, seed: int = 0, budget: int = 50, scalarizer: str = "eels_o
                                                 "frame or a smaller budget")
                 say(f"frame {scene.scan.frame_id}: {m} candidate columns; measuring {detector} at "
                     f"{dwell_us:g} us per point")
-                acq = BridgeAcquire(bridge, scene, detector, dwell_us, interrupt, keep=detector == "eels")
+                def drain() -> None:
+                    for _ in range(100_000):
+                        try:
+                            if rx.recv(0) is None:
+                                return
+                        except ProtocolError:
+                            continue
+
+                acq = BridgeAcquire(bridge, scene, detector, dwell_us, interrupt, keep=detector == "eels", drain=drain)
                 eels_cal = (caps.get("point_detectors") or {}).get("eels")
                 measurer = ScalarizedPoints(acq, bound)
 
@@ -374,7 +390,7 @@ def run(out: Path, *, seed: int = 0, budget: int = 50, scalarizer: str = "eels_o
                     for kind in ("random", "raster"):
                         order = baseline_order(kind, scene.candidates_px, budget, rng)
                         base_values[kind] = ScalarizedPoints(
-                            BridgeAcquire(bridge, scene, detector, dwell_us, interrupt), bound).measure(
+                            BridgeAcquire(bridge, scene, detector, dwell_us, interrupt, drain=drain), bound).measure(
                             scene.candidates_px[order])
                         base_orders[kind] = order
                 outcome["complete"] = True
