@@ -1,9 +1,9 @@
 """Lattice-site kernels (numba): the bond vectors of a projected honeycomb and its empty sites, in one pass.
 
-The vacancy stage (:mod:`beamloop.edge.stages.vacancies`) calls :func:`infer_sites` once per frame over
-caller-owned scratch (:class:`SiteScratch`), so the per-frame work is one compiled call with no Python
-loop over columns. Neighbour queries bin the columns into square cells of the largest search radius
-(a counting sort, no tree), so each query visits the 3 x 3 cells around it.
+The vacancy stage (:mod:`beamloop.edge.stages.vacancies`) calls :func:`infer_sites` once per frame (outputs in
+a reused :class:`SiteScratch`), so the per-frame work is one compiled call with no Python loop over columns.
+Neighbour queries use the uniform grid of :mod:`beamloop.edge.kernels.neighbours` (cells of the largest search
+radius; each query visits the 3 x 3 cells around it).
 """
 
 from __future__ import annotations
@@ -13,60 +13,40 @@ import math
 import numba
 import numpy as np
 
-
-@numba.njit(cache=True, nogil=True)
-def _bin(x, y, n, x0, y0, cell, ncx, ncy, start, order, cid):
-    """Counting sort of points ``(x[k], y[k])``, k < n, into ``ncx * ncy`` cells: ``order[start[c]:start[c+1]]``
-    are the points of cell ``c``."""
-    nc = ncx * ncy
-    for c in range(nc + 1):
-        start[c] = 0
-    for k in range(n):
-        cx = min(max(int((x[k] - x0) / cell), 0), ncx - 1)
-        cy = min(max(int((y[k] - y0) / cell), 0), ncy - 1)
-        c = cy * ncx + cx
-        cid[k] = c
-        start[c + 1] += 1
-    for c in range(nc):
-        start[c + 1] += start[c]
-    # fill order with a running cursor per cell (start[c] .. start[c + 1]), stable in k
-    for c in range(nc, 0, -1):
-        start[c] = start[c - 1]
-    start[0] = 0
-    for k in range(n):
-        c = cid[k]
-        order[start[c + 1]] = k
-        start[c + 1] += 1
+from beamloop.edge.kernels.neighbours import _cells, _nearest, _within
 
 
 @numba.njit(cache=True, nogil=True)
-def _occupied(x, y, order, start, x0, y0, cell, ncx, ncy, qx, qy, r2):
-    """True when a binned point lies within ``sqrt(r2)`` of ``(qx, qy)``."""
-    cx = int(math.floor((qx - x0) / cell))
-    cy = int(math.floor((qy - y0) / cell))
-    for gy in range(cy - 1, cy + 2):
-        if gy < 0 or gy >= ncy:
-            continue
-        for gx in range(cx - 1, cx + 2):
-            if gx < 0 or gx >= ncx:
-                continue
-            g = gy * ncx + gx
-            for k in range(start[g], start[g + 1]):
-                p = order[k]
-                if (x[p] - qx) ** 2 + (y[p] - qy) ** 2 <= r2:
-                    return True
-    return False
+def _grid(xy, cell):
+    """Bin points ``xy`` (n, 2) into square cells of side ``cell`` (:func:`beamloop.edge.kernels.neighbours._cells`);
+    returns ``(order, start, x0, y0, ncx, ncy)``."""
+    x0 = xy[:, 0].min()
+    y0 = xy[:, 1].min()
+    ncx = int((xy[:, 0].max() - x0) / cell) + 1
+    ncy = int((xy[:, 1].max() - y0) / cell) + 1
+    order, start = _cells(xy, x0, y0, cell, ncx, ncy)
+    return order, start, x0, y0, ncx, ncy
 
 
 @numba.njit(cache=True, nogil=True)
-def infer_sites(x, y, cls, metal, chalc1, chalc2, spacing, rows, cols, tol, min_support,
-                start, order, cid, lengths, ex, ey, seen, estart, eorder, ecid, bonds, out_x, out_y, out_n):
+def _pairs(xy, order, start, x0, y0, cell, ncx, ncy, q, r):
+    """All (query, point) index pairs closer than ``r`` (:func:`beamloop.edge.kernels.neighbours._within`)."""
+    e = np.empty(0, np.int64)
+    m = _within(xy, order, start, x0, y0, cell, ncx, ncy, q, r, True, e, e)
+    qi = np.empty(m, np.int64)
+    pi = np.empty(m, np.int64)
+    _within(xy, order, start, x0, y0, cell, ncx, ncy, q, r, False, qi, pi)
+    return qi, pi
+
+
+@numba.njit(cache=True, nogil=True)
+def infer_sites(xy, cls, metal, chalc1, chalc2, spacing, rows, cols, tol, min_support, bonds, out_x, out_y, out_n):
     """Bond vectors of a projected MX2 honeycomb and its empty sites, from classified columns.
 
     Parameters
     ----------
-    x, y : float32 (n,), pixels
-        Column positions (``x`` the column index, ``y`` the row index).
+    xy : float64 (n, 2), pixels
+        Column positions ``(x, y)`` (``x`` the column index, ``y`` the row index).
     cls : int8 (n,)
         Class per column; ``metal`` is the metal class, ``chalc1`` and ``chalc2`` the chalcogen classes
         (other classes only occupy sites).
@@ -79,8 +59,6 @@ def infer_sites(x, y, cls, metal, chalc1, chalc2, spacing, rows, cols, tol, min_
         of each other are one site.
     min_support : int
         Predictions (neighbours) needed for an empty site.
-    start, order, cid, lengths, ex, ey, seen, estart, eorder, ecid
-        Scratch (:class:`SiteScratch`).
     bonds : float64 (3, 2), out
         The three metal-to-chalcogen bond vectors, pixels.
     out_x, out_y, out_n : float64 (3n,), out
@@ -96,84 +74,64 @@ def infer_sites(x, y, cls, metal, chalc1, chalc2, spacing, rows, cols, tol, min_
     -----
     Bond directions of a honeycomb are 120 degrees apart, so three times their angle is the same for all
     three: the circular mean of ``3 * angle`` over all metal-chalcogen pairs closer than 1.3 spacings
-    gives the orientation, the median pair distance the bond length. Every metal predicts three chalcogen
+    gives the orientation (``cos 3a = 4c^3 - 3c``, ``sin 3a = 3s - 4s^3`` of the unit vector ``(c, s)``: no
+    trigonometry per pair), the median pair distance the bond length. Every metal predicts three chalcogen
     sites (``+ bonds``) and every chalcogen three metal sites (``- bonds``). Empty predictions are merged
     greedily in prediction order: the first unmerged one takes every empty prediction within ``tol``.
+    Neighbour queries run on the uniform grid of :mod:`beamloop.edge.kernels.neighbours`.
     """
-    n = x.shape[0]
-    r = 1.3 * spacing
-    cell = r if r > tol else tol
+    n = xy.shape[0]
     if n == 0:
         return -1
-    x0 = x[0]
-    y0 = y[0]
-    x1 = x[0]
-    y1 = y[0]
-    for k in range(n):
-        x0 = min(x0, x[k])
-        y0 = min(y0, y[k])
-        x1 = max(x1, x[k])
-        y1 = max(y1, y[k])
-    ncx = int((x1 - x0) / cell) + 1
-    ncy = int((y1 - y0) / cell) + 1
-    if ncx * ncy + 1 > start.shape[0]:
-        # a sparse table spread far: coarser cells keep the scratch bounded (queries stay exact)
-        cell = max((x1 - x0), (y1 - y0)) / (math.sqrt(start.shape[0] - 1) - 1.0) + 1e-9
-        cell = max(cell, r, tol)
-        ncx = int((x1 - x0) / cell) + 1
-        ncy = int((y1 - y0) / cell) + 1
-    _bin(x, y, n, x0, y0, cell, ncx, ncy, start, order, cid)
+    r = 1.3 * spacing
+    cell = max(r, tol)
+    order, start, x0, y0, ncx, ncy = _grid(xy, cell)
 
     # bond vectors: every metal-chalcogen pair closer than r
-    r2 = r * r
+    nm = 0
+    for p in range(n):
+        if cls[p] == metal:
+            nm += 1
+    mq = np.empty((nm, 2), np.float64)
+    k = 0
+    for p in range(n):
+        if cls[p] == metal:
+            mq[k, 0] = xy[p, 0]
+            mq[k, 1] = xy[p, 1]
+            k += 1
+    qi, pi = _pairs(xy, order, start, x0, y0, cell, ncx, ncy, mq, r)
+    lengths = np.empty(qi.shape[0], np.float64)
     s3 = 0.0
     c3 = 0.0
     m = 0
-    for p in range(n):
-        if cls[p] != metal:
+    for t in range(qi.shape[0]):
+        q = pi[t]
+        if cls[q] != chalc1 and cls[q] != chalc2:
             continue
-        qx = x[p]
-        qy = y[p]
-        cx = int(math.floor((qx - x0) / cell))
-        cy = int(math.floor((qy - y0) / cell))
-        for gy in range(cy - 1, cy + 2):
-            if gy < 0 or gy >= ncy:
-                continue
-            for gx in range(cx - 1, cx + 2):
-                if gx < 0 or gx >= ncx:
-                    continue
-                g = gy * ncx + gx
-                for kk in range(start[g], start[g + 1]):
-                    q = order[kk]
-                    if cls[q] != chalc1 and cls[q] != chalc2:
-                        continue
-                    dx = float(x[q]) - float(qx)
-                    dy = float(y[q]) - float(qy)
-                    d2 = dx * dx + dy * dy
-                    if d2 <= r2 and d2 > 0.0:
-                        # cos and sin of three times the angle without trigonometry:
-                        # cos 3a = 4 c^3 - 3 c, sin 3a = 3 s - 4 s^3 (c, s: the unit vector)
-                        d = math.sqrt(d2)
-                        c = dx / d
-                        s = dy / d
-                        c3 += c * (4.0 * c * c - 3.0)
-                        s3 += s * (3.0 - 4.0 * s * s)
-                        if m < lengths.shape[0]:
-                            lengths[m] = d
-                        m += 1
+        dx = xy[q, 0] - mq[qi[t], 0]
+        dy = xy[q, 1] - mq[qi[t], 1]
+        d = math.sqrt(dx * dx + dy * dy)
+        if d == 0.0:
+            continue
+        c = dx / d
+        s = dy / d
+        c3 += c * (4.0 * c * c - 3.0)
+        s3 += s * (3.0 - 4.0 * s * s)
+        lengths[m] = d
+        m += 1
     if m < 3:
         return -1
     phi = math.atan2(s3 / m, c3 / m) / 3.0
-    length = np.median(lengths[:min(m, lengths.shape[0])])
+    length = np.median(lengths[:m])
     for b in range(3):
         a = phi + b * 2.0 * math.pi / 3.0
         bonds[b, 0] = length * math.cos(a)
         bonds[b, 1] = length * math.sin(a)
 
-    # predicted sites that lie inside the frame and have no column within tol
+    # predicted sites inside the frame
     edge = 0.5 * spacing
-    t2 = tol * tol
-    ne = 0
+    pred = np.empty((3 * n, 2), np.float64)
+    npred = 0
     for p in range(n):
         if cls[p] == metal:
             sign = 1.0
@@ -182,64 +140,49 @@ def infer_sites(x, y, cls, metal, chalc1, chalc2, spacing, rows, cols, tol, min_
         else:
             continue
         for b in range(3):
-            px = float(x[p]) + sign * bonds[b, 0]
-            py = float(y[p]) + sign * bonds[b, 1]
+            px = xy[p, 0] + sign * bonds[b, 0]
+            py = xy[p, 1] + sign * bonds[b, 1]
             if px < edge or px > cols - 1 - edge or py < edge or py > rows - 1 - edge:
                 continue
-            if _occupied(x, y, order, start, x0, y0, cell, ncx, ncy, px, py, t2):
-                continue
-            ex[ne] = px
-            ey[ne] = py
+            pred[npred, 0] = px
+            pred[npred, 1] = py
+            npred += 1
+    # those with no column within tol are empty
+    idx = np.empty(npred, np.int64)
+    dist = np.empty(npred, np.float64)
+    _nearest(xy, order, start, x0, y0, cell, ncx, ncy, pred[:npred], tol, idx, dist)
+    ne = 0
+    for t in range(npred):
+        if idx[t] < 0:
+            pred[ne, 0] = pred[t, 0]
+            pred[ne, 1] = pred[t, 1]
             ne += 1
     if ne == 0:
         return 0
+    empty = pred[:ne]
 
     # merge empty predictions of one site (greedy, in prediction order)
-    ex0 = ex[0]
-    ey0 = ey[0]
-    ex1 = ex[0]
-    ey1 = ey[0]
+    eorder, estart, ex0, ey0, encx, ency = _grid(empty, max(tol, 1e-6))
+    gi, gj = _pairs(empty, eorder, estart, ex0, ey0, max(tol, 1e-6), encx, ency, empty, tol)
+    first = np.zeros(ne + 1, np.int64)  # the pairs come grouped by query, in query order
+    for t in range(gi.shape[0]):
+        first[gi[t] + 1] += 1
     for k in range(ne):
-        ex0 = min(ex0, ex[k])
-        ey0 = min(ey0, ey[k])
-        ex1 = max(ex1, ex[k])
-        ey1 = max(ey1, ey[k])
-    ecell = max(tol, 1e-6)
-    encx = int((ex1 - ex0) / ecell) + 1
-    ency = int((ey1 - ey0) / ecell) + 1
-    if encx * ency + 1 > estart.shape[0]:
-        ecell = max((ex1 - ex0), (ey1 - ey0)) / (math.sqrt(estart.shape[0] - 1) - 1.0) + 1e-9
-        ecell = max(ecell, tol)
-        encx = int((ex1 - ex0) / ecell) + 1
-        ency = int((ey1 - ey0) / ecell) + 1
-    _bin(ex, ey, ne, ex0, ey0, ecell, encx, ency, estart, eorder, ecid)
-    for k in range(ne):
-        seen[k] = False
+        first[k + 1] += first[k]
+    seen = np.zeros(ne, np.bool_)
     ns = 0
     for k in range(ne):
         if seen[k]:
             continue
-        qx = ex[k]
-        qy = ey[k]
         sx = 0.0
         sy = 0.0
         cnt = 0
-        cx = int(math.floor((qx - ex0) / ecell))
-        cy = int(math.floor((qy - ey0) / ecell))
-        for gy in range(cy - 1, cy + 2):
-            if gy < 0 or gy >= ency:
-                continue
-            for gx in range(cx - 1, cx + 2):
-                if gx < 0 or gx >= encx:
-                    continue
-                g = gy * encx + gx
-                for kk in range(estart[g], estart[g + 1]):
-                    j = eorder[kk]
-                    if (ex[j] - qx) ** 2 + (ey[j] - qy) ** 2 <= t2:
-                        seen[j] = True
-                        sx += ex[j]
-                        sy += ey[j]
-                        cnt += 1
+        for t in range(first[k], first[k + 1]):
+            j = gj[t]
+            seen[j] = True
+            sx += empty[j, 0]
+            sy += empty[j, 1]
+            cnt += 1
         if cnt >= min_support:
             out_x[ns] = sx / cnt
             out_y[ns] = sy / cnt
@@ -249,38 +192,25 @@ def infer_sites(x, y, cls, metal, chalc1, chalc2, spacing, rows, cols, tol, min_
 
 
 class SiteScratch:
-    """Scratch arrays for :func:`infer_sites`, grown (doubling) to the largest column count seen.
+    """Output arrays of :func:`infer_sites`, grown (doubling) to the largest column count seen.
 
     Parameters
     ----------
     capacity : int
         Columns to size for at first.
-    max_cells : int
-        Cells of each neighbour grid at most (a bound on memory for tables spread over a large area).
     """
 
-    def __init__(self, capacity: int = 1024, max_cells: int = 1 << 16) -> None:
+    def __init__(self, capacity: int = 1024) -> None:
         self.capacity = 0
-        self.max_cells = int(max_cells)
         self.bonds = np.zeros((3, 2), np.float64)
-        self.start = np.zeros(self.max_cells + 1, np.int64)
-        self.estart = np.zeros(self.max_cells + 1, np.int64)
         self.ensure(capacity)
 
     def ensure(self, n: int) -> None:
-        """Room for ``n`` columns (``3 n`` predictions)."""
+        """Room for the sites of ``n`` columns (``3 n``)."""
         if n <= self.capacity:
             return
         cap = max(int(n), 2 * self.capacity, 64)
         self.capacity = cap
-        self.order = np.zeros(cap, np.int64)
-        self.cid = np.zeros(cap, np.int64)
-        self.lengths = np.zeros(9 * cap, np.float64)  # pair lengths: ~3 per metal; the median uses the first 9n
-        self.ex = np.zeros(3 * cap, np.float64)
-        self.ey = np.zeros(3 * cap, np.float64)
-        self.seen = np.zeros(3 * cap, np.bool_)
-        self.eorder = np.zeros(3 * cap, np.int64)
-        self.ecid = np.zeros(3 * cap, np.int64)
         self.out_x = np.zeros(3 * cap, np.float64)
         self.out_y = np.zeros(3 * cap, np.float64)
         self.out_n = np.zeros(3 * cap, np.float64)

@@ -62,11 +62,8 @@ def vacancy_sites(cols: ColumnTable, values: np.ndarray, spacing_px: float, min_
     sc = scratch if scratch is not None else SiteScratch(n)
     sc.ensure(n)
     rows, ncols = values.shape
-    ns = infer_sites(np.ascontiguousarray(cols.x, np.float32), np.ascontiguousarray(cols.y, np.float32),
-                     np.ascontiguousarray(cols.cls, np.int8), MO, S2, S1, float(spacing_px), rows, ncols,
-                     float(match_tolerance * spacing_px), int(min_support), sc.start, sc.order, sc.cid,
-                     sc.lengths, sc.ex, sc.ey, sc.seen, sc.estart, sc.eorder, sc.ecid, sc.bonds, sc.out_x,
-                     sc.out_y, sc.out_n)
+    ns = infer_sites(cols.xy, np.ascontiguousarray(cols.cls, np.int8), MO, S2, S1, float(spacing_px), rows, ncols,
+                     float(match_tolerance * spacing_px), int(min_support), sc.bonds, sc.out_x, sc.out_y, sc.out_n)
     if ns < 0:
         return empty_table, None
     bonds = sc.bonds.copy()
