@@ -107,3 +107,26 @@ def test_dkl_through_the_bridge_finds_the_low_onset_sites_far_more_often_than_ra
     assert d["ratio_vs_random"] > 2.0
     assert d["top5_found"]["dkl"]["25"] > d["top5_found"]["random"]["25"]
     assert d["reconstruction_error"]["dkl"]["25"] < d["reconstruction_error"]["random"]["25"]
+
+
+def test_run_experiment_dkl_options():
+    from beamloop.edge.cli import build_parser
+
+    p = build_parser()
+    a = p.parse_args(["run", "--experiment", "dkl", "--budget", "25", "--acquisition", "ucb",
+                      "--point-dwell-us", "1000"])
+    assert (a.experiment, a.budget, a.acquisition, a.point_dwell_us) == ("dkl", 25, "ucb", 1000.0)
+    with pytest.raises(SystemExit):
+        p.parse_args(["run", "--experiment", "dkl", "--budget", "2"])
+
+
+@pytest.mark.slow
+def test_run_experiment_dkl_command_writes_its_report(tmp_path):
+    import json
+
+    from beamloop.edge.cli import main
+
+    out = tmp_path / "dkl"
+    assert main(["run", "--experiment", "dkl", "--budget", "8", "--quiet", "--out", str(out)]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert "ratio_vs_random" in rep["dkl"] and (out / "run.h5").exists() and (out / "spectra.hspy").exists()

@@ -26,6 +26,8 @@ def cmd_run(a: argparse.Namespace) -> int:
         from beamloop.edge.cli.search import cmd_search
 
         return cmd_search(a)
+    if a.experiment == "dkl":
+        return cmd_run_dkl(a)
     from beamloop.edge.experiments import closed_loop
 
     with StopSignals() as stop:
@@ -37,14 +39,42 @@ def cmd_run(a: argparse.Namespace) -> int:
     return outcome_status("run", report, stop, a.out)
 
 
-EXPERIMENTS = ("vacancy-line", "search")
+def cmd_run_dkl(a: argparse.Namespace) -> int:
+    """``beamloop run --experiment dkl``: deep kernel learning against the simulated microscope through the bridge
+    (:func:`beamloop.edge.experiments.dkl_bridge.run`); exit status as :func:`cmd_run`, and 2 (usage) with one
+    line when the ``dkl`` extra is missing or an option is out of range."""
+    from beamloop.edge.cli import EXIT_USAGE, StopSignals, error, outcome_status
+    from beamloop.edge.experiments.dkl_model import dkl_missing
+
+    why = dkl_missing()
+    if why:
+        error("run", why)
+        return EXIT_USAGE
+    from beamloop.edge.experiments import dkl_bridge
+
+    with StopSignals() as stop:
+        try:
+            report = dkl_bridge.run(Path(a.out), seed=a.seed, budget=a.budget, scalarizer=a.scalarizer,
+                                    acquisition=a.acquisition, quiet=a.quiet, interrupt=stop, shape=a.shape,
+                                    pixel_size_A=a.pixel_size, dose_e_per_A2=a.dose, current_pA=a.current_pA,
+                                    dwell_us=a.point_dwell_us)
+        except (ValueError, KeyError) as exc:
+            error("run", str(exc).strip("'\""))
+            return EXIT_USAGE
+    return outcome_status("run", report, stop, a.out)
+
+
+EXPERIMENTS = ("vacancy-line", "search", "dkl")
 """What ``run --experiment`` runs: the closed loop writing a line of S vacancies
-(:mod:`beamloop.edge.experiments.closed_loop`), or the automated search on the large simulated specimen
-(:mod:`beamloop.edge.experiments.search`; its options are those of ``beamloop search``)."""
+(:mod:`beamloop.edge.experiments.closed_loop`), the automated search on the large simulated specimen
+(:mod:`beamloop.edge.experiments.search`; its options are those of ``beamloop search``), or deep kernel learning
+through the bridge (:mod:`beamloop.edge.experiments.dkl_bridge`: ``--scalarizer``, ``--budget``,
+``--acquisition``, ``--point-dwell-us``)."""
 
 
 def register(sub) -> None:
     """Add ``run`` to the ``beamloop`` subcommands."""
+    from beamloop.edge.analysis.scalarize import scalarizer_names
     from beamloop.edge.cli.options import (
         add_drift_argument,
         add_http_argument,
@@ -52,6 +82,7 @@ def register(sub) -> None:
         add_trigger_at_argument,
     )
     from beamloop.edge.cli.search import add_search_arguments
+    from beamloop.edge.experiments.dkl_gp import ACQUISITIONS
     from beamloop.edge.trigger import trigger_names
 
     r = sub.add_parser("run", help="the main job: closed loop on the simulated microscope, with report")
@@ -80,6 +111,15 @@ def register(sub) -> None:
     add_http_argument(r)
     r.add_argument("--experiment", choices=EXPERIMENTS, default="vacancy-line",
                    help="vacancy-line: the closed loop writing S vacancies; search: montage, few-shot chips, stage "
-                        "moves to the rare regions (the options of 'beamloop search' below)")
+                        "moves to the rare regions (the options of 'beamloop search' below); dkl: deep kernel "
+                        "learning of a point property through the bridge (--scalarizer, --budget, --acquisition)")
+    r.add_argument("--scalarizer", choices=scalarizer_names(), default="eels_onset",
+                   help="dkl: what each point measurement is reduced to (its kind picks the detector: eels, "
+                        "pattern or adf)")
+    r.add_argument("--budget", type=bounded(parse_positive_int, 3, 2000), default=50,
+                   help="dkl: point measurements (and as many for each of the random and raster baselines)")
+    r.add_argument("--acquisition", choices=tuple(ACQUISITIONS), default="ei", help="dkl: acquisition function")
+    r.add_argument("--point-dwell-us", type=bounded(parse_positive, 1, 1e6, "us"), default=32000.0,
+                   help="dkl: dwell per point measurement, microseconds (32000: 1e7 electrons at 50 pA)")
     add_search_arguments(r)
     r.set_defaults(func=cmd_run)
