@@ -99,11 +99,52 @@ def _finish(service, bridge, rx, rl, codes: list[int], stopped: str) -> None:
         error("serve", str(exc))
 
 
+def service_config(a: argparse.Namespace):
+    """The :class:`~beamloop.edge.app.ServiceConfig` of ``serve``'s (and ``serve4d``'s) options: a policy and
+    drift correction only with ``--experiment vacancy-line``."""
+    from beamloop.edge.app import ServiceConfig
+
+    line = a.experiment == "vacancy-line"
+    return ServiceConfig(a.material, method=a.method, targets_per_frame=a.targets if line else None,
+                         trigger=a.trigger, spacing_px=a.spacing_px, precision=a.precision, device=a.device,
+                         memory_budget_mib=a.memory_budget_mib, trigger_at=a.trigger_at,
+                         lock_on=a.lock_on if line else "none")
+
+
+def serve_until_done(command: str, a: argparse.Namespace, service, bridge, source, rl, codes: list[int],
+                     start, after=None, cleanup=None) -> None:
+    """Run ``start()`` (warm-up and messages; returns a reason not to serve, or ""), the serve loop, then
+    ``after(stopped)`` (may give a new reason); a full disk stops it with the beam blanked (exit status 6); the
+    service, the bridge and the run file are finished either way, then ``cleanup()``."""
+    from beamloop.edge.cli import EXIT_OUTPUT, error
+    from beamloop.edge.io.runlog import RunLogError
+
+    stopped = ""
+    try:
+        stopped = start()
+        if not stopped:
+            stopped = _run(a, service, rl, codes)
+            if after is not None:
+                stopped = after(stopped)
+    except RunLogError as exc:  # the disk is full: stop, blank, keep what was written
+        if bridge is not None and a.experiment == "vacancy-line":
+            service.safe_blank()
+        stopped = str(exc)
+        codes.append(EXIT_OUTPUT)
+        error(command, str(exc))
+    finally:
+        _finish(service, bridge, source, rl, codes, stopped)
+        if cleanup is not None:
+            cleanup()
+        if bridge is not None:
+            bridge.close()
+
+
 def cmd_serve(a: argparse.Namespace) -> int:
     """``beamloop serve``: the edge service on a frame stream, optionally driving an experiment; exit status
     (see the module docstring)."""
-    from beamloop.edge.app import ServiceConfig, build_service, receiver_ring_bytes, start_monitor, warm_up
-    from beamloop.edge.cli import EXIT_OUTPUT, EXIT_USAGE, StopSignals, error, worst_status
+    from beamloop.edge.app import build_service, receiver_ring_bytes, start_monitor, warm_up
+    from beamloop.edge.cli import EXIT_USAGE, StopSignals, error, worst_status
     from beamloop.edge.cli.options import client_keys_from_args, http_allowed
     from beamloop.edge.control.client import BridgeClient
     from beamloop.edge.control.keys import check_bind
@@ -118,10 +159,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
     keys = client_keys_from_args(a)
     if a.http and not http_allowed(a.http, keys, "serve"):
         return EXIT_USAGE
-    cfg = ServiceConfig(a.material, method=a.method, targets_per_frame=a.targets if a.experiment == "vacancy-line"
-                        else None, trigger=a.trigger, spacing_px=a.spacing_px, precision=a.precision,
-                        device=a.device, memory_budget_mib=a.memory_budget_mib,
-                        trigger_at=a.trigger_at, lock_on=a.lock_on if a.experiment == "vacancy-line" else "none")
+    cfg = service_config(a)
     out = Path(a.out)
     codes: list[int] = []
     rl = RunLog(out / "serve.h5", {k: v for k, v in vars(a).items() if k != "func"})
@@ -131,39 +169,32 @@ def cmd_serve(a: argparse.Namespace) -> int:
             bridge = BridgeClient(a.bridge, timeout_ms=a.bridge_timeout_ms, keys=keys) if a.bridge else None
             service = build_service(rx, cfg, bridge)
             service.interrupt = stop
-            stopped = ""
             monitor = None
-            try:
+
+            def start() -> str:
+                nonlocal monitor
                 if a.http:
                     try:
                         monitor = start_monitor(service, a.http, keys=keys)
                     except (OSError, ImportError) as exc:  # the address cannot be bound, or no web extra
-                        stopped = f"--http {a.http[0]}:{a.http[1]}: {exc}"
                         codes.append(EXIT_USAGE)
-                        error("serve", stopped)
-                if not stopped:
-                    if monitor is not None:
-                        print(f"beamloop serve: live view {monitor.url}, metrics "
-                              f"{monitor.url.split('?')[0]}metrics", flush=True)
-                    warm_up(service.path, service.trigger)
-                    print(f"beamloop serve: frames from {rx.endpoint}"
-                          + (f", bridge {a.bridge}" if a.bridge else ""), flush=True)
-                    stopped = _run(a, service, rl, codes)
-                    if monitor is not None and monitor.board.stop_requested:
-                        stopped = "the live view's stop button"
-                        error("serve", f"stopped by {stopped}" + ("; the beam was blanked" if bridge else ""))
-            except RunLogError as exc:  # the disk is full: stop, blank, keep what was written
-                if bridge is not None and a.experiment == "vacancy-line":
-                    service.safe_blank()
-                stopped = str(exc)
-                codes.append(EXIT_OUTPUT)
-                error("serve", str(exc))
-            finally:
-                _finish(service, bridge, rx, rl, codes, stopped)
-                if monitor is not None:
-                    monitor.stop()
-                if bridge is not None:
-                    bridge.close()
+                        error("serve", f"--http {a.http[0]}:{a.http[1]}: {exc}")
+                        return f"--http {a.http[0]}:{a.http[1]}: {exc}"
+                    print(f"beamloop serve: live view {monitor.url}, metrics {monitor.url.split('?')[0]}metrics",
+                          flush=True)
+                warm_up(service.path, service.trigger)
+                print(f"beamloop serve: frames from {rx.endpoint}" + (f", bridge {a.bridge}" if a.bridge else ""),
+                      flush=True)
+                return ""
+
+            def after(stopped: str) -> str:
+                if monitor is not None and monitor.board.stop_requested:
+                    stopped = "the live view's stop button"
+                    error("serve", f"stopped by {stopped}" + ("; the beam was blanked" if bridge else ""))
+                return stopped
+
+            serve_until_done("serve", a, service, bridge, rx, rl, codes, start, after,
+                             cleanup=lambda: monitor.stop() if monitor is not None else None)
             print(service.latency.table())
             print(_stream_summary(rx, service.stats) + f"; wrote {out / 'serve.h5'}", flush=True)
     finally:

@@ -23,10 +23,10 @@ def cmd_serve4d(a: argparse.Namespace) -> int:
     """``beamloop serve4d``: see the module docstring; returns the exit status."""
     import numpy as np
 
-    from beamloop.edge.app import ServiceConfig, build_path, build_service, receiver_ring_bytes, warm_up
-    from beamloop.edge.cli import EXIT_OUTPUT, EXIT_USAGE, StopSignals, error, worst_status
+    from beamloop.edge.app import build_path, build_service, receiver_ring_bytes, warm_up
+    from beamloop.edge.cli import EXIT_USAGE, StopSignals, error, worst_status
     from beamloop.edge.cli.options import client_keys_from_args
-    from beamloop.edge.cli.serve import _finish, _run, _stream_summary
+    from beamloop.edge.cli.serve import _stream_summary, serve_until_done, service_config
     from beamloop.edge.control.client import BridgeClient
     from beamloop.edge.fanout_worker import HAADF_GEOMETRY, DetectorGeometry
     from beamloop.edge.fourd_source import STAGES_4D, FourDFrameSource
@@ -47,10 +47,7 @@ def cmd_serve4d(a: argparse.Namespace) -> int:
     except ValueError as exc:
         error("serve4d", str(exc))
         return EXIT_USAGE
-    cfg = ServiceConfig(a.material, method=a.method, targets_per_frame=a.targets if a.experiment == "vacancy-line"
-                        else None, trigger=a.trigger, spacing_px=a.spacing_px, precision=a.precision,
-                        device=a.device, memory_budget_mib=a.memory_budget_mib,
-                        trigger_at=a.trigger_at, lock_on=a.lock_on if a.experiment == "vacancy-line" else "none")
+    cfg = service_config(a)
     out = Path(a.out)
     codes: list[int] = []
     latency = LatencyRecorder(latency_keys(build_path(cfg)) + STAGES_4D)
@@ -65,24 +62,16 @@ def cmd_serve4d(a: argparse.Namespace) -> int:
                       if a.bridge else None)
             service = build_service(cast("FrameReceiver", source), cfg, bridge, latency=latency)  # duck-typed
             service.interrupt = stop
-            stopped = ""
-            try:
+
+            def start() -> str:
                 warm_up(service.path, service.trigger, dtypes=(np.float32,))
                 source.warm_up()
                 print(f"beamloop serve4d: {a.protocol} 4D-STEM stream from {det.endpoint}, {a.signal} images of "
                       f"{a.scan[0]}x{a.scan[1]} probe positions" + (f", bridge {a.bridge}" if a.bridge else ""),
                       flush=True)
-                stopped = _run(a, service, rl, codes)
-            except RunLogError as exc:
-                if bridge is not None and a.experiment == "vacancy-line":
-                    service.safe_blank()
-                stopped = str(exc)
-                codes.append(EXIT_OUTPUT)
-                error("serve4d", str(exc))
-            finally:
-                _finish(service, bridge, source, rl, codes, stopped)
-                if bridge is not None:
-                    bridge.close()
+                return ""
+
+            serve_until_done("serve4d", a, service, bridge, source, rl, codes, start)
             print(service.latency.table())
             st = source.stats
             print(f"4D: {st.patterns} patterns in {st.stacks} stacks, {st.frames} scan frames "
