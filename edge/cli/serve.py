@@ -205,26 +205,14 @@ def cmd_serve(a: argparse.Namespace) -> int:
     return worst_status(*codes)
 
 
-def register(sub) -> None:
-    """Add ``serve`` to the ``beamloop`` subcommands."""
+def add_service_arguments(v: argparse.ArgumentParser) -> None:
+    """The options ``serve`` and ``serve4d`` share: the bridge, the experiment, the trigger, the lock-on and the
+    finder's."""
     from beamloop.edge.cli.find import add_finder_arguments
-    from beamloop.edge.cli.options import (
-        add_client_key_arguments,
-        add_http_argument,
-        add_lock_on_argument,
-        add_trigger_at_argument,
-    )
+    from beamloop.edge.cli.options import add_lock_on_argument, add_trigger_at_argument
     from beamloop.edge.cli.run import TRIGGER_HELP
-    from beamloop.edge.path import DEFAULT_MEMORY_BUDGET
     from beamloop.edge.trigger import trigger_names
 
-    v = sub.add_parser("serve", help="the edge service: receive frames, find columns, drive the beam")
-    v.add_argument("--frames", default="tcp://127.0.0.1:5555", help="frame stream endpoint")
-    v.add_argument("--bind", action="store_true", help="bind the frame endpoint (for senders that connect); only "
-                                                      "loopback or ipc:// unless --insecure")
-    v.add_argument("--insecure", action="store_true",
-                   help="allow binding the frame stream beyond loopback: it is neither encrypted nor "
-                        "authenticated, and its frames decide where the beam goes")
     v.add_argument("--bridge", default=None, help="scan controller bridge endpoint")
     v.add_argument("--bridge-timeout-ms", type=parse_count, default=2000,
                    help="how long to wait for each bridge reply")
@@ -236,6 +224,24 @@ def register(sub) -> None:
     add_trigger_at_argument(v)
     add_lock_on_argument(v)
     add_finder_arguments(v, default_material="MoS2")
+
+
+def register(sub) -> None:
+    """Add ``serve`` to the ``beamloop`` subcommands."""
+    from beamloop.edge.cli.options import (
+        add_client_key_arguments,
+        add_http_argument,
+    )
+    from beamloop.edge.path import DEFAULT_MEMORY_BUDGET
+
+    v = sub.add_parser("serve", help="the edge service: receive frames, find columns, drive the beam")
+    v.add_argument("--frames", default="tcp://127.0.0.1:5555", help="frame stream endpoint")
+    v.add_argument("--bind", action="store_true", help="bind the frame endpoint (for senders that connect); only "
+                                                      "loopback or ipc:// unless --insecure")
+    v.add_argument("--insecure", action="store_true",
+                   help="allow binding the frame stream beyond loopback: it is neither encrypted nor "
+                        "authenticated, and its frames decide where the beam goes")
+    add_service_arguments(v)
     v.add_argument("--max-frames", type=parse_count, default=None, help="stop after this many frames")
     v.add_argument("--idle-timeout-s", "--idle-timeout", dest="idle_timeout", type=parse_positive, default=30.0,
                    help="stop after this many seconds without frames")

@@ -87,12 +87,10 @@ def cmd_serve4d(a: argparse.Namespace) -> int:
 
 def register(sub) -> None:
     """Add ``serve4d`` to the ``beamloop`` subcommands."""
-    from beamloop.edge.cli.find import add_finder_arguments
-    from beamloop.edge.cli.options import add_client_key_arguments, add_lock_on_argument, add_trigger_at_argument
-    from beamloop.edge.cli.run import TRIGGER_HELP
+    from beamloop.edge.cli.options import add_client_key_arguments
+    from beamloop.edge.cli.serve import add_service_arguments
     from beamloop.edge.fourd_source import SIGNALS
     from beamloop.edge.path import DEFAULT_MEMORY_BUDGET
-    from beamloop.edge.trigger import trigger_names
     from beamloop.streams.receivers import PROTOCOL_NAMES
 
     v = sub.add_parser("serve4d", help="the edge service on a 4D-STEM detector stream (virtual ADF or iDPC frames)")
@@ -113,16 +111,7 @@ def register(sub) -> None:
     v.add_argument("--centre", type=float, nargs=2, metavar=("ROW", "COL"), help="beam centre, detector pixels")
     v.add_argument("--max-missing-fraction", type=bounded(parse_nonnegative, 0, 1), default=0.01,
                    help="hand over a scan frame with at most this fraction of probe positions missing (filled)")
-    v.add_argument("--bridge", default=None, help="scan controller bridge endpoint")
-    v.add_argument("--bridge-timeout-ms", type=parse_count, default=2000, help="how long to wait for each reply")
-    v.add_argument("--experiment", choices=("none", "vacancy-line"), default="none",
-                   help="vacancy-line: write a line of S vacancies atom by atom (needs --bridge)")
-    v.add_argument("--rounds", type=parse_count, default=3, help="frames with beam targets (one more verifies)")
-    v.add_argument("--targets", type=parse_count, default=4, help="beam targets per frame")
-    v.add_argument("--trigger", choices=trigger_names(), default="model", help=TRIGGER_HELP)
-    add_trigger_at_argument(v)
-    add_lock_on_argument(v)
-    add_finder_arguments(v, default_material="MoS2")
+    add_service_arguments(v)
     v.add_argument("--max-frames", type=parse_count, default=None, help="stop after this many scan frames")
     v.add_argument("--idle-timeout-s", "--idle-timeout", dest="idle_timeout",
                    type=parse_positive, default=30.0, help="stop after this many seconds without "
