@@ -53,8 +53,31 @@ def _stages_md(res: dict) -> list[str]:
         lines += table(["stage", "n", "p50", "p99", "p99.9", "max", "jitter", "spread"], rows) + [""]
     lines += ["Plots: `stage_latency_ccdf.png` (fraction of samples slower than t, per stage), "
               "`stage_latency_hist.png`, `throughput.png`.", ""]
+    lines += _tails_md(res)
     lines += _floor_md(res)
     return lines
+
+
+def _tails_md(res: dict) -> list[str]:
+    """The slowest 1 % of frames by stage (:func:`beamloop.bench.tails.breakdown`, per-frame trace)."""
+    rows = []
+    for size, r in res.get("sizes", {}).items():
+        t = r.get("tails")
+        if not t:
+            continue
+        c = t["cause"]
+        top = sorted(t["excess_us"].items(), key=lambda kv: -kv[1])[:3]
+        rows.append([size, t["n_slow"], t["total_us"]["all_p50"], t["total_us"]["slow_p50"],
+                     ", ".join(f"{k} +{fmt(v)}" for k, v in top), f"{c['kind']} ({fmt(100 * c['waited_share'], 2)} % "
+                     "without a core)", fmt(t["gc_share"], 2)])
+    if not rows:
+        return []
+    return (["### The slowest 1 % of frames (per-frame trace)", "",
+             "Receipt to the last stage, microseconds, all frames' median against the slowest 1 %'s; where their "
+             "extra time went (median excess per stage), what it was, and the share of slow frames with a garbage "
+             "collection inside. Plots: `stage_tails_<size>.png`.", ""]
+            + table(["size", "slow frames", "all p50", "slow p50", "largest excess", "cause", "GC share"], rows)
+            + [""])
 
 
 def _floor_md(res: dict) -> list[str]:
