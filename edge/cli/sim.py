@@ -27,6 +27,7 @@ def cmd_sim(a: argparse.Namespace) -> int:
                            max_park_s=a.max_park, keys=server_keys_from_args(a), insecure_frames=a.insecure,
                            drift_A_per_s=a.drift_A_per_s, drift_settle_A_per_s=a.drift_settle_A_per_s,
                            coil_settle_us=a.coil_settle_us, coil_overshoot=a.coil_overshoot,
+                           coil_hysteresis_A=a.coil_hysteresis_A,
                            **safety_options(a))
     reload = threading.Event()
     with StopSignals() as stop, SimulatedMicroscope(cfg) as mic:
@@ -91,6 +92,9 @@ def register(sub) -> None:
                    help="scan-coil time constant on set_probe, us (0: instantaneous)")
     s.add_argument("--coil-overshoot", type=bounded(parse_nonnegative, 0, 0.99), default=0.0,
                    help="scan-coil overshoot, fraction of the move (0: critically damped)")
+    s.add_argument("--coil-hysteresis-A", type=bounded(parse_nonnegative, 0, 100, "A"), default=0.0,
+                   help="scan-coil hysteresis on set_probe: the probe lands this far short along the move, A "
+                        "(0: none)")
     s.add_argument("--compression", "--encoding", dest="encoding", type=frame_compression, choices=("raw", "lz4"),
                    default="raw", help="frame stream compression: none (raw) or lz4")
     s.add_argument("--detector-4d", default=None, metavar="ENDPOINT",

@@ -22,6 +22,14 @@ positioning). The random-walk and settling defaults are model parameters, not me
 **Scan-coil response.** After ``set_probe`` the deflection follows a second-order step response of time
 constant ``settle_us`` and fractional ``overshoot`` (0: critically damped); 0 us: instantaneous (the default).
 
+**Scan-coil hysteresis.** Magnetised scan-coil yokes lag the current that drives them, so where the probe
+lands depends on where it came from. :func:`hysteresis_offset` models it in its simplest form: the probe lands
+``h`` short of the commanded position along the direction of the last coil move (``-h u``, ``u`` the unit
+vector from the previous commanded position to this one; a move of zero length keeps the previous error). It
+is the large-move limit of a two-dimensional play (backlash) operator, the elementary hysteron of the
+Preisach model (I. D. Mayergoyz, *Mathematical Models of Hysteresis*, Springer (1991), ch. 1). ``h`` is a
+free parameter of the simulator: no published magnitude for STEM scan coils is used.
+
 Units: Angstrom, seconds (``settle_us``: microseconds).
 """
 
@@ -200,3 +208,39 @@ def coil_response(s_us, settle_us: float, overshoot: float):
         wd = math.sqrt(1 - zeta**2) / zeta  # damped frequency times the time constant
         r = np.exp(-x) * (np.cos(wd * x) + zeta / math.sqrt(1 - zeta**2) * np.sin(wd * x))
     return np.where(s < 0, 1.0, r)
+
+
+def hysteresis_offset(previous, target, h_A: float, last) -> np.ndarray:
+    """Landing error of a scan-coil move from ``previous`` to ``target`` under hysteresis ``h_A`` (module
+    docstring): ``-h_A u``, ``u`` the unit vector of the move.
+
+    Parameters
+    ----------
+    previous : ndarray, shape (2,), float64, or None
+        The position last commanded, lab frame, A (None: the first move, no error yet).
+    target : ndarray, shape (2,), float64
+        The position commanded now, A.
+    h_A : float
+        The hysteresis, A (>= 0).
+    last : ndarray, shape (2,), float64
+        The previous move's landing error, A: kept when the move has zero length.
+
+    Returns
+    -------
+    ndarray, shape (2,), float64
+        The error to add to ``target``, A.
+
+    Raises
+    ------
+    ValueError
+        ``h_A`` negative or not finite.
+    """
+    if not (math.isfinite(h_A) and h_A >= 0):
+        raise ValueError(f"coil hysteresis {h_A!r} A must be a finite number >= 0")
+    if previous is None:
+        return np.zeros(2)
+    d = np.asarray(target, np.float64) - np.asarray(previous, np.float64)
+    n = math.hypot(float(d[0]), float(d[1]))
+    if n == 0.0:
+        return np.array(last, np.float64)
+    return -h_A * d / n

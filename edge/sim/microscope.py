@@ -80,7 +80,7 @@ from beamloop.edge.frame.scanframe import ScanFrame
 from beamloop.edge.physics import electrons_per_second
 from beamloop.edge.sim import distortion as dist
 from beamloop.edge.sim import lattice
-from beamloop.edge.sim.drift import DriftConfig, SpecimenDrift, coil_response
+from beamloop.edge.sim.drift import DriftConfig, SpecimenDrift, coil_response, hysteresis_offset
 from beamloop.edge.sim.eels import EELSModel
 from beamloop.edge.sim.fourd import FourDConfig, FourDMicroscope
 from beamloop.edge.sim.frames import FrameSimulator, SimulatedFrame
@@ -164,6 +164,10 @@ class MicroscopeConfig:
     coil_settle_us, coil_overshoot : float
         Scan-coil step response on ``set_probe``: time constant (us; 0: instantaneous) and fractional
         overshoot in [0, 1) (:func:`beamloop.edge.sim.drift.coil_response`).
+    coil_hysteresis_A : float
+        Scan-coil hysteresis on ``set_probe``, A (0: none): the probe lands ``h`` short of the commanded
+        position along the direction of the last coil move (:func:`beamloop.edge.sim.drift.hysteresis_offset`;
+        a free parameter, no measured magnitude).
     point_detectors : bool
         Whether queued points can record an EELS spectrum and a diffraction pattern (module docstring).
     pattern_binning : int
@@ -210,6 +214,7 @@ class MicroscopeConfig:
     drift_settle_tau_s: float = 30.0
     coil_settle_us: float = 0.0
     coil_overshoot: float = 0.0
+    coil_hysteresis_A: float = 0.0
     point_detectors: bool = True
     pattern_binning: int = 2
 
@@ -265,6 +270,7 @@ class MicroscopeConfig:
         number("drift_settle_tau_s", 0.0, 1e6, low_open=True)
         number("coil_settle_us", 0.0, 1e6)
         number("coil_overshoot", 0.0, 0.99)
+        number("coil_hysteresis_A", 0.0, 100.0)
 
     def drift_config(self) -> DriftConfig:
         """The specimen drift these settings ask for (seeded by ``seed``)."""
@@ -312,7 +318,9 @@ class SimulatedBackend:
         self.clock = clock
         dcfg = cfg.drift_config()
         self.drift: SpecimenDrift | None = SpecimenDrift(dcfg, clock()) if dcfg.enabled else None
-        self._moving = self.drift is not None or cfg.coil_settle_us > 0
+        self._moving = self.drift is not None or cfg.coil_settle_us > 0 or cfg.coil_hysteresis_A > 0
+        self._last_command: np.ndarray | None = None  # lab-frame position last commanded (hysteresis), A
+        self._hysteresis = np.zeros(2)  # landing error of the last move (hysteresis), A
         self._probe_lab: tuple[np.ndarray, np.ndarray, float] | None = None  # target, previous, time commanded
         self._track = np.zeros(2)  # lab-frame rate the parked probe moves on at (drift compensation), A/s
         self._park_scan: ScanFrame | None = None
@@ -412,6 +420,11 @@ class SimulatedBackend:
         now = self.clock()
         lx, ly = fr.scan.specimen_of_fraction(fx, fy)
         target = np.array([float(lx), float(ly)])
+        if self.config.coil_hysteresis_A > 0:
+            self._hysteresis = hysteresis_offset(self._last_command, target, self.config.coil_hysteresis_A,
+                                                 self._hysteresis)
+            self._last_command = target
+            target = target + self._hysteresis
         prev = target if self._probe_lab is None else self._probe_lab_at(np.array([now]))[0]
         self._probe_lab = (target, prev, now)
         self._track = np.zeros(2)
