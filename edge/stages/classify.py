@@ -12,7 +12,6 @@ Empty lattice sites (vacancies) are not found here but inferred from the lattice
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -20,7 +19,7 @@ import numpy as np
 
 from beamloop.edge.frame.columns import ColumnTable
 from beamloop.edge.frame.stage import StageBase
-from beamloop.edge.kernels.sites import otsu_bin
+from beamloop.edge.kernels.classes import mos2_classes, otsu_bin
 from beamloop.edge.materials import GENERIC, MOS2
 
 if TYPE_CHECKING:
@@ -35,7 +34,7 @@ def otsu_threshold(values: np.ndarray, bins: int = 64) -> float:
 
     N. Otsu, "A threshold selection method from gray-level histograms", IEEE Trans. SMC 9, 62 (1979).
     ``bins`` uniform bins over the values' range, as ``numpy.histogram`` makes them; the threshold is the upper
-    edge of the last bin of the lower class (:func:`beamloop.edge.kernels.sites.otsu_bin`, one compiled pass).
+    edge of the last bin of the lower class (:func:`beamloop.edge.kernels.classes.otsu_bin`, one compiled pass).
     Raises ``ValueError`` for fewer than two values.
     """
     v = np.ascontiguousarray(values, np.float64).ravel()
@@ -66,13 +65,8 @@ def classify_mos2(cols: ColumnTable) -> ColumnTable:
     n = len(cols)
     cls = np.full(n, 1, np.int8)
     if n >= 4:
-        logi = np.log(np.maximum(cols.intensity.astype(float), 1e-12))
-        split = otsu_threshold(logi)
-        cls[logi > split] = 0
-        s_sel = logi <= split
-        if s_sel.any():
-            s2_level = float(np.median(logi[s_sel]))
-            cls[s_sel & (logi < s2_level - 0.5 * math.log(2.0))] = 2
+        logi = np.log(np.maximum(cols.intensity.astype(np.float64), 1e-12))
+        mos2_classes(logi, cls, np.empty(65, np.float64), np.empty(64, np.int64), np.empty(n, np.float64))
     return ColumnTable(cols.x, cols.y, cols.intensity, cols.score, cls, MOS2_CLASSES, cols.near_edge)
 
 
