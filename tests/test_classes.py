@@ -59,7 +59,8 @@ def test_classes_and_edges_equal_the_numpy_form_on_random_heights():
 def test_a_mos2_population_gives_mo_s2_s1():
     # as many Mo as S columns, a few S columns missing one atom (heights 2.8 : 2 : 1, with a spread)
     rng = np.random.default_rng(0)
-    h = np.concatenate([rng.normal(2.8, 0.15, 20), rng.normal(2.0, 0.12, 17), rng.normal(1.0, 0.1, 3)]).astype(np.float32)
+    h = np.concatenate([rng.normal(2.8, 0.15, 20), rng.normal(2.0, 0.12, 17), rng.normal(1.0, 0.1, 3)])
+    h = h.astype(np.float32)
     z = np.zeros(len(h), np.float32)
     cls = classify_mos2(ColumnTable(z, z, h, z, np.zeros(len(h), np.int8))).cls
     assert cls.tolist() == [0] * 20 + [1] * 17 + [2] * 3
