@@ -85,6 +85,15 @@ re-centring subscan around that prediction has found the column (:data:`RESCAN_P
 RESCAN_PX = 32
 """Side of the re-centring subscan of lock-on ``rescan``, pixels (at the frame's pixel size: 4.8 A at 0.15 A)."""
 
+RESCAN_SIGMA_A = 0.1
+"""Standard deviation of the drift measurement a re-centring subscan gives (``rescan_updates``), A: the
+subscan's column centroid (< 0.08 A at 1e5 e/A^2, ``tests/test_drift.py``) and the target's position in its frame
+(the finder's error and the frame's scan wobble, ~0.05 A) together. A model figure, not a measurement."""
+
+RESCAN_GATE_SIGMAS = 4.0
+"""A re-centring measurement farther than this many standard deviations from the estimate's prediction is not
+taken (the subscan found a neighbouring column, or none)."""
+
 FRAME_TIMES_KEPT = 64
 """Frames whose scan timing the service keeps (to place their targets)."""
 
@@ -358,6 +367,10 @@ class EdgeService:
     max_drift_sigma_A : float
         Uncertainty gate of lock-on ``predict``: targets whose predicted position has a larger standard
         deviation are skipped, A.
+    rescan_updates : bool
+        With lock-on ``rescan``: feed where each re-centring subscan found the column into the drift estimate
+        as a measurement of the specimen's displacement at the subscan's time (:meth:`rescan_update`; off by
+        default).
 
     Attributes
     ----------
@@ -385,7 +398,7 @@ class EdgeService:
                  latency: LatencyRecorder | None = None, heartbeat_s: float | None = 0.25,
                  interrupt: Callable[[], int] | None = None, trigger_at: str = "controller",
                  lock_on: str = "none", clock: Callable[[], float] = time.monotonic,
-                 max_drift_sigma_A: float = 0.5) -> None:
+                 max_drift_sigma_A: float = 0.5, rescan_updates: bool = False) -> None:
         if trigger_at not in TRIGGER_AT:
             raise ValueError(f"trigger_at {trigger_at!r}; expected one of {', '.join(TRIGGER_AT)}")
         if lock_on not in LOCK_ON:
@@ -396,6 +409,9 @@ class EdgeService:
         self.lock_on = lock_on
         self.clock = clock
         self.max_drift_sigma_A = float(max_drift_sigma_A)
+        self.rescan_updates = bool(rescan_updates)
+        self.rescan_measurements = 0
+        """Re-centring subscans taken into the drift estimate (``rescan_updates``)."""
         self._frame_times: OrderedDict[int, tuple[ScanFrame, float, float]] = OrderedDict()
         self.trigger_at_requested = trigger_at
         self.trigger_at = "service"
@@ -715,10 +731,55 @@ class EdgeService:
         sigma_px = self.path.material.column_sigma_A / sub.pixel_size_A if self.path.material.column_sigma_A else 2.0
         px, py = column_near_centre(image, sigma_px)
         t_line = t0 + (py + 0.5) * lt
+        if self.rescan_updates:
+            self.rescan_update(target, sub, (px, py), t_line)
         (dx, dy), _ = self.register.estimator.shift(t_line, self.clock())
         sx, sy = sub.specimen_of_fraction(*sub.fraction_of_pixel(px, py))
         fx, fy = sub.fraction_of_specimen(sx + dx, sy + dy)
         return float(np.clip(fx, 0.0, 1.0)), float(np.clip(fy, 0.0, 1.0)), sub.frame_id
+
+    def rescan_update(self, target: Target, sub: ScanFrame, found_px: tuple[float, float], t_found: float) -> bool:
+        """Take a re-centring subscan's column into the drift estimate (``rescan_updates``).
+
+        The column of ``target`` was at its frame's position at the time its scan line was acquired, when the
+        specimen's displacement was the frame's registered one moved on by the estimated velocity; the subscan
+        found it at ``found_px`` at ``t_found``: the displacement then is that plus how far the column moved.
+        It is taken with standard deviation :data:`RESCAN_SIGMA_A` unless it lies more than
+        :data:`RESCAN_GATE_SIGMAS` from the prediction (a neighbouring column).
+
+        Parameters
+        ----------
+        target : Target
+            The target, in its frame (pixels and fractions).
+        sub : ScanFrame
+            The subscan.
+        found_px : (float, float)
+            Where in the subscan the column is, pixels ``(x, y)``.
+        t_found : float
+            When the subscan's line through it was acquired, seconds (the service's clock).
+
+        Returns
+        -------
+        bool
+            Whether the estimate took it (False also when the target's frame has no registered displacement).
+        """
+        if self.register is None:
+            return False
+        info = self._frame_times.get(target.frame_id)
+        reg = self.register.registered.get(target.frame_id)
+        if info is None or reg is None or not math.isfinite(t_found):
+            return False
+        scan, t0, lt = info
+        t_mid, (rx, ry) = reg
+        t_line = t0 + (target.y_px + 0.5) * lt + (target.x_px + 0.5) * scan.dwell_us * 1e-6
+        est = self.register.estimator
+        vx, vy = est.velocity_A_per_s if est.updates >= 2 else (0.0, 0.0)
+        lx, ly = scan.specimen_of_fraction(target.fx, target.fy)
+        sx, sy = sub.specimen_of_fraction(*sub.fraction_of_pixel(*found_px))
+        z = (rx + vx * (t_line - t_mid) + float(sx - lx), ry + vy * (t_line - t_mid) + float(sy - ly))
+        took = est.update(float(t_found), z, sigma_A=RESCAN_SIGMA_A, gate_sigmas=RESCAN_GATE_SIGMAS)
+        self.rescan_measurements += took
+        return took
 
     def _images(self, timeout_ms: int) -> Iterator[ImageEvent]:
         """Image messages of the stream until ``timeout_ms`` have passed or nothing came in the time left

@@ -98,38 +98,65 @@ class DriftEstimator:
         f, q = self._fq(dt)
         return f @ self.x, f @ self.P @ f.T + q
 
-    def update(self, t: float, z_A) -> None:
-        """Take one frame's registered position.
+    def update(self, t: float, z_A, sigma_A: float | None = None, gate_sigmas: float | None = None) -> bool:
+        """Take one measured position: a frame's registered displacement, or (lock-on ``rescan``) where a
+        re-centring subscan found a column, converted to the specimen's displacement.
 
         Parameters
         ----------
         t : float
-            Its acquisition time (the frame's middle), seconds.
+            Its acquisition time (a frame's middle, a subscan's column line), seconds.
         z_A : (float, float)
             Its displacement from the reference frame, A (lab frame).
+        sigma_A : float, optional
+            Its standard deviation, A (default ``measurement_sigma_A``: a frame's).
+        gate_sigmas : float, optional
+            Reject (return False, nothing changed) a measurement farther from the prediction than this many
+            standard deviations of the innovation (larger axis); None: take every measurement.
+
+        Returns
+        -------
+        bool
+            Whether the measurement was taken.
 
         Raises
         ------
         ValueError
-            A non-finite time or position.
+            A non-finite time or position, or a ``sigma_A`` that is not a positive number.
         """
         z = np.asarray(z_A, np.float64).reshape(2)
         if not (math.isfinite(t) and np.isfinite(z).all()):
             raise ValueError(f"drift measurement at t={t!r} of {z.tolist()!r} is not finite")
+        if sigma_A is not None and not (math.isfinite(sigma_A) and sigma_A > 0):
+            raise ValueError(f"drift measurement sigma_A must be a positive number, got {sigma_A!r}")
+        r = self.r if sigma_A is None else float(sigma_A) ** 2
         if self.updates == 0:
             self.x[:2] = z
+            self.P[0, 0] = self.P[1, 1] = r
             self.t = float(t)
             self.updates = 1
-            return
+            return True
         x, p = self._propagated(t)
         h = np.zeros((2, 4))
         h[0, 0] = h[1, 1] = 1.0
-        s = h @ p @ h.T + self.r * np.eye(2)
+        s = h @ p @ h.T + r * np.eye(2)
+        innov = z - h @ x
+        if gate_sigmas is not None and np.any(np.abs(innov) > gate_sigmas * np.sqrt(np.diag(s))):
+            return False
         k = p @ h.T @ np.linalg.inv(s)
-        self.x = x + k @ (z - h @ x)
+        self.x = x + k @ innov
         self.P = (np.eye(4) - k @ h) @ p
         self.t = max(float(t), self.t)
         self.updates += 1
+        return True
+
+    def position(self, t: float) -> tuple[float, float]:
+        """The predicted displacement at time ``t`` (seconds), A: ``p + v (t - t_last)`` (zeros before the
+        first update)."""
+        if not self.ready:
+            return 0.0, 0.0
+        dt = float(t) - self.t
+        return float(self.x[0] + self.x[2] * dt), float(self.x[1] + self.x[3] * dt)
 
     @property
     def velocity_A_per_s(self) -> tuple[float, float]:

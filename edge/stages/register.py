@@ -29,6 +29,7 @@ and ``rejected`` (implausible shifts replaced by the prediction, :data:`MAX_DRIF
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -61,6 +62,9 @@ is carried on instead, and the estimate is not updated)."""
 
 SLACK_PX = 2.0
 """Shift allowed on top of :data:`MAX_DRIFT_A_PER_S`, pixels (frame-to-frame scan distortion)."""
+
+FRAMES_KEPT = 64
+"""Frames whose registered displacement :attr:`Register.registered` keeps."""
 
 UNWRAP_SIGMAS = 3.0
 """A measured shift within this many standard deviations of the predicted one is taken as it is."""
@@ -112,6 +116,8 @@ class Register(StageBase):
         self.displacement_px = np.zeros(2)
         self.displacement_A = np.zeros(2)
         self.frames = 0
+        self.registered: OrderedDict[int, tuple[float, tuple[float, float]]] = OrderedDict()
+        """The last :data:`FRAMES_KEPT` measured frames: frame id -> (``t_mid_s``, ``displacement_A``)."""
 
     def prepare(self, meta: FrameMeta) -> None:
         """Allocate the two frame buffers and the window for frames of ``meta.shape``; a new frame size
@@ -135,6 +141,7 @@ class Register(StageBase):
         self.displacement_px[:] = 0.0
         self.displacement_A[:] = 0.0
         self.frames = 0
+        self.registered.clear()
         self.estimator.reset()
 
     def set_timing(self, t_start_s: float, line_time_s: float) -> None:
@@ -181,6 +188,9 @@ class Register(StageBase):
         if self._timing is not None:
             if measured:
                 self.estimator.update(t_mid, self.displacement_A)
+                self.registered[scan.frame_id] = (t_mid, (float(self.displacement_A[0]), float(self.displacement_A[1])))
+                while len(self.registered) > FRAMES_KEPT:
+                    self.registered.popitem(last=False)
             self._timing = None
             self._t_prev = t_mid
         est = self.estimator
