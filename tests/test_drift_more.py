@@ -13,7 +13,7 @@ import pytest
 
 from beamloop.edge.sim.drift import hysteresis_offset
 from beamloop.edge.sim.microscope import MicroscopeConfig, SimulatedBackend
-from tests.test_drift import HandClock, acquire, scan_of
+from tests.test_drift import HandClock, acquire, drifting, scan_of
 
 
 # --- (a) scan-coil hysteresis -----------------------------------------------------------------------------
@@ -152,3 +152,49 @@ def test_rescan_update_rejects_a_neighbouring_column():
     before = svc.register.estimator.x.copy()
     assert not svc.rescan_update(target, sub, (15.5 + 2.5 / 0.15, 15.5), clock.t)
     assert np.array_equal(svc.register.estimator.x, before) and svc.rescan_measurements == 0
+
+
+# --- (b) lattice-aware column matching in the register stage ------------------------------------------------
+def registered_error_px(dose: float, dt: float, seed: int, match: bool) -> tuple[float, dict]:
+    """Two 128 x 128 frames of a specimen drifting 0.1 A/s at 30 degrees, ``dt`` seconds apart, ``dose`` e/A^2,
+    through the classical MoS2 path: the registered shift's error against the ground truth (the mean move of
+    the columns both frames hold), pixels, and the stage's ``extras["drift"]``."""
+    from beamloop.edge.path import frame_path
+    from beamloop.edge.stages.register import Register
+
+    clock = HandClock()
+    b = drifting(clock, speed=0.1, direction=30.0, seed=seed)
+    path = frame_path("classical", "MoS2", register=Register(match_columns=match))
+    s0, s1 = scan_of(0, 128, dose=dose), scan_of(1, 128, dose=dose)
+    path.run(acquire(b, s0), scan=s0)
+    clock.t += dt
+    d = path.run(acquire(b, s1), scan=s1).extras["drift"]
+    f0, f1 = b.frames[0], b.frames[1]
+    _, i0, i1 = np.intersect1d(f0.truth_index, f1.truth_index, return_indices=True)
+    true = np.mean(f1.truth_xy[i1] - f0.truth_xy[i0], axis=0)
+    return float(np.hypot(*(np.array(d["shift_px"]) - true))), d
+
+
+def test_column_matching_is_better_than_the_correlation_on_noisy_frames():
+    """3e3 e/A^2 (noisy), shifts of 1.1 and 2.9 px, four seeds: the rms error with column matching is less
+    than half the correlation's (measured: 0.36 vs 0.94 px over 8 cases); at 1e5 e/A^2 it is no worse
+    (0.067 px both)."""
+    noisy = [(registered_error_px(3e3, dt, seed, False)[0], registered_error_px(3e3, dt, seed, True))
+             for seed in range(4) for dt in (1.7, 4.3)]
+    corr = np.sqrt(np.mean(np.square([c for c, _ in noisy])))
+    match = np.sqrt(np.mean(np.square([m[0] for _, m in noisy])))
+    assert match < 0.5 * corr
+    assert all(m[1]["matched"] >= 8 for _, m in noisy)
+    clean = [(registered_error_px(1e5, 4.3, seed, False)[0], registered_error_px(1e5, 4.3, seed, True)[0])
+             for seed in range(2)]
+    rms_clean = [np.sqrt(np.mean(np.square(e))) for e in zip(*clean, strict=True)]
+    assert rms_clean[1] <= rms_clean[0] + 0.01
+
+
+def test_column_matching_is_off_by_default_and_reads_columns_when_on():
+    from beamloop.edge.stages.register import Register
+
+    assert Register().match_columns is False and "columns" not in Register().reads
+    assert "columns" in Register(match_columns=True).reads
+    err, d = registered_error_px(1e5, 1.7, 0, False)
+    assert "matched" not in d

@@ -19,11 +19,22 @@ displacement since the first frame, which feeds a :class:`beamloop.edge.analysis
 frame's middle time (the service tells the stage each frame's timing, :meth:`Register.set_timing`, from the
 stream's metadata).
 
+**Lattice-aware column matching** (``match_columns``, off by default): after the (unwrapped) correlation shift,
+each of the previous frame's columns, moved by that shift, is paired with this frame's nearest column when it
+lies within :data:`MATCH_FRACTION` of the material's column spacing (inferred vacancy sites and columns at the
+frame edge left out); with at least :data:`MATCH_MIN` pairs the shift is refined by the median of the pairs'
+residual displacements (a point-set registration of the located columns, robust to columns gained or lost;
+the median over the sub-pixel column fits averages their errors, where the correlation peak carries the
+shot noise of every pixel). It needs the frame's columns (``reads`` gains ``columns``) and a material with a
+column spacing.
+
 Writes ``extras["drift"]``: ``shift_px`` (this frame's content moved by, against the previous, ``(dx, dy)``
 pixels), ``displacement_px`` and ``displacement_A`` (since the first frame: pixels of this frame's scan,
 lab-frame Angstrom), ``t_mid_s``, ``velocity_A_per_s``, ``velocity_sigma_A_per_s``, ``error`` (the
 registration's own error estimate), ``frames``, ``unwrapped`` (shifts moved by whole lattice vectors so far)
-and ``rejected`` (implausible shifts replaced by the prediction, :data:`MAX_DRIFT_A_PER_S`).
+and ``rejected`` (implausible shifts replaced by the prediction, :data:`MAX_DRIFT_A_PER_S`); with
+``match_columns`` also ``matched`` (column pairs of this frame; 0 when too few to refine) and ``match_px`` (the
+refinement added to the correlation shift, pixels).
 """
 
 from __future__ import annotations
@@ -63,6 +74,13 @@ is carried on instead, and the estimate is not updated)."""
 SLACK_PX = 2.0
 """Shift allowed on top of :data:`MAX_DRIFT_A_PER_S`, pixels (frame-to-frame scan distortion)."""
 
+MATCH_FRACTION = 0.3
+"""Largest distance of a column pair (``match_columns``), as a fraction of the material's column spacing: a pair
+farther apart would be as near a neighbouring column (half a spacing)."""
+
+MATCH_MIN = 8
+"""Fewest column pairs for which ``match_columns`` refines the shift."""
+
 FRAMES_KEPT = 64
 """Frames whose registered displacement :attr:`Register.registered` keeps."""
 
@@ -79,6 +97,8 @@ class Register(StageBase):
         Receives each frame's displacement (a new one by default).
     upsample_factor : int
         Sub-pixel precision 1 / ``upsample_factor`` (>= 20).
+    match_columns : bool
+        Refine each shift by matching the previous frame's columns to this frame's (module docstring).
 
     Raises
     ------
@@ -91,16 +111,22 @@ class Register(StageBase):
 
     @property
     def reads(self) -> tuple[str, ...]:  # type: ignore[override]
-        """``image``, ``scan`` and, unless :meth:`use_bonds` turned it off, ``bonds``."""
-        return ("image", "scan", "bonds") if self._bonds else ("image", "scan")
+        """``image``, ``scan``, unless :meth:`use_bonds` turned it off ``bonds``, and with ``match_columns``
+        ``columns``."""
+        return ("image", "scan") + (("bonds",) if self._bonds else ()) + (("columns",) if self.match_columns else ())
 
     def use_bonds(self, on: bool) -> None:
         """Whether to unwrap shifts by the lattice (read ``bonds``; off on paths without a lattice stage)."""
         self._bonds = bool(on)
 
-    def __init__(self, estimator: DriftEstimator | None = None, upsample_factor: int = UPSAMPLE_FACTOR) -> None:
+    def __init__(self, estimator: DriftEstimator | None = None, upsample_factor: int = UPSAMPLE_FACTOR,
+                 match_columns: bool = False) -> None:
         if not (isinstance(upsample_factor, int) and upsample_factor >= 20):
             raise ValueError(f"upsample_factor must be a whole number >= 20, got {upsample_factor!r}")
+        self.match_columns = bool(match_columns)
+        self._prev_xy: np.ndarray | None = None  # the previous frame's matchable columns, (n, 2) pixels
+        self.matched = 0
+        self._match_px = (0.0, 0.0)
         self._bonds = True
         self.estimator = estimator if estimator is not None else DriftEstimator()
         self.upsample_factor = upsample_factor
@@ -141,6 +167,8 @@ class Register(StageBase):
         self.displacement_px[:] = 0.0
         self.displacement_A[:] = 0.0
         self.frames = 0
+        self._prev_xy = None
+        self.matched = 0
         self.registered.clear()
         self.estimator.reset()
 
@@ -176,6 +204,8 @@ class Register(StageBase):
                 shift = self._prediction(scan, t_mid)[0]  # a failed registration: carry the prediction on
                 self.rejected += 1
                 measured = False
+            elif self.match_columns:
+                shift = self._match(shift, ctx)
             self.displacement_px += shift
             if scan is not None:
                 x0, y0 = scan.specimen_of_fraction(*scan.fraction_of_pixel(0.0, 0.0))
@@ -184,6 +214,8 @@ class Register(StageBase):
             else:
                 ps = ctx.meta.pixel_size_A if ctx.meta is not None and ctx.meta.pixel_size_A else 1.0
                 self.displacement_A += shift * ps
+        if self.match_columns:
+            self._keep_columns(ctx)
         self.frames += 1
         if self._timing is not None:
             if measured:
@@ -200,6 +232,8 @@ class Register(StageBase):
                                "t_mid_s": t_mid, "velocity_A_per_s": est.velocity_A_per_s,
                                "velocity_sigma_A_per_s": est.velocity_sigma_A_per_s, "error": float(error),
                                "frames": self.frames, "unwrapped": self.unwrapped, "rejected": self.rejected}
+        if self.match_columns:
+            ctx.extras["drift"].update(matched=self.matched, match_px=self._match_px)
 
     def _prediction(self, scan, t_mid: float) -> tuple[np.ndarray, float]:
         """The shift (pixels, ``(dx, dy)``) the estimate predicts since the previous frame, and its standard
@@ -237,3 +271,41 @@ class Register(StageBase):
         if not np.allclose(cand[k], shift):
             self.unwrapped += 1
         return cand[k]
+
+    def _matchable(self, ctx: FrameContext) -> np.ndarray:
+        """This frame's columns to match: (n, 2) float64 pixels ``(x, y)``, without inferred vacancy sites and
+        columns at the frame edge."""
+        cols = ctx.columns
+        keep = ~cols.near_edge
+        if "vacancy" in cols.class_names:
+            keep &= cols.cls != cols.class_names.index("vacancy")
+        return np.stack([cols.x[keep], cols.y[keep]], axis=1).astype(np.float64)
+
+    def _keep_columns(self, ctx: FrameContext) -> None:
+        """Keep this frame's matchable columns for the next frame's :meth:`_match`."""
+        self._prev_xy = self._matchable(ctx) if ctx.columns is not None and len(ctx.columns) else None
+
+    def _match(self, shift: np.ndarray, ctx: FrameContext) -> np.ndarray:
+        """``shift`` refined by the median residual of the column pairs (module docstring); ``shift`` itself
+        when there are fewer than :data:`MATCH_MIN` pairs or the material has no column spacing."""
+        from scipy.spatial import cKDTree
+
+        self.matched, self._match_px = 0, (0.0, 0.0)
+        meta, prev = ctx.meta, self._prev_xy
+        spacing = meta.material.nn_spacing_A if meta is not None else None
+        px_A = ctx.scan.pixel_size_A if ctx.scan is not None else (meta.pixel_size_A if meta is not None else None)
+        if prev is None or len(prev) < MATCH_MIN or ctx.columns is None or not spacing or not px_A:
+            return shift
+        cur = self._matchable(ctx)
+        if len(cur) < MATCH_MIN:
+            return shift
+        radius = MATCH_FRACTION * spacing / px_A
+        moved = prev + shift
+        dist, j = cKDTree(cur).query(moved, distance_upper_bound=radius)
+        ok = np.isfinite(dist)
+        if int(ok.sum()) < MATCH_MIN:
+            return shift
+        res = np.median(cur[j[ok]] - moved[ok], axis=0)
+        self.matched = int(ok.sum())
+        self._match_px = (float(res[0]), float(res[1]))
+        return shift + res
