@@ -54,6 +54,9 @@ class ServiceConfig:
         re-finds the column in a small subscan there first.
     max_drift_sigma_A : float
         The uncertainty gate of ``predict`` (policy and dwell), A.
+    recentre_s : float or None
+        With ``rescan``: re-centre long dwells every ``recentre_s`` seconds
+        (:meth:`beamloop.edge.service.EdgeService.recentre`); None (default): never.
     """
 
     material: str = "MoS2"
@@ -69,6 +72,7 @@ class ServiceConfig:
     trigger_at: str = "controller"
     lock_on: str = "none"
     max_drift_sigma_A: float = 0.5
+    recentre_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.lock_on not in LOCK_ON:
@@ -157,7 +161,8 @@ def build_service(receiver: FrameReceiver, cfg: ServiceConfig, bridge: BridgeCli
     path = build_path(cfg, latency)
     limit_blas_threads()
     return EdgeService(receiver, path, bridge, trigger=cfg.trigger, latency=path.latency, heartbeat_s=cfg.heartbeat_s,
-                       trigger_at=cfg.trigger_at, lock_on=cfg.lock_on, max_drift_sigma_A=cfg.max_drift_sigma_A)
+                       trigger_at=cfg.trigger_at, lock_on=cfg.lock_on, max_drift_sigma_A=cfg.max_drift_sigma_A,
+                       recentre_s=cfg.recentre_s)
 
 
 WARM_UP_DTYPES = (np.uint16, np.float32, np.uint8, np.uint32)

@@ -90,6 +90,9 @@ RESCAN_SIGMA_A = 0.1
 subscan's column centroid (< 0.08 A at 1e5 e/A^2, ``tests/test_drift.py``) and the target's position in its frame
 (the finder's error and the frame's scan wobble, ~0.05 A) together. A model figure, not a measurement."""
 
+RECENTRE_MIN_S = 0.05
+"""Shortest re-centring period ``recentre_s`` taken, seconds (each re-centre costs a subscan and two blanks)."""
+
 RESCAN_GATE_SIGMAS = 4.0
 """A re-centring measurement farther than this many standard deviations from the estimate's prediction is not
 taken (the subscan found a neighbouring column, or none)."""
@@ -281,6 +284,11 @@ class DwellResult:
         The predicted drift the target was moved by, A (lab frame).
     predicted_sigma_A : float
         Its standard deviation, A (NaN without a prediction); over ``max_drift_sigma_A``: reason ``uncertain``.
+    recentres : int
+        Re-centring subscans during the dwell (``recentre_s``); each restarts the parked series (a new
+        ``series_id``) and the trigger, so ``trigger_sample`` counts from the last one.
+    frame_id : int
+        The frame the probe was last placed in (the target's, or the last re-centring subscan's); -1 before.
     """
 
     target: Target
@@ -298,6 +306,8 @@ class DwellResult:
     placed: tuple[float, float] | None = None
     predicted_shift_A: tuple[float, float] | None = None
     predicted_sigma_A: float = float("nan")
+    recentres: int = 0
+    frame_id: int = -1
 
 
 @dataclass
@@ -371,6 +381,10 @@ class EdgeService:
         With lock-on ``rescan``: feed where each re-centring subscan found the column into the drift estimate
         as a measurement of the specimen's displacement at the subscan's time (:meth:`rescan_update`; off by
         default).
+    recentre_s : float or None
+        With lock-on ``rescan``: every ``recentre_s`` seconds of a dwell (the service's clock) blank, run the
+        re-centring subscan around where the column should be now, re-park on the column found (re-arming the
+        controller's trigger) and go on with the dwell (:meth:`recentre`); None (default): never.
 
     Attributes
     ----------
@@ -390,7 +404,8 @@ class EdgeService:
     ------
     ValueError
         ``trigger_at`` not in :data:`TRIGGER_AT`, ``lock_on`` not in :data:`LOCK_ON` (or ``predict`` on a
-        path without a ``register`` stage), or the trigger's own options.
+        path without a ``register`` stage), ``recentre_s`` not a number of seconds >= :data:`RECENTRE_MIN_S`,
+        or the trigger's own options.
     """
 
     def __init__(self, receiver: FrameReceiver, path: FramePath, bridge: BridgeClient | None = None,
@@ -398,7 +413,8 @@ class EdgeService:
                  latency: LatencyRecorder | None = None, heartbeat_s: float | None = 0.25,
                  interrupt: Callable[[], int] | None = None, trigger_at: str = "controller",
                  lock_on: str = "none", clock: Callable[[], float] = time.monotonic,
-                 max_drift_sigma_A: float = 0.5, rescan_updates: bool = False) -> None:
+                 max_drift_sigma_A: float = 0.5, rescan_updates: bool = False,
+                 recentre_s: float | None = None) -> None:
         if trigger_at not in TRIGGER_AT:
             raise ValueError(f"trigger_at {trigger_at!r}; expected one of {', '.join(TRIGGER_AT)}")
         if lock_on not in LOCK_ON:
@@ -410,6 +426,10 @@ class EdgeService:
         self.clock = clock
         self.max_drift_sigma_A = float(max_drift_sigma_A)
         self.rescan_updates = bool(rescan_updates)
+        if recentre_s is not None and not (isinstance(recentre_s, (int, float)) and not isinstance(recentre_s, bool)
+                                           and math.isfinite(recentre_s) and recentre_s >= RECENTRE_MIN_S):
+            raise ValueError(f"recentre_s must be a number of seconds >= {RECENTRE_MIN_S}, got {recentre_s!r}")
+        self.recentre_s = None if recentre_s is None else float(recentre_s)
         self.rescan_measurements = 0
         """Re-centring subscans taken into the drift estimate (``rescan_updates``)."""
         self._frame_times: OrderedDict[int, tuple[ScanFrame, float, float]] = OrderedDict()
@@ -703,10 +723,11 @@ class EdgeService:
         rate = (float(f1[0] - f0[0]), float(f1[1] - f0[1]))
         return rate if max(abs(rate[0]), abs(rate[1])) <= MAX_TRACK_PER_S else None
 
-    def _rescan(self, target: Target, placed: tuple[float, float], timeout_ms: int = 5000
-                ) -> tuple[float, float, int]:
+    def _rescan(self, target: Target, placed: tuple[float, float], timeout_ms: int = 5000,
+                frame_id: int | None = None) -> tuple[float, float, int]:
         """Lock-on ``rescan``: a :data:`RESCAN_PX` subscan centred on the predicted position ``placed`` (fractions
-        of the target's frame), the column nearest its centre (:func:`column_near_centre`), moved on by the
+        of the target's frame, or of frame ``frame_id``), the column nearest its centre
+        (:func:`column_near_centre`), moved on by the
         predicted drift since; returns its fractions of the subscan, which becomes the current frame, and the
         subscan's id. Where no column is found (or the subscan does not arrive) the subscan's centre is used.
 
@@ -716,7 +737,7 @@ class EdgeService:
             The subscan was refused, or the controller is gone.
         """
         assert self.bridge is not None and self.register is not None
-        scan = self._frame_times[target.frame_id][0]
+        scan = self._frame_times[target.frame_id if frame_id is None else frame_id][0]
         x, y = scan.specimen_of_fraction(*placed)
         n = RESCAN_PX
         side_nm = n * scan.pixel_size_A / 10
@@ -780,6 +801,43 @@ class EdgeService:
         took = est.update(float(t_found), z, sigma_A=RESCAN_SIGMA_A, gate_sigmas=RESCAN_GATE_SIGMAS)
         self.rescan_measurements += took
         return took
+
+    def recentre(self, res: DwellResult, placed: tuple[float, float], t_placed: float,
+                 expected_rate: float | None = None) -> tuple[float, float, int] | None:
+        """Re-centre a dwell (``recentre_s``): blank, run the re-centring subscan around where the column
+        should be now (``placed``, fractions of frame ``res.frame_id``, set at ``t_placed`` seconds, moved on by
+        the predicted drift since), put the probe on the column found (tracking the drift), re-arm the
+        controller's trigger where it decides, and unblank.
+
+        Returns
+        -------
+        (fx, fy, frame_id) or None
+            Where the probe is now (fractions of the subscan, its id); None when frame ``res.frame_id`` has no
+            known timing (nothing done, the beam left as it was).
+
+        Raises
+        ------
+        BridgeError
+            From the bridge (the caller blanks).
+        """
+        assert self.bridge is not None and self.register is not None
+        info = self._frame_times.get(res.frame_id)
+        if info is None:
+            return None
+        scan = info[0]
+        (dx, dy), _ = self.register.estimator.shift(t_placed, self.clock())
+        x, y = scan.specimen_of_fraction(*placed)
+        here = scan.fraction_of_specimen(x + dx, y + dy)
+        self.bridge.blank(True)
+        fx, fy, frame_id = self._rescan(res.target, (float(here[0]), float(here[1])), frame_id=res.frame_id)
+        track = self._track_rate(frame_id)
+        self.bridge.set_probe(fx, fy, frame_id, **({} if track is None else {"track": track}))
+        res.placed, res.frame_id = (fx, fy), frame_id
+        if self.trigger_at == "controller" and res.trigger_at == "controller":
+            self._arm_controller(res, expected_rate)
+        self.bridge.blank(False)
+        res.recentres += 1
+        return fx, fy, frame_id
 
     def _images(self, timeout_ms: int) -> Iterator[ImageEvent]:
         """Image messages of the stream until ``timeout_ms`` have passed or nothing came in the time left
@@ -947,6 +1005,7 @@ class EdgeService:
             track = self._track_rate(frame_id) if res.placed is not None else None  # follow the drift while parked
             self.bridge.set_probe(fx, fy, frame_id, **({} if track is None else {"track": track}))
             res.set_probe_reply_ns = time.monotonic_ns()
+            res.frame_id = frame_id
             if self.trigger_at == "controller":
                 self._arm_controller(res, expected_rate)
             if self.monitor is not None:
@@ -965,6 +1024,8 @@ class EdgeService:
         deadline = time.monotonic() + max_dwell_s
         blanked = False
         acts = res.trigger_at == "service"  # else the controller's trigger blanks; the service's only checks
+        recentring = self.recentre_s is not None and self.lock_on == "rescan"
+        t_placed = self.clock()
         try:
             for block in self.parked_blocks(res, stream_timeout_ms):
                 if blanked:
@@ -982,6 +1043,11 @@ class EdgeService:
                     if not blanked:
                         res.error = "blank after trigger failed"
                         break
+                elif recentring and self.clock() - t_placed >= self.recentre_s:  # type: ignore[operator]
+                    placed = res.placed if res.placed is not None else (fx, fy)
+                    if self.recentre(res, placed, t_placed, expected_rate) is not None:
+                        trig.start(expected_rate)  # a new parked series: the trigger starts again
+                    t_placed = self.clock()
                 if self.monitor is not None:  # after the decision's blank: the view never delays it
                     self.monitor.dwell_block(block, res.trigger_sample if fired else -1)
             if res.trigger_at == "controller" and res.reason == "controller_ended":
