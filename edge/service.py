@@ -18,7 +18,12 @@ and :meth:`EdgeService.dwell` sends the probe where the drift estimate says the 
 predicted drift from the time its scan line was acquired to the service's clock at ``set_probe``, and asks the
 controller to move it on at the estimated drift velocity while it is parked (``set_probe``'s ``track``). A target
 whose predicted position is more uncertain than ``max_drift_sigma_A`` is skipped (reason ``uncertain``).
-With ``none`` the probe goes where the frame showed the target.
+With ``none`` the probe goes where the frame showed the target. Two options of lock-on ``rescan``, both off by
+default: ``rescan_updates`` feeds where each re-centring subscan found the column into the drift estimate (a
+measurement of the specimen's displacement at the subscan's time, :meth:`EdgeService.rescan_update`), and
+``recentre_s`` re-centres a long dwell every so many seconds (blank, subscan, re-park on the column found,
+re-arm the controller's trigger, unblank: :meth:`EdgeService.recentre`). The re-centre is periodic; it does not
+yet watch the parked signal for the slow decline of a walk-off.
 
 While it waits for messages the service sends the scan controller a ``heartbeat`` whenever the bridge
 has been silent for ``heartbeat_s``, so that the controller's watchdog (:mod:`beamloop.edge.control.safety`)
