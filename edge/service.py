@@ -98,6 +98,9 @@ subscan's column centroid (< 0.08 A at 1e5 e/A^2, ``tests/test_drift.py``) and t
 RECENTRE_MIN_S = 0.05
 """Shortest re-centring period ``recentre_s`` taken, seconds (each re-centre costs a subscan and two blanks)."""
 
+RECENTRE_REFERENCE_SAMPLES = 2000
+"""Samples after each (re-)park whose mean is the reference of ``recentre_decline`` (20 ms at 10 us)."""
+
 RESCAN_GATE_SIGMAS = 4.0
 """A re-centring measurement farther than this many standard deviations from the estimate's prediction is not
 taken (the subscan found a neighbouring column, or none)."""
@@ -390,6 +393,12 @@ class EdgeService:
         With lock-on ``rescan``: every ``recentre_s`` seconds of a dwell (the service's clock) blank, run the
         re-centring subscan around where the column should be now, re-park on the column found (re-arming the
         controller's trigger) and go on with the dwell (:meth:`recentre`); None (default): never.
+    recentre_decline : float or None
+        With lock-on ``rescan``: also re-centre as soon as the parked signal's running mean (an exponential
+        mean over blocks, weight ``1 - exp(-samples / RECENTRE_REFERENCE_SAMPLES)``) falls below this fraction
+        (in (0, 1)) of its mean over the first :data:`RECENTRE_REFERENCE_SAMPLES` after the park, while the
+        trigger has not fired: the slow decline of a column walking off, where an ejection is a step the
+        trigger ends the dwell on first. None (default): only the period ``recentre_s``.
 
     Attributes
     ----------
@@ -410,7 +419,7 @@ class EdgeService:
     ValueError
         ``trigger_at`` not in :data:`TRIGGER_AT`, ``lock_on`` not in :data:`LOCK_ON` (or ``predict`` on a
         path without a ``register`` stage), ``recentre_s`` not a number of seconds >= :data:`RECENTRE_MIN_S`,
-        or the trigger's own options.
+        ``recentre_decline`` not a fraction in (0, 1), or the trigger's own options.
     """
 
     def __init__(self, receiver: FrameReceiver, path: FramePath, bridge: BridgeClient | None = None,
@@ -419,7 +428,7 @@ class EdgeService:
                  interrupt: Callable[[], int] | None = None, trigger_at: str = "controller",
                  lock_on: str = "none", clock: Callable[[], float] = time.monotonic,
                  max_drift_sigma_A: float = 0.5, rescan_updates: bool = False,
-                 recentre_s: float | None = None) -> None:
+                 recentre_s: float | None = None, recentre_decline: float | None = None) -> None:
         if trigger_at not in TRIGGER_AT:
             raise ValueError(f"trigger_at {trigger_at!r}; expected one of {', '.join(TRIGGER_AT)}")
         if lock_on not in LOCK_ON:
@@ -435,6 +444,9 @@ class EdgeService:
                                            and math.isfinite(recentre_s) and recentre_s >= RECENTRE_MIN_S):
             raise ValueError(f"recentre_s must be a number of seconds >= {RECENTRE_MIN_S}, got {recentre_s!r}")
         self.recentre_s = None if recentre_s is None else float(recentre_s)
+        if recentre_decline is not None and not (isinstance(recentre_decline, float) and 0 < recentre_decline < 1):
+            raise ValueError(f"recentre_decline must be a fraction in (0, 1), got {recentre_decline!r}")
+        self.recentre_decline = recentre_decline
         self.rescan_measurements = 0
         """Re-centring subscans taken into the drift estimate (``rescan_updates``)."""
         self._frame_times: OrderedDict[int, tuple[ScanFrame, float, float]] = OrderedDict()
@@ -1029,8 +1041,10 @@ class EdgeService:
         deadline = time.monotonic() + max_dwell_s
         blanked = False
         acts = res.trigger_at == "service"  # else the controller's trigger blanks; the service's only checks
-        recentring = self.recentre_s is not None and self.lock_on == "rescan"
+        period = self.recentre_s if self.lock_on == "rescan" and self.recentre_s is not None else math.inf
+        decline = self.recentre_decline if self.lock_on == "rescan" else None
         t_placed = self.clock()
+        ref_sum, ref_n, running = 0.0, 0, math.nan  # the decline's reference and running mean since the park
         try:
             for block in self.parked_blocks(res, stream_timeout_ms):
                 if blanked:
@@ -1048,11 +1062,23 @@ class EdgeService:
                     if not blanked:
                         res.error = "blank after trigger failed"
                         break
-                elif recentring and self.clock() - t_placed >= self.recentre_s:  # type: ignore[operator]
-                    placed = res.placed if res.placed is not None else (fx, fy)
-                    if self.recentre(res, placed, t_placed, expected_rate) is not None:
-                        trig.start(expected_rate)  # a new parked series: the trigger starts again
-                    t_placed = self.clock()
+                else:
+                    walked_off = False
+                    if decline is not None and len(block):
+                        m = float(block.mean())
+                        if ref_n < RECENTRE_REFERENCE_SAMPLES:
+                            ref_sum, ref_n = ref_sum + m * len(block), ref_n + len(block)
+                            running = ref_sum / ref_n
+                        else:
+                            w = -math.expm1(-len(block) / RECENTRE_REFERENCE_SAMPLES)
+                            running += w * (m - running)
+                            walked_off = running < decline * ref_sum / ref_n
+                    if walked_off or self.clock() - t_placed >= period:
+                        placed = res.placed if res.placed is not None else (fx, fy)
+                        if self.recentre(res, placed, t_placed, expected_rate) is not None:
+                            trig.start(expected_rate)  # a new parked series: the trigger starts again
+                        t_placed = self.clock()
+                        ref_sum, ref_n, running = 0.0, 0, math.nan
                 if self.monitor is not None:  # after the decision's blank: the view never delays it
                     self.monitor.dwell_block(block, res.trigger_sample if fired else -1)
             if res.trigger_at == "controller" and res.reason == "controller_ended":

@@ -240,7 +240,7 @@ class SimBridge:
         self.series += not on
 
 
-def long_dwell(recentre_s, seconds=8.0, block=10_000):
+def long_dwell(recentre_s, seconds=8.0, block=10_000, decline=None, speed=0.5, walk=0.05):
     """A lock-on ``rescan`` dwell of ``seconds`` on a central column of a specimen drifting 0.5 A/s at 40 degrees
     with a random walk of 0.05 A/sqrt(s) (the estimate from three frames 0.6 s apart cannot follow it), the
     parked samples streamed in blocks of ``block`` (0.1 s). Returns the probe-to-column distance at the end (A),
@@ -248,11 +248,11 @@ def long_dwell(recentre_s, seconds=8.0, block=10_000):
     from beamloop.edge.service import DwellResult
 
     clock = HandClock()
-    b = SimulatedBackend(MicroscopeConfig(seed=4, specimen_size_A=80.0, drift_A_per_s=0.5, drift_direction_deg=40.0,
-                                          drift_walk_A_per_sqrt_s=0.05, scan_damage=False, cross_section_barn=0.0),
+    b = SimulatedBackend(MicroscopeConfig(seed=4, specimen_size_A=80.0, drift_A_per_s=speed, drift_direction_deg=40.0,
+                                          drift_walk_A_per_sqrt_s=walk, scan_damage=False, cross_section_barn=0.0),
                          clock)
     svc, _ = locked_service(clock, b, lock_on="rescan", trigger="cusum", trigger_options={"h": 1e9},
-                            recentre_s=recentre_s)
+                            recentre_s=recentre_s, recentre_decline=decline)
     bridge = svc.bridge = SimBridge(b, clock)
     svc._next_scan = lambda fid, timeout_ms: bridge.scans.get(fid)
     target, col = central_targets(b, 2, 1)[0]
@@ -287,6 +287,16 @@ def test_recentring_keeps_a_long_dwell_on_the_drifting_column():
     assert on < 0.1 and off > 0.5
 
 
+def test_recentring_on_a_slow_decline_of_the_parked_signal():
+    """``recentre_decline`` 0.8, no period: on the drifting column of the test above the walk-off is caught (two
+    re-centres; the probe ends within 0.15 A, measured 0.06 A); on a still specimen (1e-9 A/s, no walk) the
+    signal does not decline and the dwell is never re-centred."""
+    on, res, _ = long_dwell(None, decline=0.8)
+    assert res.recentres >= 1 and on < 0.15
+    still, res_still, calls = long_dwell(None, decline=0.8, speed=1e-9, walk=0.0)
+    assert res_still.recentres == 0 and calls.count("acquire_frame") == 1 and still < 0.2
+
+
 def test_recentre_s_is_checked():
     from beamloop.edge.app import ServiceConfig
     from beamloop.edge.path import frame_path
@@ -296,4 +306,7 @@ def test_recentre_s_is_checked():
     for bad in (0.0, -1.0, math.nan, "1", True):
         with pytest.raises(ValueError, match="recentre_s"):
             EdgeService(None, path, None, heartbeat_s=None, recentre_s=bad)  # type: ignore[arg-type]
+    for bad in (0.0, 1.0, 0, math.nan):
+        with pytest.raises(ValueError, match="recentre_decline"):
+            EdgeService(None, path, None, heartbeat_s=None, recentre_decline=bad)  # type: ignore[arg-type]
     assert ServiceConfig("MoS2", lock_on="rescan", recentre_s=2.0).recentre_s == 2.0
