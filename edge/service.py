@@ -22,8 +22,9 @@ With ``none`` the probe goes where the frame showed the target. Two options of l
 default: ``rescan_updates`` feeds where each re-centring subscan found the column into the drift estimate (a
 measurement of the specimen's displacement at the subscan's time, :meth:`EdgeService.rescan_update`), and
 ``recentre_s`` re-centres a long dwell every so many seconds (blank, subscan, re-park on the column found,
-re-arm the controller's trigger, unblank: :meth:`EdgeService.recentre`). The re-centre is periodic; it does not
-yet watch the parked signal for the slow decline of a walk-off.
+re-arm the controller's trigger, unblank: :meth:`EdgeService.recentre`); ``recentre_decline`` also when the
+parked signal's running mean declines slowly below a fraction of its start (a walk-off; an ejection is a step,
+on which the trigger ends the dwell first).
 
 While it waits for messages the service sends the scan controller a ``heartbeat`` whenever the bridge
 has been silent for ``heartbeat_s``, so that the controller's watchdog (:mod:`beamloop.edge.control.safety`)
@@ -1043,6 +1044,7 @@ class EdgeService:
         acts = res.trigger_at == "service"  # else the controller's trigger blanks; the service's only checks
         period = self.recentre_s if self.lock_on == "rescan" and self.recentre_s is not None else math.inf
         decline = self.recentre_decline if self.lock_on == "rescan" else None
+        recentring = decline is not None or period < math.inf
         t_placed = self.clock()
         ref_sum, ref_n, running = 0.0, 0, math.nan  # the decline's reference and running mean since the park
         try:
@@ -1062,7 +1064,7 @@ class EdgeService:
                     if not blanked:
                         res.error = "blank after trigger failed"
                         break
-                else:
+                elif recentring:
                     walked_off = False
                     if decline is not None and len(block):
                         m = float(block.mean())
