@@ -57,6 +57,14 @@ class ServiceConfig:
     recentre_s : float or None
         With ``rescan``: re-centre long dwells every ``recentre_s`` seconds
         (:meth:`beamloop.edge.service.EdgeService.recentre`); None (default): never.
+    recentre_decline : float or None
+        With ``rescan``: also re-centre when the parked signal's running mean falls below this fraction of its
+        start while the trigger has not fired (a slow walk-off); None (default): only by the period.
+    rescan_updates : bool
+        With ``rescan``: each re-centring subscan's column updates the drift estimate.
+    match_columns : bool
+        The register stage refines its shift by matching the columns to the previous frame's
+        (:class:`beamloop.edge.stages.register.Register`).
     """
 
     material: str = "MoS2"
@@ -73,6 +81,9 @@ class ServiceConfig:
     lock_on: str = "none"
     max_drift_sigma_A: float = 0.5
     recentre_s: float | None = None
+    recentre_decline: float | None = None
+    rescan_updates: bool = False
+    match_columns: bool = False
 
     def __post_init__(self) -> None:
         if self.lock_on not in LOCK_ON:
@@ -118,7 +129,7 @@ def build_path(cfg: ServiceConfig, latency: LatencyRecorder | None = None) -> Fr
     if cfg.lock_on != "none":
         from beamloop.edge.stages.register import Register
 
-        register = Register()
+        register = Register(match_columns=cfg.match_columns)
     path = frame_path(cfg.method, cfg.material, policy, config=config, unet=unet, register=register)
     path.latency = latency if latency is not None else LatencyRecorder(latency_keys(path))
     path.memory_budget_bytes = cfg.memory_budget_bytes
@@ -162,7 +173,8 @@ def build_service(receiver: FrameReceiver, cfg: ServiceConfig, bridge: BridgeCli
     limit_blas_threads()
     return EdgeService(receiver, path, bridge, trigger=cfg.trigger, latency=path.latency, heartbeat_s=cfg.heartbeat_s,
                        trigger_at=cfg.trigger_at, lock_on=cfg.lock_on, max_drift_sigma_A=cfg.max_drift_sigma_A,
-                       recentre_s=cfg.recentre_s)
+                       recentre_s=cfg.recentre_s, recentre_decline=cfg.recentre_decline,
+                       rescan_updates=cfg.rescan_updates)
 
 
 WARM_UP_DTYPES = (np.uint16, np.float32, np.uint8, np.uint32)

@@ -188,3 +188,23 @@ def test_one_word_for_quiet_and_compression():
     assert p.parse_args(["replay", "x", "--to", "tcp://127.0.0.1:1", "--compression", "lz4"]).encoding == "lz4"
     with pytest.raises(SystemExit):
         p.parse_args(["sim", "--compression", "zstd"])
+
+
+def test_drift_correction_options_reach_the_service_config():
+    from beamloop.edge.app import build_path
+    from beamloop.edge.cli.serve import service_config
+
+    p = build_parser()
+    a = p.parse_args(["serve", "--frames", "tcp://127.0.0.1:1", "--bridge", "tcp://127.0.0.1:2", "--experiment",
+                      "vacancy-line", "--lock-on", "rescan", "--match-columns", "--rescan-updates",
+                      "--recentre-s", "1.5", "--recentre-decline", "0.8"])
+    cfg = service_config(a)
+    assert (cfg.match_columns, cfg.rescan_updates, cfg.recentre_s, cfg.recentre_decline) == (True, True, 1.5, 0.8)
+    reg = [s for s in build_path(cfg).stages if s.name == "register"]
+    assert reg and reg[0].match_columns
+    off = service_config(p.parse_args(["serve", "--frames", "tcp://127.0.0.1:1"]))
+    assert (off.match_columns, off.rescan_updates, off.recentre_s, off.recentre_decline) == (False, False, None, None)
+    r = p.parse_args(["run", "--recentre-s", "2", "--lock-on", "rescan"])
+    assert r.recentre_s == 2.0
+    with pytest.raises(SystemExit):
+        p.parse_args(["run", "--recentre-decline", "1.5"])

@@ -18,7 +18,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     written; 128 + the signal after SIGINT/SIGTERM or the live view's stop button (``--http``), with the beam
     blanked and the frames so far written)."""
     from beamloop.edge.cli import EXIT_USAGE, StopSignals, outcome_status
-    from beamloop.edge.cli.options import http_allowed
+    from beamloop.edge.cli.options import drift_correction_options, http_allowed
 
     if a.http and not http_allowed(a.http, None, "run"):
         return EXIT_USAGE
@@ -35,7 +35,8 @@ def cmd_run(a: argparse.Namespace) -> int:
                                  dose_e_per_A2=a.dose, targets_per_frame=a.targets, seed=a.seed,
                                  current_pA=a.current_pA, trigger=a.trigger, max_dwell_s=a.max_dwell, quiet=a.quiet,
                                  interrupt=stop, trigger_at=a.trigger_at, drift_A_per_s=a.drift_A_per_s,
-                                 lock_on=a.lock_on, http=a.http, detector=a.detector, detector_px=a.detector_px)
+                                 lock_on=a.lock_on, http=a.http, detector=a.detector, detector_px=a.detector_px,
+                                 drift_correction=drift_correction_options(a))
     return outcome_status("run", report, stop, a.out)
 
 
@@ -77,6 +78,7 @@ def register(sub) -> None:
     from beamloop.edge.analysis.scalarize import scalarizer_names
     from beamloop.edge.cli.options import (
         add_drift_argument,
+        add_drift_correction_arguments,
         add_http_argument,
         add_lock_on_argument,
         add_trigger_at_argument,
@@ -99,6 +101,7 @@ def register(sub) -> None:
     add_drift_argument(r)
     add_lock_on_argument(r, None, "predict with --drift-A-per-s above 0, none at 0 (the simulator then puts the "
                               "probe on the column the frame showed)")
+    add_drift_correction_arguments(r)
     r.add_argument("--max-dwell-s", "--max-dwell", dest="max_dwell", type=parse_positive, default=2.0,
                    help="longest dwell per target, seconds")
     r.add_argument("--detector", choices=("haadf", "sim4d"), default="haadf",

@@ -103,12 +103,13 @@ def service_config(a: argparse.Namespace):
     """The :class:`~beamloop.edge.app.ServiceConfig` of ``serve``'s (and ``serve4d``'s) options: a policy and
     drift correction only with ``--experiment vacancy-line``."""
     from beamloop.edge.app import ServiceConfig
+    from beamloop.edge.cli.options import drift_correction_options
 
     line = a.experiment == "vacancy-line"
     return ServiceConfig(a.material, method=a.method, targets_per_frame=a.targets if line else None,
                          trigger=a.trigger, spacing_px=a.spacing_px, precision=a.precision, device=a.device,
                          memory_budget_mib=a.memory_budget_mib, trigger_at=a.trigger_at,
-                         lock_on=a.lock_on if line else "none")
+                         lock_on=a.lock_on if line else "none", **drift_correction_options(a))
 
 
 def serve_until_done(command: str, a: argparse.Namespace, service, bridge, source, rl, codes: list[int],
@@ -209,7 +210,7 @@ def add_service_arguments(v: argparse.ArgumentParser) -> None:
     """The options ``serve`` and ``serve4d`` share: the bridge, the experiment, the trigger, the lock-on and the
     finder's."""
     from beamloop.edge.cli.find import add_finder_arguments
-    from beamloop.edge.cli.options import add_lock_on_argument, add_trigger_at_argument
+    from beamloop.edge.cli.options import add_drift_correction_arguments, add_lock_on_argument, add_trigger_at_argument
     from beamloop.edge.cli.run import TRIGGER_HELP
     from beamloop.edge.trigger import trigger_names
 
@@ -223,6 +224,7 @@ def add_service_arguments(v: argparse.ArgumentParser) -> None:
     v.add_argument("--trigger", choices=trigger_names(), default="model", help=TRIGGER_HELP)
     add_trigger_at_argument(v)
     add_lock_on_argument(v)
+    add_drift_correction_arguments(v)
     add_finder_arguments(v, default_material="MoS2")
 
 

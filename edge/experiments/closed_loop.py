@@ -495,7 +495,7 @@ def run(out: Path, *, rounds: int = 3, shape: tuple[int, int] = (256, 256), pixe
         trigger: str = "model", max_dwell_s: float = 2.0, quiet: bool = False,
         interrupt: Callable[[], int] | None = None, trigger_at: str = "controller", drift_A_per_s: float = 0.0,
         lock_on: str | None = None, http: tuple[str, int] | None = None, detector: str = "haadf",
-        detector_px: int = 32) -> dict:
+        detector_px: int = 32, drift_correction: dict | None = None) -> dict:
     """Run the main job and return the report (also written to ``out/report.json``).
 
     Frames are written to ``out/run.h5`` as they are done, so a run that stops early (see ``outcome``)
@@ -551,6 +551,9 @@ def run(out: Path, *, rounds: int = 3, shape: tuple[int, int] = (256, 256), pixe
         latency then has the 4D stages (``reduce4d``, ``assemble4d``).
     detector_px : int
         Detector pixels per side of ``sim4d``.
+    drift_correction : dict, optional
+        The refinements of lock-on predict/rescan (:class:`beamloop.edge.app.ServiceConfig` fields
+        ``match_columns``, ``rescan_updates``, ``recentre_s``, ``recentre_decline``); all off by default.
 
     Returns
     -------
@@ -600,7 +603,7 @@ def run(out: Path, *, rounds: int = 3, shape: tuple[int, int] = (256, 256), pixe
                                targets_per_frame=targets_per_frame, max_dwell_s=max_dwell_s,
                                drift_frames=0 if lock_on == "none" else 2)
     svc_cfg = ServiceConfig("MoS2", targets_per_frame=targets_per_frame, trigger=trigger, trigger_at=trigger_at,
-                            lock_on=lock_on)
+                            lock_on=lock_on, **(drift_correction or {}))
     out.mkdir(parents=True, exist_ok=True)
     rl = RunLog(out / "run.h5", config)
     outcome: dict = {"complete": False, "reason": "", "message": "", "signum": 0, "output_errors": []}
