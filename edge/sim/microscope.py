@@ -538,22 +538,42 @@ class SimulatedBackend:
         """:meth:`_parked_counts` with the probe moving over the specimen (drift, coil response): the signal
         of each sample at the probe's rest position at the sample's middle, the knock-on rates at the block's
         middle."""
-        cfg = self.config
-        dt = cfg.sample_time_us * 1e-6
-        e_per_sample = self.electrons_per_s * dt
+        dt = self.config.sample_time_us * 1e-6
         t = dwell.started + (dwell.samples + np.arange(n) + 0.5) * dt
         px, py = self.probe_rest_A(t)
         self.position_A = (float(px[-1]), float(py[-1]))
+        return self._sample_with_ejections(n, dwell, float(px[n // 2]), float(py[n // 2]),
+                                           lambda k0: self.imager.renderer.expected(px[k0:], py[k0:])[0])
+
+    def _parked_counts(self, n: int, dwell: Dwell) -> tuple[np.ndarray, list[dict], list[float]]:
+        """The samples of :meth:`parked_samples` with every ejection along the way, and where in its sample
+        each ejection happened (fraction of the sample)."""
+        assert self.position_A is not None
+        x_A, y_A = self.position_A
+        return self._sample_with_ejections(
+            n, dwell, x_A, y_A,
+            lambda k0: np.full(n - k0, self.imager.renderer.expected(np.array([x_A]), np.array([y_A]))[0, 0]))
+
+    def _sample_with_ejections(self, n: int, dwell: Dwell, x_A: float, y_A: float,
+                               expected) -> tuple[np.ndarray, list[dict], list[float]]:
+        """``n`` parked-probe ADF samples (Poisson, uint16) with the S atoms the probe at ``(x_A, y_A)`` ejects on the
+        way (knock-on rates of the atoms within reach, :func:`beamloop.edge.sim.parked.atoms_near_probe`), the
+        ejection events and each one's fraction of its sample. ``expected(k0)`` gives the noise-free signal of
+        samples ``k0 .. n - 1`` (fractions of the probe's electrons, shape ``(n - k0,)``) for the specimen as it
+        is then: it is asked again after every ejection."""
+        cfg = self.config
+        dt = cfg.sample_time_us * 1e-6
+        e_per_sample = self.electrons_per_s * dt
         s_el = self.specimen.elements.index("S")
-        near, dist2 = atoms_near_probe(self.specimen.xy, float(px[n // 2]), float(py[n // 2]), cfg.probe_sigma_A)
+        near, dist2 = atoms_near_probe(self.specimen.xy, x_A, y_A, cfg.probe_sigma_A)
         g = probe_density(dist2, cfg.probe_sigma_A)
-        per_atom_rate = cfg.cross_section_barn * BARN_A2 * self.electrons_per_s * g
+        per_atom_rate = cfg.cross_section_barn * BARN_A2 * self.electrons_per_s * g  # 1/s per S atom
         lam = np.empty(n)
         events: list[dict] = []
         fractions: list[float] = []
         k0 = 0
         while k0 < n:
-            f = self.imager.renderer.expected(px[k0:], py[k0:])[0]
+            f = expected(k0)
             rate_now = float((per_atom_rate * self.specimen.counts[near, s_el]).sum())
             k_eject = n
             if rate_now > 0:
@@ -571,48 +591,6 @@ class SimulatedBackend:
                                "sample": dwell.samples + k_eject})
                 fractions.append(frac)
                 lam[k_eject] = (f[k_eject - k0] + cfg.background_fraction) * e_per_sample
-                k0 = k_eject + 1
-            else:
-                k0 = n
-        return np.minimum(self.rng.poisson(lam), 65535).astype(np.uint16), events, fractions
-
-    def _parked_counts(self, n: int, dwell: Dwell) -> tuple[np.ndarray, list[dict], list[float]]:
-        """The samples of :meth:`parked_samples` with every ejection along the way, and where in its sample
-        each ejection happened (fraction of the sample)."""
-        cfg = self.config
-        assert self.position_A is not None
-        x_A, y_A = self.position_A
-        dt = cfg.sample_time_us * 1e-6
-        e_per_sample = self.electrons_per_s * dt
-        s_el = self.specimen.elements.index("S")
-        near = np.flatnonzero(np.hypot(self.specimen.xy[:, 0] - x_A, self.specimen.xy[:, 1] - y_A)
-                              < 4 * cfg.probe_sigma_A)
-        dist2 = (self.specimen.xy[near, 0] - x_A) ** 2 + (self.specimen.xy[near, 1] - y_A) ** 2
-        g = np.exp(-dist2 / (2 * cfg.probe_sigma_A**2)) / (2 * math.pi * cfg.probe_sigma_A**2)
-        per_atom_rate = cfg.cross_section_barn * BARN_A2 * self.electrons_per_s * g  # 1/s per S atom
-        lam = np.empty(n)
-        events = []
-        fractions = []
-        k0 = 0
-        while k0 < n:
-            f = self.imager.renderer.expected(np.array([x_A]), np.array([y_A]))[0, 0]
-            rate_now = float((per_atom_rate * self.specimen.counts[near, s_el]).sum())
-            k_eject = n
-            if rate_now > 0:
-                t_next = self.rng.exponential(1.0 / rate_now)
-                k_eject = k0 + int(t_next / dt)
-                frac = t_next / dt - int(t_next / dt)
-            k1 = min(k_eject, n)
-            lam[k0:k1] = (f + cfg.background_fraction) * e_per_sample
-            if k_eject < n:
-                w = per_atom_rate * self.specimen.counts[near, s_el]
-                c = near[self.rng.choice(len(near), p=w / w.sum())]
-                self.specimen.counts[c, s_el] -= 1
-                events.append({"type": "ejection", "cause": "parked", "column": int(c), "element": "S",
-                               "series_id": dwell.series_id, "frame_id": dwell.frame_id,
-                               "sample": dwell.samples + k_eject})
-                fractions.append(frac)
-                lam[k_eject] = (f + cfg.background_fraction) * e_per_sample
                 k0 = k_eject + 1
             else:
                 k0 = n
