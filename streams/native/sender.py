@@ -102,6 +102,10 @@ class FrameSender(SocketOwner):
             frame_time=frame_time,
             user_data=user_data,
         )
+        return self._open(series)
+
+    def _open(self, series: protocol.SeriesHeader) -> protocol.SeriesHeader:
+        """Send ``series``' start message and make it the current series (its image ids count from 0)."""
         self._send([protocol.encode_start(series)])
         self._next_series_id += 1
         self._next_image_id = 0
@@ -198,12 +202,7 @@ class FrameSender(SocketOwner):
         series = protocol.spectrum_series(self._next_series_id, channels, energy, dtype,
                                           number_of_images=number_of_images, count_time=count_time,
                                           frame_time=frame_time, user_data=user_data)
-        self._send([protocol.encode_start(series)])
-        self._next_series_id += 1
-        self._next_image_id = 0
-        self._armed_ns = time.monotonic_ns()
-        self.series = series
-        return series
+        return self._open(series)
 
     def send_spectrum(self, spectrum: np.ndarray | Mapping[str, np.ndarray], *, user_data: Mapping | None = None,
                       **kw):
