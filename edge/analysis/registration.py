@@ -64,7 +64,6 @@ class Registrar:
             w[-1] = 1.0
         self._w = w
         m = int(math.ceil(1.5 * upsample))
-        self._m = m
         self._offsets = (np.arange(m) - m // 2) / upsample  # pixels around the integer peak
         self._fy, self._fx = fy, fx
 

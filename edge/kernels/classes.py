@@ -78,20 +78,28 @@ def uniform_edges(lo, hi, edges):
 
 
 @numba.njit(cache=True, nogil=True)
+def otsu_split(values, edges, hist):
+    """Otsu's threshold of ``values`` (float64, n >= 1) over ``hist.shape[0]`` uniform bins of their range
+    (:func:`uniform_edges` into ``edges``, float64, bins + 1; ``hist`` int64 scratch): the upper edge of the last
+    bin of the lower class (:func:`otsu_bin`)."""
+    lo = values[0]
+    hi = values[0]
+    for k in range(values.shape[0]):
+        lo = min(lo, values[k])
+        hi = max(hi, values[k])
+    uniform_edges(lo, hi, edges)
+    b = otsu_bin(values, edges, hist)
+    return 0.5 * (edges[b + 1] + edges[b]) + 0.5 * (edges[1] - edges[0])
+
+
+@numba.njit(cache=True, nogil=True)
 def mos2_classes(logi, cls, edges, hist, s_scratch):
     """MoS2 classes from log column heights: Mo (0) above Otsu's threshold of ``logi`` (float64, n >= 4), S1 (2)
     among the rest below the S median minus ``log(2) / 2``, S2 (1) otherwise; into ``cls`` (int8, n).
     ``edges`` (float64, bins + 1), ``hist`` (int64, bins) and ``s_scratch`` (float64, n) are scratch. Returns the
     threshold."""
     n = logi.shape[0]
-    lo = logi[0]
-    hi = logi[0]
-    for k in range(n):
-        lo = min(lo, logi[k])
-        hi = max(hi, logi[k])
-    uniform_edges(lo, hi, edges)
-    b = otsu_bin(logi, edges, hist)
-    split = 0.5 * (edges[b + 1] + edges[b]) + 0.5 * (edges[1] - edges[0])
+    split = otsu_split(logi, edges, hist)
     m = 0
     for k in range(n):
         if logi[k] > split:

@@ -19,7 +19,7 @@ import numpy as np
 
 from beamloop.edge.frame.columns import ColumnTable
 from beamloop.edge.frame.stage import StageBase
-from beamloop.edge.kernels.classes import mos2_classes, otsu_bin
+from beamloop.edge.kernels.classes import mos2_classes, otsu_split
 from beamloop.edge.materials import GENERIC, MOS2
 
 if TYPE_CHECKING:
@@ -34,18 +34,13 @@ def otsu_threshold(values: np.ndarray, bins: int = 64) -> float:
 
     N. Otsu, "A threshold selection method from gray-level histograms", IEEE Trans. SMC 9, 62 (1979).
     ``bins`` uniform bins over the values' range, as ``numpy.histogram`` makes them; the threshold is the upper
-    edge of the last bin of the lower class (:func:`beamloop.edge.kernels.classes.otsu_bin`, one compiled pass).
+    edge of the last bin of the lower class (:func:`beamloop.edge.kernels.classes.otsu_split`, one compiled pass).
     Raises ``ValueError`` for fewer than two values.
     """
     v = np.ascontiguousarray(values, np.float64).ravel()
     if v.size < 2:
         raise ValueError("Otsu's threshold needs at least two values")
-    lo, hi = float(v.min()), float(v.max())
-    if lo == hi:  # numpy.histogram's range for constant data
-        lo, hi = lo - 0.5, hi + 0.5
-    edges = np.linspace(lo, hi, bins + 1)
-    k = otsu_bin(v, edges, np.empty(bins, np.int64))
-    return float(0.5 * (edges[k + 1] + edges[k]) + 0.5 * (edges[1] - edges[0]))
+    return float(otsu_split(v, np.empty(bins + 1, np.float64), np.empty(bins, np.int64)))
 
 
 def classify_mos2(cols: ColumnTable) -> ColumnTable:
