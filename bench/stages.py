@@ -123,8 +123,7 @@ def measure_size(service, size: int, frames: int, current_pA: float, warmup_fram
             progress(done)
     wall = time.perf_counter() - t0
     gc_watch.stop()
-    service.trace = None
-    path.measure_cpu = False
+    service.end_trace()
     samples = {s: rec.samples(s).copy() for s in rec.summary()}
     if keep_trace is not None:
         keep_trace.append((trace.records(), trace.stages))

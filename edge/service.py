@@ -481,6 +481,12 @@ class EdgeService:
         self.trace = FrameTrace(self.path.names, capacity, gc_watch)
         return self.trace
 
+    def end_trace(self) -> FrameTrace | None:
+        """Stop the per-frame trace of :meth:`trace_frames` (and the CPU times); returns it (None without one)."""
+        trace, self.trace = self.trace, None
+        self.path.measure_cpu = False
+        return trace
+
     def choose_trigger_at(self, capabilities: dict | None) -> str:
         """Decide where dwells' decisions are made, from the controller's ``get_capabilities`` reply.
 
